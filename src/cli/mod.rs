@@ -1,0 +1,59 @@
+//! The command-line interface: one file per subcommand, and the mapping of
+//! failures to stable exit codes.
+
+mod exit;
+mod inspect;
+mod run;
+
+pub use exit::{ExitCode, Failure};
+
+use clap::{Parser, Subcommand};
+use std::ffi::OsString;
+
+/// Quantize ONNX models for Huawei Ascend NPUs.
+#[derive(Debug, Parser)]
+#[command(name = "ascend-quant", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show a model's opset, inputs, outputs, operators and quantizable layers.
+    Inspect(inspect::InspectArgs),
+    /// Run a model on the CPU simulator and write its outputs as .npy files.
+    Run(run::RunArgs),
+}
+
+/// Parses `args`, runs the command and returns the process exit code.
+pub fn main_with_args<I, T>(args: I) -> i32
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::Usage as i32
+            } else {
+                ExitCode::Ok as i32
+            };
+        }
+    };
+    let result = match cli.command {
+        Command::Inspect(a) => inspect::execute(&a),
+        Command::Run(a) => run::execute(&a),
+    };
+    match result {
+        Ok(()) => ExitCode::Ok as i32,
+        Err(f) => {
+            eprintln!("error: {:#}", f.error);
+            f.code as i32
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! Input data for runs and calibration: reading and writing `.npy` arrays.
+
+pub mod npy;
+
+pub use npy::{DataError, read_npy, read_npy_bytes, write_npy};

@@ -1,0 +1,16 @@
+//! ascend-quant: quantizes ONNX models for Huawei Ascend NPUs.
+//!
+//! The library reads float ONNX models losslessly ([`onnx`]), runs them on a
+//! CPU simulator with access to every intermediate value ([`sim`]), and (in
+//! later modules) calibrates and writes Ascend deploy and fake-quant models.
+#![warn(missing_docs)]
+
+pub mod cli;
+pub mod data;
+pub mod fsutil;
+pub mod onnx;
+pub mod quant;
+pub mod sim;
+pub mod tensor;
+
+pub use tensor::{DType, Tensor};

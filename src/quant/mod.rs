@@ -1,0 +1,4 @@
+//! Quantization: finding the layers to quantize (and, in later work,
+//! calibration, weight quantization and the Ascend output formats).
+
+pub mod layers;

@@ -1,0 +1,70 @@
+//! The CPU simulator: runs ONNX models on the host, with access to any
+//! intermediate value (calibration taps) and the ability to start a run
+//! from an intermediate value (replaying one layer).
+//!
+//! Callers use the [`Executor`] and [`Session`] traits; the engine behind
+//! them (today [`RtenExecutor`], built on the `rten` crate) can be swapped.
+
+mod error;
+mod prepare;
+mod rten_engine;
+
+pub use error::SimError;
+pub use rten_engine::RtenExecutor;
+
+use crate::onnx::{ModelProto, ValueSpec};
+use crate::tensor::Tensor;
+
+/// How a model is prepared for execution.
+#[derive(Clone, Debug)]
+pub struct SessionOptions {
+    /// Intermediate values the caller will fetch or feed by name. Naming them
+    /// here keeps the engine's optimizer from fusing them away.
+    pub keep: Vec<String>,
+    /// Let axis 0 of every graph input and output take any size, so a model
+    /// exported with batch 1 can run bigger batches where its ops allow it.
+    pub dynamic_batch: bool,
+    /// Let the engine fuse and rewrite operators for speed.
+    pub optimize: bool,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        SessionOptions {
+            keep: Vec::new(),
+            dynamic_batch: false,
+            optimize: true,
+        }
+    }
+}
+
+/// Something that can turn an ONNX model into a runnable [`Session`].
+pub trait Executor {
+    /// A short name for messages and reports ("cpu").
+    fn name(&self) -> &'static str;
+    /// Prepares `model` for repeated runs.
+    fn prepare(
+        &self,
+        model: &ModelProto,
+        opts: &SessionOptions,
+    ) -> Result<Box<dyn Session>, SimError>;
+}
+
+/// A model ready to run, any number of times, from any thread.
+pub trait Session: Send + Sync {
+    /// The graph inputs to feed (initializers excluded).
+    fn inputs(&self) -> &[ValueSpec];
+    /// The graph outputs, in declaration order.
+    fn outputs(&self) -> &[ValueSpec];
+    /// Runs the model on `feeds` (graph inputs, or kept intermediate values)
+    /// and returns the values named in `fetch`, in that order.
+    fn run(&self, feeds: &[(&str, &Tensor)], fetch: &[&str]) -> Result<Vec<Tensor>, SimError>;
+}
+
+/// The names of the inputs a caller must feed to run `model` (initializers excluded).
+pub fn feedable_input_names(model: &ModelProto) -> Vec<String> {
+    prepare::feedable_inputs(model)
+        .into_iter()
+        .map(|s| s.name)
+        .collect()
+}

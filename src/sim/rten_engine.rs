@@ -1,0 +1,235 @@
+//! The [`Executor`] built on the `rten` crate, a pure-Rust ONNX runtime.
+//!
+//! rten holds float32, int32, int8 and uint8 tensors; int64 and bool values
+//! cross the boundary as int32 (range-checked) and are widened back when the
+//! model declares them so.
+
+use super::error::SimError;
+use super::prepare::{check_feed, feedable_inputs, rewrite_for_execution};
+use super::{Executor, Session, SessionOptions};
+use crate::onnx::{ModelProto, ValueSpec};
+use crate::tensor::{DType, Tensor};
+use ndarray::{ArrayD, IxDyn};
+use prost::Message;
+use rten::{ModelOptions, NodeId, Value, ValueOrView};
+use rten_tensor::{AsView, Layout, TensorView};
+use std::collections::HashMap;
+
+/// Runs models with the `rten` engine on the CPU.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RtenExecutor;
+
+impl Executor for RtenExecutor {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn prepare(
+        &self,
+        model: &ModelProto,
+        opts: &SessionOptions,
+    ) -> Result<Box<dyn Session>, SimError> {
+        let prepared = rewrite_for_execution(model, opts);
+        let mut options = ModelOptions::with_all_ops();
+        options.enable_optimization(opts.optimize);
+        let engine = options.load(prepared.encode_to_vec()).map_err(|e| SimError::Load {
+            reason: match e.kind() {
+                rten::LoadErrorKind::OperatorInvalid => format!(
+                    "{e}; remove or replace that operator, or keep it out of the model given to ascend-quant"
+                ),
+                _ => e.to_string(),
+            },
+        })?;
+        let graph = prepared
+            .graph
+            .as_ref()
+            .expect("loaded models always have a graph");
+        let declared: HashMap<String, i32> = graph
+            .input
+            .iter()
+            .chain(&graph.output)
+            .chain(&graph.value_info)
+            .map(ValueSpec::from_proto)
+            .filter_map(|s| s.elem_type.map(|t| (s.name, t)))
+            .collect();
+        Ok(Box::new(RtenSession {
+            inputs: feedable_inputs(&prepared),
+            outputs: model
+                .graph
+                .as_ref()
+                .expect("graph")
+                .output
+                .iter()
+                .map(ValueSpec::from_proto)
+                .collect(),
+            keep: opts.keep.clone(),
+            declared,
+            dynamic_batch: opts.dynamic_batch,
+            engine,
+        }))
+    }
+}
+
+/// A model loaded into rten.
+struct RtenSession {
+    inputs: Vec<ValueSpec>,
+    outputs: Vec<ValueSpec>,
+    keep: Vec<String>,
+    declared: HashMap<String, i32>,
+    dynamic_batch: bool,
+    engine: rten::Model,
+}
+
+impl RtenSession {
+    fn node(&self, name: &str, role: &'static str) -> Result<NodeId, SimError> {
+        let known = match role {
+            "an input" => {
+                self.inputs.iter().any(|s| s.name == name) || self.keep.iter().any(|k| k == name)
+            }
+            _ => self.outputs.iter().any(|s| s.name == name) || self.keep.iter().any(|k| k == name),
+        };
+        let unknown = || SimError::UnknownValue {
+            name: name.to_string(),
+            role,
+            hint: self.hint(role),
+        };
+        if !known {
+            return Err(unknown());
+        }
+        self.engine.find_node(name).ok_or_else(unknown)
+    }
+
+    fn hint(&self, role: &str) -> String {
+        let names: Vec<&str> = match role {
+            "an input" => self.inputs.iter().map(|s| s.name.as_str()).collect(),
+            _ => self.outputs.iter().map(|s| s.name.as_str()).collect(),
+        };
+        let kept = if self.keep.is_empty() {
+            String::new()
+        } else {
+            format!(" (or kept values: {})", self.keep.join(", "))
+        };
+        format!(
+            "the model's {role}s are: {}{kept}",
+            names.join(", ").replace("an ", "")
+        )
+    }
+}
+
+impl Session for RtenSession {
+    fn inputs(&self) -> &[ValueSpec] {
+        &self.inputs
+    }
+
+    fn outputs(&self) -> &[ValueSpec] {
+        &self.outputs
+    }
+
+    fn run(&self, feeds: &[(&str, &Tensor)], fetch: &[&str]) -> Result<Vec<Tensor>, SimError> {
+        let mut inputs = Vec::with_capacity(feeds.len());
+        for (name, value) in feeds {
+            let id = self.node(name, "an input")?;
+            if let Some(spec) = self.inputs.iter().find(|s| s.name == *name) {
+                check_feed(spec, value, self.dynamic_batch)?;
+            }
+            inputs.push((id, to_engine(name, value)?));
+        }
+        let ids = fetch
+            .iter()
+            .map(|n| self.node(n, "an output"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let values = self
+            .engine
+            .run(inputs, &ids, None)
+            .map_err(|e| SimError::Run {
+                reason: e.to_string(),
+            })?;
+        values
+            .into_iter()
+            .zip(fetch)
+            .map(|(v, name)| from_engine(name, v, self.declared.get(*name).copied()))
+            .collect()
+    }
+}
+
+fn view<'a, T: Clone>(a: &'a ArrayD<T>) -> ValueOrView<'a>
+where
+    ValueOrView<'a>: From<TensorView<'a, T>>,
+    ValueOrView<'static>: From<rten_tensor::Tensor<T>>,
+{
+    match a.as_slice() {
+        Some(data) => TensorView::from_data(a.shape(), data).into(),
+        None => {
+            let owned: ValueOrView<'static> =
+                rten_tensor::Tensor::from_data(a.shape(), a.iter().cloned().collect::<Vec<T>>())
+                    .into();
+            owned
+        }
+    }
+}
+
+fn to_engine<'a>(name: &str, value: &'a Tensor) -> Result<ValueOrView<'a>, SimError> {
+    let narrow = |a: &ArrayD<i64>| -> Result<ValueOrView<'a>, SimError> {
+        let data = a
+            .iter()
+            .map(|&v| i32::try_from(v))
+            .collect::<Result<Vec<i32>, _>>()
+            .map_err(|_| SimError::InputMismatch {
+                name: name.to_string(),
+                reason: "an int64 value is outside the int32 range the CPU engine computes in"
+                    .into(),
+            })?;
+        Ok(rten_tensor::Tensor::from_data(a.shape(), data).into())
+    };
+    Ok(match value {
+        Tensor::F32(a) => view(a),
+        Tensor::I32(a) => view(a),
+        Tensor::I8(a) => view(a),
+        Tensor::U8(a) => view(a),
+        Tensor::I64(a) => narrow(a)?,
+        Tensor::Bool(a) => rten_tensor::Tensor::from_data(
+            a.shape(),
+            a.iter().map(|&b| i32::from(b)).collect::<Vec<_>>(),
+        )
+        .into(),
+        other => {
+            return Err(SimError::InputMismatch {
+                name: name.to_string(),
+                reason: format!(
+                    "{} tensors are not supported by the CPU engine; convert to float32",
+                    other.dtype()
+                ),
+            });
+        }
+    })
+}
+
+fn array<T: Clone>(t: rten_tensor::Tensor<T>) -> ArrayD<T> {
+    let shape = t.shape().to_vec();
+    let data = t.to_vec();
+    ArrayD::from_shape_vec(IxDyn(&shape), data).expect("engine tensors are consistent")
+}
+
+fn from_engine(name: &str, value: Value, declared: Option<i32>) -> Result<Tensor, SimError> {
+    let declared = declared.and_then(DType::from_onnx_code);
+    Ok(match value {
+        Value::FloatTensor(t) => Tensor::F32(array(t)),
+        Value::Int8Tensor(t) => Tensor::I8(array(t)),
+        Value::UInt8Tensor(t) => Tensor::U8(array(t)),
+        Value::Int32Tensor(t) => {
+            let a = array(t);
+            match declared {
+                Some(DType::I64) => Tensor::I64(a.mapv(i64::from)),
+                Some(DType::Bool) => Tensor::Bool(a.mapv(|v| v != 0)),
+                _ => Tensor::I32(a),
+            }
+        }
+        _ => {
+            return Err(SimError::Run {
+                reason: format!(
+                    "'{name}' is not a tensor (a sequence?); only tensors can be fetched"
+                ),
+            });
+        }
+    })
+}
