@@ -5,9 +5,10 @@ use super::SessionOptions;
 use super::error::SimError;
 use crate::onnx::proto::tensor_shape_proto::{Dimension, dimension};
 use crate::onnx::proto::type_proto;
-use crate::onnx::{Dim, ModelProto, ValueInfoProto, ValueSpec};
+use crate::onnx::proto::{AttributeProto, attribute_proto};
+use crate::onnx::{Dim, GraphProto, ModelProto, ValueInfoProto, ValueSpec};
 use crate::tensor::{Tensor, onnx_type_name};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 /// Returns a copy of `model` rewritten for execution: every node named (so
 /// engine errors can name it), kept values added as graph outputs, and axis 0
@@ -26,6 +27,7 @@ pub fn rewrite_for_execution(model: &ModelProto, opts: &SessionOptions) -> Model
             n.name = Some(name);
         }
     }
+    fill_default_window_attributes(g);
     let outputs: HashSet<String> = g.output.iter().map(|o| o.name().to_string()).collect();
     let inputs: HashSet<String> = g.input.iter().map(|o| o.name().to_string()).collect();
     for k in &opts.keep {
@@ -43,6 +45,66 @@ pub fn rewrite_for_execution(model: &ModelProto, opts: &SessionOptions) -> Model
         g.value_info.clear();
     }
     m
+}
+
+/// Writes out the defaults ONNX gives to `strides`, `dilations` and `pads`
+/// of convolutions and pools when they are absent. The engine needs them
+/// explicit, and the meaning of the model is unchanged.
+fn fill_default_window_attributes(g: &mut GraphProto) {
+    let mut ranks: HashMap<String, usize> = g
+        .initializer
+        .iter()
+        .map(|t| (t.name().to_string(), t.dims.len()))
+        .collect();
+    for v in g.input.iter().chain(&g.value_info) {
+        if let Some(dims) = ValueSpec::from_proto(v).shape {
+            ranks.insert(v.name().to_string(), dims.len());
+        }
+    }
+    for n in &mut g.node {
+        let op = n.op_type();
+        if !n.domain().is_empty()
+            || !["Conv", "ConvTranspose", "MaxPool", "AveragePool"].contains(&op)
+        {
+            continue;
+        }
+        let kernel = n
+            .attribute
+            .iter()
+            .find(|a| a.name() == "kernel_shape")
+            .map(|a| a.ints.len());
+        let weight = n
+            .input
+            .get(1)
+            .and_then(|w| ranks.get(w))
+            .map(|r| r.saturating_sub(2));
+        let Some(spatial) = kernel.or(weight).filter(|&r| r > 0) else {
+            continue;
+        };
+        let auto_pad = n
+            .attribute
+            .iter()
+            .find(|a| a.name() == "auto_pad")
+            .map(|a| a.s().to_vec());
+        let explicit_pads = auto_pad.is_none_or(|p| p == b"NOTSET");
+        let mut defaults = vec![("strides", vec![1; spatial])];
+        if op != "AveragePool" && op != "MaxPool" {
+            defaults.push(("dilations", vec![1; spatial]));
+        }
+        if explicit_pads {
+            defaults.push(("pads", vec![0; 2 * spatial]));
+        }
+        for (name, value) in defaults {
+            if !n.attribute.iter().any(|a| a.name() == name) {
+                n.attribute.push(AttributeProto {
+                    name: Some(name.into()),
+                    r#type: Some(attribute_proto::AttributeType::Ints as i32),
+                    ints: value,
+                    ..Default::default()
+                });
+            }
+        }
+    }
 }
 
 fn free_batch_axis(v: &mut ValueInfoProto) {
