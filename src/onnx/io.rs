@@ -57,7 +57,32 @@ pub fn load_model_bytes(
             Ok(())
         })?,
     }
+    external::for_each_tensor_mut(&mut model, &mut check_raw_size)?;
     Ok(model)
+}
+
+/// Checks that a tensor's `raw_data` holds exactly as many bytes as its dims
+/// and element type need, so corruption is caught at load with the tensor's name.
+fn check_raw_size(t: &mut super::proto::TensorProto) -> Result<()> {
+    let (Some(raw), Some(dtype)) = (
+        t.raw_data.as_ref(),
+        crate::tensor::DType::from_onnx_code(t.data_type()),
+    ) else {
+        return Ok(());
+    };
+    let (_, count) = super::tensor_proto::dims_of(t)?;
+    let expected = count.saturating_mul(dtype.size_of());
+    if raw.len() != expected {
+        return Err(OnnxError::TensorData {
+            tensor: t.name().to_string(),
+            reason: format!(
+                "raw_data holds {} bytes but dims {:?} of {dtype} need {expected} bytes; the model is corrupt, re-export it",
+                raw.len(),
+                t.dims
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// How [`save_model_with`] lays out a model on disk.

@@ -29,6 +29,12 @@ impl Executor for RtenExecutor {
         model: &ModelProto,
         opts: &SessionOptions,
     ) -> Result<Box<dyn Session>, SimError> {
+        let graph = model.graph.as_ref().ok_or_else(|| SimError::Load {
+            reason: "the model holds no graph".into(),
+        })?;
+        crate::onnx::GraphIndex::new(graph).map_err(|e| SimError::Load {
+            reason: e.to_string(),
+        })?;
         let prepared = rewrite_for_execution(model, opts);
         let mut options = ModelOptions::with_all_ops();
         options.enable_optimization(opts.optimize);

@@ -1,0 +1,203 @@
+//! The `ascend-quant` command end to end: output, machine-readable output and exit codes.
+
+use ascend_quant::data::{read_npy, write_npy};
+use ascend_quant::onnx::proto::{ModelProto, NodeProto};
+use ascend_quant::onnx::{load_model, save_model};
+use ascend_quant::tensor::Tensor;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ascend-quant"))
+}
+
+fn digits_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/digits")
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn inspect_lists_io_operators_and_quantizable_layers() {
+    let o = bin()
+        .arg("inspect")
+        .arg(digits_dir().join("digits_cnn.onnx"))
+        .output()
+        .unwrap();
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(out.contains("ai.onnx 17"), "{out}");
+    assert!(
+        out.contains("x ") && out.contains("[1, 1, 8, 8]") && out.contains("logits"),
+        "{out}"
+    );
+    assert!(out.contains("quantizable layers (4 of 4"), "{out}");
+}
+
+#[test]
+fn inspect_json_is_machine_readable() {
+    let o = bin()
+        .args(["inspect", "--json"])
+        .arg(digits_dir().join("digits_cnn.onnx"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["opsets"]["ai.onnx"], 17);
+    assert_eq!(v["inputs"][0]["name"], "x");
+    assert_eq!(v["inputs"][0]["shape"], serde_json::json!([1, 1, 8, 8]));
+    assert_eq!(v["operators"]["Conv"], 3);
+    assert_eq!(v["operators"]["Relu"], 3);
+    let layers = v["layers"].as_array().unwrap();
+    let ops: Vec<&str> = layers
+        .iter()
+        .map(|l| l["op_type"].as_str().unwrap())
+        .collect();
+    assert_eq!(ops, vec!["Conv", "Conv", "Conv", "Gemm"]);
+    assert!(layers.iter().all(|l| l["quantizable"] == true));
+}
+
+#[test]
+fn run_writes_outputs_matching_onnxruntime() {
+    let dir = tempfile::tempdir().unwrap();
+    let x = read_npy(&digits_dir().join("ort_x16.npy")).unwrap();
+    let input = dir.path().join("x.npy");
+    write_npy(&input, &x).unwrap();
+    let out = dir.path().join("out");
+    let o = bin()
+        .arg("run")
+        .arg(digits_dir().join("digits_cnn.onnx"))
+        .arg("--input")
+        .arg(format!("x={}", input.display()))
+        .arg("--output-dir")
+        .arg(&out)
+        .arg("--json")
+        .output()
+        .unwrap();
+    let (stdout, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v[0]["shape"], serde_json::json!([16, 10]));
+    let got = read_npy(&out.join("logits.npy")).unwrap();
+    let reference = read_npy(&digits_dir().join("ort_logits16.npy")).unwrap();
+    let worst = got
+        .to_f64_vec()
+        .iter()
+        .zip(reference.to_f64_vec())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(worst < 1e-4, "max abs difference to onnxruntime {worst}");
+}
+
+fn run_with(model: &Path, input: &Tensor) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let x = dir.path().join("x.npy");
+    write_npy(&x, input).unwrap();
+    let o = bin()
+        .arg("run")
+        .arg(model)
+        .arg("-i")
+        .arg(&x)
+        .arg("--output-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    (o.status.code(), text(&o).1)
+}
+
+fn digits_input(shape: &[usize]) -> Tensor {
+    Tensor::F32(ndarray::ArrayD::zeros(ndarray::IxDyn(shape)))
+}
+
+#[test]
+fn wrong_rank_and_dtype_are_input_errors() {
+    let model = digits_dir().join("digits_cnn.onnx");
+    let (code, err) = run_with(&model, &digits_input(&[1, 8, 8]));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("input 'x'") && err.contains("rank 3") && err.contains("rank 4"),
+        "{err}"
+    );
+    let (code, err) = run_with(
+        &model,
+        &Tensor::I64(ndarray::ArrayD::zeros(ndarray::IxDyn(&[1, 1, 8, 8]))),
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("int64") && err.contains("float32"), "{err}");
+    let (code, err) = run_with(&model, &digits_input(&[1, 1, 9, 8]));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("axis 2 has size 9"), "{err}");
+}
+
+fn altered_digits(alter: impl FnOnce(&mut ModelProto)) -> (tempfile::TempDir, PathBuf) {
+    let mut m = load_model(&digits_dir().join("digits_cnn.onnx")).unwrap();
+    alter(&mut m);
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("altered.onnx");
+    save_model(&m, &p).unwrap();
+    (dir, p)
+}
+
+#[test]
+fn an_unsupported_operator_is_named_with_its_node() {
+    let mut name = String::new();
+    let (_d, p) = altered_digits(|m| {
+        let n: &mut NodeProto = &mut m.graph.as_mut().unwrap().node[1];
+        n.op_type = Some("FancyActivation".into());
+        name = n.name().to_string();
+    });
+    let (code, err) = run_with(&p, &digits_input(&[1, 1, 8, 8]));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("FancyActivation") && err.contains(&format!("\"{name}\"")),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_cycle_is_reported_not_hung_on() {
+    let (_d, p) = altered_digits(|m| {
+        let g = m.graph.as_mut().unwrap();
+        let last = g.node.last().unwrap().output[0].clone();
+        g.node[1].input[0] = last; // the first ReLU now reads the logits
+    });
+    let (code, err) = run_with(&p, &digits_input(&[1, 1, 8, 8]));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("cycle"), "{err}");
+    let o = bin().arg("inspect").arg(&p).output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).1.contains("cycle"));
+}
+
+#[test]
+fn usage_errors_and_bad_files_exit_with_1() {
+    let o = bin().args(["run"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let o = bin().args(["frobnicate"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let o = bin().args(["--help"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.onnx");
+    std::fs::write(&junk, b"definitely not protobuf \xff\xff\xff").unwrap();
+    let o = bin().arg("inspect").arg(&junk).output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = text(&o).1;
+    assert!(
+        err.contains("junk.onnx") && err.contains("not a valid ONNX model"),
+        "{err}"
+    );
+    let o = bin()
+        .arg("run")
+        .arg(digits_dir().join("digits_cnn.onnx"))
+        .args(["-i", "/nonexistent/x.npy"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).1.contains("/nonexistent/x.npy"));
+}
