@@ -44,7 +44,8 @@ pub fn read_npy_bytes(bytes: &[u8], origin: &Path) -> Result<Tensor, DataError> 
     fn attempt<T: ndarray_npy::ReadableElement>(bytes: &[u8]) -> Result<ArrayD<T>, ReadNpyError> {
         ArrayD::<T>::read_npy(bytes)
     }
-    let tries: [fn(&[u8]) -> Result<Tensor, ReadNpyError>; 8] = [
+    type Attempt = fn(&[u8]) -> Result<Tensor, ReadNpyError>;
+    let tries: [Attempt; 8] = [
         |b| attempt(b).map(Tensor::F32),
         |b| attempt(b).map(Tensor::F64),
         |b| attempt(b).map(Tensor::I64),

@@ -202,7 +202,7 @@ pub fn resolve(model: &mut ModelProto, model_path: &Path, base_dir: &Path) -> Re
             .map_err(|e| err(format!("cannot stat '{}': {e}", full.display())))?
             .len();
         let length = r.length.unwrap_or(size.saturating_sub(r.offset));
-        let end = r.offset.checked_add(length).unwrap_or(u64::MAX);
+        let end = r.offset.saturating_add(length);
         if end > size {
             return Err(err(format!(
                 "offset {} + length {length} runs past the end of '{}' ({size} bytes); the data file is truncated or belongs to another model",

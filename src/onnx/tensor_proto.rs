@@ -59,7 +59,7 @@ fn from_le<T, const W: usize>(
     count: usize,
     decode: impl Fn([u8; W]) -> T,
 ) -> Result<Vec<T>> {
-    let expected = count.checked_mul(W).unwrap_or(usize::MAX);
+    let expected = count.saturating_mul(W);
     if raw.len() != expected {
         return Err(data_err(
             tensor,

@@ -140,14 +140,14 @@ pub fn check_feed(spec: &ValueSpec, value: &Tensor, dynamic_batch: bool) -> Resu
         name: spec.name.clone(),
         reason,
     };
-    if let Some(code) = spec.elem_type {
-        if code != value.dtype().onnx_code() {
-            return Err(mismatch(format!(
-                "got {} data but the model expects {}; convert the data",
-                value.dtype(),
-                onnx_type_name(code)
-            )));
-        }
+    if let Some(code) = spec.elem_type
+        && code != value.dtype().onnx_code()
+    {
+        return Err(mismatch(format!(
+            "got {} data but the model expects {}; convert the data",
+            value.dtype(),
+            onnx_type_name(code)
+        )));
     }
     let Some(dims) = &spec.shape else {
         return Ok(());
@@ -163,14 +163,15 @@ pub fn check_feed(spec: &ValueSpec, value: &Tensor, dynamic_batch: bool) -> Resu
         )));
     }
     for (axis, (d, &n)) in dims.iter().zip(shape).enumerate() {
-        if let Dim::Fixed(want) = d {
-            if *want != n && !(dynamic_batch && axis == 0) {
-                return Err(mismatch(format!(
-                    "axis {axis} has size {n} but the model expects {want} (shape {}); got {}",
-                    spec.shape_text(),
-                    crate::tensor::format_shape(shape)
-                )));
-            }
+        if let Dim::Fixed(want) = d
+            && *want != n
+            && !(dynamic_batch && axis == 0)
+        {
+            return Err(mismatch(format!(
+                "axis {axis} has size {n} but the model expects {want} (shape {}); got {}",
+                spec.shape_text(),
+                crate::tensor::format_shape(shape)
+            )));
         }
     }
     Ok(())
