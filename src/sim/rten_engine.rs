@@ -37,7 +37,9 @@ impl Executor for RtenExecutor {
         })?;
         let prepared = rewrite_for_execution(model, opts);
         let mut options = ModelOptions::with_all_ops();
-        options.enable_optimization(opts.optimize);
+        options
+            .enable_optimization(opts.optimize)
+            .prepack_weights(true);
         let engine = options.load(prepared.encode_to_vec()).map_err(|e| SimError::Load {
             reason: match e.kind() {
                 rten::LoadErrorKind::OperatorInvalid => format!(
