@@ -2,3 +2,5 @@
 //! calibration, weight quantization and the Ascend output formats).
 
 pub mod layers;
+pub mod observe;
+pub mod params;

@@ -1,0 +1,95 @@
+//! Activation calibrators: each watches a layer input batch by batch with
+//! bounded state, then turns what it saw into activation factors.
+
+mod hfmg;
+pub mod histogram;
+mod ifmr;
+mod kl;
+mod minmax;
+mod percentile;
+
+pub use hfmg::Hfmg;
+pub use ifmr::{Ifmr, IfmrSettings};
+pub use kl::Kl;
+pub use minmax::MinMax;
+pub use percentile::Percentile;
+
+use super::params::{ActParams, ParamsError};
+use serde::{Deserialize, Serialize};
+
+/// Which calibrator to use for a layer's activations, with its parameters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "act_algo", rename_all = "lowercase")]
+pub enum ActAlgo {
+    /// AMCT's default: search the clip maximum that minimises quantization MSE.
+    Ifmr(IfmrSettings),
+    /// AMCT's histogram search over clip windows.
+    Hfmg {
+        /// Histogram bins: 1024, 2048, 4096 or 8192.
+        num_of_bins: usize,
+    },
+    /// The observed minimum and maximum.
+    Minmax,
+    /// Clip at a percentile of the observed values.
+    Percentile {
+        /// Percentage of values kept inside the range, e.g. 99.999.
+        percentile: f64,
+    },
+    /// Symmetric threshold minimising the KL divergence (entropy calibration).
+    Kl {
+        /// Histogram bins of |x| (at least 256).
+        num_of_bins: usize,
+    },
+}
+
+impl Default for ActAlgo {
+    fn default() -> Self {
+        ActAlgo::Ifmr(IfmrSettings::default())
+    }
+}
+
+impl ActAlgo {
+    /// The algorithm's name as written in configs and reports.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ActAlgo::Ifmr(_) => "ifmr",
+            ActAlgo::Hfmg { .. } => "hfmg",
+            ActAlgo::Minmax => "minmax",
+            ActAlgo::Percentile { .. } => "percentile",
+            ActAlgo::Kl { .. } => "kl",
+        }
+    }
+
+    /// A fresh observer for this algorithm.
+    pub fn observer(&self) -> Box<dyn Observer> {
+        match self {
+            ActAlgo::Ifmr(s) => Box::new(Ifmr::new(s.clone())),
+            ActAlgo::Hfmg { num_of_bins } => Box::new(Hfmg::new(*num_of_bins)),
+            ActAlgo::Minmax => Box::new(MinMax::default()),
+            ActAlgo::Percentile { percentile } => Box::new(Percentile::new(*percentile)),
+            ActAlgo::Kl { num_of_bins } => Box::new(Kl::new(*num_of_bins)),
+        }
+    }
+}
+
+/// Watches the values of one tensor over many batches, keeping bounded state.
+pub trait Observer: Send {
+    /// Adds one batch of finite values whose extremes are `min` and `max`.
+    fn observe(&mut self, data: &[f32], min: f32, max: f32);
+    /// The activation factors for what was observed.
+    fn params(&self, asymmetric: bool, bits: u32) -> Result<ActParams, ParamsError>;
+}
+
+/// The extremes of a batch, or the index of its first non-finite value.
+pub fn finite_extremes(data: &[f32]) -> Result<(f32, f32), usize> {
+    let mut min = f32::INFINITY;
+    let mut max = f32::NEG_INFINITY;
+    for &x in data {
+        min = min.min(x);
+        max = max.max(x);
+    }
+    if !min.is_finite() || !max.is_finite() {
+        return Err(data.iter().position(|x| !x.is_finite()).unwrap_or(0));
+    }
+    Ok((min, max))
+}

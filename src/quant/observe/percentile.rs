@@ -1,0 +1,60 @@
+//! The percentile calibrator: clips the rarest values on each side, read from
+//! a fine histogram so memory does not grow with the data.
+
+use super::Observer;
+use super::histogram::Histogram;
+use crate::quant::params::{ActParams, ParamsError, act_params};
+
+/// Bins of the histogram the percentiles are read from.
+const BINS: usize = 1 << 14;
+
+/// Clips at `percentile` % of the values (upper) and `100 - percentile` % (lower).
+#[derive(Clone, Debug)]
+pub struct Percentile {
+    percentile: f64,
+    hist: Histogram,
+}
+
+impl Percentile {
+    /// A calibrator keeping `percentile` percent of the values inside the range.
+    pub fn new(percentile: f64) -> Percentile {
+        Percentile {
+            percentile,
+            hist: Histogram::new(BINS),
+        }
+    }
+}
+
+impl Observer for Percentile {
+    fn observe(&mut self, data: &[f32], min: f32, max: f32) {
+        self.hist.add(data, min, max);
+    }
+
+    fn params(&self, asymmetric: bool, bits: u32) -> Result<ActParams, ParamsError> {
+        let q = self.percentile / 100.0;
+        let max = self.hist.quantile(q).min(self.hist.hi());
+        let min = if self.hist.lo() < 0.0 {
+            self.hist.quantile(1.0 - q).max(self.hist.lo())
+        } else {
+            self.hist.lo()
+        };
+        act_params(min, max, asymmetric, bits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ignores_a_rare_outlier() {
+        let mut data: Vec<f32> = (0..100_000).map(|i| (i % 1000) as f32 / 1000.0).collect();
+        data.push(1000.0);
+        let mut o = Percentile::new(99.9);
+        o.observe(&data, 0.0, 1000.0);
+        let p = o.params(true, 8).unwrap();
+        let (_, hi) = p.range(8);
+        // The 99.9th percentile of uniform [0,1) is 0.999; the histogram's bins are 1000/16384 wide.
+        assert!((hi - 0.999).abs() < 0.07, "{hi}");
+    }
+}
