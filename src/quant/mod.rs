@@ -4,3 +4,4 @@
 pub mod layers;
 pub mod observe;
 pub mod params;
+pub mod weights;
