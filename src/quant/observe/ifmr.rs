@@ -20,7 +20,6 @@ use super::histogram::Histogram;
 use crate::quant::params::{
     ActParams, FLT_EPSILON, ParamsError, act_params, int_range, symmetric_scale,
 };
-use serde::{Deserialize, Serialize};
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
@@ -30,40 +29,25 @@ const BINS: usize = 1 << 15;
 const TAIL: usize = 4096;
 
 /// IFMR's parameters (AMCT names and defaults).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct IfmrSettings {
     /// Percentile of the ascending data taken as the initial maximum, in (0.5, 1].
-    #[serde(default = "default_percentile")]
     pub max_percentile: f64,
     /// Percentile of the descending data taken as the initial minimum, in (0.5, 1].
-    #[serde(default = "default_percentile")]
     pub min_percentile: f64,
     /// `[start, end)` of the factors applied to the initial maximum.
-    #[serde(default = "default_range")]
     pub search_range: [f32; 2],
     /// Step between two factors.
-    #[serde(default = "default_step")]
     pub search_step: f32,
-}
-
-fn default_percentile() -> f64 {
-    0.999999
-}
-fn default_range() -> [f32; 2] {
-    [0.7, 1.3]
-}
-fn default_step() -> f32 {
-    0.01
 }
 
 impl Default for IfmrSettings {
     fn default() -> Self {
         IfmrSettings {
-            max_percentile: default_percentile(),
-            min_percentile: default_percentile(),
-            search_range: default_range(),
-            search_step: default_step(),
+            max_percentile: 0.999999,
+            min_percentile: 0.999999,
+            search_range: [0.7, 1.3],
+            search_step: 0.01,
         }
     }
 }

@@ -15,11 +15,9 @@ pub use minmax::MinMax;
 pub use percentile::Percentile;
 
 use super::params::{ActParams, ParamsError};
-use serde::{Deserialize, Serialize};
 
 /// Which calibrator to use for a layer's activations, with its parameters.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "act_algo", rename_all = "lowercase")]
+#[derive(Clone, Debug, PartialEq)]
 pub enum ActAlgo {
     /// AMCT's default: search the clip maximum that minimises quantization MSE.
     Ifmr(IfmrSettings),

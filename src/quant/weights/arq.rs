@@ -32,7 +32,11 @@ impl ChannelLayout {
         match *self {
             ChannelLayout::PerTensor => 1,
             ChannelLayout::Axis0 { channels } => channels,
-            ChannelLayout::Transposed { cout_per_group, group, .. } => cout_per_group * group,
+            ChannelLayout::Transposed {
+                cout_per_group,
+                group,
+                ..
+            } => cout_per_group * group,
         }
     }
 
@@ -41,7 +45,11 @@ impl ChannelLayout {
         match *self {
             ChannelLayout::PerTensor => 0,
             ChannelLayout::Axis0 { channels } => flat / (len / channels),
-            ChannelLayout::Transposed { cin, cout_per_group, group } => {
+            ChannelLayout::Transposed {
+                cin,
+                cout_per_group,
+                group,
+            } => {
                 let inner = len / (cin * cout_per_group);
                 let i = flat / (cout_per_group * inner);
                 let j = (flat / inner) % cout_per_group;
@@ -85,14 +93,21 @@ pub enum WeightError {
 }
 
 /// ARQ scales of `weight`: per channel as `layout` says (symmetric, offset 0).
-pub fn arq_scales(layer: &str, weight: &ArrayD<f32>, layout: ChannelLayout, bits: u32) -> Result<Vec<f32>, WeightError> {
+pub fn arq_scales(
+    layer: &str,
+    weight: &ArrayD<f32>,
+    layout: ChannelLayout,
+    bits: u32,
+) -> Result<Vec<f32>, WeightError> {
     let n = layout.channels();
     let mut mins = vec![f32::INFINITY; n];
     let mut maxs = vec![f32::NEG_INFINITY; n];
     let len = weight.len();
     for (flat, &w) in weight.iter().enumerate() {
         if !w.is_finite() {
-            return Err(WeightError::NotFinite { layer: layer.into() });
+            return Err(WeightError::NotFinite {
+                layer: layer.into(),
+            });
         }
         let c = layout.channel_of(flat, len);
         mins[c] = mins[c].min(w);
@@ -102,13 +117,21 @@ pub fn arq_scales(layer: &str, weight: &ArrayD<f32>, layout: ChannelLayout, bits
         .zip(&maxs)
         .map(|(&lo, &hi)| {
             let (lo, hi) = if lo <= hi { (lo, hi) } else { (0.0, 0.0) };
-            symmetric_scale(lo, hi, bits).map_err(|source| WeightError::Params { layer: layer.into(), source })
+            symmetric_scale(lo, hi, bits).map_err(|source| WeightError::Params {
+                layer: layer.into(),
+                source,
+            })
         })
         .collect()
 }
 
 /// Rounds `w / scale_w` half to even and saturates to the signed grid.
-pub fn quantize_weight(weight: &ArrayD<f32>, scales: &[f32], layout: ChannelLayout, bits: u32) -> ArrayD<i8> {
+pub fn quantize_weight(
+    weight: &ArrayD<f32>,
+    scales: &[f32],
+    layout: ChannelLayout,
+    bits: u32,
+) -> ArrayD<i8> {
     let (lo, hi) = int_range(bits);
     let len = weight.len();
     let data: Vec<i8> = weight
@@ -123,15 +146,29 @@ pub fn quantize_weight(weight: &ArrayD<f32>, scales: &[f32], layout: ChannelLayo
 }
 
 /// `round_half_even(bias / (scale_w * scale_d))` as int32; overflow is an error naming the layer.
-pub fn quantize_bias(layer: &str, bias: &[f32], scales_w: &[f32], scale_d: f32) -> Result<Vec<i32>, WeightError> {
+pub fn quantize_bias(
+    layer: &str,
+    bias: &[f32],
+    scales_w: &[f32],
+    scale_d: f32,
+) -> Result<Vec<i32>, WeightError> {
     bias.iter()
         .enumerate()
         .map(|(c, &b)| {
-            let sw = if scales_w.len() == 1 { scales_w[0] } else { scales_w[c] };
+            let sw = if scales_w.len() == 1 {
+                scales_w[0]
+            } else {
+                scales_w[c]
+            };
             let deq = sw * scale_d;
             let q = (b / deq).round_ties_even();
             if !q.is_finite() || q < i32::MIN as f32 || q >= i32::MAX as f32 {
-                return Err(WeightError::BiasOverflow { layer: layer.into(), bias: b, scale_w: sw, scale_d });
+                return Err(WeightError::BiasOverflow {
+                    layer: layer.into(),
+                    bias: b,
+                    scale_w: sw,
+                    scale_d,
+                });
             }
             Ok(q as i32)
         })
@@ -152,33 +189,64 @@ mod tests {
         let s = arq_scales("c", &w, ChannelLayout::PerTensor, 8).unwrap();
         assert_eq!(s, vec![2.56 / 128.0]);
         let w = array![[0.3f32, 1.27]].into_dyn();
-        assert_eq!(arq_scales("c", &w, ChannelLayout::PerTensor, 8).unwrap(), vec![1.27 / 127.0]);
+        assert_eq!(
+            arq_scales("c", &w, ChannelLayout::PerTensor, 8).unwrap(),
+            vec![1.27 / 127.0]
+        );
     }
 
     #[test]
     fn weights_round_half_to_even_and_saturate() {
         let w = array![1.0f32, 2.5, 3.5, -2.5, 1000.0, -1000.0].into_dyn();
         let q = quantize_weight(&w, &[1.0], ChannelLayout::PerTensor, 8);
-        assert_eq!(q.iter().copied().collect::<Vec<i8>>(), vec![1, 2, 4, -2, 127, -128]);
+        assert_eq!(
+            q.iter().copied().collect::<Vec<i8>>(),
+            vec![1, 2, 4, -2, 127, -128]
+        );
     }
 
     #[test]
     fn conv_transpose_channels_follow_groups() {
         // Cin = 4, Cout/g = 1, group = 2, kernel 1x1: input channels 0,1 -> out 0; 2,3 -> out 1.
-        let w = array![1.0f32, 2.0, 30.0, 40.0].into_shape_with_order((4, 1, 1, 1)).unwrap().into_dyn();
-        let layout = ChannelLayout::Transposed { cin: 4, cout_per_group: 1, group: 2 };
-        assert_eq!(arq_scales("t", &w, layout, 8).unwrap(), vec![2.0 / 127.0, 40.0 / 127.0]);
+        let w = array![1.0f32, 2.0, 30.0, 40.0]
+            .into_shape_with_order((4, 1, 1, 1))
+            .unwrap()
+            .into_dyn();
+        let layout = ChannelLayout::Transposed {
+            cin: 4,
+            cout_per_group: 1,
+            group: 2,
+        };
+        assert_eq!(
+            arq_scales("t", &w, layout, 8).unwrap(),
+            vec![2.0 / 127.0, 40.0 / 127.0]
+        );
         // group 1, Cout = 2: axis 1 is the output channel.
-        let w = array![1.0f32, 20.0, 3.0, 40.0].into_shape_with_order((2, 2, 1, 1)).unwrap().into_dyn();
-        let layout = ChannelLayout::Transposed { cin: 2, cout_per_group: 2, group: 1 };
-        assert_eq!(arq_scales("t", &w, layout, 8).unwrap(), vec![3.0 / 127.0, 40.0 / 127.0]);
+        let w = array![1.0f32, 20.0, 3.0, 40.0]
+            .into_shape_with_order((2, 2, 1, 1))
+            .unwrap()
+            .into_dyn();
+        let layout = ChannelLayout::Transposed {
+            cin: 2,
+            cout_per_group: 2,
+            group: 1,
+        };
+        assert_eq!(
+            arq_scales("t", &w, layout, 8).unwrap(),
+            vec![3.0 / 127.0, 40.0 / 127.0]
+        );
     }
 
     #[test]
     fn bias_by_hand_and_overflow() {
         let q = quantize_bias("l", &[1.0, -0.5], &[0.1, 0.2], 0.5).unwrap();
         assert_eq!(q, vec![20, -5]);
-        let err = quantize_bias("conv7", &[1e6], &[1e-6], 1e-6).unwrap_err().to_string();
-        assert!(err.contains("conv7") && err.contains("overflows int32"), "{err}");
+        let err = quantize_bias("conv7", &[1e6], &[1e-6], 1e-6)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("conv7") && err.contains("overflows int32"),
+            "{err}"
+        );
     }
 }

@@ -1,0 +1,440 @@
+//! The quantization configuration: AMCT's JSON layer config, read with a
+//! check of every key and range, and written in graph order.
+
+use super::observe::{ActAlgo, IfmrSettings};
+use serde_json::{Map, Value, json};
+use std::path::Path;
+
+/// Settings of one layer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerConfig {
+    /// Whether the layer is quantized.
+    pub quant_enable: bool,
+    /// Activation bits (8).
+    pub act_bits: u32,
+    /// The activation calibrator.
+    pub act_algo: ActAlgo,
+    /// Per-layer override of `activation_offset`.
+    pub asymmetric: Option<bool>,
+    /// Weight bits (8).
+    pub wts_bits: u32,
+    /// One weight scale per output channel (Conv, ConvTranspose only).
+    pub channel_wise: bool,
+}
+
+impl LayerConfig {
+    /// AMCT's defaults for a layer of this operator type.
+    pub fn default_for(op_type: &str) -> LayerConfig {
+        LayerConfig {
+            quant_enable: true,
+            act_bits: 8,
+            act_algo: ActAlgo::default(),
+            asymmetric: None,
+            wts_bits: 8,
+            channel_wise: matches!(op_type, "Conv" | "ConvTranspose"),
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantConfig {
+    /// Number of calibration batches.
+    pub batch_num: usize,
+    /// Asymmetric activations by default.
+    pub activation_offset: bool,
+    /// Fold BatchNormalization into the preceding Conv.
+    pub do_fusion: bool,
+    /// Conv layers whose BatchNormalization is not folded.
+    pub skip_fusion_layers: Vec<String>,
+    /// Per-layer settings, in graph order.
+    pub layers: Vec<(String, LayerConfig)>,
+}
+
+/// A configuration file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {message}")]
+pub struct ConfigError {
+    /// The file (or "config").
+    pub file: String,
+    /// What is wrong, naming the key and what is allowed.
+    pub message: String,
+}
+
+impl QuantConfig {
+    /// The default configuration for these layers (name, op type).
+    pub fn default_for(layers: &[(String, String)]) -> QuantConfig {
+        QuantConfig {
+            batch_num: 1,
+            activation_offset: true,
+            do_fusion: true,
+            skip_fusion_layers: Vec::new(),
+            layers: layers
+                .iter()
+                .map(|(n, op)| (n.clone(), LayerConfig::default_for(op)))
+                .collect(),
+        }
+    }
+
+    /// The settings of `layer`, if it is configured.
+    pub fn layer(&self, name: &str) -> Option<&LayerConfig> {
+        self.layers.iter().find(|(n, _)| n == name).map(|(_, c)| c)
+    }
+
+    /// Whether activations of `layer` are asymmetric.
+    pub fn asymmetric(&self, layer: &LayerConfig) -> bool {
+        layer.asymmetric.unwrap_or(self.activation_offset)
+    }
+
+    /// The configuration as AMCT-style JSON.
+    pub fn to_json(&self) -> Value {
+        let mut top = Map::new();
+        top.insert("version".into(), json!(1));
+        top.insert("batch_num".into(), json!(self.batch_num));
+        top.insert("activation_offset".into(), json!(self.activation_offset));
+        top.insert("do_fusion".into(), json!(self.do_fusion));
+        top.insert("skip_fusion_layers".into(), json!(self.skip_fusion_layers));
+        for (name, l) in &self.layers {
+            let mut act = Map::new();
+            act.insert("num_bits".into(), json!(l.act_bits));
+            act.insert("act_algo".into(), json!(l.act_algo.name()));
+            if let Some(a) = l.asymmetric {
+                act.insert("asymmetric".into(), json!(a));
+            }
+            match &l.act_algo {
+                ActAlgo::Ifmr(s) => {
+                    act.insert("max_percentile".into(), json!(s.max_percentile));
+                    act.insert("min_percentile".into(), json!(s.min_percentile));
+                    act.insert("search_range".into(), json!(s.search_range));
+                    act.insert("search_step".into(), json!(s.search_step));
+                }
+                ActAlgo::Hfmg { num_of_bins } | ActAlgo::Kl { num_of_bins } => {
+                    act.insert("num_of_bins".into(), json!(num_of_bins));
+                }
+                ActAlgo::Percentile { percentile } => {
+                    act.insert("percentile".into(), json!(percentile));
+                }
+                ActAlgo::Minmax => {}
+            }
+            top.insert(
+                name.clone(),
+                json!({
+                    "quant_enable": l.quant_enable,
+                    "activation_quant_params": Value::Object(act),
+                    "weight_quant_params": {
+                        "wts_algo": "arq_quantize",
+                        "channel_wise": l.channel_wise,
+                        "num_bits": l.wts_bits,
+                    },
+                }),
+            );
+        }
+        Value::Object(top)
+    }
+
+    /// Reads a JSON config; `layers` (name, op type) are the model's quantizable layers.
+    pub fn from_json_file(
+        path: &Path,
+        layers: &[(String, String)],
+    ) -> Result<QuantConfig, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            message: format!("cannot read: {e}"),
+        })?;
+        let value: Value = serde_json::from_str(&text).map_err(|e| ConfigError {
+            file: file.clone(),
+            message: format!("not valid JSON: {e}"),
+        })?;
+        parse(&value, layers).map_err(|message| ConfigError { file, message })
+    }
+}
+
+type Parse<T> = Result<T, String>;
+
+fn get_bool(v: &Value, key: &str) -> Parse<bool> {
+    v.as_bool()
+        .ok_or_else(|| format!("'{key}' must be true or false, got {v}"))
+}
+
+fn get_num(v: &Value, key: &str, lo: f64, hi: f64, range: &str) -> Parse<f64> {
+    let x = v
+        .as_f64()
+        .ok_or_else(|| format!("'{key}' must be a number, got {v}"))?;
+    if !(lo..=hi).contains(&x) {
+        return Err(format!("'{key}' = {x} is out of range; allowed: {range}"));
+    }
+    Ok(x)
+}
+
+fn check_keys(obj: &Map<String, Value>, allowed: &[&str], context: &str) -> Parse<()> {
+    for k in obj.keys() {
+        if !allowed.contains(&k.as_str()) {
+            return Err(format!(
+                "unknown key '{k}' in {context}; allowed keys: {}",
+                allowed.join(", ")
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn parse(value: &Value, layers: &[(String, String)]) -> Parse<QuantConfig> {
+    let obj = value
+        .as_object()
+        .ok_or("the config must be a JSON object")?;
+    let mut cfg = QuantConfig::default_for(&[]);
+    for (key, v) in obj {
+        match key.as_str() {
+            "version" => {
+                if v.as_u64() != Some(1) {
+                    return Err(format!("'version' must be 1, got {v}"));
+                }
+            }
+            "batch_num" => cfg.batch_num = get_num(v, key, 1.0, 1e9, "an integer >= 1")? as usize,
+            "activation_offset" => cfg.activation_offset = get_bool(v, key)?,
+            "do_fusion" => cfg.do_fusion = get_bool(v, key)?,
+            "skip_fusion_layers" => {
+                let list = v
+                    .as_array()
+                    .ok_or("'skip_fusion_layers' must be a list of layer names")?;
+                cfg.skip_fusion_layers = list
+                    .iter()
+                    .map(|s| {
+                        s.as_str()
+                            .map(String::from)
+                            .ok_or("'skip_fusion_layers' must hold strings")
+                    })
+                    .collect::<Result<_, _>>()?;
+            }
+            name => {
+                let op = layers.iter().find(|(n, _)| n == name).map(|(_, op)| op.as_str()).ok_or_else(|| {
+                    let names: Vec<&str> = layers.iter().map(|(n, _)| n.as_str()).collect();
+                    format!("layer '{name}' does not exist or cannot be quantized; quantizable layers: {}", names.join(", "))
+                })?;
+                cfg.layers
+                    .push((name.to_string(), parse_layer(v, name, op)?));
+            }
+        }
+    }
+    Ok(cfg)
+}
+
+fn parse_layer(v: &Value, name: &str, op: &str) -> Parse<LayerConfig> {
+    let obj = v
+        .as_object()
+        .ok_or_else(|| format!("layer '{name}' must be an object"))?;
+    check_keys(
+        obj,
+        &[
+            "quant_enable",
+            "activation_quant_params",
+            "weight_quant_params",
+            "dmq_balancer_param",
+        ],
+        &format!("layer '{name}'"),
+    )?;
+    let mut l = LayerConfig::default_for(op);
+    if let Some(q) = obj.get("quant_enable") {
+        l.quant_enable = get_bool(q, "quant_enable")?;
+    }
+    if obj.contains_key("dmq_balancer_param") {
+        return Err(format!(
+            "layer '{name}': 'dmq_balancer_param' (DMQ balancing) is not supported yet; remove it"
+        ));
+    }
+    if let Some(a) = obj.get("activation_quant_params") {
+        let a = a
+            .as_object()
+            .ok_or_else(|| format!("layer '{name}': activation_quant_params must be an object"))?;
+        let algo = a
+            .get("act_algo")
+            .map(|x| x.as_str().unwrap_or("?"))
+            .unwrap_or("ifmr");
+        let ctx = format!("layer '{name}' activation_quant_params ({algo})");
+        let common = ["num_bits", "act_algo", "asymmetric"];
+        let extra: &[&str] = match algo {
+            "ifmr" => &[
+                "max_percentile",
+                "min_percentile",
+                "search_range",
+                "search_step",
+            ],
+            "hfmg" | "kl" => &["num_of_bins"],
+            "percentile" => &["percentile"],
+            "minmax" => &[],
+            other => {
+                return Err(format!(
+                    "{ctx}: act_algo '{other}' is unknown; allowed: ifmr, hfmg, minmax, percentile, kl"
+                ));
+            }
+        };
+        let allowed: Vec<&str> = common.iter().chain(extra).copied().collect();
+        check_keys(a, &allowed, &ctx)?;
+        if let Some(b) = a.get("num_bits") {
+            if b.as_u64() != Some(8) {
+                return Err(format!(
+                    "{ctx}: 'num_bits' = {b} is not supported; allowed: 8"
+                ));
+            }
+        }
+        if let Some(s) = a.get("asymmetric") {
+            l.asymmetric = Some(get_bool(s, "asymmetric")?);
+        }
+        let num = |k: &str, lo: f64, hi: f64, range: &str, default: f64| -> Parse<f64> {
+            a.get(k)
+                .map(|x| get_num(x, k, lo, hi, range).map_err(|e| format!("{ctx}: {e}")))
+                .unwrap_or(Ok(default))
+        };
+        l.act_algo = match algo {
+            "ifmr" => {
+                let d = IfmrSettings::default();
+                let range = match a.get("search_range") {
+                    None => d.search_range,
+                    Some(r) => {
+                        let r: Vec<f64> = r
+                            .as_array()
+                            .map(|v| v.iter().filter_map(Value::as_f64).collect())
+                            .unwrap_or_default();
+                        if r.len() != 2 || !(r[0] > 0.0 && r[0] < r[1]) {
+                            return Err(format!(
+                                "{ctx}: 'search_range' must be [start, end] with 0 < start < end"
+                            ));
+                        }
+                        [r[0] as f32, r[1] as f32]
+                    }
+                };
+                let step = num(
+                    "search_step",
+                    1e-6,
+                    f64::from(range[1] - range[0]),
+                    "(0, end - start]",
+                    f64::from(d.search_step),
+                )?;
+                ActAlgo::Ifmr(IfmrSettings {
+                    max_percentile: num(
+                        "max_percentile",
+                        0.5 + 1e-12,
+                        1.0,
+                        "(0.5, 1]",
+                        d.max_percentile,
+                    )?,
+                    min_percentile: num(
+                        "min_percentile",
+                        0.5 + 1e-12,
+                        1.0,
+                        "(0.5, 1]",
+                        d.min_percentile,
+                    )?,
+                    search_range: range,
+                    search_step: step as f32,
+                })
+            }
+            "hfmg" => {
+                let bins = num(
+                    "num_of_bins",
+                    1024.0,
+                    8192.0,
+                    "1024, 2048, 4096 or 8192",
+                    4096.0,
+                )? as usize;
+                if ![1024, 2048, 4096, 8192].contains(&bins) {
+                    return Err(format!(
+                        "{ctx}: 'num_of_bins' = {bins}; allowed: 1024, 2048, 4096 or 8192"
+                    ));
+                }
+                ActAlgo::Hfmg { num_of_bins: bins }
+            }
+            "kl" => ActAlgo::Kl {
+                num_of_bins: num("num_of_bins", 256.0, 65536.0, "256 to 65536", 2048.0)? as usize,
+            },
+            "percentile" => ActAlgo::Percentile {
+                percentile: num("percentile", 50.0, 100.0, "50 to 100 (percent)", 99.999)?,
+            },
+            _ => ActAlgo::Minmax,
+        };
+    }
+    if let Some(w) = obj.get("weight_quant_params") {
+        let w = w
+            .as_object()
+            .ok_or_else(|| format!("layer '{name}': weight_quant_params must be an object"))?;
+        let ctx = format!("layer '{name}' weight_quant_params");
+        check_keys(w, &["wts_algo", "channel_wise", "num_bits"], &ctx)?;
+        if let Some(a) = w.get("wts_algo") {
+            if a.as_str() != Some("arq_quantize") {
+                return Err(format!(
+                    "{ctx}: 'wts_algo' = {a} is not supported; allowed: arq_quantize"
+                ));
+            }
+        }
+        if let Some(b) = w.get("num_bits") {
+            if b.as_u64() != Some(8) {
+                return Err(format!(
+                    "{ctx}: 'num_bits' = {b} is not supported; allowed: 8"
+                ));
+            }
+        }
+        if let Some(c) = w.get("channel_wise") {
+            l.channel_wise = get_bool(c, "channel_wise")?;
+            if l.channel_wise && !matches!(op, "Conv" | "ConvTranspose") {
+                return Err(format!(
+                    "{ctx}: 'channel_wise' true is only allowed for Conv and ConvTranspose, and '{name}' is {op}"
+                ));
+            }
+        }
+    }
+    Ok(l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layers() -> Vec<(String, String)> {
+        vec![
+            ("conv1".into(), "Conv".into()),
+            ("fc".into(), "Gemm".into()),
+        ]
+    }
+
+    fn parse_str(s: &str) -> Result<QuantConfig, String> {
+        parse(&serde_json::from_str(s).unwrap(), &layers())
+    }
+
+    #[test]
+    fn written_config_reads_back_equal() {
+        let mut cfg = QuantConfig::default_for(&layers());
+        cfg.layers[1].1.act_algo = ActAlgo::Hfmg { num_of_bins: 2048 };
+        cfg.layers[1].1.asymmetric = Some(false);
+        cfg.batch_num = 4;
+        let back = parse(&cfg.to_json(), &layers()).unwrap();
+        assert_eq!(back, cfg);
+    }
+
+    #[test]
+    fn errors_name_the_key_and_the_range() {
+        let e = parse_str(r#"{"conv1": {"quant_enable": true, "bogus": 1}}"#).unwrap_err();
+        assert!(e.contains("'bogus'") && e.contains("allowed keys"), "{e}");
+        let e = parse_str(
+            r#"{"conv1": {"activation_quant_params": {"act_algo": "hfmg", "num_of_bins": 3000}}}"#,
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("num_of_bins") && e.contains("1024, 2048, 4096 or 8192"),
+            "{e}"
+        );
+        let e = parse_str(r#"{"conv1": {"activation_quant_params": {"max_percentile": 0.3}}}"#)
+            .unwrap_err();
+        assert!(
+            e.contains("max_percentile") && e.contains("(0.5, 1]"),
+            "{e}"
+        );
+        let e = parse_str(r#"{"nope": {}}"#).unwrap_err();
+        assert!(e.contains("'nope'") && e.contains("conv1, fc"), "{e}");
+        let e =
+            parse_str(r#"{"fc": {"weight_quant_params": {"channel_wise": true}}}"#).unwrap_err();
+        assert!(e.contains("channel_wise") && e.contains("Gemm"), "{e}");
+        let e = parse_str(r#"{"batch_num": 0}"#).unwrap_err();
+        assert!(e.contains("batch_num") && e.contains(">= 1"), "{e}");
+    }
+}
