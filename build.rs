@@ -6,6 +6,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // SAFETY: build scripts are single-threaded; nothing else reads the environment concurrently.
     unsafe { std::env::set_var("PROTOC", protoc) };
     println!("cargo:rerun-if-changed=proto");
-    prost_build::Config::new().compile_protos(&["proto/onnx.proto"], &["proto/"])?;
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    prost_build::Config::new()
+        .file_descriptor_set_path(out.join("amct_descriptor.bin"))
+        .compile_protos(&["proto/onnx.proto", "proto/amct.proto"], &["proto/"])?;
     Ok(())
 }

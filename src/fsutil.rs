@@ -28,3 +28,27 @@ pub fn write_atomic_with(
     tmp.persist(path).map_err(|e| e.error)?;
     Ok(())
 }
+
+/// Writes several files so that either all of them are replaced or none:
+/// every content goes to a temporary file in its target folder first, and
+/// only when all are on disk are they renamed into place.
+pub fn write_all_atomic(files: &[(&Path, &[u8])]) -> std::io::Result<()> {
+    let mut staged = Vec::with_capacity(files.len());
+    for (path, bytes) in files {
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".ascend-quant-")
+            .suffix(".tmp")
+            .tempfile_in(dir)?;
+        tmp.as_file_mut().write_all(bytes)?;
+        tmp.as_file_mut().sync_all()?;
+        staged.push((tmp, *path));
+    }
+    for (tmp, path) in staged {
+        tmp.persist(path).map_err(|e| e.error)?;
+    }
+    Ok(())
+}

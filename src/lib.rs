@@ -10,6 +10,7 @@ pub mod data;
 pub mod fsutil;
 pub mod onnx;
 pub mod quant;
+pub mod report;
 pub mod sim;
 pub mod tensor;
 

@@ -204,6 +204,22 @@ impl Tensor {
         }
     }
 
+    /// The elements `range` of axis 0 (samples of a batch), copied.
+    pub fn slice_axis0(&self, range: std::ops::Range<usize>) -> Tensor {
+        let s = ndarray::Slice::from(range);
+        match self {
+            Tensor::F32(a) => Tensor::F32(a.slice_axis(ndarray::Axis(0), s).to_owned()),
+            Tensor::F16(a) => Tensor::F16(a.slice_axis(ndarray::Axis(0), s).to_owned()),
+            Tensor::F64(a) => Tensor::F64(a.slice_axis(ndarray::Axis(0), s).to_owned()),
+            Tensor::I8(a) => Tensor::I8(a.slice_axis(ndarray::Axis(0), s).to_owned()),
+            Tensor::U8(a) => Tensor::U8(a.slice_axis(ndarray::Axis(0), s).to_owned()),
+            Tensor::I32(a) => Tensor::I32(a.slice_axis(ndarray::Axis(0), s).to_owned()),
+            Tensor::I64(a) => Tensor::I64(a.slice_axis(ndarray::Axis(0), s).to_owned()),
+            Tensor::U64(a) => Tensor::U64(a.slice_axis(ndarray::Axis(0), s).to_owned()),
+            Tensor::Bool(a) => Tensor::Bool(a.slice_axis(ndarray::Axis(0), s).to_owned()),
+        }
+    }
+
     /// The float32 array, if this is a float32 tensor.
     pub fn as_f32(&self) -> Option<&ArrayD<f32>> {
         match self {

@@ -2,6 +2,7 @@
 
 use crate::data::DataError;
 use crate::onnx::OnnxError;
+use crate::quant::error::QuantError;
 use crate::sim::SimError;
 
 /// The process exit codes, stable for scripts.
@@ -33,7 +34,12 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
         let code = error
             .chain()
             .find_map(|cause| {
-                if let Some(s) = cause.downcast_ref::<SimError>() {
+                if let Some(q) = cause.downcast_ref::<QuantError>() {
+                    Some(match q {
+                        QuantError::Sim(s) if !s.is_input_error() => ExitCode::Runtime,
+                        _ => ExitCode::Usage,
+                    })
+                } else if let Some(s) = cause.downcast_ref::<SimError>() {
                     Some(if s.is_input_error() {
                         ExitCode::Usage
                     } else {

@@ -1,6 +1,7 @@
 //! The command-line interface: one file per subcommand, and the mapping of
 //! failures to stable exit codes.
 
+mod calibrate;
 mod exit;
 mod inspect;
 mod run;
@@ -26,6 +27,10 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Run a model on the CPU simulator and write its outputs as .npy files.
     Run(run::RunArgs),
+    /// Post-training quantization: calibrate and write deploy and fake-quant models.
+    Calibrate(calibrate::CalibrateArgs),
+    /// Write the default per-layer quantization config of a model (AMCT JSON).
+    Config(calibrate::ConfigArgs),
 }
 
 /// Parses `args`, runs the command and returns the process exit code.
@@ -48,6 +53,8 @@ where
     let result = match cli.command {
         Command::Inspect(a) => inspect::execute(&a),
         Command::Run(a) => run::execute(&a),
+        Command::Calibrate(a) => calibrate::execute(&a),
+        Command::Config(a) => calibrate::execute_config(&a),
     };
     match result {
         Ok(()) => ExitCode::Ok as i32,

@@ -1,5 +1,8 @@
 //! Input data for runs and calibration: reading and writing `.npy` arrays.
 
+pub mod dataset;
 pub mod npy;
+
+pub use dataset::{Batch, Dataset};
 
 pub use npy::{DataError, read_npy, read_npy_bytes, write_npy};

@@ -1,6 +1,7 @@
 //! ONNX models in memory: the generated protobuf types, lossless load/save
 //! with external data, tensor conversions and a graph index.
 
+pub mod builder;
 pub mod error;
 pub mod external;
 pub mod graph;

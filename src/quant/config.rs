@@ -271,12 +271,12 @@ fn parse_layer(v: &Value, name: &str, op: &str) -> Parse<LayerConfig> {
         };
         let allowed: Vec<&str> = common.iter().chain(extra).copied().collect();
         check_keys(a, &allowed, &ctx)?;
-        if let Some(b) = a.get("num_bits") {
-            if b.as_u64() != Some(8) {
-                return Err(format!(
-                    "{ctx}: 'num_bits' = {b} is not supported; allowed: 8"
-                ));
-            }
+        if let Some(b) = a.get("num_bits")
+            && b.as_u64() != Some(8)
+        {
+            return Err(format!(
+                "{ctx}: 'num_bits' = {b} is not supported; allowed: 8"
+            ));
         }
         if let Some(s) = a.get("asymmetric") {
             l.asymmetric = Some(get_bool(s, "asymmetric")?);
@@ -360,19 +360,19 @@ fn parse_layer(v: &Value, name: &str, op: &str) -> Parse<LayerConfig> {
             .ok_or_else(|| format!("layer '{name}': weight_quant_params must be an object"))?;
         let ctx = format!("layer '{name}' weight_quant_params");
         check_keys(w, &["wts_algo", "channel_wise", "num_bits"], &ctx)?;
-        if let Some(a) = w.get("wts_algo") {
-            if a.as_str() != Some("arq_quantize") {
-                return Err(format!(
-                    "{ctx}: 'wts_algo' = {a} is not supported; allowed: arq_quantize"
-                ));
-            }
+        if let Some(a) = w.get("wts_algo")
+            && a.as_str() != Some("arq_quantize")
+        {
+            return Err(format!(
+                "{ctx}: 'wts_algo' = {a} is not supported; allowed: arq_quantize"
+            ));
         }
-        if let Some(b) = w.get("num_bits") {
-            if b.as_u64() != Some(8) {
-                return Err(format!(
-                    "{ctx}: 'num_bits' = {b} is not supported; allowed: 8"
-                ));
-            }
+        if let Some(b) = w.get("num_bits")
+            && b.as_u64() != Some(8)
+        {
+            return Err(format!(
+                "{ctx}: 'num_bits' = {b} is not supported; allowed: 8"
+            ));
         }
         if let Some(c) = w.get("channel_wise") {
             l.channel_wise = get_bool(c, "channel_wise")?;

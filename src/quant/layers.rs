@@ -1,11 +1,42 @@
-//! Finds the layers Ascend can run in int8: Conv, ConvTranspose, Gemm and
-//! MatMul with a constant weight, and AveragePool.
+//! Finds the layers Ascend can run in int8 (Conv, ConvTranspose, Gemm, MatMul
+//! with a constant weight, AveragePool) and everything the later passes need
+//! to know about each: its activation input, weight, bias and channel layout.
 
-use crate::onnx::graph::{GraphIndex, Source};
-use crate::onnx::{GraphProto, OnnxError};
+use super::weights::ChannelLayout;
+use crate::onnx::graph::{GraphIndex, Source, node_label};
+use crate::onnx::proto::AttributeProto;
+use crate::onnx::{GraphProto, NodeProto, OnnxError};
 use serde::Serialize;
 
-/// Whether and why a node can be quantized.
+/// Operators that Ascend quantizes.
+pub const QUANTIZABLE_OPS: [&str; 5] = ["Conv", "ConvTranspose", "Gemm", "MatMul", "AveragePool"];
+
+/// A quantizable layer of a (prepared) graph.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantLayer {
+    /// The node's name (record key).
+    pub name: String,
+    /// The operator.
+    pub op_type: String,
+    /// Index of the node in `graph.node`.
+    pub node: usize,
+    /// The activation input (input 0).
+    pub act_input: String,
+    /// The weight initializer.
+    pub weight: Option<String>,
+    /// The bias initializer (Conv/Gemm input 2, or MatMul's following Add).
+    pub bias: Option<String>,
+    /// For MatMul with a bias: the index of the Add node carrying it.
+    pub bias_add: Option<usize>,
+    /// The value the dequantized result must carry (the node's or the bias Add's output).
+    pub output: String,
+    /// How output channels sit in the weight (used when `channel_wise`).
+    pub channel_layout: ChannelLayout,
+    /// Rank of the layer's output (for the per-channel dequant shape).
+    pub output_rank: usize,
+}
+
+/// Whether and why a node can be quantized (for `inspect` and reports).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct LayerCandidate {
     /// The node's name (or `#index (op)` when unnamed).
@@ -20,47 +51,201 @@ pub struct LayerCandidate {
     pub note: Option<String>,
 }
 
-/// Operators that Ascend quantizes.
-pub const QUANTIZABLE_OPS: [&str; 5] = ["Conv", "ConvTranspose", "Gemm", "MatMul", "AveragePool"];
+fn attr<'a>(n: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
+    n.attribute.iter().find(|a| a.name() == name)
+}
 
-/// Lists every node of a quantizable operator type with its verdict, in graph order.
-pub fn find_candidates(graph: &GraphProto) -> Result<Vec<LayerCandidate>, OnnxError> {
+fn attr_i(n: &NodeProto, name: &str, default: i64) -> i64 {
+    attr(n, name).and_then(|a| a.i).unwrap_or(default)
+}
+
+fn attr_f(n: &NodeProto, name: &str, default: f32) -> f32 {
+    attr(n, name).and_then(|a| a.f).unwrap_or(default)
+}
+
+/// Examines every node of a quantizable type; returns the usable layers and,
+/// for every candidate, a verdict.
+pub fn discover(graph: &GraphProto) -> Result<(Vec<QuantLayer>, Vec<LayerCandidate>), OnnxError> {
     let index = GraphIndex::new(graph)?;
-    let constant = |value: &str| match index.producer(value) {
-        Some(Source::Initializer(_)) => true,
-        Some(Source::Node(i)) => graph.node[i].op_type() == "Constant",
-        _ => false,
+    let outputs: Vec<&str> = graph.output.iter().map(|o| o.name()).collect();
+    let init_dims = |name: &str| {
+        index
+            .initializer(name)
+            .map(|i| graph.initializer[i].dims.clone())
     };
-    let mut out = Vec::new();
+    let mut layers = Vec::new();
+    let mut verdicts = Vec::new();
     for &i in index.topological_order() {
         let n = &graph.node[i];
         let op = n.op_type();
-        if !QUANTIZABLE_OPS.contains(&op) || !n.domain().is_empty() && n.domain() != "ai.onnx" {
+        if !QUANTIZABLE_OPS.contains(&op) || !(n.domain().is_empty() || n.domain() == "ai.onnx") {
             continue;
         }
-        let label = crate::onnx::graph::node_label(graph, i);
-        let (weight, note) = if op == "AveragePool" {
-            (None, None)
-        } else {
-            let w = n.input.get(1).cloned().unwrap_or_default();
-            if constant(&w) {
-                (Some(w), None)
-            } else {
-                (
-                    None,
-                    Some(format!(
-                        "weight '{w}' is not a constant, so it cannot be quantized ahead of time"
-                    )),
-                )
-            }
-        };
-        out.push(LayerCandidate {
-            node: label,
+        let label = node_label(graph, i);
+        let weight = n.input.get(1).cloned().filter(|_| op != "AveragePool");
+        let result = examine(graph, &index, &outputs, i, &init_dims);
+        verdicts.push(LayerCandidate {
+            node: label.clone(),
             op_type: op.to_string(),
-            quantizable: note.is_none(),
-            weight,
-            note,
+            weight: weight.clone(),
+            quantizable: result.is_ok(),
+            note: result.as_ref().err().cloned(),
         });
+        if let Ok((bias, bias_add, output, channel_layout, output_rank)) = result {
+            layers.push(QuantLayer {
+                name: label,
+                op_type: op.to_string(),
+                node: i,
+                act_input: n.input[0].clone(),
+                weight,
+                bias,
+                bias_add,
+                output,
+                channel_layout,
+                output_rank,
+            });
+        }
     }
-    Ok(out)
+    Ok((layers, verdicts))
+}
+
+type Examined = (Option<String>, Option<usize>, String, ChannelLayout, usize);
+
+fn examine(
+    graph: &GraphProto,
+    index: &GraphIndex,
+    graph_outputs: &[&str],
+    i: usize,
+    init_dims: &dyn Fn(&str) -> Option<Vec<i64>>,
+) -> Result<Examined, String> {
+    let n = &graph.node[i];
+    let op = n.op_type();
+    let out = n.output.first().cloned().unwrap_or_default();
+    if op == "AveragePool" {
+        let k = attr(n, "kernel_shape").map(|a| a.ints.len()).unwrap_or(0);
+        if k != 2 {
+            return Err(format!(
+                "AveragePool over {k} spatial axes; only 2-D (4-D input) pooling is quantized"
+            ));
+        }
+        return Ok((None, None, out, ChannelLayout::PerTensor, 4));
+    }
+    let w = n.input.get(1).map(String::as_str).unwrap_or("");
+    let Some(dims) = init_dims(w) else {
+        let why = match index.producer(w) {
+            Some(Source::Node(p)) if graph.node[p].op_type() == "Constant" => {
+                "comes from a Constant node (ascend-quant moves those to initializers first)"
+            }
+            _ => "is not a constant",
+        };
+        return Err(format!(
+            "weight '{w}' {why}, so it cannot be quantized ahead of time"
+        ));
+    };
+    let bias = n.input.get(2).filter(|b| !b.is_empty()).cloned();
+    if let Some(b) = &bias
+        && init_dims(b).is_none()
+    {
+        return Err(format!("bias '{b}' is not a constant"));
+    }
+    match op {
+        "Conv" => {
+            if !(dims.len() == 4 || dims.len() == 5) {
+                return Err(format!(
+                    "Conv weight of rank {}; only 2-D and 3-D convolutions (4-D/5-D input) are quantized",
+                    dims.len()
+                ));
+            }
+            Ok((
+                bias,
+                None,
+                out,
+                ChannelLayout::Axis0 {
+                    channels: dims[0] as usize,
+                },
+                dims.len(),
+            ))
+        }
+        "ConvTranspose" => {
+            if dims.len() != 4 {
+                return Err("ConvTranspose with a non 4-D weight; only 2-D transposed convolutions are quantized".into());
+            }
+            if attr(n, "dilations").is_some_and(|a| a.ints.iter().any(|&d| d != 1)) {
+                return Err("ConvTranspose with dilations other than 1 cannot be quantized".into());
+            }
+            let group = attr_i(n, "group", 1).max(1) as usize;
+            let layout = ChannelLayout::Transposed {
+                cin: dims[0] as usize,
+                cout_per_group: dims[1] as usize,
+                group,
+            };
+            Ok((bias, None, out, layout, 4))
+        }
+        "Gemm" => {
+            if attr_i(n, "transA", 0) != 0
+                || attr_f(n, "alpha", 1.0) != 1.0
+                || attr_f(n, "beta", 1.0) != 1.0
+            {
+                return Err(
+                    "Gemm with transA=1 or alpha/beta other than 1 cannot be quantized".into(),
+                );
+            }
+            if dims.len() != 2 {
+                return Err("Gemm weight is not 2-D".into());
+            }
+            if let Some(b) = &bias {
+                let n_out = if attr_i(n, "transB", 0) == 1 {
+                    dims[0]
+                } else {
+                    dims[1]
+                };
+                if init_dims(b).is_some_and(|d| d.iter().product::<i64>() != n_out) {
+                    return Err(format!(
+                        "Gemm bias '{b}' is not one value per output; only 1-D biases are quantized"
+                    ));
+                }
+            }
+            Ok((bias, None, out, ChannelLayout::PerTensor, 2))
+        }
+        "MatMul" => {
+            if !(dims.len() == 2 || dims.len() == 3) {
+                return Err(format!(
+                    "MatMul weight of rank {}; only 2-D and 3-D constant weights are quantized",
+                    dims.len()
+                ));
+            }
+            let n_out = *dims.last().expect("rank >= 2");
+            let consumers = index.consumers(&out);
+            let add = (consumers.len() == 1 && !graph_outputs.contains(&out.as_str()))
+                .then(|| consumers[0])
+                .filter(|&c| {
+                    graph.node[c].op_type() == "Add"
+                        && graph.node[c].input.len() == 2
+                        && graph.node[c].input[0] == out
+                })
+                .filter(|&c| {
+                    init_dims(&graph.node[c].input[1])
+                        .is_some_and(|d| d.len() == 1 && d[0] == n_out)
+                });
+            match add {
+                Some(a) => {
+                    let add_node = &graph.node[a];
+                    Ok((
+                        Some(add_node.input[1].clone()),
+                        Some(a),
+                        add_node.output[0].clone(),
+                        ChannelLayout::PerTensor,
+                        2,
+                    ))
+                }
+                None => Ok((None, None, out, ChannelLayout::PerTensor, 2)),
+            }
+        }
+        _ => unreachable!("only quantizable ops reach here"),
+    }
+}
+
+/// Lists every node of a quantizable operator type with its verdict, in graph order.
+pub fn find_candidates(graph: &GraphProto) -> Result<Vec<LayerCandidate>, OnnxError> {
+    Ok(discover(graph)?.1)
 }

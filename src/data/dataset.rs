@@ -1,0 +1,276 @@
+//! Calibration and evaluation data: named input arrays whose axis 0 counts
+//! samples, read from `.npy`, `NAME=FILE.npy`, `.npz` or AMCT-style `.bin`
+//! folders, and cut into batches.
+
+use super::npy::{DataError, read_npy, read_npy_bytes};
+use crate::tensor::{DType, Tensor};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// One batch: a tensor per model input.
+pub type Batch = Vec<(String, Tensor)>;
+
+/// Input arrays with the same number of samples on axis 0.
+#[derive(Clone, Debug)]
+pub struct Dataset {
+    inputs: Vec<(String, Tensor)>,
+    samples: usize,
+    /// Batches read whole from `.bin` files (each file is one batch).
+    fixed_batches: Option<Vec<Batch>>,
+}
+
+fn format_err(path: &Path, reason: String) -> DataError {
+    DataError::Format {
+        path: path.to_path_buf(),
+        reason,
+    }
+}
+
+impl Dataset {
+    /// Reads `--data` arguments: `FILE.npy` (single-input model), `NAME=FILE.npy`, or `FILE.npz`.
+    pub fn from_specs(specs: &[String], input_names: &[String]) -> Result<Dataset, DataError> {
+        let mut inputs: Vec<(String, Tensor)> = Vec::new();
+        for spec in specs {
+            if let Some((name, file)) = spec.split_once('=') {
+                inputs.push((name.to_string(), read_npy(Path::new(file))?));
+            } else if spec.ends_with(".npz") {
+                inputs.extend(read_npz(Path::new(spec))?);
+            } else if input_names.len() == 1 {
+                inputs.push((input_names[0].clone(), read_npy(Path::new(spec))?));
+            } else {
+                return Err(format_err(
+                    Path::new(spec),
+                    format!(
+                        "the model has {} inputs ({}); give NAME=FILE.npy for each, or one .npz",
+                        input_names.len(),
+                        input_names.join(", ")
+                    ),
+                ));
+            }
+        }
+        Self::from_arrays(
+            inputs,
+            input_names,
+            specs.first().map(PathBuf::from).unwrap_or_default(),
+        )
+    }
+
+    /// Builds a dataset from named arrays, checking names and sample counts.
+    pub fn from_arrays(
+        inputs: Vec<(String, Tensor)>,
+        input_names: &[String],
+        origin: PathBuf,
+    ) -> Result<Dataset, DataError> {
+        for (name, _) in &inputs {
+            if !input_names.contains(name) {
+                return Err(format_err(
+                    &origin,
+                    format!(
+                        "'{name}' is not an input of the model; its inputs are: {}",
+                        input_names.join(", ")
+                    ),
+                ));
+            }
+        }
+        if let Some(missing) = input_names
+            .iter()
+            .find(|n| !inputs.iter().any(|(i, _)| i == *n))
+        {
+            return Err(format_err(
+                &origin,
+                format!("no data for model input '{missing}'"),
+            ));
+        }
+        let samples = inputs
+            .first()
+            .and_then(|(_, t)| t.shape().first().copied())
+            .unwrap_or(0);
+        for (name, t) in &inputs {
+            if t.shape().is_empty() {
+                return Err(format_err(
+                    &origin,
+                    format!("data for '{name}' is a scalar; axis 0 must count samples"),
+                ));
+            }
+            if t.shape()[0] != samples {
+                return Err(format_err(
+                    &origin,
+                    format!(
+                        "data for '{name}' has {} samples but another input has {samples}",
+                        t.shape()[0]
+                    ),
+                ));
+            }
+        }
+        if samples == 0 {
+            return Err(format_err(
+                &origin,
+                "the data holds no samples (axis 0 has size 0)".into(),
+            ));
+        }
+        Ok(Dataset {
+            inputs,
+            samples,
+            fixed_batches: None,
+        })
+    }
+
+    /// Reads AMCT-style raw data: one folder per input (`;`-separated), files
+    /// sorted by name, each file one batch of `shape` elements of `dtype`.
+    pub fn from_bin_dirs(
+        dirs: &str,
+        types: &str,
+        shapes: &[(String, Vec<usize>)],
+    ) -> Result<Dataset, DataError> {
+        let dirs: Vec<&str> = dirs.split(';').filter(|s| !s.is_empty()).collect();
+        let types: Vec<&str> = types.split(';').filter(|s| !s.is_empty()).collect();
+        if dirs.len() != shapes.len() || types.len() != shapes.len() {
+            return Err(format_err(
+                Path::new(dirs.first().copied().unwrap_or("")),
+                format!(
+                    "--data-dir gives {} folders, --data-types {} types and --input-shape {} inputs; give one of each per input",
+                    dirs.len(),
+                    types.len(),
+                    shapes.len()
+                ),
+            ));
+        }
+        let mut per_input: Vec<Vec<(String, Tensor)>> = Vec::new();
+        for ((dir, ty), (name, shape)) in dirs.iter().zip(&types).zip(shapes) {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map_err(|source| DataError::Io {
+                    path: PathBuf::from(dir),
+                    action: "read",
+                    source,
+                })?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "bin"))
+                .collect();
+            files.sort();
+            let mut batches = Vec::new();
+            for f in files {
+                let mut bytes = Vec::new();
+                std::fs::File::open(&f)
+                    .and_then(|mut h| h.read_to_end(&mut bytes))
+                    .map_err(|source| DataError::Io {
+                        path: f.clone(),
+                        action: "read",
+                        source,
+                    })?;
+                batches.push((name.clone(), decode_bin(&f, &bytes, ty, shape)?));
+            }
+            per_input.push(batches);
+        }
+        let n = per_input.iter().map(Vec::len).min().unwrap_or(0);
+        if n == 0 {
+            return Err(format_err(Path::new(dirs[0]), "no .bin files found".into()));
+        }
+        let fixed: Vec<Batch> = (0..n)
+            .map(|b| per_input.iter().map(|v| v[b].clone()).collect())
+            .collect();
+        let samples = fixed.iter().map(|b| b[0].1.shape()[0]).sum();
+        Ok(Dataset {
+            inputs: Vec::new(),
+            samples,
+            fixed_batches: Some(fixed),
+        })
+    }
+
+    /// Number of samples.
+    pub fn samples(&self) -> usize {
+        self.samples
+    }
+
+    /// Number of batches of `batch_size`.
+    pub fn batch_count(&self, batch_size: usize) -> usize {
+        match &self.fixed_batches {
+            Some(f) => f.len(),
+            None => self.samples.div_ceil(batch_size.max(1)),
+        }
+    }
+
+    /// Batch `index` of `batch_size` samples.
+    pub fn batch(&self, batch_size: usize, index: usize) -> Batch {
+        if let Some(f) = &self.fixed_batches {
+            return f[index].clone();
+        }
+        let bs = batch_size.max(1);
+        let r = index * bs..((index + 1) * bs).min(self.samples);
+        self.inputs
+            .iter()
+            .map(|(n, t)| (n.clone(), t.slice_axis0(r.clone())))
+            .collect()
+    }
+}
+
+fn decode_bin(path: &Path, bytes: &[u8], ty: &str, shape: &[usize]) -> Result<Tensor, DataError> {
+    let dtype = match ty {
+        "float32" => DType::F32,
+        "float64" => DType::F64,
+        "int8" => DType::I8,
+        "uint8" => DType::U8,
+        "int32" => DType::I32,
+        "int64" => DType::I64,
+        "bool" => DType::Bool,
+        other => {
+            return Err(format_err(
+                path,
+                format!(
+                    "data type '{other}' is not supported; use float32, float64, int8, uint8, int32, int64 or bool"
+                ),
+            ));
+        }
+    };
+    let count: usize = shape.iter().product();
+    if bytes.len() != count * dtype.size_of() {
+        return Err(format_err(
+            path,
+            format!(
+                "{} bytes, but shape {shape:?} of {ty} needs {}",
+                bytes.len(),
+                count * dtype.size_of()
+            ),
+        ));
+    }
+    crate::onnx::tensor_proto::to_tensor(&crate::onnx::proto::TensorProto {
+        name: Some(path.display().to_string()),
+        data_type: Some(dtype.onnx_code()),
+        dims: shape.iter().map(|&d| d as i64).collect(),
+        raw_data: Some(bytes.to_vec()),
+        ..Default::default()
+    })
+    .map_err(|e| format_err(path, e.to_string()))
+}
+
+fn read_npz(path: &Path) -> Result<Vec<(String, Tensor)>, DataError> {
+    let file = std::fs::File::open(path).map_err(|source| DataError::Io {
+        path: path.into(),
+        action: "read",
+        source,
+    })?;
+    let mut zip = zip_archive(file, path)?;
+    let mut out = Vec::new();
+    for i in 0..zip.len() {
+        let mut entry = zip
+            .by_index(i)
+            .map_err(|e| format_err(path, e.to_string()))?;
+        let name = entry.name().trim_end_matches(".npy").to_string();
+        let mut bytes = Vec::new();
+        entry
+            .read_to_end(&mut bytes)
+            .map_err(|source| DataError::Io {
+                path: path.into(),
+                action: "read",
+                source,
+            })?;
+        out.push((name, read_npy_bytes(&bytes, path)?));
+    }
+    Ok(out)
+}
+
+fn zip_archive(
+    file: std::fs::File,
+    path: &Path,
+) -> Result<zip::ZipArchive<std::fs::File>, DataError> {
+    zip::ZipArchive::new(file).map_err(|e| format_err(path, format!("not a .npz archive: {e}")))
+}

@@ -1,0 +1,70 @@
+//! Small constructors for the nodes, attributes and constants that model
+//! rewrites insert.
+
+use super::proto::attribute_proto::AttributeType;
+use super::proto::{AttributeProto, NodeProto};
+use super::tensor_proto::{Storage, to_proto};
+use crate::tensor::Tensor;
+use ndarray::{ArrayD, IxDyn};
+
+/// A node of the default domain.
+pub fn node(
+    op_type: &str,
+    name: &str,
+    inputs: &[&str],
+    outputs: &[&str],
+    attributes: Vec<AttributeProto>,
+) -> NodeProto {
+    NodeProto {
+        op_type: Some(op_type.into()),
+        name: Some(name.into()),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: outputs.iter().map(|s| s.to_string()).collect(),
+        attribute: attributes,
+        ..Default::default()
+    }
+}
+
+/// A FLOAT attribute.
+pub fn attr_float(name: &str, value: f32) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Float as i32),
+        f: Some(value),
+        ..Default::default()
+    }
+}
+
+/// An INT attribute.
+pub fn attr_int(name: &str, value: i64) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Int as i32),
+        i: Some(value),
+        ..Default::default()
+    }
+}
+
+/// A STRING attribute.
+pub fn attr_string(name: &str, value: &str) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::String as i32),
+        s: Some(value.as_bytes().to_vec()),
+        ..Default::default()
+    }
+}
+
+/// A `Constant` node producing a float32 tensor of `shape` (empty = scalar).
+pub fn constant_f32(name: &str, output: &str, shape: &[usize], values: Vec<f32>) -> NodeProto {
+    let value =
+        Tensor::F32(ArrayD::from_shape_vec(IxDyn(shape), values).expect("shape matches values"));
+    let t = to_proto(output, &value, Storage::Raw);
+    let a = AttributeProto {
+        name: Some("value".into()),
+        r#type: Some(AttributeType::Tensor as i32),
+        t: Some(t),
+        ..Default::default()
+    };
+    node("Constant", name, &[], &[output], vec![a])
+}

@@ -1,0 +1,300 @@
+//! One post-training quantization run: prepare the float model, stream the
+//! calibration batches through the simulator while every layer's observer
+//! watches its input, quantize the weights, and build the deploy and
+//! fake-quant models; then measure each layer's output similarity.
+
+use super::config::QuantConfig;
+use super::emit::{LayerFactors, deploy_model, fake_quant_model};
+use super::error::QuantError;
+use super::layers::{LayerCandidate, QuantLayer, discover};
+use super::observe::{Observer, finite_extremes};
+use super::params::ActParams;
+use super::prepare::{Prepared, prepare};
+use super::weights::{ChannelLayout, arq_scales, quantize_bias, quantize_weight};
+use crate::data::{Batch, Dataset};
+use crate::onnx::{ModelProto, to_tensor};
+use crate::sim::{Executor, Session, SessionOptions};
+use crate::tensor::Tensor;
+use ndarray::ArrayD;
+use std::collections::HashMap;
+
+/// How to cut the data and report progress.
+pub struct RunSettings<'a> {
+    /// Samples per batch.
+    pub batch_size: usize,
+    /// Let the simulator run batch sizes the model does not declare.
+    pub dynamic_batch: bool,
+    /// Called after each calibration batch with (done, total).
+    pub progress: &'a dyn Fn(usize, usize),
+}
+
+/// The result of a run.
+pub struct Outcome {
+    /// The float model after preparation (BN folded, names given).
+    pub prepared: ModelProto,
+    /// What preparation did.
+    pub preparation: Prepared,
+    /// Factors per quantized layer, in graph order.
+    pub factors: Vec<LayerFactors>,
+    /// Every candidate layer and why it was or was not quantized.
+    pub candidates: Vec<LayerCandidate>,
+    /// The deploy model.
+    pub deploy: ModelProto,
+    /// The fake-quant model.
+    pub fake_quant: ModelProto,
+    /// Cosine similarity of each quantized layer's output, float vs fake-quant, over the calibration data.
+    pub cosine: HashMap<String, f64>,
+    /// Batches used for calibration.
+    pub batches_used: usize,
+}
+
+/// Runs post-training quantization of `model` with `config` on `data`.
+pub fn calibrate(
+    model: &ModelProto,
+    config: &QuantConfig,
+    data: &Dataset,
+    executor: &dyn Executor,
+    run: &RunSettings,
+) -> Result<Outcome, QuantError> {
+    let mut prepared = model.clone();
+    let preparation = prepare(&mut prepared, config.do_fusion, &config.skip_fusion_layers)?;
+    let graph = prepared.graph.as_ref().expect("graph");
+    let (layers, mut candidates) = discover(graph)?;
+    let enabled: Vec<QuantLayer> = layers
+        .into_iter()
+        .filter(|l| config.layer(&l.name).is_some_and(|c| c.quant_enable))
+        .collect();
+    for c in &mut candidates {
+        if c.quantizable && !enabled.iter().any(|l| l.name == c.node) {
+            c.quantizable = false;
+            c.note = Some("disabled by the configuration".into());
+        }
+    }
+    let available = data.batch_count(run.batch_size);
+    if available < config.batch_num {
+        return Err(QuantError::Input(format!(
+            "batch_num is {} but the data gives only {available} batch(es) of {} sample(s) ({} samples); give more data, a smaller --batch-size or a smaller --batch-num",
+            config.batch_num,
+            run.batch_size,
+            data.samples()
+        )));
+    }
+    let mut taps: Vec<String> = enabled.iter().map(|l| l.act_input.clone()).collect();
+    taps.dedup();
+    taps.sort();
+    taps.dedup();
+    let session = executor.prepare(
+        &prepared,
+        &SessionOptions {
+            keep: taps.clone(),
+            dynamic_batch: run.dynamic_batch,
+            optimize: true,
+        },
+    )?;
+    let mut observers: Vec<Box<dyn Observer>> = enabled
+        .iter()
+        .map(|l| {
+            config
+                .layer(&l.name)
+                .expect("enabled layers are configured")
+                .act_algo
+                .observer()
+        })
+        .collect();
+    let tap_refs: Vec<&str> = taps.iter().map(String::as_str).collect();
+    for b in 0..config.batch_num {
+        let batch = data.batch(run.batch_size, b);
+        check_finite(&batch, b)?;
+        let values = run_batch(session.as_ref(), &batch, &tap_refs)?;
+        for (t, name) in values.iter().zip(&taps) {
+            let a = t.as_f32().ok_or_else(|| {
+                QuantError::Input(format!(
+                    "activation '{name}' is {}, only float32 activations can be quantized",
+                    t.dtype()
+                ))
+            })?;
+            let slice = a.as_slice().expect("engine outputs are contiguous");
+            let (min, max) = finite_extremes(slice).map_err(|_| {
+                QuantError::Input(format!("activation '{name}' holds NaN or infinity in calibration batch {b}; the model overflows on this data"))
+            })?;
+            for (l, o) in enabled.iter().zip(observers.iter_mut()) {
+                if &l.act_input == name {
+                    o.observe(slice, min, max);
+                }
+            }
+        }
+        (run.progress)(b + 1, config.batch_num);
+    }
+    let graph = prepared.graph.as_ref().expect("graph");
+    let mut factors = Vec::with_capacity(enabled.len());
+    for (l, o) in enabled.into_iter().zip(&observers) {
+        let lc = config.layer(&l.name).expect("configured");
+        let act = o.params(config.asymmetric(lc), lc.act_bits).map_err(|e| {
+            QuantError::Input(format!(
+                "layer '{}': {e}; skip this layer in the config",
+                l.name
+            ))
+        })?;
+        factors.push(weigh(graph, l, act, lc.channel_wise, lc.wts_bits)?);
+    }
+    let deploy = deploy_model(&prepared, &factors)?;
+    let fake_quant = fake_quant_model(&prepared, &factors)?;
+    let cosine = layer_cosines(
+        executor,
+        &prepared,
+        &fake_quant,
+        &factors,
+        data,
+        run,
+        config.batch_num,
+    )?;
+    Ok(Outcome {
+        prepared,
+        preparation,
+        factors,
+        candidates,
+        deploy,
+        fake_quant,
+        cosine,
+        batches_used: config.batch_num,
+    })
+}
+
+fn check_finite(batch: &Batch, index: usize) -> Result<(), QuantError> {
+    for (name, t) in batch {
+        let bad = match t {
+            Tensor::F32(a) => a.iter().any(|v| !v.is_finite()),
+            Tensor::F64(a) => a.iter().any(|v| !v.is_finite()),
+            _ => false,
+        };
+        if bad {
+            return Err(QuantError::Input(format!(
+                "calibration data for input '{name}' holds NaN or infinity in batch {index}; clean the data"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn run_batch(
+    session: &dyn Session,
+    batch: &Batch,
+    fetch: &[&str],
+) -> Result<Vec<Tensor>, QuantError> {
+    let feeds: Vec<(&str, &Tensor)> = batch.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    Ok(session.run(&feeds, fetch)?)
+}
+
+/// Weight scales, int8 weight and int32 bias of one layer.
+fn weigh(
+    graph: &crate::onnx::GraphProto,
+    layer: QuantLayer,
+    act: ActParams,
+    channel_wise: bool,
+    bits: u32,
+) -> Result<LayerFactors, QuantError> {
+    let init = |name: &str| -> Result<ArrayD<f32>, QuantError> {
+        let t = graph
+            .initializer
+            .iter()
+            .find(|t| t.name() == name)
+            .expect("layers only name initializers");
+        match to_tensor(t)? {
+            Tensor::F32(a) => Ok(a),
+            other => Err(QuantError::Input(format!(
+                "layer '{}': '{name}' is {}, only float32 weights are quantized",
+                layer.name,
+                other.dtype()
+            ))),
+        }
+    };
+    let Some(w_name) = layer.weight.clone() else {
+        return Ok(LayerFactors {
+            layer,
+            act,
+            scale_w: vec![1.0],
+            weight_q: None,
+            bias_q: None,
+        });
+    };
+    let w = init(&w_name)?;
+    let layout = if channel_wise {
+        layer.channel_layout
+    } else {
+        ChannelLayout::PerTensor
+    };
+    let scale_w = arq_scales(&layer.name, &w, layout, bits)?;
+    let weight_q = quantize_weight(&w, &scale_w, layout, bits);
+    let bias_q = match &layer.bias {
+        Some(b) => {
+            let b = init(b)?;
+            Some(quantize_bias(
+                &layer.name,
+                b.as_slice().expect("standard layout"),
+                &scale_w,
+                act.scale,
+            )?)
+        }
+        None => None,
+    };
+    Ok(LayerFactors {
+        layer,
+        act,
+        scale_w,
+        weight_q: Some(weight_q),
+        bias_q,
+    })
+}
+
+/// Cosine similarity from a dot product and two squared norms (1 when both vectors are zero).
+fn cosine_of(dot: f64, na: f64, nb: f64) -> f64 {
+    if na == 0.0 && nb == 0.0 {
+        1.0
+    } else if na == 0.0 || nb == 0.0 {
+        0.0
+    } else {
+        dot / (na.sqrt() * nb.sqrt())
+    }
+}
+
+/// Per layer, the cosine similarity of its output in the float and the
+/// fake-quant model over the calibration batches (accumulated, so one pass).
+fn layer_cosines(
+    executor: &dyn Executor,
+    float: &ModelProto,
+    fake: &ModelProto,
+    factors: &[LayerFactors],
+    data: &Dataset,
+    run: &RunSettings,
+    batches: usize,
+) -> Result<HashMap<String, f64>, QuantError> {
+    let outs: Vec<String> = factors.iter().map(|f| f.layer.output.clone()).collect();
+    let refs: Vec<&str> = outs.iter().map(String::as_str).collect();
+    let opts = SessionOptions {
+        keep: outs.clone(),
+        dynamic_batch: run.dynamic_batch,
+        optimize: true,
+    };
+    let fs = executor.prepare(float, &opts)?;
+    let qs = executor.prepare(fake, &opts)?;
+    let mut acc = vec![(0.0f64, 0.0f64, 0.0f64); outs.len()];
+    for b in 0..batches {
+        let batch = data.batch(run.batch_size, b);
+        let fv = run_batch(fs.as_ref(), &batch, &refs)?;
+        let qv = run_batch(qs.as_ref(), &batch, &refs)?;
+        for (k, (f, q)) in fv.iter().zip(&qv).enumerate() {
+            if let (Some(f), Some(q)) = (f.as_f32(), q.as_f32()) {
+                for (&x, &y) in f.iter().zip(q.iter()) {
+                    acc[k].0 += f64::from(x) * f64::from(y);
+                    acc[k].1 += f64::from(x) * f64::from(x);
+                    acc[k].2 += f64::from(y) * f64::from(y);
+                }
+            }
+        }
+    }
+    Ok(factors
+        .iter()
+        .zip(acc)
+        .map(|(f, (dot, na, nb))| (f.layer.name.clone(), cosine_of(dot, na, nb)))
+        .collect())
+}

@@ -1,0 +1,382 @@
+//! Writes the two quantized models from a prepared float model and the
+//! factors of each layer, as `spec/deploy-format.md` lays them out:
+//!
+//! * deploy: `AscendQuant -> layer(int8 weight, int32 bias) -> AscendDequant`;
+//! * fake-quant: the same graph with standard operators only
+//!   (`Mul, Round, Add, Clip, Sub` for the quantization, `Mul` for the
+//!   dequantization, integer-valued float weights and bias).
+//!
+//! Choices the spec leaves open, and what we do:
+//! * The deploy model keeps the model's own default-domain opset version
+//!   (AMCT rewrites it to 11); changing the version would change the meaning
+//!   of other operators (Softmax, Squeeze, ReduceMean... were redefined after 11),
+//!   and ATC registers the Ascend ops for opsets 8 to 22. Imports of domains
+//!   that no node uses are dropped, so a normal model ends with exactly one.
+//! * Every rewritten layer's output value keeps its name, now produced by the
+//!   dequantization; the layer itself writes `<layer>_output0`.
+
+use super::layers::QuantLayer;
+use super::params::{ActParams, int_range};
+use crate::onnx::builder::{attr_float, attr_int, attr_string, constant_f32, node};
+use crate::onnx::graph::GraphIndex;
+use crate::onnx::proto::OperatorSetIdProto;
+use crate::onnx::{GraphProto, ModelProto, NodeProto, OnnxError, Storage, to_proto};
+use crate::tensor::Tensor;
+use ndarray::{ArrayD, IxDyn};
+use std::collections::{HashMap, HashSet};
+
+/// Everything decided for one layer.
+#[derive(Clone, Debug)]
+pub struct LayerFactors {
+    /// The layer in the prepared model.
+    pub layer: QuantLayer,
+    /// Activation factors.
+    pub act: ActParams,
+    /// Weight scales (one, or one per output channel; `[1.0]` for AveragePool).
+    pub scale_w: Vec<f32>,
+    /// The int8 weight.
+    pub weight_q: Option<ArrayD<i8>>,
+    /// The int32 bias.
+    pub bias_q: Option<Vec<i32>>,
+}
+
+impl LayerFactors {
+    /// `float32(scale_w[c] * scale_d)` per channel.
+    pub fn deq_scales(&self) -> Vec<f32> {
+        self.scale_w.iter().map(|s| s * self.act.scale).collect()
+    }
+}
+
+/// Packs a dequantization scale as Ascend reads it: float32 bits in the low
+/// 32 bits; shift (bits 32-39) and weight offset (bits 40-47) zero.
+pub fn pack_deq_scale(deq: f32) -> u64 {
+    u64::from(deq.to_bits())
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Flavor {
+    Deploy,
+    FakeQuant,
+}
+
+/// The deploy model for ATC.
+pub fn deploy_model(
+    prepared: &ModelProto,
+    factors: &[LayerFactors],
+) -> Result<ModelProto, OnnxError> {
+    emit(prepared, factors, Flavor::Deploy)
+}
+
+/// The fake-quant model for onnxruntime.
+pub fn fake_quant_model(
+    prepared: &ModelProto,
+    factors: &[LayerFactors],
+) -> Result<ModelProto, OnnxError> {
+    emit(prepared, factors, Flavor::FakeQuant)
+}
+
+fn emit(
+    prepared: &ModelProto,
+    factors: &[LayerFactors],
+    flavor: Flavor,
+) -> Result<ModelProto, OnnxError> {
+    let mut model = prepared.clone();
+    let graph = model.graph.as_mut().expect("loaded models have a graph");
+    let mut added: Vec<NodeProto> = Vec::new();
+    // (input value, scale bits, offset) -> quantized value, so layers sharing an input share one quantization.
+    let mut quantized: HashMap<(String, u32, i32), String> = HashMap::new();
+    for f in factors {
+        let l = &f.layer;
+        let key = (l.act_input.clone(), f.act.scale.to_bits(), f.act.offset);
+        let q_out = match quantized.get(&key) {
+            Some(q) => q.clone(),
+            None => {
+                let q = quant_nodes(&mut added, l, &f.act, flavor);
+                quantized.insert(key, q.clone());
+                q
+            }
+        };
+        graph.node[l.node].input[0] = q_out;
+        if let (Some(w), Some(wq)) = (&l.weight, &f.weight_q) {
+            let value = match flavor {
+                Flavor::Deploy => Tensor::I8(wq.clone()),
+                Flavor::FakeQuant => Tensor::F32(wq.mapv(f32::from)),
+            };
+            set_input(
+                graph,
+                l.node,
+                1,
+                &format!("{}.weight_quant", l.name),
+                w,
+                &value,
+                Storage::Raw,
+            );
+        }
+        if let (Some(b), Some(bq)) = (&l.bias, &f.bias_q) {
+            let dims = IxDyn(&[bq.len()]);
+            let (value, storage) = match flavor {
+                Flavor::Deploy => (
+                    Tensor::I32(ArrayD::from_shape_vec(dims, bq.clone()).expect("1-D")),
+                    Storage::Typed,
+                ),
+                Flavor::FakeQuant => (
+                    Tensor::F32(
+                        ArrayD::from_shape_vec(dims, bq.iter().map(|&v| v as f32).collect())
+                            .expect("1-D"),
+                    ),
+                    Storage::Raw,
+                ),
+            };
+            let (node, input) = match l.bias_add {
+                Some(add) => (add, 1),
+                None => (l.node, 2),
+            };
+            set_input(
+                graph,
+                node,
+                input,
+                &format!("{}.bias_quant", l.name),
+                b,
+                &value,
+                storage,
+            );
+        }
+        if l.bias_add.is_some() {
+            // The value between the layer and its bias Add is now an integer.
+            let between = graph.node[l.node].output[0].clone();
+            graph.value_info.retain(|v| v.name() != between);
+        }
+        let producer = l.bias_add.unwrap_or(l.node);
+        let int_out = format!("{}_output0", l.name);
+        graph.node[producer].output[0] = int_out.clone();
+        dequant_nodes(graph, &mut added, f, &int_out, flavor);
+    }
+    graph.node.extend(added);
+    sort_nodes(graph)?;
+    if flavor == Flavor::Deploy {
+        let used: HashSet<&str> = graph
+            .node
+            .iter()
+            .map(|n| n.domain())
+            .filter(|d| !d.is_empty() && *d != "ai.onnx")
+            .collect();
+        let default_version = model
+            .opset_import
+            .iter()
+            .find(|o| o.domain().is_empty() || o.domain() == "ai.onnx")
+            .and_then(|o| o.version)
+            .unwrap_or(11);
+        let mut imports = vec![OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(default_version),
+        }];
+        imports.extend(
+            model
+                .opset_import
+                .iter()
+                .filter(|o| used.contains(o.domain()))
+                .cloned(),
+        );
+        model.opset_import = imports;
+    }
+    Ok(model)
+}
+
+/// Adds the quantization of `l.act_input`; returns the quantized value's name.
+fn quant_nodes(
+    added: &mut Vec<NodeProto>,
+    l: &QuantLayer,
+    act: &ActParams,
+    flavor: Flavor,
+) -> String {
+    let base = format!("{}.quant", l.name);
+    let inv = 1.0f32 / act.scale;
+    let offset = act.offset as f32;
+    match flavor {
+        Flavor::Deploy => {
+            let out = format!("{base}.output");
+            added.push(node(
+                "AscendQuant",
+                &base,
+                &[&l.act_input],
+                &[&out],
+                vec![
+                    attr_float("scale", inv),
+                    attr_float("offset", offset),
+                    attr_string("dst_type", "INT8"),
+                ],
+            ));
+            out
+        }
+        Flavor::FakeQuant => {
+            let p = format!("{base}.fakequant");
+            let (lo, hi) = int_range(8);
+            let c = |n: &str| format!("{p}.{n}");
+            added.push(constant_f32(&c("scale"), &c("scale.value"), &[], vec![inv]));
+            added.push(constant_f32(
+                &c("offset"),
+                &c("offset.value"),
+                &[],
+                vec![offset],
+            ));
+            added.push(constant_f32(
+                &c("min_val"),
+                &c("min_val.value"),
+                &[],
+                vec![lo as f32],
+            ));
+            added.push(constant_f32(
+                &c("max_val"),
+                &c("max_val.value"),
+                &[],
+                vec![hi as f32],
+            ));
+            added.push(node(
+                "Mul",
+                &c("mul"),
+                &[&l.act_input, &c("scale.value")],
+                &[&c("mul.output")],
+                vec![],
+            ));
+            added.push(node(
+                "Round",
+                &c("round"),
+                &[&c("mul.output")],
+                &[&c("round.output")],
+                vec![],
+            ));
+            added.push(node(
+                "Add",
+                &c("add"),
+                &[&c("round.output"), &c("offset.value")],
+                &[&c("add.output")],
+                vec![],
+            ));
+            added.push(node(
+                "Clip",
+                &c("clip"),
+                &[&c("add.output"), &c("min_val.value"), &c("max_val.value")],
+                &[&c("clip.output")],
+                vec![],
+            ));
+            added.push(node(
+                "Sub",
+                &c("sub"),
+                &[&c("clip.output"), &c("offset.value")],
+                &[&c("sub.output")],
+                vec![],
+            ));
+            c("sub.output")
+        }
+    }
+}
+
+/// Adds the dequantization from `int_out` to the layer's original output name.
+fn dequant_nodes(
+    graph: &mut GraphProto,
+    added: &mut Vec<NodeProto>,
+    f: &LayerFactors,
+    int_out: &str,
+    flavor: Flavor,
+) {
+    let l = &f.layer;
+    let base = format!("{}.dequant", l.name);
+    let deq = f.deq_scales();
+    match flavor {
+        Flavor::Deploy => {
+            let param = format!("{base}.param");
+            let packed = ArrayD::from_shape_vec(
+                IxDyn(&[deq.len()]),
+                deq.iter().map(|&d| pack_deq_scale(d)).collect(),
+            )
+            .expect("1-D");
+            graph
+                .initializer
+                .push(to_proto(&param, &Tensor::U64(packed), Storage::Typed));
+            added.push(node(
+                "AscendDequant",
+                &base,
+                &[int_out, &param],
+                &[&l.output],
+                vec![attr_int("dtype", 0)],
+            ));
+        }
+        Flavor::FakeQuant => {
+            let p = format!("{base}.fakequant");
+            let shape: Vec<usize> = if deq.len() == 1 {
+                vec![]
+            } else {
+                let mut s = vec![1; l.output_rank.max(2)];
+                s[1] = deq.len();
+                s
+            };
+            added.push(constant_f32(
+                &format!("{p}.scale"),
+                &format!("{p}.scale.value"),
+                &shape,
+                deq,
+            ));
+            added.push(node(
+                "Mul",
+                &format!("{p}.mul"),
+                &[int_out, &format!("{p}.scale.value")],
+                &[&l.output],
+                vec![],
+            ));
+        }
+    }
+}
+
+/// Points input `input` of `node` at a tensor holding `value`: replaces the
+/// initializer in place when only this node reads it, else adds `new_name`.
+fn set_input(
+    graph: &mut GraphProto,
+    node: usize,
+    input: usize,
+    new_name: &str,
+    old: &str,
+    value: &Tensor,
+    storage: Storage,
+) {
+    let shared = graph
+        .node
+        .iter()
+        .enumerate()
+        .any(|(j, n)| j != node && n.input.iter().any(|i| i == old))
+        || graph.input.iter().any(|v| v.name() == old);
+    if shared {
+        graph.initializer.push(to_proto(new_name, value, storage));
+        graph.node[node].input[input] = new_name.to_string();
+    } else if let Some(t) = graph.initializer.iter_mut().find(|t| t.name() == old) {
+        let mut fresh = to_proto(old, value, storage);
+        fresh.doc_string = t.doc_string.take();
+        *t = fresh;
+    }
+}
+
+/// Puts the nodes in topological order.
+fn sort_nodes(graph: &mut GraphProto) -> Result<(), OnnxError> {
+    let order = GraphIndex::new(graph)?.topological_order().to_vec();
+    let mut nodes: Vec<Option<NodeProto>> = std::mem::take(&mut graph.node)
+        .into_iter()
+        .map(Some)
+        .collect();
+    graph.node = order
+        .into_iter()
+        .map(|i| nodes[i].take().expect("each index once"))
+        .collect();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deq_scale_packing_puts_float_bits_low() {
+        let v = pack_deq_scale(0.5);
+        assert_eq!(v, 0x3F00_0000);
+        assert_eq!(v >> 32, 0);
+        assert_eq!(f32::from_bits(v as u32), 0.5);
+    }
+}

@@ -1,0 +1,245 @@
+//! Rewrites of the float model before calibration, all meaning-preserving:
+//! names for unnamed nodes (record keys need them), constant weights moved to
+//! initializers, BatchNormalization folded into the preceding Conv, and
+//! Gemm's `transB=1` weights transposed offline.
+
+use crate::onnx::graph::{GraphIndex, node_label};
+use crate::onnx::proto::AttributeProto;
+use crate::onnx::{GraphProto, ModelProto, OnnxError, Storage, to_proto, to_tensor};
+use crate::tensor::Tensor;
+use ndarray::{Axis, IxDyn};
+use std::collections::HashSet;
+
+/// What preparation did, for the report.
+#[derive(Clone, Debug, Default)]
+pub struct Prepared {
+    /// Conv layers that absorbed a BatchNormalization.
+    pub fused: Vec<String>,
+    /// Gemm layers whose weight was transposed.
+    pub transposed: Vec<String>,
+}
+
+/// Gives every unnamed node the name `<op_type>_<index>` (made unique).
+pub fn name_nodes(graph: &mut GraphProto) {
+    let mut used: HashSet<String> = graph.node.iter().map(|n| n.name().to_string()).collect();
+    for (i, n) in graph.node.iter_mut().enumerate() {
+        if n.name().is_empty() {
+            let mut name = format!("{}_{i}", n.op_type());
+            while used.contains(&name) {
+                name.push('_');
+            }
+            used.insert(name.clone());
+            n.name = Some(name);
+        }
+    }
+}
+
+/// Applies every preparation pass. `do_fusion` and `skip_fusion` follow the config.
+pub fn prepare(
+    model: &mut ModelProto,
+    do_fusion: bool,
+    skip_fusion: &[String],
+) -> Result<Prepared, OnnxError> {
+    let graph = model.graph.as_mut().expect("loaded models have a graph");
+    name_nodes(graph);
+    constants_to_initializers(graph);
+    let mut done = Prepared::default();
+    if do_fusion {
+        done.fused = fold_batch_norms(graph, skip_fusion)?;
+    }
+    done.transposed = untranspose_gemm_weights(graph)?;
+    Ok(done)
+}
+
+/// Moves `Constant` nodes (with a `value` tensor) that feed input 1 or 2 of a
+/// quantizable op into initializers.
+fn constants_to_initializers(graph: &mut GraphProto) {
+    let wanted: HashSet<String> = graph
+        .node
+        .iter()
+        .filter(|n| ["Conv", "ConvTranspose", "Gemm", "MatMul"].contains(&n.op_type()))
+        .flat_map(|n| n.input.iter().skip(1).cloned())
+        .collect();
+    let mut keep = Vec::with_capacity(graph.node.len());
+    for n in std::mem::take(&mut graph.node) {
+        let tensor =
+            (n.op_type() == "Constant" && n.output.len() == 1 && wanted.contains(&n.output[0]))
+                .then(|| {
+                    n.attribute
+                        .iter()
+                        .find(|a| a.name() == "value")
+                        .and_then(|a| a.t.clone())
+                })
+                .flatten();
+        match tensor {
+            Some(mut t) => {
+                t.name = Some(n.output[0].clone());
+                graph.initializer.push(t);
+            }
+            None => keep.push(n),
+        }
+    }
+    graph.node = keep;
+}
+
+fn init_index(graph: &GraphProto, name: &str) -> Option<usize> {
+    graph.initializer.iter().position(|t| t.name() == name)
+}
+
+fn f32_init(graph: &GraphProto, name: &str) -> Result<Option<ndarray::ArrayD<f32>>, OnnxError> {
+    let Some(i) = init_index(graph, name) else {
+        return Ok(None);
+    };
+    Ok(match to_tensor(&graph.initializer[i])? {
+        Tensor::F32(a) => Some(a),
+        _ => None,
+    })
+}
+
+/// Replaces initializer `name` with `value`; if another node also reads it,
+/// writes a new initializer `new_name` instead and points `node` at it.
+fn replace_initializer(
+    graph: &mut GraphProto,
+    node: usize,
+    input: usize,
+    new_name: &str,
+    value: &Tensor,
+) {
+    let name = graph.node[node].input[input].clone();
+    let shared = graph
+        .node
+        .iter()
+        .enumerate()
+        .any(|(j, n)| j != node && n.input.contains(&name))
+        || graph.output.iter().any(|o| o.name() == name);
+    if shared {
+        graph
+            .initializer
+            .push(to_proto(new_name, value, Storage::Raw));
+        graph.node[node].input[input] = new_name.to_string();
+    } else if let Some(i) = init_index(graph, &name) {
+        graph.initializer[i] = to_proto(&name, value, Storage::Raw);
+    }
+}
+
+/// Folds `Conv -> BatchNormalization` pairs: w' = w·γ/√(σ²+ε) per output
+/// channel, b' = (b − μ)·γ/√(σ²+ε) + β; the Conv then writes the BN's output.
+fn fold_batch_norms(graph: &mut GraphProto, skip: &[String]) -> Result<Vec<String>, OnnxError> {
+    let mut fused = Vec::new();
+    loop {
+        let index = GraphIndex::new(graph)?;
+        let outputs: HashSet<&str> = graph.output.iter().map(|o| o.name()).collect();
+        let found = graph.node.iter().enumerate().find_map(|(c, n)| {
+            if n.op_type() != "Conv"
+                || skip.iter().any(|s| s == n.name())
+                || outputs.contains(n.output[0].as_str())
+            {
+                return None;
+            }
+            let consumers = index.consumers(&n.output[0]);
+            let &[b] = consumers else { return None };
+            let bn = &graph.node[b];
+            let inference = bn.output.len() == 1
+                && bn
+                    .attribute
+                    .iter()
+                    .all(|a| a.name() != "training_mode" || a.i() == 0);
+            (bn.op_type() == "BatchNormalization"
+                && bn.input.len() == 5
+                && bn.input[0] == n.output[0]
+                && inference)
+                .then_some((c, b))
+        });
+        let Some((c, b)) = found else { break };
+        let bn = graph.node[b].clone();
+        let params: Vec<Option<ndarray::ArrayD<f32>>> = bn.input[1..5]
+            .iter()
+            .map(|p| f32_init(graph, p))
+            .collect::<Result<_, _>>()?;
+        let w_name = graph.node[c].input[1].clone();
+        let (Some(w), [Some(gamma), Some(beta), Some(mean), Some(var)]) =
+            (f32_init(graph, &w_name)?, params.as_slice())
+        else {
+            break; // not constant: leave the pair alone (the node stays unfused)
+        };
+        let eps = bn
+            .attribute
+            .iter()
+            .find(|a| a.name() == "epsilon")
+            .and_then(|a| a.f)
+            .unwrap_or(1e-5);
+        let cout = w.shape()[0];
+        let factor: Vec<f32> = (0..cout)
+            .map(|k| gamma[k] / (var[k] + eps).sqrt())
+            .collect();
+        let mut w2 = w.clone();
+        for (k, mut slice) in w2.axis_iter_mut(Axis(0)).enumerate() {
+            slice.mapv_inplace(|v| v * factor[k]);
+        }
+        let old_b = match graph.node[c].input.get(2).filter(|s| !s.is_empty()) {
+            Some(bn_name) => f32_init(graph, &bn_name.clone())?
+                .unwrap_or_else(|| ndarray::ArrayD::zeros(IxDyn(&[cout]))),
+            None => ndarray::ArrayD::zeros(IxDyn(&[cout])),
+        };
+        let b2: Vec<f32> = (0..cout)
+            .map(|k| (old_b[k] - mean[k]) * factor[k] + beta[k])
+            .collect();
+        let conv_name = graph.node[c].name().to_string();
+        replace_initializer(
+            graph,
+            c,
+            1,
+            &format!("{conv_name}.weight_fused"),
+            &Tensor::F32(w2),
+        );
+        let b2 =
+            Tensor::F32(ndarray::ArrayD::from_shape_vec(IxDyn(&[cout]), b2).expect("cout values"));
+        if graph.node[c].input.get(2).is_some_and(|s| !s.is_empty()) {
+            replace_initializer(graph, c, 2, &format!("{conv_name}.bias_fused"), &b2);
+        } else {
+            let name = format!("{conv_name}.bias_fused");
+            graph.initializer.push(to_proto(&name, &b2, Storage::Raw));
+            graph.node[c].input.resize(2, String::new());
+            graph.node[c].input.push(name);
+        }
+        graph.node[c].output[0] = bn.output[0].clone();
+        graph.node.remove(b);
+        graph.value_info.retain(|v| v.name() != bn.input[0]);
+        fused.push(conv_name);
+    }
+    Ok(fused)
+}
+
+/// Transposes the constant B of every `Gemm` with `transB=1` and sets `transB=0`.
+fn untranspose_gemm_weights(graph: &mut GraphProto) -> Result<Vec<String>, OnnxError> {
+    let mut done = Vec::new();
+    for i in 0..graph.node.len() {
+        let n = &graph.node[i];
+        let trans_b = n
+            .attribute
+            .iter()
+            .any(|a| a.name() == "transB" && a.i() == 1);
+        if n.op_type() != "Gemm" || !trans_b || n.input.len() < 2 {
+            continue;
+        }
+        let Some(w) = f32_init(graph, &n.input[1])? else {
+            continue;
+        };
+        if w.ndim() != 2 {
+            continue;
+        }
+        let t = Tensor::F32(w.t().as_standard_layout().to_owned());
+        let label = node_label(graph, i);
+        replace_initializer(graph, i, 1, &format!("{label}.weight_t"), &t);
+        let n = &mut graph.node[i];
+        n.attribute.retain(|a| a.name() != "transB");
+        n.attribute.push(AttributeProto {
+            name: Some("transB".into()),
+            r#type: Some(crate::onnx::proto::attribute_proto::AttributeType::Int as i32),
+            i: Some(0),
+            ..Default::default()
+        });
+        done.push(label);
+    }
+    Ok(done)
+}

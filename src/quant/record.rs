@@ -1,0 +1,96 @@
+//! AMCT's record file (`record.txt`): the factors of every quantized layer in
+//! protobuf text format, written and read through `proto/amct.proto`.
+
+use super::emit::LayerFactors;
+use prost_reflect::text_format::FormatOptions;
+use prost_reflect::{DescriptorPool, DynamicMessage};
+use std::sync::OnceLock;
+
+/// Protobuf types generated from `proto/amct.proto`.
+#[allow(missing_docs, clippy::all)]
+pub mod proto {
+    include!(concat!(env!("OUT_DIR"), "/amct.rs"));
+}
+
+/// The descriptors of `proto/amct.proto`, for the text format.
+pub fn descriptors() -> &'static DescriptorPool {
+    static POOL: OnceLock<DescriptorPool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        DescriptorPool::decode(
+            include_bytes!(concat!(env!("OUT_DIR"), "/amct_descriptor.bin")).as_slice(),
+        )
+        .expect("the descriptor set generated at build time is valid")
+    })
+}
+
+/// The record of these layers.
+pub fn to_record(factors: &[LayerFactors]) -> proto::ScaleOffsetRecord {
+    proto::ScaleOffsetRecord {
+        record: factors
+            .iter()
+            .map(|f| proto::MapFiledEntry {
+                key: Some(f.layer.name.clone()),
+                value: Some(proto::SingleLayerRecord {
+                    scale_d: Some(f.act.scale),
+                    offset_d: Some(f.act.offset),
+                    scale_w: f.scale_w.clone(),
+                    offset_w: vec![0; f.scale_w.len()],
+                    ..Default::default()
+                }),
+            })
+            .collect(),
+    }
+}
+
+/// The record file's text for these layers.
+pub fn write_record(factors: &[LayerFactors]) -> String {
+    let desc = descriptors()
+        .get_message_by_name("amct.ScaleOffsetRecord")
+        .expect("declared in amct.proto");
+    let mut msg = DynamicMessage::new(desc);
+    msg.transcode_from(&to_record(factors))
+        .expect("same schema");
+    let mut text = msg.to_text_format_with_options(&FormatOptions::new().pretty(true));
+    text.push('\n');
+    text
+}
+
+/// Parses a record file's text.
+pub fn read_record(text: &str) -> Result<proto::ScaleOffsetRecord, String> {
+    let desc = descriptors()
+        .get_message_by_name("amct.ScaleOffsetRecord")
+        .expect("declared in amct.proto");
+    let msg = DynamicMessage::parse_text_format(desc, text).map_err(|e| e.to_string())?;
+    msg.transcode_to().map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_amct_example_and_round_trips() {
+        let text = "record {\n  key: \"conv1\"\n  value {\n    scale_d: 0.0798481479\n    offset_d: 1\n    scale_w: 0.00297622895\n    offset_w: 0\n  }\n}\n";
+        let r = read_record(text).unwrap();
+        assert_eq!(r.record[0].key(), "conv1");
+        let v = r.record[0].value.as_ref().unwrap();
+        assert_eq!(v.scale_d(), 0.079_848_15);
+        assert_eq!(v.offset_d(), 1);
+        assert_eq!(v.scale_w, vec![0.002_976_229]);
+        let desc = descriptors()
+            .get_message_by_name("amct.ScaleOffsetRecord")
+            .unwrap();
+        let mut msg = DynamicMessage::new(desc);
+        msg.transcode_from(&r).unwrap();
+        let again =
+            read_record(&msg.to_text_format_with_options(&FormatOptions::new().pretty(true)))
+                .unwrap();
+        assert_eq!(again, r);
+    }
+
+    #[test]
+    fn malformed_records_are_errors() {
+        assert!(read_record("record { key: 3 }").is_err());
+        assert!(read_record("records { }").is_err());
+    }
+}

@@ -1,0 +1,93 @@
+//! Reports of a quantization run: the JSON written next to the models and
+//! the summary table printed for people.
+
+use crate::quant::layers::LayerCandidate;
+use serde::Serialize;
+use std::io::Write;
+
+/// One quantized layer in the report.
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerReport {
+    /// The layer (node) name.
+    pub name: String,
+    /// Its operator.
+    pub op_type: String,
+    /// The activation calibrator.
+    pub act_algo: String,
+    /// Whether activations are asymmetric.
+    pub asymmetric: bool,
+    /// Activation scale.
+    pub scale_d: f32,
+    /// Activation offset.
+    pub offset_d: i32,
+    /// Weight scales (one, or one per output channel).
+    pub scale_w: Vec<f32>,
+    /// Cosine similarity of the layer's output, float vs fake-quant, on the calibration data.
+    pub cosine: f64,
+}
+
+/// The whole run.
+#[derive(Clone, Debug, Serialize)]
+pub struct QuantReport {
+    /// The input model.
+    pub model: String,
+    /// Files written.
+    pub outputs: Vec<String>,
+    /// Calibration batches used.
+    pub batches: usize,
+    /// Samples per batch.
+    pub batch_size: usize,
+    /// Conv layers that absorbed a BatchNormalization.
+    pub fused_batch_norms: Vec<String>,
+    /// Quantized layers, in graph order.
+    pub layers: Vec<LayerReport>,
+    /// Candidate layers left in float, with the reason.
+    pub skipped: Vec<LayerCandidate>,
+    /// Seconds the run took.
+    pub seconds: f64,
+}
+
+impl QuantReport {
+    /// Writes the summary table.
+    pub fn print_table(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        writeln!(
+            out,
+            "{:<36} {:<14} {:<10} {:>12} {:>7} {:>10} {:>9}",
+            "layer", "op", "algo", "scale_d", "offset", "scale_w", "cosine"
+        )?;
+        for l in &self.layers {
+            let sw = if l.scale_w.len() == 1 {
+                format!("{:.3e}", l.scale_w[0])
+            } else {
+                format!("{} ch", l.scale_w.len())
+            };
+            writeln!(
+                out,
+                "{:<36} {:<14} {:<10} {:>12.5e} {:>7} {:>10} {:>9.5}",
+                l.name, l.op_type, l.act_algo, l.scale_d, l.offset_d, sw, l.cosine
+            )?;
+        }
+        for s in &self.skipped {
+            writeln!(
+                out,
+                "{:<36} {:<14} kept in float: {}",
+                s.node,
+                s.op_type,
+                s.note.as_deref().unwrap_or("")
+            )?;
+        }
+        writeln!(
+            out,
+            "{} layers quantized, {} kept in float, {} batches x {} samples, {:.2} s",
+            self.layers.len(),
+            self.skipped.len(),
+            self.batches,
+            self.batch_size,
+            self.seconds
+        )?;
+        for o in &self.outputs {
+            writeln!(out, "wrote {o}")?;
+        }
+        Ok(())
+    }
+}
