@@ -5,6 +5,7 @@
 //! Callers use the [`Executor`] and [`Session`] traits; the engine behind
 //! them (today [`RtenExecutor`], built on the `rten` crate) can be swapped.
 
+pub mod ascend;
 mod error;
 mod prepare;
 mod rten_engine;

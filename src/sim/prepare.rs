@@ -64,7 +64,14 @@ fn fill_default_window_attributes(g: &mut GraphProto) {
     for n in &mut g.node {
         let op = n.op_type();
         if !n.domain().is_empty()
-            || !["Conv", "ConvTranspose", "MaxPool", "AveragePool"].contains(&op)
+            || ![
+                "Conv",
+                "ConvInteger",
+                "ConvTranspose",
+                "MaxPool",
+                "AveragePool",
+            ]
+            .contains(&op)
         {
             continue;
         }

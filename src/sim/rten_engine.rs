@@ -29,6 +29,13 @@ impl Executor for RtenExecutor {
         model: &ModelProto,
         opts: &SessionOptions,
     ) -> Result<Box<dyn Session>, SimError> {
+        let lowered;
+        let model = if super::ascend::has_ascend_ops(model) {
+            lowered = super::ascend::lower(model)?;
+            &lowered
+        } else {
+            model
+        };
         let graph = model.graph.as_ref().ok_or_else(|| SimError::Load {
             reason: "the model holds no graph".into(),
         })?;

@@ -1,0 +1,317 @@
+//! Ascend's quantization operators, lowered to standard ONNX operators with
+//! the same integer semantics, so the simulator runs deploy models:
+//!
+//! * `AscendQuant(x; scale, offset)` → `Cast<int8>(Clip(Round(x·scale + offset), -128, 127))`
+//!   (round half to even, then saturation, as the device does);
+//! * a Gemm / MatMul reading int8 → `MatMulInteger` with the activation
+//!   offset as zero point, i.e. `Σ w·(q − offset)` accumulated in int32 (the
+//!   offset correction ATC folds into the bias), plus the int32 bias;
+//! * Conv, ConvTranspose and AveragePool reading int8 → the float operator on
+//!   `q − offset` with integer-valued float weights and bias: every product
+//!   and partial sum is an integer below 2^24 in magnitude for any layer with
+//!   fewer than 1024 weights per output, so float32 holds it exactly and the
+//!   result equals int32 accumulation. (The engine's `ConvInteger` returns
+//!   wrong sums for batches larger than one in rten 0.27, and pads with raw
+//!   zeros instead of the zero point, so it is not used.)
+//! * `AscendDequant(acc, deq_scale)` → `Cast<float>(acc) · deq` with the float
+//!   held in the low 32 bits of each `deq_scale` element.
+
+use super::error::SimError;
+use crate::onnx::builder::{attr_int, constant_f32, node};
+use crate::onnx::proto::TensorProto;
+use crate::onnx::{GraphProto, ModelProto, NodeProto, Storage, to_proto, to_tensor};
+use crate::tensor::Tensor;
+use ndarray::{ArrayD, IxDyn};
+use std::collections::HashMap;
+
+/// Whether the model uses any Ascend operator.
+pub fn has_ascend_ops(model: &ModelProto) -> bool {
+    model
+        .graph
+        .as_ref()
+        .is_some_and(|g| g.node.iter().any(|n| n.op_type().starts_with("Ascend")))
+}
+
+const ONNX_FLOAT: i64 = 1;
+const ONNX_INT8: i64 = 3;
+
+fn err(node: &NodeProto, reason: String) -> SimError {
+    SimError::Load {
+        reason: format!("node '{}' ({}): {reason}", node.name(), node.op_type()),
+    }
+}
+
+fn attr_f(n: &NodeProto, name: &str) -> Option<f32> {
+    n.attribute
+        .iter()
+        .find(|a| a.name() == name)
+        .and_then(|a| a.f)
+}
+
+fn init<'a>(g: &'a GraphProto, name: &str) -> Option<&'a TensorProto> {
+    g.initializer.iter().find(|t| t.name() == name)
+}
+
+/// Returns the model with every Ascend operator replaced as described above.
+pub fn lower(model: &ModelProto) -> Result<ModelProto, SimError> {
+    let mut m = model.clone();
+    let g = m.graph.as_mut().expect("loaded models have a graph");
+    let mut offsets: HashMap<String, f32> = HashMap::new();
+    for n in &g.node {
+        if n.op_type() == "AscendQuant" {
+            let offset =
+                attr_f(n, "offset").ok_or_else(|| err(n, "no FLOAT 'offset' attribute".into()))?;
+            offsets.insert(n.output[0].clone(), offset);
+        }
+    }
+    let mut out: Vec<NodeProto> = Vec::with_capacity(g.node.len());
+    let mut new_inits: Vec<TensorProto> = Vec::new();
+    let nodes = std::mem::take(&mut g.node);
+    for n in nodes {
+        let name = n.name().to_string();
+        match n.op_type() {
+            "AscendQuant" => {
+                let scale = attr_f(&n, "scale")
+                    .ok_or_else(|| err(&n, "no FLOAT 'scale' attribute".into()))?;
+                let offset = offsets[&n.output[0]];
+                let p = |s: &str| format!("{name}.lowered.{s}");
+                out.push(constant_f32(&p("scale"), &p("scale.v"), &[], vec![scale]));
+                out.push(constant_f32(
+                    &p("offset"),
+                    &p("offset.v"),
+                    &[],
+                    vec![offset],
+                ));
+                out.push(constant_f32(&p("lo"), &p("lo.v"), &[], vec![-128.0]));
+                out.push(constant_f32(&p("hi"), &p("hi.v"), &[], vec![127.0]));
+                out.push(node(
+                    "Mul",
+                    &p("mul"),
+                    &[&n.input[0], &p("scale.v")],
+                    &[&p("mul.o")],
+                    vec![],
+                ));
+                out.push(node(
+                    "Add",
+                    &p("add"),
+                    &[&p("mul.o"), &p("offset.v")],
+                    &[&p("add.o")],
+                    vec![],
+                ));
+                out.push(node(
+                    "Round",
+                    &p("round"),
+                    &[&p("add.o")],
+                    &[&p("round.o")],
+                    vec![],
+                ));
+                out.push(node(
+                    "Clip",
+                    &p("clip"),
+                    &[&p("round.o"), &p("lo.v"), &p("hi.v")],
+                    &[&p("clip.o")],
+                    vec![],
+                ));
+                out.push(node(
+                    "Cast",
+                    &p("cast"),
+                    &[&p("clip.o")],
+                    &[&n.output[0]],
+                    vec![attr_int("to", ONNX_INT8)],
+                ));
+            }
+            "AscendDequant" => {
+                let param = init(g, &n.input[1]).ok_or_else(|| {
+                    err(
+                        &n,
+                        format!("deq_scale '{}' is not an initializer", n.input[1]),
+                    )
+                })?;
+                let Tensor::U64(packed) = to_tensor(param).map_err(|e| err(&n, e.to_string()))?
+                else {
+                    return Err(err(&n, "deq_scale is not uint64".into()));
+                };
+                let deq: Vec<f32> = packed.iter().map(|&v| f32::from_bits(v as u32)).collect();
+                let shape: Vec<usize> = if deq.len() == 1 {
+                    vec![]
+                } else {
+                    let mut s = vec![1; channel_rank(g, &out, &n.input[0])];
+                    s[1] = deq.len();
+                    s
+                };
+                let p = |s: &str| format!("{name}.lowered.{s}");
+                out.push(node(
+                    "Cast",
+                    &p("cast"),
+                    &[&n.input[0]],
+                    &[&p("cast.o")],
+                    vec![attr_int("to", ONNX_FLOAT)],
+                ));
+                out.push(constant_f32(&p("deq"), &p("deq.v"), &shape, deq));
+                out.push(node(
+                    "Mul",
+                    &p("mul"),
+                    &[&p("cast.o"), &p("deq.v")],
+                    &[&n.output[0]],
+                    vec![],
+                ));
+            }
+            op if n.input.first().is_some_and(|i| offsets.contains_key(i))
+                && !op.starts_with("Ascend") =>
+            {
+                let offset = offsets[&n.input[0]];
+                lower_consumer(g, n, offset, &mut out, &mut new_inits)?;
+            }
+            _ => out.push(n),
+        }
+    }
+    g.node = out;
+    g.initializer.extend(new_inits);
+    // The packed deq_scale tensors are folded into constants now (and uint64 is not an engine type).
+    let used: std::collections::HashSet<&str> = g
+        .node
+        .iter()
+        .flat_map(|n| n.input.iter().map(String::as_str))
+        .collect();
+    let keep: Vec<bool> = g
+        .initializer
+        .iter()
+        .map(|t| t.data_type() != 13 || used.contains(t.name()))
+        .collect();
+    let mut keep = keep.into_iter();
+    g.initializer.retain(|_| keep.next().unwrap_or(true));
+    // Values whose type changed (int8 / int32 now) must not keep a float value_info.
+    g.value_info.clear();
+    Ok(m)
+}
+
+/// Rank of the tensor a per-channel dequantization applies to: that of the
+/// convolution weight behind `value` (through a bias Add).
+fn channel_rank(g: &GraphProto, lowered: &[NodeProto], value: &str) -> usize {
+    let mut v = value.to_string();
+    for _ in 0..4 {
+        let Some(p) = lowered.iter().find(|n| n.output.contains(&v)) else {
+            break;
+        };
+        if let Some(w) = p.input.get(1).and_then(|w| init(g, w)) {
+            if p.op_type() != "Add" {
+                return w.dims.len().max(2);
+            }
+        }
+        v = p.input[0].clone();
+    }
+    4
+}
+
+fn zero_point(name: &str, offset: f32) -> TensorProto {
+    to_proto(
+        name,
+        &Tensor::I8(ArrayD::from_elem(IxDyn(&[]), offset as i8)),
+        Storage::Raw,
+    )
+}
+
+fn lower_consumer(
+    g: &GraphProto,
+    n: NodeProto,
+    offset: f32,
+    out: &mut Vec<NodeProto>,
+    inits: &mut Vec<TensorProto>,
+) -> Result<(), SimError> {
+    let name = n.name().to_string();
+    let p = |s: &str| format!("{name}.lowered.{s}");
+    let bias = n
+        .input
+        .get(2)
+        .filter(|b| !b.is_empty())
+        .map(|b| init(g, b).ok_or_else(|| err(&n, format!("bias '{b}' is not an initializer"))))
+        .transpose()?;
+    match n.op_type() {
+        "Gemm" | "MatMul" => {
+            let zp = p("x_zero_point");
+            inits.push(zero_point(&zp, offset));
+            let acc = if bias.is_some() {
+                p("acc")
+            } else {
+                n.output[0].clone()
+            };
+            if n.attribute
+                .iter()
+                .any(|a| (a.name() == "transB" || a.name() == "transA") && a.i() != 0)
+            {
+                return Err(err(
+                    &n,
+                    "a quantized Gemm must have transA = transB = 0".into(),
+                ));
+            }
+            out.push(node(
+                "MatMulInteger",
+                &name,
+                &[&n.input[0], &n.input[1], &zp],
+                &[&acc],
+                vec![],
+            ));
+            if let Some(b) = bias {
+                let Tensor::I32(bv) = to_tensor(b).map_err(|e| err(&n, e.to_string()))? else {
+                    return Err(err(&n, "bias is not int32".into()));
+                };
+                inits.push(to_proto(&p("bias"), &Tensor::I32(bv), Storage::Raw));
+                out.push(node(
+                    "Add",
+                    &p("bias_add"),
+                    &[&acc, &p("bias")],
+                    &[&n.output[0]],
+                    vec![],
+                ));
+            }
+        }
+        "Conv" | "ConvTranspose" | "AveragePool" => {
+            out.push(constant_f32(
+                &p("offset"),
+                &p("offset.v"),
+                &[],
+                vec![offset],
+            ));
+            out.push(node(
+                "Cast",
+                &p("cast"),
+                &[&n.input[0]],
+                &[&p("cast.o")],
+                vec![attr_int("to", ONNX_FLOAT)],
+            ));
+            out.push(node(
+                "Sub",
+                &p("sub"),
+                &[&p("cast.o"), &p("offset.v")],
+                &[&p("x")],
+                vec![],
+            ));
+            let mut f = n.clone();
+            f.input[0] = p("x");
+            for (k, suffix) in [(1usize, "w"), (2, "b")] {
+                if let Some(t) = f
+                    .input
+                    .get(k)
+                    .filter(|s| !s.is_empty())
+                    .and_then(|s| init(g, s))
+                {
+                    let widened = match to_tensor(t).map_err(|e| err(&n, e.to_string()))? {
+                        Tensor::I8(a) => Tensor::F32(a.mapv(f32::from)),
+                        Tensor::I32(a) => Tensor::F32(a.mapv(|v| v as f32)),
+                        other => other,
+                    };
+                    inits.push(to_proto(&p(suffix), &widened, Storage::Raw));
+                    f.input[k] = p(suffix);
+                }
+            }
+            out.push(f);
+        }
+        other => {
+            return Err(err(
+                &n,
+                format!("{other} reading an AscendQuant output is not supported by the simulator"),
+            ));
+        }
+    }
+    Ok(())
+}
