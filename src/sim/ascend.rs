@@ -193,10 +193,10 @@ fn channel_rank(g: &GraphProto, lowered: &[NodeProto], value: &str) -> usize {
         let Some(p) = lowered.iter().find(|n| n.output.contains(&v)) else {
             break;
         };
-        if let Some(w) = p.input.get(1).and_then(|w| init(g, w)) {
-            if p.op_type() != "Add" {
-                return w.dims.len().max(2);
-            }
+        if let Some(w) = p.input.get(1).and_then(|w| init(g, w))
+            && p.op_type() != "Add"
+        {
+            return w.dims.len().max(2);
         }
         v = p.input[0].clone();
     }
