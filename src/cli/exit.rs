@@ -2,6 +2,7 @@
 
 use crate::data::DataError;
 use crate::onnx::OnnxError;
+use crate::quant::config::ConfigError;
 use crate::quant::error::QuantError;
 use crate::sim::SimError;
 
@@ -45,7 +46,10 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
                     } else {
                         ExitCode::Runtime
                     })
-                } else if cause.is::<OnnxError>() || cause.is::<DataError>() {
+                } else if cause.is::<OnnxError>()
+                    || cause.is::<DataError>()
+                    || cause.is::<ConfigError>()
+                {
                     Some(ExitCode::Usage)
                 } else {
                     None

@@ -26,39 +26,34 @@ impl Kl {
     }
 }
 
-/// Normalises a histogram and moves a little mass (`eps`) onto its empty bins,
-/// so the divergence stays finite where one distribution has a hole.
+/// Moves a little mass (`eps` counts) onto the empty bins of a histogram of
+/// counts, taking it evenly from the others, so the divergence stays finite
+/// where one distribution has a hole; `None` when the histogram is empty.
 fn smooth(h: &[f64]) -> Option<Vec<f64>> {
     const EPS: f64 = 1e-4;
-    let total: f64 = h.iter().sum();
     let zeros = h.iter().filter(|&&v| v == 0.0).count();
     let nonzeros = h.len() - zeros;
-    if total == 0.0 || nonzeros == 0 {
+    if nonzeros == 0 {
         return None;
     }
     let take = EPS * zeros as f64 / nonzeros as f64;
-    Some(
-        h.iter()
-            .map(|&v| if v == 0.0 { EPS } else { v / total - take })
-            .collect(),
-    )
+    let smoothed: Vec<f64> = h
+        .iter()
+        .map(|&v| if v == 0.0 { EPS } else { v - take })
+        .collect();
+    let total: f64 = smoothed.iter().sum();
+    Some(smoothed.into_iter().map(|v| v / total).collect())
 }
 
 fn kl_divergence(p: &[f64], q: &[f64]) -> f64 {
     let (Some(p), Some(q)) = (smooth(p), smooth(q)) else {
         return f64::INFINITY;
     };
-    let (p, q) = (p.as_slice(), q.as_slice());
-    let (sp, sq): (f64, f64) = (p.iter().sum(), q.iter().sum());
-    if sp == 0.0 || sq == 0.0 {
-        return f64::INFINITY;
-    }
     p.iter()
-        .zip(q)
+        .zip(&q)
         .filter(|(a, _)| **a > 0.0)
         .map(|(a, b)| {
-            let (a, b) = (a / sp, b / sq);
-            if b <= 0.0 {
+            if *b <= 0.0 {
                 f64::INFINITY
             } else {
                 a * (a / b).ln()
@@ -112,7 +107,12 @@ impl Observer for Kl {
     }
 
     fn params(&self, asymmetric: bool, bits: u32) -> Result<ActParams, ParamsError> {
-        let levels = 1usize << (bits - 1);
+        // Values of one sign use the whole grid; signed symmetric data half of it per side.
+        let levels = if asymmetric || self.min >= 0.0 {
+            1usize << bits
+        } else {
+            1usize << (bits - 1)
+        };
         let i = best_threshold_bins(self.hist.counts(), levels);
         let t = (f64::from(self.hist.lo()) + i as f64 * self.hist.bin_width()) as f32;
         act_params(self.min.max(-t), self.max.min(t), asymmetric, bits)
