@@ -449,3 +449,80 @@ fn skipped_layers_stay_float_and_are_reported() {
         .unwrap();
     assert_eq!(w.data_type(), 1, "a skipped layer keeps its float weight");
 }
+
+#[test]
+fn simple_config_and_amct_bin_folders_are_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("q.cfg");
+    std::fs::write(
+        &cfg,
+        "batch_num: 20\nactivation_offset: true\ncommon_config {\n  arq_quantize { channel_wise: true }\n  hfmg_quantize { num_of_bins: 2048 }\n}\nskip_layer_types: \"Gemm\"\n",
+    )
+    .unwrap();
+    let o = calibrate(
+        &dir.path().join("cfg"),
+        &["--simple-config", cfg.to_str().unwrap(), "--json"],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["batches"], 20);
+    let layers = report["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 3);
+    assert!(layers.iter().all(|l| l["act_algo"] == "hfmg"));
+
+    // AMCT's raw layout: one folder per input, one .bin file per batch.
+    let bins = dir.path().join("bins");
+    std::fs::create_dir(&bins).unwrap();
+    let Tensor::F32(x) = read_npy(&digits().join("calib_x.npy")).unwrap() else {
+        panic!()
+    };
+    for i in 0..10 {
+        let bytes: Vec<u8> = x
+            .slice(ndarray::s![i..i + 1, .., .., ..])
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        std::fs::write(bins.join(format!("{i:03}.bin")), bytes).unwrap();
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_ascend-quant"))
+        .args(["calibrate", "--quiet", "--json", "--model"])
+        .arg(digits().join("digits_cnn.onnx"))
+        .arg("--data-dir")
+        .arg(&bins)
+        .args([
+            "--data-types",
+            "float32",
+            "--input-shape",
+            "x:1,1,8,8",
+            "--output",
+        ])
+        .arg(dir.path().join("bin"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["batches"], 10);
+    // A .bin of the wrong size names the file.
+    std::fs::write(bins.join("999.bin"), [0u8; 12]).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_ascend-quant"))
+        .args(["calibrate", "--quiet", "--model"])
+        .arg(digits().join("digits_cnn.onnx"))
+        .arg("--data-dir")
+        .arg(&bins)
+        .args(["--input-shape", "x:1,1,8,8", "--output"])
+        .arg(dir.path().join("bin2"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("999.bin"));
+}

@@ -5,7 +5,10 @@
 
 use ascend_quant::data::Dataset;
 use ascend_quant::onnx::builder::{attr_int, node};
-use ascend_quant::onnx::proto::{AttributeProto, OperatorSetIdProto, TensorProto, TypeProto, ValueInfoProto, tensor_shape_proto, type_proto};
+use ascend_quant::onnx::proto::{
+    AttributeProto, OperatorSetIdProto, TensorProto, TypeProto, ValueInfoProto, tensor_shape_proto,
+    type_proto,
+};
 use ascend_quant::onnx::{GraphProto, ModelProto, Storage, to_proto};
 use ascend_quant::quant::calibrate::{RunSettings, calibrate};
 use ascend_quant::quant::config::QuantConfig;
@@ -30,26 +33,42 @@ fn values(seed: u64, n: usize) -> Vec<f32> {
 
 fn init(name: &str, shape: &[usize], seed: u64, scale: f32) -> TensorProto {
     let n = shape.iter().product();
-    let a = ArrayD::from_shape_vec(IxDyn(shape), values(seed, n).into_iter().map(|v| v * scale).collect()).unwrap();
+    let a = ArrayD::from_shape_vec(
+        IxDyn(shape),
+        values(seed, n).into_iter().map(|v| v * scale).collect(),
+    )
+    .unwrap();
     to_proto(name, &Tensor::F32(a), Storage::Raw)
 }
 
 fn ints(name: &str, v: &[i64]) -> AttributeProto {
-    AttributeProto { name: Some(name.into()), r#type: Some(7), ints: v.to_vec(), ..Default::default() }
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(7),
+        ints: v.to_vec(),
+        ..Default::default()
+    }
 }
 
 fn value_info(name: &str, dims: &[i64]) -> ValueInfoProto {
     let dim = dims
         .iter()
         .map(|&d| tensor_shape_proto::Dimension {
-            value: Some(if d < 0 { tensor_shape_proto::dimension::Value::DimParam("n".into()) } else { tensor_shape_proto::dimension::Value::DimValue(d) }),
+            value: Some(if d < 0 {
+                tensor_shape_proto::dimension::Value::DimParam("n".into())
+            } else {
+                tensor_shape_proto::dimension::Value::DimValue(d)
+            }),
             denotation: None,
         })
         .collect();
     ValueInfoProto {
         name: Some(name.into()),
         r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor { elem_type: Some(1), shape: Some(ascend_quant::onnx::proto::TensorShapeProto { dim }) })),
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: Some(1),
+                shape: Some(ascend_quant::onnx::proto::TensorShapeProto { dim }),
+            })),
             denotation: None,
         }),
         ..Default::default()
@@ -65,18 +84,48 @@ fn model() -> ModelProto {
         }
     }
     let nodes = vec![
-        node("Conv", "convA", &["x", "wA", "bA"], &["a"], vec![ints("pads", &[1, 1, 1, 1]), ints("kernel_shape", &[3, 3])]),
-        node("BatchNormalization", "bn", &["a", "bn_scale", "bn_bias", "bn_mean", "bn_var"], &["a_bn"], vec![]),
+        node(
+            "Conv",
+            "convA",
+            &["x", "wA", "bA"],
+            &["a"],
+            vec![ints("pads", &[1, 1, 1, 1]), ints("kernel_shape", &[3, 3])],
+        ),
+        node(
+            "BatchNormalization",
+            "bn",
+            &["a", "bn_scale", "bn_bias", "bn_mean", "bn_var"],
+            &["a_bn"],
+            vec![],
+        ),
         node("Relu", "reluA", &["a_bn"], &["r1"], vec![]),
         node("Conv", "convB", &["x", "wB"], &["r2"], vec![]),
         node("Add", "add", &["r1", "r2"], &["s"], vec![]),
-        node("ConvTranspose", "deconv", &["s", "wT", "bT"], &["t"], vec![ints("strides", &[2, 2]), attr_int("group", 2)]),
-        node("AveragePool", "pool", &["t"], &["p"], vec![ints("kernel_shape", &[2, 2]), ints("strides", &[2, 2])]),
+        node(
+            "ConvTranspose",
+            "deconv",
+            &["s", "wT", "bT"],
+            &["t"],
+            vec![ints("strides", &[2, 2]), attr_int("group", 2)],
+        ),
+        node(
+            "AveragePool",
+            "pool",
+            &["t"],
+            &["p"],
+            vec![ints("kernel_shape", &[2, 2]), ints("strides", &[2, 2])],
+        ),
         node("Flatten", "flat", &["p"], &["f"], vec![]),
         node("MatMul", "mm", &["f", "wM"], &["m0"], vec![]),
         node("Add", "mm_bias", &["m0", "bM"], &["m"], vec![]),
         node("Relu", "reluM", &["m"], &["mr"], vec![]),
-        node("Gemm", "fc", &["mr", "wG", "bG"], &["y"], vec![attr_int("transB", 1)]),
+        node(
+            "Gemm",
+            "fc",
+            &["mr", "wG", "bG"],
+            &["y"],
+            vec![attr_int("transB", 1)],
+        ),
     ];
     let graph = GraphProto {
         name: Some("layers".into()),
@@ -102,7 +151,10 @@ fn model() -> ModelProto {
     };
     ModelProto {
         ir_version: Some(8),
-        opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(17) }],
+        opset_import: vec![OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(17),
+        }],
         graph: Some(graph),
         ..Default::default()
     }
@@ -113,12 +165,25 @@ fn data(n: usize) -> Tensor {
 }
 
 fn run(model: &ModelProto, x: &Tensor) -> Vec<f32> {
-    let s = RtenExecutor.prepare(model, &SessionOptions::default()).unwrap();
-    s.run(&[("x", x)], &["y"]).unwrap().remove(0).as_f32().unwrap().iter().copied().collect()
+    let s = RtenExecutor
+        .prepare(model, &SessionOptions::default())
+        .unwrap();
+    s.run(&[("x", x)], &["y"])
+        .unwrap()
+        .remove(0)
+        .as_f32()
+        .unwrap()
+        .iter()
+        .copied()
+        .collect()
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum();
     let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
     let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
     dot / (na * nb)
@@ -131,14 +196,30 @@ fn batch_norm_folding_and_gemm_untransposing_keep_the_outputs() {
     let done = prepare(&mut p, true, &[]).unwrap();
     assert_eq!(done.fused, vec!["convA".to_string()]);
     assert_eq!(done.transposed, vec!["fc".to_string()]);
-    assert!(!p.graph.as_ref().unwrap().node.iter().any(|n| n.op_type() == "BatchNormalization"));
+    assert!(
+        !p.graph
+            .as_ref()
+            .unwrap()
+            .node
+            .iter()
+            .any(|n| n.op_type() == "BatchNormalization")
+    );
     let x = data(8);
     let (a, b) = (run(&m, &x), run(&p, &x));
-    let worst = a.iter().zip(&b).map(|(u, v)| (u - v).abs()).fold(0.0f32, f32::max);
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(u, v)| (u - v).abs())
+        .fold(0.0f32, f32::max);
     assert!(worst < 1e-4, "{worst}");
     // skip_fusion_layers keeps the pair.
     let mut q = m.clone();
-    assert!(prepare(&mut q, true, &["convA".into()]).unwrap().fused.is_empty());
+    assert!(
+        prepare(&mut q, true, &["convA".into()])
+            .unwrap()
+            .fused
+            .is_empty()
+    );
 }
 
 #[test]
@@ -147,23 +228,50 @@ fn every_layer_kind_is_quantized_and_deploy_agrees_with_fake_quant() {
     let mut names_model = m.clone();
     prepare(&mut names_model, false, &[]).unwrap();
     let (layers, _) = discover(names_model.graph.as_ref().unwrap()).unwrap();
-    let names: Vec<(String, String)> = layers.iter().map(|l| (l.name.clone(), l.op_type.clone())).collect();
-    assert_eq!(names.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), vec!["convA", "convB", "deconv", "pool", "mm", "fc"]);
+    let names: Vec<(String, String)> = layers
+        .iter()
+        .map(|l| (l.name.clone(), l.op_type.clone()))
+        .collect();
+    assert_eq!(
+        names.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        vec!["convA", "convB", "deconv", "pool", "mm", "fc"]
+    );
     let mut config = QuantConfig::default_for(&names);
     config.batch_num = 4;
-    let dataset = Dataset::from_arrays(vec![("x".into(), data(32))], &["x".into()], "synthetic".into()).unwrap();
-    let run_settings = RunSettings { batch_size: 8, dynamic_batch: false, progress: &|_, _| {} };
+    let dataset = Dataset::from_arrays(
+        vec![("x".into(), data(32))],
+        &["x".into()],
+        "synthetic".into(),
+    )
+    .unwrap();
+    let run_settings = RunSettings {
+        batch_size: 8,
+        dynamic_batch: false,
+        progress: &|_, _| {},
+    };
     let out = calibrate(&m, &config, &dataset, &RtenExecutor, &run_settings).unwrap();
     assert_eq!(out.factors.len(), 6);
 
     let g = out.deploy.graph.as_ref().unwrap();
-    let quants: Vec<_> = g.node.iter().filter(|n| n.op_type() == "AscendQuant").collect();
-    assert_eq!(quants.iter().filter(|q| q.input[0] == "x").count(), 1, "convA and convB share one AscendQuant");
+    let quants: Vec<_> = g
+        .node
+        .iter()
+        .filter(|n| n.op_type() == "AscendQuant")
+        .collect();
+    assert_eq!(
+        quants.iter().filter(|q| q.input[0] == "x").count(),
+        1,
+        "convA and convB share one AscendQuant"
+    );
     let convb = g.node.iter().find(|n| n.name() == "convB").unwrap();
     let conva = g.node.iter().find(|n| n.name() == "convA").unwrap();
     assert_eq!(conva.input[0], convb.input[0]);
     // Grouped ConvTranspose: one scale per output channel (2 groups x 1).
-    let deconv = out.factors.iter().find(|f| f.layer.name == "deconv").unwrap();
+    let deconv = out
+        .factors
+        .iter()
+        .find(|f| f.layer.name == "deconv")
+        .unwrap();
     assert_eq!(deconv.scale_w.len(), 2);
     // AveragePool: scale_w = 1, no weight.
     let pool = out.factors.iter().find(|f| f.layer.name == "pool").unwrap();
@@ -173,11 +281,29 @@ fn every_layer_kind_is_quantized_and_deploy_agrees_with_fake_quant() {
     let deq = g.node.iter().find(|n| n.name() == "mm.dequant").unwrap();
     assert_eq!(deq.input[0], add.output[0]);
     assert_eq!(deq.output[0], "m");
-    assert_eq!(g.initializer.iter().find(|t| t.name() == add.input[1]).unwrap().data_type(), 6);
+    assert_eq!(
+        g.initializer
+            .iter()
+            .find(|t| t.name() == add.input[1])
+            .unwrap()
+            .data_type(),
+        6
+    );
     // Gemm: weight transposed offline to (K, N) with transB = 0.
     let fc = g.node.iter().find(|n| n.name() == "fc").unwrap();
-    assert!(fc.attribute.iter().any(|a| a.name() == "transB" && a.i() == 0));
-    assert_eq!(g.initializer.iter().find(|t| t.name() == fc.input[1]).unwrap().dims, vec![8, 5]);
+    assert!(
+        fc.attribute
+            .iter()
+            .any(|a| a.name() == "transB" && a.i() == 0)
+    );
+    assert_eq!(
+        g.initializer
+            .iter()
+            .find(|t| t.name() == fc.input[1])
+            .unwrap()
+            .dims,
+        vec![8, 5]
+    );
 
     let x = data(16);
     let float = run(&m, &x);
@@ -186,7 +312,14 @@ fn every_layer_kind_is_quantized_and_deploy_agrees_with_fake_quant() {
     let c = cosine(&float, &fake);
     assert!(c > 0.99, "fake-quant vs float cosine {c}");
     let range = float.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
-    let worst = deploy.iter().zip(&fake).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-    assert!(worst <= 0.02 * range, "deploy vs fake-quant differ by {worst} (output range {range})");
+    let worst = deploy
+        .iter()
+        .zip(&fake)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        worst <= 0.02 * range,
+        "deploy vs fake-quant differ by {worst} (output range {range})"
+    );
     assert!(out.cosine.values().all(|&c| c > 0.98), "{:?}", out.cosine);
 }

@@ -45,8 +45,11 @@ pub struct CalibrateArgs {
     #[arg(long)]
     pub input_shape: Option<String>,
     /// AMCT JSON configuration (see `ascend-quant config`).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "simple_config")]
     pub config: Option<PathBuf>,
+    /// AMCT simple configuration (.cfg, AMCTConfig in protobuf text format).
+    #[arg(long)]
+    pub simple_config: Option<PathBuf>,
     /// Samples per batch (default: the model's batch size, else 1).
     #[arg(long)]
     pub batch_size: Option<usize>,
@@ -182,9 +185,10 @@ pub fn execute(args: &CalibrateArgs) -> Result<(), Failure> {
     check_writable(&args.output)?;
     let model = load_model(&args.model)?;
     let names = layer_names(&model)?;
-    let mut config = match &args.config {
-        Some(path) => QuantConfig::from_json_file(path, &names)?,
-        None => QuantConfig::default_for(&names),
+    let mut config = match (&args.config, &args.simple_config) {
+        (Some(path), _) => QuantConfig::from_json_file(path, &names)?,
+        (None, Some(path)) => crate::quant::simple_config::from_simple_config(path, &names)?,
+        (None, None) => QuantConfig::default_for(&names),
     };
     for skip in &args.skip_layers {
         let layer = config
@@ -224,10 +228,11 @@ pub fn execute(args: &CalibrateArgs) -> Result<(), Failure> {
     let declared = declared_batch(&model);
     let batch_size = args.batch_size.unwrap_or(declared.unwrap_or(1)).max(1);
     let available = data.batch_count(batch_size);
-    config.batch_num = match (args.batch_num, &args.config) {
-        (Some(n), _) => n,
-        (None, Some(_)) => config.batch_num,
-        (None, None) => available,
+    let configured = args.config.is_some() || args.simple_config.is_some();
+    config.batch_num = match args.batch_num {
+        Some(n) => n,
+        None if configured => config.batch_num,
+        None => available,
     };
     if config.batch_num == 0 {
         return Err(usage("--batch-num must be at least 1".into()));

@@ -1,6 +1,7 @@
 //! Quantization: finding the layers to quantize (and, in later work,
 //! calibration, weight quantization and the Ascend output formats).
 
+pub mod amct;
 pub mod calibrate;
 pub mod config;
 pub mod emit;
@@ -10,4 +11,5 @@ pub mod observe;
 pub mod params;
 pub mod prepare;
 pub mod record;
+pub mod simple_config;
 pub mod weights;

@@ -1,27 +1,10 @@
 //! AMCT's record file (`record.txt`): the factors of every quantized layer in
 //! protobuf text format, written and read through `proto/amct.proto`.
 
+use super::amct::{descriptors, proto};
 use super::emit::LayerFactors;
+use prost_reflect::DynamicMessage;
 use prost_reflect::text_format::FormatOptions;
-use prost_reflect::{DescriptorPool, DynamicMessage};
-use std::sync::OnceLock;
-
-/// Protobuf types generated from `proto/amct.proto`.
-#[allow(missing_docs, clippy::all)]
-pub mod proto {
-    include!(concat!(env!("OUT_DIR"), "/amct.rs"));
-}
-
-/// The descriptors of `proto/amct.proto`, for the text format.
-pub fn descriptors() -> &'static DescriptorPool {
-    static POOL: OnceLock<DescriptorPool> = OnceLock::new();
-    POOL.get_or_init(|| {
-        DescriptorPool::decode(
-            include_bytes!(concat!(env!("OUT_DIR"), "/amct_descriptor.bin")).as_slice(),
-        )
-        .expect("the descriptor set generated at build time is valid")
-    })
-}
 
 /// The record of these layers.
 pub fn to_record(factors: &[LayerFactors]) -> proto::ScaleOffsetRecord {

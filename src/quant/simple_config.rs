@@ -1,0 +1,295 @@
+//! AMCT's "simple config" (`.cfg`): an `AMCTConfig` message in protobuf text
+//! format, parsed with prost-reflect and turned into a [`QuantConfig`].
+//! Priority per layer: `override_layer_configs` (by name) over
+//! `override_layer_types` (by op type) over `common_config`; an algorithm's
+//! own `asymmetric` over `activation_offset`.
+
+use super::amct::{descriptors, proto};
+use super::config::{ConfigError, LayerConfig, QuantConfig};
+use super::observe::{ActAlgo, IfmrSettings};
+use prost_reflect::DynamicMessage;
+use proto::calibration_config::{ActsQuantAlgo, TensorBalancer, WtsQuantAlgo};
+use std::path::Path;
+
+/// Reads a simple config; `layers` (name, op type) are the model's quantizable layers.
+pub fn from_simple_config(
+    path: &Path,
+    layers: &[(String, String)],
+) -> Result<QuantConfig, ConfigError> {
+    let file = path.display().to_string();
+    let fail = |message: String| ConfigError {
+        file: file.clone(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read: {e}")))?;
+    let desc = descriptors()
+        .get_message_by_name("amct.AMCTConfig")
+        .expect("declared in amct.proto");
+    let msg = DynamicMessage::parse_text_format(desc, &text)
+        .map_err(|e| fail(format!("not a valid AMCTConfig: {e}")))?;
+    let cfg: proto::AmctConfig = msg.transcode_to().map_err(|e| fail(e.to_string()))?;
+    build(&cfg, layers).map_err(fail)
+}
+
+fn build(cfg: &proto::AmctConfig, layers: &[(String, String)]) -> Result<QuantConfig, String> {
+    if cfg.joint_quant() || !cfg.tensor_quantize.is_empty() || cfg.nuq_config.is_some() {
+        return Err(
+            "joint_quant, tensor_quantize and nuq_config are not supported yet; remove them".into(),
+        );
+    }
+    if cfg.fakequant_precision_mode() != proto::FakequantPrecisionMode::Default {
+        return Err(
+            "fakequant_precision_mode FORCE_FP16_QUANT is not supported yet; remove it".into(),
+        );
+    }
+    let known = |name: &str| layers.iter().any(|(n, _)| n == name);
+    let all_names = || {
+        layers
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for name in cfg
+        .skip_layers
+        .iter()
+        .chain(cfg.override_layer_configs.iter().map(|o| &o.layer_name))
+    {
+        if !known(name) {
+            return Err(format!(
+                "layer '{name}' does not exist or cannot be quantized; quantizable layers: {}",
+                all_names()
+            ));
+        }
+    }
+    let mut out = QuantConfig {
+        batch_num: cfg.batch_num() as usize,
+        activation_offset: cfg.activation_offset(),
+        do_fusion: cfg.do_fusion(),
+        skip_fusion_layers: cfg.skip_fusion_layers.clone(),
+        layers: Vec::new(),
+    };
+    if out.batch_num == 0 {
+        return Err("'batch_num' must be at least 1".into());
+    }
+    for (name, op) in layers {
+        let mut layer = LayerConfig::default_for(op);
+        // (settings, named for this very layer)
+        let mut sources: Vec<(&proto::CalibrationConfig, bool)> =
+            cfg.common_config.iter().map(|c| (c, false)).collect();
+        sources.extend(
+            cfg.override_layer_types
+                .iter()
+                .filter(|o| &o.layer_type == op)
+                .map(|o| (&o.calibration_config, false)),
+        );
+        sources.extend(
+            cfg.override_layer_configs
+                .iter()
+                .filter(|o| &o.layer_name == name)
+                .map(|o| (&o.calibration_config, true)),
+        );
+        for (c, named) in sources {
+            apply(&mut layer, c, name, op, named)?;
+        }
+        layer.quant_enable = !cfg.skip_layers.contains(name) && !cfg.skip_layer_types.contains(op);
+        out.layers.push((name.clone(), layer));
+    }
+    Ok(out)
+}
+
+fn check_percentile(key: &str, v: f32) -> Result<f64, String> {
+    if !(v > 0.5 && v <= 1.0) {
+        return Err(format!("'{key}' = {v} is out of range; allowed: (0.5, 1]"));
+    }
+    Ok(f64::from(v))
+}
+
+/// Applies one level of settings. `channel_wise: true` from the common or a
+/// type-wide config means "where the layer has output channels"; named for a
+/// Gemm/MatMul/AveragePool layer itself, it is an error.
+fn apply(
+    layer: &mut LayerConfig,
+    c: &proto::CalibrationConfig,
+    name: &str,
+    op: &str,
+    named: bool,
+) -> Result<(), String> {
+    let ctx = |m: String| format!("layer '{name}': {m}");
+    if let Some(TensorBalancer::DmqBalancer(_)) = c.tensor_balancer {
+        return Err(ctx("dmq_balancer is not supported yet; remove it".into()));
+    }
+    match c.wts_quant_algo {
+        Some(WtsQuantAlgo::ArqQuantize(a)) => {
+            if a.quant_bits() != 8 {
+                return Err(ctx(format!(
+                    "arq_quantize quant_bits {} is not supported; allowed: 8",
+                    a.quant_bits()
+                )));
+            }
+            let has_channels = matches!(op, "Conv" | "ConvTranspose");
+            if a.channel_wise() && !has_channels && named {
+                return Err(ctx(format!(
+                    "channel_wise true is only allowed for Conv and ConvTranspose, and this layer is {op}"
+                )));
+            }
+            layer.channel_wise = a.channel_wise() && has_channels;
+        }
+        Some(WtsQuantAlgo::AdaQuantize(_)) => {
+            return Err(ctx(
+                "ada_quantize is not supported yet; use arq_quantize".into()
+            ));
+        }
+        None => {}
+    }
+    let int8_only = |dst: i32| {
+        if dst == proto::DataType::Int8 as i32 {
+            Ok(())
+        } else {
+            Err(ctx("dst_type INT16 is not supported; allowed: INT8".into()))
+        }
+    };
+    match c.acts_quant_algo {
+        Some(ActsQuantAlgo::IfmrQuantize(f)) => {
+            int8_only(f.dst_type.unwrap_or(1))?;
+            let (start, end, step) = (
+                f.search_range_start(),
+                f.search_range_end(),
+                f.search_step(),
+            );
+            if !(start > 0.0 && start < end) {
+                return Err(ctx(format!(
+                    "search_range_start {start} / search_range_end {end}: need 0 < start < end"
+                )));
+            }
+            if !(step > 0.0 && step <= end - start) {
+                return Err(ctx(format!(
+                    "search_step {step} is out of range; allowed: (0, {}]",
+                    end - start
+                )));
+            }
+            layer.act_algo = ActAlgo::Ifmr(IfmrSettings {
+                max_percentile: check_percentile("max_percentile", f.max_percentile())
+                    .map_err(ctx)?,
+                min_percentile: check_percentile("min_percentile", f.min_percentile())
+                    .map_err(ctx)?,
+                search_range: [start, end],
+                search_step: step,
+            });
+            layer.asymmetric = f.asymmetric.or(layer.asymmetric);
+        }
+        Some(ActsQuantAlgo::HfmgQuantize(h)) => {
+            int8_only(h.dst_type.unwrap_or(1))?;
+            let bins = h.num_of_bins() as usize;
+            if ![1024, 2048, 4096, 8192].contains(&bins) {
+                return Err(ctx(format!(
+                    "num_of_bins {bins} is out of range; allowed: 1024, 2048, 4096 or 8192"
+                )));
+            }
+            layer.act_algo = ActAlgo::Hfmg { num_of_bins: bins };
+            layer.asymmetric = h.asymmetric.or(layer.asymmetric);
+        }
+        Some(ActsQuantAlgo::MinmaxQuantize(m)) => {
+            layer.act_algo = ActAlgo::Minmax;
+            layer.asymmetric = m.asymmetric.or(layer.asymmetric);
+        }
+        Some(ActsQuantAlgo::PercentileQuantize(p)) => {
+            let v = p.percentile();
+            if !(50.0..=100.0).contains(&v) {
+                return Err(ctx(format!(
+                    "percentile {v} is out of range; allowed: 50 to 100"
+                )));
+            }
+            layer.act_algo = ActAlgo::Percentile {
+                percentile: f64::from(v),
+            };
+            layer.asymmetric = p.asymmetric.or(layer.asymmetric);
+        }
+        Some(ActsQuantAlgo::KlQuantize(k)) => {
+            let bins = k.num_of_bins() as usize;
+            if !(256..=65536).contains(&bins) {
+                return Err(ctx(format!(
+                    "num_of_bins {bins} is out of range; allowed: 256 to 65536"
+                )));
+            }
+            layer.act_algo = ActAlgo::Kl { num_of_bins: bins };
+            layer.asymmetric = k.asymmetric.or(layer.asymmetric);
+        }
+        None => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layers() -> Vec<(String, String)> {
+        vec![
+            ("conv1".into(), "Conv".into()),
+            ("conv2".into(), "Conv".into()),
+            ("fc".into(), "Gemm".into()),
+        ]
+    }
+
+    fn parse(text: &str) -> Result<QuantConfig, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("q.cfg");
+        std::fs::write(&p, text).unwrap();
+        from_simple_config(&p, &layers()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn priorities_name_over_type_over_common() {
+        let cfg = parse(
+            r#"
+            batch_num: 3
+            activation_offset: false
+            skip_layers: "conv2"
+            common_config { arq_quantize { channel_wise: false } ifmr_quantize { search_step: 0.02 } }
+            override_layer_types { layer_type: "Conv" calibration_config { hfmg_quantize { num_of_bins: 2048 asymmetric: true } } }
+            override_layer_configs { layer_name: "conv1" calibration_config { arq_quantize { channel_wise: true } minmax_quantize { } } }
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.batch_num, 3);
+        assert!(!cfg.activation_offset);
+        let conv1 = cfg.layer("conv1").unwrap();
+        assert_eq!(conv1.act_algo, ActAlgo::Minmax);
+        assert!(conv1.channel_wise);
+        assert_eq!(conv1.asymmetric, Some(true)); // from the type override; minmax does not set it
+        let conv2 = cfg.layer("conv2").unwrap();
+        assert!(!conv2.quant_enable);
+        assert_eq!(conv2.act_algo, ActAlgo::Hfmg { num_of_bins: 2048 });
+        assert!(!conv2.channel_wise);
+        let fc = cfg.layer("fc").unwrap();
+        assert!(matches!(&fc.act_algo, ActAlgo::Ifmr(s) if s.search_step == 0.02));
+        assert!(!cfg.asymmetric(fc));
+    }
+
+    #[test]
+    fn errors_name_the_field_or_value() {
+        let e = parse("batch_num: 2 bogus_field: 1").unwrap_err();
+        assert!(e.contains("bogus_field"), "{e}");
+        let e = parse("common_config { hfmg_quantize { num_of_bins: 3000 } }").unwrap_err();
+        assert!(
+            e.contains("num_of_bins") && e.contains("1024, 2048, 4096 or 8192"),
+            "{e}"
+        );
+        let e = parse("common_config { ifmr_quantize { max_percentile: 0.2 } }").unwrap_err();
+        assert!(
+            e.contains("max_percentile") && e.contains("(0.5, 1]"),
+            "{e}"
+        );
+        let e = parse(r#"skip_layers: "nope""#).unwrap_err();
+        assert!(
+            e.contains("'nope'") && e.contains("conv1, conv2, fc"),
+            "{e}"
+        );
+        let e = parse(r#"override_layer_configs { layer_name: "fc" calibration_config { arq_quantize { channel_wise: true } } }"#).unwrap_err();
+        assert!(e.contains("'fc'") && e.contains("channel_wise"), "{e}");
+        // From the common config it applies where it can.
+        let cfg = parse("common_config { arq_quantize { channel_wise: true } }").unwrap();
+        assert!(cfg.layer("conv1").unwrap().channel_wise && !cfg.layer("fc").unwrap().channel_wise);
+    }
+}
