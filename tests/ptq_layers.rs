@@ -248,6 +248,7 @@ fn every_layer_kind_is_quantized_and_deploy_agrees_with_fake_quant() {
         batch_size: 8,
         dynamic_batch: false,
         progress: &|_, _| {},
+        similarity_samples: 32,
     };
     let out = calibrate(&m, &config, &dataset, &RtenExecutor, &run_settings).unwrap();
     assert_eq!(out.factors.len(), 6);

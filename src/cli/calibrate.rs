@@ -69,6 +69,10 @@ pub struct CalibrateArgs {
     /// PREFIX_record.txt and PREFIX_quant_report.json.
     #[arg(long)]
     pub output: PathBuf,
+    /// Calibration samples on which each layer's float vs fake-quant cosine
+    /// similarity is measured (0 skips it).
+    #[arg(long, default_value_t = 16)]
+    pub similarity_samples: usize,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -259,6 +263,7 @@ pub fn execute(args: &CalibrateArgs) -> Result<(), Failure> {
         batch_size,
         dynamic_batch: declared.is_some_and(|d| d != batch_size),
         progress: &progress,
+        similarity_samples: args.similarity_samples,
     };
     let outcome = calibrate(&model, &config, &data, &RtenExecutor, &run)?;
     if let Some(b) = &bar {
@@ -274,6 +279,7 @@ pub fn execute(args: &CalibrateArgs) -> Result<(), Failure> {
             .collect(),
         batches: outcome.batches_used,
         batch_size,
+        similarity_samples: args.similarity_samples.min(data.samples()),
         fused_batch_norms: outcome.preparation.fused.clone(),
         layers: outcome
             .factors
@@ -303,6 +309,7 @@ pub fn execute(args: &CalibrateArgs) -> Result<(), Failure> {
             .cloned()
             .collect(),
         seconds: started.elapsed().as_secs_f64(),
+        phase_seconds: outcome.timings,
     };
     let report_json = serde_json::to_string_pretty(&report).context("serializing the report")?;
     let deploy_bytes = outcome.deploy.encode_to_vec();

@@ -3,6 +3,7 @@
 //! folders, and cut into batches.
 
 use super::npy::{DataError, read_npy, read_npy_bytes};
+use super::npy_rows::NpyRows;
 use crate::tensor::{DType, Tensor};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -10,13 +11,48 @@ use std::path::{Path, PathBuf};
 /// One batch: a tensor per model input.
 pub type Batch = Vec<(String, Tensor)>;
 
-/// Input arrays with the same number of samples on axis 0.
+/// Where one input's samples come from.
+#[derive(Clone, Debug)]
+enum Column {
+    /// Held in memory (arrays given by the caller, `.npz` entries).
+    Memory(Tensor),
+    /// Read from a `.npy` file batch by batch.
+    File(NpyRows),
+}
+
+impl Column {
+    fn shape(&self) -> &[usize] {
+        match self {
+            Column::Memory(t) => t.shape(),
+            Column::File(f) => f.shape(),
+        }
+    }
+
+    fn rows(&self, range: std::ops::Range<usize>) -> Result<Tensor, DataError> {
+        match self {
+            Column::Memory(t) => Ok(t.slice_axis0(range)),
+            Column::File(f) => f.read(range),
+        }
+    }
+}
+
+/// One `.bin` file of AMCT's raw layout: a whole batch of one input.
+#[derive(Clone, Debug)]
+struct BinFile {
+    input: String,
+    path: PathBuf,
+    dtype: String,
+    shape: Vec<usize>,
+}
+
+/// Input data with the same number of samples on axis 0 for every input,
+/// read batch by batch so memory does not grow with the number of samples.
 #[derive(Clone, Debug)]
 pub struct Dataset {
-    inputs: Vec<(String, Tensor)>,
+    inputs: Vec<(String, Column)>,
     samples: usize,
-    /// Batches read whole from `.bin` files (each file is one batch).
-    fixed_batches: Option<Vec<Batch>>,
+    /// AMCT raw batches (each file is one batch), read when asked for.
+    fixed_batches: Option<Vec<Vec<BinFile>>>,
 }
 
 fn format_err(path: &Path, reason: String) -> DataError {
@@ -29,14 +65,24 @@ fn format_err(path: &Path, reason: String) -> DataError {
 impl Dataset {
     /// Reads `--data` arguments: `FILE.npy` (single-input model), `NAME=FILE.npy`, or `FILE.npz`.
     pub fn from_specs(specs: &[String], input_names: &[String]) -> Result<Dataset, DataError> {
-        let mut inputs: Vec<(String, Tensor)> = Vec::new();
+        let npy = |file: &str| -> Result<Column, DataError> {
+            Ok(match NpyRows::open(Path::new(file))? {
+                Some(rows) => Column::File(rows),
+                None => Column::Memory(read_npy(Path::new(file))?),
+            })
+        };
+        let mut inputs: Vec<(String, Column)> = Vec::new();
         for spec in specs {
             if let Some((name, file)) = spec.split_once('=') {
-                inputs.push((name.to_string(), read_npy(Path::new(file))?));
+                inputs.push((name.to_string(), npy(file)?));
             } else if spec.ends_with(".npz") {
-                inputs.extend(read_npz(Path::new(spec))?);
+                inputs.extend(
+                    read_npz(Path::new(spec))?
+                        .into_iter()
+                        .map(|(n, t)| (n, Column::Memory(t))),
+                );
             } else if input_names.len() == 1 {
-                inputs.push((input_names[0].clone(), read_npy(Path::new(spec))?));
+                inputs.push((input_names[0].clone(), npy(spec)?));
             } else {
                 return Err(format_err(
                     Path::new(spec),
@@ -48,16 +94,28 @@ impl Dataset {
                 ));
             }
         }
-        Self::from_arrays(
+        Self::from_columns(
             inputs,
             input_names,
             specs.first().map(PathBuf::from).unwrap_or_default(),
         )
     }
 
-    /// Builds a dataset from named arrays, checking names and sample counts.
+    /// Builds a dataset from named arrays in memory, checking names and sample counts.
     pub fn from_arrays(
         inputs: Vec<(String, Tensor)>,
+        input_names: &[String],
+        origin: PathBuf,
+    ) -> Result<Dataset, DataError> {
+        let columns = inputs
+            .into_iter()
+            .map(|(n, t)| (n, Column::Memory(t)))
+            .collect();
+        Self::from_columns(columns, input_names, origin)
+    }
+
+    fn from_columns(
+        inputs: Vec<(String, Column)>,
         input_names: &[String],
         origin: PathBuf,
     ) -> Result<Dataset, DataError> {
@@ -135,7 +193,7 @@ impl Dataset {
                 ),
             ));
         }
-        let mut per_input: Vec<Vec<(String, Tensor)>> = Vec::new();
+        let mut per_input: Vec<Vec<BinFile>> = Vec::new();
         for ((dir, ty), (name, shape)) in dirs.iter().zip(&types).zip(shapes) {
             let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
                 .map_err(|source| DataError::Io {
@@ -147,28 +205,26 @@ impl Dataset {
                 .filter(|p| p.extension().is_some_and(|x| x == "bin"))
                 .collect();
             files.sort();
-            let mut batches = Vec::new();
-            for f in files {
-                let mut bytes = Vec::new();
-                std::fs::File::open(&f)
-                    .and_then(|mut h| h.read_to_end(&mut bytes))
-                    .map_err(|source| DataError::Io {
-                        path: f.clone(),
-                        action: "read",
-                        source,
-                    })?;
-                batches.push((name.clone(), decode_bin(&f, &bytes, ty, shape)?));
-            }
-            per_input.push(batches);
+            per_input.push(
+                files
+                    .into_iter()
+                    .map(|path| BinFile {
+                        input: name.clone(),
+                        path,
+                        dtype: ty.to_string(),
+                        shape: shape.clone(),
+                    })
+                    .collect(),
+            );
         }
         let n = per_input.iter().map(Vec::len).min().unwrap_or(0);
         if n == 0 {
             return Err(format_err(Path::new(dirs[0]), "no .bin files found".into()));
         }
-        let fixed: Vec<Batch> = (0..n)
+        let fixed: Vec<Vec<BinFile>> = (0..n)
             .map(|b| per_input.iter().map(|v| v[b].clone()).collect())
             .collect();
-        let samples = fixed.iter().map(|b| b[0].1.shape()[0]).sum();
+        let samples = n * shapes[0].1.first().copied().unwrap_or(1);
         Ok(Dataset {
             inputs: Vec::new(),
             samples,
@@ -189,16 +245,29 @@ impl Dataset {
         }
     }
 
-    /// Batch `index` of `batch_size` samples.
-    pub fn batch(&self, batch_size: usize, index: usize) -> Batch {
+    /// Batch `index` of `batch_size` samples, read now.
+    pub fn batch(&self, batch_size: usize, index: usize) -> Result<Batch, DataError> {
         if let Some(f) = &self.fixed_batches {
-            return f[index].clone();
+            return f[index]
+                .iter()
+                .map(|b| {
+                    let bytes = std::fs::read(&b.path).map_err(|source| DataError::Io {
+                        path: b.path.clone(),
+                        action: "read",
+                        source,
+                    })?;
+                    Ok((
+                        b.input.clone(),
+                        decode_bin(&b.path, &bytes, &b.dtype, &b.shape)?,
+                    ))
+                })
+                .collect();
         }
         let bs = batch_size.max(1);
         let r = index * bs..((index + 1) * bs).min(self.samples);
         self.inputs
             .iter()
-            .map(|(n, t)| (n.clone(), t.slice_axis0(r.clone())))
+            .map(|(n, c)| Ok((n.clone(), c.rows(r.clone())?)))
             .collect()
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod dataset;
 pub mod npy;
+pub mod npy_rows;
 
 pub use dataset::{Batch, Dataset};
 

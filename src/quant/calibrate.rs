@@ -16,6 +16,7 @@ use crate::onnx::{ModelProto, to_tensor};
 use crate::sim::{Executor, Session, SessionOptions};
 use crate::tensor::Tensor;
 use ndarray::ArrayD;
+use rayon::prelude::*;
 use std::collections::HashMap;
 
 /// How to cut the data and report progress.
@@ -26,6 +27,9 @@ pub struct RunSettings<'a> {
     pub dynamic_batch: bool,
     /// Called after each calibration batch with (done, total).
     pub progress: &'a dyn Fn(usize, usize),
+    /// Calibration samples on which each layer's float vs fake-quant similarity
+    /// is measured (0 skips the measurement).
+    pub similarity_samples: usize,
 }
 
 /// The result of a run.
@@ -46,6 +50,8 @@ pub struct Outcome {
     pub cosine: HashMap<String, f64>,
     /// Batches used for calibration.
     pub batches_used: usize,
+    /// Seconds spent observing activations, quantizing weights and writing the models, and measuring similarity.
+    pub timings: [f64; 3],
 }
 
 /// Runs post-training quantization of `model` with `config` on `data`.
@@ -102,29 +108,49 @@ pub fn calibrate(
         })
         .collect();
     let tap_refs: Vec<&str> = taps.iter().map(String::as_str).collect();
+    let tap_of_layer: Vec<usize> = enabled
+        .iter()
+        .map(|l| {
+            taps.iter()
+                .position(|t| *t == l.act_input)
+                .expect("every input is tapped")
+        })
+        .collect();
+    let started = std::time::Instant::now();
     for b in 0..config.batch_num {
-        let batch = data.batch(run.batch_size, b);
+        let batch = data.batch(run.batch_size, b)?;
         check_finite(&batch, b)?;
         let values = run_batch(session.as_ref(), &batch, &tap_refs)?;
-        for (t, name) in values.iter().zip(&taps) {
-            let a = t.as_f32().ok_or_else(|| {
-                QuantError::Input(format!(
-                    "activation '{name}' is {}, only float32 activations can be quantized",
-                    t.dtype()
-                ))
-            })?;
-            let slice = a.as_slice().expect("engine outputs are contiguous");
-            let (min, max) = finite_extremes(slice).map_err(|_| {
-                QuantError::Input(format!("activation '{name}' holds NaN or infinity in calibration batch {b}; the model overflows on this data"))
-            })?;
-            for (l, o) in enabled.iter().zip(observers.iter_mut()) {
-                if &l.act_input == name {
-                    o.observe(slice, min, max);
-                }
-            }
-        }
+        // Extremes per tapped value, then every observer, both in parallel.
+        let stats = values
+            .par_iter()
+            .zip(taps.par_iter())
+            .map(|(t, name)| {
+                let a = t.as_f32().ok_or_else(|| {
+                    QuantError::Input(format!(
+                        "activation '{name}' is {}, only float32 activations can be quantized",
+                        t.dtype()
+                    ))
+                })?;
+                let slice = a.as_slice().expect("engine outputs are contiguous");
+                let (min, max) = finite_extremes(slice).map_err(|_| {
+                    QuantError::Input(format!(
+                        "activation '{name}' holds NaN or infinity in calibration batch {b}; the model overflows on this data"
+                    ))
+                })?;
+                Ok((slice, min, max))
+            })
+            .collect::<Result<Vec<_>, QuantError>>()?;
+        observers
+            .par_iter_mut()
+            .zip(tap_of_layer.par_iter())
+            .for_each(|(o, &t)| {
+                let (slice, min, max) = stats[t];
+                o.observe(slice, min, max);
+            });
         (run.progress)(b + 1, config.batch_num);
     }
+    let observed = started.elapsed().as_secs_f64();
     let graph = prepared.graph.as_ref().expect("graph");
     let mut factors = Vec::with_capacity(enabled.len());
     for (l, o) in enabled.into_iter().zip(&observers) {
@@ -139,6 +165,7 @@ pub fn calibrate(
     }
     let deploy = deploy_model(&prepared, &factors)?;
     let fake_quant = fake_quant_model(&prepared, &factors)?;
+    let built = started.elapsed().as_secs_f64();
     let cosine = layer_cosines(
         executor,
         &prepared,
@@ -148,6 +175,11 @@ pub fn calibrate(
         run,
         config.batch_num,
     )?;
+    let timings = [
+        observed,
+        built - observed,
+        started.elapsed().as_secs_f64() - built,
+    ];
     Ok(Outcome {
         prepared,
         preparation,
@@ -157,6 +189,7 @@ pub fn calibrate(
         fake_quant,
         cosine,
         batches_used: config.batch_num,
+        timings,
     })
 }
 
@@ -258,7 +291,8 @@ fn cosine_of(dot: f64, na: f64, nb: f64) -> f64 {
 }
 
 /// Per layer, the cosine similarity of its output in the float and the
-/// fake-quant model over the calibration batches (accumulated, so one pass).
+/// fake-quant model over the first `run.similarity_samples` calibration
+/// samples (accumulated, so one pass; NaN when none are measured).
 fn layer_cosines(
     executor: &dyn Executor,
     float: &ModelProto,
@@ -278,8 +312,21 @@ fn layer_cosines(
     let fs = executor.prepare(float, &opts)?;
     let qs = executor.prepare(fake, &opts)?;
     let mut acc = vec![(0.0f64, 0.0f64, 0.0f64); outs.len()];
+    let mut seen = 0;
     for b in 0..batches {
-        let batch = data.batch(run.batch_size, b);
+        if seen >= run.similarity_samples {
+            break;
+        }
+        let mut batch = data.batch(run.batch_size, b)?;
+        let n = batch.first().map(|(_, t)| t.shape()[0]).unwrap_or(0);
+        let take = n.min(run.similarity_samples - seen);
+        if take < n {
+            batch = batch
+                .into_iter()
+                .map(|(name, t)| (name, t.slice_axis0(0..take)))
+                .collect();
+        }
+        seen += take;
         let fv = run_batch(fs.as_ref(), &batch, &refs)?;
         let qv = run_batch(qs.as_ref(), &batch, &refs)?;
         for (k, (f, q)) in fv.iter().zip(&qv).enumerate() {
@@ -295,6 +342,13 @@ fn layer_cosines(
     Ok(factors
         .iter()
         .zip(acc)
-        .map(|(f, (dot, na, nb))| (f.layer.name.clone(), cosine_of(dot, na, nb)))
+        .map(|(f, (dot, na, nb))| {
+            let c = if seen == 0 {
+                f64::NAN
+            } else {
+                cosine_of(dot, na, nb)
+            };
+            (f.layer.name.clone(), c)
+        })
         .collect())
 }

@@ -22,7 +22,8 @@ pub struct LayerReport {
     pub offset_d: i32,
     /// Weight scales (one, or one per output channel).
     pub scale_w: Vec<f32>,
-    /// Cosine similarity of the layer's output, float vs fake-quant, on the calibration data.
+    /// Cosine similarity of the layer's output, float vs fake-quant, on the
+    /// first `similarity_samples` calibration samples (null when not measured).
     pub cosine: f64,
 }
 
@@ -37,6 +38,8 @@ pub struct QuantReport {
     pub batches: usize,
     /// Samples per batch.
     pub batch_size: usize,
+    /// Calibration samples the similarity was measured on.
+    pub similarity_samples: usize,
     /// Conv layers that absorbed a BatchNormalization.
     pub fused_batch_norms: Vec<String>,
     /// Quantized layers, in graph order.
@@ -45,6 +48,8 @@ pub struct QuantReport {
     pub skipped: Vec<LayerCandidate>,
     /// Seconds the run took.
     pub seconds: f64,
+    /// Seconds spent observing activations, building the models, and measuring similarity.
+    pub phase_seconds: [f64; 3],
 }
 
 impl QuantReport {
@@ -78,12 +83,16 @@ impl QuantReport {
         }
         writeln!(
             out,
-            "{} layers quantized, {} kept in float, {} batches x {} samples, {:.2} s",
+            "{} layers quantized, {} kept in float, {} batches x {} samples, {:.2} s \
+             (observing {:.2} s, building {:.2} s, similarity {:.2} s)",
             self.layers.len(),
             self.skipped.len(),
             self.batches,
             self.batch_size,
-            self.seconds
+            self.seconds,
+            self.phase_seconds[0],
+            self.phase_seconds[1],
+            self.phase_seconds[2]
         )?;
         for o in &self.outputs {
             writeln!(out, "wrote {o}")?;

@@ -12,7 +12,7 @@ use crate::tensor::{DType, Tensor};
 use ndarray::{ArrayD, IxDyn};
 use prost::Message;
 use rten::{ModelOptions, NodeId, Value, ValueOrView};
-use rten_tensor::{AsView, Layout, TensorView};
+use rten_tensor::{Layout, TensorView};
 use std::collections::HashMap;
 
 /// Runs models with the `rten` engine on the CPU.
@@ -221,7 +221,7 @@ fn to_engine<'a>(name: &str, value: &'a Tensor) -> Result<ValueOrView<'a>, SimEr
 
 fn array<T: Clone>(t: rten_tensor::Tensor<T>) -> ArrayD<T> {
     let shape = t.shape().to_vec();
-    let data = t.to_vec();
+    let data = t.into_data(); // no copy when contiguous
     ArrayD::from_shape_vec(IxDyn(&shape), data).expect("engine tensors are consistent")
 }
 
