@@ -310,6 +310,21 @@ fn every_layer_kind_is_quantized_and_deploy_agrees_with_fake_quant() {
     let float = run(&m, &x);
     let fake = run(&out.fake_quant, &x);
     let deploy = run(&out.deploy, &x);
+    // The internal QDQ simulation (used for the report's similarity) computes what the fake-quant model computes.
+    let simulated = run(
+        &ascend_quant::quant::emit::simulation_model(&out.prepared, &out.factors).unwrap(),
+        &x,
+    );
+    let range0 = fake.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
+    let gap = simulated
+        .iter()
+        .zip(&fake)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        gap <= 1e-3 * range0,
+        "simulation vs fake-quant differ by {gap} (range {range0})"
+    );
     let c = cosine(&float, &fake);
     assert!(c > 0.99, "fake-quant vs float cosine {c}");
     let range = float.iter().map(|v| v.abs()).fold(0.0f32, f32::max);

@@ -59,7 +59,12 @@ pub fn attr_string(name: &str, value: &str) -> AttributeProto {
 pub fn constant_f32(name: &str, output: &str, shape: &[usize], values: Vec<f32>) -> NodeProto {
     let value =
         Tensor::F32(ArrayD::from_shape_vec(IxDyn(shape), values).expect("shape matches values"));
-    let t = to_proto(output, &value, Storage::Raw);
+    constant(name, output, &value)
+}
+
+/// A `Constant` node producing `value`.
+pub fn constant(name: &str, output: &str, value: &Tensor) -> NodeProto {
+    let t = to_proto(output, value, Storage::Raw);
     let a = AttributeProto {
         name: Some("value".into()),
         r#type: Some(AttributeType::Tensor as i32),

@@ -4,7 +4,7 @@
 //! fake-quant models; then measure each layer's output similarity.
 
 use super::config::QuantConfig;
-use super::emit::{LayerFactors, deploy_model, fake_quant_model};
+use super::emit::{LayerFactors, deploy_model, fake_quant_model, simulation_model};
 use super::error::QuantError;
 use super::layers::{LayerCandidate, QuantLayer, discover};
 use super::observe::{Observer, finite_extremes};
@@ -166,10 +166,12 @@ pub fn calibrate(
     let deploy = deploy_model(&prepared, &factors)?;
     let fake_quant = fake_quant_model(&prepared, &factors)?;
     let built = started.elapsed().as_secs_f64();
+    // The similarity runs a faster equivalent of the fake-quant model.
+    let simulation = simulation_model(&prepared, &factors)?;
     let cosine = layer_cosines(
         executor,
         &prepared,
-        &fake_quant,
+        &simulation,
         &factors,
         data,
         run,

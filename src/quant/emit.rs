@@ -17,7 +17,8 @@
 
 use super::layers::QuantLayer;
 use super::params::{ActParams, int_range};
-use crate::onnx::builder::{attr_float, attr_int, attr_string, constant_f32, node};
+use super::weights::{ChannelLayout, dequantize_weight};
+use crate::onnx::builder::{attr_float, attr_int, attr_string, constant, constant_f32, node};
 use crate::onnx::graph::GraphIndex;
 use crate::onnx::proto::OperatorSetIdProto;
 use crate::onnx::{GraphProto, ModelProto, NodeProto, OnnxError, Storage, to_proto};
@@ -57,6 +58,10 @@ pub fn pack_deq_scale(deq: f32) -> u64 {
 enum Flavor {
     Deploy,
     FakeQuant,
+    /// Float weights and QuantizeLinear/DequantizeLinear pairs: the same
+    /// arithmetic as the fake-quant model up to float rounding, in fewer,
+    /// faster operators; used internally to measure similarity.
+    Simulation,
 }
 
 /// The deploy model for ATC.
@@ -73,6 +78,15 @@ pub fn fake_quant_model(
     factors: &[LayerFactors],
 ) -> Result<ModelProto, OnnxError> {
     emit(prepared, factors, Flavor::FakeQuant)
+}
+
+/// A model computing what the fake-quant model computes (up to float
+/// rounding) with standard QDQ operators and dequantized float weights.
+pub fn simulation_model(
+    prepared: &ModelProto,
+    factors: &[LayerFactors],
+) -> Result<ModelProto, OnnxError> {
+    emit(prepared, factors, Flavor::Simulation)
 }
 
 fn emit(
@@ -101,6 +115,14 @@ fn emit(
             let value = match flavor {
                 Flavor::Deploy => Tensor::I8(wq.clone()),
                 Flavor::FakeQuant => Tensor::F32(wq.mapv(f32::from)),
+                Flavor::Simulation => {
+                    let layout = if f.scale_w.len() == 1 {
+                        ChannelLayout::PerTensor
+                    } else {
+                        l.channel_layout
+                    };
+                    Tensor::F32(dequantize_weight(wq, &f.scale_w, layout))
+                }
             };
             set_input(
                 graph,
@@ -126,6 +148,19 @@ fn emit(
                     ),
                     Storage::Raw,
                 ),
+                Flavor::Simulation => {
+                    let deq = f.deq_scales();
+                    let at = |c: usize| deq[if deq.len() == 1 { 0 } else { c }];
+                    let values = bq
+                        .iter()
+                        .enumerate()
+                        .map(|(c, &v)| v as f32 * at(c))
+                        .collect();
+                    (
+                        Tensor::F32(ArrayD::from_shape_vec(dims, values).expect("1-D")),
+                        Storage::Raw,
+                    )
+                }
             };
             let (node, input) = match l.bias_add {
                 Some(add) => (add, 1),
@@ -145,6 +180,9 @@ fn emit(
             // The value between the layer and its bias Add is now an integer.
             let between = graph.node[l.node].output[0].clone();
             graph.value_info.retain(|v| v.name() != between);
+        }
+        if flavor == Flavor::Simulation {
+            continue; // weights and bias are already in float units: no dequantization
         }
         let producer = l.bias_add.unwrap_or(l.node);
         let int_out = format!("{}_output0", l.name);
@@ -207,6 +245,33 @@ fn quant_nodes(
                 ],
             ));
             out
+        }
+        Flavor::Simulation => {
+            let p = |n: &str| format!("{base}.qdq.{n}");
+            let zp = Tensor::I8(ArrayD::from_elem(IxDyn(&[]), act.offset as i8));
+            added.push(constant_f32(
+                &p("scale"),
+                &p("scale.value"),
+                &[],
+                vec![act.scale],
+            ));
+            added.push(constant(&p("zero_point"), &p("zero_point.value"), &zp));
+            let (s, z) = (p("scale.value"), p("zero_point.value"));
+            added.push(node(
+                "QuantizeLinear",
+                &p("quantize"),
+                &[&l.act_input, &s, &z],
+                &[&p("q")],
+                vec![],
+            ));
+            added.push(node(
+                "DequantizeLinear",
+                &p("dequantize"),
+                &[&p("q"), &s, &z],
+                &[&p("output")],
+                vec![],
+            ));
+            p("output")
         }
         Flavor::FakeQuant => {
             let p = format!("{base}.fakequant");
@@ -324,6 +389,7 @@ fn dequant_nodes(
                 vec![],
             ));
         }
+        Flavor::Simulation => {}
     }
 }
 

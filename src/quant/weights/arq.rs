@@ -145,6 +145,17 @@ pub fn quantize_weight(
     ArrayD::from_shape_vec(weight.raw_dim(), data).expect("same number of elements")
 }
 
+/// The float weight an int8 weight stands for: `q * scale_w` of its channel.
+pub fn dequantize_weight(q: &ArrayD<i8>, scales: &[f32], layout: ChannelLayout) -> ArrayD<f32> {
+    let len = q.len();
+    let data = q
+        .iter()
+        .enumerate()
+        .map(|(flat, &v)| f32::from(v) * scales[layout.channel_of(flat, len)])
+        .collect();
+    ArrayD::from_shape_vec(q.raw_dim(), data).expect("same number of elements")
+}
+
 /// `round_half_even(bias / (scale_w * scale_d))` as int32; overflow is an error naming the layer.
 pub fn quantize_bias(
     layer: &str,

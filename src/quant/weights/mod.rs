@@ -3,4 +3,6 @@
 
 mod arq;
 
-pub use arq::{ChannelLayout, WeightError, arq_scales, quantize_bias, quantize_weight};
+pub use arq::{
+    ChannelLayout, WeightError, arq_scales, dequantize_weight, quantize_bias, quantize_weight,
+};
