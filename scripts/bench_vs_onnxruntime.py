@@ -70,7 +70,7 @@ def agreement(model, x, ref):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shared", default=os.path.join(ROOT, "..", "shared"))
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=1)
     args = ap.parse_args()
     data = os.path.join(args.shared, "data", "imagenet-mobilenetv2")
     model = os.path.join(data, "mobilenet_v2.onnx")

@@ -8,6 +8,9 @@ pub struct Histogram {
     hi: f32,
     counts: Vec<f64>,
     seen: bool,
+    /// Widen by whole powers of two of the bin width, so old bins merge
+    /// exactly into new ones instead of being split proportionally.
+    aligned: bool,
 }
 
 impl Histogram {
@@ -18,6 +21,17 @@ impl Histogram {
             hi: 0.0,
             counts: vec![0.0; bins.max(1)],
             seen: false,
+            aligned: false,
+        }
+    }
+
+    /// An empty histogram that grows its range by merging whole bins: counts
+    /// are never smeared across bin edges, however many times the range grows
+    /// (AMCT's HFMG instead re-bins proportionally; see [`Histogram::new`]).
+    pub fn aligned(bins: usize) -> Histogram {
+        Histogram {
+            aligned: true,
+            ..Histogram::new(bins)
         }
     }
 
@@ -60,7 +74,11 @@ impl Histogram {
             self.hi = max;
             self.seen = true;
         } else if min < self.lo || max > self.hi {
-            self.rebin(min.min(self.lo), max.max(self.hi));
+            if self.aligned && self.bin_width() > 0.0 {
+                self.grow_aligned(min, max);
+            } else {
+                self.rebin(min.min(self.lo), max.max(self.hi));
+            }
         }
         let n = self.counts.len();
         let lo = f64::from(self.lo);
@@ -74,6 +92,35 @@ impl Histogram {
             let i = ((f64::from(x) - lo) * inv) as usize;
             self.counts[i.min(n - 1)] += 1.0;
         }
+    }
+
+    /// Widens the range to cover `[min, max]` by a power-of-two factor `f` of
+    /// the bin width, with the new lower edge `a * f` old bins below the old
+    /// one, so every `f` consecutive old bins become exactly one new bin.
+    fn grow_aligned(&mut self, min: f32, max: f32) {
+        let n = self.counts.len();
+        let w = self.bin_width();
+        let (old_lo, min, max) = (
+            f64::from(self.lo),
+            f64::from(min.min(self.lo)),
+            f64::from(max.max(self.hi)),
+        );
+        let mut f: usize = 2;
+        let (a, new_lo) = loop {
+            let a = ((old_lo - min) / (f as f64 * w)).ceil().max(0.0) as usize;
+            let new_lo = old_lo - (a * f) as f64 * w;
+            if new_lo + (n * f) as f64 * w >= max || f > (1 << 40) {
+                break (a, new_lo);
+            }
+            f *= 2;
+        };
+        let mut fresh = vec![0.0; n];
+        for (i, &c) in self.counts.iter().enumerate() {
+            fresh[(i / f + a).min(n - 1)] += c;
+        }
+        self.counts = fresh;
+        self.lo = new_lo as f32;
+        self.hi = (new_lo + (n * f) as f64 * w) as f32;
     }
 
     /// Moves the counts onto the wider range `[lo, hi]`.
@@ -159,6 +206,18 @@ mod tests {
         assert_eq!(h.total(), 3.0);
         // old bin [0.5,1) -> new bin 0; old [1.5,2) -> new bin 1; 4.0 -> last bin.
         assert_eq!(h.counts(), &[1.0, 1.0, 0.0, 1.0]);
+    }
+
+    #[test]
+    fn aligned_growth_merges_whole_bins() {
+        let mut h = Histogram::aligned(4);
+        h.add(&[0.5, 1.5], 0.0, 2.0); // width 0.5: counts [0, 1, 0, 1]
+        h.add(&[3.0], 3.0, 3.0); // needs [0, 3]: width 1 (f = 2), bins [0,1) [1,2) [2,3) [3,4)
+        assert_eq!((h.lo(), h.hi()), (0.0, 4.0));
+        assert_eq!(h.counts(), &[1.0, 1.0, 0.0, 1.0]);
+        h.add(&[-1.0], -1.0, -1.0); // width 2, one new bin below: [-2,0) [0,2) [2,4) [4,6)
+        assert_eq!((h.lo(), h.hi()), (-2.0, 6.0));
+        assert_eq!(h.counts(), &[1.0, 2.0, 1.0, 0.0]);
     }
 
     #[test]

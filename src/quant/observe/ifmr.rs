@@ -101,7 +101,7 @@ impl Ifmr {
             count: 0,
             largest: BinaryHeap::new(),
             smallest: BinaryHeap::new(),
-            hist: Histogram::new(BINS),
+            hist: Histogram::aligned(BINS),
         }
     }
 

@@ -18,7 +18,7 @@ impl Kl {
     /// A calibrator with `bins` bins over `[0, max|x|]`.
     pub fn new(bins: usize) -> Kl {
         Kl {
-            hist: Histogram::new(bins.max(256)),
+            hist: Histogram::aligned(bins.max(256)),
             min: 0.0,
             max: 0.0,
             scratch: Vec::new(),
@@ -107,8 +107,8 @@ impl Observer for Kl {
     }
 
     fn params(&self, asymmetric: bool, bits: u32) -> Result<ActParams, ParamsError> {
-        // Values of one sign use the whole grid; signed symmetric data half of it per side.
-        let levels = if asymmetric || self.min >= 0.0 {
+        // Values of one sign use the whole grid; signed data half of it per side.
+        let levels = if self.min >= 0.0 {
             1usize << bits
         } else {
             1usize << (bits - 1)

@@ -20,7 +20,7 @@ impl Percentile {
     pub fn new(percentile: f64) -> Percentile {
         Percentile {
             percentile,
-            hist: Histogram::new(BINS),
+            hist: Histogram::aligned(BINS),
         }
     }
 }
