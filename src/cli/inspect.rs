@@ -1,8 +1,10 @@
 //! `ascend-quant inspect`: a summary of a model, for people or (`--json`) scripts.
 
 use super::Failure;
+use crate::onnx::{ModelProto, OnnxError};
 use crate::onnx::{ValueSpec, load_model};
-use crate::quant::layers::{LayerCandidate, find_candidates};
+use crate::quant::layers::{LayerCandidate, discover};
+use crate::quant::prepare::prepare;
 use anyhow::Context;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashSet};
@@ -31,6 +33,14 @@ struct Summary {
     initializer_count: usize,
     operators: BTreeMap<String, usize>,
     layers: Vec<LayerCandidate>,
+}
+
+/// The quantizable-layer verdicts, under the names calibration gives the
+/// layers (unnamed nodes are named as `calibrate` names them).
+fn layer_verdicts(model: &ModelProto) -> Result<Vec<LayerCandidate>, OnnxError> {
+    let mut named = model.clone();
+    prepare(&mut named, false, &[])?;
+    Ok(discover(named.graph.as_ref().expect("graph"))?.1)
 }
 
 /// Runs `inspect`.
@@ -77,7 +87,7 @@ pub fn execute(args: &InspectArgs) -> Result<(), Failure> {
         node_count: graph.node.len(),
         initializer_count: graph.initializer.len(),
         operators,
-        layers: find_candidates(graph)
+        layers: layer_verdicts(&model)
             .with_context(|| format!("indexing the graph of {}", args.model.display()))?,
     };
     if args.json {

@@ -244,8 +244,3 @@ fn examine(
         _ => unreachable!("only quantizable ops reach here"),
     }
 }
-
-/// Lists every node of a quantizable operator type with its verdict, in graph order.
-pub fn find_candidates(graph: &GraphProto) -> Result<Vec<LayerCandidate>, OnnxError> {
-    Ok(discover(graph)?.1)
-}
