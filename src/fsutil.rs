@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::path::Path;
+use tempfile::NamedTempFile;
 
 /// Writes `bytes` to `path` atomically: into a temporary file in the same
 /// folder, flushed to disk, then renamed over `path`. A failure at any point
@@ -15,6 +16,31 @@ pub fn write_atomic_with(
     path: &Path,
     fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
+    let tmp = stage(path, fill)?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+/// Writes several files so that either all of them are replaced or none:
+/// every content goes to a temporary file in its target folder first, and
+/// only when all are on disk are they renamed into place.
+pub fn write_all_atomic(files: &[(&Path, &[u8])]) -> std::io::Result<()> {
+    let staged = files
+        .iter()
+        .map(|(path, bytes)| Ok((stage(path, |f| f.write_all(bytes))?, *path)))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    for (tmp, path) in staged {
+        tmp.persist(path).map_err(|e| e.error)?;
+    }
+    Ok(())
+}
+
+/// A temporary file beside `path` holding what `fill` wrote, synced to disk;
+/// deleted when dropped unless persisted.
+fn stage(
+    path: &Path,
+    fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
+) -> std::io::Result<NamedTempFile> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -25,30 +51,5 @@ pub fn write_atomic_with(
         .tempfile_in(dir)?;
     fill(tmp.as_file_mut())?;
     tmp.as_file_mut().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    Ok(())
-}
-
-/// Writes several files so that either all of them are replaced or none:
-/// every content goes to a temporary file in its target folder first, and
-/// only when all are on disk are they renamed into place.
-pub fn write_all_atomic(files: &[(&Path, &[u8])]) -> std::io::Result<()> {
-    let mut staged = Vec::with_capacity(files.len());
-    for (path, bytes) in files {
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".ascend-quant-")
-            .suffix(".tmp")
-            .tempfile_in(dir)?;
-        tmp.as_file_mut().write_all(bytes)?;
-        tmp.as_file_mut().sync_all()?;
-        staged.push((tmp, *path));
-    }
-    for (tmp, path) in staged {
-        tmp.persist(path).map_err(|e| e.error)?;
-    }
-    Ok(())
+    Ok(tmp)
 }

@@ -93,6 +93,21 @@ pub fn node_label(graph: &GraphProto, index: usize) -> String {
     }
 }
 
+/// Gives every unnamed node the name `<op_type>_<index>` (made unique).
+pub fn name_nodes(graph: &mut GraphProto) {
+    let mut used: HashSet<String> = graph.node.iter().map(|n| n.name().to_string()).collect();
+    for (i, n) in graph.node.iter_mut().enumerate() {
+        if n.name().is_empty() {
+            let mut name = format!("{}_{i}", n.op_type());
+            while used.contains(&name) {
+                name.push('_');
+            }
+            used.insert(name.clone());
+            n.name = Some(name);
+        }
+    }
+}
+
 impl GraphIndex {
     /// Indexes `graph`, failing on a value with two producers or a cycle.
     pub fn new(graph: &GraphProto) -> Result<GraphIndex> {

@@ -3,7 +3,7 @@
 //! initializers, BatchNormalization folded into the preceding Conv, and
 //! Gemm's `transB=1` weights transposed offline.
 
-use crate::onnx::graph::{GraphIndex, node_label};
+use crate::onnx::graph::{GraphIndex, name_nodes, node_label};
 use crate::onnx::proto::AttributeProto;
 use crate::onnx::{GraphProto, ModelProto, OnnxError, Storage, to_proto, to_tensor};
 use crate::tensor::Tensor;
@@ -17,21 +17,6 @@ pub struct Prepared {
     pub fused: Vec<String>,
     /// Gemm layers whose weight was transposed.
     pub transposed: Vec<String>,
-}
-
-/// Gives every unnamed node the name `<op_type>_<index>` (made unique).
-pub fn name_nodes(graph: &mut GraphProto) {
-    let mut used: HashSet<String> = graph.node.iter().map(|n| n.name().to_string()).collect();
-    for (i, n) in graph.node.iter_mut().enumerate() {
-        if n.name().is_empty() {
-            let mut name = format!("{}_{i}", n.op_type());
-            while used.contains(&name) {
-                name.push('_');
-            }
-            used.insert(name.clone());
-            n.name = Some(name);
-        }
-    }
 }
 
 /// Applies every preparation pass. `do_fusion` and `skip_fusion` follow the config.

@@ -16,17 +16,7 @@ use std::collections::{HashMap, HashSet};
 pub fn rewrite_for_execution(model: &ModelProto, opts: &SessionOptions) -> ModelProto {
     let mut m = model.clone();
     let g = m.graph.as_mut().expect("loaded models always have a graph");
-    let mut used: HashSet<String> = g.node.iter().map(|n| n.name().to_string()).collect();
-    for (i, n) in g.node.iter_mut().enumerate() {
-        if n.name().is_empty() {
-            let mut name = format!("{}_{i}", n.op_type());
-            while used.contains(&name) {
-                name.push('_');
-            }
-            used.insert(name.clone());
-            n.name = Some(name);
-        }
-    }
+    crate::onnx::graph::name_nodes(g);
     fill_default_window_attributes(g);
     let outputs: HashSet<String> = g.output.iter().map(|o| o.name().to_string()).collect();
     let inputs: HashSet<String> = g.input.iter().map(|o| o.name().to_string()).collect();
