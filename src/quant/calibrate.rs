@@ -54,6 +54,24 @@ pub struct Outcome {
     pub timings: [f64; 3],
 }
 
+/// The statistics half of a run: the prepared model and the factors of
+/// every enabled layer. Any subset of these factors gives a valid quantized
+/// model, which is what automatic quantization relies on.
+pub struct Calibrated {
+    /// The float model after preparation (BN folded, names given).
+    pub prepared: ModelProto,
+    /// What preparation did.
+    pub preparation: Prepared,
+    /// Every candidate layer and why it was or was not quantized.
+    pub candidates: Vec<LayerCandidate>,
+    /// Factors per enabled layer, in graph order.
+    pub factors: Vec<LayerFactors>,
+    /// Batches used.
+    pub batches_used: usize,
+    /// Seconds spent observing activations.
+    pub seconds: f64,
+}
+
 /// Runs post-training quantization of `model` with `config` on `data`.
 pub fn calibrate(
     model: &ModelProto,
@@ -62,6 +80,37 @@ pub fn calibrate(
     executor: &dyn Executor,
     run: &RunSettings,
 ) -> Result<Outcome, QuantError> {
+    let c = observe_layers(model, config, data, executor, run)?;
+    let started = std::time::Instant::now();
+    let deploy = deploy_model(&c.prepared, &c.factors)?;
+    let fake_quant = fake_quant_model(&c.prepared, &c.factors)?;
+    let built = started.elapsed().as_secs_f64();
+    // The similarity runs a faster equivalent of the fake-quant model.
+    let simulation = simulation_model(&c.prepared, &c.factors)?;
+    let cosine = layer_cosines(executor, &c.prepared, &simulation, &c.factors, data, run, c.batches_used)?;
+    let timings = [c.seconds, built, started.elapsed().as_secs_f64() - built];
+    Ok(Outcome {
+        prepared: c.prepared,
+        preparation: c.preparation,
+        factors: c.factors,
+        candidates: c.candidates,
+        deploy,
+        fake_quant,
+        cosine,
+        batches_used: c.batches_used,
+        timings,
+    })
+}
+
+/// Observes every enabled layer's input over `config.batch_num` batches and
+/// computes all factors.
+pub fn observe_layers(
+    model: &ModelProto,
+    config: &QuantConfig,
+    data: &Dataset,
+    executor: &dyn Executor,
+    run: &RunSettings,
+) -> Result<Calibrated, QuantError> {
     let mut prepared = model.clone();
     let preparation = prepare(&mut prepared, config.do_fusion, &config.skip_fusion_layers)?;
     let graph = prepared.graph.as_ref().expect("graph");
@@ -163,35 +212,13 @@ pub fn calibrate(
         })?;
         factors.push(weigh(graph, l, act, lc.channel_wise, lc.wts_bits)?);
     }
-    let deploy = deploy_model(&prepared, &factors)?;
-    let fake_quant = fake_quant_model(&prepared, &factors)?;
-    let built = started.elapsed().as_secs_f64();
-    // The similarity runs a faster equivalent of the fake-quant model.
-    let simulation = simulation_model(&prepared, &factors)?;
-    let cosine = layer_cosines(
-        executor,
-        &prepared,
-        &simulation,
-        &factors,
-        data,
-        run,
-        config.batch_num,
-    )?;
-    let timings = [
-        observed,
-        built - observed,
-        started.elapsed().as_secs_f64() - built,
-    ];
-    Ok(Outcome {
+    Ok(Calibrated {
         prepared,
         preparation,
-        factors,
         candidates,
-        deploy,
-        fake_quant,
-        cosine,
+        factors,
         batches_used: config.batch_num,
-        timings,
+        seconds: observed,
     })
 }
 
