@@ -149,7 +149,7 @@ fn declared_batch(model: &ModelProto) -> Option<usize> {
     }
 }
 
-fn output_paths(prefix: &Path) -> [PathBuf; 4] {
+pub(super) fn output_paths(prefix: &Path) -> [PathBuf; 4] {
     let p = prefix.display().to_string();
     [
         PathBuf::from(format!("{p}_deploy_model.onnx")),
@@ -183,9 +183,22 @@ fn check_writable(prefix: &Path) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Runs `calibrate`.
-pub fn execute(args: &CalibrateArgs) -> Result<(), Failure> {
-    let started = Instant::now();
+/// What a calibration needs, gathered from the arguments.
+pub(super) struct RunInputs {
+    /// The float model.
+    pub model: ModelProto,
+    /// The effective configuration (file, then command-line overrides).
+    pub config: QuantConfig,
+    /// The calibration data.
+    pub data: Dataset,
+    /// Samples per batch.
+    pub batch_size: usize,
+    /// The batch size the model declares, if fixed.
+    pub declared: Option<usize>,
+}
+
+/// Loads the model, config and data the calibration arguments name.
+pub(super) fn gather(args: &CalibrateArgs) -> Result<RunInputs, Failure> {
     check_writable(&args.output)?;
     let model = load_model(&args.model)?;
     let names = layer_names(&model)?;
@@ -241,6 +254,25 @@ pub fn execute(args: &CalibrateArgs) -> Result<(), Failure> {
     if config.batch_num == 0 {
         return Err(usage("--batch-num must be at least 1".into()));
     }
+    Ok(RunInputs {
+        model,
+        config,
+        data,
+        batch_size,
+        declared,
+    })
+}
+
+/// Runs `calibrate`.
+pub fn execute(args: &CalibrateArgs) -> Result<(), Failure> {
+    let started = Instant::now();
+    let RunInputs {
+        model,
+        config,
+        data,
+        batch_size,
+        declared,
+    } = gather(args)?;
     let bar = (!args.quiet).then(|| {
         let b = indicatif::ProgressBar::new(config.batch_num as u64);
         b.set_style(

@@ -1,6 +1,7 @@
 //! The command-line interface: one file per subcommand, and the mapping of
 //! failures to stable exit codes.
 
+mod auto;
 mod calibrate;
 mod exit;
 mod inspect;
@@ -31,6 +32,8 @@ pub enum Command {
     Calibrate(calibrate::CalibrateArgs),
     /// Write the default per-layer quantization config of a model (AMCT JSON).
     Config(calibrate::ConfigArgs),
+    /// Accuracy-based automatic quantization: keep the layers that hurt in float.
+    Auto(auto::AutoArgs),
 }
 
 /// Parses `args`, runs the command and returns the process exit code.
@@ -55,6 +58,7 @@ where
         Command::Run(a) => run::execute(&a),
         Command::Calibrate(a) => calibrate::execute(&a),
         Command::Config(a) => calibrate::execute_config(&a),
+        Command::Auto(a) => auto::execute(&a),
     };
     match result {
         Ok(()) => ExitCode::Ok as i32,

@@ -87,7 +87,15 @@ pub fn calibrate(
     let built = started.elapsed().as_secs_f64();
     // The similarity runs a faster equivalent of the fake-quant model.
     let simulation = simulation_model(&c.prepared, &c.factors)?;
-    let cosine = layer_cosines(executor, &c.prepared, &simulation, &c.factors, data, run, c.batches_used)?;
+    let cosine = layer_cosines(
+        executor,
+        &c.prepared,
+        &simulation,
+        &c.factors,
+        data,
+        run,
+        c.batches_used,
+    )?;
     let timings = [c.seconds, built, started.elapsed().as_secs_f64() - built];
     Ok(Outcome {
         prepared: c.prepared,

@@ -1,0 +1,164 @@
+//! Automatic quantization on the digits model: a deliberately destroyed layer
+//! is found and kept in float, the reproduce-config regenerates the same
+//! models, and external evaluators are run and checked.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn digits() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/digits")
+}
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ascend-quant"))
+}
+
+/// A config that clips /6/Conv's input to 2-3 % of its range.
+fn destroyed_config(dir: &Path) -> PathBuf {
+    let cfg = dir.join("base.json");
+    let o = bin()
+        .args(["config", "--model"])
+        .arg(digits().join("digits_cnn.onnx"))
+        .arg("--output")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    v["/6/Conv"]["activation_quant_params"] = serde_json::json!({"num_bits": 8, "act_algo": "ifmr", "search_range": [0.02, 0.03], "search_step": 0.005});
+    let bad = dir.join("bad.json");
+    std::fs::write(&bad, v.to_string()).unwrap();
+    bad
+}
+
+fn auto(dir: &Path, extra: &[&str]) -> Output {
+    bin()
+        .args(["auto", "--quiet", "--json", "--model"])
+        .arg(digits().join("digits_cnn.onnx"))
+        .arg("--data")
+        .arg(digits().join("calib_x.npy"))
+        .args(["--batch-size", "4", "--batch-num", "25", "--config"])
+        .arg(destroyed_config(dir))
+        .arg("--output")
+        .arg(dir.join("auto"))
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn the_destroyed_layer_is_rolled_back_and_the_config_reproduces_the_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = auto(
+        dir.path(),
+        &[
+            "--eval-data",
+            digits().join("test_x.npy").to_str().unwrap(),
+            "--labels",
+            digits().join("test_y.npy").to_str().unwrap(),
+            "--max-drop",
+            "0.4",
+        ],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["rolled_back"], serde_json::json!(["/6/Conv"]));
+    assert_eq!(report["float_metric"], 98.6);
+    assert!(report["final_metric"].as_f64().unwrap() >= 98.2, "{report}");
+    let ranking: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("auto_auto_ranking.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        ranking[0]["name"], "/6/Conv",
+        "the destroyed layer ranks worst"
+    );
+    let history: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("auto_auto_history.json")).unwrap(),
+    )
+    .unwrap();
+    let tries = history.as_array().unwrap();
+    assert!(
+        !tries[0]["passed"].as_bool().unwrap(),
+        "all layers quantized must fail with the destroyed layer"
+    );
+    assert_eq!(report["configurations_evaluated"], tries.len());
+
+    // calibrate with the written config gives the same models, byte for byte.
+    let o = bin()
+        .args(["calibrate", "--quiet", "--model"])
+        .arg(digits().join("digits_cnn.onnx"))
+        .arg("--data")
+        .arg(digits().join("calib_x.npy"))
+        .args(["--batch-size", "4", "--config"])
+        .arg(dir.path().join("auto_auto_config.json"))
+        .arg("--output")
+        .arg(dir.path().join("again"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    for kind in ["deploy_model.onnx", "fake_quant_model.onnx", "record.txt"] {
+        let a = std::fs::read(dir.path().join(format!("auto_{kind}"))).unwrap();
+        let b = std::fs::read(dir.path().join(format!("again_{kind}"))).unwrap();
+        assert!(a == b, "{kind} differs");
+    }
+}
+
+#[test]
+fn external_evaluator_number_garbage_failure_and_unreachable_target() {
+    let dir = tempfile::tempdir().unwrap();
+    // Scores the float model 100 and every candidate 99.8: the first try passes.
+    let ok = "case {model} in *float*) echo log line; echo 100;; *) echo 99.8;; esac";
+    let o = auto(dir.path(), &["--evaluator", ok]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["final_metric"], 99.8);
+    assert_eq!(report["rolled_back"], serde_json::json!([]));
+
+    let o = auto(dir.path(), &["--evaluator", "echo not-a-number"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("echo not-a-number") && err.contains("not a number"),
+        "{err}"
+    );
+
+    let o = auto(dir.path(), &["--evaluator", "echo oops >&2; exit 4"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("oops"));
+
+    let o = auto(
+        dir.path(),
+        &["--evaluator", "sleep 5; echo 1", "--evaluator-timeout", "1"],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("did not finish within 1 s"));
+
+    // Nothing reaches the target: exit 3, the best configuration is still written.
+    let never = "case {model} in *float*) echo 100;; *) echo 50;; esac";
+    let o = auto(dir.path(), &["--evaluator", never]);
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("written anyway"));
+    assert!(dir.path().join("auto_deploy_model.onnx").exists());
+}
