@@ -3,6 +3,7 @@
 
 mod auto;
 mod calibrate;
+mod compare;
 mod exit;
 mod inspect;
 mod run;
@@ -34,6 +35,8 @@ pub enum Command {
     Config(calibrate::ConfigArgs),
     /// Accuracy-based automatic quantization: keep the layers that hurt in float.
     Auto(auto::AutoArgs),
+    /// Compare a float model with its quantized version layer by layer.
+    Compare(compare::CompareArgs),
 }
 
 /// Parses `args`, runs the command and returns the process exit code.
@@ -59,6 +62,7 @@ where
         Command::Calibrate(a) => calibrate::execute(&a),
         Command::Config(a) => calibrate::execute_config(&a),
         Command::Auto(a) => auto::execute(&a),
+        Command::Compare(a) => compare::execute(&a),
     };
     match result {
         Ok(()) => ExitCode::Ok as i32,

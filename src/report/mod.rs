@@ -1,6 +1,9 @@
 //! Reports of a quantization run: the JSON written next to the models and
 //! the summary table printed for people.
 
+pub mod compare;
+pub mod html;
+
 use crate::quant::layers::LayerCandidate;
 use serde::Serialize;
 use std::io::Write;

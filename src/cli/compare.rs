@@ -1,0 +1,98 @@
+//! `ascend-quant compare`: how each layer's output moves between a float
+//! model and its quantized version, as a table, JSON or an HTML page.
+
+use super::Failure;
+use super::exit::usage;
+use crate::data::Dataset;
+use crate::onnx::{Dim, ValueSpec, load_model};
+use crate::report::compare::compare;
+use crate::report::html::render;
+use crate::sim::{RtenExecutor, feedable_input_names};
+use anyhow::Context;
+use std::path::PathBuf;
+
+/// Arguments of `compare`.
+#[derive(Debug, clap::Args)]
+pub struct CompareArgs {
+    /// The float model.
+    #[arg(long)]
+    pub float: PathBuf,
+    /// The quantized model (fake-quant or deploy).
+    #[arg(long)]
+    pub quant: PathBuf,
+    /// Data to run (FILE.npy, NAME=FILE.npy or FILE.npz); repeatable.
+    #[arg(long = "data", required = true)]
+    pub data: Vec<String>,
+    /// Samples per batch (default: the model's batch size, else 1).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Layer whose input activations the HTML histogram shows (default: the worst quantized one).
+    #[arg(long)]
+    pub layer: Option<String>,
+    /// Write a self-contained HTML report here.
+    #[arg(long)]
+    pub html: Option<PathBuf>,
+    /// Print JSON instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `compare`.
+pub fn execute(args: &CompareArgs) -> Result<(), Failure> {
+    let float = load_model(&args.float)?;
+    let quant = load_model(&args.quant)?;
+    let data = Dataset::from_specs(&args.data, &feedable_input_names(&float))?;
+    let declared =
+        float.graph.as_ref().and_then(|g| g.input.first()).and_then(
+            |v| match ValueSpec::from_proto(v).shape?.first()? {
+                Dim::Fixed(n) if *n > 0 => Some(*n),
+                _ => None,
+            },
+        );
+    let batch_size = args.batch_size.unwrap_or(declared.unwrap_or(1)).max(1);
+    let dynamic = declared.is_some_and(|d| d != batch_size);
+    let c = compare(
+        &RtenExecutor,
+        &float,
+        &quant,
+        &data,
+        batch_size,
+        dynamic,
+        args.layer.as_deref(),
+    )?;
+    if let Some(path) = &args.html {
+        let page = render(
+            &c,
+            &args.float.display().to_string(),
+            &args.quant.display().to_string(),
+        );
+        crate::fsutil::write_atomic(path, page.as_bytes())
+            .map_err(|e| usage(format!("cannot write {}: {e}", path.display())))?;
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&c).context("serializing the comparison")?
+        );
+    } else {
+        println!(
+            "{:<44} {:<14} {:>5} {:>10} {:>12} {:>12}",
+            "layer", "op", "quant", "cosine", "rel. L2", "max abs"
+        );
+        for l in &c.layers {
+            println!(
+                "{:<44} {:<14} {:>5} {:>10.6} {:>12.4e} {:>12.4e}",
+                l.name,
+                l.op_type,
+                if l.quantized { "yes" } else { "no" },
+                l.cosine,
+                l.relative_l2,
+                l.max_abs
+            );
+        }
+        if let Some(p) = &args.html {
+            println!("wrote {}", p.display());
+        }
+    }
+    Ok(())
+}

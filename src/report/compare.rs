@@ -1,0 +1,280 @@
+//! Layer-by-layer comparison of a float model with its quantized version
+//! (fake-quant or deploy, the latter through the simulator's integer path).
+
+use crate::data::Dataset;
+use crate::onnx::{ModelProto, NodeProto, to_tensor};
+use crate::quant::error::QuantError;
+use crate::quant::layers::QUANTIZABLE_OPS;
+use crate::quant::observe::histogram::Histogram;
+use crate::sim::{Executor, SessionOptions};
+use crate::tensor::Tensor;
+use serde::Serialize;
+use std::collections::HashSet;
+
+/// How one layer's output differs between the two models.
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerDiff {
+    /// The layer (node) name.
+    pub name: String,
+    /// Its operator.
+    pub op_type: String,
+    /// Whether the quantized model quantizes it.
+    pub quantized: bool,
+    /// Cosine similarity of the outputs.
+    pub cosine: f64,
+    /// ‖quant − float‖ / ‖float‖.
+    pub relative_l2: f64,
+    /// Largest absolute difference.
+    pub max_abs: f64,
+}
+
+/// The float input distribution of one layer and the range its quantization keeps.
+#[derive(Clone, Debug, Serialize)]
+pub struct ActivationHistogram {
+    /// The layer.
+    pub layer: String,
+    /// Lower edge of the histogram.
+    pub lo: f32,
+    /// Upper edge.
+    pub hi: f32,
+    /// Counts per bin.
+    pub counts: Vec<f64>,
+    /// The quantization's representable range, when the layer is quantized.
+    pub clip: Option<(f32, f32)>,
+}
+
+/// The whole comparison.
+#[derive(Clone, Debug, Serialize)]
+pub struct Comparison {
+    /// Per layer, worst cosine first.
+    pub layers: Vec<LayerDiff>,
+    /// The chosen layer's input histogram.
+    pub histogram: Option<ActivationHistogram>,
+    /// Samples compared.
+    pub samples: usize,
+}
+
+/// Activation scale and offset of `layer` in a quantized model, read from
+/// its AscendQuant node or from the fake-quant constants.
+fn act_factors(quant: &ModelProto, layer: &str) -> Option<(f32, f32)> {
+    let g = quant.graph.as_ref()?;
+    // The node that quantizes the layer's input (possibly shared with another layer).
+    let layer_node = g.node.iter().find(|n| n.name() == layer)?;
+    let input = layer_node.input.first()?;
+    let producer = g.node.iter().find(|n| n.output.contains(input))?;
+    if producer.op_type() == "AscendQuant" {
+        let f = |k: &str| {
+            producer
+                .attribute
+                .iter()
+                .find(|a| a.name() == k)
+                .and_then(|a| a.f)
+        };
+        return Some((1.0 / f("scale")?, f("offset")?));
+    }
+    // Fake-quant chain: ...fakequant.sub; its constants are named <base>.fakequant.{scale,offset}.
+    let base = producer.name().strip_suffix(".sub")?;
+    let constant = |suffix: &str| -> Option<f32> {
+        let c = g
+            .node
+            .iter()
+            .find(|n| n.name() == format!("{base}.{suffix}"))?;
+        match to_tensor(c.attribute.first()?.t.as_ref()?).ok()? {
+            Tensor::F32(a) => a.iter().next().copied(),
+            _ => None,
+        }
+    };
+    Some((1.0 / constant("scale")?, constant("offset")?))
+}
+
+/// The value carrying a layer's float result in the quantized model: the
+/// output of its dequantization when it is quantized, else its own output.
+fn compared_value(
+    quant_names: &HashSet<String>,
+    quant: &ModelProto,
+    node: &NodeProto,
+) -> (String, bool) {
+    let g = quant.graph.as_ref().expect("graph");
+    for suffix in [".dequant", ".dequant.fakequant.mul"] {
+        let name = format!("{}{suffix}", node.name());
+        if let Some(d) = g.node.iter().find(|n| n.name() == name) {
+            return (d.output[0].clone(), true);
+        }
+    }
+    let out = node.output[0].clone();
+    let quantized = quant_names.contains(&format!("{}.quant", node.name()));
+    (out, quantized)
+}
+
+/// Compares every quantizable-type layer of `float` with `quant` on `data`;
+/// `histogram_layer` (default: the worst quantized layer) gets an input histogram.
+pub fn compare(
+    executor: &dyn Executor,
+    float: &ModelProto,
+    quant: &ModelProto,
+    data: &Dataset,
+    batch_size: usize,
+    dynamic_batch: bool,
+    histogram_layer: Option<&str>,
+) -> Result<Comparison, QuantError> {
+    let fg = float.graph.as_ref().expect("graph");
+    let quant_names: HashSet<String> = quant
+        .graph
+        .as_ref()
+        .expect("graph")
+        .node
+        .iter()
+        .map(|n| n.name().to_string())
+        .collect();
+    let quant_values: HashSet<&str> = quant
+        .graph
+        .as_ref()
+        .expect("graph")
+        .node
+        .iter()
+        .flat_map(|n| n.output.iter().map(String::as_str))
+        .collect();
+    let layers: Vec<(&NodeProto, String, bool)> = fg
+        .node
+        .iter()
+        .filter(|n| QUANTIZABLE_OPS.contains(&n.op_type()) && !n.name().is_empty())
+        .map(|n| {
+            let (value, q) = compared_value(&quant_names, quant, n);
+            (n, value, q)
+        })
+        .filter(|(_, v, _)| quant_values.contains(v.as_str()))
+        .collect();
+    if let Some(h) = histogram_layer
+        && !layers.iter().any(|(n, _, _)| n.name() == h)
+    {
+        return Err(QuantError::Input(format!(
+            "--layer '{h}' is not a layer both models share"
+        )));
+    }
+    let values: Vec<String> = layers.iter().map(|(_, v, _)| v.clone()).collect();
+    let inputs: Vec<String> = layers.iter().map(|(n, _, _)| n.input[0].clone()).collect();
+    let mut float_keep = values.clone();
+    float_keep.extend(inputs.iter().cloned());
+    float_keep.sort();
+    float_keep.dedup();
+    let fs = executor.prepare(
+        float,
+        &SessionOptions {
+            keep: float_keep.clone(),
+            dynamic_batch,
+            optimize: true,
+        },
+    )?;
+    let qs = executor.prepare(
+        quant,
+        &SessionOptions {
+            keep: values.clone(),
+            dynamic_batch,
+            optimize: true,
+        },
+    )?;
+    let float_fetch: Vec<&str> = float_keep.iter().map(String::as_str).collect();
+    let quant_fetch: Vec<&str> = values.iter().map(String::as_str).collect();
+    let mut acc = vec![(0.0f64, 0.0f64, 0.0f64, 0.0f64, 0.0f64); layers.len()];
+    let mut hist_input: Option<(String, Histogram)> = None;
+    let mut samples = 0;
+    for b in 0..data.batch_count(batch_size) {
+        let batch = data.batch(batch_size, b)?;
+        samples += batch.first().map(|(_, t)| t.shape()[0]).unwrap_or(0);
+        let feeds: Vec<(&str, &Tensor)> = batch.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let fv = fs.run(&feeds, &float_fetch)?;
+        let qv = qs.run(&feeds, &quant_fetch)?;
+        let fval = |name: &str| &fv[float_keep.iter().position(|k| k == name).expect("kept")];
+        for (k, a) in acc.iter_mut().enumerate() {
+            let (Some(x), Some(y)) = (fval(&values[k]).as_f32(), qv[k].as_f32()) else {
+                continue;
+            };
+            for (&u, &v) in x.iter().zip(y.iter()) {
+                let (u, v) = (f64::from(u), f64::from(v));
+                a.0 += u * v;
+                a.1 += u * u;
+                a.2 += v * v;
+                a.3 += (u - v) * (u - v);
+                a.4 = a.4.max((u - v).abs());
+            }
+        }
+        let wanted = histogram_layer
+            .map(String::from)
+            .or_else(|| hist_input.as_ref().map(|(l, _)| l.clone()));
+        if let Some(layer) = wanted {
+            let idx = layers
+                .iter()
+                .position(|(n, _, _)| n.name() == layer)
+                .expect("checked");
+            if let Some(x) = fval(&inputs[idx]).as_f32() {
+                let slice = x.as_slice().expect("contiguous");
+                if let Ok((mn, mx)) = crate::quant::observe::finite_extremes(slice) {
+                    let h =
+                        hist_input.get_or_insert_with(|| (layer.clone(), Histogram::aligned(64)));
+                    h.1.add(slice, mn, mx);
+                }
+            }
+        }
+    }
+    let mut diffs: Vec<LayerDiff> = layers
+        .iter()
+        .zip(&acc)
+        .map(|((n, _, q), &(dot, na, nb, err, max_abs))| LayerDiff {
+            name: n.name().to_string(),
+            op_type: n.op_type().to_string(),
+            quantized: *q,
+            cosine: if na == 0.0 && nb == 0.0 {
+                1.0
+            } else if na == 0.0 || nb == 0.0 {
+                0.0
+            } else {
+                dot / (na * nb).sqrt()
+            },
+            relative_l2: if na == 0.0 {
+                err.sqrt()
+            } else {
+                (err / na).sqrt()
+            },
+            max_abs,
+        })
+        .collect();
+    diffs.sort_by(|a, b| a.cosine.total_cmp(&b.cosine));
+    // Without --layer, histogram the worst quantized layer: a second pass over up to 16 samples.
+    if hist_input.is_none()
+        && let Some(worst) = diffs.iter().find(|d| d.quantized).or(diffs.first())
+    {
+        let idx = layers
+            .iter()
+            .position(|(n, _, _)| n.name() == worst.name)
+            .expect("listed");
+        let mut h = Histogram::aligned(64);
+        let mut seen = 0;
+        for b in 0..data.batch_count(batch_size) {
+            if seen >= 16 {
+                break;
+            }
+            let batch = data.batch(batch_size, b)?;
+            seen += batch.first().map(|(_, t)| t.shape()[0]).unwrap_or(0);
+            let feeds: Vec<(&str, &Tensor)> = batch.iter().map(|(n, t)| (n.as_str(), t)).collect();
+            let v = fs.run(&feeds, &[inputs[idx].as_str()])?;
+            if let Some(slice) = v[0].as_f32().and_then(|x| x.as_slice())
+                && let Ok((mn, mx)) = crate::quant::observe::finite_extremes(slice)
+            {
+                h.add(slice, mn, mx);
+            }
+        }
+        hist_input = Some((worst.name.clone(), h));
+    }
+    let histogram = hist_input.map(|(layer, h)| ActivationHistogram {
+        clip: act_factors(quant, &layer).map(|(s, o)| ((-128.0 - o) * s, (127.0 - o) * s)),
+        layer,
+        lo: h.lo(),
+        hi: h.hi(),
+        counts: h.counts().to_vec(),
+    });
+    Ok(Comparison {
+        layers: diffs,
+        histogram,
+        samples,
+    })
+}

@@ -1,0 +1,140 @@
+//! A self-contained HTML page for a comparison: a table, a bar chart of
+//! per-layer cosine similarity and a histogram of one layer's activations
+//! with the quantization range drawn on it, all inline SVG (no scripts, no
+//! external files).
+
+use super::compare::Comparison;
+use std::fmt::Write;
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// Renders the page.
+pub fn render(c: &Comparison, float_model: &str, quant_model: &str) -> String {
+    let mut h = String::new();
+    let _ = write!(
+        h,
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>ascend-quant comparison</title>\
+<style>body{{font-family:sans-serif;margin:24px;color:#222}}table{{border-collapse:collapse;font-size:13px}}\
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child,th:first-child{{text-align:left}}\
+.bad{{background:#fde2e2}}h2{{margin-top:28px}}</style></head><body>\n\
+<h1>Float vs quantized, layer by layer</h1>\n<p>float: <code>{}</code><br>quantized: <code>{}</code><br>{} samples, {} layers, worst first.</p>\n",
+        escape(float_model),
+        escape(quant_model),
+        c.samples,
+        c.layers.len()
+    );
+    // Bar chart of cosine similarity.
+    let row = 16;
+    let width = 760;
+    let label_w = 330;
+    let min_cos = c
+        .layers
+        .iter()
+        .map(|l| l.cosine)
+        .fold(1.0f64, f64::min)
+        .min(0.99);
+    let lo = (min_cos - 0.01).max(-1.0);
+    let height = row * c.layers.len() + 30;
+    let _ = write!(
+        h,
+        "<h2>Cosine similarity per layer</h2>\n<svg id=\"cosine\" xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\">\n"
+    );
+    for (i, l) in c.layers.iter().enumerate() {
+        let y = i * row;
+        let frac = ((l.cosine - lo) / (1.0 - lo)).clamp(0.0, 1.0);
+        let bar = (frac * (width - label_w - 70) as f64) as usize;
+        let color = if l.cosine < 0.99 {
+            "#d9534f"
+        } else if l.quantized {
+            "#4a90d9"
+        } else {
+            "#9e9e9e"
+        };
+        let _ = writeln!(
+            h,
+            "<text x=\"{}\" y=\"{}\" font-size=\"11\" text-anchor=\"end\">{}</text><rect class=\"bar\" x=\"{label_w}\" y=\"{}\" width=\"{bar}\" height=\"{}\" fill=\"{color}\"/><text x=\"{}\" y=\"{}\" font-size=\"11\">{:.5}</text>",
+            label_w - 6,
+            y + 12,
+            escape(&l.name),
+            y + 2,
+            row - 4,
+            label_w + bar + 4,
+            y + 12,
+            l.cosine
+        );
+    }
+    let _ = writeln!(
+        h,
+        "<text x=\"{label_w}\" y=\"{}\" font-size=\"11\">axis from {lo:.3} to 1; red: below 0.99, grey: not quantized</text></svg>",
+        height - 8
+    );
+    // Histogram of the chosen layer's input.
+    if let Some(hist) = &c.histogram {
+        let (w, ht) = (760usize, 220usize);
+        let max = hist.counts.iter().copied().fold(0.0f64, f64::max).max(1.0);
+        let n = hist.counts.len().max(1);
+        let bw = (w - 60) as f64 / n as f64;
+        let span = f64::from(hist.hi - hist.lo).max(f64::MIN_POSITIVE);
+        let xpos = |v: f32| 40.0 + (f64::from(v - hist.lo) / span) * (w - 60) as f64;
+        let _ = write!(
+            h,
+            "<h2>Input activations of <code>{}</code></h2>\n<svg id=\"histogram\" xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{}\">\n",
+            escape(&hist.layer),
+            ht + 40
+        );
+        for (i, &count) in hist.counts.iter().enumerate() {
+            // Square-root scale so the tails stay visible.
+            let bh = ((count / max).sqrt() * ht as f64) as usize;
+            let _ = writeln!(
+                h,
+                "<rect class=\"bin\" x=\"{:.1}\" y=\"{}\" width=\"{:.1}\" height=\"{bh}\" fill=\"#4a90d9\"/>",
+                40.0 + i as f64 * bw,
+                ht - bh,
+                (bw - 1.0).max(0.5)
+            );
+        }
+        if let Some((a, b)) = hist.clip {
+            for (v, label) in [(a, "clip min"), (b, "clip max")] {
+                let x = xpos(v).clamp(0.0, w as f64);
+                let tx = x.clamp(50.0, w as f64 - 50.0);
+                let _ = writeln!(
+                    h,
+                    "<line class=\"clip\" x1=\"{x:.1}\" y1=\"0\" x2=\"{x:.1}\" y2=\"{ht}\" stroke=\"#d9534f\" stroke-width=\"2\"/><text x=\"{tx:.1}\" y=\"{}\" font-size=\"11\" text-anchor=\"middle\">{label} {v:.4}</text>",
+                    ht + 14
+                );
+            }
+        }
+        let _ = writeln!(
+            h,
+            "<text x=\"40\" y=\"{}\" font-size=\"11\">range {:.4} .. {:.4} (counts on a square-root scale)</text></svg>",
+            ht + 34,
+            hist.lo,
+            hist.hi
+        );
+    }
+    h.push_str("<h2>Table</h2>\n<table><tr><th>layer</th><th>op</th><th>quantized</th><th>cosine</th><th>relative L2</th><th>max abs</th></tr>\n");
+    for l in &c.layers {
+        let _ = writeln!(
+            h,
+            "<tr{}><td>{}</td><td>{}</td><td>{}</td><td>{:.6}</td><td>{:.4e}</td><td>{:.4e}</td></tr>",
+            if l.cosine < 0.99 {
+                " class=\"bad\""
+            } else {
+                ""
+            },
+            escape(&l.name),
+            l.op_type,
+            if l.quantized { "yes" } else { "no" },
+            l.cosine,
+            l.relative_l2,
+            l.max_abs
+        );
+    }
+    h.push_str("</table>\n</body></html>\n");
+    h
+}
