@@ -5,6 +5,7 @@
 //! later modules) calibrates and writes Ascend deploy and fake-quant models.
 #![warn(missing_docs)]
 
+pub mod acl;
 pub mod auto;
 pub mod cli;
 pub mod data;
