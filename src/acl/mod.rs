@@ -2,6 +2,8 @@
 //! loaded at run time), [`result`] (one checked function per C call) and
 //! [`safe`] (owning types whose `Drop` frees in the runtime's order).
 
+pub mod atc;
+pub mod backend;
 pub mod error;
 pub mod result;
 pub mod safe;

@@ -120,7 +120,12 @@ pub fn execute(args: &AutoArgs) -> Result<(), Failure> {
         progress: &|_, _| {},
         similarity_samples: 0,
     };
-    let calibrated = observe_layers(&model, &config, &data, &RtenExecutor, &run)?;
+    let (executor, _) = super::calibrate::select_backend(
+        args.calib.backend,
+        args.calib.acl_lib.as_deref(),
+        &args.calib.output,
+    )?;
+    let calibrated = observe_layers(&model, &config, &data, executor.as_ref(), &run)?;
     let scratch = args
         .calib
         .output

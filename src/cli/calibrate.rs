@@ -3,6 +3,7 @@
 
 use super::Failure;
 use super::exit::usage;
+use crate::acl::backend::NpuExecutor;
 use crate::data::Dataset;
 use crate::fsutil::write_all_atomic;
 use crate::onnx::{Dim, ModelProto, load_model};
@@ -11,7 +12,7 @@ use crate::quant::config::QuantConfig;
 use crate::quant::layers::discover;
 use crate::quant::prepare::prepare;
 use crate::report::{LayerReport, QuantReport};
-use crate::sim::{RtenExecutor, feedable_input_names};
+use crate::sim::{Executor, RtenExecutor, feedable_input_names};
 use anyhow::Context;
 use prost::Message;
 use std::path::{Path, PathBuf};
@@ -24,6 +25,46 @@ pub enum Backend {
     Auto,
     /// The CPU simulator.
     Cpu,
+    /// An Ascend NPU through AscendCL (atc compiles the model).
+    Npu,
+}
+
+/// The executor for `backend` and a one-line description of the choice.
+pub(super) fn select_backend(
+    backend: Backend,
+    acl_lib: Option<&Path>,
+    output: &Path,
+) -> Result<(Box<dyn Executor>, String), Failure> {
+    let cache = output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .join(".ascend-quant-cache");
+    let npu = || -> Result<NpuExecutor, String> {
+        crate::acl::atc::find_atc().map_err(|e| e.to_string())?;
+        NpuExecutor::new(acl_lib, &cache).map_err(|e| e.to_string())
+    };
+    match backend {
+        Backend::Cpu => Ok((Box::new(RtenExecutor), "cpu simulator".into())),
+        Backend::Npu => {
+            let n = npu().map_err(|e| Failure {
+                code: super::ExitCode::Runtime,
+                error: anyhow::anyhow!("--backend npu: {e}"),
+            })?;
+            let line = format!("npu ({}, device 0)", n.soc());
+            Ok((Box::new(n), line))
+        }
+        Backend::Auto => match npu() {
+            Ok(n) => {
+                let line = format!("npu ({}, device 0)", n.soc());
+                Ok((Box::new(n), line))
+            }
+            Err(e) => {
+                let why = e.split(" (searched").next().unwrap_or(&e).to_string();
+                Ok((Box::new(RtenExecutor), format!("cpu simulator ({why})")))
+            }
+        },
+    }
 }
 
 /// Arguments of `calibrate`.
@@ -65,6 +106,9 @@ pub struct CalibrateArgs {
     /// Where calibration runs.
     #[arg(long, value_enum, default_value = "auto")]
     pub backend: Backend,
+    /// The AscendCL library or its folder (default: ASCEND_QUANT_ACL_LIB, then the CANN install paths).
+    #[arg(long)]
+    pub acl_lib: Option<PathBuf>,
     /// Output prefix: writes PREFIX_deploy_model.onnx, PREFIX_fake_quant_model.onnx,
     /// PREFIX_record.txt and PREFIX_quant_report.json.
     #[arg(long)]
@@ -288,8 +332,10 @@ pub fn execute(args: &CalibrateArgs) -> Result<(), Failure> {
             b.set_position(done as u64);
         }
     };
-    if args.backend == Backend::Auto && !args.quiet {
-        eprintln!("backend: cpu simulator (NPU calibration is not available in this build)");
+    let (executor, backend_line) =
+        select_backend(args.backend, args.acl_lib.as_deref(), &args.output)?;
+    if !args.quiet {
+        eprintln!("backend: {backend_line}");
     }
     let run = RunSettings {
         batch_size,
@@ -297,7 +343,7 @@ pub fn execute(args: &CalibrateArgs) -> Result<(), Failure> {
         progress: &progress,
         similarity_samples: args.similarity_samples,
     };
-    let outcome = calibrate(&model, &config, &data, &RtenExecutor, &run)?;
+    let outcome = calibrate(&model, &config, &data, executor.as_ref(), &run)?;
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
@@ -311,6 +357,7 @@ pub fn execute(args: &CalibrateArgs) -> Result<(), Failure> {
             .collect(),
         batches: outcome.batches_used,
         batch_size,
+        backend: backend_line.clone(),
         similarity_samples: args.similarity_samples.min(data.samples()),
         fused_batch_norms: outcome.preparation.fused.clone(),
         layers: outcome

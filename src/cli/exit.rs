@@ -40,6 +40,9 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
                         QuantError::Sim(s) if !s.is_input_error() => ExitCode::Runtime,
                         _ => ExitCode::Usage,
                     })
+                } else if cause.is::<crate::acl::AclError>() || cause.is::<crate::acl::AclFailure>()
+                {
+                    Some(ExitCode::Runtime)
                 } else if let Some(s) = cause.downcast_ref::<SimError>() {
                     Some(if s.is_input_error() {
                         ExitCode::Usage

@@ -4,6 +4,8 @@
 mod auto;
 mod calibrate;
 mod compare;
+mod compile;
+mod devices;
 mod exit;
 mod inspect;
 mod run;
@@ -37,6 +39,10 @@ pub enum Command {
     Auto(auto::AutoArgs),
     /// Compare a float model with its quantized version layer by layer.
     Compare(compare::CompareArgs),
+    /// Show the Ascend runtime, SoC and NPUs of this machine.
+    Devices(devices::DevicesArgs),
+    /// Compile a deploy model to an Ascend offline model (.om) with atc.
+    Compile(compile::CompileArgs),
 }
 
 /// Parses `args`, runs the command and returns the process exit code.
@@ -63,6 +69,8 @@ where
         Command::Config(a) => calibrate::execute_config(&a),
         Command::Auto(a) => auto::execute(&a),
         Command::Compare(a) => compare::execute(&a),
+        Command::Devices(a) => devices::execute(&a),
+        Command::Compile(a) => compile::execute(&a),
     };
     match result {
         Ok(()) => ExitCode::Ok as i32,

@@ -87,8 +87,10 @@ pub fn calibrate(
     let built = started.elapsed().as_secs_f64();
     // The similarity runs a faster equivalent of the fake-quant model.
     let simulation = simulation_model(&c.prepared, &c.factors)?;
+    // Measured on the CPU simulator whatever backend observed: it is the
+    // fake-quant arithmetic being checked, not the device.
     let cosine = layer_cosines(
-        executor,
+        &crate::sim::RtenExecutor,
         &c.prepared,
         &simulation,
         &c.factors,

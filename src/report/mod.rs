@@ -41,6 +41,8 @@ pub struct QuantReport {
     pub batches: usize,
     /// Samples per batch.
     pub batch_size: usize,
+    /// Where the statistics were computed ("cpu simulator" or "npu (SoC, device)").
+    pub backend: String,
     /// Calibration samples the similarity was measured on.
     pub similarity_samples: usize,
     /// Conv layers that absorbed a BatchNormalization.
