@@ -66,6 +66,7 @@ pub mod init {
     ///
     /// No precondition beyond a loaded runtime; call it before any other function.
     pub unsafe fn init(api: &sys::AscendCl) -> Result<(), AclError> {
+        // SAFETY: the caller upholds this function's contract (its # Safety section).
         let code = unsafe { call!(api, aclInit(std::ptr::null())) };
         if code == sys::ACL_ERROR_REPEAT_INITIALIZE as i32 {
             return Ok(());
@@ -79,6 +80,7 @@ pub mod init {
     ///
     /// Every handle created through the runtime must be released first; nothing may be called afterwards.
     pub unsafe fn finalize(api: &sys::AscendCl) -> Result<(), AclError> {
+        // SAFETY: the caller upholds this function's contract (its # Safety section).
         let code = unsafe { call!(api, aclFinalize()) };
         check(api, code, "aclFinalize")
     }
@@ -90,6 +92,7 @@ pub mod init {
     /// The runtime must be initialised, and every handle passed must be live and belong to the context current on this thread.
     pub unsafe fn version(api: &sys::AscendCl) -> Result<(i32, i32, i32), AclError> {
         let (mut a, mut b, mut c) = (0, 0, 0);
+        // SAFETY: the caller upholds this function's contract (its # Safety section).
         let code = unsafe { call!(api, aclrtGetVersion(&mut a, &mut b, &mut c)) };
         check(api, code, "aclrtGetVersion")?;
         Ok((a, b, c))
@@ -104,6 +107,7 @@ pub mod init {
         let f = api.aclrtGetSocName.as_ref().ok()?;
         // SAFETY: returns NULL or a static NUL-terminated string.
         let p = unsafe { f() };
+        // SAFETY: the caller upholds this function's contract (its # Safety section).
         (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
     }
 }
@@ -119,6 +123,7 @@ pub mod device {
     /// The runtime must be initialised, and every handle passed must be live and belong to the context current on this thread.
     pub unsafe fn count(api: &sys::AscendCl) -> Result<u32, AclError> {
         let mut n = 0u32;
+        // SAFETY: the caller upholds this function's contract (its # Safety section).
         let code = unsafe { call!(api, aclrtGetDeviceCount(&mut n)) };
         check(api, code, "aclrtGetDeviceCount").map(|_| n)
     }
@@ -129,6 +134,7 @@ pub mod device {
     ///
     /// The runtime must be initialised, and every handle passed must be live and belong to the context current on this thread.
     pub unsafe fn set(api: &sys::AscendCl, id: i32) -> Result<(), AclError> {
+        // SAFETY: the caller upholds this function's contract (its # Safety section).
         let code = unsafe { call!(api, aclrtSetDevice(id)) };
         check(api, code, "aclrtSetDevice")
     }
@@ -139,6 +145,7 @@ pub mod device {
     ///
     /// Every context of the device must be destroyed first.
     pub unsafe fn reset(api: &sys::AscendCl, id: i32) -> Result<(), AclError> {
+        // SAFETY: the caller upholds this function's contract (its # Safety section).
         let code = unsafe { call!(api, aclrtResetDevice(id)) };
         check(api, code, "aclrtResetDevice")
     }
@@ -150,6 +157,7 @@ pub mod device {
     /// The runtime must be initialised, and every handle passed must be live and belong to the context current on this thread.
     pub unsafe fn memory(api: &sys::AscendCl) -> Result<(usize, usize), AclError> {
         let (mut free, mut total) = (0usize, 0usize);
+        // SAFETY: the caller upholds this function's contract (its # Safety section).
         let code = unsafe {
             call!(
                 api,
@@ -171,6 +179,7 @@ pub mod context {
     /// The runtime must be initialised, and every handle passed must be live and belong to the context current on this thread.
     pub unsafe fn create(api: &sys::AscendCl, device: i32) -> Result<sys::aclrtContext, AclError> {
         let mut ctx = std::ptr::null_mut();
+        // SAFETY: the caller upholds this function's contract (its # Safety section).
         let code = unsafe { call!(api, aclrtCreateContext(&mut ctx, device)) };
         check(api, code, "aclrtCreateContext").map(|_| ctx)
     }
@@ -181,6 +190,7 @@ pub mod context {
     ///
     /// The handle must be live, idle and not used again.
     pub unsafe fn destroy(api: &sys::AscendCl, ctx: sys::aclrtContext) -> Result<(), AclError> {
+        // SAFETY: the caller upholds this function's contract (its # Safety section).
         let code = unsafe { call!(api, aclrtDestroyContext(ctx)) };
         check(api, code, "aclrtDestroyContext")
     }
@@ -191,6 +201,7 @@ pub mod context {
     ///
     /// The runtime must be initialised, and every handle passed must be live and belong to the context current on this thread.
     pub unsafe fn set_current(api: &sys::AscendCl, ctx: sys::aclrtContext) -> Result<(), AclError> {
+        // SAFETY: the caller upholds this function's contract (its # Safety section).
         let code = unsafe { call!(api, aclrtSetCurrentContext(ctx)) };
         check(api, code, "aclrtSetCurrentContext")
     }
@@ -207,6 +218,7 @@ pub mod stream {
     /// The runtime must be initialised, and every handle passed must be live and belong to the context current on this thread.
     pub unsafe fn create(api: &sys::AscendCl) -> Result<sys::aclrtStream, AclError> {
         let mut s = std::ptr::null_mut();
+        // SAFETY: the caller upholds this function's contract (its # Safety section).
         let code = unsafe { call!(api, aclrtCreateStream(&mut s)) };
         check(api, code, "aclrtCreateStream").map(|_| s)
     }
@@ -217,6 +229,7 @@ pub mod stream {
     ///
     /// The handle must be live, idle and not used again.
     pub unsafe fn destroy(api: &sys::AscendCl, s: sys::aclrtStream) -> Result<(), AclError> {
+        // SAFETY: the caller upholds this function's contract (its # Safety section).
         let code = unsafe { call!(api, aclrtDestroyStream(s)) };
         check(api, code, "aclrtDestroyStream")
     }
@@ -227,6 +240,7 @@ pub mod stream {
     ///
     /// The runtime must be initialised, and every handle passed must be live and belong to the context current on this thread.
     pub unsafe fn synchronize(api: &sys::AscendCl, s: sys::aclrtStream) -> Result<(), AclError> {
+        // SAFETY: the caller upholds this function's contract (its # Safety section).
         let code = unsafe { call!(api, aclrtSynchronizeStream(s)) };
         check(api, code, "aclrtSynchronizeStream")
     }
@@ -243,6 +257,7 @@ pub mod memory {
     /// The runtime must be initialised, and every handle passed must be live and belong to the context current on this thread.
     pub unsafe fn malloc(api: &sys::AscendCl, size: usize) -> Result<*mut c_void, AclError> {
         let mut p = std::ptr::null_mut();
+        // SAFETY: the caller upholds this function's contract (its # Safety section).
         let code = unsafe {
             call!(
                 api,
@@ -258,6 +273,7 @@ pub mod memory {
     ///
     /// `p` must come from `aclrtMalloc` and not be freed already.
     pub unsafe fn free(api: &sys::AscendCl, p: *mut c_void) -> Result<(), AclError> {
+        // SAFETY: the caller upholds this function's contract (its # Safety section).
         let code = unsafe { call!(api, aclrtFree(p)) };
         check(api, code, "aclrtFree")
     }
@@ -275,6 +291,7 @@ pub mod memory {
         count: usize,
         kind: sys::aclrtMemcpyKind,
     ) -> Result<(), AclError> {
+        // SAFETY: the caller upholds this function's contract (its # Safety section).
         let code = unsafe { call!(api, aclrtMemcpy(dst, dest_max, src, count, kind)) };
         check(api, code, "aclrtMemcpy")
     }
@@ -294,6 +311,7 @@ pub mod dataset {
         data: *mut c_void,
         size: usize,
     ) -> Result<*mut sys::aclDataBuffer, AclError> {
+        // SAFETY: the caller upholds this function's contract (its # Safety section).
         let b = unsafe { call!(api, aclCreateDataBuffer(data, size)) };
         if b.is_null() {
             return Err(AclError {
@@ -315,6 +333,7 @@ pub mod dataset {
         api: &sys::AscendCl,
         b: *mut sys::aclDataBuffer,
     ) -> Result<(), AclError> {
+        // SAFETY: the caller upholds this function's contract (its # Safety section).
         let code = unsafe { call!(api, aclDestroyDataBuffer(b)) };
         check(api, code, "aclDestroyDataBuffer")
     }
@@ -325,6 +344,7 @@ pub mod dataset {
     ///
     /// The runtime must be initialised, and every handle passed must be live and belong to the context current on this thread.
     pub unsafe fn create(api: &sys::AscendCl) -> Result<*mut sys::aclmdlDataset, AclError> {
+        // SAFETY: the caller upholds this function's contract (its # Safety section).
         let d = unsafe { call!(api, aclmdlCreateDataset()) };
         if d.is_null() {
             return Err(AclError {
@@ -343,6 +363,7 @@ pub mod dataset {
     ///
     /// The handle must be live, idle and not used again.
     pub unsafe fn destroy(api: &sys::AscendCl, d: *mut sys::aclmdlDataset) -> Result<(), AclError> {
+        // SAFETY: the caller upholds this function's contract (its # Safety section).
         let code = unsafe { call!(api, aclmdlDestroyDataset(d)) };
         check(api, code, "aclmdlDestroyDataset")
     }
@@ -357,6 +378,7 @@ pub mod dataset {
         d: *mut sys::aclmdlDataset,
         b: *mut sys::aclDataBuffer,
     ) -> Result<(), AclError> {
+        // SAFETY: the caller upholds this function's contract (its # Safety section).
         let code = unsafe { call!(api, aclmdlAddDatasetBuffer(d, b)) };
         check(api, code, "aclmdlAddDatasetBuffer")
     }
@@ -373,6 +395,7 @@ pub mod model {
     /// The runtime must be initialised, and every handle passed must be live and belong to the context current on this thread.
     pub unsafe fn load_from_mem(api: &sys::AscendCl, bytes: &[u8]) -> Result<u32, AclError> {
         let mut id = 0u32;
+        // SAFETY: the caller upholds this function's contract (its # Safety section).
         let code = unsafe {
             call!(
                 api,
@@ -388,6 +411,7 @@ pub mod model {
     ///
     /// Must run under the context that loaded the model, with no execution in flight.
     pub unsafe fn unload(api: &sys::AscendCl, id: u32) -> Result<(), AclError> {
+        // SAFETY: the caller upholds this function's contract (its # Safety section).
         let code = unsafe { call!(api, aclmdlUnload(id)) };
         check(api, code, "aclmdlUnload")
     }
@@ -403,6 +427,7 @@ pub mod model {
         input: *const sys::aclmdlDataset,
         output: *mut sys::aclmdlDataset,
     ) -> Result<(), AclError> {
+        // SAFETY: the caller upholds this function's contract (its # Safety section).
         let code = unsafe { call!(api, aclmdlExecute(id, input, output)) };
         check(api, code, "aclmdlExecute")
     }
@@ -413,6 +438,7 @@ pub mod model {
     ///
     /// The runtime must be initialised, and every handle passed must be live and belong to the context current on this thread.
     pub unsafe fn describe(api: &sys::AscendCl, id: u32) -> Result<*mut sys::aclmdlDesc, AclError> {
+        // SAFETY: the caller upholds this function's contract (its # Safety section).
         let d = unsafe { call!(api, aclmdlCreateDesc()) };
         if d.is_null() {
             return Err(AclError {
@@ -422,8 +448,10 @@ pub mod model {
                 message: recent_message(api),
             });
         }
+        // SAFETY: the caller upholds this function's contract (its # Safety section).
         let code = unsafe { call!(api, aclmdlGetDesc(d, id)) };
         if let Err(e) = check(api, code, "aclmdlGetDesc") {
+            // SAFETY: the caller upholds this function's contract (its # Safety section).
             let _ = unsafe { destroy_desc(api, d) };
             return Err(e);
         }
@@ -439,6 +467,7 @@ pub mod model {
         api: &sys::AscendCl,
         d: *mut sys::aclmdlDesc,
     ) -> Result<(), AclError> {
+        // SAFETY: the caller upholds this function's contract (its # Safety section).
         let code = unsafe { call!(api, aclmdlDestroyDesc(d)) };
         check(api, code, "aclmdlDestroyDesc")
     }
@@ -454,7 +483,9 @@ pub mod model {
         output: bool,
         index: usize,
     ) -> Result<(String, Vec<i64>, i32, usize), AclError> {
+        // SAFETY: the caller upholds this function's contract (its # Safety section).
         let mut dims: sys::aclmdlIODims = unsafe { std::mem::zeroed() };
+        // SAFETY: the caller upholds this function's contract (its # Safety section).
         let (code, name, dtype, size) = unsafe {
             if output {
                 (
@@ -484,6 +515,7 @@ pub mod model {
         let name = if name.is_null() {
             String::new()
         } else {
+            // SAFETY: the caller upholds this function's contract (its # Safety section).
             unsafe { CStr::from_ptr(name) }
                 .to_string_lossy()
                 .into_owned()
@@ -501,6 +533,7 @@ pub mod model {
         api: &sys::AscendCl,
         d: *mut sys::aclmdlDesc,
     ) -> Result<(usize, usize), AclError> {
+        // SAFETY: the caller upholds this function's contract (its # Safety section).
         Ok(unsafe {
             (
                 call!(api, aclmdlGetNumInputs(d)),
