@@ -1,20 +1,18 @@
 //! `ascend-quant auto`: accuracy-based automatic quantization.
 
 use super::Failure;
-use super::calibrate::{CalibrateArgs, RunInputs, gather, output_paths};
+use super::calibrate::{CalibrateArgs, RunInputs, gather, output_paths, write_outputs};
 use super::exit::{ExitCode, usage};
 use crate::auto::{
     Evaluator, ExternalEvaluator, InternalEvaluator, Metric, layer_sensitivities, search,
 };
 use crate::data::{Dataset, read_npy};
-use crate::fsutil::write_all_atomic;
 use crate::quant::calibrate::{RunSettings, observe_layers};
 use crate::quant::emit::{LayerFactors, deploy_model, fake_quant_model, simulation_model};
 use crate::quant::record::write_record;
 use crate::sim::{RtenExecutor, feedable_input_names};
 use crate::tensor::Tensor;
 use anyhow::Context;
-use prost::Message;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -210,11 +208,9 @@ pub fn execute(args: &AutoArgs) -> Result<(), Failure> {
         "reproduce": format!("ascend-quant calibrate --model {} --config {} --batch-size {batch_size} ...", args.calib.model.display(), config_path.display()),
     });
     let text = |v: &serde_json::Value| serde_json::to_string_pretty(v).expect("plain JSON");
-    let deploy_bytes = deploy_model(prepared, &chosen)?.encode_to_vec();
-    let fake_bytes = fake_quant_model(prepared, &chosen)?.encode_to_vec();
-    let files: Vec<(PathBuf, Vec<u8>)> = vec![
-        (deploy, deploy_bytes),
-        (fake, fake_bytes),
+    let deploy_model = deploy_model(prepared, &chosen)?;
+    let fake_model = fake_quant_model(prepared, &chosen)?;
+    let texts: Vec<(PathBuf, Vec<u8>)> = vec![
         (record, write_record(&chosen).into_bytes()),
         (report_path.clone(), text(&report).into_bytes()),
         (config_path, text(&config.to_json()).into_bytes()),
@@ -227,15 +223,19 @@ pub fn execute(args: &AutoArgs) -> Result<(), Failure> {
             text(&serde_json::to_value(&outcome.history).context("history")?).into_bytes(),
         ),
     ];
-    let refs: Vec<(&Path, &[u8])> = files
+    let text_refs: Vec<(&Path, &[u8])> = texts
         .iter()
         .map(|(p, b)| (p.as_path(), b.as_slice()))
         .collect();
-    write_all_atomic(&refs).map_err(|e| {
-        usage(format!(
-            "writing the outputs under {prefix} failed: {e}; nothing was written"
-        ))
-    })?;
+    write_outputs(
+        &[(&deploy, &deploy_model), (&fake, &fake_model)],
+        &text_refs,
+        &args.calib.output,
+    )?;
+    let written: Vec<&Path> = [deploy.as_path(), fake.as_path()]
+        .into_iter()
+        .chain(texts.iter().map(|(p, _)| p.as_path()))
+        .collect();
     if args.calib.json {
         println!("{}", text(&report));
     }
@@ -254,7 +254,7 @@ pub fn execute(args: &AutoArgs) -> Result<(), Failure> {
             outcome.history.len(),
             started.elapsed().as_secs_f64()
         );
-        for (p, _) in &files {
+        for p in &written {
             eprintln!("wrote {}", p.display());
         }
     }

@@ -227,6 +227,34 @@ fn check_writable(prefix: &Path) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Writes a run's models and text files, staged and renamed together so a
+/// failure leaves nothing behind. A model too large for one protobuf file is
+/// saved first, with its large tensors in a `<file>.data` beside it.
+pub(super) fn write_outputs(
+    models: &[(&Path, &ModelProto)],
+    texts: &[(&Path, &[u8])],
+    prefix: &Path,
+) -> Result<(), Failure> {
+    let fail = |e: String| {
+        usage(format!(
+            "writing the outputs under {} failed: {e}",
+            prefix.display()
+        ))
+    };
+    let limit = crate::onnx::SaveOptions::default().inline_limit;
+    let mut staged: Vec<(&Path, Vec<u8>)> = Vec::new();
+    for (path, model) in models {
+        if model.encoded_len() > limit {
+            crate::onnx::save_model(model, path).map_err(|e| fail(e.to_string()))?;
+        } else {
+            staged.push((path, model.encode_to_vec()));
+        }
+    }
+    let mut all: Vec<(&Path, &[u8])> = staged.iter().map(|(p, b)| (*p, b.as_slice())).collect();
+    all.extend(texts.iter().copied());
+    write_all_atomic(&all).map_err(|e| fail(format!("{e}; nothing was written")))
+}
+
 /// What a calibration needs, gathered from the arguments.
 pub(super) struct RunInputs {
     /// The float model.
@@ -391,20 +419,14 @@ pub fn execute(args: &CalibrateArgs) -> Result<(), Failure> {
         phase_seconds: outcome.timings,
     };
     let report_json = serde_json::to_string_pretty(&report).context("serializing the report")?;
-    let deploy_bytes = outcome.deploy.encode_to_vec();
-    let fake_bytes = outcome.fake_quant.encode_to_vec();
-    write_all_atomic(&[
-        (&deploy, &deploy_bytes),
-        (&fake, &fake_bytes),
-        (&record, record_text.as_bytes()),
-        (&report_path, report_json.as_bytes()),
-    ])
-    .map_err(|e| {
-        usage(format!(
-            "writing the outputs under {} failed: {e}; nothing was written",
-            args.output.display()
-        ))
-    })?;
+    write_outputs(
+        &[(&deploy, &outcome.deploy), (&fake, &outcome.fake_quant)],
+        &[
+            (&record, record_text.as_bytes()),
+            (&report_path, report_json.as_bytes()),
+        ],
+        &args.output,
+    )?;
     if args.json {
         println!("{report_json}");
     }
