@@ -3,15 +3,10 @@
 //! models, and external evaluators are run and checked.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn digits() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/digits")
-}
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_ascend-quant"))
-}
+mod common;
+use common::{bin, digits};
 
 /// A config that clips /6/Conv's input to 2-3 % of its range.
 fn destroyed_config(dir: &Path) -> PathBuf {

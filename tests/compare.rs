@@ -1,16 +1,10 @@
 //! `compare` on the digits model: the per-layer table for fake-quant and
 //! deploy models, and the HTML page's content.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
-fn digits() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/digits")
-}
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_ascend-quant"))
-}
+mod common;
+use common::{bin, digits};
 
 fn compare(quant: &Path, extra: &[&str]) -> serde_json::Value {
     let o = bin()

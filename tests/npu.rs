@@ -7,19 +7,9 @@ use ascend_quant::onnx::load_model;
 use ascend_quant::sim::{Executor, RtenExecutor, SessionOptions};
 use ascend_quant::tensor::Tensor;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-fn digits() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/digits")
-}
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_ascend-quant"));
-    c.env_remove("ASCEND_STUB_FAIL")
-        .env_remove("ASCEND_HOME_PATH")
-        .env_remove("ASCEND_TOOLKIT_HOME");
-    c
-}
+mod common;
+use common::{bin, digits};
 
 /// A stub-runtime model with these inputs and outputs (float32), outputs = 0 * x + 0.5.
 fn stub_om(inputs: &[(String, Vec<usize>)], outputs: &[(String, Vec<usize>)]) -> Vec<u8> {

@@ -10,19 +10,11 @@ use ascend_quant::tensor::Tensor;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn digits() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/digits")
-}
+mod common;
+use common::digits;
 
 fn calibrate(out: &Path, extra: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_ascend-quant"))
-        .arg("calibrate")
-        .arg("--model")
-        .arg(digits().join("digits_cnn.onnx"))
-        .arg("--data")
-        .arg(digits().join("calib_x.npy"))
-        .arg("--output")
-        .arg(out)
+    common::calibrate_digits(out)
         .arg("--quiet")
         .args(extra)
         .output()
