@@ -115,7 +115,7 @@ pub struct CalibrateArgs {
     pub output: PathBuf,
     /// Calibration samples on which each layer's float vs fake-quant cosine
     /// similarity is measured (0 skips it).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 8)]
     pub similarity_samples: usize,
     /// Print the report as JSON on stdout.
     #[arg(long)]

@@ -87,10 +87,15 @@ impl Histogram {
             self.counts[0] += data.len() as f64;
             return;
         }
-        let inv = 1.0 / width;
+        // Integer tallies are cheaper than float ones; they are added to the counts once per batch.
+        let (lo, inv) = (lo as f32, (1.0 / width) as f32);
+        let mut tally = vec![0u32; n];
         for &x in data {
-            let i = ((f64::from(x) - lo) * inv) as usize;
-            self.counts[i.min(n - 1)] += 1.0;
+            let i = ((x - lo) * inv) as usize;
+            tally[i.min(n - 1)] += 1;
+        }
+        for (c, t) in self.counts.iter_mut().zip(tally) {
+            *c += f64::from(t);
         }
     }
 

@@ -189,18 +189,36 @@ impl Observer for Ifmr {
             return;
         }
         self.count += data.len() as u64;
+        // Only values beyond the current tails can enter them: compare against
+        // cached thresholds and touch the heaps only then (rarely, once full).
+        let mut high = self
+            .largest
+            .peek()
+            .filter(|_| self.largest.len() == TAIL)
+            .map_or(f32::NEG_INFINITY, |r| r.0.0);
+        let mut low = self
+            .smallest
+            .peek()
+            .filter(|_| self.smallest.len() == TAIL)
+            .map_or(f32::INFINITY, |o| o.0);
         for &x in data {
-            if self.largest.len() < TAIL {
+            if x > high {
+                if self.largest.len() == TAIL {
+                    self.largest.pop();
+                }
                 self.largest.push(Reverse(OrdF32(x)));
-            } else if x > self.largest.peek().expect("full").0.0 {
-                self.largest.pop();
-                self.largest.push(Reverse(OrdF32(x)));
+                if self.largest.len() == TAIL {
+                    high = self.largest.peek().expect("full").0.0;
+                }
             }
-            if self.smallest.len() < TAIL {
+            if x < low {
+                if self.smallest.len() == TAIL {
+                    self.smallest.pop();
+                }
                 self.smallest.push(OrdF32(x));
-            } else if x < self.smallest.peek().expect("full").0 {
-                self.smallest.pop();
-                self.smallest.push(OrdF32(x));
+                if self.smallest.len() == TAIL {
+                    low = self.smallest.peek().expect("full").0;
+                }
             }
         }
         self.hist.add(data, min, max);
