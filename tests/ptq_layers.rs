@@ -339,3 +339,79 @@ fn every_layer_kind_is_quantized_and_deploy_agrees_with_fake_quant() {
     );
     assert!(out.cosine.values().all(|&c| c > 0.98), "{:?}", out.cosine);
 }
+
+#[test]
+fn a_3d_convolution_is_calibrated_and_its_deploy_model_runs() {
+    let graph = GraphProto {
+        name: Some("c3".into()),
+        node: vec![
+            node(
+                "Conv",
+                "conv3d",
+                &["x", "w3", "b3"],
+                &["y"],
+                vec![ints("pads", &[1, 1, 1, 1, 1, 1])],
+            ),
+            node("Relu", "relu", &["y"], &["z"], vec![]),
+        ],
+        initializer: vec![
+            init("w3", &[4, 2, 3, 3, 3], 21, 0.3),
+            init("b3", &[4], 22, 0.1),
+        ],
+        input: vec![value_info("x", &[-1, 2, 5, 6, 7])],
+        output: vec![value_info("z", &[-1, 4, 5, 6, 7])],
+        ..Default::default()
+    };
+    let m = ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(17),
+        }],
+        graph: Some(graph),
+        ..Default::default()
+    };
+    let x =
+        Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[8, 2, 5, 6, 7]), values(23, 8 * 420)).unwrap());
+    let dataset = Dataset::from_arrays(
+        vec![("x".into(), x.clone())],
+        &["x".into()],
+        "synthetic".into(),
+    )
+    .unwrap();
+    let mut config = QuantConfig::default_for(&[("conv3d".into(), "Conv".into())]);
+    config.batch_num = 2;
+    let run_settings = RunSettings {
+        batch_size: 4,
+        dynamic_batch: false,
+        progress: &|_, _| {},
+        similarity_samples: 8,
+    };
+    let out = calibrate(&m, &config, &dataset, &RtenExecutor, &run_settings).unwrap();
+    assert_eq!(
+        out.factors[0].scale_w.len(),
+        4,
+        "one weight scale per output channel"
+    );
+    let float = run_model(&m, &x, "z");
+    let deploy = run_model(&out.deploy, &x, "z");
+    let fake = run_model(&out.fake_quant, &x, "z");
+    assert!(cosine(&float, &fake) > 0.999, "{}", cosine(&float, &fake));
+    assert!(
+        cosine(&deploy, &fake) > 0.99999,
+        "{}",
+        cosine(&deploy, &fake)
+    );
+}
+
+fn run_model(model: &ModelProto, x: &Tensor, output: &str) -> Vec<f32> {
+    let s = RtenExecutor
+        .prepare(model, &SessionOptions::default())
+        .unwrap();
+    s.run(&[("x", x)], &[output]).unwrap()[0]
+        .as_f32()
+        .unwrap()
+        .iter()
+        .copied()
+        .collect()
+}

@@ -135,7 +135,7 @@ pub fn lower(model: &ModelProto) -> Result<ModelProto, SimError> {
                 let shape: Vec<usize> = if deq.len() == 1 {
                     vec![]
                 } else {
-                    let mut s = vec![1; channel_rank(g, &out, &n.input[0])];
+                    let mut s = vec![1; channel_rank(g, &out, &new_inits, &n.input[0])];
                     s[1] = deq.len();
                     s
                 };
@@ -187,16 +187,26 @@ pub fn lower(model: &ModelProto) -> Result<ModelProto, SimError> {
 
 /// Rank of the tensor a per-channel dequantization applies to: that of the
 /// convolution weight behind `value` (through a bias Add).
-fn channel_rank(g: &GraphProto, lowered: &[NodeProto], value: &str) -> usize {
+fn channel_rank(
+    g: &GraphProto,
+    lowered: &[NodeProto],
+    new_inits: &[TensorProto],
+    value: &str,
+) -> usize {
     let mut v = value.to_string();
     for _ in 0..4 {
         let Some(p) = lowered.iter().find(|n| n.output.contains(&v)) else {
             break;
         };
-        if let Some(w) = p.input.get(1).and_then(|w| init(g, w))
+        let weight_rank = p
+            .input
+            .get(1)
+            .and_then(|w| init(g, w).or_else(|| new_inits.iter().find(|t| t.name() == w)))
+            .map(|t| t.dims.len());
+        if let Some(rank) = weight_rank
             && p.op_type() != "Add"
         {
-            return w.dims.len().max(2);
+            return rank.max(2);
         }
         v = p.input[0].clone();
     }

@@ -6,6 +6,7 @@
 //! them (today [`RtenExecutor`], built on the `rten` crate) can be swapped.
 
 pub mod ascend;
+mod conv3d;
 mod error;
 mod prepare;
 mod rten_engine;

@@ -18,6 +18,7 @@ pub fn rewrite_for_execution(model: &ModelProto, opts: &SessionOptions) -> Model
     let g = m.graph.as_mut().expect("loaded models always have a graph");
     crate::onnx::graph::name_nodes(g);
     fill_default_window_attributes(g);
+    super::conv3d::lower_conv3d(g);
     let outputs: HashSet<String> = g.output.iter().map(|o| o.name().to_string()).collect();
     let inputs: HashSet<String> = g.input.iter().map(|o| o.name().to_string()).collect();
     for k in &opts.keep {
