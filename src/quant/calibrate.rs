@@ -211,17 +211,21 @@ pub fn observe_layers(
     }
     let observed = started.elapsed().as_secs_f64();
     let graph = prepared.graph.as_ref().expect("graph");
-    let mut factors = Vec::with_capacity(enabled.len());
-    for (l, o) in enabled.into_iter().zip(&observers) {
-        let lc = config.layer(&l.name).expect("configured");
-        let act = o.params(config.asymmetric(lc), lc.act_bits).map_err(|e| {
-            QuantError::Input(format!(
-                "layer '{}': {e}; skip this layer in the config",
-                l.name
-            ))
-        })?;
-        factors.push(weigh(graph, l, act, lc.channel_wise, lc.wts_bits)?);
-    }
+    // Factor searches (IFMR, HFMG) and weight quantization are independent per layer.
+    let factors = enabled
+        .into_par_iter()
+        .zip(observers.par_iter())
+        .map(|(l, o)| {
+            let lc = config.layer(&l.name).expect("configured");
+            let act = o.params(config.asymmetric(lc), lc.act_bits).map_err(|e| {
+                QuantError::Input(format!(
+                    "layer '{}': {e}; skip this layer in the config",
+                    l.name
+                ))
+            })?;
+            weigh(graph, l, act, lc.channel_wise, lc.wts_bits)
+        })
+        .collect::<Result<Vec<_>, QuantError>>()?;
     Ok(Calibrated {
         prepared,
         preparation,

@@ -71,7 +71,7 @@ impl ActAlgo {
 }
 
 /// Watches the values of one tensor over many batches, keeping bounded state.
-pub trait Observer: Send {
+pub trait Observer: Send + Sync {
     /// Adds one batch of finite values whose extremes are `min` and `max`.
     fn observe(&mut self, data: &[f32], min: f32, max: f32);
     /// The activation factors for what was observed.
