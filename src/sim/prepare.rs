@@ -10,6 +10,41 @@ use crate::onnx::{Dim, GraphProto, ModelProto, ValueInfoProto, ValueSpec};
 use crate::tensor::{Tensor, onnx_type_name};
 use std::collections::{HashMap, HashSet};
 
+/// Operator settings the engine accepts but computes wrongly (found by the
+/// conformance fixtures): refused with an error rather than run silently wrong.
+pub fn refuse_known_wrong(model: &ModelProto) -> Result<(), SimError> {
+    let g = model
+        .graph
+        .as_ref()
+        .expect("loaded models always have a graph");
+    for (i, n) in g.node.iter().enumerate() {
+        let attr_s = |name: &str| {
+            n.attribute
+                .iter()
+                .find(|a| a.name() == name)
+                .map(|a| a.s().to_vec())
+        };
+        let why = match n.op_type() {
+            "MaxPool" | "AveragePool" if attr_s("auto_pad").as_deref() == Some(b"SAME_LOWER") => {
+                Some(
+                    "auto_pad SAME_LOWER is computed as SAME_UPPER by the CPU engine; give explicit pads instead",
+                )
+            }
+            "Resize" if attr_s("mode").as_deref() == Some(b"cubic") => Some(
+                "cubic Resize is computed wrongly by the CPU engine in most coordinate modes; use linear, or run the model elsewhere",
+            ),
+            _ => None,
+        };
+        if let Some(why) = why {
+            let label = crate::onnx::graph::node_label(g, i);
+            return Err(SimError::Load {
+                reason: format!("node '{label}' ({}): {why}", n.op_type()),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Returns a copy of `model` rewritten for execution: every node named (so
 /// engine errors can name it), kept values added as graph outputs, and axis 0
 /// made symbolic when a dynamic batch is asked for.

@@ -42,6 +42,7 @@ impl Executor for RtenExecutor {
         crate::onnx::GraphIndex::new(graph).map_err(|e| SimError::Load {
             reason: e.to_string(),
         })?;
+        super::prepare::refuse_known_wrong(model)?;
         let prepared = rewrite_for_execution(model, opts);
         let mut options = ModelOptions::with_all_ops();
         options
