@@ -3,7 +3,7 @@
 use super::Failure;
 use super::exit::usage;
 use crate::data::{read_npy, write_npy};
-use crate::onnx::{Dim, load_model};
+use crate::onnx::{Dim, ValueSpec, load_model};
 use crate::sim::{Executor, RtenExecutor, SessionOptions};
 use crate::tensor::{Tensor, format_shape};
 use anyhow::Context;
@@ -77,24 +77,27 @@ pub fn execute(args: &RunArgs) -> Result<(), Failure> {
             "input '{missing}' was not given; add --input {missing}=FILE.npy"
         )));
     }
-    let session_probe = RtenExecutor.prepare(&model, &SessionOptions::default())?;
+    // A batch other than the declared one runs with a free batch axis.
+    let declared: Vec<ValueSpec> = model
+        .graph
+        .as_ref()
+        .expect("graph")
+        .input
+        .iter()
+        .map(ValueSpec::from_proto)
+        .collect();
     let batch_differs = feeds.iter().any(|(name, v)| {
-        session_probe.inputs().iter().any(|s| {
-            &s.name == name
-                && matches!(s.shape.as_deref(), Some([Dim::Fixed(b), ..]) if v.shape().first() != Some(b))
+        declared.iter().any(|s| {
+            &s.name == name && matches!(s.shape.as_deref(), Some([Dim::Fixed(b), ..]) if v.shape().first() != Some(b))
         })
     });
-    let session = if batch_differs {
-        RtenExecutor.prepare(
-            &model,
-            &SessionOptions {
-                dynamic_batch: true,
-                ..Default::default()
-            },
-        )?
-    } else {
-        session_probe
-    };
+    let session = RtenExecutor.prepare(
+        &model,
+        &SessionOptions {
+            dynamic_batch: batch_differs,
+            ..Default::default()
+        },
+    )?;
     let output_names: Vec<String> = session.outputs().iter().map(|o| o.name.clone()).collect();
     let fetch: Vec<&str> = output_names.iter().map(String::as_str).collect();
     let feed_refs: Vec<(&str, &Tensor)> = feeds.iter().map(|(n, v)| (n.as_str(), v)).collect();

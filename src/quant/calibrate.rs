@@ -145,7 +145,6 @@ pub fn observe_layers(
         )));
     }
     let mut taps: Vec<String> = enabled.iter().map(|l| l.act_input.clone()).collect();
-    taps.dedup();
     taps.sort();
     taps.dedup();
     let session = executor.prepare(

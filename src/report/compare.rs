@@ -6,6 +6,7 @@ use crate::onnx::{ModelProto, NodeProto, to_tensor};
 use crate::quant::error::QuantError;
 use crate::quant::layers::QUANTIZABLE_OPS;
 use crate::quant::observe::histogram::Histogram;
+use crate::quant::params::ActParams;
 use crate::sim::{Executor, SessionOptions};
 use crate::tensor::Tensor;
 use serde::Serialize;
@@ -266,7 +267,13 @@ pub fn compare(
         hist_input = Some((worst.name.clone(), h));
     }
     let histogram = hist_input.map(|(layer, h)| ActivationHistogram {
-        clip: act_factors(quant, &layer).map(|(s, o)| ((-128.0 - o) * s, (127.0 - o) * s)),
+        clip: act_factors(quant, &layer).map(|(scale, offset)| {
+            ActParams {
+                scale,
+                offset: offset as i32,
+            }
+            .range(8)
+        }),
         layer,
         lo: h.lo(),
         hi: h.hi(),
