@@ -415,3 +415,72 @@ fn run_model(model: &ModelProto, x: &Tensor, output: &str) -> Vec<f32> {
         .copied()
         .collect()
 }
+
+#[test]
+fn a_batch_norm_with_non_constant_parameters_does_not_stop_other_folds() {
+    // bnA's scale comes from a graph input (not foldable); bnB follows convB and is foldable.
+    let graph = GraphProto {
+        name: Some("two_bn".into()),
+        node: vec![
+            node("Conv", "convA", &["x", "wA"], &["a"], vec![]),
+            node(
+                "BatchNormalization",
+                "bnA",
+                &["a", "gamma_in", "bn_bias", "bn_mean", "bn_var"],
+                &["a_bn"],
+                vec![],
+            ),
+            node("Conv", "convB", &["a_bn", "wB2"], &["b"], vec![]),
+            node(
+                "BatchNormalization",
+                "bnB",
+                &["b", "bn_scale", "bn_bias", "bn_mean", "bn_var"],
+                &["y"],
+                vec![],
+            ),
+        ],
+        initializer: vec![
+            init("wA", &[4, 3, 1, 1], 31, 0.5),
+            init("wB2", &[4, 4, 1, 1], 32, 0.5),
+            init("bn_scale", &[4], 33, 1.0),
+            init("bn_bias", &[4], 34, 0.2),
+            init("bn_mean", &[4], 35, 0.1),
+            {
+                let mut v = init("bn_var", &[4], 36, 0.3);
+                if let Some(raw) = v.raw_data.as_mut() {
+                    for c in raw.chunks_exact_mut(4) {
+                        let x = f32::from_le_bytes(c.try_into().unwrap()).abs() + 0.5;
+                        c.copy_from_slice(&x.to_le_bytes());
+                    }
+                }
+                v
+            },
+        ],
+        input: vec![
+            value_info("x", &[-1, 3, 4, 4]),
+            value_info("gamma_in", &[4]),
+        ],
+        output: vec![value_info("y", &[-1, 4, 4, 4])],
+        ..Default::default()
+    };
+    let mut m = ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(17),
+        }],
+        graph: Some(graph),
+        ..Default::default()
+    };
+    let done = prepare(&mut m, true, &[]).unwrap();
+    assert_eq!(done.fused, vec!["convB".to_string()]);
+    let ops: Vec<&str> = m
+        .graph
+        .as_ref()
+        .unwrap()
+        .node
+        .iter()
+        .map(|n| n.op_type())
+        .collect();
+    assert_eq!(ops, vec!["Conv", "BatchNormalization", "Conv"]);
+}

@@ -111,12 +111,15 @@ fn replace_initializer(
 /// channel, b' = (b − μ)·γ/√(σ²+ε) + β; the Conv then writes the BN's output.
 fn fold_batch_norms(graph: &mut GraphProto, skip: &[String]) -> Result<Vec<String>, OnnxError> {
     let mut fused = Vec::new();
+    // Convs whose pair cannot be folded (non-constant parameters): not tried again.
+    let mut unfoldable: HashSet<String> = HashSet::new();
     loop {
         let index = GraphIndex::new(graph)?;
         let outputs: HashSet<&str> = graph.output.iter().map(|o| o.name()).collect();
         let found = graph.node.iter().enumerate().find_map(|(c, n)| {
             if n.op_type() != "Conv"
                 || skip.iter().any(|s| s == n.name())
+                || unfoldable.contains(n.name())
                 || outputs.contains(n.output[0].as_str())
             {
                 return None;
@@ -145,7 +148,9 @@ fn fold_batch_norms(graph: &mut GraphProto, skip: &[String]) -> Result<Vec<Strin
         let (Some(w), [Some(gamma), Some(beta), Some(mean), Some(var)]) =
             (f32_init(graph, &w_name)?, params.as_slice())
         else {
-            break; // not constant: leave the pair alone (the node stays unfused)
+            // Not constant: leave this pair alone and look for others.
+            unfoldable.insert(graph.node[c].name().to_string());
+            continue;
         };
         let eps = bn
             .attribute
