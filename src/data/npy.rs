@@ -19,8 +19,8 @@ pub enum DataError {
         /// The system error.
         source: std::io::Error,
     },
-    /// The file is not a usable `.npy` array.
-    #[error("{path}: not a usable .npy array: {reason}")]
+    /// The data file cannot be used (format, type, shape or names).
+    #[error("{path}: {reason}")]
     Format {
         /// The file.
         path: PathBuf,
@@ -63,7 +63,7 @@ pub fn read_npy_bytes(bytes: &[u8], origin: &Path) -> Result<Tensor, DataError> 
             Err(e) => {
                 return Err(DataError::Format {
                     path: origin.into(),
-                    reason: e.to_string(),
+                    reason: format!("not a usable .npy array: {e}"),
                 });
             }
         }
@@ -71,7 +71,7 @@ pub fn read_npy_bytes(bytes: &[u8], origin: &Path) -> Result<Tensor, DataError> 
     Err(DataError::Format {
         path: origin.into(),
         reason: format!(
-            "element type {} is not supported (use float32, float64, int8, uint8, int32, int64, uint64 or bool, little-endian, C order)",
+            "not a usable .npy array: element type {} is not supported (use float32, float64, int8, uint8, int32, int64, uint64 or bool, little-endian, C order)",
             last.unwrap_or_default()
         ),
     })
