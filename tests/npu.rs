@@ -190,6 +190,27 @@ fn compile_runs_atc_and_reports_its_log_on_failure() {
         "{log}"
     );
 
+    // Without --soc-version the runtime's SoC is used.
+    let o = bin()
+        .args(["compile", "--input-shape", "x:1,1,8,8", "--output"])
+        .arg(dir.path().join("m2"))
+        .arg("--model")
+        .arg(&model)
+        .env("ASCEND_QUANT_ATC", &atc)
+        .env("ASCEND_QUANT_ACL_LIB", ascendcl_stub::library_path())
+        .env("ASCEND_STUB_SOC", "Ascend910B1")
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let log = std::fs::read_to_string(dir.path().join("atc.log")).unwrap();
+    assert!(log.contains("--soc_version=Ascend910B1"), "{log}");
+    assert!(dir.path().join("m2.om").is_file());
+
     let o = bin()
         .args([
             "compile",
