@@ -518,3 +518,27 @@ fn simple_config_and_amct_bin_folders_are_accepted() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("999.bin"));
 }
+
+#[test]
+fn a_model_older_than_opset_11_is_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = ascend_quant::onnx::load_model(&digits().join("digits_cnn.onnx")).unwrap();
+    m.opset_import[0].version = Some(9);
+    let old = dir.path().join("old.onnx");
+    ascend_quant::onnx::save_model(&m, &old).unwrap();
+    let o = common::bin()
+        .args(["calibrate", "--quiet", "--model"])
+        .arg(&old)
+        .arg("--data")
+        .arg(digits().join("calib_x.npy"))
+        .arg("--output")
+        .arg(dir.path().join("out"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("opset 9") && err.contains("opset >= 11"),
+        "{err}"
+    );
+}

@@ -121,6 +121,18 @@ pub fn observe_layers(
     executor: &dyn Executor,
     run: &RunSettings,
 ) -> Result<Calibrated, QuantError> {
+    // The fake-quant model needs Round and Clip with bound inputs (opset 11), as AMCT does.
+    let opset = model
+        .opset_import
+        .iter()
+        .find(|o| o.domain().is_empty() || o.domain() == "ai.onnx")
+        .map(|o| o.version())
+        .unwrap_or(0);
+    if opset < 11 {
+        return Err(QuantError::Input(format!(
+            "the model imports the default ONNX opset {opset}; quantization needs opset 11 or later (re-export the model with opset >= 11)"
+        )));
+    }
     let mut prepared = model.clone();
     let preparation = prepare(&mut prepared, config.do_fusion, &config.skip_fusion_layers)?;
     let graph = prepared.graph.as_ref().expect("graph");
