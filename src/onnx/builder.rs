@@ -2,7 +2,7 @@
 //! rewrites insert.
 
 use super::proto::attribute_proto::AttributeType;
-use super::proto::{AttributeProto, NodeProto};
+use super::proto::{AttributeProto, GraphProto, NodeProto};
 use super::tensor_proto::{Storage, to_proto};
 use crate::tensor::Tensor;
 use ndarray::{ArrayD, IxDyn};
@@ -72,4 +72,44 @@ pub fn constant(name: &str, output: &str, value: &Tensor) -> NodeProto {
         ..Default::default()
     };
     node("Constant", name, &[], &[output], vec![a])
+}
+
+/// Gives input `input` of node `node` the constant `value`: the initializer it
+/// names is replaced in place (keeping its name and doc string) when nothing
+/// else reads it, else a new initializer `new_name` is added for this node.
+pub fn set_initializer_input(
+    graph: &mut GraphProto,
+    node: usize,
+    input: usize,
+    new_name: &str,
+    value: &Tensor,
+    storage: Storage,
+) {
+    let old = graph.node[node].input[input].clone();
+    let shared = graph
+        .node
+        .iter()
+        .enumerate()
+        .any(|(j, n)| j != node && n.input.contains(&old))
+        || graph
+            .input
+            .iter()
+            .chain(&graph.output)
+            .any(|v| v.name() == old);
+    match graph
+        .initializer
+        .iter_mut()
+        .find(|t| t.name() == old)
+        .filter(|_| !shared)
+    {
+        Some(t) => {
+            let mut fresh = to_proto(&old, value, storage);
+            fresh.doc_string = t.doc_string.take();
+            *t = fresh;
+        }
+        None => {
+            graph.initializer.push(to_proto(new_name, value, storage));
+            graph.node[node].input[input] = new_name.to_string();
+        }
+    }
 }

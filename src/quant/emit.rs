@@ -18,7 +18,9 @@
 use super::layers::QuantLayer;
 use super::params::{ActParams, int_range};
 use super::weights::{ChannelLayout, dequantize_weight};
-use crate::onnx::builder::{attr_float, attr_int, attr_string, constant, constant_f32, node};
+use crate::onnx::builder::{
+    attr_float, attr_int, attr_string, constant, constant_f32, node, set_initializer_input,
+};
 use crate::onnx::graph::GraphIndex;
 use crate::onnx::proto::OperatorSetIdProto;
 use crate::onnx::{GraphProto, ModelProto, NodeProto, OnnxError, Storage, to_proto};
@@ -111,7 +113,7 @@ fn emit(
             }
         };
         graph.node[l.node].input[0] = q_out;
-        if let (Some(w), Some(wq)) = (&l.weight, &f.weight_q) {
+        if let Some(wq) = &f.weight_q {
             let value = match flavor {
                 Flavor::Deploy => Tensor::I8(wq.clone()),
                 Flavor::FakeQuant => Tensor::F32(wq.mapv(f32::from)),
@@ -124,17 +126,16 @@ fn emit(
                     Tensor::F32(dequantize_weight(wq, &f.scale_w, layout))
                 }
             };
-            set_input(
+            set_initializer_input(
                 graph,
                 l.node,
                 1,
                 &format!("{}.weight_quant", l.name),
-                w,
                 &value,
                 Storage::Raw,
             );
         }
-        if let (Some(b), Some(bq)) = (&l.bias, &f.bias_q) {
+        if let Some(bq) = &f.bias_q {
             let dims = IxDyn(&[bq.len()]);
             let (value, storage) = match flavor {
                 Flavor::Deploy => (
@@ -166,12 +167,11 @@ fn emit(
                 Some(add) => (add, 1),
                 None => (l.node, 2),
             };
-            set_input(
+            set_initializer_input(
                 graph,
                 node,
                 input,
                 &format!("{}.bias_quant", l.name),
-                b,
                 &value,
                 storage,
             );
@@ -390,33 +390,6 @@ fn dequant_nodes(
             ));
         }
         Flavor::Simulation => {}
-    }
-}
-
-/// Points input `input` of `node` at a tensor holding `value`: replaces the
-/// initializer in place when only this node reads it, else adds `new_name`.
-fn set_input(
-    graph: &mut GraphProto,
-    node: usize,
-    input: usize,
-    new_name: &str,
-    old: &str,
-    value: &Tensor,
-    storage: Storage,
-) {
-    let shared = graph
-        .node
-        .iter()
-        .enumerate()
-        .any(|(j, n)| j != node && n.input.iter().any(|i| i == old))
-        || graph.input.iter().any(|v| v.name() == old);
-    if shared {
-        graph.initializer.push(to_proto(new_name, value, storage));
-        graph.node[node].input[input] = new_name.to_string();
-    } else if let Some(t) = graph.initializer.iter_mut().find(|t| t.name() == old) {
-        let mut fresh = to_proto(old, value, storage);
-        fresh.doc_string = t.doc_string.take();
-        *t = fresh;
     }
 }
 

@@ -3,6 +3,7 @@
 //! initializers, BatchNormalization folded into the preceding Conv, and
 //! Gemm's `transB=1` weights transposed offline.
 
+use crate::onnx::builder::set_initializer_input;
 use crate::onnx::graph::{GraphIndex, name_nodes, node_label};
 use crate::onnx::proto::AttributeProto;
 use crate::onnx::{GraphProto, ModelProto, OnnxError, Storage, to_proto, to_tensor};
@@ -81,32 +82,6 @@ fn f32_init(graph: &GraphProto, name: &str) -> Result<Option<ndarray::ArrayD<f32
     })
 }
 
-/// Replaces initializer `name` with `value`; if another node also reads it,
-/// writes a new initializer `new_name` instead and points `node` at it.
-fn replace_initializer(
-    graph: &mut GraphProto,
-    node: usize,
-    input: usize,
-    new_name: &str,
-    value: &Tensor,
-) {
-    let name = graph.node[node].input[input].clone();
-    let shared = graph
-        .node
-        .iter()
-        .enumerate()
-        .any(|(j, n)| j != node && n.input.contains(&name))
-        || graph.output.iter().any(|o| o.name() == name);
-    if shared {
-        graph
-            .initializer
-            .push(to_proto(new_name, value, Storage::Raw));
-        graph.node[node].input[input] = new_name.to_string();
-    } else if let Some(i) = init_index(graph, &name) {
-        graph.initializer[i] = to_proto(&name, value, Storage::Raw);
-    }
-}
-
 /// Folds `Conv -> BatchNormalization` pairs: w' = w·γ/√(σ²+ε) per output
 /// channel, b' = (b − μ)·γ/√(σ²+ε) + β; the Conv then writes the BN's output.
 fn fold_batch_norms(graph: &mut GraphProto, skip: &[String]) -> Result<Vec<String>, OnnxError> {
@@ -175,17 +150,25 @@ fn fold_batch_norms(graph: &mut GraphProto, skip: &[String]) -> Result<Vec<Strin
             .map(|k| (old_b[k] - mean[k]) * factor[k] + beta[k])
             .collect();
         let conv_name = graph.node[c].name().to_string();
-        replace_initializer(
+        set_initializer_input(
             graph,
             c,
             1,
             &format!("{conv_name}.weight_fused"),
             &Tensor::F32(w2),
+            Storage::Raw,
         );
         let b2 =
             Tensor::F32(ndarray::ArrayD::from_shape_vec(IxDyn(&[cout]), b2).expect("cout values"));
         if graph.node[c].input.get(2).is_some_and(|s| !s.is_empty()) {
-            replace_initializer(graph, c, 2, &format!("{conv_name}.bias_fused"), &b2);
+            set_initializer_input(
+                graph,
+                c,
+                2,
+                &format!("{conv_name}.bias_fused"),
+                &b2,
+                Storage::Raw,
+            );
         } else {
             let name = format!("{conv_name}.bias_fused");
             graph.initializer.push(to_proto(&name, &b2, Storage::Raw));
@@ -220,7 +203,7 @@ fn untranspose_gemm_weights(graph: &mut GraphProto) -> Result<Vec<String>, OnnxE
         }
         let t = Tensor::F32(w.t().as_standard_layout().to_owned());
         let label = node_label(graph, i);
-        replace_initializer(graph, i, 1, &format!("{label}.weight_t"), &t);
+        set_initializer_input(graph, i, 1, &format!("{label}.weight_t"), &t, Storage::Raw);
         let n = &mut graph.node[i];
         n.attribute.retain(|a| a.name() != "transB");
         n.attribute.push(AttributeProto {
