@@ -14,6 +14,7 @@ pub mod onnx;
 pub mod quant;
 pub mod report;
 pub mod sim;
+pub mod similarity;
 pub mod tensor;
 
 pub use tensor::{DType, Tensor};

@@ -1,6 +1,7 @@
 //! The metrics automatic quantization can hold: all "higher is better",
 //! expressed in points so one `--max-drop` reads the same for each.
 
+use crate::similarity::Similarity;
 use ndarray::{ArrayD, Axis};
 
 /// How a quantized model's outputs are scored against the float model's (or labels).
@@ -63,20 +64,9 @@ impl Metric {
                             outputs.index_axis(Axis(0), i),
                             reference.index_axis(Axis(0), i),
                         );
-                        let dot: f64 = a
-                            .iter()
-                            .zip(b.iter())
-                            .map(|(x, y)| f64::from(*x) * f64::from(*y))
-                            .sum();
-                        let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum();
-                        let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum();
-                        if na == 0.0 && nb == 0.0 {
-                            1.0
-                        } else if na == 0.0 || nb == 0.0 {
-                            0.0
-                        } else {
-                            dot / (na * nb).sqrt()
-                        }
+                        let mut sim = Similarity::default();
+                        sim.add(b.iter(), a.iter());
+                        sim.cosine()
                     })
                     .sum();
                 100.0 * total / rows as f64

@@ -7,6 +7,7 @@ use crate::onnx::ModelProto;
 use crate::quant::emit::{LayerFactors, simulation_model};
 use crate::quant::error::QuantError;
 use crate::sim::{Executor, SessionOptions};
+use crate::similarity::Similarity;
 use crate::tensor::Tensor;
 use serde::Serialize;
 
@@ -48,7 +49,7 @@ pub fn layer_sensitivities(
     let float = executor.prepare(prepared, &opts)?;
     let quant = executor.prepare(&simulation_model(prepared, factors)?, &opts)?;
     let fetch: Vec<&str> = keep.iter().map(String::as_str).collect();
-    let mut acc = vec![(0.0f64, 0.0f64, 0.0f64); factors.len()];
+    let mut acc = vec![Similarity::default(); factors.len()];
     let mut seen = 0;
     for b in 0..data.batch_count(batch_size) {
         if seen >= samples {
@@ -66,26 +67,15 @@ pub fn layer_sensitivities(
                 &[f.layer.output.as_str()],
             )?;
             if let (Some(x), Some(y)) = (value(&f.layer.output).as_f32(), replayed[0].as_f32()) {
-                for (&u, &v) in x.iter().zip(y.iter()) {
-                    a.0 += f64::from(u) * f64::from(v);
-                    a.1 += f64::from(u) * f64::from(u);
-                    a.2 += f64::from(v) * f64::from(v);
-                }
+                a.add(x.iter(), y.iter());
             }
         }
     }
     let mut out: Vec<LayerSensitivity> = factors
         .iter()
         .zip(acc)
-        .map(|(f, (dot, na, nb))| {
-            // AMCT's conventions: an all-zero float output counts as similar, an all-zero quantized one as not.
-            let cosine = if na == 0.0 {
-                1.0
-            } else if nb == 0.0 {
-                0.0
-            } else {
-                dot / (na * nb).sqrt()
-            };
+        .map(|(f, a)| {
+            let cosine = a.cosine();
             LayerSensitivity {
                 name: f.layer.name.clone(),
                 op_type: f.layer.op_type.clone(),

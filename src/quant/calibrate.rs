@@ -14,6 +14,7 @@ use super::weights::{ChannelLayout, arq_scales, quantize_bias, quantize_weight};
 use crate::data::{Batch, Dataset};
 use crate::onnx::{ModelProto, to_tensor};
 use crate::sim::{Executor, Session, SessionOptions};
+use crate::similarity::Similarity;
 use crate::tensor::Tensor;
 use ndarray::ArrayD;
 use rayon::prelude::*;
@@ -333,17 +334,6 @@ fn weigh(
     })
 }
 
-/// Cosine similarity from a dot product and two squared norms (1 when both vectors are zero).
-fn cosine_of(dot: f64, na: f64, nb: f64) -> f64 {
-    if na == 0.0 && nb == 0.0 {
-        1.0
-    } else if na == 0.0 || nb == 0.0 {
-        0.0
-    } else {
-        dot / (na.sqrt() * nb.sqrt())
-    }
-}
-
 /// Per layer, the cosine similarity of its output in the float and the
 /// fake-quant model over the first `run.similarity_samples` calibration
 /// samples (accumulated, so one pass; NaN when none are measured).
@@ -365,7 +355,7 @@ fn layer_cosines(
     };
     let fs = executor.prepare(float, &opts)?;
     let qs = executor.prepare(fake, &opts)?;
-    let mut acc = vec![(0.0f64, 0.0f64, 0.0f64); outs.len()];
+    let mut acc = vec![Similarity::default(); outs.len()];
     let mut seen = 0;
     for b in 0..batches {
         if seen >= run.similarity_samples {
@@ -385,24 +375,18 @@ fn layer_cosines(
         let qv = run_batch(qs.as_ref(), &batch, &refs)?;
         for (k, (f, q)) in fv.iter().zip(&qv).enumerate() {
             if let (Some(f), Some(q)) = (f.as_f32(), q.as_f32()) {
-                for (&x, &y) in f.iter().zip(q.iter()) {
-                    acc[k].0 += f64::from(x) * f64::from(y);
-                    acc[k].1 += f64::from(x) * f64::from(x);
-                    acc[k].2 += f64::from(y) * f64::from(y);
-                }
+                acc[k].add(f.iter(), q.iter());
             }
         }
     }
     Ok(factors
         .iter()
         .zip(acc)
-        .map(|(f, (dot, na, nb))| {
-            let c = if seen == 0 {
-                f64::NAN
-            } else {
-                cosine_of(dot, na, nb)
-            };
-            (f.layer.name.clone(), c)
+        .map(|(f, a)| {
+            (
+                f.layer.name.clone(),
+                if seen == 0 { f64::NAN } else { a.cosine() },
+            )
         })
         .collect())
 }

@@ -8,6 +8,7 @@ use crate::quant::layers::QUANTIZABLE_OPS;
 use crate::quant::observe::histogram::Histogram;
 use crate::quant::params::ActParams;
 use crate::sim::{Executor, SessionOptions};
+use crate::similarity::Similarity;
 use crate::tensor::Tensor;
 use serde::Serialize;
 use std::collections::HashSet;
@@ -176,7 +177,7 @@ pub fn compare(
     )?;
     let float_fetch: Vec<&str> = float_keep.iter().map(String::as_str).collect();
     let quant_fetch: Vec<&str> = values.iter().map(String::as_str).collect();
-    let mut acc = vec![(0.0f64, 0.0f64, 0.0f64, 0.0f64, 0.0f64); layers.len()];
+    let mut acc = vec![Similarity::default(); layers.len()];
     let mut hist_input: Option<(String, Histogram)> = None;
     let mut samples = 0;
     for b in 0..data.batch_count(batch_size) {
@@ -190,14 +191,7 @@ pub fn compare(
             let (Some(x), Some(y)) = (fval(&values[k]).as_f32(), qv[k].as_f32()) else {
                 continue;
             };
-            for (&u, &v) in x.iter().zip(y.iter()) {
-                let (u, v) = (f64::from(u), f64::from(v));
-                a.0 += u * v;
-                a.1 += u * u;
-                a.2 += v * v;
-                a.3 += (u - v) * (u - v);
-                a.4 = a.4.max((u - v).abs());
-            }
+            a.add(x.iter(), y.iter());
         }
         let wanted = histogram_layer
             .map(String::from)
@@ -220,23 +214,13 @@ pub fn compare(
     let mut diffs: Vec<LayerDiff> = layers
         .iter()
         .zip(&acc)
-        .map(|((n, _, q), &(dot, na, nb, err, max_abs))| LayerDiff {
+        .map(|((n, _, q), a)| LayerDiff {
             name: n.name().to_string(),
             op_type: n.op_type().to_string(),
             quantized: *q,
-            cosine: if na == 0.0 && nb == 0.0 {
-                1.0
-            } else if na == 0.0 || nb == 0.0 {
-                0.0
-            } else {
-                dot / (na * nb).sqrt()
-            },
-            relative_l2: if na == 0.0 {
-                err.sqrt()
-            } else {
-                (err / na).sqrt()
-            },
-            max_abs,
+            cosine: a.cosine(),
+            relative_l2: a.relative_l2(),
+            max_abs: a.max_abs(),
         })
         .collect();
     diffs.sort_by(|a, b| a.cosine.total_cmp(&b.cosine));
