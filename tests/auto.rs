@@ -86,15 +86,9 @@ fn the_destroyed_layer_is_rolled_back_and_the_config_reproduces_the_models() {
     assert_eq!(report["configurations_evaluated"], tries.len());
 
     // calibrate with the written config gives the same models, byte for byte.
-    let o = bin()
-        .args(["calibrate", "--quiet", "--model"])
-        .arg(digits().join("digits_cnn.onnx"))
-        .arg("--data")
-        .arg(digits().join("calib_x.npy"))
-        .args(["--batch-size", "4", "--config"])
+    let o = common::calibrate_digits(&dir.path().join("again"))
+        .args(["--quiet", "--batch-size", "4", "--config"])
         .arg(dir.path().join("auto_auto_config.json"))
-        .arg("--output")
-        .arg(dir.path().join("again"))
         .output()
         .unwrap();
     assert_eq!(

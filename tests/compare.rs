@@ -29,19 +29,8 @@ fn compare(quant: &Path, extra: &[&str]) -> serde_json::Value {
 #[test]
 fn fake_quant_and_deploy_compare_alike_and_the_page_has_its_charts() {
     let dir = tempfile::tempdir().unwrap();
-    let o = bin()
-        .args([
-            "calibrate",
-            "--quiet",
-            "--skip-layers",
-            "/6/Conv",
-            "--model",
-        ])
-        .arg(digits().join("digits_cnn.onnx"))
-        .arg("--data")
-        .arg(digits().join("calib_x.npy"))
-        .arg("--output")
-        .arg(dir.path().join("q"))
+    let o = common::calibrate_digits(&dir.path().join("q"))
+        .args(["--quiet", "--skip-layers", "/6/Conv"])
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(0));

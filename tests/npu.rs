@@ -238,9 +238,8 @@ fn calibrate_on_the_npu_backend_compiles_once_and_observes_device_outputs() {
     let dir = tempfile::tempdir().unwrap();
     let atc = fake_atc(dir.path());
     let run = |prefix: &str| {
-        bin()
+        common::calibrate_digits(&dir.path().join(prefix))
             .args([
-                "calibrate",
                 "--backend",
                 "npu",
                 "--quiet",
@@ -249,13 +248,7 @@ fn calibrate_on_the_npu_backend_compiles_once_and_observes_device_outputs() {
                 "4",
                 "--batch-num",
                 "5",
-                "--model",
             ])
-            .arg(digits().join("digits_cnn.onnx"))
-            .arg("--data")
-            .arg(digits().join("calib_x.npy"))
-            .arg("--output")
-            .arg(dir.path().join(prefix))
             .env("ASCEND_QUANT_ACL_LIB", ascendcl_stub::library_path())
             .env("ASCEND_QUANT_ATC", &atc)
             .output()
@@ -305,13 +298,8 @@ fn calibrate_on_the_npu_backend_compiles_once_and_observes_device_outputs() {
 fn npu_backend_without_a_runtime_exits_with_2_and_names_the_search() {
     let dir = tempfile::tempdir().unwrap();
     let atc = fake_atc(dir.path());
-    let o = bin()
-        .args(["calibrate", "--backend", "npu", "--quiet", "--model"])
-        .arg(digits().join("digits_cnn.onnx"))
-        .arg("--data")
-        .arg(digits().join("calib_x.npy"))
-        .arg("--output")
-        .arg(dir.path().join("x"))
+    let o = common::calibrate_digits(&dir.path().join("x"))
+        .args(["--backend", "npu", "--quiet"])
         .env("ASCEND_QUANT_ACL_LIB", "/nonexistent/lib64")
         .env("ASCEND_QUANT_ATC", &atc)
         .output()
@@ -323,13 +311,8 @@ fn npu_backend_without_a_runtime_exits_with_2_and_names_the_search() {
         "{err}"
     );
     // auto falls back to the simulator and says so.
-    let o = bin()
-        .args(["calibrate", "--json", "--model"])
-        .arg(digits().join("digits_cnn.onnx"))
-        .arg("--data")
-        .arg(digits().join("calib_x.npy"))
-        .arg("--output")
-        .arg(dir.path().join("y"))
+    let o = common::calibrate_digits(&dir.path().join("y"))
+        .args(["--json"])
         .env("ASCEND_QUANT_ACL_LIB", "/nonexistent/lib64")
         .output()
         .unwrap();

@@ -8,7 +8,6 @@ use ascend_quant::quant::record::read_record;
 use ascend_quant::sim::{Executor, RtenExecutor, SessionOptions};
 use ascend_quant::tensor::Tensor;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 mod common;
 use common::digits;
@@ -219,7 +218,7 @@ fn deploy_model_is_byte_for_byte_what_the_spec_asks() {
 fn every_calibrator_and_both_symmetries_work_on_digits() {
     let dir = tempfile::tempdir().unwrap();
     let cfg_path = dir.path().join("config.json");
-    let o = Command::new(env!("CARGO_BIN_EXE_ascend-quant"))
+    let o = common::bin()
         .args(["config", "--model"])
         .arg(digits().join("digits_cnn.onnx"))
         .arg("--output")
@@ -322,7 +321,7 @@ fn assert_clean_failure(dir: &Path, o: &std::process::Output, needles: &[&str]) 
 fn run_with_data(dir: &Path, data: &Tensor, extra: &[&str]) -> std::process::Output {
     let x = dir.join("data.npy");
     write_npy(&x, data).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_ascend-quant"))
+    common::bin()
         .arg("calibrate")
         .arg("--model")
         .arg(digits().join("digits_cnn.onnx"))
@@ -481,7 +480,7 @@ fn simple_config_and_amct_bin_folders_are_accepted() {
             .collect();
         std::fs::write(bins.join(format!("{i:03}.bin")), bytes).unwrap();
     }
-    let o = Command::new(env!("CARGO_BIN_EXE_ascend-quant"))
+    let o = common::bin()
         .args(["calibrate", "--quiet", "--json", "--model"])
         .arg(digits().join("digits_cnn.onnx"))
         .arg("--data-dir")
@@ -506,7 +505,7 @@ fn simple_config_and_amct_bin_folders_are_accepted() {
     assert_eq!(report["batches"], 10);
     // A .bin of the wrong size names the file.
     std::fs::write(bins.join("999.bin"), [0u8; 12]).unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_ascend-quant"))
+    let o = common::bin()
         .args(["calibrate", "--quiet", "--model"])
         .arg(digits().join("digits_cnn.onnx"))
         .arg("--data-dir")
