@@ -15,13 +15,13 @@ use std::time::{Duration, Instant};
 
 /// Scores a quantized model (higher is better).
 pub trait Evaluator {
-    /// The metric of the model `fake_quant` describes; `simulation` computes
-    /// the same thing in fewer operators, for evaluators that run it here.
-    fn evaluate(
-        &mut self,
-        fake_quant: &ModelProto,
-        simulation: &ModelProto,
-    ) -> Result<f64, QuantError>;
+    /// Whether [`Evaluator::evaluate`] wants the fake-quant model itself (to
+    /// hand to another program) rather than the simulation model, which
+    /// computes the same thing in fewer operators.
+    fn wants_fake_quant(&self) -> bool;
+    /// The metric of a candidate: its fake-quant or simulation model, as
+    /// [`Evaluator::wants_fake_quant`] asks.
+    fn evaluate(&mut self, model: &ModelProto) -> Result<f64, QuantError>;
     /// The float model's metric.
     fn float_score(&mut self, float: &ModelProto) -> Result<f64, QuantError>;
 }
@@ -105,11 +105,11 @@ impl Evaluator for InternalEvaluator<'_> {
         Ok(score)
     }
 
-    fn evaluate(
-        &mut self,
-        _fake_quant: &ModelProto,
-        simulation: &ModelProto,
-    ) -> Result<f64, QuantError> {
+    fn wants_fake_quant(&self) -> bool {
+        false
+    }
+
+    fn evaluate(&mut self, simulation: &ModelProto) -> Result<f64, QuantError> {
         let out = self.outputs(simulation)?;
         let reference = self.reference.as_ref().expect("float_score runs first");
         Ok(self.metric.score(&out, reference))
@@ -193,11 +193,11 @@ impl Evaluator for ExternalEvaluator {
         self.score_file(float, "auto_float_model.onnx")
     }
 
-    fn evaluate(
-        &mut self,
-        fake_quant: &ModelProto,
-        _simulation: &ModelProto,
-    ) -> Result<f64, QuantError> {
+    fn wants_fake_quant(&self) -> bool {
+        true
+    }
+
+    fn evaluate(&mut self, fake_quant: &ModelProto) -> Result<f64, QuantError> {
         self.score_file(fake_quant, "auto_candidate_fake_quant_model.onnx")
     }
 }

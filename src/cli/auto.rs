@@ -168,10 +168,13 @@ pub fn execute(args: &AutoArgs) -> Result<(), Failure> {
     let prepared = &calibrated.prepared;
     let outcome = search(&ranked, target, |rolled_back| -> Result<f64, Failure> {
         let chosen = subset(&calibrated.factors, rolled_back);
-        let score = evaluator.evaluate(
-            &fake_quant_model(prepared, &chosen)?,
-            &simulation_model(prepared, &chosen)?,
-        )?;
+        // Build only the model the evaluator runs.
+        let candidate = if evaluator.wants_fake_quant() {
+            fake_quant_model(prepared, &chosen)?
+        } else {
+            simulation_model(prepared, &chosen)?
+        };
+        let score = evaluator.evaluate(&candidate)?;
         if !quiet {
             eprintln!(
                 "  {} in float: {} = {score:.3}",
