@@ -183,7 +183,7 @@ fn parse_shapes(text: &str) -> Result<Vec<(String, Vec<usize>)>, Failure> {
 }
 
 /// The first axis of the first input, when the model fixes it.
-fn declared_batch(model: &ModelProto) -> Option<usize> {
+pub(super) fn declared_batch(model: &ModelProto) -> Option<usize> {
     let g = model.graph.as_ref()?;
     let name = feedable_input_names(model).into_iter().next()?;
     let v = g.input.iter().find(|v| v.name() == name)?;

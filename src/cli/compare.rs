@@ -4,7 +4,7 @@
 use super::Failure;
 use super::exit::usage;
 use crate::data::Dataset;
-use crate::onnx::{Dim, ValueSpec, load_model};
+use crate::onnx::load_model;
 use crate::report::compare::compare;
 use crate::report::html::render;
 use crate::sim::{RtenExecutor, feedable_input_names};
@@ -42,13 +42,7 @@ pub fn execute(args: &CompareArgs) -> Result<(), Failure> {
     let float = load_model(&args.float)?;
     let quant = load_model(&args.quant)?;
     let data = Dataset::from_specs(&args.data, &feedable_input_names(&float))?;
-    let declared =
-        float.graph.as_ref().and_then(|g| g.input.first()).and_then(
-            |v| match ValueSpec::from_proto(v).shape?.first()? {
-                Dim::Fixed(n) if *n > 0 => Some(*n),
-                _ => None,
-            },
-        );
+    let declared = super::calibrate::declared_batch(&float);
     let batch_size = args.batch_size.unwrap_or(declared.unwrap_or(1)).max(1);
     let dynamic = declared.is_some_and(|d| d != batch_size);
     let c = compare(
