@@ -89,14 +89,7 @@ impl Executor for NpuExecutor {
         let graph = prepared.graph.as_ref().ok_or_else(|| SimError::Load {
             reason: "the model holds no graph".into(),
         })?;
-        let inits: std::collections::HashSet<&str> =
-            graph.initializer.iter().map(|t| t.name()).collect();
-        let inputs: Vec<ValueSpec> = graph
-            .input
-            .iter()
-            .filter(|v| !inits.contains(v.name()))
-            .map(ValueSpec::from_proto)
-            .collect();
+        let inputs = crate::sim::feedable_inputs(&prepared);
         let outputs: Vec<String> = graph.output.iter().map(|o| o.name().to_string()).collect();
         std::fs::create_dir_all(&self.cache).map_err(|e| {
             runtime(format!(

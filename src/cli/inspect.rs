@@ -7,7 +7,7 @@ use crate::quant::layers::{LayerCandidate, discover};
 use crate::quant::prepare::prepare;
 use anyhow::Context;
 use serde::Serialize;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 /// Arguments of `inspect`.
@@ -47,7 +47,6 @@ fn layer_verdicts(model: &ModelProto) -> Result<Vec<LayerCandidate>, OnnxError> 
 pub fn execute(args: &InspectArgs) -> Result<(), Failure> {
     let model = load_model(&args.model)?;
     let graph = model.graph.as_ref().expect("loaded models have a graph");
-    let inits: HashSet<&str> = graph.initializer.iter().map(|t| t.name()).collect();
     let mut operators = BTreeMap::new();
     for n in &graph.node {
         let key = if n.domain().is_empty() {
@@ -77,12 +76,7 @@ pub fn execute(args: &InspectArgs) -> Result<(), Failure> {
                 )
             })
             .collect(),
-        inputs: graph
-            .input
-            .iter()
-            .filter(|v| !inits.contains(v.name()))
-            .map(ValueSpec::from_proto)
-            .collect(),
+        inputs: crate::sim::feedable_inputs(&model),
         outputs: graph.output.iter().map(ValueSpec::from_proto).collect(),
         node_count: graph.node.len(),
         initializer_count: graph.initializer.len(),

@@ -12,7 +12,7 @@ mod prepare;
 mod rten_engine;
 
 pub use error::SimError;
-pub use prepare::rewrite_for_execution;
+pub use prepare::{feedable_inputs, rewrite_for_execution};
 pub use rten_engine::RtenExecutor;
 
 use crate::onnx::{ModelProto, ValueSpec};
