@@ -10,6 +10,7 @@ pub mod auto;
 pub mod cli;
 pub mod data;
 pub mod fsutil;
+pub mod npu;
 pub mod onnx;
 pub mod quant;
 pub mod report;

@@ -2,7 +2,7 @@
 //! scenario runs in a child process of this test binary, so every run starts
 //! with a fresh runtime and its own failure-injection settings.
 
-use ascend_quant::acl::{Acl, AclFailure};
+use ascend_quant::acl::{Acl, AclFailure, IoRole};
 use std::process::Command;
 
 /// A stub model: y_j = a * x + b, one float32 input and output of `dims`.
@@ -37,9 +37,9 @@ fn full_cycle(acl: &Acl) -> Result<Vec<f32>, AclFailure> {
     let stream = ctx.stream()?;
     let mut model = ctx.load_model(&stub_model(2.0, 1.0, &[1, 4]))?;
     let mut x = ctx.alloc(16)?;
-    let y = ctx.alloc(16)?;
+    let mut y = ctx.alloc(16)?;
     x.write_f32(&[0.0, 1.0, 2.0, 3.5])?;
-    model.execute(&[&x], &[&y])?;
+    model.execute(&[&x], &mut [&mut y])?;
     stream.synchronize()?;
     y.read_f32(4)
 }
@@ -102,6 +102,19 @@ fn run_scenario(name: &str) {
             }
             acl.finalize().expect("nothing leaks after a failure");
         }
+        "retry_after_failed_load" => {
+            match Acl::load(Some(std::path::Path::new("/nonexistent/ascend/lib64"))) {
+                Err(AclFailure::Load(e)) => {
+                    assert!(e.to_string().contains("/nonexistent/ascend/lib64"), "{e}")
+                }
+                Err(other) => panic!("{other}"),
+                Ok(_) => panic!("a missing folder must not load"),
+            }
+            // The failure is not remembered: the right location loads now.
+            let acl = acl().expect("a later load with another location succeeds");
+            assert_eq!(full_cycle(&acl).unwrap(), vec![1.0, 3.0, 5.0, 8.0]);
+            acl.finalize().unwrap();
+        }
         "two_threads" => {
             let acl = acl().unwrap();
             let device = acl.device(0).unwrap();
@@ -129,17 +142,19 @@ fn run_scenario(name: &str) {
     }
 }
 
-/// Entry point of the child processes; does nothing in the parent run.
+/// Entry point of the child processes, not a test of its own: ignored in the
+/// normal run, started with `--ignored` by [`child`].
 #[test]
+#[ignore = "child-process entry point; run by the other tests"]
 fn scenario_entry() {
-    if let Ok(name) = std::env::var("ACL_SCENARIO") {
-        run_scenario(&name);
-    }
+    let name = std::env::var("ACL_SCENARIO").expect("started by child() with ACL_SCENARIO");
+    run_scenario(&name);
 }
 
 fn child(name: &str, env: &[(&str, &str)]) -> std::process::Output {
     let mut c = Command::new(std::env::current_exe().unwrap());
     c.args([
+        "--ignored",
         "--exact",
         "scenario_entry",
         "--nocapture",
@@ -195,6 +210,54 @@ fn device_info_memory_round_trip_and_model_execution() {
 #[test]
 fn full_cycle_then_a_clean_finalize() {
     assert_passes("cycle_and_clean_finalize", &[]);
+}
+
+#[test]
+fn a_failed_load_is_not_cached() {
+    assert_passes("retry_after_failed_load", &[]);
+}
+
+#[test]
+fn execute_checks_buffer_sizes_and_contexts() {
+    let acl = acl().unwrap();
+    let device = acl.device(0).unwrap();
+    let ctx = device.context().unwrap();
+    let other = device.context().unwrap();
+    let mut model = ctx.load_model(&stub_model(2.0, 1.0, &[1, 4])).unwrap();
+    let x = ctx.alloc(16).unwrap();
+    let small = ctx.alloc(12).unwrap();
+    let mut y = ctx.alloc(16).unwrap();
+    let mut y_small = ctx.alloc(15).unwrap();
+    let mut y_foreign = other.alloc(16).unwrap();
+    match model.execute(&[&small], &mut [&mut y]) {
+        Err(AclFailure::BufferTooSmall {
+            role,
+            index: 0,
+            needed: 16,
+            got: 12,
+        }) => assert_eq!(role, IoRole::Input),
+        other => panic!("{other:?}"),
+    }
+    match model.execute(&[&x], &mut [&mut y_small]) {
+        Err(AclFailure::BufferTooSmall {
+            role,
+            needed: 16,
+            got: 15,
+            ..
+        }) => assert_eq!(role, IoRole::Output),
+        other => panic!("{other:?}"),
+    }
+    match model.execute(&[&x], &mut [&mut y_foreign]) {
+        Err(e @ AclFailure::ForeignBuffer { .. }) => {
+            assert!(e.to_string().contains("output 0"), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        model.execute(&[&x], &mut []),
+        Err(AclFailure::Usage(_))
+    ));
+    model.execute(&[&x], &mut [&mut y]).unwrap();
 }
 
 #[test]

@@ -33,12 +33,12 @@ fn stub_om(inputs: &[(String, Vec<usize>)], outputs: &[(String, Vec<usize>)]) ->
     m
 }
 
-/// Acts as `atc` when this test binary is started by the fake atc script.
+/// Acts as `atc` when this test binary is started by the fake atc script;
+/// not a test of its own (ignored in the normal run, started with `--ignored`).
 #[test]
+#[ignore = "child-process entry point of the fake atc"]
 fn fake_atc_entry() {
-    let Ok(args) = std::env::var("FAKE_ATC_ARGS") else {
-        return;
-    };
+    let args = std::env::var("FAKE_ATC_ARGS").expect("started by the fake atc script");
     let arg = |key: &str| {
         args.split(' ')
             .find_map(|a| a.strip_prefix(&format!("--{key}=")))
@@ -113,7 +113,7 @@ fn fake_atc_entry() {
 fn fake_atc(dir: &Path) -> PathBuf {
     let script = dir.join("atc");
     let text = format!(
-        "#!/bin/sh\necho \"$@\" >> '{}'\nFAKE_ATC_ARGS=\"$*\" exec '{}' --exact fake_atc_entry --nocapture --test-threads=1\n",
+        "#!/bin/sh\necho \"$@\" >> '{}'\nFAKE_ATC_ARGS=\"$*\" exec '{}' --ignored --exact fake_atc_entry --nocapture --test-threads=1\n",
         dir.join("atc.log").display(),
         std::env::current_exe().unwrap().display()
     );
@@ -210,6 +210,7 @@ fn compile_runs_atc_and_reports_its_log_on_failure() {
     let log = std::fs::read_to_string(dir.path().join("atc.log")).unwrap();
     assert!(log.contains("--soc_version=Ascend910B1"), "{log}");
     assert!(dir.path().join("m2.om").is_file());
+    let before = std::fs::read(dir.path().join("m.om")).unwrap();
 
     let o = bin()
         .args([
@@ -226,6 +227,24 @@ fn compile_runs_atc_and_reports_its_log_on_failure() {
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
+    assert_eq!(
+        std::fs::read(dir.path().join("m.om")).unwrap(),
+        before,
+        "a failed compilation leaves the existing .om as it was"
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| e
+                .as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with('.'))
+            .count(),
+        0,
+        "no staging folder is left behind"
+    );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         err.contains("atc failed") && err.contains("E10001"),
@@ -282,6 +301,17 @@ fn calibrate_on_the_npu_backend_compiles_once_and_observes_device_outputs() {
         .lines()
         .count();
     assert_eq!(compiles, 1, "one shape, one compilation");
+    // The cache holds the compiled model under its content hash, and nothing half-written.
+    let cached: Vec<String> = std::fs::read_dir(dir.path().join(".ascend-quant-cache"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(cached.len(), 1, "{cached:?}");
+    let stem = cached[0].strip_suffix(".om").expect("an .om");
+    assert!(
+        stem.len() == 64 && stem.chars().all(|c| c.is_ascii_hexdigit()),
+        "{stem}"
+    );
     // A second run finds the compiled model in the cache.
     let o = run("b");
     assert_eq!(o.status.code(), Some(0));

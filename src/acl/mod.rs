@@ -2,14 +2,12 @@
 //! loaded at run time), [`result`] (one checked function per C call) and
 //! [`safe`] (owning types whose `Drop` frees in the runtime's order).
 
-pub mod atc;
-pub mod backend;
 pub mod error;
 pub mod result;
 pub mod safe;
 
 pub use error::{AclError, error_name};
 pub use safe::{
-    Acl, AclFailure, AclLoadError, Context, Device, DeviceBuffer, IoDesc, OmModel, Stream,
+    Acl, AclFailure, AclLoadError, Context, Device, DeviceBuffer, IoDesc, IoRole, OmModel, Stream,
     library_hint,
 };

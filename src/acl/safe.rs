@@ -27,9 +27,66 @@ pub enum AclFailure {
     /// The caller's request does not fit the model or buffer.
     #[error("{0}")]
     Usage(String),
+    /// A buffer given to [`OmModel::execute`] is smaller than the model's tensor.
+    #[error(
+        "{role} {index} of the model needs {needed} bytes but its device buffer holds {got}; allocate it with the size the model description gives"
+    )]
+    BufferTooSmall {
+        /// "input" or "output".
+        role: IoRole,
+        /// Position among the model's inputs or outputs.
+        index: usize,
+        /// Bytes the model reads or writes.
+        needed: usize,
+        /// Bytes the buffer holds.
+        got: usize,
+    },
+    /// A buffer given to [`OmModel::execute`] belongs to another context.
+    #[error(
+        "{role} {index}: the device buffer was allocated in another context than the model's; allocate it from the model's context"
+    )]
+    ForeignBuffer {
+        /// "input" or "output".
+        role: IoRole,
+        /// Position among the model's inputs or outputs.
+        index: usize,
+    },
+    /// The model's description gives no size for a tensor (dynamic shape), so
+    /// the safe [`OmModel::execute`] cannot bound what the device writes.
+    #[error(
+        "{role} {index} ('{name}') of the model has a dynamic size; compile the model with fixed shapes, or use the unsafe OmModel::execute_unchecked"
+    )]
+    UnknownSize {
+        /// "input" or "output".
+        role: IoRole,
+        /// Position among the model's inputs or outputs.
+        index: usize,
+        /// The tensor's name.
+        name: String,
+    },
 }
 
-static LIBRARY: OnceLock<Result<sys::Loaded, String>> = OnceLock::new();
+/// Whether a model tensor is read (input) or written (output) by the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoRole {
+    /// Read by the model.
+    Input,
+    /// Written by the model.
+    Output,
+}
+
+impl std::fmt::Display for IoRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            IoRole::Input => "input",
+            IoRole::Output => "output",
+        })
+    }
+}
+
+/// The loaded library: set by the first successful load only, so a failed
+/// load (a wrong `--acl-lib`) can be retried with another location.
+static LIBRARY: OnceLock<sys::Loaded> = OnceLock::new();
 static LIVE: Mutex<Weak<Runtime>> = Mutex::new(Weak::new());
 
 struct Runtime {
@@ -74,17 +131,24 @@ pub fn library_hint(explicit: Option<&Path>) -> Option<PathBuf> {
 }
 
 impl Acl {
-    /// Loads the runtime (once per process; the first successful location is
-    /// kept) and initialises it; reuses the live runtime when there is one.
+    /// Loads the runtime and initialises it; reuses the live runtime when
+    /// there is one. The first successful load is kept for the process (a
+    /// process uses one runtime); a failed one is not remembered, so a later
+    /// call with another location tries again.
     pub fn load(explicit: Option<&Path>) -> Result<Acl, AclFailure> {
         let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(runtime) = live.upgrade() {
             return Ok(Acl { runtime });
         }
-        let loaded = LIBRARY
-            .get_or_init(|| sys::load(library_hint(explicit).as_deref()).map_err(|e| e.to_string()))
-            .as_ref()
-            .map_err(|e| AclLoadError(e.clone()))?;
+        // The LIVE lock is held, so no other thread loads at the same time.
+        let loaded = match LIBRARY.get() {
+            Some(loaded) => loaded,
+            None => {
+                let fresh = sys::load(library_hint(explicit).as_deref())
+                    .map_err(|e| AclLoadError(e.to_string()))?;
+                LIBRARY.get_or_init(|| fresh)
+            }
+        };
         // SAFETY: aclInit has no preconditions; repeated initialisation is reported and accepted.
         unsafe { init::init(&loaded.api) }?;
         let runtime = Arc::new(Runtime {
@@ -494,26 +558,96 @@ impl OmModel {
         &self.outputs
     }
 
-    /// Runs the model synchronously on device buffers.
+    /// Runs the model synchronously: reads `inputs`, writes `outputs` (one
+    /// buffer per model input and output, in the description's order).
+    ///
+    /// Sound by checking: every buffer must belong to the model's context and
+    /// hold at least the bytes the description gives for its tensor, so the
+    /// device never reads or writes past a buffer. Models with dynamic
+    /// tensor sizes are refused ([`AclFailure::UnknownSize`]); see
+    /// [`OmModel::execute_unchecked`].
     pub fn execute(
+        &mut self,
+        inputs: &[&DeviceBuffer],
+        outputs: &mut [&mut DeviceBuffer],
+    ) -> Result<(), AclFailure> {
+        self.check_counts(inputs.len(), outputs.len())?;
+        let outs: Vec<&DeviceBuffer> = outputs.iter().map(|b| &**b).collect();
+        for (role, descs, bufs) in [
+            (IoRole::Input, &self.inputs, inputs),
+            (IoRole::Output, &self.outputs, outs.as_slice()),
+        ] {
+            for (index, (desc, buf)) in descs.iter().zip(bufs).enumerate() {
+                if !Arc::ptr_eq(&buf.ctx.inner, &self.ctx.inner) {
+                    return Err(AclFailure::ForeignBuffer { role, index });
+                }
+                if desc.size == 0 {
+                    return Err(AclFailure::UnknownSize {
+                        role,
+                        index,
+                        name: desc.name.clone(),
+                    });
+                }
+                if buf.size < desc.size {
+                    return Err(AclFailure::BufferTooSmall {
+                        role,
+                        index,
+                        needed: desc.size,
+                        got: buf.size,
+                    });
+                }
+            }
+        }
+        // SAFETY: every buffer is of this model's context and at least as large
+        // as the tensor the model reads or writes there; outputs are borrowed
+        // mutably, so nothing else reads them while the device writes.
+        unsafe { self.run(inputs, &outs) }
+    }
+
+    /// Runs the model without checking the buffers against its description
+    /// (for models compiled with dynamic shapes, whose sizes the description
+    /// cannot give).
+    ///
+    /// # Safety
+    /// Every buffer must belong to this model's context, each input must hold
+    /// all the bytes the model reads for the shape it is run with, and each
+    /// output all the bytes the device writes; no output may be read or
+    /// written by anyone else during the call.
+    pub unsafe fn execute_unchecked(
+        &mut self,
+        inputs: &[&DeviceBuffer],
+        outputs: &mut [&mut DeviceBuffer],
+    ) -> Result<(), AclFailure> {
+        self.check_counts(inputs.len(), outputs.len())?;
+        let outs: Vec<&DeviceBuffer> = outputs.iter().map(|b| &**b).collect();
+        // SAFETY: the caller upholds the contract above.
+        unsafe { self.run(inputs, &outs) }
+    }
+
+    fn check_counts(&self, inputs: usize, outputs: usize) -> Result<(), AclFailure> {
+        if inputs != self.inputs.len() || outputs != self.outputs.len() {
+            return Err(AclFailure::Usage(format!(
+                "the model takes {} inputs and {} outputs, got {inputs} and {outputs}",
+                self.inputs.len(),
+                self.outputs.len(),
+            )));
+        }
+        Ok(())
+    }
+
+    /// # Safety
+    /// As [`OmModel::execute_unchecked`].
+    unsafe fn run(
         &mut self,
         inputs: &[&DeviceBuffer],
         outputs: &[&DeviceBuffer],
     ) -> Result<(), AclFailure> {
-        if inputs.len() != self.inputs.len() || outputs.len() != self.outputs.len() {
-            return Err(AclFailure::Usage(format!(
-                "the model takes {} inputs and {} outputs, got {} and {}",
-                self.inputs.len(),
-                self.outputs.len(),
-                inputs.len(),
-                outputs.len()
-            )));
-        }
         self.ctx.bind()?;
         let api = self.ctx.api();
         let input = Dataset::over(api, inputs)?;
         let output = Dataset::over(api, outputs)?;
-        // SAFETY: the datasets wrap live device buffers; the model's context is current.
+        // SAFETY: the datasets wrap live device buffers that the caller vouched
+        // for; the model's context is current.
         unsafe { model::execute(api, self.id, input.raw, output.raw) }?;
         Ok(())
     }

@@ -3,9 +3,9 @@
 
 use super::Failure;
 use super::exit::usage;
-use crate::acl::backend::NpuExecutor;
 use crate::data::Dataset;
 use crate::fsutil::write_all_atomic;
+use crate::npu::NpuExecutor;
 use crate::onnx::{Dim, ModelProto, load_model};
 use crate::quant::calibrate::{RunSettings, calibrate};
 use crate::quant::config::QuantConfig;
@@ -41,7 +41,7 @@ pub(super) fn select_backend(
         .unwrap_or(Path::new("."))
         .join(".ascend-quant-cache");
     let npu = || -> Result<NpuExecutor, String> {
-        crate::acl::atc::find_atc().map_err(|e| e.to_string())?;
+        crate::npu::atc::find_atc().map_err(|e| e.to_string())?;
         NpuExecutor::new(acl_lib, &cache).map_err(|e| e.to_string())
     };
     match backend {

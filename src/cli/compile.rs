@@ -3,7 +3,7 @@
 use super::Failure;
 use super::exit::usage;
 use crate::acl::Acl;
-use crate::acl::atc::compile;
+use crate::npu::atc::compile;
 use std::path::PathBuf;
 
 /// Arguments of `compile`.

@@ -62,6 +62,10 @@ pub fn find_atc() -> Result<PathBuf, AtcError> {
 }
 
 /// Compiles `model` to `<output>.om` for `soc_version`; returns the `.om` path.
+///
+/// atc writes into a temporary folder beside the destination and the `.om`
+/// is renamed into place only when atc succeeded, so a failed or interrupted
+/// compilation leaves no partial `.om` (and an existing one untouched).
 pub fn compile(
     model: &Path,
     output: &Path,
@@ -69,10 +73,20 @@ pub fn compile(
     input_shape: Option<&str>,
 ) -> Result<PathBuf, AtcError> {
     let atc = find_atc()?;
+    let om = PathBuf::from(format!("{}.om", output.display()));
+    let folder = match om.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let work = tempfile::Builder::new()
+        .prefix(".atc-")
+        .tempdir_in(&folder)
+        .map_err(|e| AtcError::Other(format!("cannot write into {}: {e}", folder.display())))?;
+    let staged = work.path().join("model");
     let mut cmd = Command::new(&atc);
     cmd.arg(format!("--model={}", model.display()))
         .arg("--framework=5")
-        .arg(format!("--output={}", output.display()))
+        .arg(format!("--output={}", staged.display()))
         .arg(format!("--soc_version={soc_version}"))
         .arg("--log=error");
     if let Some(shape) = input_shape {
@@ -97,12 +111,14 @@ pub fn compile(
             log,
         });
     }
-    let om = PathBuf::from(format!("{}.om", output.display()));
-    if !om.is_file() {
+    let staged_om = work.path().join("model.om");
+    if !staged_om.is_file() {
         return Err(AtcError::Other(format!(
-            "reported success but {} does not exist; its log:\n{log}",
+            "reported success but wrote no model for {}; its log:\n{log}",
             om.display()
         )));
     }
+    std::fs::rename(&staged_om, &om)
+        .map_err(|e| AtcError::Other(format!("cannot write {}: {e}", om.display())))?;
     Ok(om)
 }

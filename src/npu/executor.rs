@@ -7,15 +7,13 @@
 //! back as graph outputs (taps are added as outputs before compiling).
 
 use super::atc::compile;
-use super::safe::{Acl, AclFailure, Context, Device, OmModel};
+use crate::acl::{Acl, AclFailure, Context, Device, OmModel};
 use crate::onnx::{ModelProto, ValueSpec};
 use crate::sim::{Executor, Session, SessionOptions, SimError, rewrite_for_execution};
 use crate::tensor::Tensor;
 use ndarray::{ArrayD, IxDyn};
 use prost::Message;
 use std::collections::HashMap;
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -127,21 +125,51 @@ struct NpuSession {
 
 impl NpuSession {
     /// The `.om` for these input shapes, compiled (or taken from the cache) and loaded.
-    fn model_for(&self, shape_key: &str, atc_shape: &str) -> Result<OmModel, SimError> {
-        let mut h = DefaultHasher::new();
-        self.bytes.hash(&mut h);
-        shape_key.hash(&mut h);
-        self.soc.hash(&mut h);
-        let stem = self.cache.join(format!("{:016x}", h.finish()));
-        let om = PathBuf::from(format!("{}.om", stem.display()));
+    fn model_for(&self, atc_shape: &str) -> Result<OmModel, SimError> {
+        let key = cache_key(&self.bytes, atc_shape, &self.soc);
+        let om = self.cache.join(format!("{key}.om"));
         if !om.is_file() {
-            let onnx = PathBuf::from(format!("{}.onnx", stem.display()));
-            crate::fsutil::write_atomic(&onnx, &self.bytes)
-                .map_err(|e| runtime(format!("cannot write {}: {e}", onnx.display())))?;
-            compile(&onnx, &stem, &self.soc, Some(atc_shape)).map_err(runtime)?;
+            compile_into_cache(&self.bytes, &self.cache, &key, &self.soc, atc_shape)?;
         }
         self.context.load_model_file(&om).map_err(runtime)
     }
+}
+
+/// The cache file stem of a compiled model: a SHA-256 over the model bytes,
+/// the input shapes and the SoC, stable across Rust releases and machines.
+pub fn cache_key(model: &[u8], atc_shape: &str, soc: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for part in [model, atc_shape.as_bytes(), soc.as_bytes()] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes `bytes` where atc can read them and compiles them to
+/// `cache/<key>.om` (atomically: see [`compile`]).
+fn compile_into_cache(
+    bytes: &[u8],
+    cache: &Path,
+    key: &str,
+    soc: &str,
+    atc_shape: &str,
+) -> Result<(), SimError> {
+    let work = tempfile::Builder::new()
+        .prefix(".onnx-")
+        .tempdir_in(cache)
+        .map_err(|e| {
+            runtime(format!(
+                "cannot use the model cache {}: {e}",
+                cache.display()
+            ))
+        })?;
+    let onnx = work.path().join("model.onnx");
+    std::fs::write(&onnx, bytes)
+        .map_err(|e| runtime(format!("cannot write {}: {e}", onnx.display())))?;
+    compile(&onnx, &cache.join(key), soc, Some(atc_shape)).map_err(runtime)?;
+    Ok(())
 }
 
 fn to_bytes(t: &Tensor) -> Result<Vec<u8>, SimError> {
@@ -251,7 +279,7 @@ impl Session for NpuSession {
             .join(";");
         let mut compiled = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
         if !compiled.contains_key(&atc_shape) {
-            let m = self.model_for(&atc_shape, &atc_shape)?;
+            let m = self.model_for(&atc_shape)?;
             compiled.insert(atc_shape.clone(), m);
         }
         let model = compiled.get_mut(&atc_shape).expect("just inserted");
@@ -262,7 +290,7 @@ impl Session for NpuSession {
             b.copy_from_host(&bytes).map_err(runtime)?;
             in_bufs.push(b);
         }
-        let out_bufs = model
+        let mut out_bufs = model
             .outputs()
             .iter()
             .map(|o| self.context.alloc(o.size))
@@ -271,7 +299,7 @@ impl Session for NpuSession {
         model
             .execute(
                 &in_bufs.iter().collect::<Vec<_>>(),
-                &out_bufs.iter().collect::<Vec<_>>(),
+                &mut out_bufs.iter_mut().collect::<Vec<_>>(),
             )
             .map_err(runtime)?;
         fetch
@@ -304,5 +332,21 @@ impl Session for NpuSession {
                 from_bytes(&bytes, &dims, desc.dtype)
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cache_key;
+
+    #[test]
+    fn cache_key_is_a_length_prefixed_sha256() {
+        // Worked out with Python's hashlib over the same length-prefixed parts.
+        assert_eq!(
+            cache_key(b"model-bytes", "x:1,3,8,8", "Ascend310P3"),
+            "4af35cb5cebe2fb22931217e888c9557f0471750120616b3c76c6f489dad7235"
+        );
+        // The prefixes keep part boundaries apart.
+        assert_ne!(cache_key(b"ab", "c", "d"), cache_key(b"a", "bc", "d"));
     }
 }
