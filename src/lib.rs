@@ -9,6 +9,7 @@ pub mod acl;
 pub mod auto;
 pub mod cli;
 pub mod data;
+pub mod deploy_format;
 pub mod fsutil;
 pub mod npu;
 pub mod onnx;

@@ -4,7 +4,8 @@
 //! a bias Add, and Gemm with transB=1.
 
 use ascend_quant::data::Dataset;
-use ascend_quant::onnx::builder::{attr_int, node};
+use ascend_quant::onnx::attr::attr_int;
+use ascend_quant::onnx::builder::node;
 use ascend_quant::onnx::proto::{
     AttributeProto, OperatorSetIdProto, TensorProto, TypeProto, ValueInfoProto, tensor_shape_proto,
     type_proto,
@@ -483,4 +484,79 @@ fn a_batch_norm_with_non_constant_parameters_does_not_stop_other_folds() {
         .map(|n| n.op_type())
         .collect();
     assert_eq!(ops, vec!["Conv", "BatchNormalization", "Conv"]);
+}
+
+/// conv (weight [4,3,1,1], optional bias) -> BatchNormalization with the given parameters.
+fn conv_bn(bias: Option<TensorProto>, bn_len: usize) -> ModelProto {
+    let mut initializer = vec![
+        init("w", &[4, 3, 1, 1], 41, 0.5),
+        init("bn_scale", &[bn_len], 42, 1.0),
+        init("bn_bias", &[bn_len], 43, 0.2),
+        init("bn_mean", &[bn_len], 44, 0.1),
+        init("bn_var", &[bn_len], 0, 0.0),
+    ];
+    // Variance 1 everywhere.
+    initializer[4].raw_data = Some(1f32.to_le_bytes().repeat(bn_len));
+    let mut conv_inputs = vec!["x", "w"];
+    if let Some(b) = bias {
+        conv_inputs.push("b");
+        initializer.push(b);
+    }
+    let graph = GraphProto {
+        name: Some("conv_bn".into()),
+        node: vec![
+            node("Conv", "conv", &conv_inputs, &["a"], vec![]),
+            node(
+                "BatchNormalization",
+                "bn",
+                &["a", "bn_scale", "bn_bias", "bn_mean", "bn_var"],
+                &["y"],
+                vec![],
+            ),
+        ],
+        initializer,
+        input: vec![value_info("x", &[-1, 3, 4, 4])],
+        output: vec![value_info("y", &[-1, 4, 4, 4])],
+        ..Default::default()
+    };
+    ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(17),
+        }],
+        graph: Some(graph),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn batch_norm_parameters_of_the_wrong_length_are_refused_naming_the_node() {
+    let mut m = conv_bn(None, 3);
+    let err = prepare(&mut m, true, &[]).unwrap_err().to_string();
+    assert!(
+        err.contains("'bn'") && err.contains("3 values") && err.contains("4 output channels"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_conv_bias_that_is_not_float32_keeps_its_batch_norm() {
+    // An int64 bias cannot be folded into; it must not be replaced by zeros.
+    let bias = TensorProto {
+        name: Some("b".into()),
+        data_type: Some(7),
+        dims: vec![4],
+        int64_data: vec![1, 2, 3, 4],
+        ..Default::default()
+    };
+    let mut m = conv_bn(Some(bias), 4);
+    let done = prepare(&mut m, true, &[]).unwrap();
+    assert!(done.fused.is_empty());
+    let g = m.graph.as_ref().unwrap();
+    assert_eq!(g.node.len(), 2, "the pair stays");
+    assert_eq!(g.node[0].input[2], "b", "the bias is untouched");
+    // With a float32 bias the pair folds and the bias enters b' = (b - mean)*s + beta.
+    let mut m = conv_bn(Some(init("b", &[4], 45, 0.3)), 4);
+    assert_eq!(prepare(&mut m, true, &[]).unwrap().fused, vec!["conv"]);
 }

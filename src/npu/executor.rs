@@ -9,7 +9,7 @@
 use super::atc::compile;
 use crate::acl::{Acl, AclFailure, Context, Device, OmModel};
 use crate::onnx::{ModelProto, ValueSpec};
-use crate::sim::{Executor, Session, SessionOptions, SimError, rewrite_for_execution};
+use crate::sim::{Executor, Session, SessionOptions, SimError, ValueRole, rewrite_for_execution};
 use crate::tensor::Tensor;
 use ndarray::{ArrayD, IxDyn};
 use prost::Message;
@@ -83,7 +83,7 @@ impl Executor for NpuExecutor {
                 dynamic_batch: false,
                 ..opts.clone()
             },
-        );
+        )?;
         let graph = prepared.graph.as_ref().ok_or_else(|| SimError::Load {
             reason: "the model holds no graph".into(),
         })?;
@@ -255,7 +255,7 @@ impl Session for NpuSession {
                     .map(|(_, t)| *t)
                     .ok_or_else(|| SimError::UnknownValue {
                         name: spec.name.clone(),
-                        role: "an input",
+                        role: ValueRole::Input,
                         hint: "the NPU path runs from the graph inputs only".into(),
                     })
             })
@@ -312,7 +312,7 @@ impl Session for NpuSession {
                 let k = self.outputs.iter().position(|o| o == name).ok_or_else(|| {
                     SimError::UnknownValue {
                         name: name.to_string(),
-                        role: "an output",
+                        role: ValueRole::Output,
                         hint: format!(
                             "the compiled model's outputs are: {}",
                             self.outputs.join(", ")

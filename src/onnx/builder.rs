@@ -25,36 +25,6 @@ pub fn node(
     }
 }
 
-/// A FLOAT attribute.
-pub fn attr_float(name: &str, value: f32) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(AttributeType::Float as i32),
-        f: Some(value),
-        ..Default::default()
-    }
-}
-
-/// An INT attribute.
-pub fn attr_int(name: &str, value: i64) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(AttributeType::Int as i32),
-        i: Some(value),
-        ..Default::default()
-    }
-}
-
-/// A STRING attribute.
-pub fn attr_string(name: &str, value: &str) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(AttributeType::String as i32),
-        s: Some(value.as_bytes().to_vec()),
-        ..Default::default()
-    }
-}
-
 /// A `Constant` node producing a float32 tensor of `shape` (empty = scalar).
 pub fn constant_f32(name: &str, output: &str, shape: &[usize], values: Vec<f32>) -> NodeProto {
     let value =

@@ -85,6 +85,27 @@ pub enum OnnxError {
         /// The second definition.
         second: String,
     },
+    /// A node whose inputs or attributes contradict each other or the ONNX
+    /// operator's definition.
+    #[error("node '{node}': {reason}")]
+    Invalid {
+        /// The node's name.
+        node: String,
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
+    /// A shape or size so large that working with it would exhaust memory.
+    #[error("{what} needs {size}, more than the limit of {limit}; {hint}")]
+    TooLarge {
+        /// What would be allocated (naming the node or tensor).
+        what: String,
+        /// The size it needs, readable ("2.0 TiB", "2^40 elements").
+        size: String,
+        /// The limit.
+        limit: String,
+        /// How to proceed.
+        hint: String,
+    },
 }
 
 /// Result type of the `onnx` module.

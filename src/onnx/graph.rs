@@ -2,7 +2,7 @@
 //! which values are constants, and an order in which the nodes can run.
 
 use super::error::{OnnxError, Result};
-use super::proto::{GraphProto, NodeProto};
+use super::proto::{GraphProto, NodeProto, TensorProto};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 
@@ -56,6 +56,26 @@ fn outer_scope_reads(g: &GraphProto, out: &mut HashSet<String>) {
             out.extend(inner.into_iter().filter(|i| !defined.contains(i.as_str())));
         }
     }
+}
+
+/// The initializer called `name`, if the graph has one.
+pub fn initializer<'a>(graph: &'a GraphProto, name: &str) -> Option<&'a TensorProto> {
+    graph.initializer.iter().find(|t| t.name() == name)
+}
+
+/// The initializer called `name` as float32 values: `None` when there is no
+/// such initializer or it holds another element type.
+pub fn initializer_f32(
+    graph: &GraphProto,
+    name: &str,
+) -> Result<Option<ndarray::ArrayD<f32>>, OnnxError> {
+    let Some(t) = initializer(graph, name) else {
+        return Ok(None);
+    };
+    Ok(match super::to_tensor(t)? {
+        crate::tensor::Tensor::F32(a) => Some(a),
+        _ => None,
+    })
 }
 
 /// Every value a node reads: its inputs plus what its subgraphs read from outside.

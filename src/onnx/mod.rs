@@ -1,6 +1,7 @@
 //! ONNX models in memory: the generated protobuf types, lossless load/save
 //! with external data, tensor conversions and a graph index.
 
+pub mod attr;
 pub mod builder;
 pub mod error;
 pub mod external;
@@ -21,3 +22,20 @@ pub use io::{SaveOptions, load_model, load_model_bytes, save_model, save_model_w
 pub use proto::{GraphProto, ModelProto, NodeProto, TensorProto, ValueInfoProto};
 pub use tensor_proto::{Storage, to_proto, to_tensor};
 pub use value_info::{Dim, ValueSpec};
+
+/// The graph of `model`, or [`OnnxError::NoGraph`] naming `origin`.
+pub fn graph_of<'a>(model: &'a ModelProto, origin: &str) -> Result<&'a GraphProto, OnnxError> {
+    model.graph.as_ref().ok_or_else(|| OnnxError::NoGraph {
+        path: origin.into(),
+    })
+}
+
+/// The graph of `model`, mutable, or [`OnnxError::NoGraph`] naming `origin`.
+pub fn graph_of_mut<'a>(
+    model: &'a mut ModelProto,
+    origin: &str,
+) -> Result<&'a mut GraphProto, OnnxError> {
+    model.graph.as_mut().ok_or_else(|| OnnxError::NoGraph {
+        path: origin.into(),
+    })
+}

@@ -31,7 +31,7 @@ impl LayerConfig {
             act_algo: ActAlgo::default(),
             asymmetric: None,
             wts_bits: 8,
-            channel_wise: matches!(op_type, "Conv" | "ConvTranspose"),
+            channel_wise: super::layers::has_weight_channels(op_type),
         }
     }
 }
@@ -376,7 +376,7 @@ fn parse_layer(v: &Value, name: &str, op: &str) -> Parse<LayerConfig> {
         }
         if let Some(c) = w.get("channel_wise") {
             l.channel_wise = get_bool(c, "channel_wise")?;
-            if l.channel_wise && !matches!(op, "Conv" | "ConvTranspose") {
+            if l.channel_wise && !super::layers::has_weight_channels(op) {
                 return Err(format!(
                     "{ctx}: 'channel_wise' true is only allowed for Conv and ConvTranspose, and '{name}' is {op}"
                 ));

@@ -1,12 +1,14 @@
 //! Writes the two quantized models from a prepared float model and the
-//! factors of each layer, as `spec/deploy-format.md` lays them out:
+//! factors of each layer, in the deploy format of `docs/deploy-format.md`
+//! (whose operators, attributes, `deq_scale` packing and names come from
+//! [`crate::deploy_format`]):
 //!
 //! * deploy: `AscendQuant -> layer(int8 weight, int32 bias) -> AscendDequant`;
 //! * fake-quant: the same graph with standard operators only
 //!   (`Mul, Round, Add, Clip, Sub` for the quantization, `Mul` for the
 //!   dequantization, integer-valued float weights and bias).
 //!
-//! Choices the spec leaves open, and what we do:
+//! Choices the format leaves open, and what we do:
 //! * The deploy model keeps the model's own default-domain opset version
 //!   (AMCT rewrites it to 11); changing the version would change the meaning
 //!   of other operators (Softmax, Squeeze, ReduceMean... were redefined after 11),
@@ -18,9 +20,10 @@
 use super::layers::QuantLayer;
 use super::params::{ActParams, int_range};
 use super::weights::{ChannelLayout, dequantize_weight};
-use crate::onnx::builder::{
-    attr_float, attr_int, attr_string, constant, constant_f32, node, set_initializer_input,
+use crate::deploy_format::{
+    ASCEND_DEQUANT, ASCEND_QUANT, QuantAttrs, deq_factor, dequant_attributes, names, pack_deq_scale,
 };
+use crate::onnx::builder::{constant, constant_f32, node, set_initializer_input};
 use crate::onnx::graph::GraphIndex;
 use crate::onnx::proto::OperatorSetIdProto;
 use crate::onnx::{GraphProto, ModelProto, NodeProto, OnnxError, Storage, to_proto};
@@ -46,14 +49,11 @@ pub struct LayerFactors {
 impl LayerFactors {
     /// `float32(scale_w[c] * scale_d)` per channel.
     pub fn deq_scales(&self) -> Vec<f32> {
-        self.scale_w.iter().map(|s| s * self.act.scale).collect()
+        self.scale_w
+            .iter()
+            .map(|&s| deq_factor(s, self.act.scale))
+            .collect()
     }
-}
-
-/// Packs a dequantization scale as Ascend reads it: float32 bits in the low
-/// 32 bits; shift (bits 32-39) and weight offset (bits 40-47) zero.
-pub fn pack_deq_scale(deq: f32) -> u64 {
-    u64::from(deq.to_bits())
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -97,7 +97,9 @@ fn emit(
     flavor: Flavor,
 ) -> Result<ModelProto, OnnxError> {
     let mut model = prepared.clone();
-    let graph = model.graph.as_mut().expect("loaded models have a graph");
+    let graph = model.graph.as_mut().ok_or_else(|| OnnxError::NoGraph {
+        path: "the prepared model".into(),
+    })?;
     let mut added: Vec<NodeProto> = Vec::new();
     // (input value, scale bits, offset) -> quantized value, so layers sharing an input share one quantization.
     let mut quantized: HashMap<(String, u32, i32), String> = HashMap::new();
@@ -130,7 +132,7 @@ fn emit(
                 graph,
                 l.node,
                 1,
-                &format!("{}.weight_quant", l.name),
+                &names::weight(&l.name),
                 &value,
                 Storage::Raw,
             );
@@ -167,14 +169,7 @@ fn emit(
                 Some(add) => (add, 1),
                 None => (l.node, 2),
             };
-            set_initializer_input(
-                graph,
-                node,
-                input,
-                &format!("{}.bias_quant", l.name),
-                &value,
-                storage,
-            );
+            set_initializer_input(graph, node, input, &names::bias(&l.name), &value, storage);
         }
         if l.bias_add.is_some() {
             // The value between the layer and its bias Add is now an integer.
@@ -185,7 +180,7 @@ fn emit(
             continue; // weights and bias are already in float units: no dequantization
         }
         let producer = l.bias_add.unwrap_or(l.node);
-        let int_out = format!("{}_output0", l.name);
+        let int_out = names::int_output(&l.name);
         graph.node[producer].output[0] = int_out.clone();
         dequant_nodes(graph, &mut added, f, &int_out, flavor);
     }
@@ -227,27 +222,23 @@ fn quant_nodes(
     act: &ActParams,
     flavor: Flavor,
 ) -> String {
-    let base = format!("{}.quant", l.name);
-    let inv = 1.0f32 / act.scale;
-    let offset = act.offset as f32;
+    let attrs = QuantAttrs::from_factors(act.scale, act.offset);
+    let (inv, offset) = (attrs.scale, attrs.offset);
     match flavor {
         Flavor::Deploy => {
-            let out = format!("{base}.output");
+            let out = names::quant_output(&l.name);
             added.push(node(
-                "AscendQuant",
-                &base,
+                ASCEND_QUANT,
+                &names::quant_node(&l.name),
                 &[&l.act_input],
                 &[&out],
-                vec![
-                    attr_float("scale", inv),
-                    attr_float("offset", offset),
-                    attr_string("dst_type", "INT8"),
-                ],
+                attrs.to_attributes(),
             ));
             out
         }
         Flavor::Simulation => {
-            let p = |n: &str| format!("{base}.qdq.{n}");
+            let base = names::qdq_prefix(&l.name);
+            let p = |n: &str| format!("{base}.{n}");
             let zp = Tensor::I8(ArrayD::from_elem(IxDyn(&[]), act.offset as i8));
             added.push(constant_f32(
                 &p("scale"),
@@ -274,7 +265,7 @@ fn quant_nodes(
             p("output")
         }
         Flavor::FakeQuant => {
-            let p = format!("{base}.fakequant");
+            let p = names::fake_quant_prefix(&l.name);
             let (lo, hi) = int_range(8);
             let c = |n: &str| format!("{p}.{n}");
             added.push(constant_f32(&c("scale"), &c("scale.value"), &[], vec![inv]));
@@ -345,11 +336,10 @@ fn dequant_nodes(
     flavor: Flavor,
 ) {
     let l = &f.layer;
-    let base = format!("{}.dequant", l.name);
     let deq = f.deq_scales();
     match flavor {
         Flavor::Deploy => {
-            let param = format!("{base}.param");
+            let param = names::dequant_param(&l.name);
             let packed = ArrayD::from_shape_vec(
                 IxDyn(&[deq.len()]),
                 deq.iter().map(|&d| pack_deq_scale(d)).collect(),
@@ -359,15 +349,15 @@ fn dequant_nodes(
                 .initializer
                 .push(to_proto(&param, &Tensor::U64(packed), Storage::Typed));
             added.push(node(
-                "AscendDequant",
-                &base,
+                ASCEND_DEQUANT,
+                &names::dequant_node(&l.name),
                 &[int_out, &param],
                 &[&l.output],
-                vec![attr_int("dtype", 0)],
+                dequant_attributes(),
             ));
         }
         Flavor::FakeQuant => {
-            let p = format!("{base}.fakequant");
+            let p = names::fake_dequant_prefix(&l.name);
             let shape: Vec<usize> = if deq.len() == 1 {
                 vec![]
             } else {
@@ -405,17 +395,4 @@ fn sort_nodes(graph: &mut GraphProto) -> Result<(), OnnxError> {
         .map(|i| nodes[i].take().expect("each index once"))
         .collect();
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn deq_scale_packing_puts_float_bits_low() {
-        let v = pack_deq_scale(0.5);
-        assert_eq!(v, 0x3F00_0000);
-        assert_eq!(v >> 32, 0);
-        assert_eq!(f32::from_bits(v as u32), 0.5);
-    }
 }

@@ -3,13 +3,24 @@
 //! to know about each: its activation input, weight, bias and channel layout.
 
 use super::weights::ChannelLayout;
+use crate::onnx::attr::{find, float_attr, int_attr};
 use crate::onnx::graph::{GraphIndex, Source, node_label};
-use crate::onnx::proto::AttributeProto;
 use crate::onnx::{GraphProto, NodeProto, OnnxError};
 use serde::Serialize;
 
-/// Operators that Ascend quantizes.
+/// Operators that Ascend quantizes: the one list every pass consults.
 pub const QUANTIZABLE_OPS: [&str; 5] = ["Conv", "ConvTranspose", "Gemm", "MatMul", "AveragePool"];
+
+/// Whether a quantizable operator reads a weight (input 1), which becomes int8.
+pub fn has_weight(op_type: &str) -> bool {
+    QUANTIZABLE_OPS.contains(&op_type) && op_type != "AveragePool"
+}
+
+/// Whether a quantizable operator's weight has output channels that can be
+/// quantized one scale each (`channel_wise`).
+pub fn has_weight_channels(op_type: &str) -> bool {
+    matches!(op_type, "Conv" | "ConvTranspose")
+}
 
 /// A quantizable layer of a (prepared) graph.
 #[derive(Clone, Debug, PartialEq)]
@@ -51,16 +62,12 @@ pub struct LayerCandidate {
     pub note: Option<String>,
 }
 
-fn attr<'a>(n: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
-    n.attribute.iter().find(|a| a.name() == name)
-}
-
 fn attr_i(n: &NodeProto, name: &str, default: i64) -> i64 {
-    attr(n, name).and_then(|a| a.i).unwrap_or(default)
+    int_attr(n, name).unwrap_or(default)
 }
 
 fn attr_f(n: &NodeProto, name: &str, default: f32) -> f32 {
-    attr(n, name).and_then(|a| a.f).unwrap_or(default)
+    float_attr(n, name).unwrap_or(default)
 }
 
 /// Examines every node of a quantizable type; returns the usable layers and,
@@ -82,7 +89,7 @@ pub fn discover(graph: &GraphProto) -> Result<(Vec<QuantLayer>, Vec<LayerCandida
             continue;
         }
         let label = node_label(graph, i);
-        let weight = n.input.get(1).cloned().filter(|_| op != "AveragePool");
+        let weight = n.input.get(1).cloned().filter(|_| has_weight(op));
         let result = examine(graph, &index, &outputs, i, &init_dims);
         verdicts.push(LayerCandidate {
             node: label.clone(),
@@ -122,7 +129,7 @@ fn examine(
     let op = n.op_type();
     let out = n.output.first().cloned().unwrap_or_default();
     if op == "AveragePool" {
-        let k = attr(n, "kernel_shape").map(|a| a.ints.len()).unwrap_or(0);
+        let k = find(n, "kernel_shape").map(|a| a.ints.len()).unwrap_or(0);
         if k != 2 {
             return Err(format!(
                 "AveragePool over {k} spatial axes; only 2-D (4-D input) pooling is quantized"
@@ -170,7 +177,7 @@ fn examine(
             if dims.len() != 4 {
                 return Err("ConvTranspose with a non 4-D weight; only 2-D transposed convolutions are quantized".into());
             }
-            if attr(n, "dilations").is_some_and(|a| a.ints.iter().any(|&d| d != 1)) {
+            if find(n, "dilations").is_some_and(|a| a.ints.iter().any(|&d| d != 1)) {
                 return Err("ConvTranspose with dilations other than 1 cannot be quantized".into());
             }
             let group = attr_i(n, "group", 1).max(1) as usize;

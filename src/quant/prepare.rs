@@ -3,10 +3,10 @@
 //! initializers, BatchNormalization folded into the preceding Conv, and
 //! Gemm's `transB=1` weights transposed offline.
 
+use crate::onnx::attr::{self, attr_int, find, float_attr, int_attr};
 use crate::onnx::builder::set_initializer_input;
-use crate::onnx::graph::{GraphIndex, name_nodes, node_label};
-use crate::onnx::proto::AttributeProto;
-use crate::onnx::{GraphProto, ModelProto, OnnxError, Storage, to_proto, to_tensor};
+use crate::onnx::graph::{GraphIndex, initializer_f32, name_nodes, node_label};
+use crate::onnx::{GraphProto, ModelProto, OnnxError, Storage, to_proto};
 use crate::tensor::Tensor;
 use ndarray::{Axis, IxDyn};
 use std::collections::HashSet;
@@ -26,7 +26,9 @@ pub fn prepare(
     do_fusion: bool,
     skip_fusion: &[String],
 ) -> Result<Prepared, OnnxError> {
-    let graph = model.graph.as_mut().expect("loaded models have a graph");
+    let graph = model.graph.as_mut().ok_or_else(|| OnnxError::NoGraph {
+        path: "the model".into(),
+    })?;
     name_nodes(graph);
     constants_to_initializers(graph);
     let mut done = Prepared::default();
@@ -43,19 +45,14 @@ fn constants_to_initializers(graph: &mut GraphProto) {
     let wanted: HashSet<String> = graph
         .node
         .iter()
-        .filter(|n| ["Conv", "ConvTranspose", "Gemm", "MatMul"].contains(&n.op_type()))
+        .filter(|n| super::layers::has_weight(n.op_type()))
         .flat_map(|n| n.input.iter().skip(1).cloned())
         .collect();
     let mut keep = Vec::with_capacity(graph.node.len());
     for n in std::mem::take(&mut graph.node) {
         let tensor =
             (n.op_type() == "Constant" && n.output.len() == 1 && wanted.contains(&n.output[0]))
-                .then(|| {
-                    n.attribute
-                        .iter()
-                        .find(|a| a.name() == "value")
-                        .and_then(|a| a.t.clone())
-                })
+                .then(|| find(&n, "value").and_then(|a| a.t.clone()))
                 .flatten();
         match tensor {
             Some(mut t) => {
@@ -66,20 +63,6 @@ fn constants_to_initializers(graph: &mut GraphProto) {
         }
     }
     graph.node = keep;
-}
-
-fn init_index(graph: &GraphProto, name: &str) -> Option<usize> {
-    graph.initializer.iter().position(|t| t.name() == name)
-}
-
-fn f32_init(graph: &GraphProto, name: &str) -> Result<Option<ndarray::ArrayD<f32>>, OnnxError> {
-    let Some(i) = init_index(graph, name) else {
-        return Ok(None);
-    };
-    Ok(match to_tensor(&graph.initializer[i])? {
-        Tensor::F32(a) => Some(a),
-        _ => None,
-    })
 }
 
 /// Folds `Conv -> BatchNormalization` pairs: w' = w·γ/√(σ²+ε) per output
@@ -102,11 +85,7 @@ fn fold_batch_norms(graph: &mut GraphProto, skip: &[String]) -> Result<Vec<Strin
             let consumers = index.consumers(&n.output[0]);
             let &[b] = consumers else { return None };
             let bn = &graph.node[b];
-            let inference = bn.output.len() == 1
-                && bn
-                    .attribute
-                    .iter()
-                    .all(|a| a.name() != "training_mode" || a.i() == 0);
+            let inference = bn.output.len() == 1 && int_attr(bn, "training_mode").unwrap_or(0) == 0;
             (bn.op_type() == "BatchNormalization"
                 && bn.input.len() == 5
                 && bn.input[0] == n.output[0]
@@ -117,23 +96,65 @@ fn fold_batch_norms(graph: &mut GraphProto, skip: &[String]) -> Result<Vec<Strin
         let bn = graph.node[b].clone();
         let params: Vec<Option<ndarray::ArrayD<f32>>> = bn.input[1..5]
             .iter()
-            .map(|p| f32_init(graph, p))
+            .map(|p| initializer_f32(graph, p))
             .collect::<Result<_, _>>()?;
         let w_name = graph.node[c].input[1].clone();
         let (Some(w), [Some(gamma), Some(beta), Some(mean), Some(var)]) =
-            (f32_init(graph, &w_name)?, params.as_slice())
+            (initializer_f32(graph, &w_name)?, params.as_slice())
         else {
             // Not constant: leave this pair alone and look for others.
             unfoldable.insert(graph.node[c].name().to_string());
             continue;
         };
-        let eps = bn
-            .attribute
-            .iter()
-            .find(|a| a.name() == "epsilon")
-            .and_then(|a| a.f)
-            .unwrap_or(1e-5);
-        let cout = w.shape()[0];
+        let eps = float_attr(&bn, "epsilon").unwrap_or(1e-5);
+        let bias_name = graph.node[c]
+            .input
+            .get(2)
+            .filter(|s| !s.is_empty())
+            .cloned();
+        let old_b = match &bias_name {
+            Some(b) => match initializer_f32(graph, b)? {
+                Some(values) => Some(values),
+                None => {
+                    // A bias that is computed, or not float32: folding would
+                    // have to drop it, so this pair stays as it is.
+                    unfoldable.insert(graph.node[c].name().to_string());
+                    continue;
+                }
+            },
+            None => None,
+        };
+        let cout = w.shape().first().copied().unwrap_or(0);
+        let label = node_label(graph, b);
+        for (what, len) in [
+            ("scale", gamma.len()),
+            ("B", beta.len()),
+            ("input_mean", mean.len()),
+            ("input_var", var.len()),
+        ]
+        .into_iter()
+        .chain(old_b.as_ref().map(|v| ("the Conv bias", v.len())))
+        {
+            if len != cout {
+                return Err(OnnxError::Invalid {
+                    node: label,
+                    reason: format!(
+                        "{what} has {len} values but the Conv before it has {cout} output channels; fix the model"
+                    ),
+                });
+            }
+        }
+        if let Some(k) =
+            (0..cout).find(|&k| (var[k] + eps <= 0.0 || var[k].is_nan()) || !gamma[k].is_finite())
+        {
+            return Err(OnnxError::Invalid {
+                node: label,
+                reason: format!(
+                    "channel {k} has variance {} + epsilon {eps} and scale {}; the variance must be positive and the scale finite",
+                    var[k], gamma[k]
+                ),
+            });
+        }
         let factor: Vec<f32> = (0..cout)
             .map(|k| gamma[k] / (var[k] + eps).sqrt())
             .collect();
@@ -141,11 +162,7 @@ fn fold_batch_norms(graph: &mut GraphProto, skip: &[String]) -> Result<Vec<Strin
         for (k, mut slice) in w2.axis_iter_mut(Axis(0)).enumerate() {
             slice.mapv_inplace(|v| v * factor[k]);
         }
-        let old_b = match graph.node[c].input.get(2).filter(|s| !s.is_empty()) {
-            Some(bn_name) => f32_init(graph, &bn_name.clone())?
-                .unwrap_or_else(|| ndarray::ArrayD::zeros(IxDyn(&[cout]))),
-            None => ndarray::ArrayD::zeros(IxDyn(&[cout])),
-        };
+        let old_b = old_b.unwrap_or_else(|| ndarray::ArrayD::zeros(IxDyn(&[cout])));
         let b2: Vec<f32> = (0..cout)
             .map(|k| (old_b[k] - mean[k]) * factor[k] + beta[k])
             .collect();
@@ -188,14 +205,11 @@ fn untranspose_gemm_weights(graph: &mut GraphProto) -> Result<Vec<String>, OnnxE
     let mut done = Vec::new();
     for i in 0..graph.node.len() {
         let n = &graph.node[i];
-        let trans_b = n
-            .attribute
-            .iter()
-            .any(|a| a.name() == "transB" && a.i() == 1);
+        let trans_b = int_attr(n, "transB") == Some(1);
         if n.op_type() != "Gemm" || !trans_b || n.input.len() < 2 {
             continue;
         }
-        let Some(w) = f32_init(graph, &n.input[1])? else {
+        let Some(w) = initializer_f32(graph, &n.input[1])? else {
             continue;
         };
         if w.ndim() != 2 {
@@ -204,14 +218,7 @@ fn untranspose_gemm_weights(graph: &mut GraphProto) -> Result<Vec<String>, OnnxE
         let t = Tensor::F32(w.t().as_standard_layout().to_owned());
         let label = node_label(graph, i);
         set_initializer_input(graph, i, 1, &format!("{label}.weight_t"), &t, Storage::Raw);
-        let n = &mut graph.node[i];
-        n.attribute.retain(|a| a.name() != "transB");
-        n.attribute.push(AttributeProto {
-            name: Some("transB".into()),
-            r#type: Some(crate::onnx::proto::attribute_proto::AttributeType::Int as i32),
-            i: Some(0),
-            ..Default::default()
-        });
+        attr::set(&mut graph.node[i], attr_int("transB", 0));
         done.push(label);
     }
     Ok(done)

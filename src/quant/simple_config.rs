@@ -127,7 +127,7 @@ fn apply(
                     a.quant_bits()
                 )));
             }
-            let has_channels = matches!(op, "Conv" | "ConvTranspose");
+            let has_channels = super::layers::has_weight_channels(op);
             if a.channel_wise() && !has_channels && named {
                 return Err(ctx(format!(
                     "channel_wise true is only allowed for Conv and ConvTranspose, and this layer is {op}"

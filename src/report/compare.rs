@@ -2,7 +2,8 @@
 //! (fake-quant or deploy, the latter through the simulator's integer path).
 
 use crate::data::Dataset;
-use crate::onnx::{ModelProto, NodeProto, to_tensor};
+use crate::deploy_format::{ASCEND_QUANT, QuantAttrs, names};
+use crate::onnx::{GraphProto, ModelProto, NodeProto, graph_of, to_tensor};
 use crate::quant::error::QuantError;
 use crate::quant::layers::QUANTIZABLE_OPS;
 use crate::quant::observe::histogram::Histogram;
@@ -58,29 +59,24 @@ pub struct Comparison {
 
 /// Activation scale and offset of `layer` in a quantized model, read from
 /// its AscendQuant node or from the fake-quant constants.
-fn act_factors(quant: &ModelProto, layer: &str) -> Option<(f32, f32)> {
-    let g = quant.graph.as_ref()?;
+fn act_factors(g: &GraphProto, layer: &str) -> Option<(f32, f32)> {
     // The node that quantizes the layer's input (possibly shared with another layer).
     let layer_node = g.node.iter().find(|n| n.name() == layer)?;
     let input = layer_node.input.first()?;
     let producer = g.node.iter().find(|n| n.output.contains(input))?;
-    if producer.op_type() == "AscendQuant" {
-        let f = |k: &str| {
-            producer
-                .attribute
-                .iter()
-                .find(|a| a.name() == k)
-                .and_then(|a| a.f)
-        };
-        return Some((1.0 / f("scale")?, f("offset")?));
+    if producer.op_type() == ASCEND_QUANT {
+        let a = QuantAttrs::read(producer).ok()?;
+        return Some((a.scale_d(), a.offset));
     }
-    // Fake-quant chain: ...fakequant.sub; its constants are named <base>.fakequant.{scale,offset}.
-    let base = producer.name().strip_suffix(".sub")?;
+    // A fake-quant chain ends in <its layer>.quant.fakequant.sub; the
+    // chain's constants are named after the layer that owns it.
+    let owner = names::layer_of_fake_quant_sub(producer.name())?;
+    let prefix = names::fake_quant_prefix(owner);
     let constant = |suffix: &str| -> Option<f32> {
         let c = g
             .node
             .iter()
-            .find(|n| n.name() == format!("{base}.{suffix}"))?;
+            .find(|n| n.name() == format!("{prefix}.{suffix}"))?;
         match to_tensor(c.attribute.first()?.t.as_ref()?).ok()? {
             Tensor::F32(a) => a.iter().next().copied(),
             _ => None,
@@ -93,18 +89,16 @@ fn act_factors(quant: &ModelProto, layer: &str) -> Option<(f32, f32)> {
 /// output of its dequantization when it is quantized, else its own output.
 fn compared_value(
     quant_names: &HashSet<String>,
-    quant: &ModelProto,
+    g: &GraphProto,
     node: &NodeProto,
 ) -> (String, bool) {
-    let g = quant.graph.as_ref().expect("graph");
-    for suffix in [".dequant", ".dequant.fakequant.mul"] {
-        let name = format!("{}{suffix}", node.name());
+    for name in names::dequant_nodes(node.name()) {
         if let Some(d) = g.node.iter().find(|n| n.name() == name) {
             return (d.output[0].clone(), true);
         }
     }
     let out = node.output[0].clone();
-    let quantized = quant_names.contains(&format!("{}.quant", node.name()));
+    let quantized = quant_names.contains(&names::quant_node(node.name()));
     (out, quantized)
 }
 
@@ -119,19 +113,10 @@ pub fn compare(
     dynamic_batch: bool,
     histogram_layer: Option<&str>,
 ) -> Result<Comparison, QuantError> {
-    let fg = float.graph.as_ref().expect("graph");
-    let quant_names: HashSet<String> = quant
-        .graph
-        .as_ref()
-        .expect("graph")
-        .node
-        .iter()
-        .map(|n| n.name().to_string())
-        .collect();
-    let quant_values: HashSet<&str> = quant
-        .graph
-        .as_ref()
-        .expect("graph")
+    let fg = graph_of(float, "the float model")?;
+    let qg = graph_of(quant, "the quantized model")?;
+    let quant_names: HashSet<String> = qg.node.iter().map(|n| n.name().to_string()).collect();
+    let quant_values: HashSet<&str> = qg
         .node
         .iter()
         .flat_map(|n| n.output.iter().map(String::as_str))
@@ -141,7 +126,7 @@ pub fn compare(
         .iter()
         .filter(|n| QUANTIZABLE_OPS.contains(&n.op_type()) && !n.name().is_empty())
         .map(|n| {
-            let (value, q) = compared_value(&quant_names, quant, n);
+            let (value, q) = compared_value(&quant_names, qg, n);
             (n, value, q)
         })
         .filter(|(_, v, _)| quant_values.contains(v.as_str()))
@@ -251,7 +236,7 @@ pub fn compare(
         hist_input = Some((worst.name.clone(), h));
     }
     let histogram = hist_input.map(|(layer, h)| ActivationHistogram {
-        clip: act_factors(quant, &layer).map(|(scale, offset)| {
+        clip: act_factors(qg, &layer).map(|(scale, offset)| {
             ActParams {
                 scale,
                 offset: offset as i32,

@@ -14,10 +14,19 @@
 //!   wrong sums for batches larger than one in rten 0.27, and pads with raw
 //!   zeros instead of the zero point, so it is not used.)
 //! * `AscendDequant(acc, deq_scale)` → `Cast<float>(acc) · deq` with the float
-//!   held in the low 32 bits of each `deq_scale` element.
+//!   held in the low 32 bits of each `deq_scale` element (a non-zero shift or
+//!   weight offset is refused: plain int8 quantization never writes one).
+//!
+//! The operators' attributes and the `deq_scale` layout are read through
+//! [`crate::deploy_format`] (see `docs/deploy-format.md`).
 
 use super::error::SimError;
-use crate::onnx::builder::{attr_int, constant_f32, node};
+use crate::deploy_format::{
+    ASCEND_DEQUANT, ASCEND_QUANT, QuantAttrs, is_ascend_op, unpack_deq_scale,
+};
+use crate::onnx::attr::attr_int;
+use crate::onnx::builder::{constant_f32, node};
+use crate::onnx::graph::initializer;
 use crate::onnx::proto::TensorProto;
 use crate::onnx::{GraphProto, ModelProto, NodeProto, Storage, to_proto, to_tensor};
 use crate::tensor::Tensor;
@@ -29,7 +38,7 @@ pub fn has_ascend_ops(model: &ModelProto) -> bool {
     model
         .graph
         .as_ref()
-        .is_some_and(|g| g.node.iter().any(|n| n.op_type().starts_with("Ascend")))
+        .is_some_and(|g| g.node.iter().any(|n| is_ascend_op(n.op_type())))
 }
 
 const ONNX_FLOAT: i64 = 1;
@@ -41,39 +50,29 @@ fn err(node: &NodeProto, reason: String) -> SimError {
     }
 }
 
-fn attr_f(n: &NodeProto, name: &str) -> Option<f32> {
-    n.attribute
-        .iter()
-        .find(|a| a.name() == name)
-        .and_then(|a| a.f)
-}
-
-fn init<'a>(g: &'a GraphProto, name: &str) -> Option<&'a TensorProto> {
-    g.initializer.iter().find(|t| t.name() == name)
-}
-
 /// Returns the model with every Ascend operator replaced as described above.
 pub fn lower(model: &ModelProto) -> Result<ModelProto, SimError> {
     let mut m = model.clone();
-    let g = m.graph.as_mut().expect("loaded models have a graph");
-    let mut offsets: HashMap<String, f32> = HashMap::new();
+    let g = m.graph.as_mut().ok_or_else(|| SimError::Load {
+        reason: "the model holds no graph".into(),
+    })?;
+    let mut quants: HashMap<String, QuantAttrs> = HashMap::new();
     for n in &g.node {
-        if n.op_type() == "AscendQuant" {
-            let offset =
-                attr_f(n, "offset").ok_or_else(|| err(n, "no FLOAT 'offset' attribute".into()))?;
-            offsets.insert(n.output[0].clone(), offset);
+        if n.op_type() == ASCEND_QUANT {
+            let attrs = QuantAttrs::read(n).map_err(|why| err(n, why))?;
+            let out = n.output.first().ok_or_else(|| err(n, "no output".into()))?;
+            quants.insert(out.clone(), attrs);
         }
     }
+    let offsets: HashMap<String, f32> = quants.iter().map(|(k, a)| (k.clone(), a.offset)).collect();
     let mut out: Vec<NodeProto> = Vec::with_capacity(g.node.len());
     let mut new_inits: Vec<TensorProto> = Vec::new();
     let nodes = std::mem::take(&mut g.node);
     for n in nodes {
         let name = n.name().to_string();
         match n.op_type() {
-            "AscendQuant" => {
-                let scale = attr_f(&n, "scale")
-                    .ok_or_else(|| err(&n, "no FLOAT 'scale' attribute".into()))?;
-                let offset = offsets[&n.output[0]];
+            ASCEND_QUANT => {
+                let QuantAttrs { scale, offset } = quants[&n.output[0]];
                 let p = |s: &str| format!("{name}.lowered.{s}");
                 out.push(constant_f32(&p("scale"), &p("scale.v"), &[], vec![scale]));
                 out.push(constant_f32(
@@ -120,8 +119,11 @@ pub fn lower(model: &ModelProto) -> Result<ModelProto, SimError> {
                     vec![attr_int("to", ONNX_INT8)],
                 ));
             }
-            "AscendDequant" => {
-                let param = init(g, &n.input[1]).ok_or_else(|| {
+            ASCEND_DEQUANT => {
+                if n.input.len() < 2 || n.output.is_empty() {
+                    return Err(err(&n, "needs inputs (x, deq_scale) and one output".into()));
+                }
+                let param = initializer(g, &n.input[1]).ok_or_else(|| {
                     err(
                         &n,
                         format!("deq_scale '{}' is not an initializer", n.input[1]),
@@ -131,7 +133,22 @@ pub fn lower(model: &ModelProto) -> Result<ModelProto, SimError> {
                 else {
                     return Err(err(&n, "deq_scale is not uint64".into()));
                 };
-                let deq: Vec<f32> = packed.iter().map(|&v| f32::from_bits(v as u32)).collect();
+                let deq = packed
+                    .iter()
+                    .map(|&v| {
+                        let u = unpack_deq_scale(v);
+                        if u.shift != 0 || u.offset_w != 0 {
+                            return Err(err(
+                                &n,
+                                format!(
+                                    "deq_scale holds shift {} and weight offset {}; only plain int8 layers (both 0) can be simulated",
+                                    u.shift, u.offset_w
+                                ),
+                            ));
+                        }
+                        Ok(u.scale)
+                    })
+                    .collect::<Result<Vec<f32>, SimError>>()?;
                 let shape: Vec<usize> = if deq.len() == 1 {
                     vec![]
                 } else {
@@ -156,9 +173,7 @@ pub fn lower(model: &ModelProto) -> Result<ModelProto, SimError> {
                     vec![],
                 ));
             }
-            op if n.input.first().is_some_and(|i| offsets.contains_key(i))
-                && !op.starts_with("Ascend") =>
-            {
+            op if n.input.first().is_some_and(|i| offsets.contains_key(i)) && !is_ascend_op(op) => {
                 let offset = offsets[&n.input[0]];
                 lower_consumer(g, n, offset, &mut out, &mut new_inits)?;
             }
@@ -201,7 +216,7 @@ fn channel_rank(
         let weight_rank = p
             .input
             .get(1)
-            .and_then(|w| init(g, w).or_else(|| new_inits.iter().find(|t| t.name() == w)))
+            .and_then(|w| initializer(g, w).or_else(|| new_inits.iter().find(|t| t.name() == w)))
             .map(|t| t.dims.len());
         if let Some(rank) = weight_rank
             && p.op_type() != "Add"
@@ -234,7 +249,9 @@ fn lower_consumer(
         .input
         .get(2)
         .filter(|b| !b.is_empty())
-        .map(|b| init(g, b).ok_or_else(|| err(&n, format!("bias '{b}' is not an initializer"))))
+        .map(|b| {
+            initializer(g, b).ok_or_else(|| err(&n, format!("bias '{b}' is not an initializer")))
+        })
         .transpose()?;
     match n.op_type() {
         "Gemm" | "MatMul" => {
@@ -303,7 +320,7 @@ fn lower_consumer(
                     .input
                     .get(k)
                     .filter(|s| !s.is_empty())
-                    .and_then(|s| init(g, s))
+                    .and_then(|s| initializer(g, s))
                 {
                     let widened = match to_tensor(t).map_err(|e| err(&n, e.to_string()))? {
                         Tensor::I8(a) => Tensor::F32(a.mapv(f32::from)),

@@ -5,27 +5,12 @@
 //!
 //! `y[n, m, o] = b[m] + Σ_k conv2d(x_pad[n, :, o*sd + k*dd], w[:, :, k])`.
 
-use crate::onnx::builder::{attr_int, node};
+use crate::onnx::attr::{attr_int, attr_ints, int_attr, ints_attr, string_attr};
+use crate::onnx::builder::node;
 use crate::onnx::proto::{AttributeProto, TensorProto};
 use crate::onnx::{GraphProto, NodeProto, Storage, to_proto, to_tensor};
 use crate::tensor::Tensor;
 use ndarray::{ArrayD, Axis, IxDyn};
-
-fn ints(n: &NodeProto, name: &str) -> Option<Vec<i64>> {
-    n.attribute
-        .iter()
-        .find(|a| a.name() == name)
-        .map(|a| a.ints.clone())
-}
-
-fn ints_attr(name: &str, v: &[i64]) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(crate::onnx::proto::attribute_proto::AttributeType::Ints as i32),
-        ints: v.to_vec(),
-        ..Default::default()
-    }
-}
 
 fn i64_init(name: &str, v: &[i64]) -> TensorProto {
     to_proto(
@@ -50,13 +35,7 @@ pub fn lower_conv3d(g: &mut GraphProto) -> usize {
             .flatten()
             .filter(|t| t.dims.len() == 5)
             .and_then(|t| to_tensor(t).ok());
-        let auto_pad = n
-            .attribute
-            .iter()
-            .find(|a| a.name() == "auto_pad")
-            .map(|a| a.s().to_vec())
-            .unwrap_or_default();
-        let explicit = auto_pad.is_empty() || auto_pad == b"NOTSET";
+        let explicit = string_attr(&n, "auto_pad").is_none_or(|p| p.is_empty() || p == b"NOTSET");
         let Some(Tensor::F32(w)) = weight.filter(|_| explicit) else {
             out.push(n);
             continue;
@@ -65,15 +44,10 @@ pub fn lower_conv3d(g: &mut GraphProto) -> usize {
         let name = n.name().to_string();
         let p = |s: &str| format!("{name}.conv3d.{s}");
         let kd = w.shape()[2];
-        let strides = ints(&n, "strides").unwrap_or_else(|| vec![1; 3]);
-        let dilations = ints(&n, "dilations").unwrap_or_else(|| vec![1; 3]);
-        let pads = ints(&n, "pads").unwrap_or_else(|| vec![0; 6]);
-        let group = n
-            .attribute
-            .iter()
-            .find(|a| a.name() == "group")
-            .and_then(|a| a.i)
-            .unwrap_or(1);
+        let strides = ints_attr(&n, "strides").unwrap_or_else(|| vec![1; 3]);
+        let dilations = ints_attr(&n, "dilations").unwrap_or_else(|| vec![1; 3]);
+        let pads = ints_attr(&n, "pads").unwrap_or_else(|| vec![0; 6]);
+        let group = int_attr(&n, "group").unwrap_or(1);
         let (sd, dd) = (strides[0], dilations[0]);
         let c = (w.shape()[1] as i64) * group;
         let m = w.shape()[0] as i64;
@@ -153,9 +127,9 @@ pub fn lower_conv3d(g: &mut GraphProto) -> usize {
             vec![attr_int("axis", 0)],
         ));
         let conv_attrs: Vec<AttributeProto> = vec![
-            ints_attr("strides", &strides[1..]),
-            ints_attr("dilations", &dilations[1..]),
-            ints_attr("pads", &[pads[1], pads[2], pads[4], pads[5]]),
+            attr_ints("strides", &strides[1..]),
+            attr_ints("dilations", &dilations[1..]),
+            attr_ints("pads", &[pads[1], pads[2], pads[4], pads[5]]),
             attr_int("group", group),
         ];
         let mut partials = Vec::new();
@@ -196,7 +170,7 @@ pub fn lower_conv3d(g: &mut GraphProto) -> usize {
                 &q("to_batch"),
                 &[&q("xs")],
                 &[&q("xt")],
-                vec![ints_attr("perm", &[0, 2, 1, 3, 4])],
+                vec![attr_ints("perm", &[0, 2, 1, 3, 4])],
             ));
             out.push(node(
                 "Reshape",
@@ -288,7 +262,7 @@ pub fn lower_conv3d(g: &mut GraphProto) -> usize {
             &p("back"),
             &[&p("y5")],
             &[&n.output[0]],
-            vec![ints_attr("perm", &[0, 2, 1, 3, 4])],
+            vec![attr_ints("perm", &[0, 2, 1, 3, 4])],
         ));
     }
     g.node = out;
@@ -388,7 +362,7 @@ mod tests {
             let b = values(3, 4);
             let mut conv = node("Conv", "c3", &["x", "w", "b"], &["y"], vec![]);
             let a = |n: &str, v: &[usize]| {
-                super::ints_attr(n, &v.iter().map(|&u| u as i64).collect::<Vec<_>>())
+                super::attr_ints(n, &v.iter().map(|&u| u as i64).collect::<Vec<_>>())
             };
             conv.attribute = vec![
                 a("strides", &s),

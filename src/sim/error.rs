@@ -14,8 +14,8 @@ pub enum SimError {
     UnknownValue {
         /// The name given.
         name: String,
-        /// "an input" or "an output".
-        role: &'static str,
+        /// Whether it was fed (an input) or fetched (an output).
+        role: ValueRole,
         /// What the valid names are.
         hint: String,
     },
@@ -33,6 +33,34 @@ pub enum SimError {
         /// What the engine reported.
         reason: String,
     },
+}
+
+/// Whether a value is fed to a model or fetched from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ValueRole {
+    /// Fed to the model.
+    Input,
+    /// Fetched from the model.
+    Output,
+}
+
+impl ValueRole {
+    /// "inputs" or "outputs", for lists of names.
+    pub fn plural(self) -> &'static str {
+        match self {
+            ValueRole::Input => "inputs",
+            ValueRole::Output => "outputs",
+        }
+    }
+}
+
+impl std::fmt::Display for ValueRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ValueRole::Input => "an input",
+            ValueRole::Output => "an output",
+        })
+    }
 }
 
 impl SimError {

@@ -9,9 +9,10 @@ pub mod ascend;
 mod conv3d;
 mod error;
 mod prepare;
+mod rten_adapt;
 mod rten_engine;
 
-pub use error::SimError;
+pub use error::{SimError, ValueRole};
 pub use prepare::{feedable_inputs, rewrite_for_execution};
 pub use rten_engine::RtenExecutor;
 

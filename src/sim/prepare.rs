@@ -1,59 +1,28 @@
-//! Engine-independent preparation of a model for execution, and checks of
-//! fed tensors against the model's declared inputs.
+//! Engine-independent preparation of a model for execution (any backend,
+//! the NPU's included), and checks of fed tensors against the model's
+//! declared inputs. What one engine alone needs lives in that engine's file.
 
 use super::SessionOptions;
 use super::error::SimError;
 use crate::onnx::proto::tensor_shape_proto::{Dimension, dimension};
 use crate::onnx::proto::type_proto;
-use crate::onnx::proto::{AttributeProto, attribute_proto};
-use crate::onnx::{Dim, GraphProto, ModelProto, ValueInfoProto, ValueSpec};
+use crate::onnx::{Dim, ModelProto, ValueInfoProto, ValueSpec};
 use crate::tensor::{Tensor, onnx_type_name};
-use std::collections::{HashMap, HashSet};
-
-/// Operator settings the engine accepts but computes wrongly (found by the
-/// conformance fixtures): refused with an error rather than run silently wrong.
-pub fn refuse_known_wrong(model: &ModelProto) -> Result<(), SimError> {
-    let g = model
-        .graph
-        .as_ref()
-        .expect("loaded models always have a graph");
-    for (i, n) in g.node.iter().enumerate() {
-        let attr_s = |name: &str| {
-            n.attribute
-                .iter()
-                .find(|a| a.name() == name)
-                .map(|a| a.s().to_vec())
-        };
-        let why = match n.op_type() {
-            "MaxPool" | "AveragePool" if attr_s("auto_pad").as_deref() == Some(b"SAME_LOWER") => {
-                Some(
-                    "auto_pad SAME_LOWER is computed as SAME_UPPER by the CPU engine; give explicit pads instead",
-                )
-            }
-            "Resize" if attr_s("mode").as_deref() == Some(b"cubic") => Some(
-                "cubic Resize is computed wrongly by the CPU engine in most coordinate modes; use linear, or run the model elsewhere",
-            ),
-            _ => None,
-        };
-        if let Some(why) = why {
-            let label = crate::onnx::graph::node_label(g, i);
-            return Err(SimError::Load {
-                reason: format!("node '{label}' ({}): {why}", n.op_type()),
-            });
-        }
-    }
-    Ok(())
-}
+use std::collections::HashSet;
 
 /// Returns a copy of `model` rewritten for execution: every node named (so
 /// engine errors can name it), kept values added as graph outputs, and axis 0
-/// made symbolic when a dynamic batch is asked for.
-pub fn rewrite_for_execution(model: &ModelProto, opts: &SessionOptions) -> ModelProto {
+/// made symbolic when a dynamic batch is asked for. The meaning of the model
+/// is unchanged.
+pub fn rewrite_for_execution(
+    model: &ModelProto,
+    opts: &SessionOptions,
+) -> Result<ModelProto, SimError> {
     let mut m = model.clone();
-    let g = m.graph.as_mut().expect("loaded models always have a graph");
+    let g = m.graph.as_mut().ok_or_else(|| SimError::Load {
+        reason: "the model holds no graph".into(),
+    })?;
     crate::onnx::graph::name_nodes(g);
-    fill_default_window_attributes(g);
-    super::conv3d::lower_conv3d(g);
     let outputs: HashSet<String> = g.output.iter().map(|o| o.name().to_string()).collect();
     let inputs: HashSet<String> = g.input.iter().map(|o| o.name().to_string()).collect();
     for k in &opts.keep {
@@ -70,74 +39,7 @@ pub fn rewrite_for_execution(model: &ModelProto, opts: &SessionOptions) -> Model
         }
         g.value_info.clear();
     }
-    m
-}
-
-/// Writes out the defaults ONNX gives to `strides`, `dilations` and `pads`
-/// of convolutions and pools when they are absent. The engine needs them
-/// explicit, and the meaning of the model is unchanged.
-fn fill_default_window_attributes(g: &mut GraphProto) {
-    let mut ranks: HashMap<String, usize> = g
-        .initializer
-        .iter()
-        .map(|t| (t.name().to_string(), t.dims.len()))
-        .collect();
-    for v in g.input.iter().chain(&g.value_info) {
-        if let Some(dims) = ValueSpec::from_proto(v).shape {
-            ranks.insert(v.name().to_string(), dims.len());
-        }
-    }
-    for n in &mut g.node {
-        let op = n.op_type();
-        if !n.domain().is_empty()
-            || ![
-                "Conv",
-                "ConvInteger",
-                "ConvTranspose",
-                "MaxPool",
-                "AveragePool",
-            ]
-            .contains(&op)
-        {
-            continue;
-        }
-        let kernel = n
-            .attribute
-            .iter()
-            .find(|a| a.name() == "kernel_shape")
-            .map(|a| a.ints.len());
-        let weight = n
-            .input
-            .get(1)
-            .and_then(|w| ranks.get(w))
-            .map(|r| r.saturating_sub(2));
-        let Some(spatial) = kernel.or(weight).filter(|&r| r > 0) else {
-            continue;
-        };
-        let auto_pad = n
-            .attribute
-            .iter()
-            .find(|a| a.name() == "auto_pad")
-            .map(|a| a.s().to_vec());
-        let explicit_pads = auto_pad.is_none_or(|p| p == b"NOTSET");
-        let mut defaults = vec![("strides", vec![1; spatial])];
-        if op != "AveragePool" && op != "MaxPool" {
-            defaults.push(("dilations", vec![1; spatial]));
-        }
-        if explicit_pads {
-            defaults.push(("pads", vec![0; 2 * spatial]));
-        }
-        for (name, value) in defaults {
-            if !n.attribute.iter().any(|a| a.name() == name) {
-                n.attribute.push(AttributeProto {
-                    name: Some(name.into()),
-                    r#type: Some(attribute_proto::AttributeType::Ints as i32),
-                    ints: value,
-                    ..Default::default()
-                });
-            }
-        }
-    }
+    Ok(m)
 }
 
 fn free_batch_axis(v: &mut ValueInfoProto) {
@@ -155,10 +57,9 @@ fn free_batch_axis(v: &mut ValueInfoProto) {
 
 /// The graph inputs that must be fed: declared inputs that no initializer backs.
 pub fn feedable_inputs(model: &ModelProto) -> Vec<ValueSpec> {
-    let g = model
-        .graph
-        .as_ref()
-        .expect("loaded models always have a graph");
+    let Some(g) = model.graph.as_ref() else {
+        return Vec::new();
+    };
     let inits: HashSet<&str> = g.initializer.iter().map(|t| t.name()).collect();
     g.input
         .iter()

@@ -4,7 +4,7 @@
 //! cross the boundary as int32 (range-checked) and are widened back when the
 //! model declares them so.
 
-use super::error::SimError;
+use super::error::{SimError, ValueRole};
 use super::prepare::{check_feed, feedable_inputs, rewrite_for_execution};
 use super::{Executor, Session, SessionOptions};
 use crate::onnx::{ModelProto, ValueSpec};
@@ -42,8 +42,8 @@ impl Executor for RtenExecutor {
         crate::onnx::GraphIndex::new(graph).map_err(|e| SimError::Load {
             reason: e.to_string(),
         })?;
-        super::prepare::refuse_known_wrong(model)?;
-        let prepared = rewrite_for_execution(model, opts);
+        let mut prepared = rewrite_for_execution(model, opts)?;
+        super::rten_adapt::adapt_for_rten(&mut prepared)?;
         let mut options = ModelOptions::with_all_ops();
         options
             .enable_optimization(opts.optimize)
@@ -56,10 +56,9 @@ impl Executor for RtenExecutor {
                 _ => e.to_string(),
             },
         })?;
-        let graph = prepared
-            .graph
-            .as_ref()
-            .expect("loaded models always have a graph");
+        let graph = prepared.graph.as_ref().ok_or_else(|| SimError::Load {
+            reason: "the model holds no graph".into(),
+        })?;
         let declared: HashMap<String, i32> = graph
             .input
             .iter()
@@ -72,10 +71,8 @@ impl Executor for RtenExecutor {
             inputs: feedable_inputs(&prepared),
             outputs: model
                 .graph
-                .as_ref()
-                .expect("graph")
-                .output
                 .iter()
+                .flat_map(|g| &g.output)
                 .map(ValueSpec::from_proto)
                 .collect(),
             keep: opts.keep.clone(),
@@ -97,13 +94,9 @@ struct RtenSession {
 }
 
 impl RtenSession {
-    fn node(&self, name: &str, role: &'static str) -> Result<NodeId, SimError> {
-        let known = match role {
-            "an input" => {
-                self.inputs.iter().any(|s| s.name == name) || self.keep.iter().any(|k| k == name)
-            }
-            _ => self.outputs.iter().any(|s| s.name == name) || self.keep.iter().any(|k| k == name),
-        };
+    fn node(&self, name: &str, role: ValueRole) -> Result<NodeId, SimError> {
+        let known = self.declared(role).iter().any(|s| s.name == name)
+            || self.keep.iter().any(|k| k == name);
         let unknown = || SimError::UnknownValue {
             name: name.to_string(),
             role,
@@ -115,19 +108,28 @@ impl RtenSession {
         self.engine.find_node(name).ok_or_else(unknown)
     }
 
-    fn hint(&self, role: &str) -> String {
-        let names: Vec<&str> = match role {
-            "an input" => self.inputs.iter().map(|s| s.name.as_str()).collect(),
-            _ => self.outputs.iter().map(|s| s.name.as_str()).collect(),
-        };
+    fn declared(&self, role: ValueRole) -> &[ValueSpec] {
+        match role {
+            ValueRole::Input => &self.inputs,
+            ValueRole::Output => &self.outputs,
+        }
+    }
+
+    fn hint(&self, role: ValueRole) -> String {
+        let names: Vec<&str> = self
+            .declared(role)
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
         let kept = if self.keep.is_empty() {
             String::new()
         } else {
             format!(" (or kept values: {})", self.keep.join(", "))
         };
         format!(
-            "the model's {role}s are: {}{kept}",
-            names.join(", ").replace("an ", "")
+            "the model's {} are: {}{kept}",
+            role.plural(),
+            names.join(", ")
         )
     }
 }
@@ -144,7 +146,7 @@ impl Session for RtenSession {
     fn run(&self, feeds: &[(&str, &Tensor)], fetch: &[&str]) -> Result<Vec<Tensor>, SimError> {
         let mut inputs = Vec::with_capacity(feeds.len());
         for (name, value) in feeds {
-            let id = self.node(name, "an input")?;
+            let id = self.node(name, ValueRole::Input)?;
             if let Some(spec) = self.inputs.iter().find(|s| s.name == *name) {
                 check_feed(spec, value, self.dynamic_batch)?;
             }
@@ -152,7 +154,7 @@ impl Session for RtenSession {
         }
         let ids = fetch
             .iter()
-            .map(|n| self.node(n, "an output"))
+            .map(|n| self.node(n, ValueRole::Output))
             .collect::<Result<Vec<_>, _>>()?;
         let values = self
             .engine
@@ -248,4 +250,51 @@ fn from_engine(name: &str, value: Value, declared: Option<i32>) -> Result<Tensor
             });
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::builder::node;
+    use crate::onnx::proto::{GraphProto, OperatorSetIdProto, ValueInfoProto};
+
+    #[test]
+    fn unknown_names_are_reported_with_the_model_names_intact() {
+        let vi = |n: &str| ValueInfoProto {
+            name: Some(n.into()),
+            ..Default::default()
+        };
+        let model = ModelProto {
+            ir_version: Some(8),
+            opset_import: vec![OperatorSetIdProto {
+                domain: Some(String::new()),
+                version: Some(17),
+            }],
+            graph: Some(GraphProto {
+                name: Some("g".into()),
+                node: vec![node("Relu", "r", &["scan input"], &["an output"], vec![])],
+                input: vec![vi("scan input")],
+                output: vec![vi("an output")],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let s = RtenExecutor
+            .prepare(&model, &SessionOptions::default())
+            .unwrap();
+        let x = Tensor::F32(ArrayD::zeros(IxDyn(&[2])));
+        let e = s.run(&[("x", &x)], &["an output"]).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "'x' is not an input of the model; the model's inputs are: scan input"
+        );
+        let e = s
+            .run(&[("scan input", &x)], &["y"])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "'y' is not an output of the model; the model's outputs are: an output"
+        );
+    }
 }
