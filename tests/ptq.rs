@@ -136,7 +136,7 @@ fn digits_ptq_keeps_accuracy_and_deploy_matches_fake_quant() {
 }
 
 #[test]
-fn deploy_model_is_byte_for_byte_what_the_spec_asks() {
+fn deploy_model_structure_agrees_with_its_record() {
     let dir = tempfile::tempdir().unwrap();
     let prefix = dir.path().join("m");
     assert_eq!(calibrate(&prefix, &[]).status.code(), Some(0));
@@ -540,4 +540,89 @@ fn a_model_older_than_opset_11_is_refused_clearly() {
         err.contains("opset 9") && err.contains("opset >= 11"),
         "{err}"
     );
+}
+
+/// The deploy encoding of one 1x1 Conv with factors chosen for the test, checked
+/// against bit patterns worked out by hand (and with Python's struct module).
+#[test]
+fn deploy_encoding_matches_hand_worked_bits() {
+    use ascend_quant::onnx::builder::node;
+    use ascend_quant::onnx::proto::{GraphProto, OperatorSetIdProto, ValueInfoProto};
+    use ascend_quant::onnx::{Storage, to_proto};
+    use ascend_quant::quant::emit::{LayerFactors, deploy_model};
+    use ascend_quant::quant::layers::discover;
+    use ascend_quant::quant::params::ActParams;
+    use ndarray::{ArrayD, IxDyn};
+    let w = Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[2, 1, 1, 1]), vec![2.5, -1.75]).unwrap());
+    let b = Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[2]), vec![6.15, -0.1]).unwrap());
+    let vi = |n: &str| ValueInfoProto {
+        name: Some(n.into()),
+        ..Default::default()
+    };
+    let model = ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(13),
+        }],
+        graph: Some(GraphProto {
+            name: Some("one_conv".into()),
+            node: vec![node("Conv", "conv", &["x", "w", "b"], &["y"], vec![])],
+            initializer: vec![
+                to_proto("w", &w, Storage::Raw),
+                to_proto("b", &b, Storage::Raw),
+            ],
+            input: vec![vi("x")],
+            output: vec![vi("y")],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let layer = discover(model.graph.as_ref().unwrap()).unwrap().0.remove(0);
+    // scale_d 0.1, offset_d -3, scale_w [0.5, 0.25]: w/scale_w = [5, -7];
+    // bias / float32(scale_w * scale_d) = [6.15/0.05, -0.1/0.025] = [123, -4].
+    let factors = LayerFactors {
+        layer,
+        act: ActParams {
+            scale: 0.1,
+            offset: -3,
+        },
+        scale_w: vec![0.5, 0.25],
+        weight_q: Some(ArrayD::from_shape_vec(IxDyn(&[2, 1, 1, 1]), vec![5i8, -7]).unwrap()),
+        bias_q: Some(vec![123, -4]),
+    };
+    let deploy = deploy_model(&model, &[factors]).unwrap();
+    let g = deploy.graph.as_ref().unwrap();
+    let by_name = |n: &str| g.node.iter().find(|x| x.name() == n).unwrap();
+    let q = by_name("conv.quant");
+    // 1 / 0.1 in float32 is exactly 10.0 = 0x41200000.
+    assert_eq!(q.attribute[0].name(), "scale");
+    assert_eq!(q.attribute[0].f().to_bits(), 0x4120_0000);
+    assert_eq!(
+        (q.attribute[1].name(), q.attribute[1].f()),
+        ("offset", -3.0)
+    );
+    let d = by_name("conv.dequant");
+    let param = g
+        .initializer
+        .iter()
+        .find(|t| t.name() == d.input[1])
+        .unwrap();
+    // float32(0.5 * 0.1) = 0x3D4CCCCD and float32(0.25 * 0.1) = 0x3CCCCCCD in the low words.
+    assert_eq!(param.uint64_data, vec![0x3D4C_CCCD, 0x3CCC_CCCD]);
+    let conv = by_name("conv");
+    let wq = g
+        .initializer
+        .iter()
+        .find(|t| t.name() == conv.input[1])
+        .unwrap();
+    // int8 5 and -7 as two's complement bytes.
+    assert_eq!(wq.raw_data.as_deref(), Some(&[0x05u8, 0xF9][..]));
+    assert_eq!(wq.dims, vec![2, 1, 1, 1]);
+    let bq = g
+        .initializer
+        .iter()
+        .find(|t| t.name() == conv.input[2])
+        .unwrap();
+    assert_eq!(bq.int32_data, vec![123, -4]);
 }

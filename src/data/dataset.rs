@@ -290,14 +290,14 @@ fn decode_bin(path: &Path, bytes: &[u8], ty: &str, shape: &[usize]) -> Result<Te
             ));
         }
     };
-    let count: usize = shape.iter().product();
-    if bytes.len() != count * dtype.size_of() {
+    let need = super::npy::data_bytes(shape, dtype.size_of());
+    if need != Some(bytes.len() as u64) {
         return Err(format_err(
             path,
             format!(
-                "{} bytes, but shape {shape:?} of {ty} needs {}",
+                "{} bytes, but shape {shape:?} of {ty} needs {}; check --input-shape and --data-types",
                 bytes.len(),
-                count * dtype.size_of()
+                need.map_or("more than 2^64".to_string(), |n| n.to_string())
             ),
         ));
     }
@@ -310,6 +310,10 @@ fn decode_bin(path: &Path, bytes: &[u8], ty: &str, shape: &[usize]) -> Result<Te
     })
     .map_err(|e| format_err(path, e.to_string()))
 }
+
+/// The largest `.npz` entry read into memory (4 GiB): `.npz` arrays are held
+/// whole, unlike `.npy` files, which are read batch by batch.
+const MAX_NPZ_ENTRY: u64 = 4 << 30;
 
 fn read_npz(path: &Path) -> Result<Vec<(String, Tensor)>, DataError> {
     let file = std::fs::File::open(path).map_err(|source| DataError::Io {
@@ -324,8 +328,19 @@ fn read_npz(path: &Path) -> Result<Vec<(String, Tensor)>, DataError> {
             .by_index(i)
             .map_err(|e| format_err(path, e.to_string()))?;
         let name = entry.name().trim_end_matches(".npy").to_string();
+        if entry.size() > MAX_NPZ_ENTRY {
+            return Err(format_err(
+                path,
+                format!(
+                    "entry '{name}' expands to {} bytes, more than the {MAX_NPZ_ENTRY} an .npz entry may hold here; give large arrays as .npy files (they are streamed)",
+                    entry.size()
+                ),
+            ));
+        }
         let mut bytes = Vec::new();
-        entry
+        // The declared size can lie: never read past the limit either.
+        (&mut entry)
+            .take(MAX_NPZ_ENTRY + 1)
             .read_to_end(&mut bytes)
             .map_err(|source| DataError::Io {
                 path: path.into(),

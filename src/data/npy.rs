@@ -39,8 +39,53 @@ pub fn read_npy(path: &Path) -> Result<Tensor, DataError> {
     read_npy_bytes(&bytes, path)
 }
 
+/// The element size a `.npy` type descriptor names ("<f4" → 4), if it is a
+/// plain numeric one.
+pub(super) fn descriptor_size(descr: &str) -> Option<usize> {
+    let d = descr.trim_matches('\'');
+    let digits = d.get(2..)?;
+    match d.get(1..2)? {
+        "f" | "i" | "u" | "b" | "c" => digits.parse().ok(),
+        _ => None,
+    }
+}
+
+/// Bytes the data of an array of `shape` with `element` bytes each needs, or
+/// `None` when that overflows.
+pub(super) fn data_bytes(shape: &[usize], element: usize) -> Option<u64> {
+    shape
+        .iter()
+        .try_fold(element as u64, |acc, &d| acc.checked_mul(d as u64))
+}
+
+/// Refuses `.npy` bytes whose header promises more data than they hold,
+/// before any array of that size is allocated.
+fn check_declared_size(bytes: &[u8], origin: &Path) -> Result<(), DataError> {
+    let mut cursor = std::io::Cursor::new(bytes);
+    // A header that does not parse is reported by the reader itself.
+    let Ok(header) = ndarray_npy::npy::header::Header::from_reader(&mut cursor) else {
+        return Ok(());
+    };
+    let Some(element) = descriptor_size(&header.type_descriptor.to_string()) else {
+        return Ok(());
+    };
+    let have = (bytes.len() as u64).saturating_sub(cursor.position());
+    match data_bytes(&header.shape, element) {
+        Some(need) if need <= have => Ok(()),
+        need => Err(DataError::Format {
+            path: origin.into(),
+            reason: format!(
+                "the header declares shape {:?} ({}) but the file holds {have} bytes of data; it is truncated or corrupt",
+                header.shape,
+                need.map_or("more than 2^64 bytes".to_string(), |n| format!("{n} bytes")),
+            ),
+        }),
+    }
+}
+
 /// Parses `.npy` bytes; `origin` names the source in errors.
 pub fn read_npy_bytes(bytes: &[u8], origin: &Path) -> Result<Tensor, DataError> {
+    check_declared_size(bytes, origin)?;
     fn attempt<T: ndarray_npy::ReadableElement>(bytes: &[u8]) -> Result<ArrayD<T>, ReadNpyError> {
         ArrayD::<T>::read_npy(bytes)
     }
@@ -120,6 +165,31 @@ mod tests {
             write_npy(&p, &v).unwrap();
             assert_eq!(read_npy(&p).unwrap(), v);
         }
+    }
+
+    #[test]
+    fn a_header_promising_2_pow_40_elements_is_refused_before_allocation() {
+        // A version 1.0 .npy written by hand: magic, header length, header, 8 data bytes.
+        let mut header =
+            b"{'descr': '<f4', 'fortran_order': False, 'shape': (1099511627776,), }".to_vec();
+        while (10 + header.len() + 1) % 64 != 0 {
+            header.push(b' ');
+        }
+        header.push(b'\n');
+        let mut forged = b"\x93NUMPY\x01\x00".to_vec();
+        forged.extend((header.len() as u16).to_le_bytes());
+        forged.extend(header);
+        forged.extend([0u8; 8]);
+        let msg = read_npy_bytes(&forged, Path::new("lies.npy"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("lies.npy")
+                && msg.contains("[1099511627776]")
+                && msg.contains("4398046511104 bytes")
+                && msg.contains("holds 8 bytes"),
+            "{msg}"
+        );
     }
 
     #[test]

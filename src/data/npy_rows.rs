@@ -59,7 +59,9 @@ impl NpyRows {
             shape: header.shape,
             data_offset,
         };
-        let need = data_offset + (rows.row_bytes() * rows.shape[0]) as u64;
+        let need = super::npy::data_bytes(&rows.shape, dtype.size_of())
+            .and_then(|n| n.checked_add(data_offset))
+            .unwrap_or(u64::MAX);
         let size = file
             .metadata()
             .map_err(|source| DataError::Io {
@@ -72,7 +74,13 @@ impl NpyRows {
             return Err(format_err(
                 path,
                 format!(
-                    "the file holds {size} bytes but its header promises {need}; it is truncated"
+                    "the file holds {size} bytes but its header promises {} for shape {:?}; it is truncated or corrupt",
+                    if need == u64::MAX {
+                        "more than 2^64".to_string()
+                    } else {
+                        need.to_string()
+                    },
+                    rows.shape
                 ),
             ));
         }

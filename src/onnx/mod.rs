@@ -7,6 +7,7 @@ pub mod error;
 pub mod external;
 pub mod graph;
 pub mod io;
+pub mod limits;
 pub mod tensor_proto;
 pub mod value_info;
 

@@ -142,11 +142,22 @@ impl QuantConfig {
             file: file.clone(),
             message: format!("cannot read: {e}"),
         })?;
-        let value: Value = serde_json::from_str(&text).map_err(|e| ConfigError {
-            file: file.clone(),
-            message: format!("not valid JSON: {e}"),
-        })?;
-        parse(&value, layers).map_err(|message| ConfigError { file, message })
+        QuantConfig::from_json_str(&text, &file, layers)
+    }
+
+    /// Parses a JSON config's text; `file` names it in errors.
+    pub fn from_json_str(
+        text: &str,
+        file: &str,
+        layers: &[(String, String)],
+    ) -> Result<QuantConfig, ConfigError> {
+        let fail = |message: String| ConfigError {
+            file: file.to_string(),
+            message,
+        };
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| fail(format!("not valid JSON: {e}")))?;
+        parse(&value, layers).map_err(fail)
     }
 }
 

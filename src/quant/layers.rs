@@ -128,6 +128,11 @@ fn examine(
     let n = &graph.node[i];
     let op = n.op_type();
     let out = n.output.first().cloned().unwrap_or_default();
+    if n.input.first().is_none_or(|x| x.is_empty()) || out.is_empty() {
+        return Err(format!(
+            "{op} without a data input or an output; the node is malformed"
+        ));
+    }
     if op == "AveragePool" {
         let k = find(n, "kernel_shape").map(|a| a.ints.len()).unwrap_or(0);
         if k != 2 {
@@ -138,7 +143,11 @@ fn examine(
         return Ok((None, None, out, ChannelLayout::PerTensor, 4));
     }
     let w = n.input.get(1).map(String::as_str).unwrap_or("");
-    let Some(dims) = init_dims(w) else {
+    let dims = init_dims(w);
+    if let Some(d) = dims.as_ref().filter(|d| d.iter().any(|&x| x < 0)) {
+        return Err(format!("weight '{w}' has negative dims {d:?}"));
+    }
+    let Some(dims) = dims else {
         let why = match index.producer(w) {
             Some(Source::Node(p)) if graph.node[p].op_type() == "Constant" => {
                 "comes from a Constant node (ascend-quant moves those to initializers first)"
@@ -206,7 +215,8 @@ fn examine(
                 } else {
                     dims[1]
                 };
-                if init_dims(b).is_some_and(|d| d.iter().product::<i64>() != n_out) {
+                let values = |d: Vec<i64>| d.iter().try_fold(1i64, |acc, &x| acc.checked_mul(x));
+                if init_dims(b).is_some_and(|d| values(d) != Some(n_out)) {
                     return Err(format!(
                         "Gemm bias '{b}' is not one value per output; only 1-D biases are quantized"
                     ));
@@ -229,6 +239,7 @@ fn examine(
                     graph.node[c].op_type() == "Add"
                         && graph.node[c].input.len() == 2
                         && graph.node[c].input[0] == out
+                        && graph.node[c].output.first().is_some_and(|o| !o.is_empty())
                 })
                 .filter(|&c| {
                     init_dims(&graph.node[c].input[1])

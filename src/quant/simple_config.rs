@@ -22,10 +22,23 @@ pub fn from_simple_config(
         message,
     };
     let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read: {e}")))?;
+    from_simple_config_str(&text, &file, layers)
+}
+
+/// Parses a simple config's text; `file` names it in errors.
+pub fn from_simple_config_str(
+    text: &str,
+    file: &str,
+    layers: &[(String, String)],
+) -> Result<QuantConfig, ConfigError> {
+    let fail = |message: String| ConfigError {
+        file: file.to_string(),
+        message,
+    };
     let desc = descriptors()
         .get_message_by_name("amct.AMCTConfig")
         .expect("declared in amct.proto");
-    let msg = DynamicMessage::parse_text_format(desc, &text)
+    let msg = DynamicMessage::parse_text_format(desc, text)
         .map_err(|e| fail(format!("not a valid AMCTConfig: {e}")))?;
     let cfg: proto::AmctConfig = msg.transcode_to().map_err(|e| fail(e.to_string()))?;
     build(&cfg, layers).map_err(fail)

@@ -18,6 +18,9 @@ pub fn rewrite_for_execution(
     model: &ModelProto,
     opts: &SessionOptions,
 ) -> Result<ModelProto, SimError> {
+    crate::onnx::limits::check_sizes(model).map_err(|e| SimError::Load {
+        reason: e.to_string(),
+    })?;
     let mut m = model.clone();
     let g = m.graph.as_mut().ok_or_else(|| SimError::Load {
         reason: "the model holds no graph".into(),

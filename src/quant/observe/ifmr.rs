@@ -152,9 +152,12 @@ pub fn search(
             let c = max0 * r;
             ((c - min0) / levels, min0, c)
         } else {
+            // The grid is [lo, hi]·scale: with the negative side dominating
+            // (scale = c/128) the positive end is 127·scale, below c.
             let c = bound * r;
             let q = if min0.abs() > max0.abs() { -lo } else { hi };
-            (c / q as f32, -c, c)
+            let scale = c / q as f32;
+            (scale, -c, c.min(hi as f32 * scale))
         };
         if scale < FLT_EPSILON {
             continue;
@@ -321,29 +324,55 @@ mod tests {
         }
     }
 
-    #[test]
-    fn hand_computed_tiny_case() {
-        // Data {0, 1, 2, ..., 10}: max0 = 10, min0 = 0 (p = 0.999999 picks the extremes).
-        // Symmetric: candidates c = 10 r, scale = c / 127; for every candidate
-        // above 10 no value is clipped and the error comes from rounding only.
-        let data: Vec<f32> = (0..=10).map(|i| i as f32).collect();
-        let s = IfmrSettings::default();
-        let want = exact(&data, &s, false);
-        let mut o = Ifmr::new(s);
-        o.observe(&data, 0.0, 10.0);
-        assert_eq!(o.params(false, 8).unwrap(), want);
-        // The winner is the candidate whose grid puts the integers closest to grid points.
-        let mut best = (f64::MAX, 0.0f32);
-        for r in IfmrSettings::default().factors() {
-            let scale = 10.0 * r / 127.0;
-            let e: f64 = data
+    /// IFMR's symmetric choice by brute force, written out independently of
+    /// `search`/`quant_error`: every candidate `r = 0.70, 0.71, ... 1.29`,
+    /// scale `bound·r/q`, integers clamped to the int8 grid [-128, 127].
+    fn brute_force_symmetric(data: &[f32]) -> f32 {
+        let max = data.iter().fold(0f32, |m, &x| m.max(x));
+        let min = data.iter().fold(0f32, |m, &x| m.min(x));
+        let q = if min.abs() > max.abs() { 128.0 } else { 127.0 };
+        let bound = max.max(-min);
+        let mut best = (f64::MAX, 0f32);
+        for k in 0..60 {
+            let r = 0.7 + 0.01 * k as f32;
+            let c = bound * r;
+            let scale = c / q;
+            let err: f64 = data
                 .iter()
-                .map(|&x| quant_error(f64::from(x), scale, -10.0 * r, 10.0 * r))
+                .map(|&x| {
+                    let clipped = x.clamp(-c, c) as f64;
+                    let level = (clipped / scale as f64)
+                        .round_ties_even()
+                        .clamp(-128.0, 127.0);
+                    (level * scale as f64 - x as f64).powi(2)
+                })
                 .sum();
-            if e < best.0 {
-                best = (e, scale);
+            if err < best.0 {
+                best = (err, scale);
             }
         }
-        assert_eq!(want.scale, best.1);
+        best.1
+    }
+
+    #[test]
+    fn symmetric_search_matches_a_brute_force_with_the_grid_clamped() {
+        // The integers 0..=10: the rounding error decides between the candidates.
+        let ints: Vec<f32> = (0..=10).map(|i| i as f32).collect();
+        // The negative side dominates (scale = c/128) and 10.47 sits near the
+        // top: counting +128 as representable picks r = 1.00 instead of 1.16.
+        let skewed = vec![-10.5, 8.83, 8.53, 7.97, 9.52, 7.82, 10.47, 6.74];
+        for data in [ints, skewed] {
+            let mut o = Ifmr::new(IfmrSettings::default());
+            let (mn, mx) = super::super::finite_extremes(&data).unwrap();
+            o.observe(&data, mn, mx);
+            let got = o.params(false, 8).unwrap();
+            let want = brute_force_symmetric(&data);
+            assert!(
+                (got.scale - want).abs() <= 1e-6 * want,
+                "got {} want {want}",
+                got.scale
+            );
+            assert_eq!(got.offset, 0);
+        }
     }
 }

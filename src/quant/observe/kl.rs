@@ -62,6 +62,18 @@ fn kl_divergence(p: &[f64], q: &[f64]) -> f64 {
         .sum()
 }
 
+/// The number of grid levels a threshold of |x| is spread over: the whole
+/// grid for an asymmetric setting, half of it (one side of zero) for a
+/// symmetric one, whatever the sign of the data (a symmetric grid spends its
+/// negative half even on non-negative data).
+pub fn levels(asymmetric: bool, bits: u32) -> usize {
+    if asymmetric {
+        1usize << bits
+    } else {
+        1usize << (bits - 1)
+    }
+}
+
 /// The bin count (threshold = that many bins) minimising the divergence
 /// between the clipped histogram and its quantization into `levels` bins.
 pub fn best_threshold_bins(counts: &[f64], levels: usize) -> usize {
@@ -107,13 +119,7 @@ impl Observer for Kl {
     }
 
     fn params(&self, asymmetric: bool, bits: u32) -> Result<ActParams, ParamsError> {
-        // Values of one sign use the whole grid; signed data half of it per side.
-        let levels = if self.min >= 0.0 {
-            1usize << bits
-        } else {
-            1usize << (bits - 1)
-        };
-        let i = best_threshold_bins(self.hist.counts(), levels);
+        let i = best_threshold_bins(self.hist.counts(), levels(asymmetric, bits));
         let t = (f64::from(self.hist.lo()) + i as f64 * self.hist.bin_width()) as f32;
         act_params(self.min.max(-t), self.max.min(t), asymmetric, bits)
     }
@@ -128,6 +134,30 @@ mod tests {
         assert!(kl_divergence(&[1.0, 2.0], &[2.0, 4.0]).abs() < 1e-12);
         assert!(kl_divergence(&[1.0, 1.0], &[1.0, 0.0]) > 0.1);
         assert!(kl_divergence(&[0.0, 0.0], &[1.0, 0.0]).is_infinite());
+    }
+
+    #[test]
+    fn the_grid_levels_follow_the_setting_not_the_sign_of_the_data() {
+        // A long-tailed, non-negative distribution (ReLU-like), and the same with
+        // one tiny negative value: the symmetric threshold must not change.
+        let positive: Vec<f32> = (1..50_000)
+            .map(|i| -((i as f32 / 50_000.0).ln()) * 0.3)
+            .collect();
+        let mut signed = positive.clone();
+        signed.push(-1e-6);
+        let threshold = |data: &[f32], asymmetric: bool| {
+            let mut o = Kl::new(2048);
+            let (mn, mx) = super::super::finite_extremes(data).unwrap();
+            o.observe(data, mn, mx);
+            o.params(asymmetric, 8).unwrap()
+        };
+        let a = threshold(&positive, false);
+        let b = threshold(&signed, false);
+        assert!(
+            (a.scale - b.scale).abs() <= 1e-6 * a.scale,
+            "symmetric: {a:?} vs {b:?}"
+        );
+        assert_eq!((levels(false, 8), levels(true, 8)), (128, 256));
     }
 
     #[test]

@@ -1,0 +1,250 @@
+//! Refuses models whose shapes would need absurd memory or time before
+//! anything is allocated: a declared dimension of 2^40, a pad of a million
+//! on both sides of an image, a `ConstantOfShape` of a trillion elements.
+//! The check is static (declared shapes, attributes and constant inputs), so
+//! it runs in microseconds and names the node or value and the size.
+
+use super::attr::{find, ints_attr};
+use super::error::OnnxError;
+use super::graph::initializer;
+use super::proto::{GraphProto, ModelProto, NodeProto, TensorProto};
+use super::{Dim, ValueSpec, to_tensor};
+use crate::tensor::Tensor;
+
+/// The most elements one tensor may have: 2^31 (8 GiB of float32), about
+/// ten times the largest activation of common vision models at batch 64.
+pub const MAX_ELEMENTS: u64 = 1 << 31;
+
+/// The largest pad, kernel, stride or dilation accepted on one axis.
+pub const MAX_WINDOW: i64 = 1 << 20;
+
+fn too_large(what: String, elements: u64) -> OnnxError {
+    OnnxError::TooLarge {
+        what,
+        size: describe(elements),
+        limit: describe(MAX_ELEMENTS),
+        hint: "check the model's shapes and attributes (a corrupted or mistyped value?)".into(),
+    }
+}
+
+/// "3.0e12 elements (12 TiB as float32)".
+fn describe(elements: u64) -> String {
+    let bytes = elements.saturating_mul(4) as f64;
+    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut v = bytes;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{elements} elements ({v:.1} {} as float32)", units[u])
+}
+
+/// The product of `dims` (negative entries count as 1), saturating.
+fn product(dims: impl IntoIterator<Item = i64>) -> u64 {
+    dims.into_iter()
+        .map(|d| d.max(1) as u64)
+        .fold(1u64, u64::saturating_mul)
+}
+
+/// Checks every declared shape, initializer, constant and size-giving
+/// attribute or constant input of `model`'s graph (subgraphs included).
+pub fn check_sizes(model: &ModelProto) -> Result<(), OnnxError> {
+    match &model.graph {
+        Some(g) => check_graph(g),
+        None => Ok(()),
+    }
+}
+
+fn check_graph(g: &GraphProto) -> Result<(), OnnxError> {
+    for v in g.input.iter().chain(&g.output).chain(&g.value_info) {
+        let spec = ValueSpec::from_proto(v);
+        let Some(dims) = &spec.shape else { continue };
+        let n = dims.iter().fold(1u64, |acc, d| match d {
+            Dim::Fixed(k) => acc.saturating_mul((*k as u64).max(1)),
+            _ => acc,
+        });
+        if n > MAX_ELEMENTS {
+            return Err(too_large(
+                format!("value '{}' of shape {}", v.name(), spec.shape_text()),
+                n,
+            ));
+        }
+    }
+    for t in &g.initializer {
+        check_tensor(t, "initializer")?;
+    }
+    for n in &g.node {
+        check_node(g, n)?;
+        for a in &n.attribute {
+            if let Some(t) = &a.t {
+                check_tensor(t, "constant")?;
+            }
+            for sub in a.g.iter().chain(&a.graphs) {
+                check_graph(sub)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_tensor(t: &TensorProto, kind: &str) -> Result<(), OnnxError> {
+    let n = product(t.dims.iter().copied());
+    if n > MAX_ELEMENTS {
+        return Err(too_large(
+            format!("{kind} '{}' of dims {:?}", t.name(), t.dims),
+            n,
+        ));
+    }
+    Ok(())
+}
+
+/// The int64 values of a constant input of `node`, if it is an initializer.
+fn constant_ints(g: &GraphProto, node: &NodeProto, input: usize) -> Option<Vec<i64>> {
+    let name = node.input.get(input).filter(|s| !s.is_empty())?;
+    match to_tensor(initializer(g, name)?).ok()? {
+        Tensor::I64(a) => Some(a.iter().copied().collect()),
+        Tensor::I32(a) => Some(a.iter().map(|&v| i64::from(v)).collect()),
+        _ => None,
+    }
+}
+
+fn check_node(g: &GraphProto, n: &NodeProto) -> Result<(), OnnxError> {
+    let label = |what: &str| format!("node '{}' ({}): {what}", n.name(), n.op_type());
+    for key in [
+        "pads",
+        "kernel_shape",
+        "strides",
+        "dilations",
+        "output_padding",
+    ] {
+        if let Some(v) = ints_attr(n, key)
+            && let Some(&big) = v.iter().find(|x| x.unsigned_abs() > MAX_WINDOW as u64)
+        {
+            return Err(OnnxError::TooLarge {
+                what: label(&format!("attribute {key} = {big}")),
+                size: format!("{big} on one axis"),
+                limit: format!("{MAX_WINDOW}"),
+                hint: "check the model's attributes (a corrupted or mistyped value?)".into(),
+            });
+        }
+    }
+    // A padded window covers at least Π(pad_begin + pad_end + 1) positions.
+    let padded = |pads: &[i64]| {
+        let half = pads.len() / 2;
+        product((0..half).map(|i| pads[i].max(0) + pads[i + half].max(0) + 1))
+    };
+    if let Some(pads) = ints_attr(n, "pads") {
+        let size = padded(&pads);
+        if size > MAX_ELEMENTS {
+            return Err(too_large(label("the padded plane"), size));
+        }
+    }
+    if let Some(k) = ints_attr(n, "kernel_shape") {
+        let size = product(k.iter().copied());
+        if size > MAX_ELEMENTS {
+            return Err(too_large(label("the kernel window"), size));
+        }
+    }
+    if let Some(shape) = ints_attr(n, "output_shape") {
+        let size = product(shape.iter().copied());
+        if size > MAX_ELEMENTS {
+            return Err(too_large(label("attribute output_shape"), size));
+        }
+    }
+    if let Some(a) = find(n, "value")
+        && let Some(t) = &a.t
+    {
+        check_tensor(t, "constant")?;
+    }
+    let size_input = match n.op_type() {
+        "ConstantOfShape" => Some((0, "the shape input")),
+        "Expand" | "Reshape" => Some((1, "the shape input")),
+        "Tile" => Some((1, "the repeats input")),
+        "Resize" => Some((3, "the sizes input")),
+        "Pad" => Some((1, "the pads input")),
+        _ => None,
+    };
+    if let Some((input, what)) = size_input
+        && let Some(v) = constant_ints(g, n, input)
+    {
+        let size = if n.op_type() == "Pad" {
+            padded(&v)
+        } else {
+            product(v.iter().copied())
+        };
+        if size > MAX_ELEMENTS {
+            return Err(too_large(label(what), size));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::attr::attr_ints;
+    use crate::onnx::builder::node;
+
+    fn graph(nodes: Vec<NodeProto>) -> ModelProto {
+        ModelProto {
+            graph: Some(GraphProto {
+                node: nodes,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_million_pixel_pad_is_refused_naming_the_node_and_size() {
+        let mut conv = node("Conv", "big_pad", &["x", "w"], &["y"], vec![]);
+        conv.attribute.push(attr_ints(
+            "pads",
+            &[1_000_000, 1_000_000, 1_000_000, 1_000_000],
+        ));
+        let e = check_sizes(&graph(vec![conv])).unwrap_err().to_string();
+        // (2,000,001)^2 positions, worked out by hand.
+        assert!(
+            e.contains("'big_pad' (Conv)") && e.contains("4000004000001 elements"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_declared_dim_of_2_pow_40_is_refused() {
+        use crate::onnx::proto::tensor_shape_proto::{Dimension, dimension};
+        use crate::onnx::proto::{TensorShapeProto, TypeProto, ValueInfoProto, type_proto};
+        let dim = |v: i64| Dimension {
+            value: Some(dimension::Value::DimValue(v)),
+            ..Default::default()
+        };
+        let mut m = graph(vec![]);
+        m.graph.as_mut().unwrap().input.push(ValueInfoProto {
+            name: Some("x".into()),
+            r#type: Some(TypeProto {
+                value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                    elem_type: Some(1),
+                    shape: Some(TensorShapeProto {
+                        dim: vec![dim(1), dim(1 << 40)],
+                    }),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let e = check_sizes(&m).unwrap_err().to_string();
+        assert!(
+            e.contains("value 'x'") && e.contains("1099511627776 elements"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn ordinary_models_pass() {
+        let mut conv = node("Conv", "c", &["x", "w"], &["y"], vec![]);
+        conv.attribute.push(attr_ints("pads", &[1, 1, 1, 1]));
+        conv.attribute.push(attr_ints("kernel_shape", &[3, 3]));
+        check_sizes(&graph(vec![conv])).unwrap();
+    }
+}

@@ -1,0 +1,148 @@
+//! Bounded mutation testing on stable Rust: every parser of user files gets
+//! a few thousand deterministic mutations of its seed files (the fuzz seeds
+//! in `fuzz/seeds/<parser>/`) and must answer each with `Ok` or `Err`, never
+//! a panic. The open-ended search is `scripts/fuzz.sh` (cargo-fuzz); this is
+//! the part that runs in every `cargo test`.
+
+mod parsers;
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::Path;
+
+/// A small deterministic generator (xorshift64*), so failures reproduce.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// Values that tend to find size and sign mistakes.
+const INTERESTING: [&[u8]; 8] = [
+    &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f],
+    &[0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x01],
+    &[0x00],
+    &[0xff],
+    b"1099511627776",
+    b"-1",
+    b"nan",
+    b"1e39",
+];
+
+/// One mutation of `seed`: bit flips, byte sets, inserted or removed runs,
+/// truncation, duplicated ranges or an interesting value spliced in.
+fn mutate(seed: &[u8], rng: &mut Rng) -> Vec<u8> {
+    let mut v = seed.to_vec();
+    for _ in 0..1 + rng.below(4) {
+        let at = rng.below(v.len() + 1);
+        match rng.below(7) {
+            0 if !v.is_empty() => {
+                let i = at.min(v.len() - 1);
+                v[i] ^= 1 << rng.below(8);
+            }
+            1 if !v.is_empty() => {
+                let i = at.min(v.len() - 1);
+                v[i] = rng.next() as u8;
+            }
+            2 => {
+                let run: Vec<u8> = (0..1 + rng.below(16)).map(|_| rng.next() as u8).collect();
+                v.splice(at..at, run);
+            }
+            3 => {
+                let end = (at + 1 + rng.below(32)).min(v.len());
+                v.drain(at.min(end)..end);
+            }
+            4 => v.truncate(at),
+            5 if !v.is_empty() => {
+                let start = rng.below(v.len());
+                let end = (start + 1 + rng.below(64)).min(v.len());
+                let copy = v[start..end].to_vec();
+                v.splice(at..at, copy);
+            }
+            _ => {
+                let value = INTERESTING[rng.below(INTERESTING.len())];
+                let end = (at + value.len()).min(v.len());
+                v.splice(at..end, value.iter().copied());
+            }
+        }
+    }
+    v
+}
+
+fn seeds(parser: &str) -> Vec<Vec<u8>> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/seeds")
+        .join(parser);
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    files.iter().map(|p| std::fs::read(p).unwrap()).collect()
+}
+
+/// Runs `parse` on every seed and on `count` mutations; fails naming the
+/// first input that panicked (written beside the target folder to reproduce).
+fn survive(parser: &str, count: usize, parse: fn(&[u8]) -> Result<(), String>) {
+    let seeds = seeds(parser);
+    for s in &seeds {
+        parse(s).unwrap_or_else(|e| panic!("seed of {parser} must parse: {e}"));
+    }
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ parser.len() as u64);
+    let mut errors = 0;
+    for i in 0..count {
+        let input = mutate(&seeds[i % seeds.len()], &mut rng);
+        match catch_unwind(AssertUnwindSafe(|| parse(&input))) {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => errors += 1,
+            Err(_) => {
+                let keep = std::env::temp_dir().join(format!("ascend-quant-{parser}-panic-{i}"));
+                let _ = std::fs::write(&keep, &input);
+                panic!(
+                    "{parser}: mutation {i} panicked; input saved to {}",
+                    keep.display()
+                );
+            }
+        }
+    }
+    // Most mutations of a structured file are invalid: the parsers must notice.
+    assert!(errors > 0, "{parser}: no mutation was refused");
+}
+
+#[test]
+fn model_parsing_never_panics() {
+    survive("model", 3000, parsers::model);
+}
+
+#[test]
+fn record_parsing_never_panics() {
+    survive("record", 3000, parsers::record);
+}
+
+#[test]
+fn json_config_parsing_never_panics() {
+    survive("json_config", 3000, parsers::json_config);
+}
+
+#[test]
+fn simple_config_parsing_never_panics() {
+    survive("simple_config", 3000, parsers::simple_config);
+}
+
+#[test]
+fn npy_parsing_never_panics() {
+    survive("npy", 3000, parsers::npy);
+}
+
+#[test]
+fn bin_folder_parsing_never_panics() {
+    survive("bin_folder", 3000, parsers::bin_folder);
+}

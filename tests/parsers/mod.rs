@@ -1,0 +1,119 @@
+//! Every parser of user files, driven from raw bytes the way a user's file
+//! reaches it. Shared by the fuzz targets (`fuzz/`, which include this file)
+//! and the bounded mutation test (`tests/mutation.rs`): each function may
+//! return `Err` for bad input but must never panic.
+#![allow(dead_code)]
+
+use ascend_quant::data::{Dataset, read_npy_bytes};
+use ascend_quant::onnx::{GraphIndex, load_model_bytes};
+use ascend_quant::quant::config::QuantConfig;
+use ascend_quant::quant::layers::discover;
+use ascend_quant::quant::prepare::prepare;
+use ascend_quant::quant::record::read_record;
+use ascend_quant::quant::simple_config::from_simple_config_str;
+use ascend_quant::sim::{SessionOptions, rewrite_for_execution};
+use std::path::{Path, PathBuf};
+
+/// The layers the config parsers check names against (the digits model's).
+pub fn layers() -> Vec<(String, String)> {
+    [
+        ("/0/Conv", "Conv"),
+        ("/3/Conv", "Conv"),
+        ("/6/Conv", "Conv"),
+        ("/10/Gemm", "Gemm"),
+    ]
+    .iter()
+    .map(|(n, t)| (n.to_string(), t.to_string()))
+    .collect()
+}
+
+/// A model: decode, validate the graph, prepare it for calibration (BN
+/// folding, Gemm weights), find its layers, prepare it for execution.
+pub fn model(bytes: &[u8]) -> Result<(), String> {
+    let origin = Path::new("fuzzed.onnx");
+    let m = load_model_bytes(bytes, origin, None).map_err(|e| e.to_string())?;
+    if let Some(g) = &m.graph {
+        GraphIndex::new(g).map_err(|e| e.to_string())?;
+    }
+    let mut prepared = m.clone();
+    prepare(&mut prepared, true, &[]).map_err(|e| e.to_string())?;
+    if let Some(g) = &prepared.graph {
+        discover(g).map_err(|e| e.to_string())?;
+    }
+    rewrite_for_execution(&m, &SessionOptions::default()).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// A record file.
+pub fn record(bytes: &[u8]) -> Result<(), String> {
+    let text = std::str::from_utf8(bytes).map_err(|e| e.to_string())?;
+    read_record(text).map(|_| ())
+}
+
+/// An AMCT JSON config.
+pub fn json_config(bytes: &[u8]) -> Result<(), String> {
+    let text = std::str::from_utf8(bytes).map_err(|e| e.to_string())?;
+    QuantConfig::from_json_str(text, "fuzzed.json", &layers())
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// An AMCT simple config (.cfg).
+pub fn simple_config(bytes: &[u8]) -> Result<(), String> {
+    let text = std::str::from_utf8(bytes).map_err(|e| e.to_string())?;
+    from_simple_config_str(text, "fuzzed.cfg", &layers())
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// A scratch folder of this process for parsers that read files.
+fn scratch() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ascend-quant-parsers-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    dir
+}
+
+/// Reads every batch of a data set, as calibration does.
+fn read_all(data: &Dataset) -> Result<(), String> {
+    for b in 0..data.batch_count(3).min(64) {
+        data.batch(3, b).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// A `.npy` file, whole (`read_npy_bytes`) and streamed from disk as a
+/// calibration data file; bytes that start like a zip archive are also read
+/// as an `.npz`.
+pub fn npy(bytes: &[u8]) -> Result<(), String> {
+    let zipped = bytes.starts_with(b"PK");
+    let whole = if zipped {
+        Ok(())
+    } else {
+        read_npy_bytes(bytes, Path::new("fuzzed.npy")).map(|_| ())
+    };
+    let ext = if zipped { "npz" } else { "npy" };
+    let path = scratch().join(format!("data.{ext}"));
+    std::fs::write(&path, bytes).map_err(|e| e.to_string())?;
+    let streamed = Dataset::from_specs(&[path.display().to_string()], &["x".to_string()])
+        .map_err(|e| e.to_string())
+        .and_then(|d| read_all(&d));
+    whole.map_err(|e| e.to_string()).and(streamed)
+}
+
+/// An AMCT `.bin` folder: the first byte picks the element type, the next
+/// four the shape, the rest is one batch file.
+pub fn bin_folder(bytes: &[u8]) -> Result<(), String> {
+    let (head, body) = bytes.split_at(bytes.len().min(5));
+    let types = [
+        "float32", "float64", "int8", "uint8", "int32", "int64", "bool", "int4",
+    ];
+    let ty = types[usize::from(head.first().copied().unwrap_or(0)) % types.len()];
+    let shape: Vec<usize> = head.iter().skip(1).map(|&b| usize::from(b)).collect();
+    let dir = scratch().join("bins");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("0.bin"), body).map_err(|e| e.to_string())?;
+    let data = Dataset::from_bin_dirs(&dir.display().to_string(), ty, &[("x".to_string(), shape)])
+        .map_err(|e| e.to_string())?;
+    read_all(&data)
+}
