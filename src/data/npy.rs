@@ -172,7 +172,7 @@ mod tests {
         // A version 1.0 .npy written by hand: magic, header length, header, 8 data bytes.
         let mut header =
             b"{'descr': '<f4', 'fortran_order': False, 'shape': (1099511627776,), }".to_vec();
-        while (10 + header.len() + 1) % 64 != 0 {
+        while !(10 + header.len() + 1).is_multiple_of(64) {
             header.push(b' ');
         }
         header.push(b'\n');
