@@ -151,3 +151,31 @@ fn external_evaluator_number_garbage_failure_and_unreachable_target() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("written anyway"));
     assert!(dir.path().join("auto_deploy_model.onnx").exists());
 }
+
+#[test]
+fn a_verbose_evaluator_and_a_path_with_spaces_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let spaced = dir.path().join("my models");
+    std::fs::create_dir(&spaced).unwrap();
+    // 300 kB of progress output (more than a pipe holds) before the number;
+    // the model path arrives whole, as {model} and in the environment.
+    let cmd = "test -f {model} && test -f \"$ASCEND_QUANT_MODEL\" || exit 9; \
+               head -c 300000 /dev/zero | tr '\\0' '#'; echo; \
+               case {model} in *float*) echo 100;; *) echo 99.9;; esac";
+    let o = auto(&spaced, &["--evaluator", cmd, "--evaluator-timeout", "60"]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["final_metric"], 99.9);
+    // The evaluated models lived in a temporary folder that is gone now.
+    let left: Vec<String> = std::fs::read_dir(&spaced)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -9,6 +9,8 @@ use crate::sim::{Executor, SessionOptions};
 use crate::tensor::Tensor;
 use ndarray::{ArrayD, Axis};
 use prost::Message;
+use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -118,59 +120,125 @@ impl Evaluator for InternalEvaluator<'_> {
 
 /// Runs the user's command with `{model}` replaced by a model file and reads
 /// the metric from the last line of its standard output.
+///
+/// The path replaces `{model}` shell-quoted (a bare `{model}`, `'{model}'` and
+/// `"{model}"` all become one quoted word, so paths with spaces or quotes are
+/// safe) and is also given in the environment as `ASCEND_QUANT_MODEL`. The
+/// command's output is read on threads while it runs, so an evaluator that
+/// prints a lot (a progress bar) never blocks on a full pipe; on timeout its
+/// whole process group is killed. Models are written into a temporary folder
+/// beside the outputs, removed with the evaluator.
 pub struct ExternalEvaluator {
     command: String,
     timeout: Duration,
     scratch: PathBuf,
+    folder: Option<tempfile::TempDir>,
+}
+
+/// `text` as one single-quoted shell word.
+pub fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "'\\''"))
+}
+
+/// The command line with every form of the `{model}` placeholder replaced
+/// by the quoted `path`.
+pub fn substitute_model(command: &str, path: &str) -> String {
+    let quoted = shell_quote(path);
+    command
+        .replace("'{model}'", &quoted)
+        .replace("\"{model}\"", &quoted)
+        .replace("{model}", &quoted)
+}
+
+/// Reads a pipe to its end on a thread.
+fn drain(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut p) = pipe {
+            let _ = p.read_to_end(&mut bytes);
+        }
+        bytes
+    })
 }
 
 impl ExternalEvaluator {
-    /// An evaluator running `command` (through `sh -c`), writing models under `scratch`.
+    /// An evaluator running `command` (through `sh -c`), writing models into a
+    /// temporary folder under `scratch`.
     pub fn new(command: String, timeout: Duration, scratch: PathBuf) -> Self {
         ExternalEvaluator {
             command,
             timeout,
             scratch,
+            folder: None,
         }
     }
 
+    fn folder(&mut self) -> Result<PathBuf, QuantError> {
+        if self.folder.is_none() {
+            let dir = tempfile::Builder::new()
+                .prefix(".ascend-quant-eval-")
+                .tempdir_in(&self.scratch)
+                .map_err(|e| {
+                    QuantError::Input(format!(
+                        "cannot create a folder for the evaluated models in {}: {e}",
+                        self.scratch.display()
+                    ))
+                })?;
+            self.folder = Some(dir);
+        }
+        Ok(self
+            .folder
+            .as_ref()
+            .map(|d| d.path().to_path_buf())
+            .unwrap_or_default())
+    }
+
     /// Runs the command on `model` and parses its number.
-    pub fn score_file(&self, model: &ModelProto, file: &str) -> Result<f64, QuantError> {
-        let path = self.scratch.join(file);
+    pub fn score_file(&mut self, model: &ModelProto, file: &str) -> Result<f64, QuantError> {
+        let path = self.folder()?.join(file);
         crate::fsutil::write_atomic(&path, &model.encode_to_vec())
             .map_err(|e| QuantError::Input(format!("cannot write {}: {e}", path.display())))?;
-        let line = self.command.replace("{model}", &path.display().to_string());
-        let fail = |why: String| QuantError::Input(format!("evaluator `{line}` {why}"));
+        let line = substitute_model(&self.command, &path.display().to_string());
+        let fail = |why: String| QuantError::Input(format!("evaluator `{}` {why}", self.command));
         let mut child = Command::new("sh")
             .arg("-c")
             .arg(&line)
+            .env("ASCEND_QUANT_MODEL", &path)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            .process_group(0)
             .spawn()
             .map_err(|e| fail(format!("could not start: {e}")))?;
+        let stdout = drain(child.stdout.take());
+        let stderr = drain(child.stderr.take());
         let started = Instant::now();
-        loop {
+        let status = loop {
             match child.try_wait().map_err(|e| fail(e.to_string()))? {
-                Some(_) => break,
-                None if started.elapsed() > self.timeout => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(fail(format!(
-                        "did not finish within {} s (--evaluator-timeout)",
-                        self.timeout.as_secs()
-                    )));
-                }
+                Some(status) => break Some(status),
+                None if started.elapsed() > self.timeout => break None,
                 None => std::thread::sleep(Duration::from_millis(20)),
             }
-        }
-        let out = child.wait_with_output().map_err(|e| fail(e.to_string()))?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        if !out.status.success() {
-            let stderr = String::from_utf8_lossy(&out.stderr);
+        };
+        let Some(status) = status else {
+            // The shell's children hold the pipes too: end the whole group.
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .arg(format!("-{}", child.id()))
+                .stderr(Stdio::null())
+                .status();
+            let _ = child.kill();
+            let _ = child.wait();
             return Err(fail(format!(
-                "failed ({}): {}",
-                out.status,
+                "did not finish within {} s (--evaluator-timeout)",
+                self.timeout.as_secs()
+            )));
+        };
+        let stdout = String::from_utf8_lossy(&stdout.join().unwrap_or_default()).into_owned();
+        let stderr = String::from_utf8_lossy(&stderr.join().unwrap_or_default()).into_owned();
+        if !status.success() {
+            return Err(fail(format!(
+                "failed ({status}): {}",
                 stderr.trim().lines().last().unwrap_or("")
             )));
         }
@@ -199,5 +267,26 @@ impl Evaluator for ExternalEvaluator {
 
     fn evaluate(&mut self, fake_quant: &ModelProto) -> Result<f64, QuantError> {
         self.score_file(fake_quant, "auto_candidate_fake_quant_model.onnx")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_placeholder_form_becomes_one_quoted_word() {
+        let path = "/tmp/my models/it's.onnx";
+        let quoted = "'/tmp/my models/it'\\''s.onnx'";
+        for cmd in ["eval {model}", "eval '{model}'", "eval \"{model}\""] {
+            assert_eq!(substitute_model(cmd, path), format!("eval {quoted}"));
+        }
+        // The shell reads it back as the one original path.
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!("printf %s {}", shell_quote(path)))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), path);
     }
 }
