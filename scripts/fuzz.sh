@@ -7,6 +7,7 @@
 # fuzz/artifacts/<target>/.
 #
 #   scripts/fuzz.sh [SECONDS] [TARGET...]
+#   FUZZ_RUNS=1000000 scripts/fuzz.sh 3600   # stop each target after that many executions
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds="${1:-60}"
@@ -27,7 +28,7 @@ for t in "${targets[@]}"; do
   echo "fuzz: $t for ${seconds}s"
   cargo +nightly fuzz run "$t" "fuzz/corpus/$t" -- \
     -max_total_time="$seconds" -rss_limit_mb=4096 -max_len=131072 -timeout=20 \
-    -print_final_stats=1 2>"$log" || { tail -40 "$log"; exit 1; }
+    -print_final_stats=1 ${FUZZ_RUNS:+-runs="$FUZZ_RUNS"} 2>"$log" || { tail -40 "$log"; exit 1; }
   runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo '?')
   echo "fuzz: $t: $runs executions, no crash"
 done

@@ -4,6 +4,19 @@
 use crate::similarity::Similarity;
 use ndarray::{ArrayD, Axis};
 
+/// The metric choices of `auto --metric`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum MetricName {
+    /// Top-1 accuracy against --labels.
+    Top1,
+    /// Agreement of the top-1 class with the float model.
+    Top1Agreement,
+    /// Mean cosine similarity of the outputs with the float model's (x100).
+    Cosine,
+    /// Mean squared error relative to the float outputs' power (x100, negated).
+    Mse,
+}
+
 /// How a quantized model's outputs are scored against the float model's (or labels).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Metric {

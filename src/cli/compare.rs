@@ -2,12 +2,7 @@
 //! model and its quantized version, as a table, JSON or an HTML page.
 
 use super::Failure;
-use super::exit::usage;
-use crate::data::Dataset;
-use crate::onnx::load_model;
-use crate::report::compare::compare;
-use crate::report::html::render;
-use crate::sim::{RtenExecutor, feedable_input_names};
+use crate::pipeline::{CompareOptions, compare_models};
 use anyhow::Context;
 use std::path::PathBuf;
 
@@ -39,30 +34,14 @@ pub struct CompareArgs {
 
 /// Runs `compare`.
 pub fn execute(args: &CompareArgs) -> Result<(), Failure> {
-    let float = load_model(&args.float)?;
-    let quant = load_model(&args.quant)?;
-    let data = Dataset::from_specs(&args.data, &feedable_input_names(&float))?;
-    let declared = super::calibrate::declared_batch(&float);
-    let batch_size = args.batch_size.unwrap_or(declared.unwrap_or(1)).max(1);
-    let dynamic = declared.is_some_and(|d| d != batch_size);
-    let c = compare(
-        &RtenExecutor,
-        &float,
-        &quant,
-        &data,
-        batch_size,
-        dynamic,
-        args.layer.as_deref(),
-    )?;
-    if let Some(path) = &args.html {
-        let page = render(
-            &c,
-            &args.float.display().to_string(),
-            &args.quant.display().to_string(),
-        );
-        crate::fsutil::write_atomic(path, page.as_bytes())
-            .map_err(|e| usage(format!("cannot write {}: {e}", path.display())))?;
-    }
+    let c = compare_models(&CompareOptions {
+        float: args.float.clone(),
+        quant: args.quant.clone(),
+        data: args.data.clone(),
+        batch_size: args.batch_size,
+        layer: args.layer.clone(),
+        html: args.html.clone(),
+    })?;
     if args.json {
         println!(
             "{}",

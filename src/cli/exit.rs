@@ -2,6 +2,7 @@
 
 use crate::data::DataError;
 use crate::onnx::OnnxError;
+use crate::pipeline::PipelineError;
 use crate::quant::config::ConfigError;
 use crate::quant::error::QuantError;
 use crate::sim::SimError;
@@ -35,7 +36,13 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
         let code = error
             .chain()
             .find_map(|cause| {
-                if let Some(q) = cause.downcast_ref::<QuantError>() {
+                if let Some(p) = cause.downcast_ref::<PipelineError>() {
+                    Some(if p.is_input_error() {
+                        ExitCode::Usage
+                    } else {
+                        ExitCode::Runtime
+                    })
+                } else if let Some(q) = cause.downcast_ref::<QuantError>() {
                     Some(match q {
                         QuantError::Sim(s) if !s.is_input_error() => ExitCode::Runtime,
                         _ => ExitCode::Usage,

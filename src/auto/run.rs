@@ -1,0 +1,261 @@
+//! One `auto` job: calibrate once, rank the layers, search the smallest set
+//! to keep in float that holds the metric, and write the models, record,
+//! report, reproducible config, ranking and history (all or none).
+
+use super::metric::MetricName;
+use super::{Evaluator, ExternalEvaluator, InternalEvaluator, Metric, layer_sensitivities, search};
+use crate::data::{Dataset, read_npy};
+use crate::pipeline::outputs::{OutputFiles, output_folder, with_suffix, write_outputs};
+use crate::pipeline::{
+    CalibrateOptions, PipelineError, Progress, RunInputs, gather, select_backend,
+};
+use crate::quant::calibrate::{RunSettings, observe_layers};
+use crate::quant::emit::{LayerFactors, deploy_model, fake_quant_model, simulation_model};
+use crate::quant::record::write_record;
+use crate::sim::{RtenExecutor, feedable_input_names};
+use crate::tensor::Tensor;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// What `auto` takes: the calibration options plus the accuracy target.
+#[derive(Clone, Debug)]
+pub struct AutoOptions {
+    /// Calibration options, as for `calibrate`.
+    pub calib: CalibrateOptions,
+    /// Evaluation data (same forms as calibration data).
+    pub eval_data: Vec<String>,
+    /// Labels (.npy of integers, one per evaluation sample) for the top1 metric.
+    pub labels: Option<PathBuf>,
+    /// The metric to hold (default: top1 with labels, else top1-agreement).
+    pub metric: Option<MetricName>,
+    /// Allowed drop of the metric, in points.
+    pub max_drop: f64,
+    /// External evaluator command (`{model}` is the model path); its last output line is the metric.
+    pub evaluator: Option<String>,
+    /// How long one evaluator run may take.
+    pub evaluator_timeout: Duration,
+    /// Calibration samples used to rank layer sensitivity.
+    pub sensitivity_samples: usize,
+}
+
+/// What an `auto` run found.
+pub struct AutoResult {
+    /// The metric's name.
+    pub metric: &'static str,
+    /// The float model's score.
+    pub float_score: f64,
+    /// The score to reach.
+    pub target: f64,
+    /// The best score reached.
+    pub score: f64,
+    /// Whether it reached the target (else the best configuration was still written).
+    pub passed: bool,
+    /// Layers kept in float.
+    pub rolled_back: Vec<String>,
+    /// Layers ranked.
+    pub ranked: usize,
+    /// Configurations evaluated.
+    pub configurations: usize,
+    /// The report as written.
+    pub report_json: String,
+    /// The files written.
+    pub written: Vec<PathBuf>,
+}
+
+fn labels(path: &Path) -> Result<Vec<i64>, PipelineError> {
+    Ok(match read_npy(path)? {
+        Tensor::I64(a) => a.iter().copied().collect(),
+        Tensor::I32(a) => a.iter().map(|&v| i64::from(v)).collect(),
+        Tensor::U8(a) => a.iter().map(|&v| i64::from(v)).collect(),
+        other => {
+            return Err(PipelineError::Usage(format!(
+                "{}: labels must be integers, got {}",
+                path.display(),
+                other.dtype()
+            )));
+        }
+    })
+}
+
+fn subset(factors: &[LayerFactors], rolled_back: &[String]) -> Vec<LayerFactors> {
+    factors
+        .iter()
+        .filter(|f| !rolled_back.contains(&f.layer.name))
+        .cloned()
+        .collect()
+}
+
+fn pretty(v: &serde_json::Value) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+}
+
+/// Runs accuracy-based automatic quantization as `opts` say.
+pub fn run(opts: &AutoOptions, progress: Progress<'_>) -> Result<AutoResult, PipelineError> {
+    let started = Instant::now();
+    let inputs = gather(&opts.calib)?;
+    let dynamic_batch = inputs.dynamic_batch();
+    let RunInputs {
+        model,
+        mut config,
+        data,
+        batch_size,
+        ..
+    } = inputs;
+    let metric = match (opts.metric, &opts.labels) {
+        (Some(MetricName::Top1) | None, Some(l)) => Metric::Top1(labels(l)?),
+        (Some(MetricName::Top1), None) => {
+            return Err(PipelineError::Usage("--metric top1 needs --labels".into()));
+        }
+        (Some(MetricName::Cosine), _) => Metric::Cosine,
+        (Some(MetricName::Mse), _) => Metric::Mse,
+        (Some(MetricName::Top1Agreement) | None, _) => Metric::Top1Agreement,
+    };
+    let eval = match (opts.eval_data.is_empty(), &opts.evaluator) {
+        (true, None) => {
+            return Err(PipelineError::Usage(
+                "give --eval-data (or --evaluator)".into(),
+            ));
+        }
+        (true, Some(_)) => None,
+        (false, _) => Some(Dataset::from_specs(
+            &opts.eval_data,
+            &feedable_input_names(&model),
+        )?),
+    };
+    let run = RunSettings {
+        batch_size,
+        dynamic_batch,
+        progress: progress.batches,
+        similarity_samples: 0,
+    };
+    let (executor, _) = select_backend(
+        opts.calib.backend,
+        opts.calib.acl_lib.as_deref(),
+        &opts.calib.output,
+    )?;
+    let calibrated = observe_layers(&model, &config, &data, executor.as_ref(), &run)?;
+    let mut evaluator: Box<dyn Evaluator> = match (&opts.evaluator, &eval) {
+        (Some(cmd), _) => Box::new(ExternalEvaluator::new(
+            cmd.clone(),
+            opts.evaluator_timeout,
+            output_folder(&opts.calib.output),
+        )),
+        (None, Some(e)) => Box::new(InternalEvaluator::new(
+            &RtenExecutor,
+            e,
+            batch_size,
+            dynamic_batch,
+            metric.clone(),
+        )),
+        (None, None) => {
+            return Err(PipelineError::Usage(
+                "give --eval-data (or --evaluator)".into(),
+            ));
+        }
+    };
+    let float_score = evaluator.float_score(&calibrated.prepared)?;
+    let target = float_score - opts.max_drop;
+    let ranking = layer_sensitivities(
+        &RtenExecutor,
+        &calibrated.prepared,
+        &calibrated.factors,
+        &data,
+        batch_size,
+        dynamic_batch,
+        opts.sensitivity_samples,
+    )?;
+    let ranked: Vec<String> = ranking.iter().map(|r| r.name.clone()).collect();
+    (progress.message)(&format!(
+        "float {} = {float_score:.3}; target >= {target:.3}; {} layers ranked",
+        metric.name(),
+        ranked.len()
+    ));
+    let prepared = &calibrated.prepared;
+    let outcome = search(
+        &ranked,
+        target,
+        |rolled_back| -> Result<f64, PipelineError> {
+            let chosen = subset(&calibrated.factors, rolled_back);
+            // Build only the model the evaluator runs.
+            let candidate = if evaluator.wants_fake_quant() {
+                fake_quant_model(prepared, &chosen)?
+            } else {
+                simulation_model(prepared, &chosen)?
+            };
+            let score = evaluator.evaluate(&candidate)?;
+            (progress.message)(&format!(
+                "  {} in float: {} = {score:.3}",
+                rolled_back.len(),
+                metric.name()
+            ));
+            Ok(score)
+        },
+    )?;
+    drop(evaluator);
+    let chosen = subset(&calibrated.factors, &outcome.rolled_back);
+    for (name, layer) in &mut config.layers {
+        if outcome.rolled_back.contains(name) {
+            layer.quant_enable = false;
+        }
+    }
+    config.batch_num = calibrated.batches_used;
+    let prefix = &opts.calib.output;
+    let files = OutputFiles::new(prefix);
+    let config_path = with_suffix(prefix, "_auto_config.json");
+    let ranking_path = with_suffix(prefix, "_auto_ranking.json");
+    let history_path = with_suffix(prefix, "_auto_history.json");
+    let report = json!({
+        "model": opts.calib.model.display().to_string(),
+        "metric": metric.name(),
+        "float_metric": float_score,
+        "target": target,
+        "final_metric": outcome.metric,
+        "target_met": outcome.passed,
+        "rolled_back": outcome.rolled_back,
+        "quantized_layers": chosen.len(),
+        "configurations_evaluated": outcome.history.len(),
+        "calibration_seconds": calibrated.seconds,
+        "seconds": started.elapsed().as_secs_f64(),
+        "reproduce": format!(
+            "ascend-quant calibrate --model {} --config {} --batch-size {batch_size} ...",
+            opts.calib.model.display(),
+            config_path.display()
+        ),
+    });
+    let report_json = pretty(&report);
+    let deploy = deploy_model(prepared, &chosen)?;
+    let fake = fake_quant_model(prepared, &chosen)?;
+    let ranking_json = serde_json::to_value(&ranking)
+        .map_err(|e| PipelineError::Usage(format!("serializing the ranking: {e}")))?;
+    let history_json = serde_json::to_value(&outcome.history)
+        .map_err(|e| PipelineError::Usage(format!("serializing the history: {e}")))?;
+    let texts: Vec<(PathBuf, Vec<u8>)> = vec![
+        (files.record.clone(), write_record(&chosen).into_bytes()),
+        (files.report.clone(), report_json.clone().into_bytes()),
+        (config_path, pretty(&config.to_json()).into_bytes()),
+        (ranking_path, pretty(&ranking_json).into_bytes()),
+        (history_path, pretty(&history_json).into_bytes()),
+    ];
+    let text_refs: Vec<(&Path, &[u8])> = texts
+        .iter()
+        .map(|(p, b)| (p.as_path(), b.as_slice()))
+        .collect();
+    let written = write_outputs(
+        &[(&files.deploy, &deploy), (&files.fake_quant, &fake)],
+        &text_refs,
+        prefix,
+    )?;
+    Ok(AutoResult {
+        metric: metric.name(),
+        float_score,
+        target,
+        score: outcome.metric,
+        passed: outcome.passed,
+        rolled_back: outcome.rolled_back,
+        ranked: ranked.len(),
+        configurations: outcome.history.len(),
+        report_json,
+        written,
+    })
+}

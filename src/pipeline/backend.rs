@@ -1,0 +1,54 @@
+//! Choosing where calibration runs: the CPU simulator or an Ascend NPU.
+
+use super::error::PipelineError;
+use crate::npu::NpuExecutor;
+use crate::sim::{Executor, RtenExecutor};
+use std::path::Path;
+
+/// Where calibration runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// The NPU when one is usable, else the CPU simulator.
+    #[default]
+    Auto,
+    /// The CPU simulator.
+    Cpu,
+    /// An Ascend NPU through AscendCL (atc compiles the model).
+    Npu,
+}
+
+/// The executor for `backend` and a one-line description of the choice.
+/// Compiled NPU models are cached in `.ascend-quant-cache` beside `output`.
+pub fn select_backend(
+    backend: Backend,
+    acl_lib: Option<&Path>,
+    output: &Path,
+) -> Result<(Box<dyn Executor>, String), PipelineError> {
+    let cache = output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .join(".ascend-quant-cache");
+    let npu = || -> Result<NpuExecutor, String> {
+        crate::npu::atc::find_atc().map_err(|e| e.to_string())?;
+        NpuExecutor::new(acl_lib, &cache).map_err(|e| e.to_string())
+    };
+    match backend {
+        Backend::Cpu => Ok((Box::new(RtenExecutor), "cpu simulator".into())),
+        Backend::Npu => {
+            let n = npu().map_err(|e| PipelineError::Device(format!("--backend npu: {e}")))?;
+            let line = format!("npu ({}, device 0)", n.soc());
+            Ok((Box::new(n), line))
+        }
+        Backend::Auto => match npu() {
+            Ok(n) => {
+                let line = format!("npu ({}, device 0)", n.soc());
+                Ok((Box::new(n), line))
+            }
+            Err(e) => {
+                let why = e.split(" (searched").next().unwrap_or(&e).to_string();
+                Ok((Box::new(RtenExecutor), format!("cpu simulator ({why})")))
+            }
+        },
+    }
+}

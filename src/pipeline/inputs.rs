@@ -1,0 +1,187 @@
+//! What a calibration needs, gathered from the options: the model, the
+//! effective configuration, the data and the batch size.
+
+use super::error::PipelineError;
+use super::outputs::{check_writable, declared_batch};
+use crate::data::Dataset;
+use crate::onnx::{ModelProto, load_model};
+use crate::quant::config::QuantConfig;
+use crate::quant::layers::discover;
+use crate::quant::prepare::prepare;
+use crate::sim::feedable_input_names;
+use std::path::PathBuf;
+
+use super::backend::Backend;
+
+/// Where the calibration data comes from.
+#[derive(Clone, Debug)]
+pub enum DataSource {
+    /// `FILE.npy` (single input), `NAME=FILE.npy` or `FILE.npz`; axis 0 counts samples.
+    Files(Vec<String>),
+    /// AMCT's raw layout: one folder per input (`;`-separated), each `.bin`
+    /// file one batch of the given element types (`;`-separated) and shapes.
+    BinFolders {
+        /// The folders.
+        dirs: String,
+        /// The element types, one per input.
+        types: String,
+        /// (input name, batch shape) per input.
+        shapes: Vec<(String, Vec<usize>)>,
+    },
+}
+
+/// Where the quantization configuration comes from.
+#[derive(Clone, Debug, Default)]
+pub enum ConfigSource {
+    /// Every quantizable layer with the defaults.
+    #[default]
+    Default,
+    /// An AMCT JSON configuration.
+    Json(PathBuf),
+    /// An AMCT simple configuration (`.cfg`).
+    Simple(PathBuf),
+}
+
+/// Everything a calibration run takes.
+#[derive(Clone, Debug)]
+pub struct CalibrateOptions {
+    /// The float ONNX model.
+    pub model: PathBuf,
+    /// The calibration data.
+    pub data: DataSource,
+    /// The configuration.
+    pub config: ConfigSource,
+    /// Samples per batch (default: the model's batch size, else 1).
+    pub batch_size: Option<usize>,
+    /// Calibration batches (default: the config's, else all the data).
+    pub batch_num: Option<usize>,
+    /// Layers kept in float.
+    pub skip_layers: Vec<String>,
+    /// Asymmetric activations unless a layer says otherwise (overrides the config).
+    pub activation_offset: Option<bool>,
+    /// Where calibration runs.
+    pub backend: Backend,
+    /// The AscendCL library or its folder.
+    pub acl_lib: Option<PathBuf>,
+    /// Output prefix: `PREFIX_deploy_model.onnx` and so on.
+    pub output: PathBuf,
+    /// Calibration samples on which each layer's similarity is measured (0 skips it).
+    pub similarity_samples: usize,
+}
+
+impl CalibrateOptions {
+    /// Options with the defaults for everything but the model, data files and output prefix.
+    pub fn new(model: PathBuf, data: Vec<String>, output: PathBuf) -> CalibrateOptions {
+        CalibrateOptions {
+            model,
+            data: DataSource::Files(data),
+            config: ConfigSource::Default,
+            batch_size: None,
+            batch_num: None,
+            skip_layers: Vec::new(),
+            activation_offset: None,
+            backend: Backend::Auto,
+            acl_lib: None,
+            output,
+            similarity_samples: 8,
+        }
+    }
+}
+
+/// The quantizable layers (name, op type) of a model, as calibration names them.
+pub fn layer_names(model: &ModelProto) -> Result<Vec<(String, String)>, PipelineError> {
+    let mut m = model.clone();
+    prepare(&mut m, false, &[])?;
+    let graph = crate::onnx::graph_of(&m, "the model")?;
+    Ok(discover(graph)?
+        .0
+        .into_iter()
+        .map(|l| (l.name, l.op_type))
+        .collect())
+}
+
+/// What a calibration needs, gathered from the options.
+pub struct RunInputs {
+    /// The float model.
+    pub model: ModelProto,
+    /// The effective configuration (file, then option overrides).
+    pub config: QuantConfig,
+    /// The calibration data.
+    pub data: Dataset,
+    /// Samples per batch.
+    pub batch_size: usize,
+    /// The batch size the model declares, if fixed.
+    pub declared: Option<usize>,
+}
+
+impl RunInputs {
+    /// Whether batches of the chosen size differ from what the model declares.
+    pub fn dynamic_batch(&self) -> bool {
+        self.declared.is_some_and(|d| d != self.batch_size)
+    }
+}
+
+/// Loads the model, configuration and data the options name; fails before
+/// any work when the output folder cannot take files.
+pub fn gather(opts: &CalibrateOptions) -> Result<RunInputs, PipelineError> {
+    check_writable(&opts.output)?;
+    let model = load_model(&opts.model)?;
+    let names = layer_names(&model)?;
+    let mut config = match &opts.config {
+        ConfigSource::Json(path) => QuantConfig::from_json_file(path, &names)?,
+        ConfigSource::Simple(path) => {
+            crate::quant::simple_config::from_simple_config(path, &names)?
+        }
+        ConfigSource::Default => QuantConfig::default_for(&names),
+    };
+    for skip in &opts.skip_layers {
+        let layer = config
+            .layers
+            .iter_mut()
+            .find(|(n, _)| n == skip)
+            .ok_or_else(|| {
+                let all: Vec<&str> = names.iter().map(|(n, _)| n.as_str()).collect();
+                PipelineError::Usage(format!(
+                    "--skip-layers: '{skip}' is not a quantizable layer; the layers are: {}",
+                    all.join(", ")
+                ))
+            })?;
+        layer.1.quant_enable = false;
+    }
+    if let Some(a) = opts.activation_offset {
+        config.activation_offset = a;
+    }
+    let data = match &opts.data {
+        DataSource::BinFolders {
+            dirs,
+            types,
+            shapes,
+        } => Dataset::from_bin_dirs(dirs, types, shapes)?,
+        DataSource::Files(files) if files.is_empty() => {
+            return Err(PipelineError::Usage(
+                "no calibration data: give --data FILE.npy (or --data-dir)".into(),
+            ));
+        }
+        DataSource::Files(files) => Dataset::from_specs(files, &feedable_input_names(&model))?,
+    };
+    let declared = declared_batch(&model);
+    let batch_size = opts.batch_size.unwrap_or(declared.unwrap_or(1)).max(1);
+    let available = data.batch_count(batch_size);
+    config.batch_num = match (opts.batch_num, &opts.config) {
+        (Some(n), _) => n,
+        (None, ConfigSource::Default) => available,
+        (None, _) => config.batch_num,
+    };
+    if config.batch_num == 0 {
+        return Err(PipelineError::Usage(
+            "--batch-num must be at least 1".into(),
+        ));
+    }
+    Ok(RunInputs {
+        model,
+        config,
+        data,
+        batch_size,
+        declared,
+    })
+}
