@@ -40,13 +40,13 @@ struct Summary {
 fn layer_verdicts(model: &ModelProto) -> Result<Vec<LayerCandidate>, OnnxError> {
     let mut named = model.clone();
     prepare(&mut named, false, &[])?;
-    Ok(discover(named.graph.as_ref().expect("graph"))?.1)
+    Ok(discover(crate::onnx::graph_of(&named, "the model")?)?.1)
 }
 
 /// Runs `inspect`.
 pub fn execute(args: &InspectArgs) -> Result<(), Failure> {
     let model = load_model(&args.model)?;
-    let graph = model.graph.as_ref().expect("loaded models have a graph");
+    let graph = crate::onnx::graph_of(&model, &args.model.display().to_string())?;
     let mut operators = BTreeMap::new();
     for n in &graph.node {
         let key = if n.domain().is_empty() {

@@ -80,10 +80,8 @@ pub fn execute(args: &RunArgs) -> Result<(), Failure> {
     // A batch other than the declared one runs with a free batch axis.
     let declared: Vec<ValueSpec> = model
         .graph
-        .as_ref()
-        .expect("graph")
-        .input
         .iter()
+        .flat_map(|g| &g.input)
         .map(ValueSpec::from_proto)
         .collect();
     let batch_differs = feeds.iter().any(|(name, v)| {

@@ -136,7 +136,7 @@ pub fn observe_layers(
     }
     let mut prepared = model.clone();
     let preparation = prepare(&mut prepared, config.do_fusion, &config.skip_fusion_layers)?;
-    let graph = prepared.graph.as_ref().expect("graph");
+    let graph = crate::onnx::graph_of(&prepared, "the prepared model")?;
     let (layers, mut candidates) = discover(graph)?;
     let enabled: Vec<QuantLayer> = layers
         .into_iter()
@@ -222,13 +222,15 @@ pub fn observe_layers(
         (run.progress)(b + 1, config.batch_num);
     }
     let observed = started.elapsed().as_secs_f64();
-    let graph = prepared.graph.as_ref().expect("graph");
+    let graph = crate::onnx::graph_of(&prepared, "the prepared model")?;
     // Factor searches (IFMR, HFMG) and weight quantization are independent per layer.
     let factors = enabled
         .into_par_iter()
         .zip(observers.par_iter())
         .map(|(l, o)| {
-            let lc = config.layer(&l.name).expect("configured");
+            let lc = config.layer(&l.name).ok_or_else(|| {
+                QuantError::Input(format!("layer '{}' has no configuration", l.name))
+            })?;
             let act = o.params(config.asymmetric(lc), lc.act_bits).map_err(|e| {
                 QuantError::Input(format!(
                     "layer '{}': {e}; skip this layer in the config",

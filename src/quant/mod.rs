@@ -1,5 +1,6 @@
-//! Quantization: finding the layers to quantize (and, in later work,
-//! calibration, weight quantization and the Ascend output formats).
+//! Quantization: finding the layers to quantize, preparing the model,
+//! calibration, weight quantization, the record file and the deploy and
+//! fake-quant models.
 
 pub mod amct;
 pub mod calibrate;
