@@ -201,3 +201,31 @@ fn usage_errors_and_bad_files_exit_with_1() {
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).1.contains("/nonexistent/x.npy"));
 }
+
+#[test]
+fn a_model_needing_absurd_memory_is_refused_before_running() {
+    // The first Conv padded by a million on every side: (2,000,009)^2 positions per plane.
+    let mut conv = String::new();
+    let (_d, p) = altered_digits(|m| {
+        let n = m
+            .graph
+            .as_mut()
+            .unwrap()
+            .node
+            .iter_mut()
+            .find(|n| n.op_type() == "Conv")
+            .unwrap();
+        conv = n.name().to_string();
+        n.attribute.retain(|a| a.name() != "pads");
+        n.attribute.push(ascend_quant::onnx::attr::attr_ints(
+            "pads",
+            &[1_000_000, 1_000_000, 1_000_000, 1_000_000],
+        ));
+    });
+    let (code, err) = run_with(&p, &digits_input(&[1, 1, 8, 8]));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("'{conv}' (Conv)")) && err.contains("4000004000001 elements"),
+        "{err}"
+    );
+}

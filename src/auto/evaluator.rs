@@ -114,7 +114,9 @@ impl Evaluator for InternalEvaluator<'_> {
     fn evaluate(&mut self, simulation: &ModelProto) -> Result<f64, QuantError> {
         let out = self.outputs(simulation)?;
         let reference = self.reference.as_ref().ok_or_else(|| {
-            QuantError::Input("the float model must be scored (float_score) before a candidate".into())
+            QuantError::Input(
+                "the float model must be scored (float_score) before a candidate".into(),
+            )
         })?;
         Ok(self.metric.score(&out, reference))
     }

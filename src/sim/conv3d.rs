@@ -7,6 +7,7 @@
 
 use crate::onnx::attr::{attr_int, attr_ints, int_attr, ints_attr, string_attr};
 use crate::onnx::builder::node;
+use crate::onnx::graph::initializer;
 use crate::onnx::proto::{AttributeProto, TensorProto};
 use crate::onnx::{GraphProto, NodeProto, Storage, to_proto, to_tensor};
 use crate::tensor::Tensor;
@@ -27,11 +28,7 @@ pub fn lower_conv3d(g: &mut GraphProto) -> usize {
     let mut inits: Vec<TensorProto> = Vec::new();
     for n in std::mem::take(&mut g.node) {
         let weight = (n.op_type() == "Conv" && n.domain().is_empty())
-            .then(|| {
-                n.input
-                    .get(1)
-                    .and_then(|w| g.initializer.iter().find(|t| t.name() == w))
-            })
+            .then(|| n.input.get(1).and_then(|w| initializer(g, w)))
             .flatten()
             .filter(|t| t.dims.len() == 5)
             .and_then(|t| to_tensor(t).ok());
@@ -48,6 +45,18 @@ pub fn lower_conv3d(g: &mut GraphProto) -> usize {
         let dilations = ints_attr(&n, "dilations").unwrap_or_else(|| vec![1; 3]);
         let pads = ints_attr(&n, "pads").unwrap_or_else(|| vec![0; 6]);
         let group = int_attr(&n, "group").unwrap_or(1);
+        if strides.len() != 3
+            || dilations.len() != 3
+            || pads.len() != 6
+            || group < 1
+            || n.input.first().is_none_or(|x| x.is_empty())
+            || n.output.is_empty()
+        {
+            // Malformed for a 3-D convolution: left for the engine to refuse by name.
+            count -= 1;
+            out.push(n);
+            continue;
+        }
         let (sd, dd) = (strides[0], dilations[0]);
         let c = (w.shape()[1] as i64) * group;
         let m = w.shape()[0] as i64;
@@ -273,6 +282,7 @@ pub fn lower_conv3d(g: &mut GraphProto) -> usize {
 #[cfg(test)]
 mod tests {
     use crate::onnx::builder::node;
+    use crate::onnx::graph::initializer;
     use crate::onnx::proto::OperatorSetIdProto;
     use crate::onnx::{GraphProto, ModelProto, Storage, ValueInfoProto, to_proto};
     use crate::sim::{Executor, RtenExecutor, SessionOptions};

@@ -14,6 +14,7 @@ mod rten_engine;
 
 pub use error::{SimError, ValueRole};
 pub use prepare::{feedable_inputs, rewrite_for_execution};
+pub use rten_adapt::adapt_for_rten;
 pub use rten_engine::RtenExecutor;
 
 use crate::onnx::{ModelProto, ValueSpec};

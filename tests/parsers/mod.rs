@@ -11,7 +11,7 @@ use ascend_quant::quant::layers::discover;
 use ascend_quant::quant::prepare::prepare;
 use ascend_quant::quant::record::read_record;
 use ascend_quant::quant::simple_config::from_simple_config_str;
-use ascend_quant::sim::{SessionOptions, rewrite_for_execution};
+use ascend_quant::sim::{SessionOptions, adapt_for_rten, rewrite_for_execution};
 use std::path::{Path, PathBuf};
 
 /// The layers the config parsers check names against (the digits model's).
@@ -28,7 +28,8 @@ pub fn layers() -> Vec<(String, String)> {
 }
 
 /// A model: decode, validate the graph, prepare it for calibration (BN
-/// folding, Gemm weights), find its layers, prepare it for execution.
+/// folding, Gemm weights), find its layers, prepare it for execution
+/// (size limits, the CPU engine's rewrites).
 pub fn model(bytes: &[u8]) -> Result<(), String> {
     let origin = Path::new("fuzzed.onnx");
     let m = load_model_bytes(bytes, origin, None).map_err(|e| e.to_string())?;
@@ -40,7 +41,9 @@ pub fn model(bytes: &[u8]) -> Result<(), String> {
     if let Some(g) = &prepared.graph {
         discover(g).map_err(|e| e.to_string())?;
     }
-    rewrite_for_execution(&m, &SessionOptions::default()).map_err(|e| e.to_string())?;
+    let mut runnable =
+        rewrite_for_execution(&m, &SessionOptions::default()).map_err(|e| e.to_string())?;
+    adapt_for_rten(&mut runnable).map_err(|e| e.to_string())?;
     Ok(())
 }
 
