@@ -282,7 +282,6 @@ pub fn lower_conv3d(g: &mut GraphProto) -> usize {
 #[cfg(test)]
 mod tests {
     use crate::onnx::builder::node;
-    use crate::onnx::graph::initializer;
     use crate::onnx::proto::OperatorSetIdProto;
     use crate::onnx::{GraphProto, ModelProto, Storage, ValueInfoProto, to_proto};
     use crate::sim::{Executor, RtenExecutor, SessionOptions};
