@@ -2,10 +2,9 @@
 //! arguments, calls [`crate::auto::run`] and prints the outcome.
 
 use super::Failure;
-use super::calibrate::{CalibrateArgs, batch_bar};
+use super::calibrate::{CalibrateArgs, with_progress};
 use super::exit::ExitCode;
 use crate::auto::{AutoOptions, MetricName, run};
-use crate::pipeline::Progress;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -51,25 +50,7 @@ pub fn execute(args: &AutoArgs) -> Result<(), Failure> {
         sensitivity_samples: args.sensitivity_samples,
     };
     let quiet = args.calib.quiet;
-    let bar = batch_bar(quiet);
-    let batches = |done: usize, total: usize| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-    };
-    let message = |line: &str| {
-        if !quiet {
-            bar.suspend(|| eprintln!("{line}"));
-        }
-    };
-    let result = run(
-        &opts,
-        Progress {
-            batches: &batches,
-            message: &message,
-        },
-    );
-    bar.finish_and_clear();
-    let r = result?;
+    let r = with_progress(quiet, |p| run(&opts, p))?;
     if args.calib.json {
         println!("{}", r.report_json);
     }

@@ -145,43 +145,41 @@ impl CalibrateArgs {
     }
 }
 
-/// A progress bar over calibration batches (hidden when `quiet`).
-pub(super) fn batch_bar(quiet: bool) -> indicatif::ProgressBar {
-    if quiet {
-        return indicatif::ProgressBar::hidden();
-    }
-    let b = indicatif::ProgressBar::new(0);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "calibrating {bar:30} {pos}/{len} batches {elapsed}",
-    ) {
-        b.set_style(style);
-    }
-    b
-}
-
-/// Runs `calibrate`.
-pub fn execute(args: &CalibrateArgs) -> Result<(), Failure> {
-    let opts = args.to_options()?;
-    let bar = batch_bar(args.quiet);
+/// Runs `job` with a progress bar over calibration batches and its messages
+/// printed above the bar (nothing at all when `quiet`).
+pub(super) fn with_progress<T>(quiet: bool, job: impl FnOnce(Progress<'_>) -> T) -> T {
+    let bar = if quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let b = indicatif::ProgressBar::new(0);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "calibrating {bar:30} {pos}/{len} batches {elapsed}",
+        ) {
+            b.set_style(style);
+        }
+        b
+    };
     let batches = |done: usize, total: usize| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     };
-    let quiet = args.quiet;
     let message = |line: &str| {
         if !quiet {
             bar.suspend(|| eprintln!("{line}"));
         }
     };
-    let result = calibrate(
-        &opts,
-        Progress {
-            batches: &batches,
-            message: &message,
-        },
-    );
+    let result = job(Progress {
+        batches: &batches,
+        message: &message,
+    });
     bar.finish_and_clear();
-    let result = result?;
+    result
+}
+
+/// Runs `calibrate`.
+pub fn execute(args: &CalibrateArgs) -> Result<(), Failure> {
+    let opts = args.to_options()?;
+    let result = with_progress(args.quiet, |p| calibrate(&opts, p))?;
     if args.json {
         println!("{}", result.report_json);
     }

@@ -61,6 +61,24 @@ pub struct ConfigError {
     pub message: String,
 }
 
+impl ConfigError {
+    /// A function making errors about `file`.
+    pub fn about(file: &str) -> impl Fn(String) -> ConfigError + '_ {
+        move |message| ConfigError {
+            file: file.to_string(),
+            message,
+        }
+    }
+
+    /// Reads a configuration file's text, or says why it cannot be read.
+    pub fn read(path: &std::path::Path) -> Result<String, ConfigError> {
+        std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.display().to_string(),
+            message: format!("cannot read: {e}"),
+        })
+    }
+}
+
 impl QuantConfig {
     /// The default configuration for these layers (name, op type).
     pub fn default_for(layers: &[(String, String)]) -> QuantConfig {
@@ -137,12 +155,8 @@ impl QuantConfig {
         path: &Path,
         layers: &[(String, String)],
     ) -> Result<QuantConfig, ConfigError> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: file.clone(),
-            message: format!("cannot read: {e}"),
-        })?;
-        QuantConfig::from_json_str(&text, &file, layers)
+        let text = ConfigError::read(path)?;
+        QuantConfig::from_json_str(&text, &path.display().to_string(), layers)
     }
 
     /// Parses a JSON config's text; `file` names it in errors.
@@ -151,10 +165,7 @@ impl QuantConfig {
         file: &str,
         layers: &[(String, String)],
     ) -> Result<QuantConfig, ConfigError> {
-        let fail = |message: String| ConfigError {
-            file: file.to_string(),
-            message,
-        };
+        let fail = ConfigError::about(file);
         let value: Value =
             serde_json::from_str(text).map_err(|e| fail(format!("not valid JSON: {e}")))?;
         parse(&value, layers).map_err(fail)

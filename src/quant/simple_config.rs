@@ -16,13 +16,8 @@ pub fn from_simple_config(
     path: &Path,
     layers: &[(String, String)],
 ) -> Result<QuantConfig, ConfigError> {
-    let file = path.display().to_string();
-    let fail = |message: String| ConfigError {
-        file: file.clone(),
-        message,
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read: {e}")))?;
-    from_simple_config_str(&text, &file, layers)
+    let text = ConfigError::read(path)?;
+    from_simple_config_str(&text, &path.display().to_string(), layers)
 }
 
 /// Parses a simple config's text; `file` names it in errors.
@@ -31,10 +26,7 @@ pub fn from_simple_config_str(
     file: &str,
     layers: &[(String, String)],
 ) -> Result<QuantConfig, ConfigError> {
-    let fail = |message: String| ConfigError {
-        file: file.to_string(),
-        message,
-    };
+    let fail = ConfigError::about(file);
     let desc = descriptors()
         .get_message_by_name("amct.AMCTConfig")
         .expect("declared in amct.proto");
