@@ -248,7 +248,16 @@ impl Dataset {
     /// Batch `index` of `batch_size` samples, read now.
     pub fn batch(&self, batch_size: usize, index: usize) -> Result<Batch, DataError> {
         if let Some(f) = &self.fixed_batches {
-            return f[index]
+            let files = f.get(index).ok_or_else(|| {
+                format_err(
+                    Path::new("--data-dir"),
+                    format!(
+                        "batch {index} asked for, but the folders hold {} batches",
+                        f.len()
+                    ),
+                )
+            })?;
+            return files
                 .iter()
                 .map(|b| {
                     let bytes = std::fs::read(&b.path).map_err(|source| DataError::Io {
