@@ -23,6 +23,7 @@ pub mod report;
 pub mod sim;
 pub mod similarity;
 pub mod tensor;
+pub mod train;
 
 pub use pipeline::{CalibrateOptions, PipelineError, Progress, calibrate};
 pub use tensor::{DType, Tensor};
