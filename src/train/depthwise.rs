@@ -317,11 +317,11 @@ mod tests {
             for k in (0..x.len()).step_by(7) {
                 assert!((f64::from(dx[k]) - fd(k, 0)).abs() < 1e-3, "{g:?} dx[{k}]");
             }
-            for k in 0..w.len() {
-                assert!((f64::from(dw[k]) - fd(k, 1)).abs() < 1e-3, "{g:?} dw[{k}]");
+            for (k, v) in dw.iter().enumerate() {
+                assert!((f64::from(*v) - fd(k, 1)).abs() < 1e-3, "{g:?} dw[{k}]");
             }
-            for k in 0..b.len() {
-                assert!((f64::from(db[k]) - fd(k, 2)).abs() < 1e-3, "{g:?} db[{k}]");
+            for (k, v) in db.iter().enumerate() {
+                assert!((f64::from(*v) - fd(k, 2)).abs() < 1e-3, "{g:?} db[{k}]");
             }
         }
     }
