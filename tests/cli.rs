@@ -229,3 +229,28 @@ fn a_model_needing_absurd_memory_is_refused_before_running() {
         "{err}"
     );
 }
+
+#[test]
+fn config_qat_writes_the_retrain_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("retrain.json");
+    let o = bin()
+        .args(["config", "--qat", "--model"])
+        .arg(digits_dir().join("digits_cnn.onnx"))
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o).1);
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    for layer in ["/0/Conv", "/3/Conv", "/6/Conv", "/10/Gemm"] {
+        assert_eq!(v[layer]["retrain_enable"], true, "{layer}");
+        assert_eq!(v[layer]["retrain_data_config"]["algo"], "ulq_quantize");
+        assert_eq!(v[layer]["retrain_weight_config"]["algo"], "arq_retrain");
+    }
+    assert_eq!(
+        v["/10/Gemm"]["retrain_weight_config"]["channel_wise"],
+        false
+    );
+}

@@ -133,6 +133,11 @@ fn json_config_parsing_never_panics() {
 }
 
 #[test]
+fn retrain_config_parsing_never_panics() {
+    survive("retrain_config", 3000, parsers::retrain_config);
+}
+
+#[test]
 fn simple_config_parsing_never_panics() {
     survive("simple_config", 3000, parsers::simple_config);
 }

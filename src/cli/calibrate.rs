@@ -77,11 +77,14 @@ pub struct ConfigArgs {
     /// Where to write the JSON configuration.
     #[arg(long)]
     pub output: PathBuf,
+    /// Write the retrain (quantization-aware training) configuration instead.
+    #[arg(long)]
+    pub qat: bool,
 }
 
 /// Runs `config`.
 pub fn execute_config(args: &ConfigArgs) -> Result<(), Failure> {
-    let layers = default_config(&args.model, &args.output)?;
+    let layers = default_config(&args.model, &args.output, args.qat)?;
     println!("wrote {} ({layers} layers)", args.output.display());
     Ok(())
 }

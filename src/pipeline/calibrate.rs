@@ -9,6 +9,7 @@ use super::outputs::{OutputFiles, write_outputs};
 use crate::onnx::load_model;
 use crate::quant::calibrate::{RunSettings, calibrate as run_calibration};
 use crate::quant::config::QuantConfig;
+use crate::quant::retrain_config::RetrainConfig;
 use crate::report::{LayerReport, QuantReport};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -120,14 +121,20 @@ pub fn calibrate(
     })
 }
 
-/// Writes the default per-layer configuration of `model` (AMCT JSON) to
-/// `output`; returns the number of layers.
-pub fn default_config(model: &Path, output: &Path) -> Result<usize, PipelineError> {
+/// Writes the default per-layer configuration of `model` to `output`: AMCT's
+/// quantization JSON, or its retrain (QAT) JSON when `retrain`; returns the
+/// number of layers.
+pub fn default_config(model: &Path, output: &Path, retrain: bool) -> Result<usize, PipelineError> {
     let model = load_model(model)?;
-    let cfg = QuantConfig::default_for(&layer_names(&model)?);
-    let text = serde_json::to_string_pretty(&cfg.to_json())
+    let names = layer_names(&model)?;
+    let json = if retrain {
+        RetrainConfig::default_for(&names).to_json()
+    } else {
+        QuantConfig::default_for(&names).to_json()
+    };
+    let text = serde_json::to_string_pretty(&json)
         .map_err(|e| PipelineError::Usage(format!("serializing the config: {e}")))?;
     crate::fsutil::write_atomic(output, text.as_bytes())
         .map_err(|e| PipelineError::Usage(format!("cannot write {}: {e}", output.display())))?;
-    Ok(cfg.layers.len())
+    Ok(names.len())
 }

@@ -172,14 +172,29 @@ impl QuantConfig {
     }
 }
 
-type Parse<T> = Result<T, String>;
+pub(super) type Parse<T> = Result<T, String>;
 
-fn get_bool(v: &Value, key: &str) -> Parse<bool> {
+/// The operator type of the quantizable layer `name`, or an error listing them.
+pub(super) fn layer_op<'a>(layers: &'a [(String, String)], name: &str) -> Parse<&'a str> {
+    layers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, op)| op.as_str())
+        .ok_or_else(|| {
+            let names: Vec<&str> = layers.iter().map(|(n, _)| n.as_str()).collect();
+            format!(
+                "layer '{name}' does not exist or cannot be quantized; quantizable layers: {}",
+                names.join(", ")
+            )
+        })
+}
+
+pub(super) fn get_bool(v: &Value, key: &str) -> Parse<bool> {
     v.as_bool()
         .ok_or_else(|| format!("'{key}' must be true or false, got {v}"))
 }
 
-fn get_num(v: &Value, key: &str, lo: f64, hi: f64, range: &str) -> Parse<f64> {
+pub(super) fn get_num(v: &Value, key: &str, lo: f64, hi: f64, range: &str) -> Parse<f64> {
     let x = v
         .as_f64()
         .ok_or_else(|| format!("'{key}' must be a number, got {v}"))?;
@@ -189,7 +204,7 @@ fn get_num(v: &Value, key: &str, lo: f64, hi: f64, range: &str) -> Parse<f64> {
     Ok(x)
 }
 
-fn check_keys(obj: &Map<String, Value>, allowed: &[&str], context: &str) -> Parse<()> {
+pub(super) fn check_keys(obj: &Map<String, Value>, allowed: &[&str], context: &str) -> Parse<()> {
     for k in obj.keys() {
         if !allowed.contains(&k.as_str()) {
             return Err(format!(
@@ -230,10 +245,7 @@ fn parse(value: &Value, layers: &[(String, String)]) -> Parse<QuantConfig> {
                     .collect::<Result<_, _>>()?;
             }
             name => {
-                let op = layers.iter().find(|(n, _)| n == name).map(|(_, op)| op.as_str()).ok_or_else(|| {
-                    let names: Vec<&str> = layers.iter().map(|(n, _)| n.as_str()).collect();
-                    format!("layer '{name}' does not exist or cannot be quantized; quantizable layers: {}", names.join(", "))
-                })?;
+                let op = layer_op(layers, name)?;
                 cfg.layers
                     .push((name.to_string(), parse_layer(v, name, op)?));
             }

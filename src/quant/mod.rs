@@ -12,5 +12,6 @@ pub mod observe;
 pub mod params;
 pub mod prepare;
 pub mod record;
+pub mod retrain_config;
 pub mod simple_config;
 pub mod weights;

@@ -10,6 +10,7 @@ use ascend_quant::quant::config::QuantConfig;
 use ascend_quant::quant::layers::discover;
 use ascend_quant::quant::prepare::prepare;
 use ascend_quant::quant::record::read_record;
+use ascend_quant::quant::retrain_config::RetrainConfig;
 use ascend_quant::quant::simple_config::from_simple_config_str;
 use ascend_quant::sim::{SessionOptions, adapt_for_rten, rewrite_for_execution};
 use std::path::{Path, PathBuf};
@@ -57,6 +58,14 @@ pub fn record(bytes: &[u8]) -> Result<(), String> {
 pub fn json_config(bytes: &[u8]) -> Result<(), String> {
     let text = std::str::from_utf8(bytes).map_err(|e| e.to_string())?;
     QuantConfig::from_json_str(text, "fuzzed.json", &layers())
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// An AMCT retrain (QAT) JSON config.
+pub fn retrain_config(bytes: &[u8]) -> Result<(), String> {
+    let text = std::str::from_utf8(bytes).map_err(|e| e.to_string())?;
+    RetrainConfig::from_json_str(text, "fuzzed.json", &layers())
         .map(|_| ())
         .map_err(|e| e.to_string())
 }

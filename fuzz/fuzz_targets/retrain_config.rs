@@ -1,0 +1,9 @@
+//! Fuzzes the retrain config parser (see tests/parsers/mod.rs).
+#![no_main]
+
+#[path = "../../tests/parsers/mod.rs"]
+mod parsers;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let _ = parsers::retrain_config(data);
+});
