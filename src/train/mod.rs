@@ -7,4 +7,5 @@
 
 pub mod depthwise;
 pub mod fake_quant;
+pub mod graph;
 pub mod optim;
