@@ -10,6 +10,7 @@
 //! an error naming the node and the operator.
 
 use super::depthwise::{self, Depthwise};
+use super::fake_quant::{arq_retrain_forward, ulq_backward, ulq_forward, ulq_grid};
 use crate::onnx::attr::{float_attr, int_attr, ints_attr};
 use crate::onnx::graph::GraphIndex;
 use crate::onnx::{GraphProto, ModelProto, NodeProto, to_tensor};
@@ -90,11 +91,29 @@ pub struct TrainGraph {
     steps: Vec<Step>,
     inputs: Vec<usize>,
     outputs: Vec<usize>,
+    /// Fake quantization of layers, by step index.
+    quant: HashMap<usize, LayerQuant>,
+}
+
+/// How one Conv or Gemm layer is fake-quantized while training: ULQ on its
+/// input (learnable clips), ARQ-retrain on its weight.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerQuant {
+    /// Lower clip of the input.
+    pub clip_min: f32,
+    /// Upper clip of the input.
+    pub clip_max: f32,
+    /// clip_min stays 0 (inputs produced by ReLU-like operators).
+    pub fixed_min: bool,
+    /// One weight scale per output channel (Conv only).
+    pub channel_wise: bool,
 }
 
 /// The values of one forward pass, kept for the backward pass.
 pub struct Activations {
     values: Vec<Option<ArrayD<f32>>>,
+    /// Fake-quantized (input, weight) of quantized steps.
+    quantized: HashMap<usize, (ArrayD<f32>, ArrayD<f32>)>,
 }
 
 impl Activations {
@@ -107,9 +126,15 @@ impl Activations {
 /// The gradients of one backward pass, by value.
 pub struct Gradients {
     grads: Vec<Option<ArrayD<f32>>>,
+    clips: HashMap<String, (f64, f64)>,
 }
 
 impl Gradients {
+    /// (∂L/∂clip_min, ∂L/∂clip_max) of the quantized layer `node`.
+    pub fn clips(&self, node: &str) -> Option<(f64, f64)> {
+        self.clips.get(node).copied()
+    }
+
     /// ∂L/∂`name`, if the loss depends on it.
     pub fn get<'a>(&'a self, graph: &TrainGraph, name: &str) -> Option<&'a ArrayD<f32>> {
         graph.index.get(name).and_then(|&i| self.grads[i].as_ref())
@@ -170,6 +195,7 @@ impl TrainGraph {
             steps: Vec::new(),
             inputs: Vec::new(),
             outputs: Vec::new(),
+            quant: HashMap::new(),
         };
         for init in &g.initializer {
             let id = t.id(init.name());
@@ -341,6 +367,35 @@ impl TrainGraph {
         self.names.len() - 1
     }
 
+    /// Fake-quantizes the Conv or Gemm node `node` from now on.
+    pub fn set_quant(&mut self, node: &str, q: LayerQuant) -> Result<(), TrainError> {
+        let (k, s) = self
+            .steps
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.node == node)
+            .ok_or_else(|| TrainError::Invalid(format!("no node '{node}' to quantize")))?;
+        if !matches!(s.op, Op::Conv { .. } | Op::Gemm { .. }) {
+            return Err(TrainError::Invalid(format!(
+                "node '{node}' is not a Conv or Gemm; only those are quantized"
+            )));
+        }
+        if ulq_grid(q.clip_min, q.clip_max, 8).is_none() {
+            return Err(TrainError::Invalid(format!(
+                "node '{node}': clip range [{}, {}] is empty",
+                q.clip_min, q.clip_max
+            )));
+        }
+        self.quant.insert(k, q);
+        Ok(())
+    }
+
+    /// The fake quantization of `node`, to read or update (clips).
+    pub fn quant_mut(&mut self, node: &str) -> Option<&mut LayerQuant> {
+        let k = self.steps.iter().position(|s| s.node == node)?;
+        self.quant.get_mut(&k)
+    }
+
     /// The float32 initializer `name`, for a trainer to update.
     pub fn constant_mut(&mut self, name: &str) -> Option<&mut ArrayD<f32>> {
         let id = *self.index.get(name)?;
@@ -367,6 +422,7 @@ impl TrainGraph {
             })?;
             values[id] = Some((*a).clone());
         }
+        let mut quantized = HashMap::new();
         for (k, s) in self.steps.iter().enumerate() {
             let x: Vec<&ArrayD<f32>> = s
                 .inputs
@@ -380,10 +436,21 @@ impl TrainGraph {
                     })
                 })
                 .collect::<Result<_, _>>()?;
-            let y = self.run_step(k, s, &x)?;
+            let y = match self.quant.get(&k) {
+                Some(q) => {
+                    let (xq, wq) =
+                        fake_quantize(q, &s.op, x[0], x[1]).map_err(|e| self.bad(s, e))?;
+                    let mut qx = vec![&xq, &wq];
+                    qx.extend(x.iter().skip(2).copied());
+                    let y = self.run_step(k, s, &qx)?;
+                    quantized.insert(k, (xq, wq));
+                    y
+                }
+                None => self.run_step(k, s, &x)?,
+            };
             values[s.output] = Some(y);
         }
-        Ok(Activations { values })
+        Ok(Activations { values, quantized })
     }
 
     fn bad(&self, s: &Step, why: String) -> TrainError {
@@ -478,6 +545,7 @@ impl TrainGraph {
         seeds: &[(&str, ArrayD<f32>)],
     ) -> Result<Gradients, TrainError> {
         let mut grads: Vec<Option<ArrayD<f32>>> = vec![None; self.names.len()];
+        let mut clips = HashMap::new();
         for (name, g) in seeds {
             let id = *self.index.get(*name).ok_or_else(|| {
                 TrainError::Invalid(format!("'{name}' is not a value of the model"))
@@ -489,7 +557,7 @@ impl TrainGraph {
                 .as_ref()
                 .ok_or_else(|| TrainError::Invalid(format!("'{}' was not computed", self.names[i])))
         };
-        for s in self.steps.iter().rev() {
+        for (step, s) in self.steps.iter().enumerate().rev() {
             let Some(gy) = grads[s.output].take() else {
                 continue;
             };
@@ -499,7 +567,28 @@ impl TrainGraph {
                 .map(|&i| value(i))
                 .collect::<Result<_, _>>()?;
             let y = value(s.output)?;
-            let gx = self.step_backward(s, &x, y, &gy)?;
+            let gx = match (self.quant.get(&step), acts.quantized.get(&step)) {
+                (Some(q), Some((xq, wq))) => {
+                    let mut qx = vec![xq, wq];
+                    qx.extend(x.iter().skip(2).copied());
+                    let mut g = self.step_backward(s, &qx, y, &gy)?;
+                    // ULQ on the input; the weight gradient passes straight through.
+                    if let Some(Some(gxq)) = g.first() {
+                        let grid = ulq_grid(q.clip_min, q.clip_max, 8)
+                            .ok_or_else(|| self.bad(s, "empty clip range".into()))?;
+                        let xs: Vec<f32> = x[0].iter().copied().collect();
+                        let gs: Vec<f32> = gxq.iter().copied().collect();
+                        let u = ulq_backward(&xs, &gs, &grid, 8);
+                        clips.insert(s.node.clone(), (u.clip_min, u.clip_max));
+                        g[0] = Some(
+                            ArrayD::from_shape_vec(x[0].raw_dim(), u.input)
+                                .map_err(|e| self.bad(s, e.to_string()))?,
+                        );
+                    }
+                    g
+                }
+                _ => self.step_backward(s, &x, y, &gy)?,
+            };
             grads[s.output] = Some(gy);
             for (k, g) in gx.into_iter().enumerate() {
                 if let Some(g) = g {
@@ -511,7 +600,7 @@ impl TrainGraph {
                 }
             }
         }
-        Ok(Gradients { grads })
+        Ok(Gradients { grads, clips })
     }
 
     fn step_backward(
@@ -627,6 +716,33 @@ impl TrainGraph {
             v
         })
     }
+}
+
+/// The fake-quantized input (ULQ) and weight (ARQ-retrain) of a layer.
+fn fake_quantize(
+    q: &LayerQuant,
+    op: &Op,
+    x: &ArrayD<f32>,
+    w: &ArrayD<f32>,
+) -> Result<(ArrayD<f32>, ArrayD<f32>), String> {
+    let grid = ulq_grid(q.clip_min, q.clip_max, 8).ok_or("empty clip range")?;
+    let xs: Vec<f32> = x.iter().copied().collect();
+    let mut xq = vec![0f32; xs.len()];
+    ulq_forward(&xs, &grid, 8, &mut xq);
+    let ws: Vec<f32> = w.iter().copied().collect();
+    let mut wq = vec![0f32; ws.len()];
+    let channels = match op {
+        Op::Conv { .. } if q.channel_wise => w.shape()[0].max(1),
+        _ => 1,
+    };
+    let per = ws.len() / channels;
+    for (src, dst) in ws.chunks(per.max(1)).zip(wq.chunks_mut(per.max(1))) {
+        arq_retrain_forward(src, 8, dst);
+    }
+    Ok((
+        ArrayD::from_shape_vec(x.raw_dim(), xq).map_err(|e| e.to_string())?,
+        ArrayD::from_shape_vec(w.raw_dim(), wq).map_err(|e| e.to_string())?,
+    ))
 }
 
 /// Sums a broadcast gradient back to `shape`.
