@@ -8,6 +8,7 @@ mod compile;
 mod devices;
 mod exit;
 mod inspect;
+mod qat;
 mod run;
 
 pub use exit::{ExitCode, Failure};
@@ -37,6 +38,8 @@ pub enum Command {
     Config(calibrate::ConfigArgs),
     /// Accuracy-based automatic quantization: keep the layers that hurt in float.
     Auto(auto::AutoArgs),
+    /// Quantization-aware training on the CPU (first version: no checkpoints yet).
+    Qat(qat::QatArgs),
     /// Compare a float model with its quantized version layer by layer.
     Compare(compare::CompareArgs),
     /// Show the Ascend runtime, SoC and NPUs of this machine.
@@ -68,6 +71,7 @@ where
         Command::Calibrate(a) => calibrate::execute(&a),
         Command::Config(a) => calibrate::execute_config(&a),
         Command::Auto(a) => auto::execute(&a),
+        Command::Qat(a) => qat::execute(&a),
         Command::Compare(a) => compare::execute(&a),
         Command::Devices(a) => devices::execute(&a),
         Command::Compile(a) => compile::execute(&a),

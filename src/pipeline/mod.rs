@@ -9,6 +9,7 @@ pub mod compare;
 pub mod error;
 pub mod inputs;
 pub mod outputs;
+pub mod qat;
 
 pub use backend::{Backend, select_backend};
 pub use calibrate::{CalibrateResult, calibrate, default_config};

@@ -9,3 +9,4 @@ pub mod depthwise;
 pub mod fake_quant;
 pub mod graph;
 pub mod optim;
+pub mod qat;

@@ -1,0 +1,83 @@
+//! `ascend-quant qat`: quantization-aware training on the CPU. Parses the
+//! arguments, calls [`crate::pipeline::qat::run`] and prints the outcome.
+
+use super::Failure;
+use super::calibrate::with_progress;
+use crate::pipeline::qat::{LossChoice, QatOptions, run};
+use std::path::PathBuf;
+
+/// Arguments of `qat`.
+#[derive(Debug, clap::Args)]
+pub struct QatArgs {
+    /// The float ONNX model.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Training data: FILE.npy, NAME=FILE.npy or FILE.npz; repeatable.
+    #[arg(long = "data", required = true)]
+    pub data: Vec<String>,
+    /// Integer labels (.npy), one per sample: cross-entropy instead of distillation.
+    #[arg(long)]
+    pub labels: Option<PathBuf>,
+    /// AMCT retrain configuration (see `ascend-quant config --qat`).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Optimizer steps (default: --epochs passes over the data).
+    #[arg(long, conflicts_with = "epochs")]
+    pub steps: Option<usize>,
+    /// Passes over the data.
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    /// Samples per batch.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Learning rate of the weights (Adam).
+    #[arg(long, default_value_t = 1e-5)]
+    pub lr: f32,
+    /// Learning rate of the clips (Adam).
+    #[arg(long, default_value_t = 1e-3)]
+    pub clip_lr: f32,
+    /// The loss.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub loss: LossChoice,
+    /// Output prefix: PREFIX_deploy_model.onnx, PREFIX_fake_quant_model.onnx,
+    /// PREFIX_record.txt and PREFIX_qat_report.json.
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress output.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Runs `qat`.
+pub fn execute(args: &QatArgs) -> Result<(), Failure> {
+    let opts = QatOptions {
+        model: args.model.clone(),
+        data: args.data.clone(),
+        labels: args.labels.clone(),
+        config: args.config.clone(),
+        steps: args.steps,
+        epochs: args.epochs,
+        batch_size: args.batch_size.max(1),
+        lr: args.lr,
+        clip_lr: args.clip_lr,
+        loss: args.loss,
+        output: args.output.clone(),
+    };
+    let r = with_progress(args.quiet, |p| run(&opts, p))?;
+    if args.json {
+        println!("{}", r.report_json);
+    }
+    if !args.quiet {
+        eprintln!(
+            "trained {} steps: loss {:.5} -> {:.5}",
+            r.steps, r.first_loss, r.last_loss
+        );
+        for p in &r.written {
+            eprintln!("wrote {}", p.display());
+        }
+    }
+    Ok(())
+}

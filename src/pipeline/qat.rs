@@ -1,0 +1,344 @@
+//! One `qat` job: calibrate the initial clips, fine-tune the fake-quantized
+//! model on the CPU, and write the deploy model, fake-quant model, record and
+//! report from the trained weights and learned clips (all or none).
+
+use super::Progress;
+use super::error::PipelineError;
+use super::inputs::layer_names;
+use super::outputs::{OutputFiles, check_writable, declared_batch, with_suffix, write_outputs};
+use crate::data::{Dataset, read_npy};
+use crate::onnx::{ModelProto, Storage, load_model, to_proto};
+use crate::quant::calibrate::{RunSettings, observe_layers};
+use crate::quant::config::QuantConfig;
+use crate::quant::emit::{LayerFactors, deploy_model, fake_quant_model};
+use crate::quant::params::ActParams;
+use crate::quant::record::write_record;
+use crate::quant::retrain_config::RetrainConfig;
+use crate::quant::weights::{ChannelLayout, arq_scales, quantize_bias, quantize_weight};
+use crate::sim::{RtenExecutor, feedable_input_names};
+use crate::tensor::Tensor;
+use crate::train::fake_quant::ulq_grid;
+use crate::train::graph::{LayerQuant, TrainError, TrainGraph};
+use crate::train::qat::{LossKind, QatSettings, TrainedLayer, train};
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::Instant;
+
+impl From<TrainError> for PipelineError {
+    fn from(e: TrainError) -> Self {
+        PipelineError::Usage(e.to_string())
+    }
+}
+
+/// The loss choices of `qat --loss`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LossChoice {
+    /// Cross-entropy with labels, else KL distillation.
+    #[default]
+    Auto,
+    /// Cross-entropy against --labels.
+    Ce,
+    /// KL divergence from the float model's softmax.
+    Kl,
+    /// Mean squared error to the float model's outputs.
+    Mse,
+}
+
+/// What `qat` takes.
+#[derive(Clone, Debug)]
+pub struct QatOptions {
+    /// The float model.
+    pub model: PathBuf,
+    /// Training data files (same forms as calibration data).
+    pub data: Vec<String>,
+    /// Integer labels, one per sample, for cross-entropy.
+    pub labels: Option<PathBuf>,
+    /// The retrain configuration (default: every layer, clips from IFMR).
+    pub config: Option<PathBuf>,
+    /// Optimizer steps (default: one epoch).
+    pub steps: Option<usize>,
+    /// Epochs, when `steps` is not given.
+    pub epochs: usize,
+    /// Samples per batch.
+    pub batch_size: usize,
+    /// Learning rate of the weights.
+    pub lr: f32,
+    /// Learning rate of the clips.
+    pub clip_lr: f32,
+    /// The loss.
+    pub loss: LossChoice,
+    /// Output prefix.
+    pub output: PathBuf,
+}
+
+/// What a `qat` run produced.
+pub struct QatResult {
+    /// The loss of the first and the last step.
+    pub first_loss: f64,
+    /// The loss of the last step.
+    pub last_loss: f64,
+    /// Steps trained.
+    pub steps: usize,
+    /// The report as written.
+    pub report_json: String,
+    /// The files written.
+    pub written: Vec<PathBuf>,
+}
+
+fn read_labels(path: &std::path::Path, samples: usize) -> Result<Vec<i64>, PipelineError> {
+    let labels: Vec<i64> = match read_npy(path)? {
+        Tensor::I64(a) => a.iter().copied().collect(),
+        Tensor::I32(a) => a.iter().map(|&v| i64::from(v)).collect(),
+        Tensor::U8(a) => a.iter().map(|&v| i64::from(v)).collect(),
+        other => {
+            return Err(PipelineError::Usage(format!(
+                "{}: labels must be integers, got {}",
+                path.display(),
+                other.dtype()
+            )));
+        }
+    };
+    if labels.len() != samples {
+        return Err(PipelineError::Usage(format!(
+            "{}: {} labels for {samples} samples; give one label per sample",
+            path.display(),
+            labels.len()
+        )));
+    }
+    Ok(labels)
+}
+
+/// Runs quantization-aware training as `opts` say.
+pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, PipelineError> {
+    let started = Instant::now();
+    if !(opts.lr > 0.0 && opts.clip_lr > 0.0) {
+        return Err(PipelineError::Usage(
+            "--lr and --clip-lr must be positive".into(),
+        ));
+    }
+    check_writable(&opts.output)?;
+    let model = load_model(&opts.model)?;
+    let names = layer_names(&model)?;
+    let retrain = match &opts.config {
+        Some(p) => RetrainConfig::from_json_file(p, &names)?,
+        None => RetrainConfig::default_for(&names),
+    };
+    let data = Dataset::from_specs(&opts.data, &feedable_input_names(&model))?;
+    let labels = opts
+        .labels
+        .as_deref()
+        .map(|p| read_labels(p, data.samples()))
+        .transpose()?;
+    let loss = match (opts.loss, labels.is_some()) {
+        (LossChoice::Ce, false) => {
+            return Err(PipelineError::Usage("--loss ce needs --labels".into()));
+        }
+        (LossChoice::Auto | LossChoice::Ce, true) => LossKind::CrossEntropy,
+        (LossChoice::Auto | LossChoice::Kl, _) => LossKind::Distillation,
+        (LossChoice::Mse, _) => LossKind::Mse,
+    };
+    // Initial clips: IFMR over the first batch_num batches (a PTQ observation).
+    let mut ptq = QuantConfig::default_for(&names);
+    ptq.batch_num = retrain
+        .batch_num
+        .min(data.batch_count(opts.batch_size))
+        .max(1);
+    for (name, l) in &mut ptq.layers {
+        l.quant_enable = retrain.layer(name).is_none_or(|r| r.retrain_enable);
+        l.channel_wise = retrain.layer(name).is_some_and(|r| r.channel_wise);
+    }
+    let declared = declared_batch(&model);
+    let calibrated = observe_layers(
+        &model,
+        &ptq,
+        &data,
+        &RtenExecutor,
+        &RunSettings {
+            batch_size: opts.batch_size,
+            dynamic_batch: declared.is_some_and(|d| d != opts.batch_size),
+            progress: progress.batches,
+            similarity_samples: 0,
+        },
+    )?;
+    let prepared = calibrated.prepared.clone();
+    let mut student = TrainGraph::new(&prepared)?;
+    let mut trained_layers = Vec::new();
+    for f in &calibrated.factors {
+        let l = &f.layer;
+        if !matches!(l.op_type.as_str(), "Conv" | "Gemm") {
+            continue; // keeps its calibrated factors
+        }
+        let cfg = retrain.layer(&l.name);
+        let (lo, hi) = f.act.range(8);
+        let (clip_min, clip_max) = cfg.and_then(|c| c.clips).unwrap_or((lo, hi));
+        let fixed_min = cfg.and_then(|c| c.fixed_min).unwrap_or(clip_min >= 0.0);
+        student.set_quant(
+            &l.name,
+            LayerQuant {
+                clip_min: if fixed_min { 0.0 } else { clip_min },
+                clip_max,
+                fixed_min,
+                channel_wise: cfg.is_some_and(|c| c.channel_wise),
+            },
+        )?;
+        trained_layers.push(TrainedLayer {
+            name: l.name.clone(),
+            fixed_min,
+        });
+    }
+    let teacher = match loss {
+        LossKind::CrossEntropy => None,
+        _ => Some(TrainGraph::new(&prepared)?),
+    };
+    let trainable: Vec<String> = calibrated
+        .factors
+        .iter()
+        .flat_map(|f| [f.layer.weight.clone(), f.layer.bias.clone()])
+        .flatten()
+        .collect();
+    let steps = opts
+        .steps
+        .unwrap_or(opts.epochs.max(1) * data.batch_count(opts.batch_size));
+    let settings = QatSettings {
+        steps,
+        batch_size: opts.batch_size,
+        lr: opts.lr,
+        clip_lr: opts.clip_lr,
+        loss,
+    };
+    let training_started = Instant::now();
+    let losses = train(
+        &mut student,
+        teacher.as_ref(),
+        &trained_layers,
+        &trainable,
+        &data,
+        labels.as_deref(),
+        &settings,
+        &|step, loss| {
+            (progress.message)(&format!("step {step}/{steps}: loss {loss:.5}"));
+        },
+    )?;
+    let training_seconds = training_started.elapsed().as_secs_f64();
+    // The trained model and its factors.
+    let mut trained = prepared.clone();
+    write_back(&mut trained, &mut student, &trainable)?;
+    let mut factors = Vec::new();
+    let mut clips_report = Vec::new();
+    for f in &calibrated.factors {
+        let l = &f.layer;
+        let act = match student.quant_mut(&l.name) {
+            Some(q) => {
+                clips_report
+                    .push(json!({"layer": l.name, "clip_min": q.clip_min, "clip_max": q.clip_max}));
+                let grid = ulq_grid(q.clip_min, q.clip_max, 8).ok_or_else(|| {
+                    PipelineError::Usage(format!(
+                        "layer '{}': the learned clip range is empty",
+                        l.name
+                    ))
+                })?;
+                ActParams {
+                    scale: grid.scale,
+                    offset: grid.offset,
+                }
+            }
+            None => f.act,
+        };
+        let (weight_q, bias_q, scale_w) = match &l.weight {
+            Some(w) => {
+                let w = student.constant_mut(w).cloned().ok_or_else(|| {
+                    PipelineError::Usage(format!("layer '{}': weight not found", l.name))
+                })?;
+                let layout = if f.scale_w.len() > 1 {
+                    l.channel_layout
+                } else {
+                    ChannelLayout::PerTensor
+                };
+                let scale_w = arq_scales(&l.name, &w, layout, 8)
+                    .map_err(|e| PipelineError::Usage(e.to_string()))?;
+                let bias = match &l.bias {
+                    Some(b) => {
+                        let values: Vec<f32> = student
+                            .constant_mut(b)
+                            .map(|a| a.iter().copied().collect())
+                            .unwrap_or_default();
+                        Some(
+                            quantize_bias(&l.name, &values, &scale_w, act.scale)
+                                .map_err(|e| PipelineError::Usage(e.to_string()))?,
+                        )
+                    }
+                    None => None,
+                };
+                (
+                    Some(quantize_weight(&w, &scale_w, layout, 8)),
+                    bias,
+                    scale_w,
+                )
+            }
+            None => (None, None, f.scale_w.clone()),
+        };
+        factors.push(LayerFactors {
+            layer: l.clone(),
+            act,
+            scale_w,
+            weight_q,
+            bias_q,
+        });
+    }
+    let files = OutputFiles::new(&opts.output);
+    let report_path = with_suffix(&opts.output, "_qat_report.json");
+    let report = json!({
+        "model": opts.model.display().to_string(),
+        "loss": loss.name(),
+        "steps": steps,
+        "batch_size": opts.batch_size,
+        "lr": opts.lr,
+        "clip_lr": opts.clip_lr,
+        "loss_per_step": losses,
+        "clips": clips_report,
+        "fused_batch_norms": calibrated.preparation.fused,
+        "quantized_layers": factors.len(),
+        "seconds": {
+            "total": started.elapsed().as_secs_f64(),
+            "initial_calibration": calibrated.seconds,
+            "training": training_seconds,
+        },
+    });
+    let report_json = serde_json::to_string_pretty(&report)
+        .map_err(|e| PipelineError::Usage(format!("serializing the report: {e}")))?;
+    let deploy = deploy_model(&trained, &factors)?;
+    let fake = fake_quant_model(&trained, &factors)?;
+    let record = write_record(&factors);
+    let written = write_outputs(
+        &[(&files.deploy, &deploy), (&files.fake_quant, &fake)],
+        &[
+            (&files.record, record.as_bytes()),
+            (&report_path, report_json.as_bytes()),
+        ],
+        &opts.output,
+    )?;
+    Ok(QatResult {
+        first_loss: losses.first().copied().unwrap_or(f64::NAN),
+        last_loss: losses.last().copied().unwrap_or(f64::NAN),
+        steps,
+        report_json,
+        written,
+    })
+}
+
+/// Replaces the trained initializers of `model` by the graph's values.
+fn write_back(
+    model: &mut ModelProto,
+    graph: &mut TrainGraph,
+    names: &[String],
+) -> Result<(), PipelineError> {
+    let g = crate::onnx::graph_of_mut(model, "the prepared model")?;
+    for t in &mut g.initializer {
+        if names.iter().any(|n| n == t.name())
+            && let Some(v) = graph.constant_mut(t.name())
+        {
+            *t = to_proto(t.name(), &Tensor::F32(v.clone()), Storage::Raw);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,276 @@
+//! The QAT training loop: batches through the fake-quantized graph, a loss
+//! (cross-entropy on labels, or distillation from the float model), the
+//! backward pass, and Adam on the float weights and the learnable clips.
+
+use super::graph::{TrainError, TrainGraph};
+use super::optim::Adam;
+use crate::data::Dataset;
+use crate::tensor::Tensor;
+use ndarray::{ArrayD, Axis};
+
+/// What the loss compares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LossKind {
+    /// Softmax cross-entropy of the output against integer labels.
+    CrossEntropy,
+    /// KL divergence of the student's softmax from the float teacher's.
+    Distillation,
+    /// Mean squared error to the float teacher's outputs.
+    Mse,
+}
+
+impl LossKind {
+    /// The name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            LossKind::CrossEntropy => "ce",
+            LossKind::Distillation => "kl",
+            LossKind::Mse => "mse",
+        }
+    }
+}
+
+/// How to train.
+#[derive(Clone, Debug)]
+pub struct QatSettings {
+    /// Optimizer steps (one batch each).
+    pub steps: usize,
+    /// Samples per batch.
+    pub batch_size: usize,
+    /// Learning rate of the weights and biases.
+    pub lr: f32,
+    /// Learning rate of the clips.
+    pub clip_lr: f32,
+    /// The loss.
+    pub loss: LossKind,
+}
+
+/// The layers being trained quantized and whether their clip_min is pinned.
+#[derive(Clone, Debug)]
+pub struct TrainedLayer {
+    /// The layer (node) name.
+    pub name: String,
+    /// clip_min stays 0.
+    pub fixed_min: bool,
+}
+
+/// The loss of one step and the gradient of the output that produces it.
+pub fn loss_and_seed(
+    kind: LossKind,
+    output: &ArrayD<f32>,
+    labels: Option<&[i64]>,
+    teacher: Option<&ArrayD<f32>>,
+) -> Result<(f64, ArrayD<f32>), TrainError> {
+    let n = output.shape().first().copied().unwrap_or(1).max(1);
+    let softmax = |a: &ArrayD<f32>| -> Vec<Vec<f64>> {
+        a.outer_iter()
+            .map(|row| {
+                let m = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let e: Vec<f64> = row.iter().map(|&v| f64::from(v - m).exp()).collect();
+                let s: f64 = e.iter().sum();
+                e.into_iter().map(|v| v / s).collect()
+            })
+            .collect()
+    };
+    match kind {
+        LossKind::CrossEntropy => {
+            let labels =
+                labels.ok_or_else(|| TrainError::Invalid("cross-entropy needs labels".into()))?;
+            let p = softmax(output);
+            let classes = p.first().map_or(0, Vec::len);
+            let mut loss = 0f64;
+            let mut seed = ArrayD::<f32>::zeros(output.raw_dim());
+            for (i, (row, &y)) in p.iter().zip(labels).enumerate() {
+                let y = usize::try_from(y)
+                    .ok()
+                    .filter(|&y| y < classes)
+                    .ok_or_else(|| {
+                        TrainError::Invalid(format!(
+                            "label {y} is outside the model's {classes} classes"
+                        ))
+                    })?;
+                loss -= row[y].max(1e-30).ln();
+                for (c, &pc) in row.iter().enumerate() {
+                    let t = if c == y { 1.0 } else { 0.0 };
+                    seed[[i, c]] = ((pc - t) / n as f64) as f32;
+                }
+            }
+            Ok((loss / n as f64, seed))
+        }
+        LossKind::Distillation => {
+            let t = teacher
+                .ok_or_else(|| TrainError::Invalid("distillation needs the teacher".into()))?;
+            let (p, q) = (softmax(t), softmax(output));
+            let mut loss = 0f64;
+            let mut seed = ArrayD::<f32>::zeros(output.raw_dim());
+            for (i, (pr, qr)) in p.iter().zip(&q).enumerate() {
+                for (c, (&pc, &qc)) in pr.iter().zip(qr).enumerate() {
+                    if pc > 0.0 {
+                        loss += pc * (pc / qc.max(1e-30)).ln();
+                    }
+                    seed[[i, c]] = ((qc - pc) / n as f64) as f32;
+                }
+            }
+            Ok((loss / n as f64, seed))
+        }
+        LossKind::Mse => {
+            let t = teacher.ok_or_else(|| TrainError::Invalid("MSE needs the teacher".into()))?;
+            let count = output.len().max(1) as f64;
+            let diff = output - t;
+            let loss = diff
+                .iter()
+                .map(|&d| f64::from(d) * f64::from(d))
+                .sum::<f64>()
+                / count;
+            Ok((loss, diff.mapv(|d| (2.0 * f64::from(d) / count) as f32)))
+        }
+    }
+}
+
+/// Trains `student` (already fake-quantized on `layers`) for `settings.steps`
+/// batches; `teacher` is the float model for distillation. Returns the loss
+/// of every step. `progress` is called after each step with (step, loss).
+#[allow(clippy::too_many_arguments)]
+pub fn train(
+    student: &mut TrainGraph,
+    teacher: Option<&TrainGraph>,
+    layers: &[TrainedLayer],
+    trainable: &[String],
+    data: &Dataset,
+    labels: Option<&[i64]>,
+    settings: &QatSettings,
+    progress: &dyn Fn(usize, f64),
+) -> Result<Vec<f64>, TrainError> {
+    let output = student
+        .output_names()
+        .first()
+        .map(|s| s.to_string())
+        .ok_or_else(|| TrainError::Invalid("the model has no output".into()))?;
+    let batches = data.batch_count(settings.batch_size).max(1);
+    let mut weights_opt = Adam::new(settings.lr);
+    let mut clips_opt = Adam::new(settings.clip_lr);
+    let mut losses = Vec::with_capacity(settings.steps);
+    for step in 0..settings.steps {
+        let b = step % batches;
+        let batch = data
+            .batch(settings.batch_size, b)
+            .map_err(|e| TrainError::Invalid(e.to_string()))?;
+        let feeds: Vec<(String, ArrayD<f32>)> = batch
+            .into_iter()
+            .map(|(n, t)| match t {
+                Tensor::F32(a) => Ok((n, a)),
+                other => Err(TrainError::Invalid(format!(
+                    "input '{n}' is {}; training takes float32 data",
+                    other.dtype()
+                ))),
+            })
+            .collect::<Result<_, _>>()?;
+        let refs: Vec<(&str, &ArrayD<f32>)> = feeds.iter().map(|(n, a)| (n.as_str(), a)).collect();
+        let acts = student.forward(&refs)?;
+        let y = acts
+            .get(student, &output)
+            .ok_or_else(|| TrainError::Invalid(format!("output '{output}' was not computed")))?;
+        let teacher_y = match teacher {
+            Some(t) => {
+                let ta = t.forward(&refs)?;
+                ta.get(t, &output).cloned()
+            }
+            None => None,
+        };
+        let batch_labels = labels.map(|l| {
+            let start = b * settings.batch_size;
+            &l[start.min(l.len())..(start + y.len_of(Axis(0))).min(l.len())]
+        });
+        let (loss, seed) = loss_and_seed(settings.loss, y, batch_labels, teacher_y.as_ref())?;
+        if !loss.is_finite() {
+            return Err(TrainError::Invalid(format!(
+                "the loss is {loss} at step {step}; lower --lr or --clip-lr"
+            )));
+        }
+        let grads = student.backward(&acts, &[(output.as_str(), seed)])?;
+        // Weights and biases.
+        let mut owned: Vec<(String, Vec<f32>)> = Vec::new();
+        for name in trainable {
+            if let Some(g) = grads.get(student, name) {
+                owned.push((name.clone(), g.iter().copied().collect()));
+            }
+        }
+        {
+            let mut params: Vec<(Vec<f32>, &[f32])> = Vec::new();
+            for (name, g) in &owned {
+                let p = student
+                    .constant_mut(name)
+                    .map(|a| a.iter().copied().collect::<Vec<f32>>())
+                    .unwrap_or_default();
+                params.push((p, g.as_slice()));
+            }
+            let mut views: Vec<(&mut [f32], &[f32])> = params
+                .iter_mut()
+                .map(|(p, g)| (p.as_mut_slice(), *g))
+                .collect();
+            weights_opt.step(&mut views);
+            for ((name, _), (p, _)) in owned.iter().zip(&params) {
+                if let Some(a) = student.constant_mut(name) {
+                    for (dst, src) in a.iter_mut().zip(p) {
+                        *dst = *src;
+                    }
+                }
+            }
+        }
+        // Clips: one (min, max) pair per quantized layer.
+        let mut clip_values: Vec<[f32; 2]> = Vec::new();
+        let mut clip_grads: Vec<[f32; 2]> = Vec::new();
+        for l in layers {
+            let (gmin, gmax) = grads.clips(&l.name).unwrap_or((0.0, 0.0));
+            let q = student.quant_mut(&l.name).ok_or_else(|| {
+                TrainError::Invalid(format!("layer '{}' is not quantized", l.name))
+            })?;
+            clip_values.push([q.clip_min, q.clip_max]);
+            clip_grads.push([if l.fixed_min { 0.0 } else { gmin as f32 }, gmax as f32]);
+        }
+        {
+            let mut views: Vec<(&mut [f32], &[f32])> = clip_values
+                .iter_mut()
+                .zip(&clip_grads)
+                .map(|(v, g)| (v.as_mut_slice(), g.as_slice()))
+                .collect();
+            clips_opt.step(&mut views);
+        }
+        for (l, v) in layers.iter().zip(&clip_values) {
+            if let Some(q) = student.quant_mut(&l.name) {
+                q.clip_min = if l.fixed_min { 0.0 } else { v[0].min(0.0) };
+                // Keep a usable range: the upper clip stays above the lower one.
+                q.clip_max = v[1].max(q.clip_min + 1e-6).max(1e-6);
+            }
+        }
+        losses.push(loss);
+        progress(step + 1, loss);
+    }
+    Ok(losses)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::IxDyn;
+
+    #[test]
+    fn cross_entropy_and_its_gradient_by_hand() {
+        // Logits [0, ln 3]: softmax [1/4, 3/4]; label 1: loss −ln(3/4); seed [1/4, −1/4].
+        let y = ArrayD::from_shape_vec(IxDyn(&[1, 2]), vec![0.0, 3f32.ln()]).unwrap();
+        let (loss, seed) = loss_and_seed(LossKind::CrossEntropy, &y, Some(&[1]), None).unwrap();
+        assert!((loss + (0.75f64).ln()).abs() < 1e-6);
+        assert!((seed[[0, 0]] - 0.25).abs() < 1e-6 && (seed[[0, 1]] + 0.25).abs() < 1e-6);
+        assert!(loss_and_seed(LossKind::CrossEntropy, &y, Some(&[2]), None).is_err());
+    }
+
+    #[test]
+    fn distillation_is_zero_when_student_equals_teacher() {
+        let y =
+            ArrayD::from_shape_vec(IxDyn(&[2, 3]), vec![1.0, 2.0, 0.5, -1.0, 0.0, 3.0]).unwrap();
+        let (loss, seed) = loss_and_seed(LossKind::Distillation, &y, None, Some(&y)).unwrap();
+        assert!(loss.abs() < 1e-9 && seed.iter().all(|v| v.abs() < 1e-7));
+        let (mse, _) = loss_and_seed(LossKind::Mse, &y, None, Some(&y.mapv(|v| v + 1.0))).unwrap();
+        assert!((mse - 1.0).abs() < 1e-9);
+    }
+}

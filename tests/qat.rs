@@ -1,0 +1,192 @@
+//! Quantization-aware training end to end on the digits CNN: from a
+//! deliberately bad start (one layer's input clipped to 2.5 % of its range)
+//! the trained fake-quant and deploy models recover the float accuracy.
+
+use ascend_quant::data::{read_npy, write_npy};
+use ascend_quant::onnx::{ModelProto, load_model};
+use ascend_quant::sim::{Executor, RtenExecutor, SessionOptions};
+use ascend_quant::tensor::Tensor;
+use std::path::Path;
+
+mod common;
+use common::{bin, digits};
+
+fn top1(model: &ModelProto, x: &Tensor, y: &[i64]) -> f64 {
+    let s = RtenExecutor
+        .prepare(
+            model,
+            &SessionOptions {
+                dynamic_batch: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let out = s.run(&[("x", x)], &["logits"]).unwrap();
+    let logits = out[0].as_f32().unwrap();
+    let hits = logits
+        .outer_iter()
+        .zip(y)
+        .filter(|(row, label)| {
+            let best = row
+                .iter()
+                .enumerate()
+                .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b });
+            best.0 as i64 == **label
+        })
+        .count();
+    100.0 * hits as f64 / y.len() as f64
+}
+
+fn split(dir: &Path) -> (Tensor, Vec<i64>) {
+    let Tensor::F32(x) = read_npy(&digits().join("test_x.npy")).unwrap() else {
+        panic!()
+    };
+    let Tensor::I64(y) = read_npy(&digits().join("test_y.npy")).unwrap() else {
+        panic!()
+    };
+    let train_x = x.slice_axis(ndarray::Axis(0), (0..400).into()).to_owned();
+    let train_y = y.slice_axis(ndarray::Axis(0), (0..400).into()).to_owned();
+    write_npy(&dir.join("train_x.npy"), &Tensor::F32(train_x)).unwrap();
+    write_npy(&dir.join("train_y.npy"), &Tensor::I64(train_y)).unwrap();
+    let held_x = x.slice_axis(ndarray::Axis(0), (400..500).into()).to_owned();
+    let held_y = y.iter().skip(400).copied().collect();
+    (Tensor::F32(held_x), held_y)
+}
+
+#[test]
+fn qat_recovers_from_a_bad_clip() {
+    let dir = tempfile::tempdir().unwrap();
+    let (held_x, held_y) = split(dir.path());
+    let cfg = dir.path().join("retrain.json");
+    // /6/Conv's input spans about [0, 16]; start it at [0, 0.4].
+    std::fs::write(
+        &cfg,
+        r#"{"version": 1, "batch_num": 4, "/6/Conv": {"retrain_data_config":
+            {"algo": "ulq_quantize", "clip_max": 0.4, "clip_min": 0.0, "fixed_min": true}}}"#,
+    )
+    .unwrap();
+    let run = |prefix: &Path, steps: &str| {
+        bin()
+            .args(["qat", "--quiet", "--json", "--model"])
+            .arg(digits().join("digits_cnn.onnx"))
+            .arg("--data")
+            .arg(dir.path().join("train_x.npy"))
+            .arg("--labels")
+            .arg(dir.path().join("train_y.npy"))
+            .arg("--config")
+            .arg(&cfg)
+            .args([
+                "--steps",
+                steps,
+                "--batch-size",
+                "20",
+                "--lr",
+                "1e-4",
+                "--clip-lr",
+                "0.05",
+            ])
+            .arg("--output")
+            .arg(prefix)
+            .output()
+            .unwrap()
+    };
+    // No training: the models of the bad start.
+    let o = run(&dir.path().join("start"), "0");
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let start = load_model(&dir.path().join("start_fake_quant_model.onnx")).unwrap();
+    let prefix = dir.path().join("q");
+    let o = bin()
+        .args(["qat", "--quiet", "--json", "--model"])
+        .arg(digits().join("digits_cnn.onnx"))
+        .arg("--data")
+        .arg(dir.path().join("train_x.npy"))
+        .arg("--labels")
+        .arg(dir.path().join("train_y.npy"))
+        .arg("--config")
+        .arg(&cfg)
+        .args([
+            "--steps",
+            "160",
+            "--batch-size",
+            "20",
+            "--lr",
+            "1e-4",
+            "--clip-lr",
+            "0.05",
+        ])
+        .arg("--output")
+        .arg(&prefix)
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let losses = report["loss_per_step"].as_array().unwrap();
+    let first = losses[0].as_f64().unwrap();
+    let last = losses.last().unwrap().as_f64().unwrap();
+    let float = load_model(&digits().join("digits_cnn.onnx")).unwrap();
+    let fake = load_model(&dir.path().join("q_fake_quant_model.onnx")).unwrap();
+    let deploy = load_model(&dir.path().join("q_deploy_model.onnx")).unwrap();
+    let (f, q, d) = (
+        top1(&float, &held_x, &held_y),
+        top1(&fake, &held_x, &held_y),
+        top1(&deploy, &held_x, &held_y),
+    );
+    let s = top1(&start, &held_x, &held_y);
+    println!(
+        "loss {first:.4} -> {last:.4}; held-out top-1: float {f}, bad start {s}, fake-quant {q}, deploy {d}"
+    );
+    println!("clips {}", report["clips"]);
+    assert!(last < 0.5 * first, "loss {first} -> {last}");
+    assert!(s <= f - 10.0, "the start must be bad: {s} vs float {f}");
+    // Within 0.5 point of float on 100 held-out images (one image is 1 point).
+    assert!(
+        q >= f - 0.5 && d >= f - 0.5,
+        "float {f}, fake-quant {q}, deploy {d}"
+    );
+}
+
+#[test]
+fn bad_qat_input_is_a_clear_error_with_nothing_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let qat = |extra: &[&str]| {
+        bin()
+            .args(["qat", "--quiet", "--model"])
+            .arg(digits().join("digits_cnn.onnx"))
+            .arg("--data")
+            .arg(digits().join("calib_x.npy"))
+            .arg("--output")
+            .arg(dir.path().join("q"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let labels = digits().join("test_y.npy");
+    for (extra, needle) in [
+        (
+            vec!["--labels", labels.to_str().unwrap()],
+            "500 labels for 100 samples",
+        ),
+        (vec!["--lr", "0"], "--lr and --clip-lr must be positive"),
+        (vec!["--loss", "ce"], "--loss ce needs --labels"),
+    ] {
+        let o = qat(&extra);
+        assert_eq!(o.status.code(), Some(1), "{extra:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(needle), "{extra:?}: {err}");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "{extra:?}"
+        );
+    }
+}
