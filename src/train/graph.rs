@@ -217,6 +217,29 @@ impl TrainGraph {
         }
         for &i in &order {
             let n = &g.node[i];
+            if n.op_type() == "Constant" {
+                // A constant value: known before any pass, like an initializer.
+                let value = crate::onnx::attr::find(n, "value")
+                    .and_then(|a| a.t.as_ref())
+                    .ok_or_else(|| unsupported(n, "only 'value' tensors are supported"))?;
+                let out = n
+                    .output
+                    .first()
+                    .ok_or_else(|| unsupported(n, "no output"))?;
+                let id = t.id(out);
+                match to_tensor(value).map_err(|e| TrainError::Invalid(e.to_string()))? {
+                    Tensor::F32(a) => {
+                        t.constants.insert(id, a);
+                    }
+                    Tensor::I64(a) => {
+                        t.shapes.insert(id, a.iter().copied().collect());
+                    }
+                    other => {
+                        return Err(unsupported(n, format!("{} constants", other.dtype())));
+                    }
+                }
+                continue;
+            }
             let op = match n.op_type() {
                 "Conv" => Op::Conv {
                     group: int_attr(n, "group").unwrap_or(1).max(1) as usize,
