@@ -190,3 +190,60 @@ fn bad_qat_input_is_a_clear_error_with_nothing_written() {
         );
     }
 }
+
+/// Stopping after one epoch and resuming from its checkpoint ends where an
+/// uninterrupted run ends: the same record and deploy model, byte for byte
+/// (the training is deterministic on the CPU).
+#[test]
+fn resume_continues_to_the_same_result() {
+    let dir = tempfile::tempdir().unwrap();
+    split(dir.path());
+    let qat = |prefix: &str, steps: &str, resume: Option<&Path>| {
+        let mut c = bin();
+        c.args(["qat", "--quiet", "--model"])
+            .arg(digits().join("digits_cnn.onnx"))
+            .arg("--data")
+            .arg(dir.path().join("train_x.npy"))
+            .arg("--labels")
+            .arg(dir.path().join("train_y.npy"))
+            .args([
+                "--steps",
+                steps,
+                "--batch-size",
+                "40",
+                "--lr",
+                "1e-4",
+                "--clip-lr",
+                "0.02",
+            ])
+            .arg("--output")
+            .arg(dir.path().join(prefix));
+        if let Some(r) = resume {
+            c.arg("--resume").arg(r);
+        }
+        let o = c.output().unwrap();
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    qat("whole", "20", None); // two epochs of 10 batches
+    qat("half", "10", None); // one epoch, then stop
+    let checkpoint = dir.path().join("half_qat_checkpoint");
+    assert!(checkpoint.is_file());
+    qat("resumed", "20", Some(&checkpoint));
+    for suffix in [
+        "_record.txt",
+        "_deploy_model.onnx",
+        "_fake_quant_model.onnx",
+    ] {
+        let read = |p: &str| std::fs::read(dir.path().join(format!("{p}{suffix}"))).unwrap();
+        assert!(read("whole") == read("resumed"), "{suffix} differs");
+        assert!(
+            read("whole") != read("half"),
+            "{suffix}: training must change it"
+        );
+    }
+}

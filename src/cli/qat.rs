@@ -39,6 +39,9 @@ pub struct QatArgs {
     /// The loss.
     #[arg(long, value_enum, default_value = "auto")]
     pub loss: LossChoice,
+    /// Continue from a checkpoint (PREFIX_qat_checkpoint, written after every epoch).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
     /// Output prefix: PREFIX_deploy_model.onnx, PREFIX_fake_quant_model.onnx,
     /// PREFIX_record.txt and PREFIX_qat_report.json.
     #[arg(long)]
@@ -64,6 +67,7 @@ pub fn execute(args: &QatArgs) -> Result<(), Failure> {
         lr: args.lr,
         clip_lr: args.clip_lr,
         loss: args.loss,
+        resume: args.resume.clone(),
         output: args.output.clone(),
     };
     let r = with_progress(args.quiet, |p| run(&opts, p))?;

@@ -17,6 +17,7 @@ use crate::quant::retrain_config::RetrainConfig;
 use crate::quant::weights::{ChannelLayout, arq_scales, quantize_bias, quantize_weight};
 use crate::sim::{RtenExecutor, feedable_input_names};
 use crate::tensor::Tensor;
+use crate::train::checkpoint::Checkpoint;
 use crate::train::fake_quant::ulq_grid;
 use crate::train::graph::{LayerQuant, TrainError, TrainGraph};
 use crate::train::qat::{LossKind, QatSettings, TrainedLayer, train};
@@ -67,6 +68,8 @@ pub struct QatOptions {
     pub clip_lr: f32,
     /// The loss.
     pub loss: LossChoice,
+    /// A checkpoint to continue from (`PREFIX_qat_checkpoint` of an earlier run).
+    pub resume: Option<PathBuf>,
     /// Output prefix.
     pub output: PathBuf,
 }
@@ -206,6 +209,29 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
         clip_lr: opts.clip_lr,
         loss,
     };
+    let start = opts
+        .resume
+        .as_deref()
+        .map(Checkpoint::load)
+        .transpose()
+        .map_err(PipelineError::Usage)?;
+    if let Some(c) = &start
+        && c.step > steps
+    {
+        return Err(PipelineError::Usage(format!(
+            "the checkpoint is at step {}, past the {steps} steps asked for; ask for more steps",
+            c.step
+        )));
+    }
+    let checkpoint_path = with_suffix(&opts.output, "_qat_checkpoint");
+    let mut save = |c: &Checkpoint| -> Result<(), TrainError> {
+        c.save(&checkpoint_path).map_err(|e| {
+            TrainError::Invalid(format!(
+                "cannot write the checkpoint {}: {e}",
+                checkpoint_path.display()
+            ))
+        })
+    };
     let training_started = Instant::now();
     let losses = train(
         &mut student,
@@ -215,6 +241,8 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
         &data,
         labels.as_deref(),
         &settings,
+        start.as_ref(),
+        &mut save,
         &|step, loss| {
             (progress.message)(&format!("step {step}/{steps}: loss {loss:.5}"));
         },
@@ -295,6 +323,8 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
         "lr": opts.lr,
         "clip_lr": opts.clip_lr,
         "loss_per_step": losses,
+        "resumed_from_step": start.as_ref().map(|c| c.step),
+        "checkpoint": checkpoint_path.display().to_string(),
         "clips": clips_report,
         "fused_batch_norms": calibrated.preparation.fused,
         "quantized_layers": factors.len(),

@@ -5,6 +5,7 @@
 //! execution of a whole graph comes next; `docs/training.md` records the
 //! engine measurements behind its design.
 
+pub mod checkpoint;
 pub mod depthwise;
 pub mod fake_quant;
 pub mod graph;

@@ -30,6 +30,17 @@ impl Adam {
         }
     }
 
+    /// The state to save: steps taken and the (first, second) moments per buffer.
+    pub fn state(&self) -> (i32, &[(Vec<f32>, Vec<f32>)]) {
+        (self.step, &self.moments)
+    }
+
+    /// Restores a saved state.
+    pub fn restore(&mut self, step: i32, moments: Vec<(Vec<f32>, Vec<f32>)>) {
+        self.step = step;
+        self.moments = moments;
+    }
+
     /// One update of every `(parameter, gradient)` pair.
     pub fn step(&mut self, params: &mut [(&mut [f32], &[f32])]) {
         self.step += 1;

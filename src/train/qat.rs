@@ -2,6 +2,7 @@
 //! (cross-entropy on labels, or distillation from the float model), the
 //! backward pass, and Adam on the float weights and the learnable clips.
 
+use super::checkpoint::{AdamState, Checkpoint};
 use super::graph::{TrainError, TrainGraph};
 use super::optim::Adam;
 use crate::data::Dataset;
@@ -127,9 +128,82 @@ pub fn loss_and_seed(
     }
 }
 
-/// Trains `student` (already fake-quantized on `layers`) for `settings.steps`
-/// batches; `teacher` is the float model for distillation. Returns the loss
-/// of every step. `progress` is called after each step with (step, loss).
+/// The state of a run, for a checkpoint.
+fn snapshot(
+    student: &mut TrainGraph,
+    layers: &[TrainedLayer],
+    trainable: &[String],
+    losses: &[f64],
+    opts: (&Adam, &Adam),
+) -> Checkpoint {
+    let constants = trainable
+        .iter()
+        .filter_map(|n| {
+            student
+                .constant_mut(n)
+                .map(|a| (n.clone(), a.shape().to_vec(), a.iter().copied().collect()))
+        })
+        .collect();
+    let clips = layers
+        .iter()
+        .filter_map(|l| {
+            student
+                .quant_mut(&l.name)
+                .map(|q| (l.name.clone(), q.clip_min, q.clip_max))
+        })
+        .collect();
+    let state = |a: &Adam| {
+        let (step, moments) = a.state();
+        AdamState {
+            step,
+            moments: moments.to_vec(),
+        }
+    };
+    Checkpoint {
+        step: losses.len(),
+        losses: losses.to_vec(),
+        constants,
+        clips,
+        weights_opt: state(opts.0),
+        clips_opt: state(opts.1),
+    }
+}
+
+/// Puts a checkpoint's weights and clips into `student`.
+fn restore(student: &mut TrainGraph, c: &Checkpoint) -> Result<(), TrainError> {
+    for (name, shape, values) in &c.constants {
+        let a = student.constant_mut(name).ok_or_else(|| {
+            TrainError::Invalid(format!(
+                "the checkpoint holds '{name}', which the model lacks"
+            ))
+        })?;
+        if a.shape() != shape.as_slice() {
+            return Err(TrainError::Invalid(format!(
+                "the checkpoint's '{name}' has shape {shape:?}, the model's {:?}",
+                a.shape()
+            )));
+        }
+        for (dst, src) in a.iter_mut().zip(values) {
+            *dst = *src;
+        }
+    }
+    for (name, lo, hi) in &c.clips {
+        let q = student.quant_mut(name).ok_or_else(|| {
+            TrainError::Invalid(format!(
+                "the checkpoint's layer '{name}' is not quantized here"
+            ))
+        })?;
+        q.clip_min = *lo;
+        q.clip_max = *hi;
+    }
+    Ok(())
+}
+
+/// Trains `student` (already fake-quantized on `layers`) up to
+/// `settings.steps` batches, starting from `start` when given; `teacher` is
+/// the float model for distillation. `checkpoint` receives the state at the
+/// end of every epoch and of the run. Returns the loss of every step (those
+/// of `start` included). `progress` is called after each step with (step, loss).
 #[allow(clippy::too_many_arguments)]
 pub fn train(
     student: &mut TrainGraph,
@@ -139,6 +213,8 @@ pub fn train(
     data: &Dataset,
     labels: Option<&[i64]>,
     settings: &QatSettings,
+    start: Option<&Checkpoint>,
+    checkpoint: &mut dyn FnMut(&Checkpoint) -> Result<(), TrainError>,
     progress: &dyn Fn(usize, f64),
 ) -> Result<Vec<f64>, TrainError> {
     let output = student
@@ -150,7 +226,13 @@ pub fn train(
     let mut weights_opt = Adam::new(settings.lr);
     let mut clips_opt = Adam::new(settings.clip_lr);
     let mut losses = Vec::with_capacity(settings.steps);
-    for step in 0..settings.steps {
+    if let Some(c) = start {
+        restore(student, c)?;
+        weights_opt.restore(c.weights_opt.step, c.weights_opt.moments.clone());
+        clips_opt.restore(c.clips_opt.step, c.clips_opt.moments.clone());
+        losses = c.losses.clone();
+    }
+    for step in losses.len()..settings.steps {
         let b = step % batches;
         let batch = data
             .batch(settings.batch_size, b)
@@ -245,6 +327,16 @@ pub fn train(
         }
         losses.push(loss);
         progress(step + 1, loss);
+        if (step + 1) % batches == 0 || step + 1 == settings.steps {
+            let c = snapshot(
+                student,
+                layers,
+                trainable,
+                &losses,
+                (&weights_opt, &clips_opt),
+            );
+            checkpoint(&c)?;
+        }
     }
     Ok(losses)
 }
