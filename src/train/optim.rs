@@ -2,6 +2,9 @@
 //! Each keeps its state per parameter buffer, in the order the buffers are
 //! given at every step.
 
+/// The (first, second) moments of one parameter buffer.
+pub type Moments = (Vec<f32>, Vec<f32>);
+
 /// Adam (Kingma & Ba) with bias correction.
 #[derive(Clone, Debug)]
 pub struct Adam {
@@ -14,7 +17,7 @@ pub struct Adam {
     /// Added to the root of the second moment.
     pub eps: f32,
     step: i32,
-    moments: Vec<(Vec<f32>, Vec<f32>)>,
+    moments: Vec<Moments>,
 }
 
 impl Adam {
@@ -31,12 +34,12 @@ impl Adam {
     }
 
     /// The state to save: steps taken and the (first, second) moments per buffer.
-    pub fn state(&self) -> (i32, &[(Vec<f32>, Vec<f32>)]) {
+    pub fn state(&self) -> (i32, &[Moments]) {
         (self.step, &self.moments)
     }
 
     /// Restores a saved state.
-    pub fn restore(&mut self, step: i32, moments: Vec<(Vec<f32>, Vec<f32>)>) {
+    pub fn restore(&mut self, step: i32, moments: Vec<Moments>) {
         self.step = step;
         self.moments = moments;
     }
