@@ -408,3 +408,84 @@ fn the_quantized_forward_pass_matches_the_exported_fake_quant_model() {
         assert!(grads.clips(&l.name).is_some(), "{}", l.name);
     }
 }
+
+/// x → Sigmoid, Mul (SiLU), HardSwish, HardSigmoid, Concat, Transpose,
+/// MatMul by a weight, Softmax: the element-wise and layout operators.
+fn activation_model() -> ModelProto {
+    let vi = |n: &str| ValueInfoProto {
+        name: Some(n.into()),
+        ..Default::default()
+    };
+    let graph = GraphProto {
+        name: Some("activations".into()),
+        node: vec![
+            node("Sigmoid", "sig", &["x"], &["s"], vec![]),
+            node("Mul", "silu", &["x", "s"], &["m"], vec![]),
+            node("HardSwish", "hswish", &["m"], &["hs"], vec![]),
+            node("HardSigmoid", "hsig", &["hs"], &["hg"], vec![]),
+            node(
+                "Concat",
+                "cat",
+                &["hs", "hg"],
+                &["c"],
+                vec![attr_int("axis", 1)],
+            ),
+            node(
+                "Transpose",
+                "tr",
+                &["c"],
+                &["t"],
+                vec![attr_ints("perm", &[0, 2, 3, 1])],
+            ),
+            node("MatMul", "mm", &["t", "w"], &["mmo"], vec![]),
+            node(
+                "Softmax",
+                "sm",
+                &["mmo"],
+                &["y"],
+                vec![attr_int("axis", -1)],
+            ),
+        ],
+        initializer: vec![to_proto(
+            "w",
+            &Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[6, 3]), values(11, 18, 2.0)).unwrap()),
+            Storage::Raw,
+        )],
+        input: vec![vi("x")],
+        output: vec![vi("y")],
+        ..Default::default()
+    };
+    ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(17),
+        }],
+        graph: Some(graph),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn activation_and_layout_operators_train() {
+    let model = activation_model();
+    let g = TrainGraph::new(&model).unwrap();
+    let x = ArrayD::from_shape_vec(IxDyn(&[2, 3, 4, 5]), values(12, 120, 10.0)).unwrap();
+    let acts = g.forward(&[("x", &x)]).unwrap();
+    let s = RtenExecutor
+        .prepare(&model, &SessionOptions::default())
+        .unwrap();
+    let theirs = s.run(&[("x", &Tensor::F32(x.clone()))], &["y"]).unwrap();
+    for (a, b) in acts
+        .get(&g, "y")
+        .unwrap()
+        .iter()
+        .zip(theirs[0].as_f32().unwrap().iter())
+    {
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
+    let feeds = [("x", x)];
+    for name in ["w", "x"] {
+        check_gradient(&g, &feeds, "y", name, 30);
+    }
+}

@@ -5,9 +5,10 @@
 //! trainer updates the ones it trains (weights, biases, clips).
 //!
 //! Supported today: Conv (dense, and depthwise through
-//! [`super::depthwise`]), Gemm, Relu, Clip, MaxPool, AveragePool (no
-//! padding), GlobalAveragePool, Flatten, Reshape, Add. Any other operator is
-//! an error naming the node and the operator.
+//! [`super::depthwise`]), Gemm, MatMul (by a 2-D weight), Relu, Clip,
+//! Sigmoid, HardSigmoid, HardSwish, MaxPool, AveragePool (no padding),
+//! GlobalAveragePool, Flatten, Reshape, Transpose, Concat, Softmax, Add, Mul.
+//! Any other operator is an error naming the node and the operator.
 
 use super::depthwise::{self, Depthwise};
 use super::fake_quant::{arq_retrain_forward, ulq_backward, ulq_forward, ulq_grid};
@@ -67,6 +68,23 @@ enum Op {
     },
     Reshape,
     Add,
+    Mul,
+    Sigmoid,
+    HardSigmoid {
+        alpha: f32,
+        beta: f32,
+    },
+    HardSwish,
+    Concat {
+        axis: i64,
+    },
+    Softmax {
+        axis: i64,
+    },
+    Transpose {
+        perm: Option<Vec<usize>>,
+    },
+    MatMul,
 }
 
 #[derive(Clone, Debug)]
@@ -333,6 +351,37 @@ impl TrainGraph {
                 }
                 "Reshape" => Op::Reshape,
                 "Add" => Op::Add,
+                "Mul" => Op::Mul,
+                "Sigmoid" => Op::Sigmoid,
+                "HardSigmoid" => Op::HardSigmoid {
+                    alpha: float_attr(n, "alpha").unwrap_or(0.2),
+                    beta: float_attr(n, "beta").unwrap_or(0.5),
+                },
+                "HardSwish" => Op::HardSwish,
+                "Concat" => Op::Concat {
+                    axis: int_attr(n, "axis").unwrap_or(0),
+                },
+                "Softmax" => {
+                    let opset = model
+                        .opset_import
+                        .iter()
+                        .find(|o| o.domain().is_empty() || o.domain() == "ai.onnx")
+                        .and_then(|o| o.version)
+                        .unwrap_or(13);
+                    let axis = int_attr(n, "axis").unwrap_or(if opset >= 13 { -1 } else { 1 });
+                    if opset < 13 && axis != -1 {
+                        return Err(unsupported(
+                            n,
+                            "Softmax before opset 13 flattens; re-export with opset >= 13",
+                        ));
+                    }
+                    Op::Softmax { axis }
+                }
+                "Transpose" => Op::Transpose {
+                    perm: ints_attr(n, "perm")
+                        .map(|p| p.iter().map(|&v| v.max(0) as usize).collect()),
+                },
+                "MatMul" => Op::MatMul,
                 other => {
                     return Err(unsupported(
                         n,
@@ -557,6 +606,43 @@ impl TrainGraph {
                     (&x[0].view() + &x[1].view()).to_owned()
                 }
             }
+            Op::Mul => (&x[0].view() * &x[1].view()).to_owned(),
+            Op::Sigmoid => x[0].mapv(|v| 1.0 / (1.0 + (-v).exp())),
+            Op::HardSigmoid { alpha, beta } => x[0].mapv(|v| (alpha * v + beta).clamp(0.0, 1.0)),
+            Op::HardSwish => x[0].mapv(|v| v * (v / 6.0 + 0.5).clamp(0.0, 1.0)),
+            Op::Concat { axis } => {
+                let ax = axis_index(*axis, x[0].ndim()).map_err(|e| self.bad(s, e))?;
+                let views: Vec<_> = x.iter().map(|a| a.view()).collect();
+                ndarray::concatenate(Axis(ax), &views).map_err(|e| self.bad(s, e.to_string()))?
+            }
+            Op::Softmax { axis } => {
+                let ax = axis_index(*axis, x[0].ndim()).map_err(|e| self.bad(s, e))?;
+                softmax(x[0], ax)
+            }
+            Op::Transpose { perm } => {
+                let p = perm_of(perm, x[0].ndim()).map_err(|e| self.bad(s, e))?;
+                x[0].view()
+                    .permuted_axes(IxDyn(&p))
+                    .as_standard_layout()
+                    .to_owned()
+            }
+            Op::MatMul => {
+                let (a, b) = (x[0], x[1]);
+                let (rows, k) = matmul_shape(a, b).map_err(|e| self.bad(s, e))?;
+                let a2 = a
+                    .to_shape((rows, k))
+                    .map_err(|e| self.bad(s, e.to_string()))?;
+                let b2 = b
+                    .view()
+                    .into_dimensionality::<Ix2>()
+                    .map_err(|e| self.bad(s, e.to_string()))?;
+                let y = a2.dot(&b2);
+                let mut shape = a.shape().to_vec();
+                let last = shape.len() - 1;
+                shape[last] = b2.ncols();
+                y.into_shape_with_order(IxDyn(&shape))
+                    .map_err(|e| self.bad(s, e.to_string()))?
+            }
         })
     }
 
@@ -732,6 +818,91 @@ impl TrainGraph {
                 Some(reduce_to(gy, x[0].shape())),
                 Some(reduce_to(gy, x[1].shape())),
             ],
+            Op::Mul => vec![
+                Some(reduce_to(
+                    &(&gy.view() * &x[1].view()).to_owned(),
+                    x[0].shape(),
+                )),
+                Some(reduce_to(
+                    &(&gy.view() * &x[0].view()).to_owned(),
+                    x[1].shape(),
+                )),
+            ],
+            Op::Sigmoid => vec![Some(
+                ndarray::Zip::from(gy)
+                    .and(y)
+                    .map_collect(|&g, &v| g * v * (1.0 - v)),
+            )],
+            Op::HardSigmoid { alpha, beta } => vec![Some(
+                ndarray::Zip::from(gy).and(x[0]).map_collect(|&g, &v| {
+                    let t = alpha * v + beta;
+                    if t > 0.0 && t < 1.0 { g * alpha } else { 0.0 }
+                }),
+            )],
+            Op::HardSwish => vec![Some(ndarray::Zip::from(gy).and(x[0]).map_collect(
+                |&g, &v| {
+                    if v <= -3.0 {
+                        0.0
+                    } else if v >= 3.0 {
+                        g
+                    } else {
+                        g * (v / 3.0 + 0.5)
+                    }
+                },
+            ))],
+            Op::Concat { axis } => {
+                let ax = axis_index(*axis, gy.ndim()).map_err(|e| self.bad(s, e))?;
+                let mut start = 0;
+                x.iter()
+                    .map(|a| {
+                        let len = a.shape()[ax];
+                        let part = gy
+                            .slice_axis(Axis(ax), ndarray::Slice::from(start..start + len))
+                            .to_owned();
+                        start += len;
+                        Some(part)
+                    })
+                    .collect()
+            }
+            Op::Softmax { axis } => {
+                let ax = axis_index(*axis, gy.ndim()).map_err(|e| self.bad(s, e))?;
+                let gyy = gy * y;
+                let dot = gyy.sum_axis(Axis(ax)).insert_axis(Axis(ax));
+                vec![Some(&gyy - &(y * &dot))]
+            }
+            Op::Transpose { perm } => {
+                let p = perm_of(perm, gy.ndim()).map_err(|e| self.bad(s, e))?;
+                let mut inverse = vec![0; p.len()];
+                for (i, &v) in p.iter().enumerate() {
+                    inverse[v] = i;
+                }
+                vec![Some(
+                    gy.view()
+                        .permuted_axes(IxDyn(&inverse))
+                        .as_standard_layout()
+                        .to_owned(),
+                )]
+            }
+            Op::MatMul => {
+                let (a, b) = (x[0], x[1]);
+                let (rows, k) = matmul_shape(a, b).map_err(|e| self.bad(s, e))?;
+                let a2 = a
+                    .to_shape((rows, k))
+                    .map_err(|e| self.bad(s, e.to_string()))?;
+                let b2 = b
+                    .view()
+                    .into_dimensionality::<Ix2>()
+                    .map_err(|e| self.bad(s, e.to_string()))?;
+                let g2 = gy
+                    .to_shape((rows, b2.ncols()))
+                    .map_err(|e| self.bad(s, e.to_string()))?;
+                let ga = g2
+                    .dot(&b2.t())
+                    .into_shape_with_order(a.raw_dim())
+                    .map_err(|e| self.bad(s, e.to_string()))?;
+                let gb = a2.t().dot(&g2).into_dyn();
+                vec![Some(ga), Some(gb)]
+            }
         })
         .map(|mut v: Vec<Option<ArrayD<f32>>>| {
             let _ = y;
@@ -766,6 +937,55 @@ fn fake_quantize(
         ArrayD::from_shape_vec(x.raw_dim(), xq).map_err(|e| e.to_string())?,
         ArrayD::from_shape_vec(w.raw_dim(), wq).map_err(|e| e.to_string())?,
     ))
+}
+
+/// A possibly negative ONNX axis as an index.
+fn axis_index(axis: i64, rank: usize) -> Result<usize, String> {
+    let a = if axis < 0 { axis + rank as i64 } else { axis };
+    usize::try_from(a)
+        .ok()
+        .filter(|&a| a < rank)
+        .ok_or_else(|| format!("axis {axis} is outside rank {rank}"))
+}
+
+/// Transpose's permutation (default: reversed axes), checked.
+fn perm_of(perm: &Option<Vec<usize>>, rank: usize) -> Result<Vec<usize>, String> {
+    let p = perm.clone().unwrap_or_else(|| (0..rank).rev().collect());
+    let mut seen = vec![false; rank];
+    if p.len() != rank
+        || p.iter()
+            .any(|&v| v >= rank || std::mem::replace(&mut seen[v], true))
+    {
+        return Err(format!("perm {p:?} is not a permutation of {rank} axes"));
+    }
+    Ok(p)
+}
+
+/// (rows, k) of `a @ b` with `a` of any rank ≥ 1 and `b` 2-D.
+fn matmul_shape(a: &ArrayD<f32>, b: &ArrayD<f32>) -> Result<(usize, usize), String> {
+    if b.ndim() != 2 || a.ndim() < 2 {
+        return Err(format!(
+            "MatMul of {:?} by {:?}: only an N-D input times a 2-D weight trains",
+            a.shape(),
+            b.shape()
+        ));
+    }
+    let k = a.shape()[a.ndim() - 1];
+    if k != b.shape()[0] {
+        return Err(format!("MatMul of {:?} by {:?}", a.shape(), b.shape()));
+    }
+    Ok((a.len() / k.max(1), k))
+}
+
+fn softmax(x: &ArrayD<f32>, axis: usize) -> ArrayD<f32> {
+    let mut y = x.clone();
+    for mut lane in y.lanes_mut(Axis(axis)) {
+        let m = lane.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        lane.mapv_inplace(|v| (v - m).exp());
+        let sum: f32 = lane.sum();
+        lane.mapv_inplace(|v| v / sum);
+    }
+    y
 }
 
 /// Sums a broadcast gradient back to `shape`.
