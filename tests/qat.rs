@@ -49,7 +49,15 @@ fn split(dir: &Path) -> (Tensor, Vec<i64>) {
     write_npy(&dir.join("train_x.npy"), &Tensor::F32(train_x)).unwrap();
     write_npy(&dir.join("train_y.npy"), &Tensor::I64(train_y)).unwrap();
     let held_x = x.slice_axis(ndarray::Axis(0), (400..500).into()).to_owned();
-    let held_y = y.iter().skip(400).copied().collect();
+    let held_y: Vec<i64> = y.iter().skip(400).copied().collect();
+    write_npy(&dir.join("held_x.npy"), &Tensor::F32(held_x.clone())).unwrap();
+    write_npy(
+        &dir.join("held_y.npy"),
+        &Tensor::I64(
+            ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[100]), held_y.clone()).unwrap(),
+        ),
+    )
+    .unwrap();
     (Tensor::F32(held_x), held_y)
 }
 
@@ -103,6 +111,10 @@ fn qat_recovers_from_a_bad_clip() {
     let o = bin()
         .args(["qat", "--quiet", "--json", "--model"])
         .arg(digits().join("digits_cnn.onnx"))
+        .arg("--eval-data")
+        .arg(dir.path().join("held_x.npy"))
+        .arg("--eval-labels")
+        .arg(dir.path().join("held_y.npy"))
         .arg("--data")
         .arg(dir.path().join("train_x.npy"))
         .arg("--labels")

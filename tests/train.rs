@@ -489,3 +489,54 @@ fn activation_and_layout_operators_train() {
         check_gradient(&g, &feeds, "y", name, 30);
     }
 }
+
+#[test]
+fn a_diverging_run_stops_naming_the_step() {
+    use ascend_quant::data::Dataset;
+    use ascend_quant::train::graph::TrainError;
+    use ascend_quant::train::qat::{LossKind, QatSettings, train};
+    let mut model = small_model();
+    // A weight at float32's limit: the output overflows to infinity.
+    let g = model.graph.as_mut().unwrap();
+    let w3 = g.initializer.iter_mut().find(|t| t.name() == "w3").unwrap();
+    *w3 = to_proto(
+        "w3",
+        &Tensor::F32(ArrayD::from_elem(IxDyn(&[3, 36]), f32::MAX)),
+        Storage::Raw,
+    );
+    let mut student = TrainGraph::new(&model).unwrap();
+    let x = ArrayD::from_shape_vec(IxDyn(&[4, 2, 7, 8]), values(3, 4 * 2 * 7 * 8, 2.0)).unwrap();
+    let data = Dataset::from_arrays(
+        vec![("x".into(), Tensor::F32(x))],
+        &["x".to_string()],
+        "memory".into(),
+    )
+    .unwrap();
+    let settings = QatSettings {
+        steps: 3,
+        batch_size: 2,
+        lr: 1e-3,
+        clip_lr: 1e-3,
+        loss: LossKind::CrossEntropy,
+    };
+    let saved = std::cell::Cell::new(0);
+    let e = train(
+        &mut student,
+        None,
+        &[],
+        &["w3".to_string()],
+        &data,
+        Some(&[0, 1, 2, 0]),
+        &settings,
+        None,
+        &mut |_, _| {
+            saved.set(saved.get() + 1);
+            Ok(())
+        },
+        &|_, _| {},
+    )
+    .unwrap_err();
+    assert!(matches!(e, TrainError::Diverged(_)), "{e}");
+    assert!(e.to_string().contains("at step 1"), "{e}");
+    assert_eq!(saved.get(), 0, "no checkpoint of a diverged state");
+}

@@ -39,6 +39,12 @@ pub struct QatArgs {
     /// The loss.
     #[arg(long, value_enum, default_value = "auto")]
     pub loss: LossChoice,
+    /// Evaluation data, scored after every epoch (same forms as --data); repeatable.
+    #[arg(long = "eval-data")]
+    pub eval_data: Vec<String>,
+    /// Labels of the evaluation data: top-1 accuracy instead of agreement with float.
+    #[arg(long)]
+    pub eval_labels: Option<PathBuf>,
     /// Continue from a checkpoint (PREFIX_qat_checkpoint, written after every epoch).
     #[arg(long)]
     pub resume: Option<PathBuf>,
@@ -68,6 +74,8 @@ pub fn execute(args: &QatArgs) -> Result<(), Failure> {
         clip_lr: args.clip_lr,
         loss: args.loss,
         resume: args.resume.clone(),
+        eval_data: args.eval_data.clone(),
+        eval_labels: args.eval_labels.clone(),
         output: args.output.clone(),
     };
     let r = with_progress(args.quiet, |p| run(&opts, p))?;

@@ -30,6 +30,9 @@ pub enum PipelineError {
     /// The NPU (runtime, device or atc) failed: the input does not explain it.
     #[error("{0}")]
     Device(String),
+    /// Training diverged.
+    #[error("{0}")]
+    Training(String),
 }
 
 impl PipelineError {
@@ -43,7 +46,7 @@ impl PipelineError {
             | PipelineError::Config(_) => true,
             PipelineError::Quant(QuantError::Sim(s)) | PipelineError::Sim(s) => s.is_input_error(),
             PipelineError::Quant(_) => true,
-            PipelineError::Device(_) => false,
+            PipelineError::Device(_) | PipelineError::Training(_) => false,
         }
     }
 }

@@ -21,14 +21,93 @@ use crate::train::checkpoint::Checkpoint;
 use crate::train::fake_quant::ulq_grid;
 use crate::train::graph::{LayerQuant, TrainError, TrainGraph};
 use crate::train::qat::{LossKind, QatSettings, TrainedLayer, train};
+use ndarray::ArrayD;
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::Instant;
 
 impl From<TrainError> for PipelineError {
     fn from(e: TrainError) -> Self {
-        PipelineError::Usage(e.to_string())
+        match e {
+            TrainError::Diverged(m) => PipelineError::Training(m),
+            other => PipelineError::Usage(other.to_string()),
+        }
     }
+}
+
+/// Scores the fake-quantized `graph` on the evaluation set: top-1 accuracy
+/// with labels, else top-1 agreement and mean output cosine with the float
+/// model's outputs (`reference`).
+fn evaluate(
+    graph: &TrainGraph,
+    eval: &Dataset,
+    batch_size: usize,
+    labels: Option<&[i64]>,
+    reference: &[ArrayD<f32>],
+) -> Result<serde_json::Value, TrainError> {
+    let output = graph.output_names()[0].to_string();
+    let (mut hits, mut agree, mut cos_sum, mut count) = (0usize, 0usize, 0f64, 0usize);
+    for (b, expected) in reference
+        .iter()
+        .enumerate()
+        .take(eval.batch_count(batch_size))
+    {
+        let batch = eval
+            .batch(batch_size, b)
+            .map_err(|e| TrainError::Invalid(e.to_string()))?;
+        let feeds: Vec<(String, ArrayD<f32>)> = batch
+            .into_iter()
+            .filter_map(|(n, t)| match t {
+                Tensor::F32(a) => Some((n, a)),
+                _ => None,
+            })
+            .collect();
+        let refs: Vec<(&str, &ArrayD<f32>)> = feeds.iter().map(|(n, a)| (n.as_str(), a)).collect();
+        let acts = graph.forward(&refs)?;
+        let y = acts
+            .get(graph, &output)
+            .ok_or_else(|| TrainError::Invalid("no output".into()))?;
+        for (row, r) in y.outer_iter().zip(expected.outer_iter()) {
+            let argmax = |v: ndarray::ArrayViewD<f32>| {
+                v.iter()
+                    .enumerate()
+                    .fold((0, f32::MIN), |m, (i, &x)| if x > m.1 { (i, x) } else { m })
+                    .0
+            };
+            let (p, q) = (argmax(row.view()), argmax(r.view()));
+            if let Some(l) = labels.and_then(|l| l.get(count)) {
+                hits += usize::from(p as i64 == *l);
+            }
+            agree += usize::from(p == q);
+            let dot: f64 = row
+                .iter()
+                .zip(r.iter())
+                .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                .sum();
+            let na: f64 = row
+                .iter()
+                .map(|a| f64::from(*a).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            let nb: f64 = r.iter().map(|a| f64::from(*a).powi(2)).sum::<f64>().sqrt();
+            cos_sum += if na > 0.0 && nb > 0.0 {
+                dot / (na * nb)
+            } else {
+                1.0
+            };
+            count += 1;
+        }
+    }
+    let n = count.max(1) as f64;
+    let mut v = json!({
+        "top1_agreement": agree as f64 / n,
+        "output_cosine": cos_sum / n,
+        "samples": count,
+    });
+    if labels.is_some() {
+        v["top1"] = json!(hits as f64 / n);
+    }
+    Ok(v)
 }
 
 /// The loss choices of `qat --loss`.
@@ -70,6 +149,10 @@ pub struct QatOptions {
     pub loss: LossChoice,
     /// A checkpoint to continue from (`PREFIX_qat_checkpoint` of an earlier run).
     pub resume: Option<PathBuf>,
+    /// Evaluation data, scored after every epoch.
+    pub eval_data: Vec<String>,
+    /// Labels of the evaluation data (top-1 accuracy); else agreement with float.
+    pub eval_labels: Option<PathBuf>,
     /// Output prefix.
     pub output: PathBuf,
 }
@@ -224,14 +307,72 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
         )));
     }
     let checkpoint_path = with_suffix(&opts.output, "_qat_checkpoint");
-    let mut save = |c: &Checkpoint| -> Result<(), TrainError> {
+    let eval = if opts.eval_data.is_empty() {
+        None
+    } else {
+        Some(Dataset::from_specs(
+            &opts.eval_data,
+            &feedable_input_names(&model),
+        )?)
+    };
+    let eval_labels = match (&eval, &opts.eval_labels) {
+        (Some(e), Some(p)) => Some(read_labels(p, e.samples())?),
+        (None, Some(_)) => {
+            return Err(PipelineError::Usage(
+                "--eval-labels needs --eval-data".into(),
+            ));
+        }
+        _ => None,
+    };
+    // The float model's outputs on the evaluation set, once.
+    let reference: Vec<ArrayD<f32>> = match &eval {
+        Some(e) => {
+            let float = TrainGraph::new(&prepared)?;
+            let out = float.output_names()[0].to_string();
+            (0..e.batch_count(opts.batch_size))
+                .map(|b| -> Result<ArrayD<f32>, PipelineError> {
+                    let batch = e.batch(opts.batch_size, b)?;
+                    let feeds: Vec<(String, ArrayD<f32>)> = batch
+                        .into_iter()
+                        .filter_map(|(n, t)| match t {
+                            Tensor::F32(a) => Some((n, a)),
+                            _ => None,
+                        })
+                        .collect();
+                    let refs: Vec<(&str, &ArrayD<f32>)> =
+                        feeds.iter().map(|(n, a)| (n.as_str(), a)).collect();
+                    let acts = float.forward(&refs)?;
+                    acts.get(&float, &out).cloned().ok_or_else(|| {
+                        PipelineError::Usage("the float model computed no output".into())
+                    })
+                })
+                .collect::<Result<_, _>>()?
+        }
+        None => Vec::new(),
+    };
+    let epochs_report = std::cell::RefCell::new(Vec::<serde_json::Value>::new());
+    let mut save = |c: &Checkpoint, graph: &TrainGraph| -> Result<(), TrainError> {
         c.save(&checkpoint_path).map_err(|e| {
             TrainError::Invalid(format!(
                 "cannot write the checkpoint {}: {e}",
                 checkpoint_path.display()
             ))
-        })
+        })?;
+        if let Some(e) = &eval {
+            let mut m = evaluate(
+                graph,
+                e,
+                opts.batch_size,
+                eval_labels.as_deref(),
+                &reference,
+            )?;
+            m["step"] = json!(c.step);
+            (progress.message)(&format!("after step {}: {m}", c.step));
+            epochs_report.borrow_mut().push(m);
+        }
+        Ok(())
     };
+    let first_step = start.as_ref().map_or(0, |c| c.step);
     let training_started = Instant::now();
     let losses = train(
         &mut student,
@@ -244,7 +385,13 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
         start.as_ref(),
         &mut save,
         &|step, loss| {
-            (progress.message)(&format!("step {step}/{steps}: loss {loss:.5}"));
+            let done = step.saturating_sub(first_step).max(1);
+            let secs = training_started.elapsed().as_secs_f64();
+            let rate = (done * opts.batch_size) as f64 / secs.max(1e-9);
+            let eta = secs / done as f64 * steps.saturating_sub(step) as f64;
+            (progress.message)(&format!(
+                "step {step}/{steps}: loss {loss:.5}, {rate:.1} images/s, ETA {eta:.0} s"
+            ));
         },
     )?;
     let training_seconds = training_started.elapsed().as_secs_f64();
@@ -324,6 +471,7 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
         "clip_lr": opts.clip_lr,
         "loss_per_step": losses,
         "resumed_from_step": start.as_ref().map(|c| c.step),
+        "eval_per_epoch": epochs_report.borrow().clone(),
         "checkpoint": checkpoint_path.display().to_string(),
         "clips": clips_report,
         "fused_batch_norms": calibrated.preparation.fused,

@@ -35,6 +35,9 @@ pub enum TrainError {
     /// The model or the fed values are inconsistent.
     #[error("{0}")]
     Invalid(String),
+    /// Training diverged (the loss is not finite); says at which step.
+    #[error("{0}")]
+    Diverged(String),
 }
 
 #[derive(Clone, Debug)]

@@ -201,8 +201,8 @@ fn restore(student: &mut TrainGraph, c: &Checkpoint) -> Result<(), TrainError> {
 
 /// Trains `student` (already fake-quantized on `layers`) up to
 /// `settings.steps` batches, starting from `start` when given; `teacher` is
-/// the float model for distillation. `checkpoint` receives the state at the
-/// end of every epoch and of the run. Returns the loss of every step (those
+/// the float model for distillation. `checkpoint` receives the state (and
+/// the graph, to evaluate) at the end of every epoch and of the run. Returns the loss of every step (those
 /// of `start` included). `progress` is called after each step with (step, loss).
 #[allow(clippy::too_many_arguments)]
 pub fn train(
@@ -214,7 +214,7 @@ pub fn train(
     labels: Option<&[i64]>,
     settings: &QatSettings,
     start: Option<&Checkpoint>,
-    checkpoint: &mut dyn FnMut(&Checkpoint) -> Result<(), TrainError>,
+    checkpoint: &mut dyn FnMut(&Checkpoint, &TrainGraph) -> Result<(), TrainError>,
     progress: &dyn Fn(usize, f64),
 ) -> Result<Vec<f64>, TrainError> {
     let output = student
@@ -264,9 +264,16 @@ pub fn train(
             &l[start.min(l.len())..(start + y.len_of(Axis(0))).min(l.len())]
         });
         let (loss, seed) = loss_and_seed(settings.loss, y, batch_labels, teacher_y.as_ref())?;
+        if y.iter().any(|v| !v.is_finite()) {
+            return Err(TrainError::Diverged(format!(
+                "the loss is not finite at step {}: the model's outputs overflowed; lower --lr or --clip-lr (the last checkpoint is kept)",
+                step + 1
+            )));
+        }
         if !loss.is_finite() {
-            return Err(TrainError::Invalid(format!(
-                "the loss is {loss} at step {step}; lower --lr or --clip-lr"
+            return Err(TrainError::Diverged(format!(
+                "the loss is {loss} at step {}; lower --lr or --clip-lr (the last checkpoint is kept)",
+                step + 1
             )));
         }
         let grads = student.backward(&acts, &[(output.as_str(), seed)])?;
@@ -335,7 +342,7 @@ pub fn train(
                 &losses,
                 (&weights_opt, &clips_opt),
             );
-            checkpoint(&c)?;
+            checkpoint(&c, student)?;
         }
     }
     Ok(losses)
