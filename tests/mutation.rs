@@ -138,6 +138,15 @@ fn retrain_config_parsing_never_panics() {
 }
 
 #[test]
+fn retrain_simple_config_parsing_never_panics() {
+    survive(
+        "retrain_simple_config",
+        3000,
+        parsers::retrain_simple_config,
+    );
+}
+
+#[test]
 fn simple_config_parsing_never_panics() {
     survive("simple_config", 3000, parsers::simple_config);
 }

@@ -19,8 +19,11 @@ pub struct QatArgs {
     #[arg(long)]
     pub labels: Option<PathBuf>,
     /// AMCT retrain configuration (see `ascend-quant config --qat`).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "simple_config")]
     pub config: Option<PathBuf>,
+    /// AMCT retrain simple configuration (AMCTRetrainConfig, protobuf text).
+    #[arg(long)]
+    pub simple_config: Option<PathBuf>,
     /// Optimizer steps (default: --epochs passes over the data).
     #[arg(long, conflicts_with = "epochs")]
     pub steps: Option<usize>,
@@ -67,6 +70,7 @@ pub fn execute(args: &QatArgs) -> Result<(), Failure> {
         data: args.data.clone(),
         labels: args.labels.clone(),
         config: args.config.clone(),
+        simple_config: args.simple_config.clone(),
         steps: args.steps,
         epochs: args.epochs,
         batch_size: args.batch_size.max(1),

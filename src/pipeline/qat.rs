@@ -133,8 +133,10 @@ pub struct QatOptions {
     pub data: Vec<String>,
     /// Integer labels, one per sample, for cross-entropy.
     pub labels: Option<PathBuf>,
-    /// The retrain configuration (default: every layer, clips from IFMR).
+    /// The retrain configuration, AMCT JSON (default: every layer, clips from IFMR).
     pub config: Option<PathBuf>,
+    /// The retrain configuration as AMCT's simple config (`AMCTRetrainConfig`).
+    pub simple_config: Option<PathBuf>,
     /// Optimizer steps (default: one epoch).
     pub steps: Option<usize>,
     /// Epochs, when `steps` is not given.
@@ -205,9 +207,15 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
     check_writable(&opts.output)?;
     let model = load_model(&opts.model)?;
     let names = layer_names(&model)?;
-    let retrain = match &opts.config {
-        Some(p) => RetrainConfig::from_json_file(p, &names)?,
-        None => RetrainConfig::default_for(&names),
+    let retrain = match (&opts.config, &opts.simple_config) {
+        (Some(_), Some(_)) => {
+            return Err(PipelineError::Usage(
+                "give --config or --simple-config, not both".into(),
+            ));
+        }
+        (Some(p), None) => RetrainConfig::from_json_file(p, &names)?,
+        (None, Some(p)) => RetrainConfig::from_simple_config(p, &names)?,
+        (None, None) => RetrainConfig::default_for(&names),
     };
     let data = Dataset::from_specs(&opts.data, &feedable_input_names(&model))?;
     let labels = opts

@@ -14,6 +14,7 @@
 //! start from IFMR over the first `batch_num` batches. `fixed_min` is optional:
 //! without it, clip_min is pinned to 0 after ReLU-like producers only.
 
+use super::amct::proto;
 use super::config::{ConfigError, Parse, check_keys, get_bool, get_num, layer_op};
 use super::layers::has_weight_channels;
 use serde_json::{Map, Value, json};
@@ -122,6 +123,169 @@ impl RetrainConfig {
             serde_json::from_str(text).map_err(|e| fail(format!("not valid JSON: {e}")))?;
         parse(&value, layers).map_err(fail)
     }
+}
+
+impl RetrainConfig {
+    /// Reads AMCT's retrain simple config (`AMCTRetrainConfig` in protobuf
+    /// text format). Priority per layer: `override_layer_configs` (by name)
+    /// over `override_layer_types` (by op type) over the top-level settings.
+    pub fn from_simple_config(
+        path: &Path,
+        layers: &[(String, String)],
+    ) -> Result<RetrainConfig, ConfigError> {
+        let text = ConfigError::read(path)?;
+        RetrainConfig::from_simple_config_str(&text, &path.display().to_string(), layers)
+    }
+
+    /// Parses a retrain simple config's text; `file` names it in errors.
+    pub fn from_simple_config_str(
+        text: &str,
+        file: &str,
+        layers: &[(String, String)],
+    ) -> Result<RetrainConfig, ConfigError> {
+        let fail = ConfigError::about(file);
+        let desc = super::amct::descriptors()
+            .get_message_by_name("amct.AMCTRetrainConfig")
+            .ok_or_else(|| fail("the retrain schema is missing".into()))?;
+        let msg = prost_reflect::DynamicMessage::parse_text_format(desc, text)
+            .map_err(|e| fail(format!("not a valid AMCTRetrainConfig: {e}")))?;
+        let cfg: proto::AmctRetrainConfig = msg.transcode_to().map_err(|e| fail(e.to_string()))?;
+        build_simple(&cfg, layers).map_err(fail)
+    }
+}
+
+fn apply_data(l: &mut RetrainLayer, d: &proto::RetrainDataQuantConfig, ctx: &str) -> Parse<()> {
+    match &d.algo {
+        None => Ok(()),
+        Some(proto::retrain_data_quant_config::Algo::UlqQuantize(u)) => {
+            if u.dst_type() != proto::DataType::Int8 {
+                return Err(format!(
+                    "{ctx}: ulq_quantize dst_type {} is not supported; allowed: INT8",
+                    u.dst_type().as_str_name()
+                ));
+            }
+            if let Some(f) = u.fixed_min {
+                l.fixed_min = Some(f);
+            }
+            if let Some(c) = &u.clip_max_min {
+                let usable = c.clip_max > c.clip_min
+                    && c.clip_min <= 0.0
+                    && c.clip_max >= 0.0
+                    && c.clip_max.is_finite()
+                    && c.clip_min.is_finite();
+                if !usable {
+                    return Err(format!(
+                        "{ctx}: clip_max_min ({}, {}) must satisfy clip_min <= 0 <= clip_max and clip_min < clip_max",
+                        c.clip_max, c.clip_min
+                    ));
+                }
+                l.clips = Some((c.clip_min, c.clip_max));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn apply_weights(
+    l: &mut RetrainLayer,
+    w: &proto::RetrainWeightQuantConfig,
+    op: &str,
+    ctx: &str,
+) -> Parse<()> {
+    match &w.algo {
+        None => Ok(()),
+        Some(proto::retrain_weight_quant_config::Algo::UlqRetrain(_)) => Err(format!(
+            "{ctx}: ulq_retrain weights are not supported; use arq_retrain"
+        )),
+        Some(proto::retrain_weight_quant_config::Algo::ArqRetrain(a)) => {
+            if a.dst_type() != proto::DataType::Int8 {
+                return Err(format!(
+                    "{ctx}: arq_retrain dst_type {} is not supported; allowed: INT8",
+                    a.dst_type().as_str_name()
+                ));
+            }
+            l.channel_wise = a.channel_wise() && has_weight_channels(op);
+            Ok(())
+        }
+    }
+}
+
+fn build_simple(
+    cfg: &proto::AmctRetrainConfig,
+    layers: &[(String, String)],
+) -> Parse<RetrainConfig> {
+    if cfg.prune_config.is_some()
+        || !cfg.regular_prune_skip_layers.is_empty()
+        || !cfg.regular_prune_skip_types.is_empty()
+    {
+        return Err(
+            "pruning (prune_config, regular_prune_skip_*) is not supported; remove it".into(),
+        );
+    }
+    if cfg.fakequant_precision_mode() != proto::FakequantPrecisionMode::Default {
+        return Err("fakequant_precision_mode FORCE_FP16_QUANT is not supported; remove it".into());
+    }
+    if cfg.batch_num() == 0 {
+        return Err("'batch_num' must be at least 1".into());
+    }
+    for name in cfg
+        .skip_layers
+        .iter()
+        .chain(&cfg.quant_skip_layers)
+        .chain(cfg.override_layer_configs.iter().map(|o| &o.layer_name))
+    {
+        layer_op(layers, name)?;
+    }
+    let mut out = RetrainConfig::default_for(layers);
+    out.batch_num = cfg.batch_num() as usize;
+    for (name, l) in &mut out.layers {
+        let op = layer_op(layers, name)?;
+        let skipped = [&cfg.skip_layers, &cfg.quant_skip_layers]
+            .iter()
+            .any(|list| list.iter().any(|n| n == name))
+            || [&cfg.skip_layer_types, &cfg.quant_skip_types]
+                .iter()
+                .any(|list| list.iter().any(|t| t == op));
+        l.retrain_enable = !skipped;
+        if let Some(d) = &cfg.retrain_data_quant_config {
+            apply_data(l, d, "retrain_data_quant_config")?;
+        }
+        if let Some(w) = &cfg.retrain_weight_quant_config {
+            apply_weights(l, w, op, "retrain_weight_quant_config")?;
+        }
+        for o in cfg
+            .override_layer_types
+            .iter()
+            .filter(|o| o.layer_type == op)
+        {
+            let ctx = format!("override_layer_types '{op}'");
+            if let Some(d) = &o.retrain_data_quant_config {
+                apply_data(l, d, &ctx)?;
+            }
+            if let Some(w) = &o.retrain_weight_quant_config {
+                apply_weights(l, w, op, &ctx)?;
+            }
+        }
+        for o in cfg
+            .override_layer_configs
+            .iter()
+            .filter(|o| &o.layer_name == name)
+        {
+            let ctx = format!("override_layer_configs '{name}'");
+            if let Some(d) = &o.retrain_data_quant_config {
+                apply_data(l, d, &ctx)?;
+            }
+            if let Some(w) = &o.retrain_weight_quant_config {
+                apply_weights(l, w, op, &ctx)?;
+            }
+        }
+        if l.fixed_min == Some(true) && l.clips.is_some_and(|(lo, _)| lo != 0.0) {
+            return Err(format!(
+                "layer '{name}': fixed_min true pins clip_min to 0; remove clip_min or set it to 0"
+            ));
+        }
+    }
+    Ok(out)
 }
 
 fn parse(value: &Value, layers: &[(String, String)]) -> Parse<RetrainConfig> {
@@ -264,6 +428,59 @@ mod tests {
         assert_eq!(cfg.batch_num, 3);
         let l = cfg.layer("conv1").unwrap();
         assert_eq!((l.clips, l.fixed_min), (Some((0.0, 6.0)), Some(true)));
+    }
+
+    #[test]
+    fn the_simple_config_follows_amct_priorities() {
+        let text = r#"
+            batch_num: 2
+            retrain_data_quant_config { ulq_quantize { fixed_min: false } }
+            retrain_weight_quant_config { arq_retrain { channel_wise: false } }
+            override_layer_types { layer_type: "Conv"
+              retrain_weight_quant_config { arq_retrain { channel_wise: true } } }
+            override_layer_configs { layer_name: "conv1"
+              retrain_data_quant_config { ulq_quantize { clip_max_min { clip_max: 6.0 clip_min: 0.0 } fixed_min: true } } }
+            skip_layer_types: "Gemm"
+        "#;
+        let cfg = RetrainConfig::from_simple_config_str(text, "r.cfg", &layers()).unwrap();
+        assert_eq!(cfg.batch_num, 2);
+        let conv = cfg.layer("conv1").unwrap();
+        assert_eq!(
+            (
+                conv.retrain_enable,
+                conv.clips,
+                conv.fixed_min,
+                conv.channel_wise
+            ),
+            (true, Some((0.0, 6.0)), Some(true), true)
+        );
+        let fc = cfg.layer("fc").unwrap();
+        assert_eq!(
+            (fc.retrain_enable, fc.fixed_min, fc.channel_wise),
+            (false, Some(false), false)
+        );
+        for (bad, needle) in [
+            ("skip_layers: \"nope\"", "layer 'nope' does not exist"),
+            (
+                "retrain_weight_quant_config { ulq_retrain { } }",
+                "ulq_retrain weights are not supported",
+            ),
+            ("prune_config { prune_ratio: 0.2 }", "pruning"),
+            (
+                "retrain_data_quant_config { ulq_quantize { dst_type: INT4 } }",
+                "INT4 is not supported",
+            ),
+            (
+                "retrain_data_quant_config { ulq_quantize { clip_max_min { clip_max: 1 clip_min: 2 } } }",
+                "clip_min <= 0",
+            ),
+            ("batchnum: 1", "not a valid AMCTRetrainConfig"),
+        ] {
+            let e = RetrainConfig::from_simple_config_str(bad, "r.cfg", &layers())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle), "{bad}: {e}");
+        }
     }
 
     #[test]

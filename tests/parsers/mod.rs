@@ -70,6 +70,14 @@ pub fn retrain_config(bytes: &[u8]) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
+/// An AMCT retrain simple config (AMCTRetrainConfig).
+pub fn retrain_simple_config(bytes: &[u8]) -> Result<(), String> {
+    let text = std::str::from_utf8(bytes).map_err(|e| e.to_string())?;
+    RetrainConfig::from_simple_config_str(text, "fuzzed.cfg", &layers())
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
 /// An AMCT simple config (.cfg).
 pub fn simple_config(bytes: &[u8]) -> Result<(), String> {
     let text = std::str::from_utf8(bytes).map_err(|e| e.to_string())?;

@@ -1,0 +1,9 @@
+//! Fuzzes the retrain simple config parser (see tests/parsers/mod.rs).
+#![no_main]
+
+#[path = "../../tests/parsers/mod.rs"]
+mod parsers;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let _ = parsers::retrain_simple_config(data);
+});
