@@ -259,3 +259,73 @@ fn resume_continues_to_the_same_result() {
         );
     }
 }
+
+/// Ctrl-C (SIGINT) ends the current step, writes its checkpoint and exits
+/// with 2; `--resume` continues from exactly that step.
+#[test]
+fn ctrl_c_writes_a_checkpoint_to_resume_from() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    split(dir.path());
+    let command = |steps: &str| {
+        let mut c = bin();
+        c.args(["qat", "--model"])
+            .arg(digits().join("digits_cnn.onnx"))
+            .arg("--data")
+            .arg(dir.path().join("train_x.npy"))
+            .arg("--labels")
+            .arg(dir.path().join("train_y.npy"))
+            .args(["--steps", steps, "--batch-size", "20", "--lr", "1e-4"])
+            .arg("--output")
+            .arg(dir.path().join("q"));
+        c
+    };
+    let mut child = command("1000")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    // Wait for the third step, then interrupt.
+    for line in lines.by_ref() {
+        if line.unwrap().starts_with("step 3/") {
+            break;
+        }
+    }
+    std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(2), "{rest:?}");
+    let message = rest
+        .iter()
+        .find(|l| l.contains("interrupted after step"))
+        .cloned();
+    let message = message.unwrap_or_else(|| panic!("{rest:?}"));
+    let step: usize = message
+        .split("interrupted after step ")
+        .nth(1)
+        .and_then(|t| t.split(';').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap();
+    assert!((3..1000).contains(&step), "{message}");
+    assert!(!dir.path().join("q_deploy_model.onnx").exists());
+    let checkpoint = dir.path().join("q_qat_checkpoint");
+    let o = command(&(step + 2).to_string())
+        .arg("--quiet")
+        .arg("--json")
+        .arg("--resume")
+        .arg(&checkpoint)
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["resumed_from_step"], step);
+    assert_eq!(report["loss_per_step"].as_array().unwrap().len(), step + 2);
+}

@@ -82,6 +82,8 @@ pub fn execute(args: &QatArgs) -> Result<(), Failure> {
         eval_labels: args.eval_labels.clone(),
         output: args.output.clone(),
     };
+    // Ctrl-C ends the current step, writes a checkpoint and stops (exit 2).
+    let _ = ctrlc::set_handler(crate::train::qat::request_stop);
     let r = with_progress(args.quiet, |p| run(&opts, p))?;
     if args.json {
         println!("{}", r.report_json);

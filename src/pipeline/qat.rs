@@ -30,6 +30,7 @@ impl From<TrainError> for PipelineError {
     fn from(e: TrainError) -> Self {
         match e {
             TrainError::Diverged(m) => PipelineError::Training(m),
+            e @ TrainError::Interrupted(_) => PipelineError::Training(e.to_string()),
             other => PipelineError::Usage(other.to_string()),
         }
     }

@@ -38,6 +38,11 @@ pub enum TrainError {
     /// Training diverged (the loss is not finite); says at which step.
     #[error("{0}")]
     Diverged(String),
+    /// Training was stopped (Ctrl-C) after this many steps, checkpoint written.
+    #[error(
+        "interrupted after step {0}; the checkpoint of that step was written: continue with --resume"
+    )]
+    Interrupted(usize),
 }
 
 #[derive(Clone, Debug)]

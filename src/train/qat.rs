@@ -8,6 +8,16 @@ use super::optim::Adam;
 use crate::data::Dataset;
 use crate::tensor::Tensor;
 use ndarray::{ArrayD, Axis};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Set to stop training at the end of the current step (Ctrl-C): the run
+/// writes a checkpoint of that step and returns [`TrainError::Interrupted`].
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Asks every running training loop to stop after its current step.
+pub fn request_stop() {
+    STOP.store(true, Ordering::SeqCst);
+}
 
 /// What the loss compares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -334,7 +344,8 @@ pub fn train(
         }
         losses.push(loss);
         progress(step + 1, loss);
-        if (step + 1) % batches == 0 || step + 1 == settings.steps {
+        let stop = STOP.swap(false, Ordering::SeqCst);
+        if stop || (step + 1) % batches == 0 || step + 1 == settings.steps {
             let c = snapshot(
                 student,
                 layers,
@@ -343,6 +354,9 @@ pub fn train(
                 (&weights_opt, &clips_opt),
             );
             checkpoint(&c, student)?;
+        }
+        if stop && step + 1 < settings.steps {
+            return Err(TrainError::Interrupted(step + 1));
         }
     }
     Ok(losses)
