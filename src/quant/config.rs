@@ -189,6 +189,17 @@ pub(super) fn layer_op<'a>(layers: &'a [(String, String)], name: &str) -> Parse<
         })
 }
 
+/// A `channel_wise` value, refused for layers without output channels.
+pub(super) fn get_channel_wise(v: &Value, name: &str, op: &str, ctx: &str) -> Parse<bool> {
+    let on = get_bool(v, "channel_wise")?;
+    if on && !super::layers::has_weight_channels(op) {
+        return Err(format!(
+            "{ctx}: 'channel_wise' true is only allowed for Conv and ConvTranspose, and '{name}' is {op}"
+        ));
+    }
+    Ok(on)
+}
+
 pub(super) fn get_bool(v: &Value, key: &str) -> Parse<bool> {
     v.as_bool()
         .ok_or_else(|| format!("'{key}' must be true or false, got {v}"))
@@ -409,12 +420,7 @@ fn parse_layer(v: &Value, name: &str, op: &str) -> Parse<LayerConfig> {
             ));
         }
         if let Some(c) = w.get("channel_wise") {
-            l.channel_wise = get_bool(c, "channel_wise")?;
-            if l.channel_wise && !super::layers::has_weight_channels(op) {
-                return Err(format!(
-                    "{ctx}: 'channel_wise' true is only allowed for Conv and ConvTranspose, and '{name}' is {op}"
-                ));
-            }
+            l.channel_wise = get_channel_wise(c, name, op, &ctx)?;
         }
     }
     Ok(l)

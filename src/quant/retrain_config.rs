@@ -15,7 +15,9 @@
 //! without it, clip_min is pinned to 0 after ReLU-like producers only.
 
 use super::amct::proto;
-use super::config::{ConfigError, Parse, check_keys, get_bool, get_num, layer_op};
+use super::config::{
+    ConfigError, Parse, check_keys, get_bool, get_channel_wise, get_num, layer_op,
+};
 use super::layers::has_weight_channels;
 use serde_json::{Map, Value, json};
 use std::path::Path;
@@ -386,12 +388,7 @@ fn parse_layer(v: &Value, name: &str, op: &str) -> Parse<RetrainLayer> {
         check_string(w, "algo", "arq_retrain", &ctx)?;
         check_string(w, "dst_type", "INT8", &ctx)?;
         if let Some(c) = w.get("channel_wise") {
-            l.channel_wise = get_bool(c, "channel_wise")?;
-            if l.channel_wise && !has_weight_channels(op) {
-                return Err(format!(
-                    "{ctx}: 'channel_wise' true is only allowed for Conv and ConvTranspose, and '{name}' is {op}"
-                ));
-            }
+            l.channel_wise = get_channel_wise(c, name, op, &ctx)?;
         }
     }
     Ok(l)

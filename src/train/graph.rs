@@ -185,6 +185,20 @@ fn pair(v: &[i64], n: &NodeProto, what: &str) -> Result<(usize, usize), TrainErr
     }
 }
 
+/// Height and width of a 2-D window attribute.
+type Hw = (usize, usize);
+
+/// A pool's 2-D kernel and strides.
+fn window(n: &NodeProto) -> Result<(Hw, Hw), TrainError> {
+    let kernel = pair(
+        &ints_attr(n, "kernel_shape").unwrap_or_default(),
+        n,
+        "kernel_shape",
+    )?;
+    let strides = pair(&ints_attr(n, "strides").unwrap_or(vec![1, 1]), n, "strides")?;
+    Ok((kernel, strides))
+}
+
 fn pads4(n: &NodeProto) -> Result<(usize, usize, usize, usize), TrainError> {
     if int_attr(n, "auto_pad").is_some()
         || crate::onnx::attr::string_attr(n, "auto_pad").is_some_and(|p| p != b"NOTSET")
@@ -316,17 +330,10 @@ impl TrainGraph {
                     {
                         return Err(unsupported(n, "dilations, ceil_mode or indices output"));
                     }
+                    let (kernel, strides) = window(n)?;
                     Op::MaxPool {
-                        kernel: pair(
-                            &ints_attr(n, "kernel_shape").unwrap_or_default(),
-                            n,
-                            "kernel_shape",
-                        )?,
-                        strides: pair(
-                            &ints_attr(n, "strides").unwrap_or(vec![1, 1]),
-                            n,
-                            "strides",
-                        )?,
+                        kernel,
+                        strides,
                         pads: pads4(n)?,
                     }
                 }
@@ -334,18 +341,8 @@ impl TrainGraph {
                     if pads4(n)? != (0, 0, 0, 0) || int_attr(n, "ceil_mode").unwrap_or(0) != 0 {
                         return Err(unsupported(n, "padding or ceil_mode"));
                     }
-                    Op::AveragePool {
-                        kernel: pair(
-                            &ints_attr(n, "kernel_shape").unwrap_or_default(),
-                            n,
-                            "kernel_shape",
-                        )?,
-                        strides: pair(
-                            &ints_attr(n, "strides").unwrap_or(vec![1, 1]),
-                            n,
-                            "strides",
-                        )?,
-                    }
+                    let (kernel, strides) = window(n)?;
+                    Op::AveragePool { kernel, strides }
                 }
                 "GlobalAveragePool" => Op::GlobalAveragePool,
                 "Flatten" => {
