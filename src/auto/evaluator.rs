@@ -225,12 +225,17 @@ impl ExternalEvaluator {
             }
         };
         let Some(status) = status else {
-            // The shell's children hold the pipes too: end the whole group.
-            let _ = Command::new("kill")
-                .arg("-KILL")
-                .arg(format!("-{}", child.id()))
-                .stderr(Stdio::null())
-                .status();
+            // The shell's children hold the pipes too: end the whole group
+            // (its id is the shell's pid). The `-s KILL --` form matters:
+            // procps' `kill -KILL -PGID` does not read -PGID as a group and
+            // signals far more than the evaluator.
+            let pgid = child.id();
+            if pgid > 1 {
+                let _ = Command::new("kill")
+                    .args(["-s", "KILL", "--", &format!("-{pgid}")])
+                    .stderr(Stdio::null())
+                    .status();
+            }
             let _ = child.kill();
             let _ = child.wait();
             return Err(fail(format!(
