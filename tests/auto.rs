@@ -132,12 +132,25 @@ fn external_evaluator_number_garbage_failure_and_unreachable_target() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("oops"));
 
+    // A timed-out evaluator is ended with everything it started, and nothing else.
+    let pidfile = dir.path().join("grandchild.pid");
+    let slow = format!("sleep 30 & echo $! > '{}'; wait", pidfile.display());
     let o = auto(
         dir.path(),
-        &["--evaluator", "sleep 5; echo 1", "--evaluator-timeout", "1"],
+        &["--evaluator", &slow, "--evaluator-timeout", "1"],
     );
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("did not finish within 1 s"));
+    let pid = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .to_string();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    assert!(
+        state.is_empty() || state.contains(") Z"),
+        "the evaluator's child {pid} still runs: {state}"
+    );
 
     // Nothing reaches the target: exit 3, the best configuration is still written.
     let never = "case {model} in *float*) echo 100;; *) echo 50;; esac";
