@@ -518,6 +518,7 @@ fn a_diverging_run_stops_naming_the_step() {
         lr: 1e-3,
         clip_lr: 1e-3,
         loss: LossKind::CrossEntropy,
+        seed: 0,
     };
     let saved = std::cell::Cell::new(0);
     let e = train(

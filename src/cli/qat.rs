@@ -42,6 +42,9 @@ pub struct QatArgs {
     /// The loss.
     #[arg(long, value_enum, default_value = "auto")]
     pub loss: LossChoice,
+    /// Seed of the batch order (each epoch visits the batches in a new order).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
     /// Evaluation data, scored after every epoch (same forms as --data); repeatable.
     #[arg(long = "eval-data")]
     pub eval_data: Vec<String>,
@@ -77,6 +80,7 @@ pub fn execute(args: &QatArgs) -> Result<(), Failure> {
         lr: args.lr,
         clip_lr: args.clip_lr,
         loss: args.loss,
+        seed: args.seed,
         resume: args.resume.clone(),
         eval_data: args.eval_data.clone(),
         eval_labels: args.eval_labels.clone(),

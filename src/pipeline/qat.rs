@@ -150,6 +150,8 @@ pub struct QatOptions {
     pub clip_lr: f32,
     /// The loss.
     pub loss: LossChoice,
+    /// Seed of the batch order.
+    pub seed: u64,
     /// A checkpoint to continue from (`PREFIX_qat_checkpoint` of an earlier run).
     pub resume: Option<PathBuf>,
     /// Evaluation data, scored after every epoch.
@@ -300,6 +302,7 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
         lr: opts.lr,
         clip_lr: opts.clip_lr,
         loss,
+        seed: opts.seed,
     };
     let start = opts
         .resume
@@ -478,6 +481,7 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
         "batch_size": opts.batch_size,
         "lr": opts.lr,
         "clip_lr": opts.clip_lr,
+        "seed": opts.seed,
         "loss_per_step": losses,
         "resumed_from_step": start.as_ref().map(|c| c.step),
         "eval_per_epoch": epochs_report.borrow().clone(),

@@ -54,6 +54,32 @@ pub struct QatSettings {
     pub clip_lr: f32,
     /// The loss.
     pub loss: LossKind,
+    /// Seed of the batch order (a new permutation of the batches every epoch).
+    pub seed: u64,
+}
+
+/// The batch that step `step` trains on: the batches of each epoch in an
+/// order drawn from `seed` and the epoch (Fisher-Yates over a xorshift64*
+/// stream), so a resumed run sees the same order as an uninterrupted one.
+pub fn batch_of_step(step: usize, batches: usize, seed: u64) -> usize {
+    let epoch = (step / batches) as u64;
+    let mut state = seed.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ epoch.wrapping_add(1).wrapping_mul(0xD1B5_4A32_D192_ED03);
+    if state == 0 {
+        state = 0x2545_F491_4F6C_DD1D;
+    }
+    let mut next = || {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    };
+    let mut order: Vec<usize> = (0..batches).collect();
+    for i in (1..batches).rev() {
+        let j = (next() % (i as u64 + 1)) as usize;
+        order.swap(i, j);
+    }
+    order[step % batches]
 }
 
 /// The layers being trained quantized and whether their clip_min is pinned.
@@ -243,7 +269,7 @@ pub fn train(
         losses = c.losses.clone();
     }
     for step in losses.len()..settings.steps {
-        let b = step % batches;
+        let b = batch_of_step(step, batches, settings.seed);
         let batch = data
             .batch(settings.batch_size, b)
             .map_err(|e| TrainError::Invalid(e.to_string()))?;
@@ -366,6 +392,26 @@ pub fn train(
 mod tests {
     use super::*;
     use ndarray::IxDyn;
+
+    #[test]
+    fn every_epoch_visits_every_batch_once_in_a_seeded_order() {
+        for seed in [0, 7] {
+            for epoch in 0..3 {
+                let mut seen: Vec<usize> = (0..10)
+                    .map(|k| batch_of_step(epoch * 10 + k, 10, seed))
+                    .collect();
+                let order = seen.clone();
+                seen.sort();
+                assert_eq!(seen, (0..10).collect::<Vec<_>>());
+                assert_ne!(order, (0..10).collect::<Vec<_>>(), "shuffled");
+            }
+        }
+        let a: Vec<usize> = (0..10).map(|k| batch_of_step(k, 10, 0)).collect();
+        let b: Vec<usize> = (0..10).map(|k| batch_of_step(k, 10, 1)).collect();
+        assert_ne!(a, b, "the seed matters");
+        let next_epoch: Vec<usize> = (10..20).map(|k| batch_of_step(k, 10, 0)).collect();
+        assert_ne!(a, next_epoch, "each epoch its own order");
+    }
 
     #[test]
     fn cross_entropy_and_its_gradient_by_hand() {
