@@ -4,7 +4,7 @@
 //! operator it supports.
 
 use ascend_quant::data::read_npy;
-use ascend_quant::onnx::attr::{attr_int, attr_ints};
+use ascend_quant::onnx::attr::{attr_int, attr_ints, attr_string};
 use ascend_quant::onnx::builder::node;
 use ascend_quant::onnx::proto::{GraphProto, OperatorSetIdProto, ValueInfoProto};
 use ascend_quant::onnx::{ModelProto, Storage, load_model, to_proto};
@@ -445,14 +445,53 @@ fn activation_model() -> ModelProto {
                 &["y"],
                 vec![attr_int("axis", -1)],
             ),
+            node(
+                "Resize",
+                "resize_a",
+                &["x", "roi", "scales"],
+                &["up"],
+                vec![
+                    attr_string("mode", "nearest"),
+                    attr_string("coordinate_transformation_mode", "asymmetric"),
+                    attr_string("nearest_mode", "floor"),
+                ],
+            ),
+            node(
+                "Resize",
+                "resize_b",
+                &["x", "roi", "scales2"],
+                &["up2"],
+                vec![attr_string("mode", "nearest")],
+            ),
         ],
-        initializer: vec![to_proto(
-            "w",
-            &Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[6, 3]), values(11, 18, 2.0)).unwrap()),
-            Storage::Raw,
-        )],
+        initializer: vec![
+            to_proto(
+                "w",
+                &Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[6, 3]), values(11, 18, 2.0)).unwrap()),
+                Storage::Raw,
+            ),
+            to_proto(
+                "roi",
+                &Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[0]), vec![]).unwrap()),
+                Storage::Raw,
+            ),
+            to_proto(
+                "scales",
+                &Tensor::F32(
+                    ArrayD::from_shape_vec(IxDyn(&[4]), vec![1.0, 1.0, 2.0, 2.0]).unwrap(),
+                ),
+                Storage::Raw,
+            ),
+            to_proto(
+                "scales2",
+                &Tensor::F32(
+                    ArrayD::from_shape_vec(IxDyn(&[4]), vec![1.0, 1.0, 1.5, 0.6]).unwrap(),
+                ),
+                Storage::Raw,
+            ),
+        ],
         input: vec![vi("x")],
-        output: vec![vi("y")],
+        output: vec![vi("y"), vi("up"), vi("up2")],
         ..Default::default()
     };
     ModelProto {
@@ -475,18 +514,33 @@ fn activation_and_layout_operators_train() {
     let s = RtenExecutor
         .prepare(&model, &SessionOptions::default())
         .unwrap();
-    let theirs = s.run(&[("x", &Tensor::F32(x.clone()))], &["y"]).unwrap();
-    for (a, b) in acts
-        .get(&g, "y")
+    let outputs = ["y", "up", "up2"];
+    let theirs = s.run(&[("x", &Tensor::F32(x.clone()))], &outputs).unwrap();
+    for (name, t) in outputs.iter().zip(&theirs) {
+        let ours = acts.get(&g, name).unwrap();
+        let t = t.as_f32().unwrap();
+        assert_eq!(ours.shape(), t.shape(), "{name}");
+        for (a, b) in ours.iter().zip(t.iter()) {
+            assert!((a - b).abs() < 1e-5, "{name}: {a} vs {b}");
+        }
+    }
+    // Nearest ×2 with asymmetric coordinates and floor: out[i, j] = in[i / 2, j / 2].
+    let up = acts.get(&g, "up").unwrap();
+    assert_eq!(up.shape(), &[2, 3, 8, 10]);
+    for ((n, c, i, j), v) in up
+        .view()
+        .into_dimensionality::<ndarray::Ix4>()
         .unwrap()
-        .iter()
-        .zip(theirs[0].as_f32().unwrap().iter())
+        .indexed_iter()
     {
-        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        assert_eq!(*v, x[[n, c, i / 2, j / 2]]);
     }
     let feeds = [("x", x)];
     for name in ["w", "x"] {
         check_gradient(&g, &feeds, "y", name, 30);
+    }
+    for output in ["up", "up2"] {
+        check_gradient(&g, &feeds, output, "x", 30);
     }
 }
 

@@ -7,7 +7,8 @@
 //! Supported today: Conv (dense, and depthwise through
 //! [`super::depthwise`]), Gemm, MatMul (by a 2-D weight), Relu, Clip,
 //! Sigmoid, HardSigmoid, HardSwish, MaxPool, AveragePool (no padding),
-//! GlobalAveragePool, Flatten, Reshape, Transpose, Concat, Softmax, Add, Mul.
+//! GlobalAveragePool, Flatten, Reshape, Transpose, Concat, Softmax, Add, Mul,
+//! nearest Resize.
 //! Any other operator is an error naming the node and the operator.
 
 use super::depthwise::{self, Depthwise};
@@ -93,6 +94,13 @@ enum Op {
         perm: Option<Vec<usize>>,
     },
     MatMul,
+    Resize {
+        /// Output height and width, or scales when `None`.
+        sizes: Option<(usize, usize)>,
+        scales: (f32, f32),
+        coordinates: String,
+        nearest: String,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -387,6 +395,73 @@ impl TrainGraph {
                         .map(|p| p.iter().map(|&v| v.max(0) as usize).collect()),
                 },
                 "MatMul" => Op::MatMul,
+                "Resize" => {
+                    let mode = crate::onnx::attr::string_attr(n, "mode").unwrap_or(b"nearest");
+                    if mode != b"nearest" {
+                        return Err(unsupported(n, "only nearest Resize trains"));
+                    }
+                    let text = |k: &str, d: &str| {
+                        crate::onnx::attr::string_attr(n, k)
+                            .map(|v| String::from_utf8_lossy(v).into_owned())
+                            .unwrap_or_else(|| d.to_string())
+                    };
+                    let lookup = |k: usize| {
+                        n.input
+                            .get(k)
+                            .filter(|s| !s.is_empty())
+                            .and_then(|s| t.index.get(s))
+                            .copied()
+                    };
+                    let scales = lookup(2)
+                        .and_then(|id| t.constants.get(&id))
+                        .map(|a| a.iter().copied().collect::<Vec<f32>>());
+                    let sizes = lookup(3).and_then(|id| t.shapes.get(&id)).cloned();
+                    let (sizes, scales) = match (sizes, scales) {
+                        (Some(s), _) if s.len() == 4 && s.iter().all(|&v| v > 0) => {
+                            (Some((s[2] as usize, s[3] as usize)), (0.0, 0.0))
+                        }
+                        (_, Some(sc))
+                            if sc.len() == 4
+                                && sc[0] == 1.0
+                                && sc[1] == 1.0
+                                && sc[2] > 0.0
+                                && sc[3] > 0.0 =>
+                        {
+                            (None, (sc[2], sc[3]))
+                        }
+                        _ => {
+                            return Err(unsupported(
+                                n,
+                                "scales or sizes must be constants over a 4-D input, N and C unscaled",
+                            ));
+                        }
+                    };
+                    let coordinates = text("coordinate_transformation_mode", "half_pixel");
+                    let nearest = text("nearest_mode", "round_prefer_floor");
+                    if ![
+                        "asymmetric",
+                        "half_pixel",
+                        "pytorch_half_pixel",
+                        "align_corners",
+                    ]
+                    .contains(&coordinates.as_str())
+                        || !["round_prefer_floor", "round_prefer_ceil", "floor", "ceil"]
+                            .contains(&nearest.as_str())
+                    {
+                        return Err(unsupported(
+                            n,
+                            format!(
+                                "coordinate_transformation_mode {coordinates} / nearest_mode {nearest}"
+                            ),
+                        ));
+                    }
+                    Op::Resize {
+                        sizes,
+                        scales,
+                        coordinates,
+                        nearest,
+                    }
+                }
                 other => {
                     return Err(unsupported(
                         n,
@@ -399,8 +474,9 @@ impl TrainGraph {
             if n.output.len() != 1 || n.input.is_empty() {
                 return Err(unsupported(n, "needs one output and at least one input"));
             }
-            // Reshape's shape is read from the int64 constants, not a value.
-            let data_inputs = if matches!(op, Op::Reshape) {
+            // Reshape's shape and Resize's scales/sizes are constants read at
+            // build time, not values.
+            let data_inputs = if matches!(op, Op::Reshape | Op::Resize { .. }) {
                 1
             } else {
                 n.input.len()
@@ -630,6 +706,23 @@ impl TrainGraph {
                     .permuted_axes(IxDyn(&p))
                     .as_standard_layout()
                     .to_owned()
+            }
+            Op::Resize { .. } => {
+                let (oh, ow, rows, cols) =
+                    resize_maps(&s.op, x[0].shape()).map_err(|e| self.bad(s, e))?;
+                let sh = x[0].shape();
+                let (n, c, h, w) = (sh[0], sh[1], sh[2], sh[3]);
+                let xs: Vec<f32> = x[0].iter().copied().collect();
+                let mut out = Vec::with_capacity(n * c * oh * ow);
+                for nc in 0..n * c {
+                    for &r in &rows {
+                        for &col in &cols {
+                            out.push(xs[(nc * h + r) * w + col]);
+                        }
+                    }
+                }
+                ArrayD::from_shape_vec(IxDyn(&[n, c, oh, ow]), out)
+                    .map_err(|e| self.bad(s, e.to_string()))?
             }
             Op::MatMul => {
                 let (a, b) = (x[0], x[1]);
@@ -888,6 +981,27 @@ impl TrainGraph {
                         .to_owned(),
                 )]
             }
+            Op::Resize { .. } => {
+                let (_, _, rows, cols) =
+                    resize_maps(&s.op, x[0].shape()).map_err(|e| self.bad(s, e))?;
+                let sh = x[0].shape();
+                let (h, w) = (sh[2], sh[3]);
+                let mut gx = vec![0f32; x[0].len()];
+                let mut g = gy.iter();
+                for nc in 0..sh[0] * sh[1] {
+                    for &r in &rows {
+                        for &col in &cols {
+                            gx[(nc * h + r) * w + col] += g.next().copied().unwrap_or(0.0);
+                        }
+                    }
+                }
+                let mut out = vec![Some(
+                    ArrayD::from_shape_vec(x[0].raw_dim(), gx)
+                        .map_err(|e| self.bad(s, e.to_string()))?,
+                )];
+                out.resize(x.len(), None);
+                out
+            }
             Op::MatMul => {
                 let (a, b) = (x[0], x[1]);
                 let (rows, k) = matmul_shape(a, b).map_err(|e| self.bad(s, e))?;
@@ -942,6 +1056,65 @@ fn fake_quantize(
         ArrayD::from_shape_vec(x.raw_dim(), xq).map_err(|e| e.to_string())?,
         ArrayD::from_shape_vec(w.raw_dim(), wq).map_err(|e| e.to_string())?,
     ))
+}
+
+/// Output height and width and, per output row and column, the input row
+/// and column nearest Resize reads (ONNX's coordinate transformation and
+/// nearest-rounding rules).
+fn resize_maps(op: &Op, shape: &[usize]) -> Result<(usize, usize, Vec<usize>, Vec<usize>), String> {
+    let Op::Resize {
+        sizes,
+        scales,
+        coordinates,
+        nearest,
+    } = op
+    else {
+        return Err("not a Resize".into());
+    };
+    if shape.len() != 4 {
+        return Err(format!("input {shape:?}: only 4-D Resize trains"));
+    }
+    let (h, w) = (shape[2], shape[3]);
+    let (oh, ow) = match sizes {
+        Some(s) => *s,
+        None => (
+            (h as f32 * scales.0).floor() as usize,
+            (w as f32 * scales.1).floor() as usize,
+        ),
+    };
+    if oh == 0 || ow == 0 || oh as u64 * ow as u64 > crate::onnx::limits::MAX_ELEMENTS {
+        return Err(format!("output {oh}x{ow} is empty or too large"));
+    }
+    let map = |out: usize, input: usize| -> Vec<usize> {
+        let scale = out as f64 / input as f64;
+        (0..out)
+            .map(|o| {
+                let o = o as f64;
+                let x = match coordinates.as_str() {
+                    "asymmetric" => o / scale,
+                    "align_corners" if out > 1 => o * (input as f64 - 1.0) / (out as f64 - 1.0),
+                    "align_corners" => 0.0,
+                    "pytorch_half_pixel" if out == 1 => 0.0,
+                    _ => (o + 0.5) / scale - 0.5,
+                };
+                let i = match nearest.as_str() {
+                    "floor" => x.floor(),
+                    "ceil" => x.ceil(),
+                    "round_prefer_ceil" => (x + 0.5).floor(),
+                    _ => {
+                        // round half down
+                        if x.fract() == 0.5 {
+                            x.floor()
+                        } else {
+                            x.round()
+                        }
+                    }
+                };
+                i.clamp(0.0, input as f64 - 1.0) as usize
+            })
+            .collect()
+    };
+    Ok((oh, ow, map(oh, h), map(ow, w)))
 }
 
 /// A possibly negative ONNX axis as an index.
