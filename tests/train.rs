@@ -201,6 +201,12 @@ fn small_model() -> ModelProto {
     ];
     let mut dw = node("Conv", "dw", &["r1", "w2", "b2"], &["c2"], vec![]);
     dw.attribute = vec![attr_ints("pads", &[1, 1, 1, 1]), attr_int("group", 4)];
+    let mut ct = node("ConvTranspose", "up", &["r1", "wt", "bt"], &["ct"], vec![]);
+    ct.attribute = vec![
+        attr_ints("strides", &[2, 2]),
+        attr_ints("pads", &[1, 0, 1, 1]),
+        attr_ints("output_padding", &[1, 0]),
+    ];
     let mut avg = node("AveragePool", "avg", &["c2"], &["p"], vec![]);
     avg.attribute = vec![
         attr_ints("kernel_shape", &[2, 2]),
@@ -228,6 +234,7 @@ fn small_model() -> ModelProto {
                 &["y"],
                 vec![attr_int("transB", 1)],
             ),
+            ct,
         ],
         initializer: vec![
             f32s("w1", &[4, 2, 3, 3], 1, 1.0),
@@ -247,9 +254,11 @@ fn small_model() -> ModelProto {
             ),
             f32s("w3", &[3, 4 * 3 * 3], 5, 1.0),
             f32s("b3", &[3], 6, 1.0),
+            f32s("wt", &[4, 3, 3, 2], 8, 1.0),
+            f32s("bt", &[3], 9, 1.0),
         ],
         input: vec![vi("x")],
-        output: vec![vi("y")],
+        output: vec![vi("y"), vi("ct")],
         ..Default::default()
     };
     ModelProto {
@@ -273,18 +282,23 @@ fn every_operator_trains_on_a_small_model() {
     let s = RtenExecutor
         .prepare(&model, &SessionOptions::default())
         .unwrap();
-    let theirs = s.run(&[("x", &Tensor::F32(x.clone()))], &["y"]).unwrap();
-    for (a, b) in acts
-        .get(&g, "y")
-        .unwrap()
-        .iter()
-        .zip(theirs[0].as_f32().unwrap().iter())
-    {
-        assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+    let theirs = s
+        .run(&[("x", &Tensor::F32(x.clone()))], &["y", "ct"])
+        .unwrap();
+    for (name, t) in ["y", "ct"].iter().zip(&theirs) {
+        let ours = acts.get(&g, name).unwrap();
+        let t = t.as_f32().unwrap();
+        assert_eq!(ours.shape(), t.shape(), "{name}");
+        for (a, b) in ours.iter().zip(t.iter()) {
+            assert!((a - b).abs() < 1e-4, "{name}: {a} vs {b}");
+        }
     }
     let feeds = [("x", x)];
     for name in ["w1", "b1", "w2", "b2", "w3", "b3", "x"] {
         check_gradient(&g, &feeds, "y", name, 10);
+    }
+    for name in ["wt", "bt", "x"] {
+        check_gradient(&g, &feeds, "ct", name, 10);
     }
 }
 

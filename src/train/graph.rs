@@ -5,7 +5,7 @@
 //! trainer updates the ones it trains (weights, biases, clips).
 //!
 //! Supported today: Conv (dense, and depthwise through
-//! [`super::depthwise`]), Gemm, MatMul (by a 2-D weight), Relu, Clip,
+//! [`super::depthwise`]), ConvTranspose (group 1), Gemm, MatMul (by a 2-D weight), Relu, Clip,
 //! Sigmoid, HardSigmoid, HardSwish, MaxPool, AveragePool (no padding),
 //! GlobalAveragePool, Flatten, Reshape, Transpose, Concat, Softmax, Add, Mul,
 //! nearest Resize.
@@ -94,6 +94,12 @@ enum Op {
         perm: Option<Vec<usize>>,
     },
     MatMul,
+    ConvTranspose {
+        strides: (usize, usize),
+        dilations: (usize, usize),
+        pads: (usize, usize, usize, usize),
+        output_padding: (usize, usize),
+    },
     Resize {
         /// Output height and width, or scales when `None`.
         sizes: Option<(usize, usize)>,
@@ -299,6 +305,34 @@ impl TrainGraph {
                     )?,
                     pads: pads4(n)?,
                 },
+                "ConvTranspose" => {
+                    if int_attr(n, "group").unwrap_or(1) != 1
+                        || crate::onnx::attr::find(n, "output_shape").is_some()
+                    {
+                        return Err(unsupported(
+                            n,
+                            "groups or output_shape: only group 1 with explicit pads trains",
+                        ));
+                    }
+                    Op::ConvTranspose {
+                        strides: pair(
+                            &ints_attr(n, "strides").unwrap_or(vec![1, 1]),
+                            n,
+                            "strides",
+                        )?,
+                        dilations: pair(
+                            &ints_attr(n, "dilations").unwrap_or(vec![1, 1]),
+                            n,
+                            "dilations",
+                        )?,
+                        pads: pads4(n)?,
+                        output_padding: pair(
+                            &ints_attr(n, "output_padding").unwrap_or(vec![0, 0]),
+                            n,
+                            "output_padding",
+                        )?,
+                    }
+                }
                 "Gemm" => {
                     if int_attr(n, "transA").unwrap_or(0) != 0
                         || float_attr(n, "alpha").unwrap_or(1.0) != 1.0
@@ -707,6 +741,20 @@ impl TrainGraph {
                     .as_standard_layout()
                     .to_owned()
             }
+            Op::ConvTranspose { .. } => {
+                let g = transposed_geometry(&s.op, x[0], x[1]).map_err(|e| self.bad(s, e))?;
+                let mut y = conv_input_grad(&g, x[1], x[0]);
+                if let Some(b) = x.get(2) {
+                    let plane = g.h * g.w;
+                    if let Some(ys) = y.as_slice_mut() {
+                        for (k, chunk) in ys.chunks_mut(plane).enumerate() {
+                            let add = b.iter().nth(k % g.c).copied().unwrap_or(0.0);
+                            chunk.iter_mut().for_each(|v| *v += add);
+                        }
+                    }
+                }
+                y
+            }
             Op::Resize { .. } => {
                 let (oh, ow, rows, cols) =
                     resize_maps(&s.op, x[0].shape()).map_err(|e| self.bad(s, e))?;
@@ -980,6 +1028,36 @@ impl TrainGraph {
                         .as_standard_layout()
                         .to_owned(),
                 )]
+            }
+            Op::ConvTranspose { .. } => {
+                let g = transposed_geometry(&s.op, x[0], x[1]).map_err(|e| self.bad(s, e))?;
+                // The dual convolution reads gy (Cout channels) and writes x's shape.
+                let gx = conv_forward(&g, gy, x[1], None);
+                let cols = im2col(&g, &contiguous(gy));
+                let xm = from_nchw(&g, x[0]);
+                let gw = xm
+                    .dot(&cols.t())
+                    .into_shape_with_order(x[1].raw_dim())
+                    .map_err(|e| self.bad(s, e.to_string()))?;
+                let mut out = vec![Some(gx), Some(gw)];
+                if x.len() > 2 {
+                    let plane = g.h * g.w;
+                    let mut gb = vec![0f32; g.c];
+                    for (k, chunk) in gy
+                        .iter()
+                        .copied()
+                        .collect::<Vec<f32>>()
+                        .chunks(plane)
+                        .enumerate()
+                    {
+                        gb[k % g.c] += chunk.iter().sum::<f32>();
+                    }
+                    out.push(Some(
+                        ArrayD::from_shape_vec(IxDyn(&[g.c]), gb)
+                            .map_err(|e| self.bad(s, e.to_string()))?,
+                    ));
+                }
+                out
             }
             Op::Resize { .. } => {
                 let (_, _, rows, cols) =
@@ -1418,6 +1496,75 @@ fn conv_backward(
         gw.into_shape_with_order(w.raw_dim()).unwrap_or_default(),
         gb.into_dyn(),
     )
+}
+
+/// The convolution whose input gradient a ConvTranspose computes: input
+/// channels = the ConvTranspose's outputs (its weight `[Cin, Cout, kh, kw]`
+/// read as a convolution weight `[m = Cin, c = Cout, kh, kw]`), input plane =
+/// the ConvTranspose's output plane, output plane = its input plane.
+fn transposed_geometry(op: &Op, x: &ArrayD<f32>, w: &ArrayD<f32>) -> Result<ConvGeom, String> {
+    let Op::ConvTranspose {
+        strides,
+        dilations,
+        pads,
+        output_padding,
+    } = op
+    else {
+        return Err("not a ConvTranspose".into());
+    };
+    let (xs, ws) = (x.shape(), w.shape());
+    if xs.len() != 4 || ws.len() != 4 || ws[0] != xs[1] || xs[2] == 0 || xs[3] == 0 {
+        return Err(format!("input {xs:?} and weight {ws:?}: only 2-D, group 1"));
+    }
+    let size = |i: usize, s: usize, d: usize, k: usize, p0: usize, p1: usize, op: usize| {
+        ((i - 1) * s + d * (k - 1) + 1 + op).checked_sub(p0 + p1)
+    };
+    let (h, wd) = (
+        size(
+            xs[2],
+            strides.0,
+            dilations.0,
+            ws[2],
+            pads.0,
+            pads.2,
+            output_padding.0,
+        ),
+        size(
+            xs[3],
+            strides.1,
+            dilations.1,
+            ws[3],
+            pads.1,
+            pads.3,
+            output_padding.1,
+        ),
+    );
+    let (Some(h), Some(wd)) = (h, wd) else {
+        return Err("the pads are larger than the output".into());
+    };
+    Ok(ConvGeom {
+        n: xs[0],
+        c: ws[1],
+        h,
+        w: wd,
+        m: ws[0],
+        kh: ws[2],
+        kw: ws[3],
+        group: 1,
+        strides: *strides,
+        dilations: *dilations,
+        pads: *pads,
+        oh: xs[2],
+        ow: xs[3],
+    })
+}
+
+/// The input gradient of the dense convolution `g` for output gradient `gy`.
+fn conv_input_grad(g: &ConvGeom, w: &ArrayD<f32>, gy: &ArrayD<f32>) -> ArrayD<f32> {
+    let gym = from_nchw(g, gy);
+    let wm = Array2::from_shape_vec((g.m, g.c * g.kh * g.kw), contiguous(w)).unwrap_or_default();
+    let gcols = wm.t().dot(&gym);
+    ArrayD::from_shape_vec(IxDyn(&[g.n, g.c, g.h, g.w]), col2im(g, &gcols)).unwrap_or_default()
 }
 
 /// Max (with the flat index of each maximum) or average pooling, 4-D input.
