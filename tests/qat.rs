@@ -329,3 +329,44 @@ fn ctrl_c_writes_a_checkpoint_to_resume_from() {
     assert_eq!(report["resumed_from_step"], step);
     assert_eq!(report["loss_per_step"].as_array().unwrap().len(), step + 2);
 }
+
+#[test]
+fn qat_reads_amct_bin_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    let bins = dir.path().join("bins");
+    std::fs::create_dir(&bins).unwrap();
+    let Tensor::F32(x) = read_npy(&digits().join("calib_x.npy")).unwrap() else {
+        panic!()
+    };
+    let values: Vec<f32> = x.iter().copied().collect();
+    for (k, batch) in values.chunks(20 * 64).take(3).enumerate() {
+        let bytes: Vec<u8> = batch.iter().flat_map(|v| v.to_le_bytes()).collect();
+        std::fs::write(bins.join(format!("{k}.bin")), bytes).unwrap();
+    }
+    let o = bin()
+        .args(["qat", "--quiet", "--json", "--model"])
+        .arg(digits().join("digits_cnn.onnx"))
+        .arg("--data-dir")
+        .arg(&bins)
+        .args([
+            "--input-shape",
+            "x:20,1,8,8",
+            "--batch-size",
+            "20",
+            "--steps",
+            "3",
+        ])
+        .arg("--output")
+        .arg(dir.path().join("q"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["loss"], "kl");
+    assert_eq!(report["loss_per_step"].as_array().unwrap().len(), 3);
+}

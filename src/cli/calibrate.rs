@@ -89,7 +89,7 @@ pub fn execute_config(args: &ConfigArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-fn parse_shapes(text: &str) -> Result<Vec<(String, Vec<usize>)>, Failure> {
+pub(super) fn parse_shapes(text: &str) -> Result<Vec<(String, Vec<usize>)>, Failure> {
     text.split(';')
         .filter(|s| !s.is_empty())
         .map(|item| {
@@ -109,24 +109,36 @@ fn parse_shapes(text: &str) -> Result<Vec<(String, Vec<usize>)>, Failure> {
         .collect()
 }
 
+/// The data the `--data`, `--data-dir`, `--data-types` and `--input-shape`
+/// arguments name.
+pub(super) fn data_source(
+    files: &[String],
+    data_dir: Option<&str>,
+    data_types: &str,
+    input_shape: Option<&str>,
+) -> Result<DataSource, Failure> {
+    match (data_dir, files.is_empty()) {
+        (Some(dirs), true) => Ok(DataSource::BinFolders {
+            dirs: dirs.to_string(),
+            types: data_types.to_string(),
+            shapes: parse_shapes(
+                input_shape.ok_or_else(|| usage("--data-dir needs --input-shape".into()))?,
+            )?,
+        }),
+        (Some(_), false) => Err(usage("give either --data or --data-dir, not both".into())),
+        (None, _) => Ok(DataSource::Files(files.to_vec())),
+    }
+}
+
 impl CalibrateArgs {
     /// The library's options for these arguments.
     pub fn to_options(&self) -> Result<CalibrateOptions, Failure> {
-        let data = match (&self.data_dir, self.data.is_empty()) {
-            (Some(dirs), true) => DataSource::BinFolders {
-                dirs: dirs.clone(),
-                types: self.data_types.clone(),
-                shapes: parse_shapes(
-                    self.input_shape
-                        .as_deref()
-                        .ok_or_else(|| usage("--data-dir needs --input-shape".into()))?,
-                )?,
-            },
-            (Some(_), false) => {
-                return Err(usage("give either --data or --data-dir, not both".into()));
-            }
-            (None, _) => DataSource::Files(self.data.clone()),
-        };
+        let data = data_source(
+            &self.data,
+            self.data_dir.as_deref(),
+            &self.data_types,
+            self.input_shape.as_deref(),
+        )?;
         let config = match (&self.config, &self.simple_config) {
             (Some(p), _) => ConfigSource::Json(p.clone()),
             (None, Some(p)) => ConfigSource::Simple(p.clone()),

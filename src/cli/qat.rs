@@ -2,7 +2,7 @@
 //! arguments, calls [`crate::pipeline::qat::run`] and prints the outcome.
 
 use super::Failure;
-use super::calibrate::with_progress;
+use super::calibrate::{data_source, with_progress};
 use crate::pipeline::qat::{LossChoice, QatOptions, run};
 use std::path::PathBuf;
 
@@ -12,9 +12,18 @@ pub struct QatArgs {
     /// The float ONNX model.
     #[arg(long)]
     pub model: PathBuf,
-    /// Training data: FILE.npy, NAME=FILE.npy or FILE.npz; repeatable.
-    #[arg(long = "data", required = true)]
+    /// Training data: FILE.npy, NAME=FILE.npy or FILE.npz; repeatable. Axis 0 counts samples.
+    #[arg(long = "data")]
     pub data: Vec<String>,
+    /// Folders of raw .bin batches, one per input, separated by ';' (AMCT style; needs --data-types and --input-shape).
+    #[arg(long)]
+    pub data_dir: Option<String>,
+    /// Element types of the .bin files, one per input, separated by ';'.
+    #[arg(long, default_value = "float32")]
+    pub data_types: String,
+    /// Input shapes "name:n,c,h,w;name2:..." of the .bin batches.
+    #[arg(long)]
+    pub input_shape: Option<String>,
     /// Integer labels (.npy), one per sample: cross-entropy instead of distillation.
     #[arg(long)]
     pub labels: Option<PathBuf>,
@@ -70,7 +79,12 @@ pub struct QatArgs {
 pub fn execute(args: &QatArgs) -> Result<(), Failure> {
     let opts = QatOptions {
         model: args.model.clone(),
-        data: args.data.clone(),
+        data: data_source(
+            &args.data,
+            args.data_dir.as_deref(),
+            &args.data_types,
+            args.input_shape.as_deref(),
+        )?,
         labels: args.labels.clone(),
         config: args.config.clone(),
         simple_config: args.simple_config.clone(),

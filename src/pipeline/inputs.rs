@@ -30,6 +30,25 @@ pub enum DataSource {
     },
 }
 
+impl DataSource {
+    /// Opens the data for a model with these (feedable) inputs.
+    pub fn open(&self, inputs: &[String]) -> Result<Dataset, PipelineError> {
+        Ok(match self {
+            DataSource::BinFolders {
+                dirs,
+                types,
+                shapes,
+            } => Dataset::from_bin_dirs(dirs, types, shapes)?,
+            DataSource::Files(files) if files.is_empty() => {
+                return Err(PipelineError::Usage(
+                    "no data: give --data FILE.npy (or --data-dir)".into(),
+                ));
+            }
+            DataSource::Files(files) => Dataset::from_specs(files, inputs)?,
+        })
+    }
+}
+
 /// Where the quantization configuration comes from.
 #[derive(Clone, Debug, Default)]
 pub enum ConfigSource {
@@ -151,19 +170,7 @@ pub fn gather(opts: &CalibrateOptions) -> Result<RunInputs, PipelineError> {
     if let Some(a) = opts.activation_offset {
         config.activation_offset = a;
     }
-    let data = match &opts.data {
-        DataSource::BinFolders {
-            dirs,
-            types,
-            shapes,
-        } => Dataset::from_bin_dirs(dirs, types, shapes)?,
-        DataSource::Files(files) if files.is_empty() => {
-            return Err(PipelineError::Usage(
-                "no calibration data: give --data FILE.npy (or --data-dir)".into(),
-            ));
-        }
-        DataSource::Files(files) => Dataset::from_specs(files, &feedable_input_names(&model))?,
-    };
+    let data = opts.data.open(&feedable_input_names(&model))?;
     let declared = declared_batch(&model);
     let batch_size = opts.batch_size.unwrap_or(declared.unwrap_or(1)).max(1);
     let available = data.batch_count(batch_size);

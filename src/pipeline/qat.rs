@@ -4,7 +4,7 @@
 
 use super::Progress;
 use super::error::PipelineError;
-use super::inputs::layer_names;
+use super::inputs::{DataSource, layer_names};
 use super::outputs::{OutputFiles, check_writable, declared_batch, with_suffix, write_outputs};
 use crate::data::{Dataset, read_npy};
 use crate::onnx::{ModelProto, Storage, load_model, to_proto};
@@ -130,8 +130,8 @@ pub enum LossChoice {
 pub struct QatOptions {
     /// The float model.
     pub model: PathBuf,
-    /// Training data files (same forms as calibration data).
-    pub data: Vec<String>,
+    /// Training data (same forms as calibration data).
+    pub data: DataSource,
     /// Integer labels, one per sample, for cross-entropy.
     pub labels: Option<PathBuf>,
     /// The retrain configuration, AMCT JSON (default: every layer, clips from IFMR).
@@ -220,7 +220,7 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
         (None, Some(p)) => RetrainConfig::from_simple_config(p, &names)?,
         (None, None) => RetrainConfig::default_for(&names),
     };
-    let data = Dataset::from_specs(&opts.data, &feedable_input_names(&model))?;
+    let data = opts.data.open(&feedable_input_names(&model))?;
     let labels = opts
         .labels
         .as_deref()
