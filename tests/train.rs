@@ -300,6 +300,32 @@ fn every_operator_trains_on_a_small_model() {
     for name in ["wt", "bt", "x"] {
         check_gradient(&g, &feeds, "ct", name, 10);
     }
+    // ConvTranspose layers fake-quantize too (per output channel = weight axis 1):
+    // with 8 bits the output moves a little, and the clips get gradients.
+    let mut q = g.clone();
+    q.set_quant(
+        "up",
+        ascend_quant::train::graph::LayerQuant {
+            clip_min: 0.0,
+            clip_max: 0.6,
+            fixed_min: true,
+            channel_wise: true,
+        },
+    )
+    .unwrap();
+    let refs = [("x", &feeds[0].1)];
+    let qa = q.forward(&refs).unwrap();
+    let fa = g.forward(&refs).unwrap();
+    let (qc, fc) = (qa.get(&q, "ct").unwrap(), fa.get(&g, "ct").unwrap());
+    let range = fc.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = qc
+        .iter()
+        .zip(fc.iter())
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(diff > 0.0 && diff < 0.05 * range, "{diff} of {range}");
+    let seed = ArrayD::from_elem(IxDyn(qc.shape()), 1.0f32);
+    let grads = q.backward(&qa, &[("ct", seed)]).unwrap();
+    assert!(grads.clips("up").is_some());
 }
 
 #[test]

@@ -262,8 +262,11 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
     let mut trained_layers = Vec::new();
     for f in &calibrated.factors {
         let l = &f.layer;
-        if !matches!(l.op_type.as_str(), "Conv" | "Gemm") {
-            continue; // keeps its calibrated factors
+        if !matches!(
+            l.op_type.as_str(),
+            "Conv" | "ConvTranspose" | "Gemm" | "MatMul"
+        ) {
+            continue; // AveragePool keeps its calibrated factors
         }
         let cfg = retrain.layer(&l.name);
         let (lo, hi) = f.act.range(8);

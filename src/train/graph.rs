@@ -562,9 +562,12 @@ impl TrainGraph {
             .enumerate()
             .find(|(_, s)| s.node == node)
             .ok_or_else(|| TrainError::Invalid(format!("no node '{node}' to quantize")))?;
-        if !matches!(s.op, Op::Conv { .. } | Op::Gemm { .. }) {
+        if !matches!(
+            s.op,
+            Op::Conv { .. } | Op::ConvTranspose { .. } | Op::Gemm { .. } | Op::MatMul
+        ) {
             return Err(TrainError::Invalid(format!(
-                "node '{node}' is not a Conv or Gemm; only those are quantized"
+                "node '{node}' is not a Conv, ConvTranspose, Gemm or MatMul; only those are quantized"
             )));
         }
         if ulq_grid(q.clip_min, q.clip_max, 8).is_none() {
@@ -1122,13 +1125,33 @@ fn fake_quantize(
     ulq_forward(&xs, &grid, 8, &mut xq);
     let ws: Vec<f32> = w.iter().copied().collect();
     let mut wq = vec![0f32; ws.len()];
-    let channels = match op {
-        Op::Conv { .. } if q.channel_wise => w.shape()[0].max(1),
-        _ => 1,
-    };
-    let per = ws.len() / channels;
-    for (src, dst) in ws.chunks(per.max(1)).zip(wq.chunks_mut(per.max(1))) {
-        arq_retrain_forward(src, 8, dst);
+    match op {
+        // One scale per output channel: axis 0 of a Conv weight.
+        Op::Conv { .. } if q.channel_wise => {
+            let per = ws.len() / w.shape()[0].max(1);
+            for (src, dst) in ws.chunks(per.max(1)).zip(wq.chunks_mut(per.max(1))) {
+                arq_retrain_forward(src, 8, dst);
+            }
+        }
+        // Axis 1 of a ConvTranspose weight [Cin, Cout, kh, kw].
+        Op::ConvTranspose { .. } if q.channel_wise => {
+            let sh = w.shape();
+            let (cout, plane) = (sh[1], sh[2] * sh[3]);
+            for c in 0..cout {
+                let idx: Vec<usize> = (0..sh[0])
+                    .flat_map(|i| (0..plane).map(move |k| (i * cout + c) * plane + k))
+                    .collect();
+                let src: Vec<f32> = idx.iter().map(|&k| ws[k]).collect();
+                let mut dst = vec![0f32; src.len()];
+                arq_retrain_forward(&src, 8, &mut dst);
+                for (&k, v) in idx.iter().zip(dst) {
+                    wq[k] = v;
+                }
+            }
+        }
+        _ => {
+            arq_retrain_forward(&ws, 8, &mut wq);
+        }
     }
     Ok((
         ArrayD::from_shape_vec(x.raw_dim(), xq).map_err(|e| e.to_string())?,
