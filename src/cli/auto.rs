@@ -50,7 +50,7 @@ pub fn execute(args: &AutoArgs) -> Result<(), Failure> {
         sensitivity_samples: args.sensitivity_samples,
     };
     let quiet = args.calib.quiet;
-    let r = with_progress(quiet, |p| run(&opts, p))?;
+    let r = with_progress(quiet, "calibrating", |p| run(&opts, p))?;
     if args.calib.json {
         println!("{}", r.report_json);
     }

@@ -162,14 +162,14 @@ impl CalibrateArgs {
 
 /// Runs `job` with a progress bar over calibration batches and its messages
 /// printed above the bar (nothing at all when `quiet`).
-pub(super) fn with_progress<T>(quiet: bool, job: impl FnOnce(Progress<'_>) -> T) -> T {
+pub(super) fn with_progress<T>(quiet: bool, what: &str, job: impl FnOnce(Progress<'_>) -> T) -> T {
     let bar = if quiet {
         indicatif::ProgressBar::hidden()
     } else {
         let b = indicatif::ProgressBar::new(0);
-        if let Ok(style) = indicatif::ProgressStyle::with_template(
-            "calibrating {bar:30} {pos}/{len} batches {elapsed}",
-        ) {
+        if let Ok(style) = indicatif::ProgressStyle::with_template(&format!(
+            "{what} {{bar:30}} {{pos}}/{{len}} {{elapsed}} {{msg}}"
+        )) {
             b.set_style(style);
         }
         b
@@ -183,9 +183,18 @@ pub(super) fn with_progress<T>(quiet: bool, job: impl FnOnce(Progress<'_>) -> T)
             bar.suspend(|| eprintln!("{line}"));
         }
     };
+    let status = |line: &str| {
+        if quiet {
+        } else if bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            bar.set_message(line.to_string());
+        }
+    };
     let result = job(Progress {
         batches: &batches,
         message: &message,
+        status: &status,
     });
     bar.finish_and_clear();
     result
@@ -194,7 +203,7 @@ pub(super) fn with_progress<T>(quiet: bool, job: impl FnOnce(Progress<'_>) -> T)
 /// Runs `calibrate`.
 pub fn execute(args: &CalibrateArgs) -> Result<(), Failure> {
     let opts = args.to_options()?;
-    let result = with_progress(args.quiet, |p| calibrate(&opts, p))?;
+    let result = with_progress(args.quiet, "calibrating", |p| calibrate(&opts, p))?;
     if args.json {
         println!("{}", result.report_json);
     }

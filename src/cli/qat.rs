@@ -102,7 +102,7 @@ pub fn execute(args: &QatArgs) -> Result<(), Failure> {
     };
     // Ctrl-C ends the current step, writes a checkpoint and stops (exit 2).
     let _ = ctrlc::set_handler(crate::train::qat::request_stop);
-    let r = with_progress(args.quiet, |p| run(&opts, p))?;
+    let r = with_progress(args.quiet, "training", |p| run(&opts, p))?;
     if args.json {
         println!("{}", r.report_json);
     }

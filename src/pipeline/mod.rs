@@ -25,6 +25,9 @@ pub struct Progress<'a> {
     pub batches: &'a (dyn Fn(usize, usize) + Sync),
     /// One line for the user (the backend chosen, a candidate's score...).
     pub message: &'a (dyn Fn(&str) + Sync),
+    /// The current state of a long loop (a training step's loss, speed and
+    /// ETA): shown in place on a terminal, as a line otherwise.
+    pub status: &'a (dyn Fn(&str) + Sync),
 }
 
 fn ignore_batches(_: usize, _: usize) {}
@@ -36,6 +39,7 @@ impl Progress<'static> {
         Progress {
             batches: &ignore_batches,
             message: &ignore_message,
+            status: &ignore_message,
         }
     }
 }

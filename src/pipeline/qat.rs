@@ -404,7 +404,8 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
             let secs = training_started.elapsed().as_secs_f64();
             let rate = (done * opts.batch_size) as f64 / secs.max(1e-9);
             let eta = secs / done as f64 * steps.saturating_sub(step) as f64;
-            (progress.message)(&format!(
+            (progress.batches)(step, steps);
+            (progress.status)(&format!(
                 "step {step}/{steps}: loss {loss:.5}, {rate:.1} images/s, ETA {eta:.0} s"
             ));
         },
