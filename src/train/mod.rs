@@ -9,5 +9,8 @@ pub mod checkpoint;
 pub mod depthwise;
 pub mod fake_quant;
 pub mod graph;
+mod ops_conv;
+mod ops_layout;
+mod ops_pool;
 pub mod optim;
 pub mod qat;

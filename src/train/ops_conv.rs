@@ -1,0 +1,306 @@
+//! Convolution kernels of the training graph: im2col + GEMM for dense
+//! convolutions (forward, input and weight gradients), the depthwise kernels
+//! for depthwise ones, and ConvTranspose as the input gradient of its dual
+//! convolution.
+
+use super::depthwise::{self, Depthwise};
+use super::graph::Op;
+use ndarray::{Array2, ArrayD, Axis, IxDyn};
+
+/// The geometry of one convolution call.
+pub(in crate::train) struct ConvGeom {
+    pub(in crate::train) n: usize,
+    pub(in crate::train) c: usize,
+    pub(in crate::train) h: usize,
+    pub(in crate::train) w: usize,
+    pub(in crate::train) m: usize,
+    pub(in crate::train) kh: usize,
+    pub(in crate::train) kw: usize,
+    pub(in crate::train) group: usize,
+    pub(in crate::train) strides: (usize, usize),
+    pub(in crate::train) dilations: (usize, usize),
+    pub(in crate::train) pads: (usize, usize, usize, usize),
+    pub(in crate::train) oh: usize,
+    pub(in crate::train) ow: usize,
+}
+
+pub(in crate::train) fn conv_geometry(
+    x: &ArrayD<f32>,
+    w: &ArrayD<f32>,
+    group: usize,
+    strides: (usize, usize),
+    dilations: (usize, usize),
+    pads: (usize, usize, usize, usize),
+) -> Result<ConvGeom, String> {
+    let (xs, ws) = (x.shape(), w.shape());
+    if xs.len() != 4 || ws.len() != 4 {
+        return Err(format!(
+            "input {xs:?} and weight {ws:?}: only 2-D convolutions train"
+        ));
+    }
+    let (n, c, h, wd) = (xs[0], xs[1], xs[2], xs[3]);
+    let (m, cg, kh, kw) = (ws[0], ws[1], ws[2], ws[3]);
+    if cg * group != c || m % group != 0 || strides.0 == 0 || strides.1 == 0 {
+        return Err(format!(
+            "weight {ws:?} with group {group} does not fit input {xs:?}"
+        ));
+    }
+    if group != 1 && !(group == c && m == c) {
+        return Err(format!(
+            "grouped convolution with {group} groups: only dense and depthwise convolutions train"
+        ));
+    }
+    let span_h = dilations.0 * (kh - 1) + 1;
+    let span_w = dilations.1 * (kw - 1) + 1;
+    let (ph, pw) = (h + pads.0 + pads.2, wd + pads.1 + pads.3);
+    if ph < span_h || pw < span_w {
+        return Err("the kernel is larger than the padded input".into());
+    }
+    Ok(ConvGeom {
+        n,
+        c,
+        h,
+        w: wd,
+        m,
+        kh,
+        kw,
+        group,
+        strides,
+        dilations,
+        pads,
+        oh: (ph - span_h) / strides.0 + 1,
+        ow: (pw - span_w) / strides.1 + 1,
+    })
+}
+
+impl ConvGeom {
+    pub(in crate::train) fn depthwise(&self) -> Depthwise {
+        Depthwise {
+            n: self.n,
+            c: self.c,
+            h: self.h,
+            w: self.w,
+            kh: self.kh,
+            kw: self.kw,
+            stride: self.strides,
+            dilation: self.dilations,
+            pads: self.pads,
+        }
+    }
+
+    /// For output position (r, col) and tap (i, j), the input position if inside.
+    pub(in crate::train) fn source(
+        &self,
+        r: usize,
+        col: usize,
+        i: usize,
+        j: usize,
+    ) -> Option<(usize, usize)> {
+        let ih = (r * self.strides.0 + i * self.dilations.0).checked_sub(self.pads.0)?;
+        let iw = (col * self.strides.1 + j * self.dilations.1).checked_sub(self.pads.1)?;
+        (ih < self.h && iw < self.w).then_some((ih, iw))
+    }
+}
+
+/// `[c·kh·kw, n·oh·ow]` columns of a dense convolution.
+pub(in crate::train) fn im2col(g: &ConvGeom, x: &[f32]) -> Array2<f32> {
+    let cols = g.n * g.oh * g.ow;
+    let mut out = Array2::<f32>::zeros((g.c * g.kh * g.kw, cols));
+    for (row, mut line) in out.outer_iter_mut().enumerate() {
+        let (ci, i, j) = (row / (g.kh * g.kw), (row / g.kw) % g.kh, row % g.kw);
+        for b in 0..g.n {
+            for r in 0..g.oh {
+                for col in 0..g.ow {
+                    if let Some((ih, iw)) = g.source(r, col, i, j) {
+                        line[(b * g.oh + r) * g.ow + col] =
+                            x[((b * g.c + ci) * g.h + ih) * g.w + iw];
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+pub(in crate::train) fn col2im(g: &ConvGeom, cols: &Array2<f32>) -> Vec<f32> {
+    let mut x = vec![0f32; g.n * g.c * g.h * g.w];
+    for (row, line) in cols.outer_iter().enumerate() {
+        let (ci, i, j) = (row / (g.kh * g.kw), (row / g.kw) % g.kh, row % g.kw);
+        for b in 0..g.n {
+            for r in 0..g.oh {
+                for col in 0..g.ow {
+                    if let Some((ih, iw)) = g.source(r, col, i, j) {
+                        x[((b * g.c + ci) * g.h + ih) * g.w + iw] +=
+                            line[(b * g.oh + r) * g.ow + col];
+                    }
+                }
+            }
+        }
+    }
+    x
+}
+
+/// `[m, n·oh·ow]` ↔ NCHW `[n, m, oh, ow]`.
+pub(in crate::train) fn to_nchw(g: &ConvGeom, y: &Array2<f32>) -> ArrayD<f32> {
+    let plane = g.oh * g.ow;
+    let mut out = vec![0f32; g.n * g.m * plane];
+    for (mi, line) in y.outer_iter().enumerate() {
+        for b in 0..g.n {
+            for p in 0..plane {
+                out[(b * g.m + mi) * plane + p] = line[b * plane + p];
+            }
+        }
+    }
+    ArrayD::from_shape_vec(IxDyn(&[g.n, g.m, g.oh, g.ow]), out).unwrap_or_default()
+}
+
+pub(in crate::train) fn from_nchw(g: &ConvGeom, y: &ArrayD<f32>) -> Array2<f32> {
+    let plane = g.oh * g.ow;
+    let ys: Vec<f32> = y.iter().copied().collect();
+    Array2::from_shape_fn((g.m, g.n * plane), |(mi, k)| {
+        let (b, p) = (k / plane, k % plane);
+        ys[(b * g.m + mi) * plane + p]
+    })
+}
+
+pub(in crate::train) fn contiguous(a: &ArrayD<f32>) -> Vec<f32> {
+    a.iter().copied().collect()
+}
+
+pub(in crate::train) fn conv_forward(
+    g: &ConvGeom,
+    x: &ArrayD<f32>,
+    w: &ArrayD<f32>,
+    bias: Option<&[f32]>,
+) -> ArrayD<f32> {
+    if g.group > 1 {
+        let mut y = vec![0f32; g.n * g.m * g.oh * g.ow];
+        depthwise::forward(
+            &g.depthwise(),
+            &contiguous(x),
+            &contiguous(w),
+            bias.unwrap_or(&[]),
+            &mut y,
+        );
+        return ArrayD::from_shape_vec(IxDyn(&[g.n, g.m, g.oh, g.ow]), y).unwrap_or_default();
+    }
+    let cols = im2col(g, &contiguous(x));
+    let wm = Array2::from_shape_vec((g.m, g.c * g.kh * g.kw), contiguous(w)).unwrap_or_default();
+    let mut y = wm.dot(&cols);
+    if let Some(b) = bias {
+        for (mi, mut line) in y.outer_iter_mut().enumerate() {
+            line += b.get(mi).copied().unwrap_or(0.0);
+        }
+    }
+    to_nchw(g, &y)
+}
+
+pub(in crate::train) fn conv_backward(
+    g: &ConvGeom,
+    x: &ArrayD<f32>,
+    w: &ArrayD<f32>,
+    gy: &ArrayD<f32>,
+) -> (ArrayD<f32>, ArrayD<f32>, ArrayD<f32>) {
+    let shape_x = IxDyn(&[g.n, g.c, g.h, g.w]);
+    if g.group > 1 {
+        let d = g.depthwise();
+        let (xs, ws, gys) = (contiguous(x), contiguous(w), contiguous(gy));
+        let mut gx = vec![0f32; xs.len()];
+        depthwise::grad_input(&d, &gys, &ws, &mut gx);
+        let (mut gw, mut gb) = (vec![0f32; ws.len()], vec![0f32; g.c]);
+        depthwise::grad_weight(&d, &xs, &gys, &mut gw, &mut gb);
+        return (
+            ArrayD::from_shape_vec(shape_x, gx).unwrap_or_default(),
+            ArrayD::from_shape_vec(w.raw_dim(), gw).unwrap_or_default(),
+            ArrayD::from_shape_vec(IxDyn(&[g.c]), gb).unwrap_or_default(),
+        );
+    }
+    let cols = im2col(g, &contiguous(x));
+    let gym = from_nchw(g, gy);
+    let wm = Array2::from_shape_vec((g.m, g.c * g.kh * g.kw), contiguous(w)).unwrap_or_default();
+    let gw = gym.dot(&cols.t());
+    let gcols = wm.t().dot(&gym);
+    let gb = gym.sum_axis(Axis(1));
+    (
+        ArrayD::from_shape_vec(shape_x, col2im(g, &gcols)).unwrap_or_default(),
+        gw.into_shape_with_order(w.raw_dim()).unwrap_or_default(),
+        gb.into_dyn(),
+    )
+}
+
+/// The convolution whose input gradient a ConvTranspose computes: input
+/// channels = the ConvTranspose's outputs (its weight `[Cin, Cout, kh, kw]`
+/// read as a convolution weight `[m = Cin, c = Cout, kh, kw]`), input plane =
+/// the ConvTranspose's output plane, output plane = its input plane.
+pub(in crate::train) fn transposed_geometry(
+    op: &Op,
+    x: &ArrayD<f32>,
+    w: &ArrayD<f32>,
+) -> Result<ConvGeom, String> {
+    let Op::ConvTranspose {
+        strides,
+        dilations,
+        pads,
+        output_padding,
+    } = op
+    else {
+        return Err("not a ConvTranspose".into());
+    };
+    let (xs, ws) = (x.shape(), w.shape());
+    if xs.len() != 4 || ws.len() != 4 || ws[0] != xs[1] || xs[2] == 0 || xs[3] == 0 {
+        return Err(format!("input {xs:?} and weight {ws:?}: only 2-D, group 1"));
+    }
+    let size = |i: usize, s: usize, d: usize, k: usize, p0: usize, p1: usize, op: usize| {
+        ((i - 1) * s + d * (k - 1) + 1 + op).checked_sub(p0 + p1)
+    };
+    let (h, wd) = (
+        size(
+            xs[2],
+            strides.0,
+            dilations.0,
+            ws[2],
+            pads.0,
+            pads.2,
+            output_padding.0,
+        ),
+        size(
+            xs[3],
+            strides.1,
+            dilations.1,
+            ws[3],
+            pads.1,
+            pads.3,
+            output_padding.1,
+        ),
+    );
+    let (Some(h), Some(wd)) = (h, wd) else {
+        return Err("the pads are larger than the output".into());
+    };
+    Ok(ConvGeom {
+        n: xs[0],
+        c: ws[1],
+        h,
+        w: wd,
+        m: ws[0],
+        kh: ws[2],
+        kw: ws[3],
+        group: 1,
+        strides: *strides,
+        dilations: *dilations,
+        pads: *pads,
+        oh: xs[2],
+        ow: xs[3],
+    })
+}
+
+/// The input gradient of the dense convolution `g` for output gradient `gy`.
+pub(in crate::train) fn conv_input_grad(
+    g: &ConvGeom,
+    w: &ArrayD<f32>,
+    gy: &ArrayD<f32>,
+) -> ArrayD<f32> {
+    let gym = from_nchw(g, gy);
+    let wm = Array2::from_shape_vec((g.m, g.c * g.kh * g.kw), contiguous(w)).unwrap_or_default();
+    let gcols = wm.t().dot(&gym);
+    ArrayD::from_shape_vec(IxDyn(&[g.n, g.c, g.h, g.w]), col2im(g, &gcols)).unwrap_or_default()
+}
