@@ -74,8 +74,8 @@ fn qat_recovers_from_a_bad_clip() {
     )
     .unwrap();
     let run = |prefix: &Path, steps: &str| {
-        bin()
-            .args(["qat", "--quiet", "--json", "--model"])
+        let mut c = bin();
+        c.args(["qat", "--quiet", "--json", "--model"])
             .arg(digits().join("digits_cnn.onnx"))
             .arg("--data")
             .arg(dir.path().join("train_x.npy"))
@@ -94,12 +94,11 @@ fn qat_recovers_from_a_bad_clip() {
                 "0.05",
             ])
             .arg("--output")
-            .arg(prefix)
-            .output()
-            .unwrap()
+            .arg(prefix);
+        c
     };
     // No training: the models of the bad start.
-    let o = run(&dir.path().join("start"), "0");
+    let o = run(&dir.path().join("start"), "0").output().unwrap();
     assert_eq!(
         o.status.code(),
         Some(0),
@@ -108,31 +107,11 @@ fn qat_recovers_from_a_bad_clip() {
     );
     let start = load_model(&dir.path().join("start_fake_quant_model.onnx")).unwrap();
     let prefix = dir.path().join("q");
-    let o = bin()
-        .args(["qat", "--quiet", "--json", "--model"])
-        .arg(digits().join("digits_cnn.onnx"))
+    let o = run(&prefix, "160")
         .arg("--eval-data")
         .arg(dir.path().join("held_x.npy"))
         .arg("--eval-labels")
         .arg(dir.path().join("held_y.npy"))
-        .arg("--data")
-        .arg(dir.path().join("train_x.npy"))
-        .arg("--labels")
-        .arg(dir.path().join("train_y.npy"))
-        .arg("--config")
-        .arg(&cfg)
-        .args([
-            "--steps",
-            "160",
-            "--batch-size",
-            "20",
-            "--lr",
-            "1e-4",
-            "--clip-lr",
-            "0.05",
-        ])
-        .arg("--output")
-        .arg(&prefix)
         .output()
         .unwrap();
     assert_eq!(

@@ -4,7 +4,7 @@
 
 use super::metric::MetricName;
 use super::{Evaluator, ExternalEvaluator, InternalEvaluator, Metric, layer_sensitivities, search};
-use crate::data::{Dataset, read_npy};
+use crate::data::{Dataset, read_labels};
 use crate::pipeline::outputs::{OutputFiles, output_folder, with_suffix, write_outputs};
 use crate::pipeline::{
     CalibrateOptions, PipelineError, Progress, RunInputs, gather, select_backend,
@@ -13,7 +13,6 @@ use crate::quant::calibrate::{RunSettings, observe_layers};
 use crate::quant::emit::{LayerFactors, deploy_model, fake_quant_model, simulation_model};
 use crate::quant::record::write_record;
 use crate::sim::{RtenExecutor, feedable_input_names};
-use crate::tensor::Tensor;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -63,21 +62,6 @@ pub struct AutoResult {
     pub written: Vec<PathBuf>,
 }
 
-fn labels(path: &Path) -> Result<Vec<i64>, PipelineError> {
-    Ok(match read_npy(path)? {
-        Tensor::I64(a) => a.iter().copied().collect(),
-        Tensor::I32(a) => a.iter().map(|&v| i64::from(v)).collect(),
-        Tensor::U8(a) => a.iter().map(|&v| i64::from(v)).collect(),
-        other => {
-            return Err(PipelineError::Usage(format!(
-                "{}: labels must be integers, got {}",
-                path.display(),
-                other.dtype()
-            )));
-        }
-    })
-}
-
 fn subset(factors: &[LayerFactors], rolled_back: &[String]) -> Vec<LayerFactors> {
     factors
         .iter()
@@ -103,7 +87,7 @@ pub fn run(opts: &AutoOptions, progress: Progress<'_>) -> Result<AutoResult, Pip
         ..
     } = inputs;
     let metric = match (opts.metric, &opts.labels) {
-        (Some(MetricName::Top1) | None, Some(l)) => Metric::Top1(labels(l)?),
+        (Some(MetricName::Top1) | None, Some(l)) => Metric::Top1(read_labels(l)?),
         (Some(MetricName::Top1), None) => {
             return Err(PipelineError::Usage("--metric top1 needs --labels".into()));
         }

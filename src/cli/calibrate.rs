@@ -183,13 +183,10 @@ pub(super) fn with_progress<T>(quiet: bool, what: &str, job: impl FnOnce(Progres
             bar.suspend(|| eprintln!("{line}"));
         }
     };
-    let status = |line: &str| {
-        if quiet {
-        } else if bar.is_hidden() {
-            eprintln!("{line}");
-        } else {
-            bar.set_message(line.to_string());
-        }
+    let status = |line: &str| match (quiet, bar.is_hidden()) {
+        (true, _) => {}
+        (false, true) => eprintln!("{line}"),
+        (false, false) => bar.set_message(line.to_string()),
     };
     let result = job(Progress {
         batches: &batches,

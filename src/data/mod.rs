@@ -6,4 +6,4 @@ pub mod npy_rows;
 
 pub use dataset::{Batch, Dataset};
 
-pub use npy::{DataError, read_npy, read_npy_bytes, write_npy};
+pub use npy::{DataError, read_labels, read_npy, read_npy_bytes, write_npy};

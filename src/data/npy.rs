@@ -122,6 +122,21 @@ pub fn read_npy_bytes(bytes: &[u8], origin: &Path) -> Result<Tensor, DataError> 
     })
 }
 
+/// Reads integer class labels (int64, int32 or uint8 `.npy`), one per sample.
+pub fn read_labels(path: &Path) -> Result<Vec<i64>, DataError> {
+    Ok(match read_npy(path)? {
+        Tensor::I64(a) => a.iter().copied().collect(),
+        Tensor::I32(a) => a.iter().map(|&v| i64::from(v)).collect(),
+        Tensor::U8(a) => a.iter().map(|&v| i64::from(v)).collect(),
+        other => {
+            return Err(DataError::Format {
+                path: path.into(),
+                reason: format!("labels must be integers, got {}", other.dtype()),
+            });
+        }
+    })
+}
+
 /// Writes a tensor to a `.npy` file atomically.
 pub fn write_npy(path: &Path, value: &Tensor) -> Result<(), DataError> {
     let io = |source| DataError::Io {

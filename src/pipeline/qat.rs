@@ -6,7 +6,8 @@ use super::Progress;
 use super::error::PipelineError;
 use super::inputs::{DataSource, layer_names};
 use super::outputs::{OutputFiles, check_writable, declared_batch, with_suffix, write_outputs};
-use crate::data::{Dataset, read_npy};
+use crate::auto::Metric;
+use crate::data::Dataset;
 use crate::onnx::{ModelProto, Storage, load_model, to_proto};
 use crate::quant::calibrate::{RunSettings, observe_layers};
 use crate::quant::config::QuantConfig;
@@ -20,7 +21,7 @@ use crate::tensor::Tensor;
 use crate::train::checkpoint::Checkpoint;
 use crate::train::fake_quant::ulq_grid;
 use crate::train::graph::{LayerQuant, TrainError, TrainGraph};
-use crate::train::qat::{LossKind, QatSettings, TrainedLayer, train};
+use crate::train::qat::{LossKind, QatSettings, TrainedLayer, outputs_over, train};
 use ndarray::ArrayD;
 use serde_json::json;
 use std::path::PathBuf;
@@ -36,77 +37,24 @@ impl From<TrainError> for PipelineError {
     }
 }
 
-/// Scores the fake-quantized `graph` on the evaluation set: top-1 accuracy
-/// with labels, else top-1 agreement and mean output cosine with the float
-/// model's outputs (`reference`).
+/// Scores the fake-quantized `graph` on the evaluation set with the metrics
+/// of `auto` (as fractions): top-1 accuracy with labels, top-1 agreement and
+/// mean output cosine with the float model's outputs (`reference`).
 fn evaluate(
     graph: &TrainGraph,
     eval: &Dataset,
     batch_size: usize,
     labels: Option<&[i64]>,
-    reference: &[ArrayD<f32>],
+    reference: &ArrayD<f32>,
 ) -> Result<serde_json::Value, TrainError> {
-    let output = graph.output_names()[0].to_string();
-    let (mut hits, mut agree, mut cos_sum, mut count) = (0usize, 0usize, 0f64, 0usize);
-    for (b, expected) in reference
-        .iter()
-        .enumerate()
-        .take(eval.batch_count(batch_size))
-    {
-        let batch = eval
-            .batch(batch_size, b)
-            .map_err(|e| TrainError::Invalid(e.to_string()))?;
-        let feeds: Vec<(String, ArrayD<f32>)> = batch
-            .into_iter()
-            .filter_map(|(n, t)| match t {
-                Tensor::F32(a) => Some((n, a)),
-                _ => None,
-            })
-            .collect();
-        let refs: Vec<(&str, &ArrayD<f32>)> = feeds.iter().map(|(n, a)| (n.as_str(), a)).collect();
-        let acts = graph.forward(&refs)?;
-        let y = acts
-            .get(graph, &output)
-            .ok_or_else(|| TrainError::Invalid("no output".into()))?;
-        for (row, r) in y.outer_iter().zip(expected.outer_iter()) {
-            let argmax = |v: ndarray::ArrayViewD<f32>| {
-                v.iter()
-                    .enumerate()
-                    .fold((0, f32::MIN), |m, (i, &x)| if x > m.1 { (i, x) } else { m })
-                    .0
-            };
-            let (p, q) = (argmax(row.view()), argmax(r.view()));
-            if let Some(l) = labels.and_then(|l| l.get(count)) {
-                hits += usize::from(p as i64 == *l);
-            }
-            agree += usize::from(p == q);
-            let dot: f64 = row
-                .iter()
-                .zip(r.iter())
-                .map(|(a, b)| f64::from(*a) * f64::from(*b))
-                .sum();
-            let na: f64 = row
-                .iter()
-                .map(|a| f64::from(*a).powi(2))
-                .sum::<f64>()
-                .sqrt();
-            let nb: f64 = r.iter().map(|a| f64::from(*a).powi(2)).sum::<f64>().sqrt();
-            cos_sum += if na > 0.0 && nb > 0.0 {
-                dot / (na * nb)
-            } else {
-                1.0
-            };
-            count += 1;
-        }
-    }
-    let n = count.max(1) as f64;
+    let y = outputs_over(graph, eval, batch_size)?;
     let mut v = json!({
-        "top1_agreement": agree as f64 / n,
-        "output_cosine": cos_sum / n,
-        "samples": count,
+        "top1_agreement": Metric::Top1Agreement.score(&y, reference) / 100.0,
+        "output_cosine": Metric::Cosine.score(&y, reference) / 100.0,
+        "samples": y.shape().first().copied().unwrap_or(0),
     });
-    if labels.is_some() {
-        v["top1"] = json!(hits as f64 / n);
+    if let Some(l) = labels {
+        v["top1"] = json!(Metric::Top1(l.to_vec()).score(&y, reference) / 100.0);
     }
     Ok(v)
 }
@@ -177,18 +125,7 @@ pub struct QatResult {
 }
 
 fn read_labels(path: &std::path::Path, samples: usize) -> Result<Vec<i64>, PipelineError> {
-    let labels: Vec<i64> = match read_npy(path)? {
-        Tensor::I64(a) => a.iter().copied().collect(),
-        Tensor::I32(a) => a.iter().map(|&v| i64::from(v)).collect(),
-        Tensor::U8(a) => a.iter().map(|&v| i64::from(v)).collect(),
-        other => {
-            return Err(PipelineError::Usage(format!(
-                "{}: labels must be integers, got {}",
-                path.display(),
-                other.dtype()
-            )));
-        }
-    };
+    let labels = crate::data::read_labels(path)?;
     if labels.len() != samples {
         return Err(PipelineError::Usage(format!(
             "{}: {} labels for {samples} samples; give one label per sample",
@@ -340,30 +277,9 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
         _ => None,
     };
     // The float model's outputs on the evaluation set, once.
-    let reference: Vec<ArrayD<f32>> = match &eval {
-        Some(e) => {
-            let float = TrainGraph::new(&prepared)?;
-            let out = float.output_names()[0].to_string();
-            (0..e.batch_count(opts.batch_size))
-                .map(|b| -> Result<ArrayD<f32>, PipelineError> {
-                    let batch = e.batch(opts.batch_size, b)?;
-                    let feeds: Vec<(String, ArrayD<f32>)> = batch
-                        .into_iter()
-                        .filter_map(|(n, t)| match t {
-                            Tensor::F32(a) => Some((n, a)),
-                            _ => None,
-                        })
-                        .collect();
-                    let refs: Vec<(&str, &ArrayD<f32>)> =
-                        feeds.iter().map(|(n, a)| (n.as_str(), a)).collect();
-                    let acts = float.forward(&refs)?;
-                    acts.get(&float, &out).cloned().ok_or_else(|| {
-                        PipelineError::Usage("the float model computed no output".into())
-                    })
-                })
-                .collect::<Result<_, _>>()?
-        }
-        None => Vec::new(),
+    let reference = match &eval {
+        Some(e) => outputs_over(&TrainGraph::new(&prepared)?, e, opts.batch_size)?,
+        None => ArrayD::zeros(ndarray::IxDyn(&[0])),
     };
     let epochs_report = std::cell::RefCell::new(Vec::<serde_json::Value>::new());
     let mut save = |c: &Checkpoint, graph: &TrainGraph| -> Result<(), TrainError> {

@@ -163,8 +163,11 @@ pub struct Activations {
 
 impl Activations {
     /// The value called `name`, if the pass computed or was fed it.
-    pub fn get<'a>(&'a self, graph: &TrainGraph, name: &str) -> Option<&'a ArrayD<f32>> {
-        graph.index.get(name).and_then(|&i| self.values[i].as_ref())
+    pub fn get<'a>(&'a self, graph: &'a TrainGraph, name: &str) -> Option<&'a ArrayD<f32>> {
+        graph
+            .index
+            .get(name)
+            .and_then(|&i| self.values[i].as_ref().or_else(|| graph.constants.get(&i)))
     }
 }
 
@@ -175,6 +178,11 @@ pub struct Gradients {
 }
 
 impl Gradients {
+    /// Moves ∂L/∂`name` out (for an optimizer step), if the loss depends on it.
+    pub fn take(&mut self, graph: &TrainGraph, name: &str) -> Option<ArrayD<f32>> {
+        graph.index.get(name).and_then(|&i| self.grads[i].take())
+    }
+
     /// (∂L/∂clip_min, ∂L/∂clip_max) of the quantized layer `node`.
     pub fn clips(&self, node: &str) -> Option<(f64, f64)> {
         self.clips.get(node).copied()
@@ -591,6 +599,23 @@ impl TrainGraph {
         self.quant.get_mut(&k)
     }
 
+    /// The float32 initializers `names` (in that order), all mutable at once
+    /// for an optimizer step; `None` where there is no such initializer.
+    pub fn constants_mut(&mut self, names: &[String]) -> Vec<Option<&mut ArrayD<f32>>> {
+        let slot: HashMap<usize, usize> = names
+            .iter()
+            .enumerate()
+            .filter_map(|(k, n)| self.index.get(n).map(|&id| (id, k)))
+            .collect();
+        let mut out: Vec<Option<&mut ArrayD<f32>>> = names.iter().map(|_| None).collect();
+        for (id, a) in self.constants.iter_mut() {
+            if let Some(&k) = slot.get(id) {
+                out[k] = Some(a);
+            }
+        }
+        out
+    }
+
     /// The float32 initializer `name`, for a trainer to update.
     pub fn constant_mut(&mut self, name: &str) -> Option<&mut ArrayD<f32>> {
         let id = *self.index.get(name)?;
@@ -607,10 +632,8 @@ impl TrainGraph {
 
     /// Runs the graph on `feeds` (graph inputs by name).
     pub fn forward(&self, feeds: &[(&str, &ArrayD<f32>)]) -> Result<Activations, TrainError> {
+        // Constants are read from the graph, not copied into every pass.
         let mut values: Vec<Option<ArrayD<f32>>> = vec![None; self.names.len()];
-        for (&id, a) in &self.constants {
-            values[id] = Some(a.clone());
-        }
         for (name, a) in feeds {
             let id = *self.index.get(*name).ok_or_else(|| {
                 TrainError::Invalid(format!("'{name}' is not an input of the model"))
@@ -623,12 +646,15 @@ impl TrainGraph {
                 .inputs
                 .iter()
                 .map(|&i| {
-                    values[i].as_ref().ok_or_else(|| {
-                        TrainError::Invalid(format!(
-                            "node '{}': input '{}' has no value (not fed?)",
-                            s.node, self.names[i]
-                        ))
-                    })
+                    values[i]
+                        .as_ref()
+                        .or_else(|| self.constants.get(&i))
+                        .ok_or_else(|| {
+                            TrainError::Invalid(format!(
+                                "node '{}': input '{}' has no value (not fed?)",
+                                s.node, self.names[i]
+                            ))
+                        })
                 })
                 .collect::<Result<_, _>>()?;
             let y = match self.quant.get(&k) {
@@ -818,6 +844,7 @@ impl TrainGraph {
         let value = |i: usize| {
             acts.values[i]
                 .as_ref()
+                .or_else(|| self.constants.get(&i))
                 .ok_or_else(|| TrainError::Invalid(format!("'{}' was not computed", self.names[i])))
         };
         for (step, s) in self.steps.iter().enumerate().rev() {
@@ -1110,7 +1137,6 @@ impl TrainGraph {
             }
         })
         .map(|mut v: Vec<Option<ArrayD<f32>>>| {
-            let _ = y;
             v.truncate(x.len());
             v
         })

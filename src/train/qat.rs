@@ -5,7 +5,7 @@
 use super::checkpoint::{AdamState, Checkpoint};
 use super::graph::{TrainError, TrainGraph};
 use super::optim::Adam;
-use crate::data::Dataset;
+use crate::data::{Batch, Dataset};
 use crate::tensor::Tensor;
 use ndarray::{ArrayD, Axis};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -89,6 +89,48 @@ pub struct TrainedLayer {
     pub name: String,
     /// clip_min stays 0.
     pub fixed_min: bool,
+}
+
+/// A batch as the float32 feeds the training graph takes.
+pub fn float_feeds(batch: Batch) -> Result<Vec<(String, ArrayD<f32>)>, TrainError> {
+    batch
+        .into_iter()
+        .map(|(n, t)| match t {
+            Tensor::F32(a) => Ok((n, a)),
+            other => Err(TrainError::Invalid(format!(
+                "input '{n}' is {}; training takes float32 data",
+                other.dtype()
+            ))),
+        })
+        .collect()
+}
+
+/// `graph`'s first output over every batch of `data`, samples on axis 0.
+pub fn outputs_over(
+    graph: &TrainGraph,
+    data: &Dataset,
+    batch_size: usize,
+) -> Result<ArrayD<f32>, TrainError> {
+    let output = graph
+        .output_names()
+        .first()
+        .map(|s| s.to_string())
+        .ok_or_else(|| TrainError::Invalid("the model has no output".into()))?;
+    let mut parts = Vec::new();
+    for b in 0..data.batch_count(batch_size) {
+        let batch = data
+            .batch(batch_size, b)
+            .map_err(|e| TrainError::Invalid(e.to_string()))?;
+        let feeds = float_feeds(batch)?;
+        let refs: Vec<(&str, &ArrayD<f32>)> = feeds.iter().map(|(n, a)| (n.as_str(), a)).collect();
+        let acts = graph.forward(&refs)?;
+        let y = acts
+            .get(graph, &output)
+            .ok_or_else(|| TrainError::Invalid(format!("output '{output}' was not computed")))?;
+        parts.push(y.clone());
+    }
+    let views: Vec<_> = parts.iter().map(|a| a.view()).collect();
+    ndarray::concatenate(Axis(0), &views).map_err(|e| TrainError::Invalid(e.to_string()))
 }
 
 /// The loss of one step and the gradient of the output that produces it.
@@ -273,16 +315,7 @@ pub fn train(
         let batch = data
             .batch(settings.batch_size, b)
             .map_err(|e| TrainError::Invalid(e.to_string()))?;
-        let feeds: Vec<(String, ArrayD<f32>)> = batch
-            .into_iter()
-            .map(|(n, t)| match t {
-                Tensor::F32(a) => Ok((n, a)),
-                other => Err(TrainError::Invalid(format!(
-                    "input '{n}' is {}; training takes float32 data",
-                    other.dtype()
-                ))),
-            })
-            .collect::<Result<_, _>>()?;
+        let feeds = float_feeds(batch)?;
         let refs: Vec<(&str, &ArrayD<f32>)> = feeds.iter().map(|(n, a)| (n.as_str(), a)).collect();
         let acts = student.forward(&refs)?;
         let y = acts
@@ -313,35 +346,20 @@ pub fn train(
             )));
         }
         let grads = student.backward(&acts, &[(output.as_str(), seed)])?;
-        // Weights and biases.
-        let mut owned: Vec<(String, Vec<f32>)> = Vec::new();
-        for name in trainable {
-            if let Some(g) = grads.get(student, name) {
-                owned.push((name.clone(), g.iter().copied().collect()));
-            }
-        }
-        {
-            let mut params: Vec<(Vec<f32>, &[f32])> = Vec::new();
-            for (name, g) in &owned {
-                let p = student
-                    .constant_mut(name)
-                    .map(|a| a.iter().copied().collect::<Vec<f32>>())
-                    .unwrap_or_default();
-                params.push((p, g.as_slice()));
-            }
-            let mut views: Vec<(&mut [f32], &[f32])> = params
-                .iter_mut()
-                .map(|(p, g)| (p.as_mut_slice(), *g))
-                .collect();
-            weights_opt.step(&mut views);
-            for ((name, _), (p, _)) in owned.iter().zip(&params) {
-                if let Some(a) = student.constant_mut(name) {
-                    for (dst, src) in a.iter_mut().zip(p) {
-                        *dst = *src;
-                    }
-                }
-            }
-        }
+        // Weights and biases, updated in place.
+        let mut grads = grads;
+        let owned: Vec<(String, ArrayD<f32>)> = trainable
+            .iter()
+            .filter_map(|n| grads.take(student, n).map(|g| (n.clone(), g)))
+            .collect();
+        let names: Vec<String> = owned.iter().map(|(n, _)| n.clone()).collect();
+        let mut views: Vec<(&mut [f32], &[f32])> = student
+            .constants_mut(&names)
+            .into_iter()
+            .zip(&owned)
+            .filter_map(|(p, (_, g))| Some((p?.as_slice_mut()?, g.as_slice()?)))
+            .collect();
+        weights_opt.step(&mut views);
         // Clips: one (min, max) pair per quantized layer.
         let mut clip_values: Vec<[f32; 2]> = Vec::new();
         let mut clip_grads: Vec<[f32; 2]> = Vec::new();
