@@ -60,6 +60,11 @@ pub struct CalibrateArgs {
     /// similarity is measured (0 skips it).
     #[arg(long, default_value_t = 8)]
     pub similarity_samples: usize,
+    /// Build the models from this record file's factors instead of
+    /// calibrating (layers it does not name stay float; --data is then
+    /// optional and only measures similarity).
+    #[arg(long, conflicts_with_all = ["batch_num", "activation_offset", "skip_layers"])]
+    pub record: Option<PathBuf>,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -156,6 +161,7 @@ impl CalibrateArgs {
             acl_lib: self.acl_lib.clone(),
             output: self.output.clone(),
             similarity_samples: self.similarity_samples,
+            record: self.record.clone(),
         })
     }
 }

@@ -4,13 +4,18 @@
 use super::Progress;
 use super::backend::select_backend;
 use super::error::PipelineError;
-use super::inputs::{CalibrateOptions, RunInputs, gather, layer_names};
-use super::outputs::{OutputFiles, write_outputs};
+use super::inputs::{CalibrateOptions, DataSource, RunInputs, gather, layer_names, read_config};
+use super::outputs::{OutputFiles, check_writable, declared_batch, write_outputs};
 use crate::onnx::load_model;
-use crate::quant::calibrate::{RunSettings, calibrate as run_calibration};
+use crate::quant::calibrate::{
+    Outcome, RunSettings, calibrate as run_calibration, finish as finish_models,
+};
 use crate::quant::config::QuantConfig;
+use crate::quant::from_record::calibrated_from_record;
+use crate::quant::record::read_record;
 use crate::quant::retrain_config::RetrainConfig;
 use crate::report::{LayerReport, QuantReport};
+use crate::sim::feedable_input_names;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -31,6 +36,9 @@ pub fn calibrate(
     progress: Progress<'_>,
 ) -> Result<CalibrateResult, PipelineError> {
     let started = Instant::now();
+    if let Some(record) = &opts.record {
+        return calibrate_from_record(opts, record, progress, started);
+    }
     let inputs = gather(opts)?;
     let dynamic_batch = inputs.dynamic_batch();
     let RunInputs {
@@ -50,6 +58,77 @@ pub fn calibrate(
         similarity_samples: opts.similarity_samples,
     };
     let outcome = run_calibration(&model, &config, &data, executor.as_ref(), &run)?;
+    let samples = opts.similarity_samples.min(data.samples());
+    finish(
+        opts,
+        &config,
+        outcome,
+        batch_size,
+        backend_line,
+        samples,
+        started,
+    )
+}
+
+/// `calibrate --record`: the factors come from the user's record; data, when
+/// given, only serves the per-layer similarity.
+fn calibrate_from_record(
+    opts: &CalibrateOptions,
+    record_path: &Path,
+    progress: Progress<'_>,
+    started: Instant,
+) -> Result<CalibrateResult, PipelineError> {
+    check_writable(&opts.output)?;
+    let model = load_model(&opts.model)?;
+    let config = read_config(opts, &model)?;
+    let file = record_path.display().to_string();
+    let text = std::fs::read_to_string(record_path)
+        .map_err(|e| PipelineError::Usage(format!("{file}: cannot read the record: {e}")))?;
+    let record = read_record(&text)
+        .map_err(|e| PipelineError::Usage(format!("{file}: not a valid record file: {e}")))?;
+    let data = match &opts.data {
+        DataSource::Files(f) if f.is_empty() => None,
+        source => Some(source.open(&feedable_input_names(&model))?),
+    };
+    let declared = declared_batch(&model);
+    let batch_size = opts.batch_size.unwrap_or(declared.unwrap_or(1)).max(1);
+    let calibrated = calibrated_from_record(&model, &config, &record, &file)?;
+    (progress.message)(&format!(
+        "{} layer(s) from {file}",
+        calibrated.factors.len()
+    ));
+    let run = RunSettings {
+        batch_size,
+        dynamic_batch: declared.is_some_and(|d| d != batch_size),
+        progress: progress.batches,
+        similarity_samples: opts.similarity_samples,
+    };
+    let samples = data
+        .as_ref()
+        .map_or(0, |d| opts.similarity_samples.min(d.samples()));
+    let outcome = finish_models(calibrated, data.as_ref(), &run)?;
+    finish(
+        opts,
+        &config,
+        outcome,
+        batch_size,
+        format!("none (factors from {file})"),
+        samples,
+        started,
+    )
+}
+
+/// Writes the files of a finished run and reports them.
+fn finish(
+    opts: &CalibrateOptions,
+    config: &QuantConfig,
+    outcome: Outcome,
+    batch_size: usize,
+    backend_line: String,
+    similarity_samples: usize,
+    started: Instant,
+) -> Result<CalibrateResult, PipelineError> {
+    let from_record = opts.record.is_some();
     let files = OutputFiles::new(&opts.output);
     let record_text = crate::quant::record::write_record(&outcome.factors);
     let layers = outcome
@@ -62,8 +141,16 @@ pub fn calibrate(
             Ok(LayerReport {
                 name: f.layer.name.clone(),
                 op_type: f.layer.op_type.clone(),
-                act_algo: lc.act_algo.name().into(),
-                asymmetric: config.asymmetric(lc),
+                act_algo: if from_record {
+                    "record".into()
+                } else {
+                    lc.act_algo.name().into()
+                },
+                asymmetric: if from_record {
+                    f.act.offset != 0
+                } else {
+                    config.asymmetric(lc)
+                },
                 scale_d: f.act.scale,
                 offset_d: f.act.offset,
                 scale_w: f.scale_w.clone(),
@@ -89,7 +176,7 @@ pub fn calibrate(
         batches: outcome.batches_used,
         batch_size,
         backend: backend_line,
-        similarity_samples: opts.similarity_samples.min(data.samples()),
+        similarity_samples,
         fused_batch_norms: outcome.preparation.fused.clone(),
         layers,
         skipped: outcome

@@ -86,6 +86,9 @@ pub struct CalibrateOptions {
     pub output: PathBuf,
     /// Calibration samples on which each layer's similarity is measured (0 skips it).
     pub similarity_samples: usize,
+    /// Take every factor from this record file instead of calibrating
+    /// (AMCT's `convert_model`); data is then optional.
+    pub record: Option<PathBuf>,
 }
 
 impl CalibrateOptions {
@@ -103,6 +106,7 @@ impl CalibrateOptions {
             acl_lib: None,
             output,
             similarity_samples: 8,
+            record: None,
         }
     }
 }
@@ -145,28 +149,7 @@ impl RunInputs {
 pub fn gather(opts: &CalibrateOptions) -> Result<RunInputs, PipelineError> {
     check_writable(&opts.output)?;
     let model = load_model(&opts.model)?;
-    let names = layer_names(&model)?;
-    let mut config = match &opts.config {
-        ConfigSource::Json(path) => QuantConfig::from_json_file(path, &names)?,
-        ConfigSource::Simple(path) => {
-            crate::quant::simple_config::from_simple_config(path, &names)?
-        }
-        ConfigSource::Default => QuantConfig::default_for(&names),
-    };
-    for skip in &opts.skip_layers {
-        let layer = config
-            .layers
-            .iter_mut()
-            .find(|(n, _)| n == skip)
-            .ok_or_else(|| {
-                let all: Vec<&str> = names.iter().map(|(n, _)| n.as_str()).collect();
-                PipelineError::Usage(format!(
-                    "--skip-layers: '{skip}' is not a quantizable layer; the layers are: {}",
-                    all.join(", ")
-                ))
-            })?;
-        layer.1.quant_enable = false;
-    }
+    let mut config = read_config(opts, &model)?;
     if let Some(a) = opts.activation_offset {
         config.activation_offset = a;
     }
@@ -191,4 +174,34 @@ pub fn gather(opts: &CalibrateOptions) -> Result<RunInputs, PipelineError> {
         batch_size,
         declared,
     })
+}
+
+/// The configuration the options name, with `skip_layers` applied.
+pub fn read_config(
+    opts: &CalibrateOptions,
+    model: &ModelProto,
+) -> Result<QuantConfig, PipelineError> {
+    let names = layer_names(model)?;
+    let mut config = match &opts.config {
+        ConfigSource::Json(path) => QuantConfig::from_json_file(path, &names)?,
+        ConfigSource::Simple(path) => {
+            crate::quant::simple_config::from_simple_config(path, &names)?
+        }
+        ConfigSource::Default => QuantConfig::default_for(&names),
+    };
+    for skip in &opts.skip_layers {
+        let layer = config
+            .layers
+            .iter_mut()
+            .find(|(n, _)| n == skip)
+            .ok_or_else(|| {
+                let all: Vec<&str> = names.iter().map(|(n, _)| n.as_str()).collect();
+                PipelineError::Usage(format!(
+                    "--skip-layers: '{skip}' is not a quantizable layer; the layers are: {}",
+                    all.join(", ")
+                ))
+            })?;
+        layer.1.quant_enable = false;
+    }
+    Ok(config)
 }

@@ -82,6 +82,16 @@ pub fn calibrate(
     run: &RunSettings,
 ) -> Result<Outcome, QuantError> {
     let c = observe_layers(model, config, data, executor, run)?;
+    finish(c, Some(data), run)
+}
+
+/// Builds the deploy and fake-quant models of calibrated factors and, when
+/// there is data, measures each layer's similarity on it.
+pub fn finish(
+    c: Calibrated,
+    data: Option<&Dataset>,
+    run: &RunSettings,
+) -> Result<Outcome, QuantError> {
     let started = std::time::Instant::now();
     let deploy = deploy_model(&c.prepared, &c.factors)?;
     let fake_quant = fake_quant_model(&c.prepared, &c.factors)?;
@@ -90,15 +100,18 @@ pub fn calibrate(
     let simulation = simulation_model(&c.prepared, &c.factors)?;
     // Measured on the CPU simulator whatever backend observed: it is the
     // fake-quant arithmetic being checked, not the device.
-    let cosine = layer_cosines(
-        &crate::sim::RtenExecutor,
-        &c.prepared,
-        &simulation,
-        &c.factors,
-        data,
-        run,
-        c.batches_used,
-    )?;
+    let cosine = match data {
+        Some(data) => layer_cosines(
+            &crate::sim::RtenExecutor,
+            &c.prepared,
+            &simulation,
+            &c.factors,
+            data,
+            run,
+            c.batches_used.max(1),
+        )?,
+        None => HashMap::new(),
+    };
     let timings = [c.seconds, built, started.elapsed().as_secs_f64() - built];
     Ok(Outcome {
         prepared: c.prepared,
@@ -122,26 +135,7 @@ pub fn observe_layers(
     executor: &dyn Executor,
     run: &RunSettings,
 ) -> Result<Calibrated, QuantError> {
-    // The fake-quant model needs Round and Clip with bound inputs (opset 11), as AMCT does.
-    let opset = model
-        .opset_import
-        .iter()
-        .find(|o| o.domain().is_empty() || o.domain() == "ai.onnx")
-        .map(|o| o.version())
-        .unwrap_or(0);
-    if opset < 11 {
-        return Err(QuantError::Input(format!(
-            "the model imports the default ONNX opset {opset}; quantization needs opset 11 or later (re-export the model with opset >= 11)"
-        )));
-    }
-    let mut prepared = model.clone();
-    let preparation = prepare(&mut prepared, config.do_fusion, &config.skip_fusion_layers)?;
-    let graph = crate::onnx::graph_of(&prepared, "the prepared model")?;
-    let (layers, mut candidates) = discover(graph)?;
-    let enabled: Vec<QuantLayer> = layers
-        .into_iter()
-        .filter(|l| config.layer(&l.name).is_some_and(|c| c.quant_enable))
-        .collect();
+    let (prepared, preparation, enabled, mut candidates) = prepare_layers(model, config)?;
     for c in &mut candidates {
         if c.quantizable && !enabled.iter().any(|l| l.name == c.node) {
             c.quantizable = false;
@@ -237,7 +231,15 @@ pub fn observe_layers(
                     l.name
                 ))
             })?;
-            weigh(graph, l, act, lc.channel_wise, lc.wts_bits)
+            weigh(
+                graph,
+                l,
+                act,
+                WeightScales::Arq {
+                    channel_wise: lc.channel_wise,
+                    bits: lc.wts_bits,
+                },
+            )
         })
         .collect::<Result<Vec<_>, QuantError>>()?;
     Ok(Calibrated {
@@ -248,6 +250,36 @@ pub fn observe_layers(
         batches_used: config.batch_num,
         seconds: observed,
     })
+}
+
+/// Prepares `model` as `config` says (BN folding) and finds its layers:
+/// the prepared model, what preparation did, the layers the configuration
+/// enables, and every candidate's verdict.
+pub fn prepare_layers(
+    model: &ModelProto,
+    config: &QuantConfig,
+) -> Result<(ModelProto, Prepared, Vec<QuantLayer>, Vec<LayerCandidate>), QuantError> {
+    // The fake-quant model needs Round and Clip with bound inputs (opset 11), as AMCT does.
+    let opset = model
+        .opset_import
+        .iter()
+        .find(|o| o.domain().is_empty() || o.domain() == "ai.onnx")
+        .map(|o| o.version())
+        .unwrap_or(0);
+    if opset < 11 {
+        return Err(QuantError::Input(format!(
+            "the model imports the default ONNX opset {opset}; quantization needs opset 11 or later (re-export the model with opset >= 11)"
+        )));
+    }
+    let mut prepared = model.clone();
+    let preparation = prepare(&mut prepared, config.do_fusion, &config.skip_fusion_layers)?;
+    let graph = crate::onnx::graph_of(&prepared, "the prepared model")?;
+    let (layers, candidates) = discover(graph)?;
+    let enabled: Vec<QuantLayer> = layers
+        .into_iter()
+        .filter(|l| config.layer(&l.name).is_some_and(|c| c.quant_enable))
+        .collect();
+    Ok((prepared, preparation, enabled, candidates))
 }
 
 fn check_finite(batch: &Batch, index: usize) -> Result<(), QuantError> {
@@ -275,13 +307,26 @@ fn run_batch(
     Ok(session.run(&feeds, fetch)?)
 }
 
+/// How a layer's weight scales are chosen.
+#[derive(Clone, Debug)]
+pub enum WeightScales {
+    /// ARQ: min/max of the weight, per output channel or per tensor.
+    Arq {
+        /// One scale per output channel.
+        channel_wise: bool,
+        /// Weight bits.
+        bits: u32,
+    },
+    /// Given (from a record): one value, or one per output channel.
+    Given(Vec<f32>),
+}
+
 /// Weight scales, int8 weight and int32 bias of one layer.
-fn weigh(
+pub fn weigh(
     graph: &crate::onnx::GraphProto,
     layer: QuantLayer,
     act: ActParams,
-    channel_wise: bool,
-    bits: u32,
+    scales: WeightScales,
 ) -> Result<LayerFactors, QuantError> {
     let init = |name: &str| -> Result<ArrayD<f32>, QuantError> {
         let t = graph
@@ -308,12 +353,32 @@ fn weigh(
         });
     };
     let w = init(&w_name)?;
-    let layout = if channel_wise {
-        layer.channel_layout
-    } else {
-        ChannelLayout::PerTensor
+    let (layout, scale_w, bits) = match scales {
+        WeightScales::Arq { channel_wise, bits } => {
+            let layout = if channel_wise {
+                layer.channel_layout
+            } else {
+                ChannelLayout::PerTensor
+            };
+            (layout, arq_scales(&layer.name, &w, layout, bits)?, bits)
+        }
+        WeightScales::Given(scale_w) => {
+            let layout = if scale_w.len() == 1 {
+                ChannelLayout::PerTensor
+            } else {
+                layer.channel_layout
+            };
+            if scale_w.len() != layout.channels() {
+                return Err(QuantError::Input(format!(
+                    "layer '{}': {} weight scales given, the weight has {} output channels",
+                    layer.name,
+                    scale_w.len(),
+                    layout.channels()
+                )));
+            }
+            (layout, scale_w, 8)
+        }
     };
-    let scale_w = arq_scales(&layer.name, &w, layout, bits)?;
     let weight_q = quantize_weight(&w, &scale_w, layout, bits);
     let bias_q = match &layer.bias {
         Some(b) => {

@@ -7,6 +7,7 @@ pub mod calibrate;
 pub mod config;
 pub mod emit;
 pub mod error;
+pub mod from_record;
 pub mod layers;
 pub mod observe;
 pub mod params;

@@ -1,0 +1,143 @@
+//! Quantization from a record the user supplies (AMCT's `convert_model`):
+//! the factors come from the file instead of calibration. Every entry is
+//! checked against the prepared model before anything is built.
+
+use super::amct::proto::{ScaleOffsetRecord, SingleLayerRecord};
+use super::calibrate::{Calibrated, WeightScales, prepare_layers, weigh};
+use super::config::QuantConfig;
+use super::error::QuantError;
+use super::layers::{QuantLayer, has_weight};
+use super::params::{ActParams, int_range};
+use crate::onnx::ModelProto;
+use std::collections::HashSet;
+
+/// The prepared model and the factors `record` (read from `file`) gives its
+/// layers; layers the record does not name stay float.
+pub fn calibrated_from_record(
+    model: &ModelProto,
+    config: &QuantConfig,
+    record: &ScaleOffsetRecord,
+    file: &str,
+) -> Result<Calibrated, QuantError> {
+    let (prepared, preparation, layers, mut candidates) = prepare_layers(model, config)?;
+    let fail = |message: String| QuantError::Input(format!("{file}: {message}"));
+    let mut seen = HashSet::new();
+    for entry in &record.record {
+        let key = entry.key();
+        if !seen.insert(key) {
+            return Err(fail(format!(
+                "layer '{key}' appears twice; keep one entry per layer"
+            )));
+        }
+        if !layers.iter().any(|l| l.name == key) {
+            let names: Vec<&str> = layers.iter().map(|l| l.name.as_str()).collect();
+            return Err(fail(format!(
+                "the record names layer '{key}', which the model does not have or cannot quantize; the model's quantizable layers are: {} (a record made after BatchNormalization folding needs the same do_fusion setting)",
+                names.join(", ")
+            )));
+        }
+    }
+    let graph = crate::onnx::graph_of(&prepared, "the prepared model")?;
+    let mut factors = Vec::new();
+    for layer in layers {
+        let Some(value) = record
+            .record
+            .iter()
+            .find(|e| e.key() == layer.name)
+            .map(|e| e.value.clone().unwrap_or_default())
+        else {
+            continue;
+        };
+        let (act, scales) = layer_factors(&layer, &value).map_err(fail)?;
+        factors.push(weigh(graph, layer, act, scales).map_err(|e| fail(e.to_string()))?);
+    }
+    for c in &mut candidates {
+        if c.quantizable && !factors.iter().any(|f| f.layer.name == c.node) {
+            c.quantizable = false;
+            c.note = Some(format!("not in the record {file}"));
+        }
+    }
+    Ok(Calibrated {
+        prepared,
+        preparation,
+        candidates,
+        factors,
+        batches_used: 0,
+        seconds: 0.0,
+    })
+}
+
+/// The activation factors and weight scales of one record entry, checked
+/// the way AMCT checks them (positive finite scales, an int8 offset, zero
+/// weight offsets, one scale or one per output channel).
+fn layer_factors(
+    layer: &QuantLayer,
+    value: &SingleLayerRecord,
+) -> Result<(ActParams, WeightScales), String> {
+    let name = &layer.name;
+    let scale = value.scale_d.ok_or_else(|| {
+        format!("cannot find scale_d of layer '{name}'; every entry needs scale_d")
+    })?;
+    if !(scale.is_finite() && scale > 0.0 && (1.0 / scale).is_finite()) {
+        return Err(format!(
+            "layer '{name}': scale_d = {scale}; it must be a positive finite number"
+        ));
+    }
+    let offset = value.offset_d();
+    let (lo, hi) = int_range(8);
+    if !(lo..=hi).contains(&offset) {
+        return Err(format!(
+            "layer '{name}': offset_d = {offset} is outside the int8 range [{lo}, {hi}]"
+        ));
+    }
+    if value.is_tensor_quantize() {
+        return Err(format!(
+            "layer '{name}': is_tensor_quantize is set, but tensor-quantization keys are 'NODE:INPUT_INDEX'"
+        ));
+    }
+    let act = ActParams { scale, offset };
+    let scale_w = &value.scale_w;
+    if let Some(bad) = scale_w
+        .iter()
+        .find(|s| !(s.is_finite() && **s > 0.0 && (1.0 / **s).is_finite()))
+    {
+        return Err(format!(
+            "layer '{name}': scale_w holds {bad}; every weight scale must be a positive finite number"
+        ));
+    }
+    if value.offset_w.iter().any(|&o| o != 0) {
+        return Err(format!(
+            "layer '{name}': offset_w must be 0 (Ascend's weights are symmetric)"
+        ));
+    }
+    if !value.offset_w.is_empty() && value.offset_w.len() != scale_w.len() {
+        return Err(format!(
+            "layer '{name}': {} offset_w values for {} scale_w values; give one per scale",
+            value.offset_w.len(),
+            scale_w.len()
+        ));
+    }
+    if !has_weight(&layer.op_type) {
+        if !(scale_w.is_empty() || scale_w == &[1.0]) {
+            return Err(format!(
+                "layer '{name}' is {} and has no weight; its scale_w must be absent or 1",
+                layer.op_type
+            ));
+        }
+        return Ok((act, WeightScales::Given(vec![1.0])));
+    }
+    let channels = layer.channel_layout.channels();
+    let allowed = if channels > 1 {
+        format!("1 or {channels} (one per output channel)")
+    } else {
+        "1 (this layer has no per-channel weight scales)".to_string()
+    };
+    if !(scale_w.len() == 1 || scale_w.len() == channels) {
+        return Err(format!(
+            "layer '{name}' ({}) has {} scale_w values; allowed: {allowed}",
+            layer.op_type,
+            scale_w.len()
+        ));
+    }
+    Ok((act, WeightScales::Given(scale_w.clone())))
+}
