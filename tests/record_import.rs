@@ -86,9 +86,13 @@ fn a_hand_written_record_sets_the_weights_and_leaves_other_layers_float() {
     let fg = float.graph.unwrap();
     let gemm = fg.node.iter().find(|n| n.name() == "/10/Gemm").unwrap();
     let w_name = &gemm.input[1];
-    let Tensor::F32(w) =
-        to_tensor(fg.initializer.iter().find(|t| &t.name() == w_name).unwrap()).unwrap()
-    else {
+    let Tensor::F32(w) = to_tensor(
+        fg.initializer
+            .iter()
+            .find(|t| t.name() == w_name.as_str())
+            .unwrap(),
+    )
+    .unwrap() else {
         panic!("float weight")
     };
     let qgemm = g.node.iter().find(|n| n.name() == "/10/Gemm").unwrap();
