@@ -400,6 +400,7 @@ fn the_quantized_forward_pass_matches_the_exported_fake_quant_model() {
             weight_q: Some(quantize_weight(&w, &scale_w, layout, 8)),
             bias_q: bias.map(|b| quantize_bias(&l.name, &b, &scale_w, grid.scale).unwrap()),
             scale_w,
+            nuq: None,
         });
     }
     let x = digits_input(16);

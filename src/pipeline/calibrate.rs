@@ -5,7 +5,7 @@ use super::Progress;
 use super::backend::select_backend;
 use super::error::PipelineError;
 use super::inputs::{CalibrateOptions, DataSource, RunInputs, gather, layer_names, read_config};
-use super::outputs::{OutputFiles, check_writable, declared_batch, write_outputs};
+use super::outputs::{OutputFiles, check_writable, declared_batch, with_suffix, write_outputs};
 use crate::onnx::load_model;
 use crate::quant::calibrate::{
     Outcome, RunSettings, calibrate as run_calibration, finish as finish_models,
@@ -159,20 +159,35 @@ fn finish(
                     .get(&f.layer.name)
                     .copied()
                     .unwrap_or(f64::NAN),
+                nuq: f.nuq.clone(),
             })
         })
         .collect::<Result<Vec<_>, PipelineError>>()?;
+    // ATC's --compress_weight_conf list: the layers whose weights NUQ reduced.
+    let nuq_layers: Vec<&str> = outcome
+        .factors
+        .iter()
+        .filter(|f| f.nuq.as_ref().is_some_and(|n| n.note.is_none()))
+        .map(|f| f.layer.name.as_str())
+        .collect();
+    let nuq_list = (!nuq_layers.is_empty()).then(|| {
+        (
+            with_suffix(&opts.output, "_nuq_layer_record.txt"),
+            format!("{}\n", nuq_layers.join(";")),
+        )
+    });
+    let mut outputs = vec![
+        &files.deploy,
+        &files.fake_quant,
+        &files.record,
+        &files.report,
+    ];
+    if let Some((path, _)) = &nuq_list {
+        outputs.push(path);
+    }
     let report = QuantReport {
         model: opts.model.display().to_string(),
-        outputs: [
-            &files.deploy,
-            &files.fake_quant,
-            &files.record,
-            &files.report,
-        ]
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect(),
+        outputs: outputs.iter().map(|p| p.display().to_string()).collect(),
         batches: outcome.batches_used,
         batch_size,
         backend: backend_line,
@@ -190,15 +205,19 @@ fn finish(
     };
     let report_json = serde_json::to_string_pretty(&report)
         .map_err(|e| PipelineError::Usage(format!("serializing the report: {e}")))?;
+    let mut texts: Vec<(&Path, &[u8])> = vec![
+        (&files.record, record_text.as_bytes()),
+        (&files.report, report_json.as_bytes()),
+    ];
+    if let Some((path, text)) = &nuq_list {
+        texts.push((path, text.as_bytes()));
+    }
     let written = write_outputs(
         &[
             (&files.deploy, &outcome.deploy),
             (&files.fake_quant, &outcome.fake_quant),
         ],
-        &[
-            (&files.record, record_text.as_bytes()),
-            (&files.report, report_json.as_bytes()),
-        ],
+        &texts,
         &opts.output,
     )?;
     Ok(CalibrateResult {

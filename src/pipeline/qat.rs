@@ -390,6 +390,7 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
             scale_w,
             weight_q,
             bias_q,
+            nuq: None,
         });
     }
     let files = OutputFiles::new(&opts.output);

@@ -3,14 +3,15 @@
 //! watches its input, quantize the weights, and build the deploy and
 //! fake-quant models; then measure each layer's output similarity.
 
-use super::config::QuantConfig;
+use super::config::{QuantConfig, WtsAlgo};
 use super::emit::{LayerFactors, deploy_model, fake_quant_model, simulation_model};
 use super::error::QuantError;
 use super::layers::{LayerCandidate, QuantLayer, discover};
+use super::nuq::{apply_nuq, nuq_map};
 use super::observe::{Observer, finite_extremes};
 use super::params::ActParams;
 use super::prepare::{Prepared, prepare};
-use super::weights::{ChannelLayout, arq_scales, quantize_bias, quantize_weight};
+use super::weights::{ChannelLayout, InputMoments, arq_scales, quantize_bias, quantize_weight};
 use crate::data::{Batch, Dataset};
 use crate::onnx::{ModelProto, to_tensor};
 use crate::sim::{Executor, Session, SessionOptions};
@@ -181,6 +182,19 @@ pub fn observe_layers(
                 .expect("every input is tapped")
         })
         .collect();
+    // Input second moments of the layers whose NUQ search uses the data.
+    let graph = crate::onnx::graph_of(&prepared, "the prepared model")?;
+    let mut moments: Vec<(usize, usize, InputMoments)> = enabled
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| match config.layer(&l.name)?.wts_algo {
+            WtsAlgo::Nuq(n) if n.num_of_iteration > 0 => {
+                let map = nuq_map(graph, l).ok()?;
+                Some((i, tap_of_layer[i], InputMoments::new(map.channels())))
+            }
+            _ => None,
+        })
+        .collect();
     let started = std::time::Instant::now();
     for b in 0..config.batch_num {
         let batch = data.batch(run.batch_size, b)?;
@@ -213,15 +227,27 @@ pub fn observe_layers(
                 let (slice, min, max) = stats[t];
                 o.observe(slice, min, max);
             });
+        moments.par_iter_mut().for_each(|(_, t, m)| {
+            m.observe(stats[*t].0, values[*t].shape());
+        });
         (run.progress)(b + 1, config.batch_num);
     }
     let observed = started.elapsed().as_secs_f64();
     let graph = crate::onnx::graph_of(&prepared, "the prepared model")?;
+    let means: Vec<Option<Vec<f64>>> = (0..enabled.len())
+        .map(|i| {
+            moments
+                .iter()
+                .find(|(l, _, _)| *l == i)
+                .map(|(_, _, m)| m.mean())
+        })
+        .collect();
     // Factor searches (IFMR, HFMG) and weight quantization are independent per layer.
     let factors = enabled
         .into_par_iter()
         .zip(observers.par_iter())
-        .map(|(l, o)| {
+        .zip(means.par_iter())
+        .map(|((l, o), mean)| {
             let lc = config.layer(&l.name).ok_or_else(|| {
                 QuantError::Input(format!("layer '{}' has no configuration", l.name))
             })?;
@@ -231,7 +257,7 @@ pub fn observe_layers(
                     l.name
                 ))
             })?;
-            weigh(
+            let mut f = weigh(
                 graph,
                 l,
                 act,
@@ -239,7 +265,11 @@ pub fn observe_layers(
                     channel_wise: lc.channel_wise,
                     bits: lc.wts_bits,
                 },
-            )
+            )?;
+            if let WtsAlgo::Nuq(settings) = lc.wts_algo {
+                apply_nuq(graph, &mut f, settings, mean.as_deref())?;
+            }
+            Ok(f)
         })
         .collect::<Result<Vec<_>, QuantError>>()?;
     Ok(Calibrated {
@@ -350,6 +380,7 @@ pub fn weigh(
             scale_w: vec![1.0],
             weight_q: None,
             bias_q: None,
+            nuq: None,
         });
     };
     let w = init(&w_name)?;
@@ -398,6 +429,7 @@ pub fn weigh(
         scale_w,
         weight_q: Some(weight_q),
         bias_q,
+        nuq: None,
     })
 }
 

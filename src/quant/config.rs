@@ -2,6 +2,7 @@
 //! check of every key and range, and written in graph order.
 
 use super::observe::{ActAlgo, IfmrSettings};
+use super::weights::NuqSettings;
 use serde_json::{Map, Value, json};
 use std::path::Path;
 
@@ -20,6 +21,18 @@ pub struct LayerConfig {
     pub wts_bits: u32,
     /// One weight scale per output channel (Conv, ConvTranspose only).
     pub channel_wise: bool,
+    /// How the weight's int8 values are chosen.
+    pub wts_algo: WtsAlgo,
+}
+
+/// The weight algorithm of a layer.
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub enum WtsAlgo {
+    /// ARQ: the uniform int8 grid (`arq_quantize`).
+    #[default]
+    Arq,
+    /// NUQ: the ARQ grid reduced to a few levels (`nuq_quantize`).
+    Nuq(NuqSettings),
 }
 
 impl LayerConfig {
@@ -32,6 +45,7 @@ impl LayerConfig {
             asymmetric: None,
             wts_bits: 8,
             channel_wise: super::layers::has_weight_channels(op_type),
+            wts_algo: WtsAlgo::Arq,
         }
     }
 }
@@ -139,15 +153,18 @@ impl QuantConfig {
                 json!({
                     "quant_enable": l.quant_enable,
                     "activation_quant_params": Value::Object(act),
-                    "weight_quant_params": {
-                        "wts_algo": "arq_quantize",
-                        "channel_wise": l.channel_wise,
-                        "num_bits": l.wts_bits,
-                    },
+                    "weight_quant_params": weight_json(l),
                 }),
             );
         }
         Value::Object(top)
+    }
+
+    /// Sets every layer's weight algorithm to NUQ with these settings.
+    pub fn set_nuq(&mut self, settings: NuqSettings) {
+        for (_, l) in &mut self.layers {
+            l.wts_algo = WtsAlgo::Nuq(settings);
+        }
     }
 
     /// Reads a JSON config; `layers` (name, op type) are the model's quantizable layers.
@@ -170,6 +187,42 @@ impl QuantConfig {
             serde_json::from_str(text).map_err(|e| fail(format!("not valid JSON: {e}")))?;
         parse(&value, layers).map_err(fail)
     }
+}
+
+fn weight_json(l: &LayerConfig) -> Value {
+    let mut w = Map::new();
+    match l.wts_algo {
+        WtsAlgo::Arq => {
+            w.insert("wts_algo".into(), json!("arq_quantize"));
+        }
+        WtsAlgo::Nuq(n) => {
+            w.insert("wts_algo".into(), json!("nuq_quantize"));
+            w.insert("num_steps".into(), json!(n.num_steps));
+            w.insert("num_of_iteration".into(), json!(n.num_of_iteration));
+        }
+    }
+    w.insert("channel_wise".into(), json!(l.channel_wise));
+    w.insert("num_bits".into(), json!(l.wts_bits));
+    Value::Object(w)
+}
+
+/// NUQ settings checked against AMCT's ranges (`num_steps` 16 or 32,
+/// `num_of_iteration` 0 to 5); `ctx` names the place in errors.
+pub fn nuq_settings(num_steps: u64, num_of_iteration: u64, ctx: &str) -> Parse<NuqSettings> {
+    if !(num_steps == 16 || num_steps == 32) {
+        return Err(format!(
+            "{ctx}: 'num_steps' = {num_steps}; allowed: 16 or 32"
+        ));
+    }
+    if num_of_iteration > 5 {
+        return Err(format!(
+            "{ctx}: 'num_of_iteration' = {num_of_iteration}; allowed: 0 to 5"
+        ));
+    }
+    Ok(NuqSettings {
+        num_steps: num_steps as usize,
+        num_of_iteration: num_of_iteration as u32,
+    })
 }
 
 pub(super) type Parse<T> = Result<T, String>;
@@ -404,13 +457,44 @@ fn parse_layer(v: &Value, name: &str, op: &str) -> Parse<LayerConfig> {
             .as_object()
             .ok_or_else(|| format!("layer '{name}': weight_quant_params must be an object"))?;
         let ctx = format!("layer '{name}' weight_quant_params");
-        check_keys(w, &["wts_algo", "channel_wise", "num_bits"], &ctx)?;
-        if let Some(a) = w.get("wts_algo")
-            && a.as_str() != Some("arq_quantize")
-        {
-            return Err(format!(
-                "{ctx}: 'wts_algo' = {a} is not supported; allowed: arq_quantize"
-            ));
+        let algo = w.get("wts_algo").map(|a| a.as_str().unwrap_or("?"));
+        match algo {
+            None | Some("arq_quantize") => {
+                check_keys(w, &["wts_algo", "channel_wise", "num_bits"], &ctx)?;
+            }
+            Some("nuq_quantize") => {
+                check_keys(
+                    w,
+                    &[
+                        "wts_algo",
+                        "channel_wise",
+                        "num_bits",
+                        "num_steps",
+                        "num_of_iteration",
+                    ],
+                    &ctx,
+                )?;
+                let int = |k: &str, default: u64| -> Parse<u64> {
+                    match w.get(k) {
+                        None => Ok(default),
+                        Some(v) => v
+                            .as_u64()
+                            .ok_or_else(|| format!("{ctx}: '{k}' must be an integer, got {v}")),
+                    }
+                };
+                let d = NuqSettings::default();
+                l.wts_algo = WtsAlgo::Nuq(nuq_settings(
+                    int("num_steps", d.num_steps as u64)?,
+                    int("num_of_iteration", u64::from(d.num_of_iteration))?,
+                    &ctx,
+                )?);
+            }
+            Some(_) => {
+                return Err(format!(
+                    "{ctx}: 'wts_algo' = {} is not supported; allowed: arq_quantize, nuq_quantize",
+                    w["wts_algo"]
+                ));
+            }
         }
         if let Some(b) = w.get("num_bits")
             && b.as_u64() != Some(8)
@@ -447,6 +531,10 @@ mod tests {
         cfg.layers[1].1.act_algo = ActAlgo::Hfmg { num_of_bins: 2048 };
         cfg.layers[1].1.asymmetric = Some(false);
         cfg.batch_num = 4;
+        cfg.layers[0].1.wts_algo = WtsAlgo::Nuq(NuqSettings {
+            num_steps: 16,
+            num_of_iteration: 3,
+        });
         let back = parse(&cfg.to_json(), &layers()).unwrap();
         assert_eq!(back, cfg);
     }
@@ -474,6 +562,24 @@ mod tests {
         let e =
             parse_str(r#"{"fc": {"weight_quant_params": {"channel_wise": true}}}"#).unwrap_err();
         assert!(e.contains("channel_wise") && e.contains("Gemm"), "{e}");
+        let e = parse_str(
+            r#"{"conv1": {"weight_quant_params": {"wts_algo": "nuq_quantize", "num_steps": 8}}}"#,
+        )
+        .unwrap_err();
+        assert!(e.contains("num_steps") && e.contains("16 or 32"), "{e}");
+        let e = parse_str(
+            r#"{"conv1": {"weight_quant_params": {"wts_algo": "nuq_quantize", "num_of_iteration": 6}}}"#,
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("num_of_iteration") && e.contains("0 to 5"),
+            "{e}"
+        );
+        let e = parse_str(r#"{"conv1": {"weight_quant_params": {"num_steps": 16}}}"#).unwrap_err();
+        assert!(
+            e.contains("'num_steps'") && e.contains("allowed keys"),
+            "{e}"
+        );
         let e = parse_str(r#"{"batch_num": 0}"#).unwrap_err();
         assert!(e.contains("batch_num") && e.contains(">= 1"), "{e}");
     }

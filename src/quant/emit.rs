@@ -19,7 +19,7 @@
 
 use super::layers::QuantLayer;
 use super::params::{ActParams, int_range};
-use super::weights::{ChannelLayout, dequantize_weight};
+use super::weights::{ChannelLayout, NuqSummary, dequantize_weight};
 use crate::deploy_format::{
     ASCEND_DEQUANT, ASCEND_QUANT, QuantAttrs, deq_factor, dequant_attributes, names, pack_deq_scale,
 };
@@ -44,6 +44,8 @@ pub struct LayerFactors {
     pub weight_q: Option<ArrayD<i8>>,
     /// The int32 bias.
     pub bias_q: Option<Vec<i32>>,
+    /// What NUQ did to the weight (asked for, whether applied or not).
+    pub nuq: Option<NuqSummary>,
 }
 
 impl LayerFactors {

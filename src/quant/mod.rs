@@ -9,6 +9,7 @@ pub mod emit;
 pub mod error;
 pub mod from_record;
 pub mod layers;
+pub mod nuq;
 pub mod observe;
 pub mod params;
 pub mod prepare;

@@ -5,8 +5,9 @@
 //! own `asymmetric` over `activation_offset`.
 
 use super::amct::{descriptors, proto};
-use super::config::{ConfigError, LayerConfig, QuantConfig};
+use super::config::{ConfigError, LayerConfig, QuantConfig, WtsAlgo, nuq_settings};
 use super::observe::{ActAlgo, IfmrSettings};
+use super::weights::NuqSettings;
 use prost_reflect::DynamicMessage;
 use proto::calibration_config::{ActsQuantAlgo, TensorBalancer, WtsQuantAlgo};
 use std::path::Path;
@@ -37,11 +38,18 @@ pub fn from_simple_config_str(
 }
 
 fn build(cfg: &proto::AmctConfig, layers: &[(String, String)]) -> Result<QuantConfig, String> {
-    if cfg.joint_quant() || !cfg.tensor_quantize.is_empty() || cfg.nuq_config.is_some() {
-        return Err(
-            "joint_quant, tensor_quantize and nuq_config are not supported yet; remove them".into(),
-        );
+    if cfg.joint_quant() || !cfg.tensor_quantize.is_empty() {
+        return Err("joint_quant and tensor_quantize are not supported yet; remove them".into());
     }
+    // nuq_config applies NUQ to every layer (those NUQ cannot take stay
+    // uniform with a note); a layer's own weight algorithm overrides it.
+    let nuq_default = match &cfg.nuq_config {
+        Some(n) => Some(WtsAlgo::Nuq(nuq_from(
+            &n.nuq_quantize.unwrap_or_default(),
+            "nuq_config",
+        )?)),
+        None => None,
+    };
     if cfg.fakequant_precision_mode() != proto::FakequantPrecisionMode::Default {
         return Err(
             "fakequant_precision_mode FORCE_FP16_QUANT is not supported yet; remove it".into(),
@@ -79,6 +87,9 @@ fn build(cfg: &proto::AmctConfig, layers: &[(String, String)]) -> Result<QuantCo
     }
     for (name, op) in layers {
         let mut layer = LayerConfig::default_for(op);
+        if let Some(algo) = nuq_default {
+            layer.wts_algo = algo;
+        }
         // (settings, named for this very layer)
         let mut sources: Vec<(&proto::CalibrationConfig, bool)> =
             cfg.common_config.iter().map(|c| (c, false)).collect();
@@ -101,6 +112,14 @@ fn build(cfg: &proto::AmctConfig, layers: &[(String, String)]) -> Result<QuantCo
         out.layers.push((name.clone(), layer));
     }
     Ok(out)
+}
+
+fn nuq_from(n: &proto::NuQuantize, ctx: &str) -> Result<NuqSettings, String> {
+    nuq_settings(
+        u64::from(n.num_steps()),
+        u64::from(n.num_of_iteration()),
+        ctx,
+    )
 }
 
 fn check_percentile(key: &str, v: f32) -> Result<f64, String> {
@@ -126,6 +145,7 @@ fn apply(
     }
     match c.wts_quant_algo {
         Some(WtsQuantAlgo::ArqQuantize(a)) => {
+            layer.wts_algo = WtsAlgo::Arq;
             if a.quant_bits() != 8 {
                 return Err(ctx(format!(
                     "arq_quantize quant_bits {} is not supported; allowed: 8",
@@ -139,6 +159,9 @@ fn apply(
                 )));
             }
             layer.channel_wise = a.channel_wise() && has_channels;
+        }
+        Some(WtsQuantAlgo::NuqQuantize(n)) => {
+            layer.wts_algo = WtsAlgo::Nuq(nuq_from(&n, "nuq_quantize").map_err(ctx)?);
         }
         Some(WtsQuantAlgo::AdaQuantize(_)) => {
             return Err(ctx(
@@ -270,6 +293,29 @@ mod tests {
         let fc = cfg.layer("fc").unwrap();
         assert!(matches!(&fc.act_algo, ActAlgo::Ifmr(s) if s.search_step == 0.02));
         assert!(!cfg.asymmetric(fc));
+    }
+
+    #[test]
+    fn nuq_config_applies_to_every_layer_unless_a_layer_says_otherwise() {
+        let cfg = parse(
+            r#"
+            nuq_config { mapping_file: "ignored.json" nuq_quantize { num_steps: 16 num_of_iteration: 2 } }
+            override_layer_configs { layer_name: "fc" calibration_config { arq_quantize { } } }
+            override_layer_configs { layer_name: "conv2" calibration_config { nuq_quantize { } } }
+            "#,
+        )
+        .unwrap();
+        let nuq = |steps, iters| {
+            WtsAlgo::Nuq(NuqSettings {
+                num_steps: steps,
+                num_of_iteration: iters,
+            })
+        };
+        assert_eq!(cfg.layer("conv1").unwrap().wts_algo, nuq(16, 2));
+        assert_eq!(cfg.layer("conv2").unwrap().wts_algo, nuq(32, 1));
+        assert_eq!(cfg.layer("fc").unwrap().wts_algo, WtsAlgo::Arq);
+        let e = parse("nuq_config { nuq_quantize { num_steps: 20 } }").unwrap_err();
+        assert!(e.contains("num_steps") && e.contains("16 or 32"), "{e}");
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod compare;
 pub mod html;
 
 use crate::quant::layers::LayerCandidate;
+use crate::quant::weights::NuqSummary;
 use serde::Serialize;
 use std::io::Write;
 
@@ -28,6 +29,9 @@ pub struct LayerReport {
     /// Cosine similarity of the layer's output, float vs fake-quant, on the
     /// first `similarity_samples` calibration samples (null when not measured).
     pub cosine: f64,
+    /// NUQ's levels and compression figures, when NUQ was asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nuq: Option<NuqSummary>,
 }
 
 /// The whole run.
@@ -57,6 +61,26 @@ pub struct QuantReport {
     pub phase_seconds: [f64; 3],
 }
 
+/// Bytes an entropy coder needs for the weights of the NUQ layers, uniform
+/// and after NUQ (None when no layer took NUQ).
+pub fn nuq_bytes(layers: &[LayerReport]) -> Option<(f64, f64)> {
+    let taken: Vec<&NuqSummary> = layers
+        .iter()
+        .filter_map(|l| l.nuq.as_ref())
+        .filter(|n| n.note.is_none() && n.weights > 0)
+        .collect();
+    if taken.is_empty() {
+        return None;
+    }
+    let bytes = |i: usize| -> f64 {
+        taken
+            .iter()
+            .map(|n| n.weights as f64 * n.bits_per_weight[i] / 8.0)
+            .sum()
+    };
+    Some((bytes(0), bytes(1)))
+}
+
 impl QuantReport {
     /// Writes the summary table.
     pub fn print_table(&self, out: &mut dyn Write) -> std::io::Result<()> {
@@ -75,6 +99,40 @@ impl QuantReport {
                 out,
                 "{:<36} {:<14} {:<10} {:>12.5e} {:>7} {:>10} {:>9.5}",
                 l.name, l.op_type, l.act_algo, l.scale_d, l.offset_d, sw, l.cosine
+            )?;
+        }
+        let nuq: Vec<(&str, &NuqSummary)> = self
+            .layers
+            .iter()
+            .filter_map(|l| l.nuq.as_ref().map(|n| (l.name.as_str(), n)))
+            .collect();
+        for (name, n) in &nuq {
+            match &n.note {
+                Some(note) => writeln!(out, "{name:<36} NUQ: {note}")?,
+                None => writeln!(
+                    out,
+                    "{name:<36} NUQ: {} levels used of {}, {:.2} -> {:.2} bits/weight{}",
+                    n.distinct[1],
+                    n.distinct[0],
+                    n.bits_per_weight[0],
+                    n.bits_per_weight[1],
+                    n.output_error
+                        .map(|[u, a]| format!(
+                            ", output error {:.3}% -> {:.3}% of the output energy",
+                            100.0 * u,
+                            100.0 * a
+                        ))
+                        .unwrap_or_default()
+                )?,
+            }
+        }
+        if let Some((before, after)) = nuq_bytes(&self.layers) {
+            writeln!(
+                out,
+                "NUQ weights at their entropy: {:.1} KiB uniform -> {:.1} KiB ({:.1}% smaller)",
+                before / 1024.0,
+                after / 1024.0,
+                100.0 * (1.0 - after / before)
             )?;
         }
         for s in &self.skipped {

@@ -41,7 +41,7 @@ impl ChannelLayout {
     }
 
     /// The channel of the element at flat (row-major) index `flat` of a tensor of `len` elements.
-    fn channel_of(&self, flat: usize, len: usize) -> usize {
+    pub(crate) fn channel_of(&self, flat: usize, len: usize) -> usize {
         match *self {
             ChannelLayout::PerTensor => 0,
             ChannelLayout::Axis0 { channels } => flat / (len / channels),
