@@ -73,6 +73,47 @@ impl QuantAttrs {
     }
 }
 
+/// The attributes of an `AscendAntiQuant` node, as AMCT writes them:
+/// `scale` = `scale_d` (not its reciprocal), `offset` = `offset_d`, so that
+/// ATC (which negates the offset when it reads the node) computes
+/// `y = (q − offset_d) · scale_d`; `dst_type` "INT8" names the input type.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AntiQuantAttrs {
+    /// `scale_d`.
+    pub scale: f32,
+    /// `offset_d` as a float.
+    pub offset: f32,
+}
+
+impl AntiQuantAttrs {
+    /// The attributes for activation factors `scale_d`, `offset_d`.
+    pub fn from_factors(scale_d: f32, offset_d: i32) -> AntiQuantAttrs {
+        AntiQuantAttrs {
+            scale: scale_d,
+            offset: offset_d as f32,
+        }
+    }
+
+    /// The node attributes.
+    pub fn to_attributes(self) -> Vec<AttributeProto> {
+        vec![
+            attr_float("scale", self.scale),
+            attr_float("offset", self.offset),
+            attr_string("dst_type", "INT8"),
+        ]
+    }
+
+    /// Reads the attributes of an `AscendAntiQuant` node.
+    pub fn read(node: &NodeProto) -> Result<AntiQuantAttrs, String> {
+        // Same checks as AscendQuant's: a positive scale and an int8 offset.
+        let q = QuantAttrs::read(node)?;
+        Ok(AntiQuantAttrs {
+            scale: q.scale,
+            offset: q.offset,
+        })
+    }
+}
+
 /// The attributes of an `AscendDequant` node: `dtype` 0 (float32 output).
 pub fn dequant_attributes() -> Vec<AttributeProto> {
     vec![attr_int("dtype", 0)]
@@ -170,6 +211,22 @@ pub mod names {
     /// chain's last node (`<layer>.quant.fakequant.sub`).
     pub fn layer_of_fake_quant_sub(node: &str) -> Option<&str> {
         node.strip_suffix(".quant.fakequant.sub")
+    }
+
+    /// The name a tensor quantization (input `index` of `node`) gives the
+    /// nodes it adds in place of a layer name.
+    pub fn tensor_base(node: &str, index: usize) -> String {
+        format!("{node}.input{index}")
+    }
+
+    /// The `AscendAntiQuant` node of a tensor quantization.
+    pub fn anti_quant_node(base: &str) -> String {
+        format!("{base}.anti_quant")
+    }
+
+    /// The float value the `AscendAntiQuant` node writes.
+    pub fn anti_quant_output(base: &str) -> String {
+        format!("{base}.anti_quant.output")
     }
 
     /// The nodes that dequantize a layer's output, in the deploy and the

@@ -60,6 +60,10 @@ pub struct CalibrateArgs {
     /// similarity is measured (0 skips it).
     #[arg(long, default_value_t = 8)]
     pub similarity_samples: usize,
+    /// Quantize inputs of MaxPool / Add nodes on their own (AscendQuant +
+    /// AscendAntiQuant): NODE (its computed inputs) or NODE:INPUT_INDEX, separated by ','.
+    #[arg(long, value_delimiter = ',')]
+    pub tensor_quantize: Vec<String>,
     /// Build the models from this record file's factors instead of
     /// calibrating (layers it does not name stay float; --data is then
     /// optional and only measures similarity).
@@ -161,6 +165,7 @@ impl CalibrateArgs {
             acl_lib: self.acl_lib.clone(),
             output: self.output.clone(),
             similarity_samples: self.similarity_samples,
+            tensor_quantize: self.tensor_quantize.clone(),
             record: self.record.clone(),
         })
     }

@@ -130,7 +130,8 @@ fn finish(
 ) -> Result<CalibrateResult, PipelineError> {
     let from_record = opts.record.is_some();
     let files = OutputFiles::new(&opts.output);
-    let record_text = crate::quant::record::write_record(&outcome.factors);
+    let record_text =
+        crate::quant::record::write_record_with_tensors(&outcome.factors, &outcome.tensors);
     let layers = outcome
         .factors
         .iter()
@@ -185,6 +186,25 @@ fn finish(
     if let Some((path, _)) = &nuq_list {
         outputs.push(path);
     }
+    let tensor_quantize = outcome
+        .tensors
+        .iter()
+        .map(|t| {
+            let tc = config.tensor_quantize.iter().find(|c| c.key() == t.key);
+            LayerReport {
+                name: t.key.clone(),
+                op_type: t.op_type.clone(),
+                act_algo: tc.map_or("record".into(), |c| c.act_algo.name().into()),
+                asymmetric: t.act.offset != 0
+                    || tc.is_some_and(|c| c.asymmetric.unwrap_or(config.activation_offset)),
+                scale_d: t.act.scale,
+                offset_d: t.act.offset,
+                scale_w: Vec::new(),
+                cosine: f64::NAN,
+                nuq: None,
+            }
+        })
+        .collect();
     let report = QuantReport {
         model: opts.model.display().to_string(),
         outputs: outputs.iter().map(|p| p.display().to_string()).collect(),
@@ -194,6 +214,7 @@ fn finish(
         similarity_samples,
         fused_batch_norms: outcome.preparation.fused.clone(),
         layers,
+        tensor_quantize,
         skipped: outcome
             .candidates
             .iter()

@@ -5,7 +5,7 @@ use super::error::PipelineError;
 use super::outputs::{check_writable, declared_batch};
 use crate::data::Dataset;
 use crate::onnx::{ModelProto, load_model};
-use crate::quant::config::QuantConfig;
+use crate::quant::config::{QuantConfig, TensorQuantConfig};
 use crate::quant::layers::discover;
 use crate::quant::prepare::prepare;
 use crate::sim::feedable_input_names;
@@ -86,6 +86,9 @@ pub struct CalibrateOptions {
     pub output: PathBuf,
     /// Calibration samples on which each layer's similarity is measured (0 skips it).
     pub similarity_samples: usize,
+    /// Inputs to tensor-quantize, `NODE` (every computed input) or
+    /// `NODE:INPUT_INDEX`, added to the configuration's `tensor_quantize`.
+    pub tensor_quantize: Vec<String>,
     /// Take every factor from this record file instead of calibrating
     /// (AMCT's `convert_model`); data is then optional.
     pub record: Option<PathBuf>,
@@ -106,6 +109,7 @@ impl CalibrateOptions {
             acl_lib: None,
             output,
             similarity_samples: 8,
+            tensor_quantize: Vec::new(),
             record: None,
         }
     }
@@ -203,5 +207,38 @@ pub fn read_config(
             })?;
         layer.1.quant_enable = false;
     }
+    for spec in &opts.tensor_quantize {
+        config.tensor_quantize.extend(tensor_targets(model, spec));
+    }
     Ok(config)
+}
+
+/// The tensor quantizations one `--tensor-quantize` item asks for: `NODE:I`
+/// is input I; `NODE` is every input of the node that is not a constant.
+/// Names that do not resolve are left for calibration to report.
+fn tensor_targets(model: &ModelProto, spec: &str) -> Vec<TensorQuantConfig> {
+    let target = |name: &str, input_index: usize| TensorQuantConfig {
+        layer_name: name.to_string(),
+        input_index,
+        act_algo: Default::default(),
+        asymmetric: None,
+    };
+    if let Some((name, index)) = spec.rsplit_once(':')
+        && let Ok(i) = index.parse::<usize>()
+    {
+        return vec![target(name, i)];
+    }
+    let graph = model.graph.as_ref();
+    let node = graph.and_then(|g| g.node.iter().find(|n| n.name() == spec));
+    let computed: Vec<usize> = match (graph, node) {
+        (Some(g), Some(n)) => n
+            .input
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| !i.is_empty() && crate::onnx::graph::initializer(g, i).is_none())
+            .map(|(k, _)| k)
+            .collect(),
+        _ => vec![0],
+    };
+    computed.into_iter().map(|i| target(spec, i)).collect()
 }

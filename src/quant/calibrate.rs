@@ -4,13 +4,17 @@
 //! fake-quant models; then measure each layer's output similarity.
 
 use super::config::{QuantConfig, WtsAlgo};
-use super::emit::{LayerFactors, deploy_model, fake_quant_model, simulation_model};
+use super::emit::{
+    LayerFactors, ModelKind, add_tensor_quantization, deploy_model, fake_quant_model,
+    simulation_model,
+};
 use super::error::QuantError;
 use super::layers::{LayerCandidate, QuantLayer, discover};
 use super::nuq::{apply_nuq, nuq_map};
 use super::observe::{Observer, finite_extremes};
 use super::params::ActParams;
 use super::prepare::{Prepared, prepare};
+use super::tensor_quant::{TensorFactors, resolve as resolve_tensors};
 use super::weights::{ChannelLayout, InputMoments, arq_scales, quantize_bias, quantize_weight};
 use crate::data::{Batch, Dataset};
 use crate::onnx::{ModelProto, to_tensor};
@@ -42,6 +46,8 @@ pub struct Outcome {
     pub preparation: Prepared,
     /// Factors per quantized layer, in graph order.
     pub factors: Vec<LayerFactors>,
+    /// Tensor quantizations.
+    pub tensors: Vec<TensorFactors>,
     /// Every candidate layer and why it was or was not quantized.
     pub candidates: Vec<LayerCandidate>,
     /// The deploy model.
@@ -68,6 +74,8 @@ pub struct Calibrated {
     pub candidates: Vec<LayerCandidate>,
     /// Factors per enabled layer, in graph order.
     pub factors: Vec<LayerFactors>,
+    /// Tensor quantizations (inputs of MaxPool / Add), in configuration order.
+    pub tensors: Vec<TensorFactors>,
     /// Batches used.
     pub batches_used: usize,
     /// Seconds spent observing activations.
@@ -94,11 +102,14 @@ pub fn finish(
     run: &RunSettings,
 ) -> Result<Outcome, QuantError> {
     let started = std::time::Instant::now();
-    let deploy = deploy_model(&c.prepared, &c.factors)?;
-    let fake_quant = fake_quant_model(&c.prepared, &c.factors)?;
+    let mut deploy = deploy_model(&c.prepared, &c.factors)?;
+    add_tensor_quantization(&mut deploy, &c.tensors, ModelKind::Deploy)?;
+    let mut fake_quant = fake_quant_model(&c.prepared, &c.factors)?;
+    add_tensor_quantization(&mut fake_quant, &c.tensors, ModelKind::FakeQuant)?;
     let built = started.elapsed().as_secs_f64();
     // The similarity runs a faster equivalent of the fake-quant model.
-    let simulation = simulation_model(&c.prepared, &c.factors)?;
+    let mut simulation = simulation_model(&c.prepared, &c.factors)?;
+    add_tensor_quantization(&mut simulation, &c.tensors, ModelKind::Simulation)?;
     // Measured on the CPU simulator whatever backend observed: it is the
     // fake-quant arithmetic being checked, not the device.
     let cosine = match data {
@@ -118,6 +129,7 @@ pub fn finish(
         prepared: c.prepared,
         preparation: c.preparation,
         factors: c.factors,
+        tensors: c.tensors,
         candidates: c.candidates,
         deploy,
         fake_quant,
@@ -152,7 +164,14 @@ pub fn observe_layers(
             data.samples()
         )));
     }
-    let mut taps: Vec<String> = enabled.iter().map(|l| l.act_input.clone()).collect();
+    let graph = crate::onnx::graph_of(&prepared, "the prepared model")?;
+    let tensor_targets =
+        resolve_tensors(graph, &config.tensor_quantize).map_err(QuantError::Input)?;
+    let mut taps: Vec<String> = enabled
+        .iter()
+        .map(|l| l.act_input.clone())
+        .chain(tensor_targets.iter().map(|(_, _, input)| input.clone()))
+        .collect();
     taps.sort();
     taps.dedup();
     let session = executor.prepare(
@@ -172,18 +191,21 @@ pub fn observe_layers(
                 .act_algo
                 .observer()
         })
+        .chain(config.tensor_quantize.iter().map(|t| t.act_algo.observer()))
         .collect();
     let tap_refs: Vec<&str> = taps.iter().map(String::as_str).collect();
+    // Layers first, then tensor quantizations: one observer each.
     let tap_of_layer: Vec<usize> = enabled
         .iter()
-        .map(|l| {
+        .map(|l| l.act_input.as_str())
+        .chain(tensor_targets.iter().map(|(_, _, input)| input.as_str()))
+        .map(|input| {
             taps.iter()
-                .position(|t| *t == l.act_input)
+                .position(|t| t == input)
                 .expect("every input is tapped")
         })
         .collect();
     // Input second moments of the layers whose NUQ search uses the data.
-    let graph = crate::onnx::graph_of(&prepared, "the prepared model")?;
     let mut moments: Vec<(usize, usize, InputMoments)> = enabled
         .iter()
         .enumerate()
@@ -233,6 +255,25 @@ pub fn observe_layers(
         (run.progress)(b + 1, config.batch_num);
     }
     let observed = started.elapsed().as_secs_f64();
+    let tensor_observers = observers.split_off(enabled.len());
+    let tensors = tensor_targets
+        .into_iter()
+        .zip(&config.tensor_quantize)
+        .zip(&tensor_observers)
+        .map(|(((node, op_type, input), t), o)| {
+            let act = o
+                .params(t.asymmetric.unwrap_or(config.activation_offset), 8)
+                .map_err(|e| QuantError::Input(format!("tensor_quantize '{}': {e}", t.key())))?;
+            Ok(TensorFactors {
+                key: t.key(),
+                node,
+                op_type,
+                input_index: t.input_index,
+                input,
+                act,
+            })
+        })
+        .collect::<Result<Vec<_>, QuantError>>()?;
     let graph = crate::onnx::graph_of(&prepared, "the prepared model")?;
     let means: Vec<Option<Vec<f64>>> = (0..enabled.len())
         .map(|i| {
@@ -277,6 +318,7 @@ pub fn observe_layers(
         preparation,
         candidates,
         factors,
+        tensors,
         batches_used: config.batch_num,
         seconds: observed,
     })

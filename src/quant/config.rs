@@ -63,6 +63,29 @@ pub struct QuantConfig {
     pub skip_fusion_layers: Vec<String>,
     /// Per-layer settings, in graph order.
     pub layers: Vec<(String, LayerConfig)>,
+    /// Inputs of data-movement operators (MaxPool, Add) quantized on their
+    /// own (`tensor_quantize`).
+    pub tensor_quantize: Vec<TensorQuantConfig>,
+}
+
+/// One tensor quantization: input `input_index` of node `layer_name`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorQuantConfig {
+    /// The consuming node.
+    pub layer_name: String,
+    /// Which of its inputs.
+    pub input_index: usize,
+    /// The calibrator.
+    pub act_algo: ActAlgo,
+    /// Overrides `activation_offset`.
+    pub asymmetric: Option<bool>,
+}
+
+impl TensorQuantConfig {
+    /// The record key AMCT uses: `NODE:INPUT_INDEX`.
+    pub fn key(&self) -> String {
+        format!("{}:{}", self.layer_name, self.input_index)
+    }
 }
 
 /// A configuration file that cannot be used.
@@ -105,6 +128,7 @@ impl QuantConfig {
                 .iter()
                 .map(|(n, op)| (n.clone(), LayerConfig::default_for(op)))
                 .collect(),
+            tensor_quantize: Vec::new(),
         }
     }
 
@@ -126,33 +150,27 @@ impl QuantConfig {
         top.insert("activation_offset".into(), json!(self.activation_offset));
         top.insert("do_fusion".into(), json!(self.do_fusion));
         top.insert("skip_fusion_layers".into(), json!(self.skip_fusion_layers));
+        if !self.tensor_quantize.is_empty() {
+            let list: Vec<Value> = self
+                .tensor_quantize
+                .iter()
+                .map(|t| {
+                    json!({
+                        "layer_name": t.layer_name,
+                        "input_index": t.input_index,
+                        "activation_quant_params": act_json(8, &t.act_algo, t.asymmetric),
+                    })
+                })
+                .collect();
+            top.insert("tensor_quantize".into(), Value::Array(list));
+        }
         for (name, l) in &self.layers {
-            let mut act = Map::new();
-            act.insert("num_bits".into(), json!(l.act_bits));
-            act.insert("act_algo".into(), json!(l.act_algo.name()));
-            if let Some(a) = l.asymmetric {
-                act.insert("asymmetric".into(), json!(a));
-            }
-            match &l.act_algo {
-                ActAlgo::Ifmr(s) => {
-                    act.insert("max_percentile".into(), json!(s.max_percentile));
-                    act.insert("min_percentile".into(), json!(s.min_percentile));
-                    act.insert("search_range".into(), json!(s.search_range));
-                    act.insert("search_step".into(), json!(s.search_step));
-                }
-                ActAlgo::Hfmg { num_of_bins } | ActAlgo::Kl { num_of_bins } => {
-                    act.insert("num_of_bins".into(), json!(num_of_bins));
-                }
-                ActAlgo::Percentile { percentile } => {
-                    act.insert("percentile".into(), json!(percentile));
-                }
-                ActAlgo::Minmax => {}
-            }
+            let act = act_json(l.act_bits, &l.act_algo, l.asymmetric);
             top.insert(
                 name.clone(),
                 json!({
                     "quant_enable": l.quant_enable,
-                    "activation_quant_params": Value::Object(act),
+                    "activation_quant_params": act,
                     "weight_quant_params": weight_json(l),
                 }),
             );
@@ -187,6 +205,31 @@ impl QuantConfig {
             serde_json::from_str(text).map_err(|e| fail(format!("not valid JSON: {e}")))?;
         parse(&value, layers).map_err(fail)
     }
+}
+
+fn act_json(bits: u32, algo: &ActAlgo, asymmetric: Option<bool>) -> Value {
+    let mut act = Map::new();
+    act.insert("num_bits".into(), json!(bits));
+    act.insert("act_algo".into(), json!(algo.name()));
+    if let Some(a) = asymmetric {
+        act.insert("asymmetric".into(), json!(a));
+    }
+    match algo {
+        ActAlgo::Ifmr(s) => {
+            act.insert("max_percentile".into(), json!(s.max_percentile));
+            act.insert("min_percentile".into(), json!(s.min_percentile));
+            act.insert("search_range".into(), json!(s.search_range));
+            act.insert("search_step".into(), json!(s.search_step));
+        }
+        ActAlgo::Hfmg { num_of_bins } | ActAlgo::Kl { num_of_bins } => {
+            act.insert("num_of_bins".into(), json!(num_of_bins));
+        }
+        ActAlgo::Percentile { percentile } => {
+            act.insert("percentile".into(), json!(percentile));
+        }
+        ActAlgo::Minmax => {}
+    }
+    Value::Object(act)
 }
 
 fn weight_json(l: &LayerConfig) -> Value {
@@ -295,6 +338,14 @@ fn parse(value: &Value, layers: &[(String, String)]) -> Parse<QuantConfig> {
             "batch_num" => cfg.batch_num = get_num(v, key, 1.0, 1e9, "an integer >= 1")? as usize,
             "activation_offset" => cfg.activation_offset = get_bool(v, key)?,
             "do_fusion" => cfg.do_fusion = get_bool(v, key)?,
+            "tensor_quantize" => {
+                let list = v
+                    .as_array()
+                    .ok_or("'tensor_quantize' must be a list of {layer_name, input_index, activation_quant_params}")?;
+                for (i, t) in list.iter().enumerate() {
+                    cfg.tensor_quantize.push(parse_tensor_quant(t, i)?);
+                }
+            }
             "skip_fusion_layers" => {
                 let list = v
                     .as_array()
@@ -316,6 +367,152 @@ fn parse(value: &Value, layers: &[(String, String)]) -> Parse<QuantConfig> {
         }
     }
     Ok(cfg)
+}
+
+fn parse_act(a: &Value, ctx_name: &str) -> Parse<(ActAlgo, Option<bool>)> {
+    let a = a
+        .as_object()
+        .ok_or_else(|| format!("{ctx_name}: activation_quant_params must be an object"))?;
+    let mut asymmetric = None;
+    let algo = a
+        .get("act_algo")
+        .map(|x| x.as_str().unwrap_or("?"))
+        .unwrap_or("ifmr");
+    let ctx = format!("{ctx_name} activation_quant_params ({algo})");
+    let common = ["num_bits", "act_algo", "asymmetric"];
+    let extra: &[&str] = match algo {
+        "ifmr" => &[
+            "max_percentile",
+            "min_percentile",
+            "search_range",
+            "search_step",
+        ],
+        "hfmg" | "kl" => &["num_of_bins"],
+        "percentile" => &["percentile"],
+        "minmax" => &[],
+        other => {
+            return Err(format!(
+                "{ctx}: act_algo '{other}' is unknown; allowed: ifmr, hfmg, minmax, percentile, kl"
+            ));
+        }
+    };
+    let allowed: Vec<&str> = common.iter().chain(extra).copied().collect();
+    check_keys(a, &allowed, &ctx)?;
+    if let Some(b) = a.get("num_bits")
+        && b.as_u64() != Some(8)
+    {
+        return Err(format!(
+            "{ctx}: 'num_bits' = {b} is not supported; allowed: 8"
+        ));
+    }
+    if let Some(s) = a.get("asymmetric") {
+        asymmetric = Some(get_bool(s, "asymmetric")?);
+    }
+    let num = |k: &str, lo: f64, hi: f64, range: &str, default: f64| -> Parse<f64> {
+        a.get(k)
+            .map(|x| get_num(x, k, lo, hi, range).map_err(|e| format!("{ctx}: {e}")))
+            .unwrap_or(Ok(default))
+    };
+    let act_algo = match algo {
+        "ifmr" => {
+            let d = IfmrSettings::default();
+            let range = match a.get("search_range") {
+                None => d.search_range,
+                Some(r) => {
+                    let r: Vec<f64> = r
+                        .as_array()
+                        .map(|v| v.iter().filter_map(Value::as_f64).collect())
+                        .unwrap_or_default();
+                    if r.len() != 2 || !(r[0] > 0.0 && r[0] < r[1]) {
+                        return Err(format!(
+                            "{ctx}: 'search_range' must be [start, end] with 0 < start < end"
+                        ));
+                    }
+                    [r[0] as f32, r[1] as f32]
+                }
+            };
+            let step = num(
+                "search_step",
+                1e-6,
+                f64::from(range[1] - range[0]),
+                "(0, end - start]",
+                f64::from(d.search_step),
+            )?;
+            ActAlgo::Ifmr(IfmrSettings {
+                max_percentile: num(
+                    "max_percentile",
+                    0.5 + 1e-12,
+                    1.0,
+                    "(0.5, 1]",
+                    d.max_percentile,
+                )?,
+                min_percentile: num(
+                    "min_percentile",
+                    0.5 + 1e-12,
+                    1.0,
+                    "(0.5, 1]",
+                    d.min_percentile,
+                )?,
+                search_range: range,
+                search_step: step as f32,
+            })
+        }
+        "hfmg" => {
+            let bins = num(
+                "num_of_bins",
+                1024.0,
+                8192.0,
+                "1024, 2048, 4096 or 8192",
+                4096.0,
+            )? as usize;
+            if ![1024, 2048, 4096, 8192].contains(&bins) {
+                return Err(format!(
+                    "{ctx}: 'num_of_bins' = {bins}; allowed: 1024, 2048, 4096 or 8192"
+                ));
+            }
+            ActAlgo::Hfmg { num_of_bins: bins }
+        }
+        "kl" => ActAlgo::Kl {
+            num_of_bins: num("num_of_bins", 256.0, 65536.0, "256 to 65536", 2048.0)? as usize,
+        },
+        "percentile" => ActAlgo::Percentile {
+            percentile: num("percentile", 50.0, 100.0, "50 to 100 (percent)", 99.999)?,
+        },
+        _ => ActAlgo::Minmax,
+    };
+    Ok((act_algo, asymmetric))
+}
+
+fn parse_tensor_quant(v: &Value, i: usize) -> Parse<TensorQuantConfig> {
+    let ctx = format!("tensor_quantize[{i}]");
+    let obj = v
+        .as_object()
+        .ok_or_else(|| format!("{ctx} must be an object"))?;
+    check_keys(
+        obj,
+        &["layer_name", "input_index", "activation_quant_params"],
+        &ctx,
+    )?;
+    let layer_name = obj
+        .get("layer_name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("{ctx}: 'layer_name' (a string) is required"))?
+        .to_string();
+    let input_index = obj
+        .get("input_index")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| format!("{ctx}: 'input_index' (an integer >= 0) is required"))?
+        as usize;
+    let (act_algo, asymmetric) = match obj.get("activation_quant_params") {
+        Some(a) => parse_act(a, &format!("{ctx} ('{layer_name}')"))?,
+        None => (ActAlgo::default(), None),
+    };
+    Ok(TensorQuantConfig {
+        layer_name,
+        input_index,
+        act_algo,
+        asymmetric,
+    })
 }
 
 fn parse_layer(v: &Value, name: &str, op: &str) -> Parse<LayerConfig> {
@@ -342,115 +539,9 @@ fn parse_layer(v: &Value, name: &str, op: &str) -> Parse<LayerConfig> {
         ));
     }
     if let Some(a) = obj.get("activation_quant_params") {
-        let a = a
-            .as_object()
-            .ok_or_else(|| format!("layer '{name}': activation_quant_params must be an object"))?;
-        let algo = a
-            .get("act_algo")
-            .map(|x| x.as_str().unwrap_or("?"))
-            .unwrap_or("ifmr");
-        let ctx = format!("layer '{name}' activation_quant_params ({algo})");
-        let common = ["num_bits", "act_algo", "asymmetric"];
-        let extra: &[&str] = match algo {
-            "ifmr" => &[
-                "max_percentile",
-                "min_percentile",
-                "search_range",
-                "search_step",
-            ],
-            "hfmg" | "kl" => &["num_of_bins"],
-            "percentile" => &["percentile"],
-            "minmax" => &[],
-            other => {
-                return Err(format!(
-                    "{ctx}: act_algo '{other}' is unknown; allowed: ifmr, hfmg, minmax, percentile, kl"
-                ));
-            }
-        };
-        let allowed: Vec<&str> = common.iter().chain(extra).copied().collect();
-        check_keys(a, &allowed, &ctx)?;
-        if let Some(b) = a.get("num_bits")
-            && b.as_u64() != Some(8)
-        {
-            return Err(format!(
-                "{ctx}: 'num_bits' = {b} is not supported; allowed: 8"
-            ));
-        }
-        if let Some(s) = a.get("asymmetric") {
-            l.asymmetric = Some(get_bool(s, "asymmetric")?);
-        }
-        let num = |k: &str, lo: f64, hi: f64, range: &str, default: f64| -> Parse<f64> {
-            a.get(k)
-                .map(|x| get_num(x, k, lo, hi, range).map_err(|e| format!("{ctx}: {e}")))
-                .unwrap_or(Ok(default))
-        };
-        l.act_algo = match algo {
-            "ifmr" => {
-                let d = IfmrSettings::default();
-                let range = match a.get("search_range") {
-                    None => d.search_range,
-                    Some(r) => {
-                        let r: Vec<f64> = r
-                            .as_array()
-                            .map(|v| v.iter().filter_map(Value::as_f64).collect())
-                            .unwrap_or_default();
-                        if r.len() != 2 || !(r[0] > 0.0 && r[0] < r[1]) {
-                            return Err(format!(
-                                "{ctx}: 'search_range' must be [start, end] with 0 < start < end"
-                            ));
-                        }
-                        [r[0] as f32, r[1] as f32]
-                    }
-                };
-                let step = num(
-                    "search_step",
-                    1e-6,
-                    f64::from(range[1] - range[0]),
-                    "(0, end - start]",
-                    f64::from(d.search_step),
-                )?;
-                ActAlgo::Ifmr(IfmrSettings {
-                    max_percentile: num(
-                        "max_percentile",
-                        0.5 + 1e-12,
-                        1.0,
-                        "(0.5, 1]",
-                        d.max_percentile,
-                    )?,
-                    min_percentile: num(
-                        "min_percentile",
-                        0.5 + 1e-12,
-                        1.0,
-                        "(0.5, 1]",
-                        d.min_percentile,
-                    )?,
-                    search_range: range,
-                    search_step: step as f32,
-                })
-            }
-            "hfmg" => {
-                let bins = num(
-                    "num_of_bins",
-                    1024.0,
-                    8192.0,
-                    "1024, 2048, 4096 or 8192",
-                    4096.0,
-                )? as usize;
-                if ![1024, 2048, 4096, 8192].contains(&bins) {
-                    return Err(format!(
-                        "{ctx}: 'num_of_bins' = {bins}; allowed: 1024, 2048, 4096 or 8192"
-                    ));
-                }
-                ActAlgo::Hfmg { num_of_bins: bins }
-            }
-            "kl" => ActAlgo::Kl {
-                num_of_bins: num("num_of_bins", 256.0, 65536.0, "256 to 65536", 2048.0)? as usize,
-            },
-            "percentile" => ActAlgo::Percentile {
-                percentile: num("percentile", 50.0, 100.0, "50 to 100 (percent)", 99.999)?,
-            },
-            _ => ActAlgo::Minmax,
-        };
+        let (algo, asymmetric) = parse_act(a, &format!("layer '{name}'"))?;
+        l.act_algo = algo;
+        l.asymmetric = asymmetric;
     }
     if let Some(w) = obj.get("weight_quant_params") {
         let w = w

@@ -19,9 +19,11 @@
 
 use super::layers::QuantLayer;
 use super::params::{ActParams, int_range};
+use super::tensor_quant::TensorFactors;
 use super::weights::{ChannelLayout, NuqSummary, dequantize_weight};
 use crate::deploy_format::{
-    ASCEND_DEQUANT, ASCEND_QUANT, QuantAttrs, deq_factor, dequant_attributes, names, pack_deq_scale,
+    ASCEND_ANTI_QUANT, ASCEND_DEQUANT, ASCEND_QUANT, AntiQuantAttrs, QuantAttrs, deq_factor,
+    dequant_attributes, names, pack_deq_scale,
 };
 use crate::onnx::builder::{constant, constant_f32, node, set_initializer_input};
 use crate::onnx::graph::GraphIndex;
@@ -111,7 +113,7 @@ fn emit(
         let q_out = match quantized.get(&key) {
             Some(q) => q.clone(),
             None => {
-                let q = quant_nodes(&mut added, l, &f.act, flavor);
+                let q = quant_nodes(&mut added, &l.name, &l.act_input, &f.act, flavor);
                 quantized.insert(key, q.clone());
                 q
             }
@@ -217,10 +219,12 @@ fn emit(
     Ok(model)
 }
 
-/// Adds the quantization of `l.act_input`; returns the quantized value's name.
+/// Adds the quantization of `input` under the names of `base` (a layer);
+/// returns the quantized value's name.
 fn quant_nodes(
     added: &mut Vec<NodeProto>,
-    l: &QuantLayer,
+    base: &str,
+    input: &str,
     act: &ActParams,
     flavor: Flavor,
 ) -> String {
@@ -228,18 +232,18 @@ fn quant_nodes(
     let (inv, offset) = (attrs.scale, attrs.offset);
     match flavor {
         Flavor::Deploy => {
-            let out = names::quant_output(&l.name);
+            let out = names::quant_output(base);
             added.push(node(
                 ASCEND_QUANT,
-                &names::quant_node(&l.name),
-                &[&l.act_input],
+                &names::quant_node(base),
+                &[input],
                 &[&out],
                 attrs.to_attributes(),
             ));
             out
         }
         Flavor::Simulation => {
-            let base = names::qdq_prefix(&l.name);
+            let base = names::qdq_prefix(base);
             let p = |n: &str| format!("{base}.{n}");
             let zp = Tensor::I8(ArrayD::from_elem(IxDyn(&[]), act.offset as i8));
             added.push(constant_f32(
@@ -253,7 +257,7 @@ fn quant_nodes(
             added.push(node(
                 "QuantizeLinear",
                 &p("quantize"),
-                &[&l.act_input, &s, &z],
+                &[input, &s, &z],
                 &[&p("q")],
                 vec![],
             ));
@@ -267,7 +271,7 @@ fn quant_nodes(
             p("output")
         }
         Flavor::FakeQuant => {
-            let p = names::fake_quant_prefix(&l.name);
+            let p = names::fake_quant_prefix(base);
             let (lo, hi) = int_range(8);
             let c = |n: &str| format!("{p}.{n}");
             added.push(constant_f32(&c("scale"), &c("scale.value"), &[], vec![inv]));
@@ -292,7 +296,7 @@ fn quant_nodes(
             added.push(node(
                 "Mul",
                 &c("mul"),
-                &[&l.act_input, &c("scale.value")],
+                &[input, &c("scale.value")],
                 &[&c("mul.output")],
                 vec![],
             ));
@@ -327,6 +331,82 @@ fn quant_nodes(
             c("sub.output")
         }
     }
+}
+
+/// Which of the three models a tensor quantization is added to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelKind {
+    /// The deploy model: `AscendQuant → AscendAntiQuant`.
+    Deploy,
+    /// The fake-quant model: the quantization chain, then `Mul(scale_d)`.
+    FakeQuant,
+    /// The internal similarity model: `QuantizeLinear → DequantizeLinear`.
+    Simulation,
+}
+
+/// Adds tensor quantizations (inputs of MaxPool / Add) to a model that
+/// [`deploy_model`], [`fake_quant_model`] or [`simulation_model`] wrote, as
+/// `kind` says; the node then reads the round-tripped value.
+pub fn add_tensor_quantization(
+    model: &mut ModelProto,
+    tensors: &[TensorFactors],
+    kind: ModelKind,
+) -> Result<(), OnnxError> {
+    if tensors.is_empty() {
+        return Ok(());
+    }
+    let graph = model.graph.as_mut().ok_or_else(|| OnnxError::NoGraph {
+        path: "the quantized model".into(),
+    })?;
+    let flavor = match kind {
+        ModelKind::Deploy => Flavor::Deploy,
+        ModelKind::FakeQuant => Flavor::FakeQuant,
+        ModelKind::Simulation => Flavor::Simulation,
+    };
+    let mut added = Vec::new();
+    for t in tensors {
+        let Some(consumer) = graph.node.iter().position(|n| n.name() == t.node) else {
+            continue; // resolved against the same prepared graph; cannot happen
+        };
+        let base = names::tensor_base(&t.node, t.input_index);
+        let q = quant_nodes(&mut added, &base, &t.input, &t.act, flavor);
+        let back = match kind {
+            ModelKind::Simulation => q,
+            ModelKind::Deploy => {
+                let out = names::anti_quant_output(&base);
+                added.push(node(
+                    ASCEND_ANTI_QUANT,
+                    &names::anti_quant_node(&base),
+                    &[&q],
+                    &[&out],
+                    AntiQuantAttrs::from_factors(t.act.scale, t.act.offset).to_attributes(),
+                ));
+                out
+            }
+            ModelKind::FakeQuant => {
+                // The chain already removed the offset: only the scale is left.
+                let p = format!("{}.fakequant", names::anti_quant_node(&base));
+                added.push(constant_f32(
+                    &format!("{p}.scale"),
+                    &format!("{p}.scale.value"),
+                    &[],
+                    vec![t.act.scale],
+                ));
+                let out = format!("{p}.mul.output");
+                added.push(node(
+                    "Mul",
+                    &format!("{p}.mul"),
+                    &[&q, &format!("{p}.scale.value")],
+                    &[&out],
+                    vec![],
+                ));
+                out
+            }
+        };
+        graph.node[consumer].input[t.input_index] = back;
+    }
+    graph.node.extend(added);
+    sort_nodes(graph)
 }
 
 /// Adds the dequantization from `int_out` to the layer's original output name.

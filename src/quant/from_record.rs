@@ -2,12 +2,14 @@
 //! the factors come from the file instead of calibration. Every entry is
 //! checked against the prepared model before anything is built.
 
-use super::amct::proto::{ScaleOffsetRecord, SingleLayerRecord};
+use super::amct::proto::{MapFiledEntry, ScaleOffsetRecord, SingleLayerRecord};
 use super::calibrate::{Calibrated, WeightScales, prepare_layers, weigh};
-use super::config::QuantConfig;
+use super::config::{QuantConfig, TensorQuantConfig};
 use super::error::QuantError;
 use super::layers::{QuantLayer, has_weight};
 use super::params::{ActParams, int_range};
+use super::tensor_quant::{TensorFactors, resolve};
+use crate::onnx::GraphProto;
 use crate::onnx::ModelProto;
 use std::collections::HashSet;
 
@@ -22,8 +24,18 @@ pub fn calibrated_from_record(
     let (prepared, preparation, layers, mut candidates) = prepare_layers(model, config)?;
     let fail = |message: String| QuantError::Input(format!("{file}: {message}"));
     let mut seen = HashSet::new();
+    let mut tensor_entries = Vec::new();
     for entry in &record.record {
         let key = entry.key();
+        if entry.value.as_ref().is_some_and(|v| v.is_tensor_quantize()) {
+            if !seen.insert(key) {
+                return Err(fail(format!(
+                    "'{key}' appears twice; keep one entry per tensor"
+                )));
+            }
+            tensor_entries.push(entry);
+            continue;
+        }
         if !seen.insert(key) {
             return Err(fail(format!(
                 "layer '{key}' appears twice; keep one entry per layer"
@@ -38,6 +50,7 @@ pub fn calibrated_from_record(
         }
     }
     let graph = crate::onnx::graph_of(&prepared, "the prepared model")?;
+    let tensors = tensor_factors(graph, &tensor_entries).map_err(fail)?;
     let mut factors = Vec::new();
     for layer in layers {
         let Some(value) = record
@@ -62,6 +75,7 @@ pub fn calibrated_from_record(
         preparation,
         candidates,
         factors,
+        tensors,
         batches_used: 0,
         seconds: 0.0,
     })
@@ -75,27 +89,7 @@ fn layer_factors(
     value: &SingleLayerRecord,
 ) -> Result<(ActParams, WeightScales), String> {
     let name = &layer.name;
-    let scale = value.scale_d.ok_or_else(|| {
-        format!("cannot find scale_d of layer '{name}'; every entry needs scale_d")
-    })?;
-    if !(scale.is_finite() && scale > 0.0 && (1.0 / scale).is_finite()) {
-        return Err(format!(
-            "layer '{name}': scale_d = {scale}; it must be a positive finite number"
-        ));
-    }
-    let offset = value.offset_d();
-    let (lo, hi) = int_range(8);
-    if !(lo..=hi).contains(&offset) {
-        return Err(format!(
-            "layer '{name}': offset_d = {offset} is outside the int8 range [{lo}, {hi}]"
-        ));
-    }
-    if value.is_tensor_quantize() {
-        return Err(format!(
-            "layer '{name}': is_tensor_quantize is set, but tensor-quantization keys are 'NODE:INPUT_INDEX'"
-        ));
-    }
-    let act = ActParams { scale, offset };
+    let act = act_factors(name, value)?;
     let scale_w = &value.scale_w;
     if let Some(bad) = scale_w
         .iter()
@@ -140,4 +134,70 @@ fn layer_factors(
         ));
     }
     Ok((act, WeightScales::Given(scale_w.clone())))
+}
+
+/// The activation factors of a record entry: a positive finite `scale_d`
+/// and an int8 `offset_d`.
+fn act_factors(name: &str, value: &SingleLayerRecord) -> Result<ActParams, String> {
+    let scale = value.scale_d.ok_or_else(|| {
+        format!("cannot find scale_d of layer '{name}'; every entry needs scale_d")
+    })?;
+    if !(scale.is_finite() && scale > 0.0 && (1.0 / scale).is_finite()) {
+        return Err(format!(
+            "layer '{name}': scale_d = {scale}; it must be a positive finite number"
+        ));
+    }
+    let offset = value.offset_d();
+    let (lo, hi) = int_range(8);
+    if !(lo..=hi).contains(&offset) {
+        return Err(format!(
+            "layer '{name}': offset_d = {offset} is outside the int8 range [{lo}, {hi}]"
+        ));
+    }
+    Ok(ActParams { scale, offset })
+}
+
+/// The tensor quantizations of `is_tensor_quantize` entries, keyed
+/// `NODE:INPUT_INDEX`, resolved in the prepared graph.
+fn tensor_factors(
+    graph: &GraphProto,
+    entries: &[&MapFiledEntry],
+) -> Result<Vec<TensorFactors>, String> {
+    let mut configs = Vec::new();
+    let mut acts = Vec::new();
+    for e in entries {
+        let key = e.key();
+        let (node, index) = key
+            .rsplit_once(':')
+            .and_then(|(n, i)| Some((n, i.parse::<usize>().ok()?)))
+            .ok_or_else(|| {
+                format!("'{key}' has is_tensor_quantize set; its key must be NODE:INPUT_INDEX")
+            })?;
+        let value = e.value.clone().unwrap_or_default();
+        if !value.scale_w.is_empty() {
+            return Err(format!(
+                "'{key}' is a tensor quantization and has no weight; remove its scale_w"
+            ));
+        }
+        acts.push(act_factors(key, &value)?);
+        configs.push(TensorQuantConfig {
+            layer_name: node.to_string(),
+            input_index: index,
+            act_algo: Default::default(),
+            asymmetric: None,
+        });
+    }
+    let resolved = resolve(graph, &configs)?;
+    Ok(resolved
+        .into_iter()
+        .zip(configs.iter().zip(acts))
+        .map(|((node, op_type, input), (c, act))| TensorFactors {
+            key: c.key(),
+            node,
+            op_type,
+            input_index: c.input_index,
+            input,
+            act,
+        })
+        .collect())
 }

@@ -16,4 +16,5 @@ pub mod prepare;
 pub mod record;
 pub mod retrain_config;
 pub mod simple_config;
+pub mod tensor_quant;
 pub mod weights;

@@ -3,35 +3,49 @@
 
 use super::amct::{descriptors, proto};
 use super::emit::LayerFactors;
+use super::tensor_quant::TensorFactors;
 use prost_reflect::DynamicMessage;
 use prost_reflect::text_format::FormatOptions;
 
-/// The record of these layers.
-pub fn to_record(factors: &[LayerFactors]) -> proto::ScaleOffsetRecord {
+/// The record of these layers and tensor quantizations (keyed
+/// `NODE:INPUT_INDEX`, with `is_tensor_quantize` set, as AMCT writes them).
+pub fn to_record(factors: &[LayerFactors], tensors: &[TensorFactors]) -> proto::ScaleOffsetRecord {
+    let layers = factors.iter().map(|f| proto::MapFiledEntry {
+        key: Some(f.layer.name.clone()),
+        value: Some(proto::SingleLayerRecord {
+            scale_d: Some(f.act.scale),
+            offset_d: Some(f.act.offset),
+            scale_w: f.scale_w.clone(),
+            offset_w: vec![0; f.scale_w.len()],
+            ..Default::default()
+        }),
+    });
+    let tensors = tensors.iter().map(|t| proto::MapFiledEntry {
+        key: Some(t.key.clone()),
+        value: Some(proto::SingleLayerRecord {
+            scale_d: Some(t.act.scale),
+            offset_d: Some(t.act.offset),
+            is_tensor_quantize: Some(true),
+            ..Default::default()
+        }),
+    });
     proto::ScaleOffsetRecord {
-        record: factors
-            .iter()
-            .map(|f| proto::MapFiledEntry {
-                key: Some(f.layer.name.clone()),
-                value: Some(proto::SingleLayerRecord {
-                    scale_d: Some(f.act.scale),
-                    offset_d: Some(f.act.offset),
-                    scale_w: f.scale_w.clone(),
-                    offset_w: vec![0; f.scale_w.len()],
-                    ..Default::default()
-                }),
-            })
-            .collect(),
+        record: layers.chain(tensors).collect(),
     }
 }
 
 /// The record file's text for these layers.
 pub fn write_record(factors: &[LayerFactors]) -> String {
+    write_record_with_tensors(factors, &[])
+}
+
+/// The record file's text for these layers and tensor quantizations.
+pub fn write_record_with_tensors(factors: &[LayerFactors], tensors: &[TensorFactors]) -> String {
     let desc = descriptors()
         .get_message_by_name("amct.ScaleOffsetRecord")
         .expect("declared in amct.proto");
     let mut msg = DynamicMessage::new(desc);
-    msg.transcode_from(&to_record(factors))
+    msg.transcode_from(&to_record(factors, tensors))
         .expect("same schema");
     let mut text = msg.to_text_format_with_options(&FormatOptions::new().pretty(true));
     text.push('\n');

@@ -5,11 +5,14 @@
 //! own `asymmetric` over `activation_offset`.
 
 use super::amct::{descriptors, proto};
-use super::config::{ConfigError, LayerConfig, QuantConfig, WtsAlgo, nuq_settings};
+use super::config::{
+    ConfigError, LayerConfig, QuantConfig, TensorQuantConfig, WtsAlgo, nuq_settings,
+};
 use super::observe::{ActAlgo, IfmrSettings};
 use super::weights::NuqSettings;
 use prost_reflect::DynamicMessage;
 use proto::calibration_config::{ActsQuantAlgo, TensorBalancer, WtsQuantAlgo};
+use proto::tensor_quantize::TensorQuantAlgo;
 use std::path::Path;
 
 /// Reads a simple config; `layers` (name, op type) are the model's quantizable layers.
@@ -38,8 +41,8 @@ pub fn from_simple_config_str(
 }
 
 fn build(cfg: &proto::AmctConfig, layers: &[(String, String)]) -> Result<QuantConfig, String> {
-    if cfg.joint_quant() || !cfg.tensor_quantize.is_empty() {
-        return Err("joint_quant and tensor_quantize are not supported yet; remove them".into());
+    if cfg.joint_quant() {
+        return Err("joint_quant is not supported yet; remove it".into());
     }
     // nuq_config applies NUQ to every layer (those NUQ cannot take stay
     // uniform with a note); a layer's own weight algorithm overrides it.
@@ -81,7 +84,35 @@ fn build(cfg: &proto::AmctConfig, layers: &[(String, String)]) -> Result<QuantCo
         do_fusion: cfg.do_fusion(),
         skip_fusion_layers: cfg.skip_fusion_layers.clone(),
         layers: Vec::new(),
+        tensor_quantize: Vec::new(),
     };
+    for (i, t) in cfg.tensor_quantize.iter().enumerate() {
+        let layer_name = t
+            .layer_name
+            .clone()
+            .ok_or_else(|| format!("tensor_quantize #{}: 'layer_name' is required", i + 1))?;
+        let input_index = t
+            .input_index
+            .ok_or_else(|| format!("tensor_quantize '{layer_name}': 'input_index' is required"))?
+            as usize;
+        let acts = match &t.tensor_quant_algo {
+            Some(TensorQuantAlgo::IfmrQuantize(f)) => Some(ActsQuantAlgo::IfmrQuantize(*f)),
+            Some(TensorQuantAlgo::HfmgQuantize(h)) => Some(ActsQuantAlgo::HfmgQuantize(*h)),
+            None => None,
+        };
+        let mut layer = LayerConfig::default_for("MaxPool");
+        let settings = proto::CalibrationConfig {
+            acts_quant_algo: acts,
+            ..Default::default()
+        };
+        apply(&mut layer, &settings, &layer_name, "MaxPool", true)?;
+        out.tensor_quantize.push(TensorQuantConfig {
+            layer_name,
+            input_index,
+            act_algo: layer.act_algo,
+            asymmetric: layer.asymmetric,
+        });
+    }
     if out.batch_num == 0 {
         return Err("'batch_num' must be at least 1".into());
     }

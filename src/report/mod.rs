@@ -53,6 +53,9 @@ pub struct QuantReport {
     pub fused_batch_norms: Vec<String>,
     /// Quantized layers, in graph order.
     pub layers: Vec<LayerReport>,
+    /// Tensor quantizations (`NODE:INPUT_INDEX`, no weight scales).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tensor_quantize: Vec<LayerReport>,
     /// Candidate layers left in float, with the reason.
     pub skipped: Vec<LayerCandidate>,
     /// Seconds the run took.
@@ -89,11 +92,11 @@ impl QuantReport {
             "{:<36} {:<14} {:<10} {:>12} {:>7} {:>10} {:>9}",
             "layer", "op", "algo", "scale_d", "offset", "scale_w", "cosine"
         )?;
-        for l in &self.layers {
-            let sw = if l.scale_w.len() == 1 {
-                format!("{:.3e}", l.scale_w[0])
-            } else {
-                format!("{} ch", l.scale_w.len())
+        for l in self.layers.iter().chain(&self.tensor_quantize) {
+            let sw = match l.scale_w.len() {
+                0 => "-".to_string(),
+                1 => format!("{:.3e}", l.scale_w[0]),
+                n => format!("{n} ch"),
             };
             writeln!(
                 out,

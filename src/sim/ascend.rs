@@ -13,6 +13,8 @@
 //!   result equals int32 accumulation. (The engine's `ConvInteger` returns
 //!   wrong sums for batches larger than one in rten 0.27, and pads with raw
 //!   zeros instead of the zero point, so it is not used.)
+//! * `AscendAntiQuant(q; scale, offset)` → `(Cast<float>(q) − offset) · scale`
+//!   (tensor quantization of a MaxPool / Add input);
 //! * `AscendDequant(acc, deq_scale)` → `Cast<float>(acc) · deq` with the float
 //!   held in the low 32 bits of each `deq_scale` element (a non-zero shift or
 //!   weight offset is refused: plain int8 quantization never writes one).
@@ -22,7 +24,8 @@
 
 use super::error::SimError;
 use crate::deploy_format::{
-    ASCEND_DEQUANT, ASCEND_QUANT, QuantAttrs, is_ascend_op, unpack_deq_scale,
+    ASCEND_ANTI_QUANT, ASCEND_DEQUANT, ASCEND_QUANT, AntiQuantAttrs, QuantAttrs, is_ascend_op,
+    unpack_deq_scale,
 };
 use crate::onnx::attr::attr_int;
 use crate::onnx::builder::{constant_f32, node};
@@ -169,6 +172,42 @@ pub fn lower(model: &ModelProto) -> Result<ModelProto, SimError> {
                     "Mul",
                     &p("mul"),
                     &[&p("cast.o"), &p("deq.v")],
+                    &[&n.output[0]],
+                    vec![],
+                ));
+            }
+            ASCEND_ANTI_QUANT => {
+                let AntiQuantAttrs { scale, offset } =
+                    AntiQuantAttrs::read(&n).map_err(|why| err(&n, why))?;
+                if n.input.is_empty() || n.output.is_empty() {
+                    return Err(err(&n, "needs one input and one output".into()));
+                }
+                let p = |s: &str| format!("{name}.lowered.{s}");
+                out.push(node(
+                    "Cast",
+                    &p("cast"),
+                    &[&n.input[0]],
+                    &[&p("cast.o")],
+                    vec![attr_int("to", ONNX_FLOAT)],
+                ));
+                out.push(constant_f32(
+                    &p("offset"),
+                    &p("offset.v"),
+                    &[],
+                    vec![offset],
+                ));
+                out.push(constant_f32(&p("scale"), &p("scale.v"), &[], vec![scale]));
+                out.push(node(
+                    "Sub",
+                    &p("sub"),
+                    &[&p("cast.o"), &p("offset.v")],
+                    &[&p("sub.o")],
+                    vec![],
+                ));
+                out.push(node(
+                    "Mul",
+                    &p("mul"),
+                    &[&p("sub.o"), &p("scale.v")],
                     &[&n.output[0]],
                     vec![],
                 ));
