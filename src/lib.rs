@@ -12,6 +12,7 @@
 pub mod acl;
 pub mod auto;
 pub mod cli;
+pub mod convert;
 pub mod data;
 pub mod deploy_format;
 pub mod fsutil;

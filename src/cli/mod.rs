@@ -5,6 +5,7 @@ mod auto;
 mod calibrate;
 mod compare;
 mod compile;
+mod convert;
 mod devices;
 mod exit;
 mod inspect;
@@ -40,6 +41,8 @@ pub enum Command {
     Auto(auto::AutoArgs),
     /// Quantization-aware training on the CPU (first version: no checkpoints yet).
     Qat(qat::QatArgs),
+    /// Convert a QDQ (QuantizeLinear/DequantizeLinear) model into Ascend's deploy and fake-quant models.
+    ConvertQat(convert::ConvertArgs),
     /// Compare a float model with its quantized version layer by layer.
     Compare(compare::CompareArgs),
     /// Show the Ascend runtime, SoC and NPUs of this machine.
@@ -72,6 +75,7 @@ where
         Command::Config(a) => calibrate::execute_config(&a),
         Command::Auto(a) => auto::execute(&a),
         Command::Qat(a) => qat::execute(&a),
+        Command::ConvertQat(a) => convert::execute(&a),
         Command::Compare(a) => compare::execute(&a),
         Command::Devices(a) => devices::execute(&a),
         Command::Compile(a) => compile::execute(&a),

@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod calibrate;
 pub mod compare;
+pub mod convert;
 pub mod error;
 pub mod inputs;
 pub mod outputs;
