@@ -54,7 +54,9 @@ def main():
     report = json.load(open(os.path.join(work, "conv_quant_report.json")))
 
     def ort_logits(model):
-        s = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        s = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
         return np.concatenate([s.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))])
 
     ref_qdq = ort_logits(qdq)
@@ -70,7 +72,8 @@ def main():
     ours = np.concatenate(ours)
     m = onnx.load(qdq)
     out_q = [n for n in m.graph.node if n.op_type == "QuantizeLinear" and n.output[0]
-             and any(d.input[0] == n.output[0] and d.output[0] == "y" for d in m.graph.node)]
+             and any(d.input and d.output and d.input[0] == n.output[0] and d.output[0] == "y"
+                    for d in m.graph.node)]
     step = float(onnx.numpy_helper.to_array(
         [i for i in m.graph.initializer if i.name == out_q[0].input[1]][0]))
     d = np.abs(ours - ref_qdq)
