@@ -5,7 +5,9 @@ with `ascend-quant convert-qat`, its deploy model run on our simulator over 512
 evaluation crops (seed 303), compared element by element with onnxruntime running the
 QDQ model: the fraction of logits within one quantization step of the QDQ model's
 output, the largest difference in steps, top-1 agreement, and both models' agreement
-with the float model. Prints one JSON object.
+with the float model. For scale, the same figures for our fake-quant model and for
+onnxruntime running the QDQ model without its graph optimizations (float fake
+quantization instead of its integer kernels). Prints one JSON object.
 
     pip install numpy onnx onnxruntime pillow scikit-image scikit-learn
     python3 scripts/convert_qat_check.py --shared ../shared
@@ -53,13 +55,19 @@ def main():
     convert_s = time.time() - t
     report = json.load(open(os.path.join(work, "conv_quant_report.json")))
 
-    def ort_logits(model):
+    def ort_logits(model, optimize=True):
         so = ort.SessionOptions()
         so.log_severity_level = 3
+        if not optimize:
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         s = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
         return np.concatenate([s.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))])
 
     ref_qdq = ort_logits(qdq)
+    # The same QDQ model, executed by onnxruntime without its integer fusions
+    # (QDQ as float fake quantization): how far two faithful executions differ.
+    ref_plain = ort_logits(qdq, optimize=False)
+    fake = ort_logits(os.path.join(work, "conv_fake_quant_model.onnx"))
     ref_float = ort_logits(os.path.join(a.shared, "data", "imagenet-mobilenetv2", "mobilenet_v2.onnx"))
     ours = []
     for i in range(0, len(x), 64):
@@ -78,6 +86,11 @@ def main():
         [i for i in m.graph.initializer if i.name == out_q[0].input[1]][0]))
     d = np.abs(ours - ref_qdq)
 
+    def vs_qdq(p):
+        e = np.abs(p - ref_qdq)
+        return {"within_one_step": float((e <= step).mean()), "max_diff_steps": float(e.max() / step),
+                "top1_agreement": float((p.argmax(1) == ref_qdq.argmax(1)).mean())}
+
     def cos(p, q):
         return float((np.sum(p * q, 1) / (np.linalg.norm(p, axis=1) * np.linalg.norm(q, axis=1))).mean())
 
@@ -92,6 +105,9 @@ def main():
         "mean_diff_steps": float(d.mean() / step),
         "top1_agreement_with_qdq": float((ours.argmax(1) == ref_qdq.argmax(1)).mean()),
         "logit_cosine_with_qdq": cos(ours, ref_qdq),
+        "our_fake_quant_vs_qdq": vs_qdq(fake),
+        "onnxruntime_unoptimized_vs_qdq": vs_qdq(ref_plain),
+        "ours_vs_our_fake_quant_top1": float((ours.argmax(1) == fake.argmax(1)).mean()),
         "qdq_top1_agreement_with_float": float((ref_qdq.argmax(1) == ref_float.argmax(1)).mean()),
         "ours_top1_agreement_with_float": float((ours.argmax(1) == ref_float.argmax(1)).mean()),
     }, indent=1))

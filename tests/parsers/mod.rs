@@ -7,6 +7,7 @@
 use ascend_quant::data::{Dataset, read_npy_bytes};
 use ascend_quant::onnx::{GraphIndex, load_model_bytes};
 use ascend_quant::quant::config::QuantConfig;
+use ascend_quant::quant::from_record::calibrated_from_record;
 use ascend_quant::quant::layers::discover;
 use ascend_quant::quant::prepare::prepare;
 use ascend_quant::quant::record::read_record;
@@ -45,14 +46,25 @@ pub fn model(bytes: &[u8]) -> Result<(), String> {
     let mut runnable =
         rewrite_for_execution(&m, &SessionOptions::default()).map_err(|e| e.to_string())?;
     adapt_for_rten(&mut runnable).map_err(|e| e.to_string())?;
+    // As a QDQ model for convert-qat (most models are refused: no pairs).
+    let _ = ascend_quant::convert::convert(&m, "fuzzed.onnx");
     Ok(())
 }
 
 /// A record file.
 pub fn record(bytes: &[u8]) -> Result<(), String> {
     let text = std::str::from_utf8(bytes).map_err(|e| e.to_string())?;
-    read_record(text).map(|_| ())
+    let record = read_record(text)?;
+    // Applied to the digits model, as `calibrate --record` does (refusals are fine).
+    let model = load_model_bytes(DIGITS_MODEL, Path::new("digits_cnn.onnx"), None)
+        .map_err(|e| e.to_string())?;
+    let config = QuantConfig::default_for(&layers());
+    let _ = calibrated_from_record(&model, &config, &record, "fuzzed.txt");
+    Ok(())
 }
+
+/// The digits model, for the record parser.
+const DIGITS_MODEL: &[u8] = include_bytes!("../fixtures/digits/digits_cnn.onnx");
 
 /// An AMCT JSON config.
 pub fn json_config(bytes: &[u8]) -> Result<(), String> {
