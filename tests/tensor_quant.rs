@@ -306,3 +306,42 @@ fn the_cli_flag_the_configs_and_the_record_agree() {
         assert!(err.contains(needle), "{spec}: {err}");
     }
 }
+
+#[test]
+fn auto_keeps_the_tensor_quantization_in_what_it_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = common::bin()
+        .args(["auto", "--quiet", "--model"])
+        .arg(common::digits().join("digits_cnn.onnx"))
+        .arg("--data")
+        .arg(common::digits().join("calib_x.npy"))
+        .arg("--eval-data")
+        .arg(common::digits().join("test_x.npy"))
+        .arg("--labels")
+        .arg(common::digits().join("test_y.npy"))
+        .args([
+            "--batch-size",
+            "4",
+            "--batch-num",
+            "10",
+            "--tensor-quantize",
+            "/5/MaxPool",
+        ])
+        .arg("--output")
+        .arg(dir.path().join("a"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let record = std::fs::read_to_string(dir.path().join("a_record.txt")).unwrap();
+    assert!(record.contains("/5/MaxPool:0"), "{record}");
+    for m in ["a_deploy_model.onnx", "a_fake_quant_model.onnx"] {
+        let model = load_model(&dir.path().join(m)).unwrap();
+        let g = model.graph.unwrap();
+        let pool = g.node.iter().find(|n| n.name() == "/5/MaxPool").unwrap();
+        assert!(
+            pool.input[0].contains("anti_quant"),
+            "{m}: {:?}",
+            pool.input
+        );
+    }
+}

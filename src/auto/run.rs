@@ -10,8 +10,11 @@ use crate::pipeline::{
     CalibrateOptions, PipelineError, Progress, RunInputs, gather, select_backend,
 };
 use crate::quant::calibrate::{RunSettings, observe_layers};
-use crate::quant::emit::{LayerFactors, deploy_model, fake_quant_model, simulation_model};
-use crate::quant::record::write_record;
+use crate::quant::emit::{
+    LayerFactors, ModelKind, add_tensor_quantization, deploy_model, fake_quant_model,
+    simulation_model,
+};
+use crate::quant::record::write_record_with_tensors;
 use crate::sim::{RtenExecutor, feedable_input_names};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -162,10 +165,15 @@ pub fn run(opts: &AutoOptions, progress: Progress<'_>) -> Result<AutoResult, Pip
         |rolled_back| -> Result<f64, PipelineError> {
             let chosen = subset(&calibrated.factors, rolled_back);
             // Build only the model the evaluator runs.
+            // Tensor quantizations are kept in every candidate: the search is over layers.
             let candidate = if evaluator.wants_fake_quant() {
-                fake_quant_model(prepared, &chosen)?
+                let mut m = fake_quant_model(prepared, &chosen)?;
+                add_tensor_quantization(&mut m, &calibrated.tensors, ModelKind::FakeQuant)?;
+                m
             } else {
-                simulation_model(prepared, &chosen)?
+                let mut m = simulation_model(prepared, &chosen)?;
+                add_tensor_quantization(&mut m, &calibrated.tensors, ModelKind::Simulation)?;
+                m
             };
             let score = evaluator.evaluate(&candidate)?;
             (progress.message)(&format!(
@@ -208,14 +216,19 @@ pub fn run(opts: &AutoOptions, progress: Progress<'_>) -> Result<AutoResult, Pip
         ),
     });
     let report_json = pretty(&report);
-    let deploy = deploy_model(prepared, &chosen)?;
-    let fake = fake_quant_model(prepared, &chosen)?;
+    let mut deploy = deploy_model(prepared, &chosen)?;
+    add_tensor_quantization(&mut deploy, &calibrated.tensors, ModelKind::Deploy)?;
+    let mut fake = fake_quant_model(prepared, &chosen)?;
+    add_tensor_quantization(&mut fake, &calibrated.tensors, ModelKind::FakeQuant)?;
     let ranking_json = serde_json::to_value(&ranking)
         .map_err(|e| PipelineError::Usage(format!("serializing the ranking: {e}")))?;
     let history_json = serde_json::to_value(&outcome.history)
         .map_err(|e| PipelineError::Usage(format!("serializing the history: {e}")))?;
     let texts: Vec<(PathBuf, Vec<u8>)> = vec![
-        (files.record.clone(), write_record(&chosen).into_bytes()),
+        (
+            files.record.clone(),
+            write_record_with_tensors(&chosen, &calibrated.tensors).into_bytes(),
+        ),
         (files.report.clone(), report_json.clone().into_bytes()),
         (config_path, pretty(&config.to_json()).into_bytes()),
         (ranking_path, pretty(&ranking_json).into_bytes()),
