@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 def main():
     import onnx
     import onnxruntime as ort
-    from nuq_vs_uniform import crops
+    from qat_vs_ptq import crops
     ap = argparse.ArgumentParser()
     ap.add_argument("--shared", default=os.path.join(ROOT, "..", "shared"))
     ap.add_argument("--n-eval", type=int, default=512)

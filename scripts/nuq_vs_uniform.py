@@ -22,8 +22,8 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-STD = np.array([0.229, 0.224, 0.225], np.float32)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from qat_vs_ptq import crops  # noqa: E402  (the same crops as the QAT benchmark)
 VARIANTS = {
     "uniform": None,
     "nuq32_it1": (32, 1),
@@ -31,15 +31,6 @@ VARIANTS = {
     "nuq16_it1": (16, 1),
     "nuq16_it0": (16, 0),
 }
-
-
-def crops(shared, n, seed, out):
-    data = os.path.join(shared, "data", "imagenet-mobilenetv2")
-    sys.path.insert(0, data)
-    import make_crops  # the reference data's own script
-    u8 = make_crops.crops(n, seed)
-    x = ((u8.astype(np.float32) / np.float32(255.0) - MEAN) / STD).transpose(0, 3, 1, 2)
-    np.save(out, np.ascontiguousarray(x, dtype=np.float32))
 
 
 def logits(model, x):

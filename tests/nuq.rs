@@ -4,9 +4,7 @@
 
 mod common;
 
-use ascend_quant::data::read_npy;
 use ascend_quant::onnx::{ModelProto, load_model, to_tensor};
-use ascend_quant::sim::{Executor, RtenExecutor, SessionOptions};
 use ascend_quant::tensor::Tensor;
 use common::{calibrate_digits, digits};
 use std::collections::BTreeMap;
@@ -46,31 +44,7 @@ fn int8_weights(model: &ModelProto) -> BTreeMap<String, Vec<i8>> {
 }
 
 fn top1(model: &ModelProto) -> f64 {
-    let x = read_npy(&digits().join("test_x.npy")).unwrap();
-    let s = RtenExecutor
-        .prepare(
-            model,
-            &SessionOptions {
-                dynamic_batch: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-    let Tensor::F32(l) = s.run(&[("x", &x)], &["logits"]).unwrap().remove(0) else {
-        panic!("float logits")
-    };
-    let Tensor::I64(y) = read_npy(&digits().join("test_y.npy")).unwrap() else {
-        panic!("labels")
-    };
-    let correct = (0..l.shape()[0])
-        .filter(|&i| {
-            let best = (0..10)
-                .max_by(|&a, &b| l[[i, a]].total_cmp(&l[[i, b]]))
-                .unwrap();
-            best as i64 == y[i]
-        })
-        .count();
-    100.0 * correct as f64 / l.shape()[0] as f64
+    common::digits_accuracy(&common::digits_logits(model))
 }
 
 fn entropy(v: &[i8]) -> f64 {

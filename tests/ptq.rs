@@ -5,7 +5,6 @@ use ascend_quant::data::{read_npy, write_npy};
 use ascend_quant::onnx::proto::attribute_proto::AttributeType;
 use ascend_quant::onnx::{ModelProto, load_model, to_tensor};
 use ascend_quant::quant::record::read_record;
-use ascend_quant::sim::{Executor, RtenExecutor, SessionOptions};
 use ascend_quant::tensor::Tensor;
 use std::path::{Path, PathBuf};
 
@@ -20,38 +19,12 @@ fn calibrate(out: &Path, extra: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-/// Logits of `model` for all 500 test images (one batch).
 fn logits(model: &ModelProto) -> ndarray::ArrayD<f32> {
-    let x = read_npy(&digits().join("test_x.npy")).unwrap();
-    let s = RtenExecutor
-        .prepare(
-            model,
-            &SessionOptions {
-                dynamic_batch: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-    match s.run(&[("x", &x)], &["logits"]).unwrap().remove(0) {
-        Tensor::F32(a) => a,
-        other => panic!("{other:?}"),
-    }
+    common::digits_logits(model)
 }
 
 fn accuracy(l: &ndarray::ArrayD<f32>) -> f64 {
-    let y = match read_npy(&digits().join("test_y.npy")).unwrap() {
-        Tensor::I64(a) => a,
-        other => panic!("{other:?}"),
-    };
-    let rows = l.shape()[0];
-    let correct = (0..rows)
-        .filter(|&i| {
-            let row: Vec<f32> = (0..10).map(|j| l[[i, j]]).collect();
-            let best = (0..10).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap();
-            best as i64 == y[i]
-        })
-        .count();
-    100.0 * correct as f64 / rows as f64
+    common::digits_accuracy(l)
 }
 
 #[test]

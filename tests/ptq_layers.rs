@@ -3,13 +3,12 @@
 //! ConvTranspose (per-channel scales across groups), AveragePool, MatMul with
 //! a bias Add, and Gemm with transB=1.
 
+mod common;
+
 use ascend_quant::data::Dataset;
 use ascend_quant::onnx::attr::attr_int;
 use ascend_quant::onnx::builder::node;
-use ascend_quant::onnx::proto::{
-    AttributeProto, OperatorSetIdProto, TensorProto, TypeProto, ValueInfoProto, tensor_shape_proto,
-    type_proto,
-};
+use ascend_quant::onnx::proto::{AttributeProto, OperatorSetIdProto, TensorProto};
 use ascend_quant::onnx::{GraphProto, ModelProto, Storage, to_proto};
 use ascend_quant::quant::calibrate::{RunSettings, calibrate};
 use ascend_quant::quant::config::QuantConfig;
@@ -17,6 +16,7 @@ use ascend_quant::quant::layers::discover;
 use ascend_quant::quant::prepare::prepare;
 use ascend_quant::sim::{Executor, RtenExecutor, SessionOptions};
 use ascend_quant::tensor::Tensor;
+use common::value_info;
 use ndarray::{ArrayD, IxDyn};
 
 /// Deterministic pseudo-random values in [-1, 1).
@@ -47,31 +47,6 @@ fn ints(name: &str, v: &[i64]) -> AttributeProto {
         name: Some(name.into()),
         r#type: Some(7),
         ints: v.to_vec(),
-        ..Default::default()
-    }
-}
-
-fn value_info(name: &str, dims: &[i64]) -> ValueInfoProto {
-    let dim = dims
-        .iter()
-        .map(|&d| tensor_shape_proto::Dimension {
-            value: Some(if d < 0 {
-                tensor_shape_proto::dimension::Value::DimParam("n".into())
-            } else {
-                tensor_shape_proto::dimension::Value::DimValue(d)
-            }),
-            denotation: None,
-        })
-        .collect();
-    ValueInfoProto {
-        name: Some(name.into()),
-        r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: Some(1),
-                shape: Some(ascend_quant::onnx::proto::TensorShapeProto { dim }),
-            })),
-            denotation: None,
-        }),
         ..Default::default()
     }
 }

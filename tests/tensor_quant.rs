@@ -6,37 +6,15 @@ mod common;
 
 use ascend_quant::data::Dataset;
 use ascend_quant::onnx::builder::node;
-use ascend_quant::onnx::proto::{
-    AttributeProto, OperatorSetIdProto, TypeProto, ValueInfoProto, tensor_shape_proto, type_proto,
-};
+use ascend_quant::onnx::proto::{AttributeProto, OperatorSetIdProto};
 use ascend_quant::onnx::{GraphProto, ModelProto, load_model};
 use ascend_quant::quant::calibrate::{RunSettings, calibrate};
 use ascend_quant::quant::config::{QuantConfig, TensorQuantConfig};
 use ascend_quant::quant::params::ActParams;
 use ascend_quant::sim::{Executor, RtenExecutor, SessionOptions};
 use ascend_quant::tensor::Tensor;
+use common::value_info;
 use ndarray::{ArrayD, IxDyn};
-
-fn value_info(name: &str, dims: &[i64]) -> ValueInfoProto {
-    let dim = dims
-        .iter()
-        .map(|&d| tensor_shape_proto::Dimension {
-            value: Some(tensor_shape_proto::dimension::Value::DimValue(d)),
-            denotation: None,
-        })
-        .collect();
-    ValueInfoProto {
-        name: Some(name.into()),
-        r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: Some(1),
-                shape: Some(ascend_quant::onnx::proto::TensorShapeProto { dim }),
-            })),
-            denotation: None,
-        }),
-        ..Default::default()
-    }
-}
 
 /// `y = MaxPool2x2(Relu(a) + b)`: nothing for layer quantization, two Add inputs and a MaxPool input for tensor quantization.
 fn model() -> ModelProto {

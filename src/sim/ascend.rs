@@ -53,6 +53,33 @@ fn err(node: &NodeProto, reason: String) -> SimError {
     }
 }
 
+/// Adds `Cast<float>(q) − offset` for the int8 value `q` under the names of
+/// node `name`; returns the float value's name.
+fn without_offset(out: &mut Vec<NodeProto>, name: &str, q: &str, offset: f32) -> String {
+    let p = |s: &str| format!("{name}.lowered.{s}");
+    out.push(constant_f32(
+        &p("offset"),
+        &p("offset.v"),
+        &[],
+        vec![offset],
+    ));
+    out.push(node(
+        "Cast",
+        &p("cast"),
+        &[q],
+        &[&p("cast.o")],
+        vec![attr_int("to", ONNX_FLOAT)],
+    ));
+    out.push(node(
+        "Sub",
+        &p("sub"),
+        &[&p("cast.o"), &p("offset.v")],
+        &[&p("x")],
+        vec![],
+    ));
+    p("x")
+}
+
 /// Returns the model with every Ascend operator replaced as described above.
 pub fn lower(model: &ModelProto) -> Result<ModelProto, SimError> {
     let mut m = model.clone();
@@ -182,32 +209,13 @@ pub fn lower(model: &ModelProto) -> Result<ModelProto, SimError> {
                 if n.input.is_empty() || n.output.is_empty() {
                     return Err(err(&n, "needs one input and one output".into()));
                 }
+                let x = without_offset(&mut out, &name, &n.input[0], offset);
                 let p = |s: &str| format!("{name}.lowered.{s}");
-                out.push(node(
-                    "Cast",
-                    &p("cast"),
-                    &[&n.input[0]],
-                    &[&p("cast.o")],
-                    vec![attr_int("to", ONNX_FLOAT)],
-                ));
-                out.push(constant_f32(
-                    &p("offset"),
-                    &p("offset.v"),
-                    &[],
-                    vec![offset],
-                ));
                 out.push(constant_f32(&p("scale"), &p("scale.v"), &[], vec![scale]));
-                out.push(node(
-                    "Sub",
-                    &p("sub"),
-                    &[&p("cast.o"), &p("offset.v")],
-                    &[&p("sub.o")],
-                    vec![],
-                ));
                 out.push(node(
                     "Mul",
                     &p("mul"),
-                    &[&p("sub.o"), &p("scale.v")],
+                    &[&x, &p("scale.v")],
                     &[&n.output[0]],
                     vec![],
                 ));
@@ -332,28 +340,9 @@ fn lower_consumer(
             }
         }
         "Conv" | "ConvTranspose" | "AveragePool" => {
-            out.push(constant_f32(
-                &p("offset"),
-                &p("offset.v"),
-                &[],
-                vec![offset],
-            ));
-            out.push(node(
-                "Cast",
-                &p("cast"),
-                &[&n.input[0]],
-                &[&p("cast.o")],
-                vec![attr_int("to", ONNX_FLOAT)],
-            ));
-            out.push(node(
-                "Sub",
-                &p("sub"),
-                &[&p("cast.o"), &p("offset.v")],
-                &[&p("x")],
-                vec![],
-            ));
+            let x = without_offset(out, &name, &n.input[0], offset);
             let mut f = n.clone();
-            f.input[0] = p("x");
+            f.input[0] = x;
             for (k, suffix) in [(1usize, "w"), (2, "b")] {
                 if let Some(t) = f
                     .input

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: fixture paths and the command.
 #![allow(dead_code)]
 
+use ascend_quant::onnx::proto;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -31,4 +32,69 @@ pub fn calibrate_digits(output: &Path) -> Command {
         .arg("--output")
         .arg(output);
     c
+}
+
+/// A float32 graph input or output of these dims (negative: a symbolic `n`).
+pub fn value_info(name: &str, dims: &[i64]) -> proto::ValueInfoProto {
+    let dim = dims
+        .iter()
+        .map(|&d| proto::tensor_shape_proto::Dimension {
+            value: Some(if d < 0 {
+                proto::tensor_shape_proto::dimension::Value::DimParam("n".into())
+            } else {
+                proto::tensor_shape_proto::dimension::Value::DimValue(d)
+            }),
+            denotation: None,
+        })
+        .collect();
+    proto::ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(proto::TypeProto {
+            value: Some(proto::type_proto::Value::TensorType(
+                proto::type_proto::Tensor {
+                    elem_type: Some(1),
+                    shape: Some(proto::TensorShapeProto { dim }),
+                },
+            )),
+            denotation: None,
+        }),
+        ..Default::default()
+    }
+}
+
+/// The logits of `model` for all 500 digits test images (one batch).
+pub fn digits_logits(model: &ascend_quant::onnx::ModelProto) -> ndarray::ArrayD<f32> {
+    use ascend_quant::sim::{Executor, RtenExecutor, SessionOptions};
+    let x = ascend_quant::data::read_npy(&digits().join("test_x.npy")).unwrap();
+    let s = RtenExecutor
+        .prepare(
+            model,
+            &SessionOptions {
+                dynamic_batch: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    match s.run(&[("x", &x)], &["logits"]).unwrap().remove(0) {
+        ascend_quant::tensor::Tensor::F32(a) => a,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Top-1 accuracy in percent of digits test logits against the labels.
+pub fn digits_accuracy(l: &ndarray::ArrayD<f32>) -> f64 {
+    let y = match ascend_quant::data::read_npy(&digits().join("test_y.npy")).unwrap() {
+        ascend_quant::tensor::Tensor::I64(a) => a,
+        other => panic!("{other:?}"),
+    };
+    let rows = l.shape()[0];
+    let correct = (0..rows)
+        .filter(|&i| {
+            let best = (0..l.shape()[1])
+                .max_by(|&a, &b| l[[i, a]].total_cmp(&l[[i, b]]))
+                .unwrap();
+            best as i64 == y[i]
+        })
+        .count();
+    100.0 * correct as f64 / rows as f64
 }
