@@ -39,7 +39,7 @@ pub enum Command {
     Config(calibrate::ConfigArgs),
     /// Accuracy-based automatic quantization: keep the layers that hurt in float.
     Auto(auto::AutoArgs),
-    /// Quantization-aware training on the CPU (first version: no checkpoints yet).
+    /// Quantization-aware training on the CPU (learnable clips, checkpoints, resume).
     Qat(qat::QatArgs),
     /// Convert a QDQ (QuantizeLinear/DequantizeLinear) model into Ascend's deploy and fake-quant models.
     ConvertQat(convert::ConvertArgs),
