@@ -1,6 +1,6 @@
 //! How close a candidate tensor is to a reference, accumulated piece by
 //! piece so it can be streamed over batches: cosine similarity, relative L2
-//! error and largest absolute difference.
+//! error, mean squared error and largest absolute difference.
 
 /// Running sums over pairs of (reference, candidate) values.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -10,6 +10,7 @@ pub struct Similarity {
     candidate_sq: f64,
     error_sq: f64,
     max_abs: f64,
+    count: u64,
 }
 
 impl Similarity {
@@ -26,7 +27,13 @@ impl Similarity {
             self.candidate_sq += c * c;
             self.error_sq += (r - c) * (r - c);
             self.max_abs = self.max_abs.max((r - c).abs());
+            self.count += 1;
         }
+    }
+
+    /// Mean squared difference (0 before any element).
+    pub fn mse(&self) -> f64 {
+        self.error_sq / self.count.max(1) as f64
     }
 
     /// Cosine similarity, with AMCT's conventions: an all-zero reference
@@ -68,6 +75,7 @@ mod tests {
         assert!((s.cosine() - 1.0 / 2f64.sqrt()).abs() < 1e-12);
         assert_eq!(s.relative_l2(), 1.0);
         assert_eq!(s.max_abs(), 1.0);
+        assert_eq!(s.mse(), 0.5);
         let mut z = Similarity::default();
         z.add(&[0.0], &[3.0]);
         assert_eq!(z.cosine(), 1.0);

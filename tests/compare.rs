@@ -108,3 +108,98 @@ fn an_unknown_layer_is_a_clear_error() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("'nope'"));
 }
+
+#[test]
+fn the_analysis_finds_the_layer_that_hurts_and_its_whole_error_matches_the_fake_quant_model() {
+    use ascend_quant::onnx::load_model;
+    use ascend_quant::quant::record::read_record;
+    let dir = tempfile::tempdir().unwrap();
+    let o = common::calibrate_digits(&dir.path().join("q"))
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    // A record whose /3/Conv input range is cut to 2 % of what calibration chose.
+    let record_path = dir.path().join("q_record.txt");
+    let mut record = read_record(&std::fs::read_to_string(&record_path).unwrap()).unwrap();
+    for e in &mut record.record {
+        if e.key() == "/3/Conv" {
+            let v = e.value.as_mut().unwrap();
+            v.scale_d = Some(v.scale_d() * 0.02);
+        }
+    }
+    let bad = dir.path().join("bad_record.txt");
+    std::fs::write(
+        &bad,
+        ascend_quant::quant::record::write_record_text(&record),
+    )
+    .unwrap();
+    let html = dir.path().join("analysis.html");
+    let v = compare(
+        &dir.path().join("q_fake_quant_model.onnx"),
+        &[
+            "--analyze",
+            "--record",
+            bad.to_str().unwrap(),
+            "--analyze-samples",
+            "100",
+            "--html",
+            html.to_str().unwrap(),
+        ],
+    );
+    let a = &v["analysis"];
+    assert_eq!(a["samples"], 100);
+    let layers = a["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 4);
+    assert_eq!(layers[0]["name"], "/3/Conv", "{layers:?}");
+    let act = |i: usize| layers[i]["activation"]["mse"].as_f64().unwrap();
+    assert!(act(0) > 10.0 * act(1), "{layers:?}");
+    // Its weight is as good as calibration made it: the activation is what hurts.
+    assert!(layers[0]["weight"]["mse"].as_f64().unwrap() < act(0) / 10.0);
+    let hist = a["histograms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["layer"] == "/3/Conv")
+        .unwrap();
+    assert!(hist["clipped"].as_f64().unwrap() > 0.3, "{hist}");
+    // With the calibrated record (found beside the model), the all-layers error is
+    // the fake-quant model's, measured here independently on the same 100 samples.
+    let v = compare(
+        &dir.path().join("q_fake_quant_model.onnx"),
+        &["--analyze", "--analyze-samples", "100"],
+    );
+    let mse = v["analysis"]["all_layers"]["mse"].as_f64().unwrap();
+    let x = ascend_quant::data::read_npy(&digits().join("test_x.npy")).unwrap();
+    let first = x.slice_axis0(0..100);
+    let run = |m: &Path| {
+        use ascend_quant::sim::{Executor, RtenExecutor, SessionOptions};
+        let s = RtenExecutor
+            .prepare(
+                &load_model(m).unwrap(),
+                &SessionOptions {
+                    dynamic_batch: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let out = s.run(&[("x", &first)], &["logits"]).unwrap().remove(0);
+        out.as_f32().unwrap().iter().copied().collect::<Vec<f32>>()
+    };
+    let (f, q) = (
+        run(&digits().join("digits_cnn.onnx")),
+        run(&dir.path().join("q_fake_quant_model.onnx")),
+    );
+    let direct = f
+        .iter()
+        .zip(&q)
+        .map(|(a, b)| f64::from(a - b).powi(2))
+        .sum::<f64>()
+        / f.len() as f64;
+    assert!(
+        (mse - direct).abs() <= 0.02 * direct,
+        "analysis {mse} vs fake-quant model {direct}"
+    );
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(page.contains("id=\"analysis\"") && page.contains("analysis-histogram-0"));
+}

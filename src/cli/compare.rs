@@ -2,6 +2,9 @@
 //! model and its quantized version, as a table, JSON or an HTML page.
 
 use super::Failure;
+use super::calibrate::with_progress;
+use super::exit::usage;
+use crate::pipeline::compare::sibling_record;
 use crate::pipeline::{CompareOptions, compare_models};
 use anyhow::Context;
 use std::path::PathBuf;
@@ -30,18 +33,43 @@ pub struct CompareArgs {
     /// Print JSON instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Also find where the error comes from: each layer quantized alone,
+    /// its activation and its weight apart, scored on the model's outputs.
+    #[arg(long)]
+    pub analyze: bool,
+    /// The record with the quantized model's factors (default: PREFIX_record.txt
+    /// beside PREFIX_fake_quant_model.onnx / PREFIX_deploy_model.onnx).
+    #[arg(long, requires = "analyze")]
+    pub record: Option<PathBuf>,
+    /// Samples the analysis runs on.
+    #[arg(long, default_value_t = 64, requires = "analyze")]
+    pub analyze_samples: usize,
 }
 
 /// Runs `compare`.
 pub fn execute(args: &CompareArgs) -> Result<(), Failure> {
-    let c = compare_models(&CompareOptions {
+    let record = match (&args.record, args.analyze) {
+        (Some(r), _) => Some(r.clone()),
+        (None, true) => Some(sibling_record(&args.quant).ok_or_else(|| {
+            usage(format!(
+                "--analyze needs the quantized model's record: give --record FILE ({} is not named PREFIX_fake_quant_model.onnx or PREFIX_deploy_model.onnx)",
+                args.quant.display()
+            ))
+        })?),
+        (None, false) => None,
+    };
+    let opts = CompareOptions {
         float: args.float.clone(),
         quant: args.quant.clone(),
         data: args.data.clone(),
         batch_size: args.batch_size,
         layer: args.layer.clone(),
         html: args.html.clone(),
-    })?;
+        analyze: record,
+        analyze_samples: args.analyze_samples,
+    };
+    let quiet = args.json;
+    let c = with_progress(quiet, "analysing", |p| compare_models(&opts, p.batches))?;
     if args.json {
         println!(
             "{}",
@@ -62,6 +90,36 @@ pub fn execute(args: &CompareArgs) -> Result<(), Failure> {
                 l.relative_l2,
                 l.max_abs
             );
+        }
+        if let Some(a) = &c.analysis {
+            println!(
+                "\nerror in the outputs with one layer quantized ({} samples; all layers: cosine {:.6}, MSE {:.4e}), worst first:",
+                a.samples, a.all_layers.cosine, a.all_layers.mse
+            );
+            println!(
+                "{:<44} {:<14} {:>12} {:>12} {:>12} {:>12} {:>8}",
+                "layer", "op", "act cosine", "act MSE", "wts cosine", "wts MSE", "clipped"
+            );
+            for l in &a.layers {
+                let clipped = a
+                    .histograms
+                    .iter()
+                    .find(|h| h.layer == l.name)
+                    .map_or(0.0, |h| h.clipped);
+                let (wc, wm) = l.weight.map_or(("-".to_string(), "-".to_string()), |w| {
+                    (format!("{:.6}", w.cosine), format!("{:.4e}", w.mse))
+                });
+                println!(
+                    "{:<44} {:<14} {:>12.6} {:>12.4e} {:>12} {:>12} {:>7.3}%",
+                    l.name,
+                    l.op_type,
+                    l.activation.cosine,
+                    l.activation.mse,
+                    wc,
+                    wm,
+                    100.0 * clipped
+                );
+            }
         }
         if let Some(p) = &args.html {
             println!("wrote {}", p.display());

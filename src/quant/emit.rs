@@ -68,6 +68,9 @@ enum Flavor {
     /// arithmetic as the fake-quant model up to float rounding, in fewer,
     /// faster operators; used internally to measure similarity.
     Simulation,
+    /// The simulation's dequantized weights and bias, with float
+    /// activations: the weights' share of the error, for error analysis.
+    WeightOnly,
 }
 
 /// The deploy model for ATC.
@@ -95,6 +98,16 @@ pub fn simulation_model(
     emit(prepared, factors, Flavor::Simulation)
 }
 
+/// The prepared model with these layers' weights and biases replaced by
+/// their dequantized int8 / int32 values and activations left in float:
+/// the weights' share of the quantization error.
+pub fn weight_only_model(
+    prepared: &ModelProto,
+    factors: &[LayerFactors],
+) -> Result<ModelProto, OnnxError> {
+    emit(prepared, factors, Flavor::WeightOnly)
+}
+
 fn emit(
     prepared: &ModelProto,
     factors: &[LayerFactors],
@@ -109,21 +122,23 @@ fn emit(
     let mut quantized: HashMap<(String, u32, i32), String> = HashMap::new();
     for f in factors {
         let l = &f.layer;
-        let key = (l.act_input.clone(), f.act.scale.to_bits(), f.act.offset);
-        let q_out = match quantized.get(&key) {
-            Some(q) => q.clone(),
-            None => {
-                let q = quant_nodes(&mut added, &l.name, &l.act_input, &f.act, flavor);
-                quantized.insert(key, q.clone());
-                q
-            }
-        };
-        graph.node[l.node].input[0] = q_out;
+        if flavor != Flavor::WeightOnly {
+            let key = (l.act_input.clone(), f.act.scale.to_bits(), f.act.offset);
+            let q_out = match quantized.get(&key) {
+                Some(q) => q.clone(),
+                None => {
+                    let q = quant_nodes(&mut added, &l.name, &l.act_input, &f.act, flavor);
+                    quantized.insert(key, q.clone());
+                    q
+                }
+            };
+            graph.node[l.node].input[0] = q_out;
+        }
         if let Some(wq) = &f.weight_q {
             let value = match flavor {
                 Flavor::Deploy => Tensor::I8(wq.clone()),
                 Flavor::FakeQuant => Tensor::F32(wq.mapv(f32::from)),
-                Flavor::Simulation => {
+                Flavor::Simulation | Flavor::WeightOnly => {
                     let layout = if f.scale_w.len() == 1 {
                         ChannelLayout::PerTensor
                     } else {
@@ -155,7 +170,7 @@ fn emit(
                     ),
                     Storage::Raw,
                 ),
-                Flavor::Simulation => {
+                Flavor::Simulation | Flavor::WeightOnly => {
                     let deq = f.deq_scales();
                     let at = |c: usize| deq[if deq.len() == 1 { 0 } else { c }];
                     let values = bq
@@ -180,7 +195,7 @@ fn emit(
             let between = graph.node[l.node].output[0].clone();
             graph.value_info.retain(|v| v.name() != between);
         }
-        if flavor == Flavor::Simulation {
+        if matches!(flavor, Flavor::Simulation | Flavor::WeightOnly) {
             continue; // weights and bias are already in float units: no dequantization
         }
         let producer = l.bias_add.unwrap_or(l.node);
@@ -242,7 +257,7 @@ fn quant_nodes(
             ));
             out
         }
-        Flavor::Simulation => {
+        Flavor::Simulation | Flavor::WeightOnly => {
             let base = names::qdq_prefix(base);
             let p = |n: &str| format!("{base}.{n}");
             let zp = Tensor::I8(ArrayD::from_elem(IxDyn(&[]), act.offset as i8));
@@ -461,7 +476,7 @@ fn dequant_nodes(
                 vec![],
             ));
         }
-        Flavor::Simulation => {}
+        Flavor::Simulation | Flavor::WeightOnly => {}
     }
 }
 

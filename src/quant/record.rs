@@ -41,12 +41,16 @@ pub fn write_record(factors: &[LayerFactors]) -> String {
 
 /// The record file's text for these layers and tensor quantizations.
 pub fn write_record_with_tensors(factors: &[LayerFactors], tensors: &[TensorFactors]) -> String {
+    write_record_text(&to_record(factors, tensors))
+}
+
+/// The text of a record.
+pub fn write_record_text(record: &proto::ScaleOffsetRecord) -> String {
     let desc = descriptors()
         .get_message_by_name("amct.ScaleOffsetRecord")
         .expect("declared in amct.proto");
     let mut msg = DynamicMessage::new(desc);
-    msg.transcode_from(&to_record(factors, tensors))
-        .expect("same schema");
+    msg.transcode_from(record).expect("same schema");
     let mut text = msg.to_text_format_with_options(&FormatOptions::new().pretty(true));
     text.push('\n');
     text

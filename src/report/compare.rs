@@ -55,6 +55,9 @@ pub struct Comparison {
     pub histogram: Option<ActivationHistogram>,
     /// Samples compared.
     pub samples: usize,
+    /// Where the error comes from (`--analyze`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<super::analyze::Analysis>,
 }
 
 /// Activation scale and offset of `layer` in a quantized model, read from
@@ -252,5 +255,6 @@ pub fn compare(
         layers: diffs,
         histogram,
         samples,
+        analysis: None,
     })
 }

@@ -75,47 +75,22 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child,th
     );
     // Histogram of the chosen layer's input.
     if let Some(hist) = &c.histogram {
-        let (w, ht) = (760usize, 220usize);
-        let max = hist.counts.iter().copied().fold(0.0f64, f64::max).max(1.0);
-        let n = hist.counts.len().max(1);
-        let bw = (w - 60) as f64 / n as f64;
-        let span = f64::from(hist.hi - hist.lo).max(f64::MIN_POSITIVE);
-        let xpos = |v: f32| 40.0 + (f64::from(v - hist.lo) / span) * (w - 60) as f64;
-        let _ = write!(
-            h,
-            "<h2>Input activations of <code>{}</code></h2>\n<svg id=\"histogram\" xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{}\">\n",
-            escape(&hist.layer),
-            ht + 40
-        );
-        for (i, &count) in hist.counts.iter().enumerate() {
-            // Square-root scale so the tails stay visible.
-            let bh = ((count / max).sqrt() * ht as f64) as usize;
-            let _ = writeln!(
-                h,
-                "<rect class=\"bin\" x=\"{:.1}\" y=\"{}\" width=\"{:.1}\" height=\"{bh}\" fill=\"#4a90d9\"/>",
-                40.0 + i as f64 * bw,
-                ht - bh,
-                (bw - 1.0).max(0.5)
-            );
-        }
-        if let Some((a, b)) = hist.clip {
-            for (v, label) in [(a, "clip min"), (b, "clip max")] {
-                let x = xpos(v).clamp(0.0, w as f64);
-                let tx = x.clamp(50.0, w as f64 - 50.0);
-                let _ = writeln!(
-                    h,
-                    "<line class=\"clip\" x1=\"{x:.1}\" y1=\"0\" x2=\"{x:.1}\" y2=\"{ht}\" stroke=\"#d9534f\" stroke-width=\"2\"/><text x=\"{tx:.1}\" y=\"{}\" font-size=\"11\" text-anchor=\"middle\">{label} {v:.4}</text>",
-                    ht + 14
-                );
-            }
-        }
         let _ = writeln!(
             h,
-            "<text x=\"40\" y=\"{}\" font-size=\"11\">range {:.4} .. {:.4} (counts on a square-root scale)</text></svg>",
-            ht + 34,
-            hist.lo,
-            hist.hi
+            "<h2>Input activations of <code>{}</code></h2>",
+            escape(&hist.layer)
         );
+        h.push_str(&histogram_svg(
+            "histogram",
+            hist.lo,
+            hist.hi,
+            &hist.counts,
+            hist.clip,
+            (760, 220),
+        ));
+    }
+    if let Some(a) = &c.analysis {
+        analysis_section(&mut h, a);
     }
     h.push_str("<h2>Table</h2>\n<table><tr><th>layer</th><th>op</th><th>quantized</th><th>cosine</th><th>relative L2</th><th>max abs</th></tr>\n");
     for l in &c.layers {
@@ -137,4 +112,104 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child,th
     }
     h.push_str("</table>\n</body></html>\n");
     h
+}
+
+/// An inline SVG histogram (square-root counts) with the clip range drawn on it.
+fn histogram_svg(
+    id: &str,
+    lo: f32,
+    hi: f32,
+    counts: &[f64],
+    clip: Option<(f32, f32)>,
+    (w, ht): (usize, usize),
+) -> String {
+    let mut h = String::new();
+    let max = counts.iter().copied().fold(0.0f64, f64::max).max(1.0);
+    let n = counts.len().max(1);
+    let bw = (w - 60) as f64 / n as f64;
+    let span = f64::from(hi - lo).max(f64::MIN_POSITIVE);
+    let xpos = |v: f32| 40.0 + (f64::from(v - lo) / span) * (w - 60) as f64;
+    let _ = writeln!(
+        h,
+        "<svg id=\"{id}\" xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{}\">",
+        ht + 40
+    );
+    for (i, &count) in counts.iter().enumerate() {
+        // Square-root scale so the tails stay visible.
+        let bh = ((count / max).sqrt() * ht as f64) as usize;
+        let _ = writeln!(
+            h,
+            "<rect class=\"bin\" x=\"{:.1}\" y=\"{}\" width=\"{:.1}\" height=\"{bh}\" fill=\"#4a90d9\"/>",
+            40.0 + i as f64 * bw,
+            ht - bh,
+            (bw - 1.0).max(0.5)
+        );
+    }
+    if let Some((a, b)) = clip {
+        for (v, label) in [(a, "clip min"), (b, "clip max")] {
+            let x = xpos(v).clamp(0.0, w as f64);
+            let tx = x.clamp(50.0, w as f64 - 50.0);
+            let _ = writeln!(
+                h,
+                "<line class=\"clip\" x1=\"{x:.1}\" y1=\"0\" x2=\"{x:.1}\" y2=\"{ht}\" stroke=\"#d9534f\" stroke-width=\"2\"/><text x=\"{tx:.1}\" y=\"{}\" font-size=\"11\" text-anchor=\"middle\">{label} {v:.4}</text>",
+                ht + 14
+            );
+        }
+    }
+    let _ = writeln!(
+        h,
+        "<text x=\"40\" y=\"{}\" font-size=\"11\">range {lo:.4} .. {hi:.4} (counts on a square-root scale)</text></svg>",
+        ht + 34
+    );
+    h
+}
+
+/// The error analysis: one row per layer (worst first) and the input
+/// histograms of the six worst layers.
+fn analysis_section(h: &mut String, a: &super::analyze::Analysis) {
+    let _ = write!(
+        h,
+        "<h2 id=\"analysis\">Where the error comes from</h2>\n<p>Each layer quantized alone, its input activation and its weight apart, scored on the model's outputs over {} samples (all layers together: cosine {:.6}, MSE {:.4e}). Worst first.</p>\n\
+<table><tr><th>layer</th><th>op</th><th>activation cosine</th><th>activation MSE</th><th>weight cosine</th><th>weight MSE</th><th>clipped</th></tr>\n",
+        a.samples, a.all_layers.cosine, a.all_layers.mse
+    );
+    let clipped = |name: &str| {
+        a.histograms
+            .iter()
+            .find(|x| x.layer == name)
+            .map_or(0.0, |x| x.clipped)
+    };
+    for l in &a.layers {
+        let (wc, wm) = l.weight.map_or(("-".into(), "-".into()), |w| {
+            (format!("{:.6}", w.cosine), format!("{:.4e}", w.mse))
+        });
+        let _ = writeln!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td>{:.6}</td><td>{:.4e}</td><td>{wc}</td><td>{wm}</td><td>{:.3}%</td></tr>",
+            escape(&l.name),
+            l.op_type,
+            l.activation.cosine,
+            l.activation.mse,
+            100.0 * clipped(&l.name)
+        );
+    }
+    h.push_str("</table>\n");
+    for (i, l) in a.layers.iter().take(6).enumerate() {
+        if let Some(x) = a.histograms.iter().find(|x| x.layer == l.name) {
+            let _ = writeln!(
+                h,
+                "<h3>Input of <code>{}</code> ({:.3}% clipped)</h3>",
+                escape(&x.layer),
+                100.0 * x.clipped
+            );
+            h.push_str(&histogram_svg(
+                &format!("analysis-histogram-{i}"),
+                x.lo,
+                x.hi,
+                &x.counts,
+                Some(x.clip),
+                (640, 140),
+            ));
+        }
+    }
 }

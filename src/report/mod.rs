@@ -1,6 +1,7 @@
 //! Reports of a quantization run: the JSON written next to the models and
 //! the summary table printed for people.
 
+pub mod analyze;
 pub mod compare;
 pub mod html;
 
