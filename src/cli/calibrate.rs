@@ -64,6 +64,10 @@ pub struct CalibrateArgs {
     /// AscendAntiQuant): NODE (its computed inputs) or NODE:INPUT_INDEX, separated by ','.
     #[arg(long, value_delimiter = ',')]
     pub tensor_quantize: Vec<String>,
+    /// Correct each layer's bias by its mean output error on the calibration
+    /// data, with the quantized layers upstream.
+    #[arg(long)]
+    pub bias_correction: bool,
     /// Build the models from this record file's factors instead of
     /// calibrating (layers it does not name stay float; --data is then
     /// optional and only measures similarity).
@@ -166,6 +170,7 @@ impl CalibrateArgs {
             output: self.output.clone(),
             similarity_samples: self.similarity_samples,
             tensor_quantize: self.tensor_quantize.clone(),
+            bias_correction: self.bias_correction,
             record: self.record.clone(),
         })
     }

@@ -215,6 +215,7 @@ fn finish(
         fused_batch_norms: outcome.preparation.fused.clone(),
         layers,
         tensor_quantize,
+        bias_correction: outcome.bias_correction.clone(),
         skipped: outcome
             .candidates
             .iter()

@@ -89,6 +89,8 @@ pub struct CalibrateOptions {
     /// Inputs to tensor-quantize, `NODE` (every computed input) or
     /// `NODE:INPUT_INDEX`, added to the configuration's `tensor_quantize`.
     pub tensor_quantize: Vec<String>,
+    /// Correct biases by their mean output error (adds to the configuration's `bias_correction`).
+    pub bias_correction: bool,
     /// Take every factor from this record file instead of calibrating
     /// (AMCT's `convert_model`); data is then optional.
     pub record: Option<PathBuf>,
@@ -110,6 +112,7 @@ impl CalibrateOptions {
             output,
             similarity_samples: 8,
             tensor_quantize: Vec::new(),
+            bias_correction: false,
             record: None,
         }
     }
@@ -207,6 +210,7 @@ pub fn read_config(
             })?;
         layer.1.quant_enable = false;
     }
+    config.bias_correction |= opts.bias_correction;
     for spec in &opts.tensor_quantize {
         config.tensor_quantize.extend(tensor_targets(model, spec));
     }

@@ -3,6 +3,7 @@
 //! watches its input, quantize the weights, and build the deploy and
 //! fake-quant models; then measure each layer's output similarity.
 
+use super::bias_correction::{BiasCorrection, correct_biases};
 use super::config::{QuantConfig, WtsAlgo};
 use super::emit::{
     LayerFactors, ModelKind, add_tensor_quantization, deploy_model, fake_quant_model,
@@ -48,6 +49,8 @@ pub struct Outcome {
     pub factors: Vec<LayerFactors>,
     /// Tensor quantizations.
     pub tensors: Vec<TensorFactors>,
+    /// What bias correction did, per layer (empty when it was off).
+    pub bias_correction: Vec<BiasCorrection>,
     /// Every candidate layer and why it was or was not quantized.
     pub candidates: Vec<LayerCandidate>,
     /// The deploy model.
@@ -90,9 +93,31 @@ pub fn calibrate(
     executor: &dyn Executor,
     run: &RunSettings,
 ) -> Result<Outcome, QuantError> {
-    let c = observe_layers(model, config, data, executor, run)?;
-    finish(c, Some(data), run)
+    let mut c = observe_layers(model, config, data, executor, run)?;
+    let corrections = if config.bias_correction {
+        let started = std::time::Instant::now();
+        let done = correct_biases(
+            &crate::sim::RtenExecutor,
+            &c.prepared,
+            &mut c.factors,
+            data,
+            run,
+            c.batches_used,
+            BIAS_CORRECTION_PASSES,
+        )?;
+        c.seconds += started.elapsed().as_secs_f64();
+        done
+    } else {
+        Vec::new()
+    };
+    let mut outcome = finish(c, Some(data), run)?;
+    outcome.bias_correction = corrections;
+    Ok(outcome)
 }
+
+/// Passes of bias correction (see `bias_correction`): enough for the
+/// corrections to settle on MobileNetV2.
+const BIAS_CORRECTION_PASSES: usize = 2;
 
 /// Builds the deploy and fake-quant models of calibrated factors and, when
 /// there is data, measures each layer's similarity on it.
@@ -130,6 +155,7 @@ pub fn finish(
         preparation: c.preparation,
         factors: c.factors,
         tensors: c.tensors,
+        bias_correction: Vec::new(),
         candidates: c.candidates,
         deploy,
         fake_quant,

@@ -66,6 +66,9 @@ pub struct QuantConfig {
     /// Inputs of data-movement operators (MaxPool, Add) quantized on their
     /// own (`tensor_quantize`).
     pub tensor_quantize: Vec<TensorQuantConfig>,
+    /// Correct each layer's int32 bias by its mean output error on the
+    /// calibration data (`bias_correction`, an ascend-quant key).
+    pub bias_correction: bool,
 }
 
 /// One tensor quantization: input `input_index` of node `layer_name`.
@@ -129,6 +132,7 @@ impl QuantConfig {
                 .map(|(n, op)| (n.clone(), LayerConfig::default_for(op)))
                 .collect(),
             tensor_quantize: Vec::new(),
+            bias_correction: false,
         }
     }
 
@@ -150,6 +154,9 @@ impl QuantConfig {
         top.insert("activation_offset".into(), json!(self.activation_offset));
         top.insert("do_fusion".into(), json!(self.do_fusion));
         top.insert("skip_fusion_layers".into(), json!(self.skip_fusion_layers));
+        if self.bias_correction {
+            top.insert("bias_correction".into(), json!(true));
+        }
         if !self.tensor_quantize.is_empty() {
             let list: Vec<Value> = self
                 .tensor_quantize
@@ -346,6 +353,7 @@ fn parse(value: &Value, layers: &[(String, String)]) -> Parse<QuantConfig> {
                     cfg.tensor_quantize.push(parse_tensor_quant(t, i)?);
                 }
             }
+            "bias_correction" => cfg.bias_correction = get_bool(v, key)?,
             "skip_fusion_layers" => {
                 let list = v
                     .as_array()

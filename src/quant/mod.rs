@@ -3,6 +3,7 @@
 //! fake-quant models.
 
 pub mod amct;
+pub mod bias_correction;
 pub mod calibrate;
 pub mod config;
 pub mod emit;

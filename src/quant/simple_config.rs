@@ -85,6 +85,7 @@ fn build(cfg: &proto::AmctConfig, layers: &[(String, String)]) -> Result<QuantCo
         skip_fusion_layers: cfg.skip_fusion_layers.clone(),
         layers: Vec::new(),
         tensor_quantize: Vec::new(),
+        bias_correction: cfg.bias_correction(),
     };
     for (i, t) in cfg.tensor_quantize.iter().enumerate() {
         let layer_name = t

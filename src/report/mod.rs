@@ -59,6 +59,9 @@ pub struct QuantReport {
     pub tensor_quantize: Vec<LayerReport>,
     /// Candidate layers left in float, with the reason.
     pub skipped: Vec<LayerCandidate>,
+    /// Bias correction per layer (mean absolute per-channel output error before and after).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub bias_correction: Vec<crate::quant::bias_correction::BiasCorrection>,
     /// Seconds the run took.
     pub seconds: f64,
     /// Seconds spent observing activations, building the models, and measuring similarity.
@@ -129,6 +132,18 @@ impl QuantReport {
                         .unwrap_or_default()
                 )?,
             }
+        }
+        if !self.bias_correction.is_empty() {
+            let mean = |f: fn(&crate::quant::bias_correction::BiasCorrection) -> f64| {
+                self.bias_correction.iter().map(f).sum::<f64>() / self.bias_correction.len() as f64
+            };
+            writeln!(
+                out,
+                "bias correction: {} layers, mean output error per channel {:.4e} -> {:.4e}",
+                self.bias_correction.len(),
+                mean(|b| b.mean_error_before),
+                mean(|b| b.mean_error_after)
+            )?;
         }
         if let Some((before, after)) = nuq_bytes(&self.layers) {
             writeln!(
