@@ -76,20 +76,22 @@ fn fold_batch_norms(graph: &mut GraphProto, skip: &[String]) -> Result<Vec<Strin
         let index = GraphIndex::new(graph)?;
         let outputs: HashSet<&str> = graph.output.iter().map(|o| o.name()).collect();
         let found = graph.node.iter().enumerate().find_map(|(c, n)| {
+            // A Conv without an output is malformed; folding leaves it to the checks after.
+            let out = n.output.first()?;
             if n.op_type() != "Conv"
                 || skip.iter().any(|s| s == n.name())
                 || unfoldable.contains(n.name())
-                || outputs.contains(n.output[0].as_str())
+                || outputs.contains(out.as_str())
             {
                 return None;
             }
-            let consumers = index.consumers(&n.output[0]);
+            let consumers = index.consumers(out);
             let &[b] = consumers else { return None };
             let bn = &graph.node[b];
             let inference = bn.output.len() == 1 && int_attr(bn, "training_mode").unwrap_or(0) == 0;
             (bn.op_type() == "BatchNormalization"
                 && bn.input.len() == 5
-                && bn.input[0] == n.output[0]
+                && bn.input[0] == *out
                 && inference)
                 .then_some((c, b))
         });
@@ -223,4 +225,28 @@ fn untranspose_gemm_weights(graph: &mut GraphProto) -> Result<Vec<String>, OnnxE
         done.push(label);
     }
     Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::builder::node;
+    use crate::onnx::proto::GraphProto;
+
+    /// Found by fuzzing: a Conv node with no output made BN folding index
+    /// an empty list.
+    #[test]
+    fn a_conv_without_an_output_is_not_a_panic() {
+        let mut m = ModelProto {
+            graph: Some(GraphProto {
+                node: vec![
+                    node("Conv", "c", &["x", "w"], &[], vec![]),
+                    node("Relu", "r", &["x"], &["y"], vec![]),
+                ],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let _ = prepare(&mut m, true, &[]);
+    }
 }
