@@ -213,6 +213,16 @@ pub mod names {
         node.strip_suffix(".quant.fakequant.sub")
     }
 
+    /// The constant of a layer's DMQ balance factors (`1/s`, one per input channel).
+    pub fn balance_factor(layer: &str) -> String {
+        format!("{layer}.tensor_balance_factor")
+    }
+
+    /// The `Mul` dividing a layer's input by its DMQ balance factors.
+    pub fn balance_mul(layer: &str) -> String {
+        format!("{layer}.mul")
+    }
+
     /// The name a tensor quantization (input `index` of `node`) gives the
     /// nodes it adds in place of a layer name.
     pub fn tensor_base(node: &str, index: usize) -> String {

@@ -571,6 +571,7 @@ fn deploy_encoding_matches_hand_worked_bits() {
         weight_q: Some(ArrayD::from_shape_vec(IxDyn(&[2, 1, 1, 1]), vec![5i8, -7]).unwrap()),
         bias_q: Some(vec![123, -4]),
         nuq: None,
+        balance: None,
     };
     let deploy = deploy_model(&model, &[factors]).unwrap();
     let g = deploy.graph.as_ref().unwrap();

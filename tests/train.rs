@@ -401,6 +401,7 @@ fn the_quantized_forward_pass_matches_the_exported_fake_quant_model() {
             bias_q: bias.map(|b| quantize_bias(&l.name, &b, &scale_w, grid.scale).unwrap()),
             scale_w,
             nuq: None,
+            balance: None,
         });
     }
     let x = digits_input(16);

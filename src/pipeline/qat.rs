@@ -391,6 +391,7 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
             weight_q,
             bias_q,
             nuq: None,
+            balance: None,
         });
     }
     let files = OutputFiles::new(&opts.output);

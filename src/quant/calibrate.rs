@@ -5,6 +5,7 @@
 
 use super::bias_correction::{BiasCorrection, correct_biases};
 use super::config::{QuantConfig, WtsAlgo};
+use super::dmq::{ChannelAxes, ChannelMax, balance_factors, balance_input, balance_weight};
 use super::emit::{
     LayerFactors, ModelKind, add_tensor_quantization, deploy_model, fake_quant_model,
     simulation_model,
@@ -244,6 +245,17 @@ pub fn observe_layers(
         })
         .collect();
     let started = std::time::Instant::now();
+    // DMQ layers: balance factors from a first pass over the per-channel input maxima.
+    let balances = dmq_factors(
+        graph,
+        config,
+        &enabled,
+        session.as_ref(),
+        data,
+        run,
+        &tap_refs,
+        &tap_of_layer,
+    )?;
     for b in 0..config.batch_num {
         let batch = data.batch(run.batch_size, b)?;
         check_finite(&batch, b)?;
@@ -268,15 +280,36 @@ pub fn observe_layers(
                 Ok((slice, min, max))
             })
             .collect::<Result<Vec<_>, QuantError>>()?;
+        // A balanced layer sees its input divided by its factors.
+        let balanced: Vec<Option<(Vec<f32>, f32, f32)>> = balances
+            .par_iter()
+            .enumerate()
+            .map(|(k, bal)| {
+                let (s, axes) = bal.as_ref()?;
+                let t = tap_of_layer[k];
+                let x = balance_input(stats[t].0, values[t].shape(), s, *axes)?;
+                let (mn, mx) = finite_extremes(&x).ok()?;
+                Some((x, mn, mx))
+            })
+            .collect();
         observers
             .par_iter_mut()
             .zip(tap_of_layer.par_iter())
-            .for_each(|(o, &t)| {
-                let (slice, min, max) = stats[t];
-                o.observe(slice, min, max);
-            });
-        moments.par_iter_mut().for_each(|(_, t, m)| {
-            m.observe(stats[*t].0, values[*t].shape());
+            .enumerate()
+            .for_each(
+                |(k, (o, &t))| match balanced.get(k).and_then(Option::as_ref) {
+                    Some((x, mn, mx)) => o.observe(x, *mn, *mx),
+                    None => {
+                        let (slice, min, max) = stats[t];
+                        o.observe(slice, min, max);
+                    }
+                },
+            );
+        moments.par_iter_mut().for_each(|(k, t, m)| {
+            match balanced.get(*k).and_then(Option::as_ref) {
+                Some((x, _, _)) => m.observe(x, values[*t].shape()),
+                None => m.observe(stats[*t].0, values[*t].shape()),
+            }
         });
         (run.progress)(b + 1, config.batch_num);
     }
@@ -314,7 +347,8 @@ pub fn observe_layers(
         .into_par_iter()
         .zip(observers.par_iter())
         .zip(means.par_iter())
-        .map(|((l, o), mean)| {
+        .zip(balances.into_par_iter())
+        .map(|(((l, o), mean), balance)| {
             let lc = config.layer(&l.name).ok_or_else(|| {
                 QuantError::Input(format!("layer '{}' has no configuration", l.name))
             })?;
@@ -332,6 +366,7 @@ pub fn observe_layers(
                     channel_wise: lc.channel_wise,
                     bits: lc.wts_bits,
                 },
+                balance.map(|(s, _)| s),
             )?;
             if let WtsAlgo::Nuq(settings) = lc.wts_algo {
                 apply_nuq(graph, &mut f, settings, mean.as_deref())?;
@@ -348,6 +383,67 @@ pub fn observe_layers(
         batches_used: config.batch_num,
         seconds: observed,
     })
+}
+
+/// A layer's DMQ factors and where its input channels sit.
+type Balance = (Vec<f32>, ChannelAxes);
+
+/// The DMQ factors (and input-channel layout) of every enabled layer that
+/// asks for balancing, from one pass over the calibration batches collecting
+/// each input channel's largest magnitude; `None` for the other layers.
+#[allow(clippy::too_many_arguments)]
+fn dmq_factors(
+    graph: &crate::onnx::GraphProto,
+    config: &QuantConfig,
+    enabled: &[QuantLayer],
+    session: &dyn crate::sim::Session,
+    data: &Dataset,
+    run: &RunSettings,
+    taps: &[&str],
+    tap_of_layer: &[usize],
+) -> Result<Vec<Option<Balance>>, QuantError> {
+    let mut maxima: Vec<Option<(ChannelMax, f32)>> = enabled
+        .iter()
+        .map(|l| {
+            let alpha = config.layer(&l.name)?.dmq?;
+            Some((ChannelMax::new(ChannelAxes::of(graph, l)?), alpha))
+        })
+        .collect();
+    if maxima.iter().all(Option::is_none) {
+        return Ok(vec![None; enabled.len()]);
+    }
+    for b in 0..config.batch_num {
+        let batch = data.batch(run.batch_size, b)?;
+        let values = run_batch(session, &batch, taps)?;
+        for (k, m) in maxima.iter_mut().enumerate() {
+            if let Some((m, _)) = m
+                && let Some(x) = values[tap_of_layer[k]].as_f32()
+                && let Some(slice) = x.as_slice()
+            {
+                m.observe(slice, x.shape());
+            }
+        }
+    }
+    enabled
+        .iter()
+        .zip(maxima)
+        .map(|(l, m)| {
+            let Some((m, alpha)) = m else {
+                return Ok(None);
+            };
+            let Some(w) = l
+                .weight
+                .as_deref()
+                .map(|w| crate::onnx::graph::initializer_f32(graph, w))
+                .transpose()?
+                .flatten()
+            else {
+                return Ok(None);
+            };
+            let axes = ChannelAxes::of(graph, l).expect("checked when collecting");
+            Ok(Some((balance_factors(&m.max, &w, axes, alpha), axes)))
+        })
+        .collect()
 }
 
 /// Prepares `model` as `config` says (BN folding) and finds its layers:
@@ -425,6 +521,7 @@ pub fn weigh(
     layer: QuantLayer,
     act: ActParams,
     scales: WeightScales,
+    balance: Option<Vec<f32>>,
 ) -> Result<LayerFactors, QuantError> {
     let init = |name: &str| -> Result<ArrayD<f32>, QuantError> {
         let t = graph
@@ -449,9 +546,27 @@ pub fn weigh(
             weight_q: None,
             bias_q: None,
             nuq: None,
+            balance: None,
         });
     };
-    let w = init(&w_name)?;
+    let mut w = init(&w_name)?;
+    if let Some(s) = &balance {
+        let axes = ChannelAxes::of(graph, &layer).ok_or_else(|| {
+            QuantError::Input(format!(
+                "layer '{}': DMQ balancing does not apply to this {}",
+                layer.name, layer.op_type
+            ))
+        })?;
+        if s.len() != axes.channels() {
+            return Err(QuantError::Input(format!(
+                "layer '{}': {} balance factors for {} input channels",
+                layer.name,
+                s.len(),
+                axes.channels()
+            )));
+        }
+        w = balance_weight(&w, s, axes);
+    }
     let (layout, scale_w, bits) = match scales {
         WeightScales::Arq { channel_wise, bits } => {
             let layout = if channel_wise {
@@ -498,6 +613,7 @@ pub fn weigh(
         weight_q: Some(weight_q),
         bias_q,
         nuq: None,
+        balance,
     })
 }
 

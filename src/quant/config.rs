@@ -23,6 +23,8 @@ pub struct LayerConfig {
     pub channel_wise: bool,
     /// How the weight's int8 values are chosen.
     pub wts_algo: WtsAlgo,
+    /// DMQ balancing strength α in [0.2, 0.8] (`dmq_balancer_param`), if on.
+    pub dmq: Option<f32>,
 }
 
 /// The weight algorithm of a layer.
@@ -46,6 +48,7 @@ impl LayerConfig {
             wts_bits: 8,
             channel_wise: super::layers::has_weight_channels(op_type),
             wts_algo: WtsAlgo::Arq,
+            dmq: None,
         }
     }
 }
@@ -173,14 +176,15 @@ impl QuantConfig {
         }
         for (name, l) in &self.layers {
             let act = act_json(l.act_bits, &l.act_algo, l.asymmetric);
-            top.insert(
-                name.clone(),
-                json!({
-                    "quant_enable": l.quant_enable,
-                    "activation_quant_params": act,
-                    "weight_quant_params": weight_json(l),
-                }),
-            );
+            let mut layer = json!({
+                "quant_enable": l.quant_enable,
+                "activation_quant_params": act,
+                "weight_quant_params": weight_json(l),
+            });
+            if let Some(d) = l.dmq {
+                layer["dmq_balancer_param"] = json!(d);
+            }
+            top.insert(name.clone(), layer);
         }
         Value::Object(top)
     }
@@ -541,10 +545,13 @@ fn parse_layer(v: &Value, name: &str, op: &str) -> Parse<LayerConfig> {
     if let Some(q) = obj.get("quant_enable") {
         l.quant_enable = get_bool(q, "quant_enable")?;
     }
-    if obj.contains_key("dmq_balancer_param") {
-        return Err(format!(
-            "layer '{name}': 'dmq_balancer_param' (DMQ balancing) is not supported yet; remove it"
-        ));
+    if let Some(d) = obj.get("dmq_balancer_param") {
+        if !super::layers::has_weight(op) {
+            return Err(format!(
+                "layer '{name}': 'dmq_balancer_param' needs a layer with a weight, and '{name}' is {op}"
+            ));
+        }
+        l.dmq = Some(get_num(d, "dmq_balancer_param", 0.2, 0.8, "0.2 to 0.8")? as f32);
     }
     if let Some(a) = obj.get("activation_quant_params") {
         let (algo, asymmetric) = parse_act(a, &format!("layer '{name}'"))?;

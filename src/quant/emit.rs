@@ -17,6 +17,7 @@
 //! * Every rewritten layer's output value keeps its name, now produced by the
 //!   dequantization; the layer itself writes `<layer>_output0`.
 
+use super::dmq::ChannelAxes;
 use super::layers::QuantLayer;
 use super::params::{ActParams, int_range};
 use super::tensor_quant::TensorFactors;
@@ -48,6 +49,9 @@ pub struct LayerFactors {
     pub bias_q: Option<Vec<i32>>,
     /// What NUQ did to the weight (asked for, whether applied or not).
     pub nuq: Option<NuqSummary>,
+    /// DMQ balancing factors per input channel: the input is divided by
+    /// them before quantization and the weight was multiplied by them.
+    pub balance: Option<Vec<f32>>,
 }
 
 impl LayerFactors {
@@ -122,12 +126,40 @@ fn emit(
     let mut quantized: HashMap<(String, u32, i32), String> = HashMap::new();
     for f in factors {
         let l = &f.layer;
+        // DMQ: the input divided by the balance factors (the weight holds them).
+        let input = match &f.balance {
+            Some(factors) => {
+                let axes = ChannelAxes::of(graph, l).ok_or_else(|| OnnxError::Invalid {
+                    node: l.name.clone(),
+                    reason: "DMQ balance factors on a layer without a weight DMQ can balance"
+                        .into(),
+                })?;
+                let constant = names::balance_factor(&l.name);
+                let out = format!("{}.output", names::balance_mul(&l.name));
+                added.push(constant_f32(
+                    &constant,
+                    &format!("{constant}.value"),
+                    &axes.factor_shape(l.output_rank),
+                    factors.iter().map(|v| 1.0 / v).collect(),
+                ));
+                added.push(node(
+                    "Mul",
+                    &names::balance_mul(&l.name),
+                    &[&l.act_input, &format!("{constant}.value")],
+                    &[&out],
+                    vec![],
+                ));
+                out
+            }
+            None => l.act_input.clone(),
+        };
+        graph.node[l.node].input[0] = input.clone();
         if flavor != Flavor::WeightOnly {
-            let key = (l.act_input.clone(), f.act.scale.to_bits(), f.act.offset);
+            let key = (input.clone(), f.act.scale.to_bits(), f.act.offset);
             let q_out = match quantized.get(&key) {
                 Some(q) => q.clone(),
                 None => {
-                    let q = quant_nodes(&mut added, &l.name, &l.act_input, &f.act, flavor);
+                    let q = quant_nodes(&mut added, &l.name, &input, &f.act, flavor);
                     quantized.insert(key, q.clone());
                     q
                 }

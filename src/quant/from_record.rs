@@ -62,7 +62,15 @@ pub fn calibrated_from_record(
             continue;
         };
         let (act, scales) = layer_factors(&layer, &value).map_err(fail)?;
-        factors.push(weigh(graph, layer, act, scales).map_err(|e| fail(e.to_string()))?);
+        let balance = &value.tensor_balance_factor;
+        if let Some(bad) = balance.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+            return Err(fail(format!(
+                "layer '{}': tensor_balance_factor holds {bad}; factors must be positive and finite",
+                layer.name
+            )));
+        }
+        let balance = (!balance.is_empty()).then(|| balance.clone());
+        factors.push(weigh(graph, layer, act, scales, balance).map_err(|e| fail(e.to_string()))?);
     }
     for c in &mut candidates {
         if c.quantizable && !factors.iter().any(|f| f.layer.name == c.node) {

@@ -6,6 +6,7 @@ pub mod amct;
 pub mod bias_correction;
 pub mod calibrate;
 pub mod config;
+pub mod dmq;
 pub mod emit;
 pub mod error;
 pub mod from_record;

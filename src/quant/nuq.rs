@@ -3,6 +3,7 @@
 //! weights meet the input channels, and the rewrite of a layer's int8
 //! weight. The level search itself is [`super::weights::nuq_quantize`].
 
+use super::dmq::{ChannelAxes, balance_weight};
 use super::emit::LayerFactors;
 use super::error::QuantError;
 use super::layers::QuantLayer;
@@ -69,9 +70,12 @@ pub fn apply_nuq(
     let (Some(q), Some(w_name)) = (&factors.weight_q, &factors.layer.weight) else {
         return Ok(());
     };
-    let Some(w) = initializer_f32(graph, w_name)? else {
+    let Some(mut w) = initializer_f32(graph, w_name)? else {
         return Ok(()); // weighing already refused non-float weights
     };
+    if let (Some(s), Some(axes)) = (&factors.balance, ChannelAxes::of(graph, &factors.layer)) {
+        w = balance_weight(&w, s, axes);
+    }
     let layout = if factors.scale_w.len() == 1 {
         ChannelLayout::PerTensor
     } else {

@@ -17,6 +17,7 @@ pub fn to_record(factors: &[LayerFactors], tensors: &[TensorFactors]) -> proto::
             offset_d: Some(f.act.offset),
             scale_w: f.scale_w.clone(),
             offset_w: vec![0; f.scale_w.len()],
+            tensor_balance_factor: f.balance.clone().unwrap_or_default(),
             ..Default::default()
         }),
     });

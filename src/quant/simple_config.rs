@@ -172,8 +172,20 @@ fn apply(
     named: bool,
 ) -> Result<(), String> {
     let ctx = |m: String| format!("layer '{name}': {m}");
-    if let Some(TensorBalancer::DmqBalancer(_)) = c.tensor_balancer {
-        return Err(ctx("dmq_balancer is not supported yet; remove it".into()));
+    if let Some(TensorBalancer::DmqBalancer(d)) = c.tensor_balancer {
+        let a = d.migration_strength();
+        if !(0.2..=0.8).contains(&a) {
+            return Err(ctx(format!(
+                "dmq_balancer migration_strength {a} is out of range; allowed: 0.2 to 0.8"
+            )));
+        }
+        if super::layers::has_weight(op) {
+            layer.dmq = Some(a);
+        } else if named {
+            return Err(ctx(format!(
+                "dmq_balancer needs a layer with a weight, and this layer is {op}"
+            )));
+        }
     }
     match c.wts_quant_algo {
         Some(WtsQuantAlgo::ArqQuantize(a)) => {

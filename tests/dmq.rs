@@ -1,0 +1,216 @@
+//! DMQ balancing on models built here: the factors against a hand
+//! computation, a Gemm whose input has one wide channel (the output error
+//! drops), and a depthwise convolution whose int8 weights do not change.
+
+mod common;
+
+use ascend_quant::data::Dataset;
+use ascend_quant::onnx::builder::node;
+use ascend_quant::onnx::proto::{AttributeProto, OperatorSetIdProto};
+use ascend_quant::onnx::{GraphProto, ModelProto, Storage, to_proto, to_tensor};
+use ascend_quant::quant::calibrate::{Outcome, RunSettings, calibrate};
+use ascend_quant::quant::config::QuantConfig;
+use ascend_quant::sim::{Executor, RtenExecutor, SessionOptions};
+use ascend_quant::tensor::Tensor;
+use common::value_info;
+use ndarray::{ArrayD, IxDyn};
+
+fn values(seed: u64, n: usize) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn model(
+    nodes: Vec<ascend_quant::onnx::NodeProto>,
+    inits: Vec<(&str, ArrayD<f32>)>,
+    x: &[i64],
+    y: &[i64],
+) -> ModelProto {
+    ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(13),
+        }],
+        graph: Some(GraphProto {
+            name: Some("dmq".into()),
+            node: nodes,
+            initializer: inits
+                .into_iter()
+                .map(|(n, a)| to_proto(n, &Tensor::F32(a), Storage::Raw))
+                .collect(),
+            input: vec![value_info("x", x)],
+            output: vec![value_info("y", y)],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn run(m: &ModelProto, data: ArrayD<f32>, dmq: Option<f32>) -> Outcome {
+    let layers = ascend_quant::pipeline::inputs::layer_names(m).unwrap();
+    let mut config = QuantConfig::default_for(&layers);
+    config.batch_num = 4;
+    for (_, l) in &mut config.layers {
+        l.dmq = dmq;
+    }
+    let dataset = Dataset::from_arrays(
+        vec![("x".into(), Tensor::F32(data))],
+        &["x".into()],
+        "t".into(),
+    )
+    .unwrap();
+    let settings = RunSettings {
+        batch_size: 8,
+        dynamic_batch: false,
+        progress: &|_, _| {},
+        similarity_samples: 0,
+    };
+    calibrate(m, &config, &dataset, &RtenExecutor, &settings).unwrap()
+}
+
+fn output(m: &ModelProto, x: &ArrayD<f32>) -> ArrayD<f32> {
+    let s = RtenExecutor.prepare(m, &SessionOptions::default()).unwrap();
+    let x = Tensor::F32(x.clone());
+    match s.run(&[("x", &x)], &["y"]).unwrap().remove(0) {
+        Tensor::F32(a) => a,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn mse(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(p, q)| f64::from(p - q).powi(2))
+        .sum::<f64>()
+        / a.len() as f64
+}
+
+#[test]
+fn a_wide_input_channel_is_balanced_into_the_weights() {
+    // y = x · W + b with x[:, 0] spanning ±100 and the rest ±1.
+    let w = ArrayD::from_shape_vec(IxDyn(&[4, 3]), values(3, 12)).unwrap();
+    let b = ArrayD::from_shape_vec(IxDyn(&[3]), values(4, 3)).unwrap();
+    let m = model(
+        vec![node("Gemm", "fc", &["x", "w", "b"], &["y"], vec![])],
+        vec![("w", w.clone()), ("b", b)],
+        &[8, 4],
+        &[8, 3],
+    );
+    let data = |seed: u64| {
+        let mut v = values(seed, 32 * 4);
+        for row in v.chunks_mut(4) {
+            row[0] *= 100.0;
+        }
+        ArrayD::from_shape_vec(IxDyn(&[32, 4]), v).unwrap()
+    };
+    let calib = data(10);
+    let plain = run(&m, calib.clone(), None);
+    let balanced = run(&m, calib.clone(), Some(0.5));
+    // The factors, by hand: s_j = sqrt(max|x_j|) / sqrt(max|W[j, :]|).
+    let s = balanced.factors[0].balance.clone().unwrap();
+    for j in 0..4 {
+        let xmax = (0..32).map(|i| calib[[i, j]].abs()).fold(0.0f32, f32::max);
+        let wmax = (0..3).map(|n| w[[j, n]].abs()).fold(0.0f32, f32::max);
+        let want = xmax.sqrt() / wmax.sqrt();
+        assert!(
+            (s[j] - want).abs() <= 1e-5 * want,
+            "s[{j}] {} vs {want}",
+            s[j]
+        );
+    }
+    // The deploy model divides the input by s: a Mul by 1/s in front of the AscendQuant.
+    let g = balanced.deploy.graph.as_ref().unwrap();
+    let mul = g.node.iter().find(|n| n.name() == "fc.mul").unwrap();
+    let quant = g
+        .node
+        .iter()
+        .find(|n| n.op_type() == "AscendQuant")
+        .unwrap();
+    assert_eq!(quant.input[0], mul.output[0]);
+    // On fresh data the balanced model is closer to the float one.
+    let test = data(11)
+        .slice_axis(ndarray::Axis(0), ndarray::Slice::from(0..8))
+        .to_owned();
+    let float = output(&m, &test);
+    let (e_plain, e_bal) = (
+        mse(&output(&plain.fake_quant, &test), &float),
+        mse(&output(&balanced.fake_quant, &test), &float),
+    );
+    eprintln!("output MSE plain {e_plain:.3e}, balanced {e_bal:.3e}");
+    assert!(e_bal < 0.5 * e_plain, "{e_plain} -> {e_bal}");
+    // And the deploy model, on the simulator, agrees with the fake-quant model.
+    let dep = output(&balanced.deploy, &test);
+    assert!(mse(&dep, &output(&balanced.fake_quant, &test)) < 0.01 * e_bal.max(1e-9) + 1e-6);
+}
+
+#[test]
+fn a_depthwise_convolution_keeps_its_int8_weights() {
+    let ints = |name: &str, v: &[i64]| AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(7),
+        ints: v.to_vec(),
+        ..Default::default()
+    };
+    let int = |name: &str, v: i64| AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(2),
+        i: Some(v),
+        ..Default::default()
+    };
+    let w = ArrayD::from_shape_vec(IxDyn(&[4, 1, 3, 3]), values(5, 36)).unwrap();
+    let m = model(
+        vec![node(
+            "Conv",
+            "dw",
+            &["x", "w"],
+            &["y"],
+            vec![
+                int("group", 4),
+                ints("kernel_shape", &[3, 3]),
+                ints("pads", &[1, 1, 1, 1]),
+            ],
+        )],
+        vec![("w", w)],
+        &[8, 4, 6, 6],
+        &[8, 4, 6, 6],
+    );
+    let mut v = values(6, 32 * 4 * 36);
+    for (i, x) in v.iter_mut().enumerate() {
+        *x *= [1.0, 20.0, 0.1, 3.0][(i / 36) % 4];
+    }
+    let calib = ArrayD::from_shape_vec(IxDyn(&[32, 4, 6, 6]), v).unwrap();
+    let plain = run(&m, calib.clone(), None);
+    let balanced = run(&m, calib, Some(0.5));
+    let weight = |o: &Outcome| -> Vec<i8> {
+        let g = o.deploy.graph.as_ref().unwrap();
+        let conv = g.node.iter().find(|n| n.name() == "dw").unwrap();
+        let t = g
+            .initializer
+            .iter()
+            .find(|t| t.name() == conv.input[1])
+            .unwrap();
+        match to_tensor(t).unwrap() {
+            Tensor::I8(a) => a.iter().copied().collect(),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(weight(&plain), weight(&balanced));
+    // Each channel's weight scale took its factor.
+    let s = balanced.factors[0].balance.clone().unwrap();
+    for c in 0..4 {
+        let (a, b) = (plain.factors[0].scale_w[c], balanced.factors[0].scale_w[c]);
+        assert!(
+            (b - a * s[c]).abs() <= 1e-6 * b.abs(),
+            "channel {c}: {a} * {} vs {b}",
+            s[c]
+        );
+    }
+}
