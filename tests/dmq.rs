@@ -205,12 +205,11 @@ fn a_depthwise_convolution_keeps_its_int8_weights() {
     assert_eq!(weight(&plain), weight(&balanced));
     // Each channel's weight scale took its factor.
     let s = balanced.factors[0].balance.clone().unwrap();
-    for c in 0..4 {
+    for (c, s) in s.iter().enumerate() {
         let (a, b) = (plain.factors[0].scale_w[c], balanced.factors[0].scale_w[c]);
         assert!(
-            (b - a * s[c]).abs() <= 1e-6 * b.abs(),
-            "channel {c}: {a} * {} vs {b}",
-            s[c]
+            (b - a * s).abs() <= 1e-6 * b.abs(),
+            "channel {c}: {a} * {s} vs {b}"
         );
     }
 }
