@@ -104,7 +104,6 @@ pub fn calibrate(
             data,
             run,
             c.batches_used,
-            BIAS_CORRECTION_PASSES,
         )?;
         c.seconds += started.elapsed().as_secs_f64();
         done
@@ -115,10 +114,6 @@ pub fn calibrate(
     outcome.bias_correction = corrections;
     Ok(outcome)
 }
-
-/// Passes of bias correction (see `bias_correction`): enough for the
-/// corrections to settle on MobileNetV2.
-const BIAS_CORRECTION_PASSES: usize = 2;
 
 /// Builds the deploy and fake-quant models of calibrated factors and, when
 /// there is data, measures each layer's similarity on it.
