@@ -237,7 +237,14 @@ impl Dataset {
         self.samples
     }
 
-    /// Number of batches of `batch_size`.
+    /// Whether the batches are fixed by the files (`.bin` folders) rather
+    /// than cut from samples.
+    pub fn has_fixed_batches(&self) -> bool {
+        self.fixed_batches.is_some()
+    }
+
+    /// Number of batches of `batch_size` samples (the last may be short);
+    /// for fixed batches (`.bin` folders), the number of batch files.
     pub fn batch_count(&self, batch_size: usize) -> usize {
         match &self.fixed_batches {
             Some(f) => f.len(),
