@@ -9,6 +9,7 @@ use crate::pipeline::outputs::{OutputFiles, output_folder, with_suffix, write_ou
 use crate::pipeline::{
     CalibrateOptions, PipelineError, Progress, RunInputs, gather, select_backend,
 };
+use crate::quant::bias_correction::correct_biases;
 use crate::quant::calibrate::{RunSettings, observe_layers};
 use crate::quant::emit::{
     LayerFactors, ModelKind, add_tensor_quantization, deploy_model, fake_quant_model,
@@ -121,7 +122,22 @@ pub fn run(opts: &AutoOptions, progress: Progress<'_>) -> Result<AutoResult, Pip
         opts.calib.acl_lib.as_deref(),
         &opts.calib.output,
     )?;
-    let calibrated = observe_layers(&model, &config, &data, executor.as_ref(), &run)?;
+    let mut calibrated = observe_layers(&model, &config, &data, executor.as_ref(), &run)?;
+    // Bias correction: the search evaluates candidates corrected with every
+    // layer quantized; the chosen subset is corrected again below, from the
+    // uncorrected biases, exactly as `calibrate --config` would.
+    let uncorrected = calibrated.factors.clone();
+    if config.bias_correction {
+        (progress.message)("correcting biases");
+        correct_biases(
+            &RtenExecutor,
+            &calibrated.prepared,
+            &mut calibrated.factors,
+            &data,
+            &run,
+            calibrated.batches_used,
+        )?;
+    }
     let mut evaluator: Box<dyn Evaluator> = match (&opts.evaluator, &eval) {
         (Some(cmd), _) => Box::new(ExternalEvaluator::new(
             cmd.clone(),
@@ -185,7 +201,18 @@ pub fn run(opts: &AutoOptions, progress: Progress<'_>) -> Result<AutoResult, Pip
         },
     )?;
     drop(evaluator);
-    let chosen = subset(&calibrated.factors, &outcome.rolled_back);
+    let mut chosen = subset(&calibrated.factors, &outcome.rolled_back);
+    if config.bias_correction {
+        chosen = subset(&uncorrected, &outcome.rolled_back);
+        correct_biases(
+            &RtenExecutor,
+            &calibrated.prepared,
+            &mut chosen,
+            &data,
+            &run,
+            calibrated.batches_used,
+        )?;
+    }
     for (name, layer) in &mut config.layers {
         if outcome.rolled_back.contains(name) {
             layer.quant_enable = false;

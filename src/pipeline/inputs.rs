@@ -91,6 +91,8 @@ pub struct CalibrateOptions {
     pub tensor_quantize: Vec<String>,
     /// Correct biases by their mean output error (adds to the configuration's `bias_correction`).
     pub bias_correction: bool,
+    /// The accuracy recipe (`--optimize`, see [`apply_optimize`]).
+    pub optimize: bool,
     /// Take every factor from this record file instead of calibrating
     /// (AMCT's `convert_model`); data is then optional.
     pub record: Option<PathBuf>,
@@ -113,6 +115,7 @@ impl CalibrateOptions {
             similarity_samples: 8,
             tensor_quantize: Vec::new(),
             bias_correction: false,
+            optimize: false,
             record: None,
         }
     }
@@ -211,10 +214,32 @@ pub fn read_config(
         layer.1.quant_enable = false;
     }
     config.bias_correction |= opts.bias_correction;
+    if opts.optimize {
+        apply_optimize(&mut config, &names);
+    }
     for spec in &opts.tensor_quantize {
         config.tensor_quantize.extend(tensor_targets(model, spec));
     }
     Ok(config)
+}
+
+/// DMQ strength `--optimize` gives every layer that has none.
+pub const OPTIMIZE_DMQ: f32 = 0.5;
+
+/// `--optimize`: the recipe the error analysis of MobileNetV2 chose
+/// (`docs/algorithms.md`, Accuracy recipe): DMQ balancing at α = 0.5 on every
+/// layer with a weight (a layer's own `dmq_balancer_param` is kept), then
+/// bias correction.
+pub fn apply_optimize(config: &mut QuantConfig, layers: &[(String, String)]) {
+    config.bias_correction = true;
+    for (name, l) in &mut config.layers {
+        let weighted = layers
+            .iter()
+            .any(|(n, op)| n == name && crate::quant::layers::has_weight(op));
+        if weighted && l.dmq.is_none() && l.wts_algo == crate::quant::config::WtsAlgo::Arq {
+            l.dmq = Some(OPTIMIZE_DMQ);
+        }
+    }
 }
 
 /// The tensor quantizations one `--tensor-quantize` item asks for: `NODE:I`
