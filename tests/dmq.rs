@@ -1,6 +1,7 @@
-//! DMQ balancing on models built here: the factors against a hand
-//! computation, a Gemm whose input has one wide channel (the output error
-//! drops), and a depthwise convolution whose int8 weights do not change.
+//! Weight-side techniques on models built here. DMQ balancing: the factors
+//! against a hand computation, a Gemm whose input has one wide channel (the
+//! output error drops), a depthwise convolution whose int8 weights do not
+//! change. AdaRound: every weight rounded down or up, the sampled error lower.
 
 mod common;
 
@@ -210,6 +211,70 @@ fn a_depthwise_convolution_keeps_its_int8_weights() {
         assert!(
             (b - a * s).abs() <= 1e-6 * b.abs(),
             "channel {c}: {a} * {s} vs {b}"
+        );
+    }
+}
+
+#[test]
+fn adaround_rounds_each_weight_down_or_up_and_lowers_the_sampled_output_error() {
+    use ascend_quant::quant::config::WtsAlgo;
+    use ascend_quant::quant::weights::adaround::AdaSettings;
+    let ints = |name: &str, v: &[i64]| AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(7),
+        ints: v.to_vec(),
+        ..Default::default()
+    };
+    // Conv 4 -> 6 channels, 3x3, then Relu; 2 * 4 * 9 = 72 inputs per output.
+    let w = ArrayD::from_shape_vec(IxDyn(&[6, 4, 3, 3]), values(7, 216)).unwrap();
+    let b = ArrayD::from_shape_vec(IxDyn(&[6]), values(8, 6)).unwrap();
+    let m = model(
+        vec![
+            node(
+                "Conv",
+                "conv",
+                &["x", "w", "b"],
+                &["c"],
+                vec![ints("kernel_shape", &[3, 3]), ints("pads", &[1, 1, 1, 1])],
+            ),
+            node("Relu", "relu", &["c"], &["y"], vec![]),
+        ],
+        vec![("w", w.clone()), ("b", b)],
+        &[8, 4, 8, 8],
+        &[8, 6, 8, 8],
+    );
+    let layers = ascend_quant::pipeline::inputs::layer_names(&m).unwrap();
+    let mut config = QuantConfig::default_for(&layers);
+    config.batch_num = 2;
+    config.layers[0].1.wts_algo = WtsAlgo::Ada(AdaSettings {
+        num_iteration: 400,
+        ..Default::default()
+    });
+    let data = ArrayD::from_shape_vec(IxDyn(&[16, 4, 8, 8]), values(9, 16 * 256)).unwrap();
+    let dataset = Dataset::from_arrays(
+        vec![("x".into(), Tensor::F32(data))],
+        &["x".into()],
+        "t".into(),
+    )
+    .unwrap();
+    let settings = RunSettings {
+        batch_size: 8,
+        dynamic_batch: false,
+        progress: &|_, _| {},
+        similarity_samples: 0,
+    };
+    let out = calibrate(&m, &config, &dataset, &RtenExecutor, &settings).unwrap();
+    let report = out.adaround.first().cloned().expect("the conv was learned");
+    assert!(report.output_mse[1] < report.output_mse[0], "{report:?}");
+    assert!(report.flipped > 0);
+    let f = &out.factors[0];
+    let q = f.weight_q.as_ref().unwrap();
+    for (flat, (&wv, &qv)) in w.iter().zip(q.iter()).enumerate() {
+        let s = f.scale_w[flat / 36];
+        let lo = (wv / s).floor();
+        assert!(
+            f32::from(qv) == lo || f32::from(qv) == lo + 1.0,
+            "{wv} / {s} -> {qv}"
         );
     }
 }

@@ -216,6 +216,7 @@ fn finish(
         layers,
         tensor_quantize,
         bias_correction: outcome.bias_correction.clone(),
+        adaround: outcome.adaround.clone(),
         skipped: outcome
             .candidates
             .iter()

@@ -3,6 +3,7 @@
 //! watches its input, quantize the weights, and build the deploy and
 //! fake-quant models; then measure each layer's output similarity.
 
+use super::adaround::{AdaReport, adaround_layers};
 use super::bias_correction::{BiasCorrection, correct_biases};
 use super::config::{QuantConfig, WtsAlgo};
 use super::dmq::{ChannelAxes, ChannelMax, balance_factors, balance_input, balance_weight};
@@ -17,6 +18,7 @@ use super::observe::{Observer, finite_extremes};
 use super::params::ActParams;
 use super::prepare::{Prepared, prepare};
 use super::tensor_quant::{TensorFactors, resolve as resolve_tensors};
+use super::weights::adaround::AdaSettings;
 use super::weights::{ChannelLayout, InputMoments, arq_scales, quantize_bias, quantize_weight};
 use crate::data::{Batch, Dataset};
 use crate::onnx::{ModelProto, to_tensor};
@@ -52,6 +54,8 @@ pub struct Outcome {
     pub tensors: Vec<TensorFactors>,
     /// What bias correction did, per layer (empty when it was off).
     pub bias_correction: Vec<BiasCorrection>,
+    /// What AdaRound did, per layer (empty when no layer asked for it).
+    pub adaround: Vec<AdaReport>,
     /// Every candidate layer and why it was or was not quantized.
     pub candidates: Vec<LayerCandidate>,
     /// The deploy model.
@@ -80,6 +84,8 @@ pub struct Calibrated {
     pub factors: Vec<LayerFactors>,
     /// Tensor quantizations (inputs of MaxPool / Add), in configuration order.
     pub tensors: Vec<TensorFactors>,
+    /// What AdaRound did, per layer that asked for it.
+    pub adaround: Vec<AdaReport>,
     /// Batches used.
     pub batches_used: usize,
     /// Seconds spent observing activations.
@@ -152,6 +158,7 @@ pub fn finish(
         factors: c.factors,
         tensors: c.tensors,
         bias_correction: Vec::new(),
+        adaround: c.adaround,
         candidates: c.candidates,
         deploy,
         fake_quant,
@@ -369,12 +376,30 @@ pub fn observe_layers(
             Ok(f)
         })
         .collect::<Result<Vec<_>, QuantError>>()?;
+    let mut factors = factors;
+    let which: Vec<(usize, AdaSettings)> = factors
+        .iter()
+        .enumerate()
+        .filter_map(|(i, f)| match config.layer(&f.layer.name)?.wts_algo {
+            WtsAlgo::Ada(s) => Some((i, s)),
+            _ => None,
+        })
+        .collect();
+    let adaround = adaround_layers(
+        &crate::sim::RtenExecutor,
+        &prepared,
+        &mut factors,
+        &which,
+        data,
+        run,
+    )?;
     Ok(Calibrated {
         prepared,
         preparation,
         candidates,
         factors,
         tensors,
+        adaround,
         batches_used: config.batch_num,
         seconds: observed,
     })

@@ -3,6 +3,7 @@
 
 use super::observe::{ActAlgo, IfmrSettings};
 use super::weights::NuqSettings;
+use super::weights::adaround::AdaSettings;
 use serde_json::{Map, Value, json};
 use std::path::Path;
 
@@ -35,6 +36,8 @@ pub enum WtsAlgo {
     Arq,
     /// NUQ: the ARQ grid reduced to a few levels (`nuq_quantize`).
     Nuq(NuqSettings),
+    /// AdaRound: the ARQ scales with learned rounding (`ada_quantize`).
+    Ada(AdaSettings),
 }
 
 impl LayerConfig {
@@ -254,6 +257,13 @@ fn weight_json(l: &LayerConfig) -> Value {
             w.insert("num_steps".into(), json!(n.num_steps));
             w.insert("num_of_iteration".into(), json!(n.num_of_iteration));
         }
+        WtsAlgo::Ada(a) => {
+            w.insert("wts_algo".into(), json!("ada_quantize"));
+            w.insert("num_iteration".into(), json!(a.num_iteration));
+            w.insert("reg_param".into(), json!(a.reg_param));
+            w.insert("beta_range".into(), json!(a.beta_range));
+            w.insert("warm_start".into(), json!(a.warm_start));
+        }
     }
     w.insert("channel_wise".into(), json!(l.channel_wise));
     w.insert("num_bits".into(), json!(l.wts_bits));
@@ -277,6 +287,21 @@ pub fn nuq_settings(num_steps: u64, num_of_iteration: u64, ctx: &str) -> Parse<N
         num_steps: num_steps as usize,
         num_of_iteration: num_of_iteration as u32,
     })
+}
+
+/// AdaRound settings from checked values.
+pub fn ada_settings(
+    num_iteration: usize,
+    reg_param: f32,
+    beta_range: [f32; 2],
+    warm_start: f32,
+) -> AdaSettings {
+    AdaSettings {
+        num_iteration,
+        reg_param,
+        beta_range,
+        warm_start,
+    }
 }
 
 pub(super) type Parse<T> = Result<T, String>;
@@ -595,9 +620,69 @@ fn parse_layer(v: &Value, name: &str, op: &str) -> Parse<LayerConfig> {
                     &ctx,
                 )?);
             }
+            Some("ada_quantize") => {
+                check_keys(
+                    w,
+                    &[
+                        "wts_algo",
+                        "channel_wise",
+                        "num_bits",
+                        "num_iteration",
+                        "reg_param",
+                        "beta_range",
+                        "warm_start",
+                    ],
+                    &ctx,
+                )?;
+                let d = AdaSettings::default();
+                let num = |k: &str, lo: f64, hi: f64, range: &str, default: f64| -> Parse<f64> {
+                    w.get(k)
+                        .map(|x| get_num(x, k, lo, hi, range).map_err(|e| format!("{ctx}: {e}")))
+                        .unwrap_or(Ok(default))
+                };
+                let beta_range = match w.get("beta_range") {
+                    None => d.beta_range,
+                    Some(r) => {
+                        let r: Vec<f64> = r
+                            .as_array()
+                            .map(|v| v.iter().filter_map(Value::as_f64).collect())
+                            .unwrap_or_default();
+                        if r.len() != 2 || !(r[0] > r[1] && r[1] > 0.0) {
+                            return Err(format!(
+                                "{ctx}: 'beta_range' must be [start, end] with start > end > 0"
+                            ));
+                        }
+                        [r[0] as f32, r[1] as f32]
+                    }
+                };
+                l.wts_algo = WtsAlgo::Ada(ada_settings(
+                    num(
+                        "num_iteration",
+                        1.0,
+                        1e6,
+                        "1 to 1000000",
+                        d.num_iteration as f64,
+                    )? as usize,
+                    num(
+                        "reg_param",
+                        1e-9,
+                        1.0 - 1e-9,
+                        "(0, 1)",
+                        f64::from(d.reg_param),
+                    )? as f32,
+                    beta_range,
+                    num(
+                        "warm_start",
+                        0.0,
+                        1.0 - 1e-9,
+                        "[0, 1)",
+                        f64::from(d.warm_start),
+                    )? as f32,
+                ));
+            }
             Some(_) => {
                 return Err(format!(
-                    "{ctx}: 'wts_algo' = {} is not supported; allowed: arq_quantize, nuq_quantize",
+                    "{ctx}: 'wts_algo' = {} is not supported; allowed: arq_quantize, nuq_quantize, ada_quantize",
                     w["wts_algo"]
                 ));
             }
@@ -641,8 +726,21 @@ mod tests {
             num_steps: 16,
             num_of_iteration: 3,
         });
+        cfg.layers[1].1.wts_algo = WtsAlgo::Ada(ada_settings(500, 0.05, [16.0, 3.0], 0.3));
+        cfg.layers[1].1.dmq = Some(0.4);
+        cfg.bias_correction = true;
         let back = parse(&cfg.to_json(), &layers()).unwrap();
         assert_eq!(back, cfg);
+        let e = parse_str(
+            r#"{"fc": {"weight_quant_params": {"wts_algo": "ada_quantize", "beta_range": [2, 20]}}}"#,
+        )
+        .unwrap_err();
+        assert!(e.contains("beta_range") && e.contains("start > end"), "{e}");
+        let e = parse_str(r#"{"fc": {"dmq_balancer_param": 0.9}}"#).unwrap_err();
+        assert!(
+            e.contains("dmq_balancer_param") && e.contains("0.2 to 0.8"),
+            "{e}"
+        );
     }
 
     #[test]

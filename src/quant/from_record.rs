@@ -84,6 +84,7 @@ pub fn calibrated_from_record(
         candidates,
         factors,
         tensors,
+        adaround: Vec::new(),
         batches_used: 0,
         seconds: 0.0,
     })

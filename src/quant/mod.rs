@@ -2,6 +2,7 @@
 //! calibration, weight quantization, the record file and the deploy and
 //! fake-quant models.
 
+pub mod adaround;
 pub mod amct;
 pub mod bias_correction;
 pub mod calibrate;

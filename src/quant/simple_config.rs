@@ -6,7 +6,7 @@
 
 use super::amct::{descriptors, proto};
 use super::config::{
-    ConfigError, LayerConfig, QuantConfig, TensorQuantConfig, WtsAlgo, nuq_settings,
+    ConfigError, LayerConfig, QuantConfig, TensorQuantConfig, WtsAlgo, ada_settings, nuq_settings,
 };
 use super::observe::{ActAlgo, IfmrSettings};
 use super::weights::NuqSettings;
@@ -207,10 +207,38 @@ fn apply(
         Some(WtsQuantAlgo::NuqQuantize(n)) => {
             layer.wts_algo = WtsAlgo::Nuq(nuq_from(&n, "nuq_quantize").map_err(ctx)?);
         }
-        Some(WtsQuantAlgo::AdaQuantize(_)) => {
-            return Err(ctx(
-                "ada_quantize is not supported yet; use arq_quantize".into()
+        Some(WtsQuantAlgo::AdaQuantize(a)) => {
+            let (start, end) = (a.beta_range_start(), a.beta_range_end());
+            if !(start > end && end > 0.0) {
+                return Err(ctx(format!(
+                    "ada_quantize beta_range_start {start} / beta_range_end {end}: need start > end > 0"
+                )));
+            }
+            let valid = a.reg_param() > 0.0
+                && a.reg_param() < 1.0
+                && (0.0..1.0).contains(&a.warm_start())
+                && a.num_iteration != Some(0);
+            if !valid {
+                return Err(ctx(
+                    "ada_quantize: reg_param must be in (0, 1), warm_start in [0, 1), num_iteration >= 1"
+                        .into(),
+                ));
+            }
+            // Unset, the step count is ascend-quant's default (AMCT's 10000 is
+            // minutes per layer on a CPU; see docs/algorithms.md).
+            layer.wts_algo = WtsAlgo::Ada(ada_settings(
+                a.num_iteration.map_or(
+                    super::weights::adaround::AdaSettings::default().num_iteration,
+                    |n| n as usize,
+                ),
+                a.reg_param(),
+                [start, end],
+                a.warm_start(),
             ));
+            let has_channels = super::layers::has_weight_channels(op);
+            if a.channel_wise.is_some() {
+                layer.channel_wise = a.channel_wise() && has_channels;
+            }
         }
         None => {}
     }

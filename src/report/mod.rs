@@ -59,6 +59,9 @@ pub struct QuantReport {
     pub tensor_quantize: Vec<LayerReport>,
     /// Candidate layers left in float, with the reason.
     pub skipped: Vec<LayerCandidate>,
+    /// AdaRound per layer (output MSE with nearest and learned rounding on the sampled positions).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub adaround: Vec<crate::quant::adaround::AdaReport>,
     /// Bias correction per layer (mean absolute per-channel output error before and after).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub bias_correction: Vec<crate::quant::bias_correction::BiasCorrection>,
@@ -132,6 +135,17 @@ impl QuantReport {
                         .unwrap_or_default()
                 )?,
             }
+        }
+        if !self.adaround.is_empty() {
+            let (n, l): (f32, f32) = self.adaround.iter().fold((0.0, 0.0), |(a, b), r| {
+                (a + r.output_mse[0], b + r.output_mse[1])
+            });
+            writeln!(
+                out,
+                "AdaRound: {} layers, summed layer output MSE {n:.4e} (nearest) -> {l:.4e} (learned), {} weights flipped",
+                self.adaround.len(),
+                self.adaround.iter().map(|r| r.flipped).sum::<usize>()
+            )?;
         }
         if !self.bias_correction.is_empty() {
             let mean = |f: fn(&crate::quant::bias_correction::BiasCorrection) -> f64| {

@@ -1,6 +1,7 @@
 //! Weight quantization: ARQ scales (symmetric, per tensor or per output
 //! channel), int8 weights and int32 biases; NUQ's reduced level sets.
 
+pub mod adaround;
 mod arq;
 mod nuq;
 
