@@ -78,7 +78,15 @@ fn run(m: &ModelProto, data: ArrayD<f32>, dmq: Option<f32>) -> Outcome {
 }
 
 fn output(m: &ModelProto, x: &ArrayD<f32>) -> ArrayD<f32> {
-    let s = RtenExecutor.prepare(m, &SessionOptions::default()).unwrap();
+    let s = RtenExecutor
+        .prepare(
+            m,
+            &SessionOptions {
+                dynamic_batch: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
     let x = Tensor::F32(x.clone());
     match s.run(&[("x", &x)], &["y"]).unwrap().remove(0) {
         Tensor::F32(a) => a,
@@ -276,5 +284,84 @@ fn adaround_rounds_each_weight_down_or_up_and_lowers_the_sampled_output_error() 
             f32::from(qv) == lo || f32::from(qv) == lo + 1.0,
             "{wv} / {s} -> {qv}"
         );
+    }
+}
+
+#[test]
+fn adaround_measures_what_the_model_computes_with_and_without_balancing() {
+    use ascend_quant::quant::config::WtsAlgo;
+    use ascend_quant::quant::emit::weight_only_model;
+    use ascend_quant::quant::weights::adaround::AdaSettings;
+    let ints = |name: &str, v: &[i64]| AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(7),
+        ints: v.to_vec(),
+        ..Default::default()
+    };
+    let w = ArrayD::from_shape_vec(IxDyn(&[6, 4, 3, 3]), values(17, 216)).unwrap();
+    let b = ArrayD::from_shape_vec(IxDyn(&[6]), values(18, 6)).unwrap();
+    let m = model(
+        vec![
+            node(
+                "Conv",
+                "conv",
+                &["x", "w", "b"],
+                &["c"],
+                vec![ints("kernel_shape", &[3, 3]), ints("pads", &[1, 1, 1, 1])],
+            ),
+            node("Relu", "relu", &["c"], &["y"], vec![]),
+        ],
+        vec![("w", w), ("b", b)],
+        &[8, 4, 8, 8],
+        &[8, 6, 8, 8],
+    );
+    // Channels of very different ranges, so balancing matters.
+    let mut v = values(19, 16 * 256);
+    for (i, x) in v.iter_mut().enumerate() {
+        *x *= [1.0, 8.0, 0.2, 3.0][(i / 64) % 4];
+    }
+    let data = ArrayD::from_shape_vec(IxDyn(&[16, 4, 8, 8]), v).unwrap();
+    let dataset = Dataset::from_arrays(
+        vec![("x".into(), Tensor::F32(data.clone()))],
+        &["x".into()],
+        "t".into(),
+    )
+    .unwrap();
+    let settings = RunSettings {
+        batch_size: 8,
+        dynamic_batch: false,
+        progress: &|_, _| {},
+        similarity_samples: 0,
+    };
+    let float = output(&m, &data);
+    for dmq in [None, Some(0.5)] {
+        let layers = ascend_quant::pipeline::inputs::layer_names(&m).unwrap();
+        let mut config = QuantConfig::default_for(&layers);
+        config.batch_num = 2;
+        config.layers[0].1.dmq = dmq;
+        let plain = calibrate(&m, &config, &dataset, &RtenExecutor, &settings).unwrap();
+        config.layers[0].1.wts_algo = WtsAlgo::Ada(AdaSettings::default());
+        let ada = calibrate(&m, &config, &dataset, &RtenExecutor, &settings).unwrap();
+        let report = ada.adaround.first().cloned().expect("learned");
+        // AdaRound draws 1024 positions (with replacement) from the 1024 of
+        // these 16 samples: its errors are the weight-only models' errors on
+        // them, up to that sampling. (Without balancing the inputs the way
+        // the model does, the balanced case was off by a factor.)
+        let error = |o: &Outcome| {
+            mse(
+                &output(&weight_only_model(&o.prepared, &o.factors).unwrap(), &data),
+                &float,
+            )
+        };
+        let (near, learned) = (error(&plain), error(&ada));
+        for (got, want) in [
+            (report.output_mse[0], near),
+            (report.output_mse[1], learned),
+        ] {
+            assert!(
+                (f64::from(got) - want).abs() <= 0.2 * want + 1e-9,
+                "dmq {dmq:?}: AdaRound says {got}, the model gives {want}"
+            );
+        }
     }
 }

@@ -1,11 +1,16 @@
-//! AdaRound applied to a model's layers: inputs from the quantized model
-//! (every layer quantized, so each layer sees its quantized upstream),
-//! targets from the float model after the layer's activation, sampled at a
-//! fixed number of output positions, then [`Problem::solve`] per layer (per
-//! group for grouped convolutions). Conv (2-D, explicit pads) and Gemm.
+//! AdaRound applied to a model's layers: inputs and targets (after the
+//! layer's activation) from the float model, sampled at a fixed number of
+//! output positions, then [`Problem::solve`] per layer (per group for grouped
+//! convolutions). Conv (2-D, explicit pads) and Gemm.
+//!
+//! The inputs are the float ones, not the quantized upstream's: with the
+//! quantized inputs the rounding learned to fit the activations' rounding
+//! noise on the samples and lost on new data (MobileNetV2, 512 held-out
+//! crops: logit cosine 0.814 and top-1 agreement 0.539 against 0.976 and
+//! 0.789 with float inputs; plain rounding 0.961 / 0.707).
 
 use super::calibrate::RunSettings;
-use super::emit::{LayerFactors, simulation_model};
+use super::emit::LayerFactors;
 use super::error::QuantError;
 use super::weights::adaround::{Activation, AdaSettings, Problem};
 use crate::data::Dataset;
@@ -129,19 +134,10 @@ pub fn adaround_layers(
         return Ok(Vec::new());
     }
     let graph = crate::onnx::graph_of(prepared, "the prepared model")?;
-    let quantized = simulation_model(prepared, factors)?;
-    let qgraph = crate::onnx::graph_of(&quantized, "the quantized model")?;
-    // The value each layer reads in the quantized model, and its float output.
+    // Each layer's float input and float output.
     let inputs: Vec<String> = which
         .iter()
-        .map(|&(i, _)| {
-            qgraph
-                .node
-                .iter()
-                .find(|n| n.name() == factors[i].layer.name)
-                .and_then(|n| n.input.first().cloned())
-                .unwrap_or_else(|| factors[i].layer.act_input.clone())
-        })
+        .map(|&(i, _)| factors[i].layer.act_input.clone())
         .collect();
     let outputs: Vec<String> = which
         .iter()
@@ -160,7 +156,7 @@ pub fn adaround_layers(
         v.iter().map(String::as_str).collect()
     }
     let xs = executor
-        .prepare(&quantized, &opts(&inputs))?
+        .prepare(prepared, &opts(&inputs))?
         .run(&feeds, &fetch(&inputs))?;
     let ys = executor
         .prepare(prepared, &opts(&outputs))?
@@ -241,12 +237,18 @@ fn solve_layer(
                 .ok()?
                 .t()
                 .to_owned();
-            let xm = x
+            let mut xm = x
                 .clone()
                 .into_dimensionality::<ndarray::Ix2>()
                 .ok()?
                 .t()
                 .to_owned();
+            if let Some(s) = &f.balance {
+                // The balanced layer reads x / s (its weight holds s).
+                for (mut row, &sk) in xm.axis_iter_mut(ndarray::Axis(0)).zip(s) {
+                    row.mapv_inplace(|v| v / sk);
+                }
+            }
             let mut t = y
                 .clone()
                 .into_dimensionality::<ndarray::Ix2>()
@@ -307,7 +309,9 @@ fn solve_layer(
                                 let ix = (ox * cs.stride[1] + kx * cs.dil[1]) as isize
                                     - cs.pad[1] as isize;
                                 if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < wd {
-                                    xm[[row, col]] = x[[img, c, iy as usize, ix as usize]];
+                                    // A balanced layer reads x / s (its weight holds s).
+                                    let sc = f.balance.as_ref().map_or(1.0, |s| s[c]);
+                                    xm[[row, col]] = x[[img, c, iy as usize, ix as usize]] / sc;
                                 }
                                 row += 1;
                             }
