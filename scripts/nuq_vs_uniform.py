@@ -24,6 +24,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from qat_vs_ptq import crops  # noqa: E402  (the same crops as the QAT benchmark)
+from score import logits, score as score_pair  # noqa: E402
 VARIANTS = {
     "uniform": None,
     "nuq32_it1": (32, 1),
@@ -33,20 +34,8 @@ VARIANTS = {
 }
 
 
-def logits(model, x):
-    import onnxruntime as ort
-    s = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-    name = s.get_inputs()[0].name
-    fixed = s.get_inputs()[0].shape[0] == 1
-    if fixed:
-        return np.concatenate([s.run(None, {name: x[i:i + 1]})[0] for i in range(len(x))])
-    return s.run(None, {name: x})[0]
-
-
 def score(ref, q, labels=None):
-    cos = np.sum(ref * q, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(q, axis=1))
-    out = {"logit_cosine": float(cos.mean()),
-           "top1_agreement": float((ref.argmax(1) == q.argmax(1)).mean())}
+    out = score_pair(ref, q)
     if labels is not None:
         out["top1_accuracy"] = float((q.argmax(1) == labels).mean())
     return out

@@ -23,6 +23,8 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from score import logits, score  # noqa: E402
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
 
@@ -45,19 +47,6 @@ def timed(cmd):
     if r.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
     return wall, after.ru_maxrss / 1024.0, (after.ru_utime - before.ru_utime)
-
-
-def logits(model, x, batch=16):
-    import onnxruntime as ort
-    s = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-    name = s.get_inputs()[0].name
-    return np.concatenate([s.run(None, {name: x[i:i + 1]})[0] for i in range(len(x))])
-
-
-def score(ref, q):
-    cos = np.sum(ref * q, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(q, axis=1))
-    return {"logit_cosine": float(cos.mean()),
-            "top1_agreement": float((ref.argmax(1) == q.argmax(1)).mean())}
 
 
 def main():

@@ -223,20 +223,16 @@ fn a_depthwise_convolution_keeps_its_int8_weights() {
     }
 }
 
-#[test]
-fn adaround_rounds_each_weight_down_or_up_and_lowers_the_sampled_output_error() {
-    use ascend_quant::quant::config::WtsAlgo;
-    use ascend_quant::quant::weights::adaround::AdaSettings;
+/// `y = Relu(Conv3x3(x, w, b))` on `[8, 4, 8, 8]` inputs, the bias drawn from `bias_seed`.
+fn conv_relu(w: ArrayD<f32>, bias_seed: u64) -> ModelProto {
     let ints = |name: &str, v: &[i64]| AttributeProto {
         name: Some(name.into()),
         r#type: Some(7),
         ints: v.to_vec(),
         ..Default::default()
     };
-    // Conv 4 -> 6 channels, 3x3, then Relu; 2 * 4 * 9 = 72 inputs per output.
-    let w = ArrayD::from_shape_vec(IxDyn(&[6, 4, 3, 3]), values(7, 216)).unwrap();
-    let b = ArrayD::from_shape_vec(IxDyn(&[6]), values(8, 6)).unwrap();
-    let m = model(
+    let b = ArrayD::from_shape_vec(IxDyn(&[6]), values(bias_seed, 6)).unwrap();
+    model(
         vec![
             node(
                 "Conv",
@@ -247,10 +243,19 @@ fn adaround_rounds_each_weight_down_or_up_and_lowers_the_sampled_output_error() 
             ),
             node("Relu", "relu", &["c"], &["y"], vec![]),
         ],
-        vec![("w", w.clone()), ("b", b)],
+        vec![("w", w), ("b", b)],
         &[8, 4, 8, 8],
         &[8, 6, 8, 8],
-    );
+    )
+}
+
+#[test]
+fn adaround_rounds_each_weight_down_or_up_and_lowers_the_sampled_output_error() {
+    use ascend_quant::quant::config::WtsAlgo;
+    use ascend_quant::quant::weights::adaround::AdaSettings;
+    // Conv 4 -> 6 channels, 3x3, then Relu: 36 weights per output.
+    let w = ArrayD::from_shape_vec(IxDyn(&[6, 4, 3, 3]), values(7, 216)).unwrap();
+    let m = conv_relu(w.clone(), 8);
     let layers = ascend_quant::pipeline::inputs::layer_names(&m).unwrap();
     let mut config = QuantConfig::default_for(&layers);
     config.batch_num = 2;
@@ -292,29 +297,8 @@ fn adaround_measures_what_the_model_computes_with_and_without_balancing() {
     use ascend_quant::quant::config::WtsAlgo;
     use ascend_quant::quant::emit::weight_only_model;
     use ascend_quant::quant::weights::adaround::AdaSettings;
-    let ints = |name: &str, v: &[i64]| AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(7),
-        ints: v.to_vec(),
-        ..Default::default()
-    };
     let w = ArrayD::from_shape_vec(IxDyn(&[6, 4, 3, 3]), values(17, 216)).unwrap();
-    let b = ArrayD::from_shape_vec(IxDyn(&[6]), values(18, 6)).unwrap();
-    let m = model(
-        vec![
-            node(
-                "Conv",
-                "conv",
-                &["x", "w", "b"],
-                &["c"],
-                vec![ints("kernel_shape", &[3, 3]), ints("pads", &[1, 1, 1, 1])],
-            ),
-            node("Relu", "relu", &["c"], &["y"], vec![]),
-        ],
-        vec![("w", w), ("b", b)],
-        &[8, 4, 8, 8],
-        &[8, 6, 8, 8],
-    );
+    let m = conv_relu(w, 18);
     // Channels of very different ranges, so balancing matters.
     let mut v = values(19, 16 * 256);
     for (i, x) in v.iter_mut().enumerate() {
