@@ -75,7 +75,7 @@ pub struct CalibrateArgs {
     /// Build the models from this record file's factors instead of
     /// calibrating (layers it does not name stay float; --data is then
     /// optional and only measures similarity).
-    #[arg(long, conflicts_with_all = ["batch_num", "activation_offset", "skip_layers"])]
+    #[arg(long, conflicts_with_all = ["batch_num", "activation_offset", "skip_layers", "optimize", "bias_correction", "tensor_quantize"])]
     pub record: Option<PathBuf>,
     /// Print the report as JSON on stdout.
     #[arg(long)]
