@@ -254,3 +254,27 @@ fn config_qat_writes_the_retrain_layout() {
         false
     );
 }
+
+#[test]
+fn each_cause_is_said_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.onnx");
+    let not_onnx = dir.path().join("notes.onnx");
+    std::fs::write(&not_onnx, b"\x0e\x0e\x0e not a model").unwrap();
+    for (model, cause) in [
+        (&missing, "No such file or directory"),
+        (&not_onnx, "failed to decode Protobuf message"),
+    ] {
+        let o = bin()
+            .arg("calibrate")
+            .arg("--model")
+            .arg(model)
+            .arg("--output")
+            .arg(dir.path().join("out"))
+            .output()
+            .unwrap();
+        let (_, err) = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert_eq!(err.matches(cause).count(), 1, "{err}");
+    }
+}

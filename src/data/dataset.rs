@@ -199,7 +199,7 @@ impl Dataset {
                 .map_err(|source| DataError::Io {
                     path: PathBuf::from(dir),
                     action: "read",
-                    source,
+                    error: source,
                 })?
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| p.extension().is_some_and(|x| x == "bin"))
@@ -270,7 +270,7 @@ impl Dataset {
                     let bytes = std::fs::read(&b.path).map_err(|source| DataError::Io {
                         path: b.path.clone(),
                         action: "read",
-                        source,
+                        error: source,
                     })?;
                     Ok((
                         b.input.clone(),
@@ -335,7 +335,7 @@ fn read_npz(path: &Path) -> Result<Vec<(String, Tensor)>, DataError> {
     let file = std::fs::File::open(path).map_err(|source| DataError::Io {
         path: path.into(),
         action: "read",
-        source,
+        error: source,
     })?;
     let mut zip = zip_archive(file, path)?;
     let mut out = Vec::new();
@@ -361,7 +361,7 @@ fn read_npz(path: &Path) -> Result<Vec<(String, Tensor)>, DataError> {
             .map_err(|source| DataError::Io {
                 path: path.into(),
                 action: "read",
-                source,
+                error: source,
             })?;
         out.push((name, read_npy_bytes(&bytes, path)?));
     }

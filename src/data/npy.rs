@@ -10,14 +10,14 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     /// The file could not be read or written.
-    #[error("{path}: {action} failed: {source}")]
+    #[error("{path}: {action} failed: {error}")]
     Io {
         /// The file.
         path: PathBuf,
         /// "read" or "write".
         action: &'static str,
-        /// The system error.
-        source: std::io::Error,
+        /// The system error (in the message, not chained after it).
+        error: std::io::Error,
     },
     /// The data file cannot be used (format, type, shape or names).
     #[error("{path}: {reason}")]
@@ -34,7 +34,7 @@ pub fn read_npy(path: &Path) -> Result<Tensor, DataError> {
     let bytes = std::fs::read(path).map_err(|source| DataError::Io {
         path: path.into(),
         action: "read",
-        source,
+        error: source,
     })?;
     read_npy_bytes(&bytes, path)
 }
@@ -142,7 +142,7 @@ pub fn write_npy(path: &Path, value: &Tensor) -> Result<(), DataError> {
     let io = |source| DataError::Io {
         path: path.into(),
         action: "write",
-        source,
+        error: source,
     };
     fsutil::write_atomic_with(path, |file| {
         let w = std::io::BufWriter::new(file);

@@ -31,7 +31,7 @@ impl NpyRows {
         let mut file = std::fs::File::open(path).map_err(|source| DataError::Io {
             path: path.into(),
             action: "read",
-            source,
+            error: source,
         })?;
         let header = Header::from_reader(&mut file).map_err(|e| format_err(path, e.to_string()))?;
         let dtype = match header.type_descriptor.to_string().trim_matches('\'') {
@@ -51,7 +51,7 @@ impl NpyRows {
         let data_offset = file.stream_position().map_err(|source| DataError::Io {
             path: path.into(),
             action: "read",
-            source,
+            error: source,
         })?;
         let rows = NpyRows {
             path: path.to_path_buf(),
@@ -67,7 +67,7 @@ impl NpyRows {
             .map_err(|source| DataError::Io {
                 path: path.into(),
                 action: "read",
-                source,
+                error: source,
             })?
             .len();
         if size < need {
@@ -101,7 +101,7 @@ impl NpyRows {
         let io = |source| DataError::Io {
             path: self.path.clone(),
             action: "read",
-            source,
+            error: source,
         };
         let mut file = std::fs::File::open(&self.path).map_err(io)?;
         file.seek(SeekFrom::Start(

@@ -6,24 +6,24 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum OnnxError {
     /// A file could not be read or written.
-    #[error("{path}: {action} failed: {source}")]
+    #[error("{path}: {action} failed: {error}")]
     Io {
         /// The file concerned.
         path: PathBuf,
         /// What was being done ("read", "write", ...).
         action: &'static str,
-        /// The operating-system error.
-        source: std::io::Error,
+        /// The operating-system error (in the message, not chained after it).
+        error: std::io::Error,
     },
     /// The bytes are not a protobuf `ModelProto` (truncated, or another kind of file).
     #[error(
-        "{path}: not a valid ONNX model ({source}); the file may be truncated or not an ONNX file: re-export or re-copy it"
+        "{path}: not a valid ONNX model ({error}); the file may be truncated or not an ONNX file: re-export or re-copy it"
     )]
     Decode {
         /// The file concerned.
         path: PathBuf,
-        /// What the protobuf decoder reported.
-        source: prost::DecodeError,
+        /// What the protobuf decoder reported (in the message, not chained after it).
+        error: prost::DecodeError,
     },
     /// The model has no graph.
     #[error("{path}: the model holds no graph; re-export it with a graph")]

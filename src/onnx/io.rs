@@ -19,7 +19,7 @@ pub fn load_model(path: &Path) -> Result<ModelProto> {
     let bytes = std::fs::read(path).map_err(|source| OnnxError::Io {
         path: path.to_path_buf(),
         action: "read",
-        source,
+        error: source,
     })?;
     let base = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -37,7 +37,7 @@ pub fn load_model_bytes(
 ) -> Result<ModelProto> {
     let mut model = ModelProto::decode(bytes).map_err(|source| OnnxError::Decode {
         path: origin.to_path_buf(),
-        source,
+        error: source,
     })?;
     if model.graph.is_none() {
         return Err(OnnxError::NoGraph {
@@ -118,7 +118,7 @@ pub fn save_model_with(model: &ModelProto, path: &Path, opts: &SaveOptions) -> R
         move |source| OnnxError::Io {
             path: p,
             action: "write",
-            source,
+            error: source,
         }
     };
     if model.encoded_len() <= opts.inline_limit {

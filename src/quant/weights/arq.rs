@@ -69,12 +69,12 @@ pub enum WeightError {
         layer: String,
     },
     /// A scale could not be formed.
-    #[error("layer '{layer}': {source}")]
+    #[error("layer '{layer}': {error}")]
     Params {
         /// The layer.
         layer: String,
         /// Why.
-        source: ParamsError,
+        error: ParamsError,
     },
     /// A quantized bias does not fit in int32.
     #[error(
@@ -117,9 +117,9 @@ pub fn arq_scales(
         .zip(&maxs)
         .map(|(&lo, &hi)| {
             let (lo, hi) = if lo <= hi { (lo, hi) } else { (0.0, 0.0) };
-            symmetric_scale(lo, hi, bits).map_err(|source| WeightError::Params {
+            symmetric_scale(lo, hi, bits).map_err(|error| WeightError::Params {
                 layer: layer.into(),
-                source,
+                error,
             })
         })
         .collect()
