@@ -6,11 +6,13 @@
 //! * a Gemm / MatMul reading int8 → `MatMulInteger` with the activation
 //!   offset as zero point, i.e. `Σ w·(q − offset)` accumulated in int32 (the
 //!   offset correction ATC folds into the bias), plus the int32 bias;
-//! * Conv, ConvTranspose and AveragePool reading int8 → the float operator on
-//!   `q − offset` with integer-valued float weights and bias: every product
-//!   and partial sum is an integer below 2^24 in magnitude for any layer with
-//!   fewer than 1024 weights per output, so float32 holds it exactly and the
-//!   result equals int32 accumulation. (The engine's `ConvInteger` returns
+//! * Conv and ConvTranspose reading int8 → float convolutions on `q − offset`
+//!   with integer-valued weights, split over input channels so that no float
+//!   sum holds more than 512 products (each below 2^15, so every partial sum
+//!   is an exact integer below 2^24), then cast to int32 and summed with the
+//!   int32 bias in int32: the device's accumulation, bit for bit
+//!   (`sim::exact_conv`);
+//! * AveragePool reading int8 → the float operator on `q − offset`. (The engine's `ConvInteger` returns
 //!   wrong sums for batches larger than one in rten 0.27, and pads with raw
 //!   zeros instead of the zero point, so it is not used.)
 //! * `AscendAntiQuant(q; scale, offset)` → `(Cast<float>(q) − offset) · scale`
@@ -256,7 +258,8 @@ fn channel_rank(
     value: &str,
 ) -> usize {
     let mut v = value.to_string();
-    for _ in 0..4 {
+    // Through the bias Add, and the casts and sums of an exactly lowered convolution.
+    for _ in 0..1024 {
         let Some(p) = lowered.iter().find(|n| n.output.contains(&v)) else {
             break;
         };
@@ -339,7 +342,26 @@ fn lower_consumer(
                 ));
             }
         }
-        "Conv" | "ConvTranspose" | "AveragePool" => {
+        "Conv" | "ConvTranspose" => {
+            let x = without_offset(out, &name, &n.input[0], offset);
+            let w = n
+                .input
+                .get(1)
+                .and_then(|s| initializer(g, s))
+                .ok_or_else(|| err(&n, "its weight is not an initializer".into()))?;
+            let Tensor::I8(w) = to_tensor(w).map_err(|e| err(&n, e.to_string()))? else {
+                return Err(err(&n, "a layer reading int8 needs an int8 weight".into()));
+            };
+            let bias = match bias {
+                Some(b) => match to_tensor(b).map_err(|e| err(&n, e.to_string()))? {
+                    Tensor::I32(a) => Some(a),
+                    _ => return Err(err(&n, "bias is not int32".into())),
+                },
+                None => None,
+            };
+            super::exact_conv::lower(&n, &x, &w, bias.as_ref(), out, inits);
+        }
+        "AveragePool" => {
             let x = without_offset(out, &name, &n.input[0], offset);
             let mut f = n.clone();
             f.input[0] = x;

@@ -8,6 +8,7 @@
 pub mod ascend;
 mod conv3d;
 mod error;
+mod exact_conv;
 mod prepare;
 mod rten_adapt;
 mod rten_engine;

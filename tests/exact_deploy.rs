@@ -1,0 +1,150 @@
+//! The simulator runs deploy models with the device's int32 accumulation:
+//! a convolution whose sums pass 2^24 (where float32 stops holding every
+//! integer) against an exact integer reference computed here.
+
+mod common;
+
+use ascend_quant::data::Dataset;
+use ascend_quant::deploy_format::{QuantAttrs, unpack_deq_scale};
+use ascend_quant::onnx::builder::node;
+use ascend_quant::onnx::proto::{AttributeProto, OperatorSetIdProto};
+use ascend_quant::onnx::{GraphProto, ModelProto, Storage, to_proto, to_tensor};
+use ascend_quant::quant::calibrate::{RunSettings, calibrate};
+use ascend_quant::quant::config::QuantConfig;
+use ascend_quant::sim::{Executor, RtenExecutor, SessionOptions};
+use ascend_quant::tensor::Tensor;
+use common::value_info;
+use ndarray::{ArrayD, IxDyn};
+
+fn values(seed: u64, n: usize) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32
+        })
+        .collect()
+}
+
+#[test]
+fn a_convolution_past_two_to_the_24_accumulates_exactly() {
+    let (cin, cout, hw) = (512usize, 4usize, 5usize);
+    // Positive weights and inputs in [0, 1): every product adds up, sums reach ~4e7.
+    let w = ArrayD::from_shape_vec(IxDyn(&[cout, cin, 3, 3]), values(1, cout * cin * 9)).unwrap();
+    let b = ArrayD::from_shape_vec(IxDyn(&[cout]), vec![0.5f32, -0.25, 1.0, 0.0]).unwrap();
+    let ints = |name: &str, v: &[i64]| AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(7),
+        ints: v.to_vec(),
+        ..Default::default()
+    };
+    let m = ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(13),
+        }],
+        graph: Some(GraphProto {
+            name: Some("big".into()),
+            node: vec![node(
+                "Conv",
+                "conv",
+                &["x", "w", "b"],
+                &["y"],
+                vec![ints("kernel_shape", &[3, 3]), ints("pads", &[1, 1, 1, 1])],
+            )],
+            initializer: vec![
+                to_proto("w", &Tensor::F32(w), Storage::Raw),
+                to_proto("b", &Tensor::F32(b), Storage::Raw),
+            ],
+            input: vec![value_info("x", &[2, cin as i64, hw as i64, hw as i64])],
+            output: vec![value_info("y", &[2, cout as i64, hw as i64, hw as i64])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let x = ArrayD::from_shape_vec(IxDyn(&[2, cin, hw, hw]), values(2, 2 * cin * hw * hw)).unwrap();
+    let layers = ascend_quant::pipeline::inputs::layer_names(&m).unwrap();
+    let mut config = QuantConfig::default_for(&layers);
+    config.batch_num = 1;
+    let data = Dataset::from_arrays(
+        vec![("x".into(), Tensor::F32(x.clone()))],
+        &["x".into()],
+        "t".into(),
+    )
+    .unwrap();
+    let settings = RunSettings {
+        batch_size: 2,
+        dynamic_batch: false,
+        progress: &|_, _| {},
+        similarity_samples: 0,
+    };
+    let out = calibrate(&m, &config, &data, &RtenExecutor, &settings).unwrap();
+    // What the deploy model holds.
+    let g = out.deploy.graph.as_ref().unwrap();
+    let find = |op: &str| g.node.iter().find(|n| n.op_type() == op).unwrap();
+    let quant = QuantAttrs::read(find("AscendQuant")).unwrap();
+    let conv = g.node.iter().find(|n| n.name() == "conv").unwrap();
+    let init =
+        |name: &str| to_tensor(g.initializer.iter().find(|t| t.name() == name).unwrap()).unwrap();
+    let (Tensor::I8(wq), Tensor::I32(bq), Tensor::U64(deq)) = (
+        init(&conv.input[1]),
+        init(&conv.input[2]),
+        init(&find("AscendDequant").input[1]),
+    ) else {
+        panic!("deploy tensors")
+    };
+    // The device: q = sat(round_half_even(x·scale + offset)), acc = Σ (q − offset)·w + bias in
+    // integers, y = float32(acc)·deq.
+    let q = x
+        .mapv(|v| ((v * quant.scale + quant.offset).round_ties_even()).clamp(-128.0, 127.0) as i64);
+    let off = quant.offset as i64;
+    let mut want = ArrayD::<f32>::zeros(IxDyn(&[2, cout, hw, hw]));
+    let mut largest = 0i64;
+    for n in 0..2 {
+        for co in 0..cout {
+            let d = unpack_deq_scale(deq[if deq.len() == 1 { 0 } else { co }]).scale;
+            for oy in 0..hw {
+                for ox in 0..hw {
+                    let mut acc = i64::from(bq[co]);
+                    for ci in 0..cin {
+                        for ky in 0..3 {
+                            for kx in 0..3 {
+                                let (iy, ix) =
+                                    (oy as i64 + ky as i64 - 1, ox as i64 + kx as i64 - 1);
+                                if iy < 0 || ix < 0 || iy >= hw as i64 || ix >= hw as i64 {
+                                    continue;
+                                }
+                                acc += (q[[n, ci, iy as usize, ix as usize]] - off)
+                                    * i64::from(wq[[co, ci, ky, kx]]);
+                            }
+                        }
+                    }
+                    largest = largest.max(acc.abs());
+                    want[[n, co, oy, ox]] = acc as i32 as f32 * d;
+                }
+            }
+        }
+    }
+    assert!(largest > 1 << 24, "the sums must pass 2^24: {largest}");
+    let s = RtenExecutor
+        .prepare(&out.deploy, &SessionOptions::default())
+        .unwrap();
+    let xt = Tensor::F32(x);
+    let Tensor::F32(got) = s.run(&[("x", &xt)], &["y"]).unwrap().remove(0) else {
+        panic!("float output")
+    };
+    let differ = got
+        .iter()
+        .zip(want.iter())
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    assert_eq!(
+        differ,
+        0,
+        "{differ} of {} outputs differ from the integer reference",
+        want.len()
+    );
+}
