@@ -220,6 +220,36 @@ impl Tensor {
         }
     }
 
+    /// The tensors joined along axis 0 (the samples of per-sample runs), or
+    /// `None` when they differ in type or in the other axes.
+    pub fn concat_axis0(parts: &[Tensor]) -> Option<Tensor> {
+        macro_rules! join {
+            ($variant:ident) => {{
+                let views = parts
+                    .iter()
+                    .map(|t| match t {
+                        Tensor::$variant(a) => Some(a.view()),
+                        _ => None,
+                    })
+                    .collect::<Option<Vec<_>>>()?;
+                ndarray::concatenate(ndarray::Axis(0), &views)
+                    .ok()
+                    .map(Tensor::$variant)
+            }};
+        }
+        match parts.first()? {
+            Tensor::F32(_) => join!(F32),
+            Tensor::F16(_) => join!(F16),
+            Tensor::F64(_) => join!(F64),
+            Tensor::I8(_) => join!(I8),
+            Tensor::U8(_) => join!(U8),
+            Tensor::I32(_) => join!(I32),
+            Tensor::I64(_) => join!(I64),
+            Tensor::U64(_) => join!(U64),
+            Tensor::Bool(_) => join!(Bool),
+        }
+    }
+
     /// The float32 array, if this is a float32 tensor.
     pub fn as_f32(&self) -> Option<&ArrayD<f32>> {
         match self {

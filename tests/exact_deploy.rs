@@ -1,6 +1,7 @@
 //! The simulator runs deploy models with the device's int32 accumulation:
 //! a convolution whose sums pass 2^24 (where float32 stops holding every
-//! integer) against an exact integer reference computed here.
+//! integer) against an exact integer reference computed here; and a batch
+//! larger than a model was exported for runs where a per-sample loop would.
 
 mod common;
 
@@ -147,4 +148,61 @@ fn a_convolution_past_two_to_the_24_accumulates_exactly() {
         "{differ} of {} outputs differ from the integer reference",
         want.len()
     );
+}
+
+/// A model exported for batch 1 with a `Reshape` to `[1, -1]` (as
+/// EfficientNet-Lite's classifier is) runs a batch of 4 sample by sample.
+#[test]
+fn a_batch_one_reshape_runs_larger_batches_sample_by_sample() {
+    let w = ArrayD::from_shape_vec(IxDyn(&[18, 3]), values(5, 54)).unwrap();
+    let shape = ArrayD::from_shape_vec(IxDyn(&[2]), vec![1i64, -1]).unwrap();
+    let m = ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(13),
+        }],
+        graph: Some(GraphProto {
+            name: Some("flat".into()),
+            node: vec![
+                node("Reshape", "flatten", &["x", "shape"], &["f"], vec![]),
+                node("Gemm", "fc", &["f", "w"], &["y"], vec![]),
+            ],
+            initializer: vec![
+                to_proto("w", &Tensor::F32(w.clone()), Storage::Raw),
+                to_proto("shape", &Tensor::I64(shape), Storage::Raw),
+            ],
+            input: vec![value_info("x", &[1, 2, 3, 3])],
+            output: vec![value_info("y", &[1, 3])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let x = ArrayD::from_shape_vec(IxDyn(&[4, 2, 3, 3]), values(6, 72)).unwrap();
+    let s = RtenExecutor
+        .prepare(
+            &m,
+            &SessionOptions {
+                dynamic_batch: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let xt = Tensor::F32(x.clone());
+    let Tensor::F32(y) = s.run(&[("x", &xt)], &["y"]).unwrap().remove(0) else {
+        panic!("float output")
+    };
+    assert_eq!(y.shape(), &[4, 3]);
+    for n in 0..4 {
+        for j in 0..3 {
+            let want: f32 = (0..18)
+                .map(|k| x.as_slice().unwrap()[n * 18 + k] * w[[k, j]])
+                .sum();
+            assert!(
+                (y[[n, j]] - want).abs() < 1e-5,
+                "sample {n} output {j}: {} vs {want}",
+                y[[n, j]]
+            );
+        }
+    }
 }
