@@ -16,21 +16,8 @@ use ascend_quant::quant::layers::discover;
 use ascend_quant::quant::prepare::prepare;
 use ascend_quant::sim::{Executor, RtenExecutor, SessionOptions};
 use ascend_quant::tensor::Tensor;
-use common::value_info;
+use common::{signed_values as values, value_info};
 use ndarray::{ArrayD, IxDyn};
-
-/// Deterministic pseudo-random values in [-1, 1).
-fn values(seed: u64, n: usize) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 fn init(name: &str, shape: &[usize], seed: u64, scale: f32) -> TensorProto {
     let n = shape.iter().product();

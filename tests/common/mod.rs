@@ -98,3 +98,16 @@ pub fn digits_accuracy(l: &ndarray::ArrayD<f32>) -> f64 {
         .count();
     100.0 * correct as f64 / rows as f64
 }
+
+/// Deterministic pseudo-random values in [-1, 1) (xorshift), the same for a seed on every run.
+pub fn signed_values(seed: u64, n: usize) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
