@@ -50,6 +50,11 @@ fn run(m: &ModelProto, data: ArrayD<f32>, dmq: Option<f32>) -> Outcome {
     for (_, l) in &mut config.layers {
         l.dmq = dmq;
     }
+    calibrate_with(m, &config, data)
+}
+
+/// Calibrates `m` as `config` says on `data` (input `x`), in batches of 8.
+fn calibrate_with(m: &ModelProto, config: &QuantConfig, data: ArrayD<f32>) -> Outcome {
     let dataset = Dataset::from_arrays(
         vec![("x".into(), Tensor::F32(data))],
         &["x".into()],
@@ -62,7 +67,7 @@ fn run(m: &ModelProto, data: ArrayD<f32>, dmq: Option<f32>) -> Outcome {
         progress: &|_, _| {},
         similarity_samples: 0,
     };
-    calibrate(m, &config, &dataset, &RtenExecutor, &settings).unwrap()
+    calibrate(m, config, &dataset, &RtenExecutor, &settings).unwrap()
 }
 
 fn output(m: &ModelProto, x: &ArrayD<f32>) -> ArrayD<f32> {
@@ -252,19 +257,7 @@ fn adaround_rounds_each_weight_down_or_up_and_lowers_the_sampled_output_error() 
         ..Default::default()
     });
     let data = ArrayD::from_shape_vec(IxDyn(&[16, 4, 8, 8]), values(9, 16 * 256)).unwrap();
-    let dataset = Dataset::from_arrays(
-        vec![("x".into(), Tensor::F32(data))],
-        &["x".into()],
-        "t".into(),
-    )
-    .unwrap();
-    let settings = RunSettings {
-        batch_size: 8,
-        dynamic_batch: false,
-        progress: &|_, _| {},
-        similarity_samples: 0,
-    };
-    let out = calibrate(&m, &config, &dataset, &RtenExecutor, &settings).unwrap();
+    let out = calibrate_with(&m, &config, data);
     let report = out.adaround.first().cloned().expect("the conv was learned");
     assert!(report.output_mse[1] < report.output_mse[0], "{report:?}");
     assert!(report.flipped > 0);
@@ -293,27 +286,15 @@ fn adaround_measures_what_the_model_computes_with_and_without_balancing() {
         *x *= [1.0, 8.0, 0.2, 3.0][(i / 64) % 4];
     }
     let data = ArrayD::from_shape_vec(IxDyn(&[16, 4, 8, 8]), v).unwrap();
-    let dataset = Dataset::from_arrays(
-        vec![("x".into(), Tensor::F32(data.clone()))],
-        &["x".into()],
-        "t".into(),
-    )
-    .unwrap();
-    let settings = RunSettings {
-        batch_size: 8,
-        dynamic_batch: false,
-        progress: &|_, _| {},
-        similarity_samples: 0,
-    };
     let float = output(&m, &data);
     for dmq in [None, Some(0.5)] {
         let layers = ascend_quant::pipeline::inputs::layer_names(&m).unwrap();
         let mut config = QuantConfig::default_for(&layers);
         config.batch_num = 2;
         config.layers[0].1.dmq = dmq;
-        let plain = calibrate(&m, &config, &dataset, &RtenExecutor, &settings).unwrap();
+        let plain = calibrate_with(&m, &config, data.clone());
         config.layers[0].1.wts_algo = WtsAlgo::Ada(AdaSettings::default());
-        let ada = calibrate(&m, &config, &dataset, &RtenExecutor, &settings).unwrap();
+        let ada = calibrate_with(&m, &config, data.clone());
         let report = ada.adaround.first().cloned().expect("learned");
         // AdaRound draws 1024 positions (with replacement) from the 1024 of
         // these 16 samples: its errors are the weight-only models' errors on

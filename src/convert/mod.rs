@@ -21,8 +21,8 @@
 
 pub mod qdq;
 
-use crate::onnx::graph::{GraphIndex, name_nodes};
-use crate::onnx::{GraphProto, ModelProto, NodeProto, Storage, to_proto};
+use crate::onnx::graph::{name_nodes, sort_topologically};
+use crate::onnx::{ModelProto, NodeProto, Storage, to_proto};
 use crate::quant::amct::proto::{MapFiledEntry, ScaleOffsetRecord, SingleLayerRecord};
 use crate::quant::calibrate::Calibrated;
 use crate::quant::config::QuantConfig;
@@ -147,7 +147,11 @@ fn weight_scales(
 /// Removes every Q/DQ node: quantized constants become float initializers,
 /// slots in `converted` read the pair's float input, every other reader of a
 /// pair reads a `Clip` to the pair's range.
-fn strip(model: &ModelProto, qdq: &QdqGraph, converted: &HashSet<(String, usize)>) -> ModelProto {
+fn strip(
+    model: &ModelProto,
+    qdq: &QdqGraph,
+    converted: &HashSet<(String, usize)>,
+) -> Result<ModelProto, crate::onnx::OnnxError> {
     let mut m = model.clone();
     let g = m.graph.as_mut().expect("checked by the caller");
     let removed_inputs: HashSet<String> = qdq
@@ -219,17 +223,8 @@ fn strip(model: &ModelProto, qdq: &QdqGraph, converted: &HashSet<(String, usize)
         .collect();
     g.value_info
         .retain(|v| produced.contains(v.name()) && used.contains(v.name()));
-    sort(g);
-    m
-}
-
-fn sort(g: &mut GraphProto) {
-    if let Ok(index) = GraphIndex::new(g) {
-        let order = index.topological_order().to_vec();
-        let mut nodes: Vec<Option<NodeProto>> =
-            std::mem::take(&mut g.node).into_iter().map(Some).collect();
-        g.node = order.into_iter().filter_map(|i| nodes[i].take()).collect();
-    }
+    sort_topologically(g)?;
+    Ok(m)
 }
 
 /// Converts a QDQ model; `file` names it in errors.
@@ -250,7 +245,7 @@ pub fn convert(model: &ModelProto, file: &str) -> Result<Converted, QuantError> 
     let g = crate::onnx::graph_of(&m, file)?;
     let pair_of: HashMap<&str, &Pair> = qdq.pairs.iter().map(|p| (p.output.as_str(), p)).collect();
     // Layers as calibration finds them in the plain float model.
-    let mut plain = strip(&m, &qdq, &HashSet::new());
+    let mut plain = strip(&m, &qdq, &HashSet::new())?;
     prepare(&mut plain, false, &[])?;
     let (layers, _) = discover(crate::onnx::graph_of(&plain, file)?)?;
     let mut record = ScaleOffsetRecord::default();
@@ -335,7 +330,7 @@ pub fn convert(model: &ModelProto, file: &str) -> Result<Converted, QuantError> 
             });
         }
     }
-    let float = strip(&m, &qdq, &converted);
+    let float = strip(&m, &qdq, &converted)?;
     let mut names_model = float.clone();
     prepare(&mut names_model, false, &[])?;
     let (all, _) = discover(crate::onnx::graph_of(&names_model, file)?)?;

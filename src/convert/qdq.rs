@@ -3,7 +3,7 @@
 //! and activation pairs `x → QuantizeLinear → DequantizeLinear → x'`.
 
 use crate::onnx::attr::int_attr;
-use crate::onnx::graph::initializer;
+use crate::onnx::graph::{initializer, is_constant};
 use crate::onnx::{GraphProto, NodeProto, to_tensor};
 use crate::tensor::{DType, Tensor};
 use ndarray::ArrayD;
@@ -105,14 +105,6 @@ fn constant(graph: &GraphProto, name: &str) -> Option<Tensor> {
         .and_then(|n| n.attribute.iter().find(|a| a.name() == "value"))
         .and_then(|a| a.t.as_ref())
         .and_then(|t| to_tensor(t).ok())
-}
-
-fn is_constant(graph: &GraphProto, name: &str) -> bool {
-    initializer(graph, name).is_some()
-        || graph
-            .node
-            .iter()
-            .any(|n| n.op_type() == "Constant" && n.output.first().is_some_and(|o| o == name))
 }
 
 fn ints(t: &Tensor) -> Option<Vec<i64>> {

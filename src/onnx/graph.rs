@@ -63,6 +63,29 @@ pub fn initializer<'a>(graph: &'a GraphProto, name: &str) -> Option<&'a TensorPr
     graph.initializer.iter().find(|t| t.name() == name)
 }
 
+/// Whether `name` is a constant: an initializer or a `Constant` node's output.
+pub fn is_constant(graph: &GraphProto, name: &str) -> bool {
+    initializer(graph, name).is_some()
+        || graph
+            .node
+            .iter()
+            .any(|n| n.op_type() == "Constant" && n.output.iter().any(|o| o == name))
+}
+
+/// Puts the nodes of `graph` in topological order (an error for a cycle).
+pub fn sort_topologically(graph: &mut GraphProto) -> Result<()> {
+    let order = GraphIndex::new(graph)?.topological_order().to_vec();
+    let mut nodes: Vec<Option<NodeProto>> = std::mem::take(&mut graph.node)
+        .into_iter()
+        .map(Some)
+        .collect();
+    graph.node = order
+        .into_iter()
+        .map(|i| nodes[i].take().expect("each index once"))
+        .collect();
+    Ok(())
+}
+
 /// The initializer called `name` as float32 values: `None` when there is no
 /// such initializer or it holds another element type.
 pub fn initializer_f32(

@@ -255,7 +255,7 @@ fn solve_layer(
                 .ok()?
                 .t()
                 .to_owned();
-            t.mapv_inplace(|v| activation_target(activation, v));
+            t.mapv_inplace(|v| activation.apply(v));
             let scale: Vec<f32> = (0..wm.nrows()).map(rows_scale).collect();
             let b = if bias.len() == wm.nrows() {
                 bias
@@ -319,7 +319,7 @@ fn solve_layer(
                     }
                     for co in 0..per_group_out {
                         let v = y[[img, g * per_group_out + co, oy, ox]];
-                        t[[co, col]] = activation_target(activation, v);
+                        t[[co, col]] = activation.apply(v);
                     }
                 }
                 let w3 = w.view().into_shape_with_order((cout, k)).ok()?;
@@ -351,13 +351,5 @@ fn solve_layer(
             Some((q_all, totals, flipped))
         }
         _ => None,
-    }
-}
-
-fn activation_target(a: Activation, v: f32) -> f32 {
-    match a {
-        Activation::Identity => v,
-        Activation::Relu => v.max(0.0),
-        Activation::Clip(lo, hi) => v.clamp(lo, hi),
     }
 }

@@ -27,7 +27,7 @@ use crate::deploy_format::{
     dequant_attributes, names, pack_deq_scale,
 };
 use crate::onnx::builder::{constant, constant_f32, node, set_initializer_input};
-use crate::onnx::graph::GraphIndex;
+use crate::onnx::graph::sort_topologically;
 use crate::onnx::proto::OperatorSetIdProto;
 use crate::onnx::{GraphProto, ModelProto, NodeProto, OnnxError, Storage, to_proto};
 use crate::tensor::Tensor;
@@ -236,7 +236,7 @@ fn emit(
         dequant_nodes(graph, &mut added, f, &int_out, flavor);
     }
     graph.node.extend(added);
-    sort_nodes(graph)?;
+    sort_topologically(graph)?;
     if flavor == Flavor::Deploy {
         let used: HashSet<&str> = graph
             .node
@@ -453,7 +453,7 @@ pub fn add_tensor_quantization(
         graph.node[consumer].input[t.input_index] = back;
     }
     graph.node.extend(added);
-    sort_nodes(graph)
+    sort_topologically(graph)
 }
 
 /// Adds the dequantization from `int_out` to the layer's original output name.
@@ -510,18 +510,4 @@ fn dequant_nodes(
         }
         Flavor::Simulation | Flavor::WeightOnly => {}
     }
-}
-
-/// Puts the nodes in topological order.
-fn sort_nodes(graph: &mut GraphProto) -> Result<(), OnnxError> {
-    let order = GraphIndex::new(graph)?.topological_order().to_vec();
-    let mut nodes: Vec<Option<NodeProto>> = std::mem::take(&mut graph.node)
-        .into_iter()
-        .map(Some)
-        .collect();
-    graph.node = order
-        .into_iter()
-        .map(|i| nodes[i].take().expect("each index once"))
-        .collect();
-    Ok(())
 }

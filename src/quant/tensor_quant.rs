@@ -6,7 +6,7 @@
 use super::config::TensorQuantConfig;
 use super::params::ActParams;
 use crate::onnx::GraphProto;
-use crate::onnx::graph::initializer;
+use crate::onnx::graph::is_constant;
 
 /// Operators whose inputs can be tensor-quantized.
 pub const TENSOR_QUANT_OPS: [&str; 2] = ["MaxPool", "Add"];
@@ -79,12 +79,7 @@ pub fn resolve(
                         t.input_index
                     )
                 })?;
-            let is_constant = initializer(graph, input).is_some()
-                || graph
-                    .node
-                    .iter()
-                    .any(|n| n.op_type() == "Constant" && n.output.iter().any(|o| o == input));
-            if is_constant {
+            if is_constant(graph, input) {
                 return Err(format!(
                     "tensor_quantize: input {} of '{}' ('{input}') is a constant; only computed tensors are quantized",
                     t.input_index, t.layer_name

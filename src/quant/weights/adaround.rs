@@ -53,7 +53,8 @@ pub enum Activation {
 }
 
 impl Activation {
-    fn apply(&self, x: f32) -> f32 {
+    /// The activation of `x`.
+    pub fn apply(&self, x: f32) -> f32 {
         match *self {
             Activation::Identity => x,
             Activation::Relu => x.max(0.0),
@@ -174,7 +175,7 @@ impl Problem<'_> {
         let mut grad = gw * &dw_da;
         let mut reg = 0.0f32;
         if lambda > 0.0 {
-            for ((idx, &a), g) in st.alpha.indexed_iter().zip(grad.iter_mut()) {
+            for (&a, g) in st.alpha.iter().zip(grad.iter_mut()) {
                 let (h, dh) = rect(a);
                 let u = 2.0 * h - 1.0;
                 reg += 1.0 - u.abs().powf(beta);
@@ -182,7 +183,6 @@ impl Problem<'_> {
                     let dreg_dh = -beta * u.abs().powf(beta - 1.0) * u.signum() * 2.0;
                     *g += lambda * dreg_dh * dh;
                 }
-                let _ = idx;
             }
         }
         (out + lambda * reg, grad)
