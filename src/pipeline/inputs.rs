@@ -214,11 +214,11 @@ pub fn read_config(
         layer.1.quant_enable = false;
     }
     config.bias_correction |= opts.bias_correction;
-    if opts.optimize {
-        apply_optimize(&mut config, &names);
-    }
     for spec in &opts.tensor_quantize {
         config.tensor_quantize.extend(tensor_targets(model, spec));
+    }
+    if opts.optimize {
+        apply_optimize(&mut config, &names);
     }
     Ok(config)
 }
@@ -228,10 +228,21 @@ pub const OPTIMIZE_DMQ: f32 = 0.5;
 
 /// `--optimize`: the recipe the error analysis of MobileNetV2 chose
 /// (`docs/algorithms.md`, Accuracy recipe): DMQ balancing at α = 0.5 on every
-/// layer with a weight (a layer's own `dmq_balancer_param` is kept), then
-/// bias correction.
+/// layer with a weight (a layer's own `dmq_balancer_param` is kept), IFMR
+/// searching below its range where the error keeps falling, then bias
+/// correction.
 pub fn apply_optimize(config: &mut QuantConfig, layers: &[(String, String)]) {
     config.bias_correction = true;
+    let algos = config
+        .layers
+        .iter_mut()
+        .map(|(_, l)| &mut l.act_algo)
+        .chain(config.tensor_quantize.iter_mut().map(|t| &mut t.act_algo));
+    for algo in algos {
+        if let crate::quant::observe::ActAlgo::Ifmr(s) = algo {
+            s.extend_below = true;
+        }
+    }
     for (name, l) in &mut config.layers {
         let weighted = layers
             .iter()

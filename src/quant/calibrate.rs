@@ -18,6 +18,7 @@ use super::observe::{Observer, finite_extremes};
 use super::params::ActParams;
 use super::prepare::{Prepared, prepare};
 use super::tensor_quant::{TensorFactors, resolve as resolve_tensors};
+use super::value_bounds::{Bounds, known_bounds};
 use super::weights::adaround::AdaSettings;
 use super::weights::{ChannelLayout, InputMoments, arq_scales, quantize_bias, quantize_weight};
 use crate::data::{Batch, Dataset};
@@ -211,17 +212,6 @@ pub fn observe_layers(
             optimize: true,
         },
     )?;
-    let mut observers: Vec<Box<dyn Observer>> = enabled
-        .iter()
-        .map(|l| {
-            config
-                .layer(&l.name)
-                .expect("enabled layers are configured")
-                .act_algo
-                .observer()
-        })
-        .chain(config.tensor_quantize.iter().map(|t| t.act_algo.observer()))
-        .collect();
     let tap_refs: Vec<&str> = taps.iter().map(String::as_str).collect();
     // Layers first, then tensor quantizations: one observer each.
     let tap_of_layer: Vec<usize> = enabled
@@ -258,6 +248,31 @@ pub fn observe_layers(
         &tap_refs,
         &tap_of_layer,
     )?;
+    // What the model itself allows each observed value to be (a balanced
+    // layer sees its input divided by its factors).
+    let model_bounds = known_bounds(graph);
+    let bound_of = |input: &str| model_bounds.get(input).copied().unwrap_or(Bounds::ANY);
+    let mut bounds: Vec<Bounds> = enabled
+        .iter()
+        .zip(&balances)
+        .map(|(l, bal)| match bal {
+            Some((s, _)) => bound_of(&l.act_input).divided_by(s),
+            None => bound_of(&l.act_input),
+        })
+        .chain(tensor_targets.iter().map(|(_, _, input)| bound_of(input)))
+        .collect();
+    let mut observers: Vec<Box<dyn Observer>> = enabled
+        .iter()
+        .map(|l| {
+            &config
+                .layer(&l.name)
+                .expect("enabled layers are configured")
+                .act_algo
+        })
+        .chain(config.tensor_quantize.iter().map(|t| &t.act_algo))
+        .zip(&bounds)
+        .map(|(algo, b)| algo.observer_within(*b))
+        .collect();
     for b in 0..config.batch_num {
         let batch = data.batch(run.batch_size, b)?;
         check_finite(&batch, b)?;
@@ -317,13 +332,16 @@ pub fn observe_layers(
     }
     let observed = started.elapsed().as_secs_f64();
     let tensor_observers = observers.split_off(enabled.len());
+    let tensor_bounds = bounds.split_off(enabled.len());
     let tensors = tensor_targets
         .into_iter()
         .zip(&config.tensor_quantize)
-        .zip(&tensor_observers)
-        .map(|(((node, op_type, input), t), o)| {
+        .zip(tensor_observers.iter().zip(&tensor_bounds))
+        .map(|(((node, op_type, input), t), (o, bound))| {
+            let asymmetric = t.asymmetric.unwrap_or(config.activation_offset);
             let act = o
-                .params(t.asymmetric.unwrap_or(config.activation_offset), 8)
+                .params(asymmetric, 8)
+                .and_then(|a| bound.fit(a, asymmetric, 8))
                 .map_err(|e| QuantError::Input(format!("tensor_quantize '{}': {e}", t.key())))?;
             Ok(TensorFactors {
                 key: t.key(),
@@ -349,17 +367,21 @@ pub fn observe_layers(
         .into_par_iter()
         .zip(observers.par_iter())
         .zip(means.par_iter())
-        .zip(balances.into_par_iter())
-        .map(|(((l, o), mean), balance)| {
+        .zip(balances.into_par_iter().zip(bounds.par_iter()))
+        .map(|(((l, o), mean), (balance, bound))| {
             let lc = config.layer(&l.name).ok_or_else(|| {
                 QuantError::Input(format!("layer '{}' has no configuration", l.name))
             })?;
-            let act = o.params(config.asymmetric(lc), lc.act_bits).map_err(|e| {
-                QuantError::Input(format!(
-                    "layer '{}': {e}; skip this layer in the config",
-                    l.name
-                ))
-            })?;
+            let asymmetric = config.asymmetric(lc);
+            let act = o
+                .params(asymmetric, lc.act_bits)
+                .and_then(|a| bound.fit(a, asymmetric, lc.act_bits))
+                .map_err(|e| {
+                    QuantError::Input(format!(
+                        "layer '{}': {e}; skip this layer in the config",
+                        l.name
+                    ))
+                })?;
             let mut f = weigh(
                 graph,
                 l,

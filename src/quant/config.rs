@@ -234,6 +234,9 @@ fn act_json(bits: u32, algo: &ActAlgo, asymmetric: Option<bool>) -> Value {
             act.insert("min_percentile".into(), json!(s.min_percentile));
             act.insert("search_range".into(), json!(s.search_range));
             act.insert("search_step".into(), json!(s.search_step));
+            if s.extend_below {
+                act.insert("extend_search_below".into(), json!(true));
+            }
         }
         ActAlgo::Hfmg { num_of_bins } | ActAlgo::Kl { num_of_bins } => {
             act.insert("num_of_bins".into(), json!(num_of_bins));
@@ -423,6 +426,7 @@ fn parse_act(a: &Value, ctx_name: &str) -> Parse<(ActAlgo, Option<bool>)> {
             "min_percentile",
             "search_range",
             "search_step",
+            "extend_search_below",
         ],
         "hfmg" | "kl" => &["num_of_bins"],
         "percentile" => &["percentile"],
@@ -492,6 +496,12 @@ fn parse_act(a: &Value, ctx_name: &str) -> Parse<(ActAlgo, Option<bool>)> {
                 )?,
                 search_range: range,
                 search_step: step as f32,
+                extend_below: match a.get("extend_search_below") {
+                    None => false,
+                    Some(v) => {
+                        get_bool(v, "extend_search_below").map_err(|e| format!("{ctx}: {e}"))?
+                    }
+                },
             })
         }
         "hfmg" => {
@@ -729,8 +739,18 @@ mod tests {
         cfg.layers[1].1.wts_algo = WtsAlgo::Ada(ada_settings(500, 0.05, [16.0, 3.0], 0.3));
         cfg.layers[1].1.dmq = Some(0.4);
         cfg.bias_correction = true;
+        cfg.layers[0].1.act_algo = ActAlgo::Ifmr(IfmrSettings {
+            extend_below: true,
+            ..Default::default()
+        });
         let back = parse(&cfg.to_json(), &layers()).unwrap();
         assert_eq!(back, cfg);
+        let e = parse_str(r#"{"conv1": {"activation_quant_params": {"extend_search_below": 1}}}"#)
+            .unwrap_err();
+        assert!(
+            e.contains("extend_search_below") && e.contains("true or false"),
+            "{e}"
+        );
         let e = parse_str(
             r#"{"fc": {"weight_quant_params": {"wts_algo": "ada_quantize", "beta_range": [2, 20]}}}"#,
         )

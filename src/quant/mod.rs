@@ -20,4 +20,5 @@ pub mod record;
 pub mod retrain_config;
 pub mod simple_config;
 pub mod tensor_quant;
+pub mod value_bounds;
 pub mod weights;

@@ -275,6 +275,7 @@ fn apply(
                     .map_err(ctx)?,
                 search_range: [start, end],
                 search_step: step,
+                extend_below: false,
             });
             layer.asymmetric = f.asymmetric.or(layer.asymmetric);
         }

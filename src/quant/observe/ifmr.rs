@@ -20,6 +20,7 @@ use super::histogram::Histogram;
 use crate::quant::params::{
     ActParams, FLT_EPSILON, ParamsError, act_params, int_range, symmetric_scale,
 };
+use crate::quant::value_bounds::Bounds;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
@@ -39,6 +40,11 @@ pub struct IfmrSettings {
     pub search_range: [f32; 2],
     /// Step between two factors.
     pub search_step: f32,
+    /// Our extension (JSON `extend_search_below`, on with `--optimize`): when
+    /// the smallest factor of the range has the smallest error, keep stepping
+    /// below it while the error falls (data piled up near zero with a few
+    /// large values, as ReLU6 outputs often are, want clips under 0.7 × max).
+    pub extend_below: bool,
 }
 
 impl Default for IfmrSettings {
@@ -48,6 +54,7 @@ impl Default for IfmrSettings {
             min_percentile: 0.999999,
             search_range: [0.7, 1.3],
             search_step: 0.01,
+            extend_below: false,
         }
     }
 }
@@ -67,6 +74,7 @@ impl IfmrSettings {
 #[derive(Clone, Debug)]
 pub struct Ifmr {
     settings: IfmrSettings,
+    bounds: Bounds,
     count: u64,
     largest: BinaryHeap<Reverse<OrdF32>>,
     smallest: BinaryHeap<OrdF32>,
@@ -98,11 +106,18 @@ impl Ifmr {
     pub fn new(settings: IfmrSettings) -> Ifmr {
         Ifmr {
             settings,
+            bounds: Bounds::ANY,
             count: 0,
             largest: BinaryHeap::new(),
             smallest: BinaryHeap::new(),
             hist: Histogram::aligned(BINS),
         }
+    }
+
+    /// The same calibrator, never clipping beyond what the model can produce.
+    pub fn within(mut self, bounds: Bounds) -> Ifmr {
+        self.bounds = bounds;
+        self
     }
 
     /// The `k`-th largest value (1-based), exact while the tail holds it.
@@ -133,38 +148,70 @@ pub fn percentile_rank(n: u64, p: f64) -> usize {
     (n - (p * n as f64) as u64).max(1) as usize
 }
 
+/// Consecutive factors below the range without a smaller error after which
+/// the extended search stops.
+const EXTENSION_PATIENCE: usize = 3;
+
 /// The clip candidates' scales and the one with the smallest MSE, given a
 /// function that returns the MSE of a (scale, clip_lo, clip_hi) choice.
+/// No candidate clips beyond `bounds`, the values the model can produce.
 pub fn search(
     settings: &IfmrSettings,
     min0: f32,
     max0: f32,
     asymmetric: bool,
     bits: u32,
+    bounds: Bounds,
     mse: impl Fn(f32, f32, f32) -> f64,
 ) -> Result<ActParams, ParamsError> {
     let (lo, hi) = int_range(bits);
     let levels = ((1u64 << bits) - 1) as f32;
     let bound = max0.abs().max(min0.abs());
-    let mut best: Option<(f64, f32)> = None;
-    for r in settings.factors() {
+    let cap = if asymmetric {
+        bounds.hi
+    } else {
+        bounds.hi.abs().max(bounds.lo.abs())
+    };
+    let candidate = |r: f32| -> Option<(f64, f32)> {
         let (scale, clip_lo, clip_hi) = if asymmetric {
-            let c = max0 * r;
+            let c = (max0 * r).min(cap);
             ((c - min0) / levels, min0, c)
         } else {
             // The grid is [lo, hi]·scale: with the negative side dominating
             // (scale = c/128) the positive end is 127·scale, below c.
-            let c = bound * r;
+            let c = (bound * r).min(cap);
             let q = if min0.abs() > max0.abs() { -lo } else { hi };
             let scale = c / q as f32;
             (scale, -c, c.min(hi as f32 * scale))
         };
-        if scale < FLT_EPSILON {
+        (scale >= FLT_EPSILON).then(|| (mse(scale, clip_lo, clip_hi), scale))
+    };
+    let mut best: Option<(f64, f32)> = None;
+    let mut best_index = 0;
+    for (i, r) in settings.factors().into_iter().enumerate() {
+        let Some((loss, scale)) = candidate(r) else {
             continue;
-        }
-        let loss = mse(scale, clip_lo, clip_hi);
+        };
         if best.is_none_or(|(b, _)| loss < b) {
             best = Some((loss, scale));
+            best_index = i;
+        }
+    }
+    if settings.extend_below && best.is_some() && best_index == 0 {
+        let [start, _] = settings.search_range;
+        let mut misses = 0;
+        for k in 1.. {
+            let r = start - k as f32 * settings.search_step;
+            if r < settings.search_step / 2.0 || misses == EXTENSION_PATIENCE {
+                break;
+            }
+            match candidate(r) {
+                Some((loss, scale)) if best.is_none_or(|(b, _)| loss < b) => {
+                    best = Some((loss, scale));
+                    misses = 0;
+                }
+                _ => misses += 1,
+            }
         }
     }
     let Some((_, scale)) = best else {
@@ -248,6 +295,7 @@ impl Observer for Ifmr {
             max0,
             asymmetric,
             bits,
+            self.bounds,
             |scale, lo, hi| {
                 centers
                     .iter()
@@ -269,11 +317,19 @@ mod tests {
         let n = sorted.len();
         let max0 = sorted[n - percentile_rank(n as u64, s.max_percentile)].max(0.0);
         let min0 = sorted[percentile_rank(n as u64, s.min_percentile) - 1].min(0.0);
-        search(s, min0, max0, asymmetric, 8, |scale, lo, hi| {
-            data.iter()
-                .map(|&x| quant_error(f64::from(x), scale, lo, hi))
-                .sum()
-        })
+        search(
+            s,
+            min0,
+            max0,
+            asymmetric,
+            8,
+            Bounds::ANY,
+            |scale, lo, hi| {
+                data.iter()
+                    .map(|&x| quant_error(f64::from(x), scale, lo, hi))
+                    .sum()
+            },
+        )
         .unwrap()
     }
 

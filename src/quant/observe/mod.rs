@@ -15,6 +15,7 @@ pub use minmax::MinMax;
 pub use percentile::Percentile;
 
 use super::params::{ActParams, ParamsError};
+use super::value_bounds::Bounds;
 
 /// Which calibrator to use for a layer's activations, with its parameters.
 #[derive(Clone, Debug, PartialEq)]
@@ -60,8 +61,15 @@ impl ActAlgo {
 
     /// A fresh observer for this algorithm.
     pub fn observer(&self) -> Box<dyn Observer> {
+        self.observer_within(Bounds::ANY)
+    }
+
+    /// A fresh observer for a value the model keeps within `bounds`: IFMR
+    /// searches no clip beyond them (the others are fitted afterwards, see
+    /// [`Bounds::fit`]).
+    pub fn observer_within(&self, bounds: Bounds) -> Box<dyn Observer> {
         match self {
-            ActAlgo::Ifmr(s) => Box::new(Ifmr::new(s.clone())),
+            ActAlgo::Ifmr(s) => Box::new(Ifmr::new(s.clone()).within(bounds)),
             ActAlgo::Hfmg { num_of_bins } => Box::new(Hfmg::new(*num_of_bins)),
             ActAlgo::Minmax => Box::new(MinMax::default()),
             ActAlgo::Percentile { percentile } => Box::new(Percentile::new(*percentile)),
