@@ -3,11 +3,13 @@
 //!
 //! `cargo bench --bench engine -- MODEL INPUT.npy [RUNS]` prints one JSON line:
 //! the median and minimum latency in milliseconds of `RUNS` runs after warm-up.
-//! Set `RTEN_NUM_THREADS=1` for a single-threaded measurement.
+//! Set `RAYON_NUM_THREADS=1 RTEN_NUM_THREADS=1` for a single-threaded
+//! measurement, and `ENGINE=rten` to time the rten engine instead of the
+//! CPU executor users get (native kernels, rten for what they do not run).
 
 use ascend_quant::data::read_npy;
 use ascend_quant::onnx::load_model;
-use ascend_quant::sim::{Executor, RtenExecutor, SessionOptions};
+use ascend_quant::sim::{CpuExecutor, Executor, RtenExecutor, SessionOptions};
 use std::path::Path;
 use std::time::Instant;
 
@@ -23,7 +25,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let runs: usize = rest.first().map(|r| r.parse()).transpose()?.unwrap_or(50);
     let model = load_model(Path::new(model_path))?;
     let input = read_npy(Path::new(input_path))?;
-    let session = RtenExecutor.prepare(&model, &SessionOptions::default())?;
+    let session = match std::env::var("ENGINE").as_deref() {
+        Ok("rten") => RtenExecutor.prepare(&model, &SessionOptions::default())?,
+        _ => CpuExecutor.prepare(&model, &SessionOptions::default())?,
+    };
     let input_name = session.inputs()[0].name.clone();
     let output_name = session.outputs()[0].name.clone();
     let feeds = [(input_name.as_str(), &input)];

@@ -12,7 +12,7 @@ use ascend_quant::onnx::{GraphProto, ModelProto, Storage, to_proto};
 use ascend_quant::quant::calibrate::{Outcome, RunSettings, calibrate};
 use ascend_quant::quant::config::QuantConfig;
 use ascend_quant::quant::observe::ActAlgo;
-use ascend_quant::sim::{Executor, RtenExecutor, SessionOptions};
+use ascend_quant::sim::{CpuExecutor, Executor, SessionOptions};
 use ascend_quant::tensor::Tensor;
 use common::value_info;
 use ndarray::{ArrayD, IxDyn};
@@ -134,7 +134,7 @@ fn calibrate_on(m: &ModelProto, data: &ArrayD<f32>, extend: bool, asymmetric: bo
         progress: &|_, _| {},
         similarity_samples: 0,
     };
-    calibrate(m, &config, &dataset, &RtenExecutor, &settings).unwrap()
+    calibrate(m, &config, &dataset, &CpuExecutor, &settings).unwrap()
 }
 
 /// Mean squared error of an asymmetric int8 grid over [0, clip] on `x`
@@ -152,7 +152,7 @@ fn grid_mse(x: &[f32], clip: f64) -> f64 {
 }
 
 fn output(m: &ModelProto, x: &ArrayD<f32>) -> ArrayD<f32> {
-    let s = RtenExecutor
+    let s = CpuExecutor
         .prepare(
             m,
             &SessionOptions {

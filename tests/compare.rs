@@ -173,8 +173,8 @@ fn the_analysis_finds_the_layer_that_hurts_and_its_whole_error_matches_the_fake_
     let x = ascend_quant::data::read_npy(&digits().join("test_x.npy")).unwrap();
     let first = x.slice_axis0(0..100);
     let run = |m: &Path| {
-        use ascend_quant::sim::{Executor, RtenExecutor, SessionOptions};
-        let s = RtenExecutor
+        use ascend_quant::sim::{CpuExecutor, Executor, SessionOptions};
+        let s = CpuExecutor
             .prepare(
                 &load_model(m).unwrap(),
                 &SessionOptions {

@@ -8,7 +8,7 @@ mod common;
 use ascend_quant::data::read_npy;
 use ascend_quant::onnx::{ModelProto, Storage, load_model, save_model, to_proto, to_tensor};
 use ascend_quant::quant::record::read_record;
-use ascend_quant::sim::{Executor, RtenExecutor, SessionOptions};
+use ascend_quant::sim::{CpuExecutor, Executor, SessionOptions};
 use ascend_quant::tensor::Tensor;
 use common::{bin, digits};
 use ndarray::ArrayD;
@@ -52,7 +52,7 @@ fn agreement(qdq: &str, logits: &str, dir: &Path) -> (f64, f32, f64) {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let deploy = load_model(&dir.join("c_deploy_model.onnx")).unwrap();
     let x = read_npy(&digits().join("test_x.npy")).unwrap();
-    let s = RtenExecutor
+    let s = CpuExecutor
         .prepare(
             &deploy,
             &SessionOptions {

@@ -11,7 +11,7 @@ use ascend_quant::onnx::proto::{AttributeProto, OperatorSetIdProto};
 use ascend_quant::onnx::{GraphProto, ModelProto, Storage, to_proto, to_tensor};
 use ascend_quant::quant::calibrate::{Outcome, RunSettings, calibrate};
 use ascend_quant::quant::config::QuantConfig;
-use ascend_quant::sim::{Executor, RtenExecutor, SessionOptions};
+use ascend_quant::sim::{CpuExecutor, Executor, SessionOptions};
 use ascend_quant::tensor::Tensor;
 use common::{signed_values as values, value_info};
 use ndarray::{ArrayD, IxDyn};
@@ -67,11 +67,11 @@ fn calibrate_with(m: &ModelProto, config: &QuantConfig, data: ArrayD<f32>) -> Ou
         progress: &|_, _| {},
         similarity_samples: 0,
     };
-    calibrate(m, config, &dataset, &RtenExecutor, &settings).unwrap()
+    calibrate(m, config, &dataset, &CpuExecutor, &settings).unwrap()
 }
 
 fn output(m: &ModelProto, x: &ArrayD<f32>) -> ArrayD<f32> {
-    let s = RtenExecutor
+    let s = CpuExecutor
         .prepare(
             m,
             &SessionOptions {

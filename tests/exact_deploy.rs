@@ -12,7 +12,7 @@ use ascend_quant::onnx::proto::{AttributeProto, OperatorSetIdProto};
 use ascend_quant::onnx::{GraphProto, ModelProto, Storage, to_proto, to_tensor};
 use ascend_quant::quant::calibrate::{RunSettings, calibrate};
 use ascend_quant::quant::config::QuantConfig;
-use ascend_quant::sim::{Executor, RtenExecutor, SessionOptions};
+use ascend_quant::sim::{CpuExecutor, Executor, SessionOptions};
 use ascend_quant::tensor::Tensor;
 use common::value_info;
 use ndarray::{ArrayD, IxDyn};
@@ -82,7 +82,7 @@ fn a_convolution_past_two_to_the_24_accumulates_exactly() {
         progress: &|_, _| {},
         similarity_samples: 0,
     };
-    let out = calibrate(&m, &config, &data, &RtenExecutor, &settings).unwrap();
+    let out = calibrate(&m, &config, &data, &CpuExecutor, &settings).unwrap();
     // What the deploy model holds.
     let g = out.deploy.graph.as_ref().unwrap();
     let find = |op: &str| g.node.iter().find(|n| n.op_type() == op).unwrap();
@@ -130,7 +130,7 @@ fn a_convolution_past_two_to_the_24_accumulates_exactly() {
         }
     }
     assert!(largest > 1 << 24, "the sums must pass 2^24: {largest}");
-    let s = RtenExecutor
+    let s = CpuExecutor
         .prepare(&out.deploy, &SessionOptions::default())
         .unwrap();
     let xt = Tensor::F32(x);
@@ -179,7 +179,7 @@ fn a_batch_one_reshape_runs_larger_batches_sample_by_sample() {
         ..Default::default()
     };
     let x = ArrayD::from_shape_vec(IxDyn(&[4, 2, 3, 3]), values(6, 72)).unwrap();
-    let s = RtenExecutor
+    let s = CpuExecutor
         .prepare(
             &m,
             &SessionOptions {

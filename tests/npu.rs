@@ -4,7 +4,7 @@
 //! device arithmetic: the fake atc writes stub models whose outputs are 0.5.
 
 use ascend_quant::onnx::load_model;
-use ascend_quant::sim::{Executor, RtenExecutor, SessionOptions};
+use ascend_quant::sim::{CpuExecutor, Executor, SessionOptions};
 use ascend_quant::tensor::Tensor;
 use std::path::{Path, PathBuf};
 
@@ -68,7 +68,7 @@ fn fake_atc_entry() {
         })
         .collect();
     // Output shapes from one run of the simulator on zeros.
-    let session = RtenExecutor
+    let session = CpuExecutor
         .prepare(
             &model,
             &SessionOptions {

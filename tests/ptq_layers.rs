@@ -14,7 +14,7 @@ use ascend_quant::quant::calibrate::{RunSettings, calibrate};
 use ascend_quant::quant::config::QuantConfig;
 use ascend_quant::quant::layers::discover;
 use ascend_quant::quant::prepare::prepare;
-use ascend_quant::sim::{Executor, RtenExecutor, SessionOptions};
+use ascend_quant::sim::{CpuExecutor, Executor, SessionOptions};
 use ascend_quant::tensor::Tensor;
 use common::{signed_values as values, value_info};
 use ndarray::{ArrayD, IxDyn};
@@ -128,7 +128,7 @@ fn data(n: usize) -> Tensor {
 }
 
 fn run(model: &ModelProto, x: &Tensor) -> Vec<f32> {
-    let s = RtenExecutor
+    let s = CpuExecutor
         .prepare(model, &SessionOptions::default())
         .unwrap();
     s.run(&[("x", x)], &["y"])
@@ -213,7 +213,7 @@ fn every_layer_kind_is_quantized_and_deploy_agrees_with_fake_quant() {
         progress: &|_, _| {},
         similarity_samples: 32,
     };
-    let out = calibrate(&m, &config, &dataset, &RtenExecutor, &run_settings).unwrap();
+    let out = calibrate(&m, &config, &dataset, &CpuExecutor, &run_settings).unwrap();
     assert_eq!(out.factors.len(), 6);
 
     let g = out.deploy.graph.as_ref().unwrap();
@@ -350,7 +350,7 @@ fn a_3d_convolution_is_calibrated_and_its_deploy_model_runs() {
         progress: &|_, _| {},
         similarity_samples: 8,
     };
-    let out = calibrate(&m, &config, &dataset, &RtenExecutor, &run_settings).unwrap();
+    let out = calibrate(&m, &config, &dataset, &CpuExecutor, &run_settings).unwrap();
     assert_eq!(
         out.factors[0].scale_w.len(),
         4,
@@ -368,7 +368,7 @@ fn a_3d_convolution_is_calibrated_and_its_deploy_model_runs() {
 }
 
 fn run_model(model: &ModelProto, x: &Tensor, output: &str) -> Vec<f32> {
-    let s = RtenExecutor
+    let s = CpuExecutor
         .prepare(model, &SessionOptions::default())
         .unwrap();
     s.run(&[("x", x)], &[output]).unwrap()[0]

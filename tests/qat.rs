@@ -4,7 +4,7 @@
 
 use ascend_quant::data::{read_npy, write_npy};
 use ascend_quant::onnx::{ModelProto, load_model};
-use ascend_quant::sim::{Executor, RtenExecutor, SessionOptions};
+use ascend_quant::sim::{CpuExecutor, Executor, SessionOptions};
 use ascend_quant::tensor::Tensor;
 use std::path::Path;
 
@@ -12,7 +12,7 @@ mod common;
 use common::{bin, digits};
 
 fn top1(model: &ModelProto, x: &Tensor, y: &[i64]) -> f64 {
-    let s = RtenExecutor
+    let s = CpuExecutor
         .prepare(
             model,
             &SessionOptions {

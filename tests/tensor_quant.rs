@@ -11,7 +11,7 @@ use ascend_quant::onnx::{GraphProto, ModelProto, load_model};
 use ascend_quant::quant::calibrate::{RunSettings, calibrate};
 use ascend_quant::quant::config::{QuantConfig, TensorQuantConfig};
 use ascend_quant::quant::params::ActParams;
-use ascend_quant::sim::{Executor, RtenExecutor, SessionOptions};
+use ascend_quant::sim::{CpuExecutor, Executor, SessionOptions};
 use ascend_quant::tensor::Tensor;
 use common::value_info;
 use ndarray::{ArrayD, IxDyn};
@@ -75,7 +75,7 @@ fn fq(x: f32, p: ActParams) -> f32 {
 }
 
 fn run(model: &ModelProto, a: &ArrayD<f32>, b: &ArrayD<f32>) -> ArrayD<f32> {
-    let s = RtenExecutor
+    let s = CpuExecutor
         .prepare(model, &SessionOptions::default())
         .unwrap();
     let (a, b) = (Tensor::F32(a.clone()), Tensor::F32(b.clone()));
@@ -116,7 +116,7 @@ fn add_and_maxpool_inputs_round_trip_through_int8_as_computed_by_hand() {
         progress: &|_, _| {},
         similarity_samples: 0,
     };
-    let out = calibrate(&m, &config, &dataset, &RtenExecutor, &settings).unwrap();
+    let out = calibrate(&m, &config, &dataset, &CpuExecutor, &settings).unwrap();
     let keys: Vec<&str> = out.tensors.iter().map(|t| t.key.as_str()).collect();
     assert_eq!(keys, ["add:0", "add:1", "pool:0"]);
     let [pa, pb, ps] = [0, 1, 2].map(|i| out.tensors[i].act);

@@ -8,7 +8,7 @@ use ascend_quant::onnx::attr::{attr_int, attr_ints, attr_string};
 use ascend_quant::onnx::builder::node;
 use ascend_quant::onnx::proto::{GraphProto, OperatorSetIdProto, ValueInfoProto};
 use ascend_quant::onnx::{ModelProto, Storage, load_model, to_proto};
-use ascend_quant::sim::{Executor, RtenExecutor, SessionOptions};
+use ascend_quant::sim::{CpuExecutor, Executor, SessionOptions};
 use ascend_quant::tensor::Tensor;
 use ascend_quant::train::graph::TrainGraph;
 use ndarray::{ArrayD, IxDyn};
@@ -42,7 +42,7 @@ fn forward_matches_the_simulator_on_digits() {
     let x = digits_input(16);
     let acts = g.forward(&[("x", &x)]).unwrap();
     let ours = acts.get(&g, "logits").unwrap();
-    let s = RtenExecutor
+    let s = CpuExecutor
         .prepare(
             &model,
             &SessionOptions {
@@ -279,7 +279,7 @@ fn every_operator_trains_on_a_small_model() {
     let x = ArrayD::from_shape_vec(IxDyn(&[2, 2, 7, 8]), values(7, 2 * 2 * 7 * 8, 2.0)).unwrap();
     // The forward pass agrees with the simulator.
     let acts = g.forward(&[("x", &x)]).unwrap();
-    let s = RtenExecutor
+    let s = CpuExecutor
         .prepare(&model, &SessionOptions::default())
         .unwrap();
     let theirs = s
@@ -408,7 +408,7 @@ fn the_quantized_forward_pass_matches_the_exported_fake_quant_model() {
     let acts = g.forward(&[("x", &x)]).unwrap();
     let ours = acts.get(&g, "logits").unwrap();
     let fake = fake_quant_model(&model, &factors).unwrap();
-    let s = RtenExecutor
+    let s = CpuExecutor
         .prepare(
             &fake,
             &SessionOptions {
@@ -553,7 +553,7 @@ fn activation_and_layout_operators_train() {
     let g = TrainGraph::new(&model).unwrap();
     let x = ArrayD::from_shape_vec(IxDyn(&[2, 3, 4, 5]), values(12, 120, 10.0)).unwrap();
     let acts = g.forward(&[("x", &x)]).unwrap();
-    let s = RtenExecutor
+    let s = CpuExecutor
         .prepare(&model, &SessionOptions::default())
         .unwrap();
     let outputs = ["y", "up", "up2"];

@@ -16,7 +16,7 @@ use crate::quant::emit::{
     simulation_model,
 };
 use crate::quant::record::write_record_with_tensors;
-use crate::sim::{RtenExecutor, feedable_input_names};
+use crate::sim::{CpuExecutor, feedable_input_names};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -130,7 +130,7 @@ pub fn run(opts: &AutoOptions, progress: Progress<'_>) -> Result<AutoResult, Pip
     if config.bias_correction {
         (progress.message)("correcting biases");
         correct_biases(
-            &RtenExecutor,
+            &CpuExecutor,
             &calibrated.prepared,
             &mut calibrated.factors,
             &data,
@@ -145,7 +145,7 @@ pub fn run(opts: &AutoOptions, progress: Progress<'_>) -> Result<AutoResult, Pip
             output_folder(&opts.calib.output),
         )),
         (None, Some(e)) => Box::new(InternalEvaluator::new(
-            &RtenExecutor,
+            &CpuExecutor,
             e,
             batch_size,
             dynamic_batch,
@@ -160,7 +160,7 @@ pub fn run(opts: &AutoOptions, progress: Progress<'_>) -> Result<AutoResult, Pip
     let float_score = evaluator.float_score(&calibrated.prepared)?;
     let target = float_score - opts.max_drop;
     let ranking = layer_sensitivities(
-        &RtenExecutor,
+        &CpuExecutor,
         &calibrated.prepared,
         &calibrated.factors,
         &data,
@@ -205,7 +205,7 @@ pub fn run(opts: &AutoOptions, progress: Progress<'_>) -> Result<AutoResult, Pip
     if config.bias_correction {
         chosen = subset(&uncorrected, &outcome.rolled_back);
         correct_biases(
-            &RtenExecutor,
+            &CpuExecutor,
             &calibrated.prepared,
             &mut chosen,
             &data,

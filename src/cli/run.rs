@@ -4,7 +4,7 @@ use super::Failure;
 use super::exit::usage;
 use crate::data::{read_npy, write_npy};
 use crate::onnx::{Dim, ValueSpec, load_model};
-use crate::sim::{Executor, RtenExecutor, SessionOptions};
+use crate::sim::{CpuExecutor, Executor, SessionOptions};
 use crate::tensor::{Tensor, format_shape};
 use anyhow::Context;
 use serde::Serialize;
@@ -89,7 +89,7 @@ pub fn execute(args: &RunArgs) -> Result<(), Failure> {
             &s.name == name && matches!(s.shape.as_deref(), Some([Dim::Fixed(b), ..]) if v.shape().first() != Some(b))
         })
     });
-    let session = RtenExecutor.prepare(
+    let session = CpuExecutor.prepare(
         &model,
         &SessionOptions {
             dynamic_batch: batch_differs,

@@ -2,7 +2,7 @@
 
 use super::error::PipelineError;
 use crate::npu::NpuExecutor;
-use crate::sim::{Executor, RtenExecutor};
+use crate::sim::{CpuExecutor, Executor};
 use std::path::Path;
 
 /// Where calibration runs.
@@ -34,7 +34,7 @@ pub fn select_backend(
         NpuExecutor::new(acl_lib, &cache).map_err(|e| e.to_string())
     };
     match backend {
-        Backend::Cpu => Ok((Box::new(RtenExecutor), "cpu simulator".into())),
+        Backend::Cpu => Ok((Box::new(CpuExecutor), "cpu simulator".into())),
         Backend::Npu => {
             let n = npu().map_err(|e| PipelineError::Device(format!("--backend npu: {e}")))?;
             let line = format!("npu ({}, device 0)", n.soc());
@@ -47,7 +47,7 @@ pub fn select_backend(
             }
             Err(e) => {
                 let why = e.split(" (searched").next().unwrap_or(&e).to_string();
-                Ok((Box::new(RtenExecutor), format!("cpu simulator ({why})")))
+                Ok((Box::new(CpuExecutor), format!("cpu simulator ({why})")))
             }
         },
     }

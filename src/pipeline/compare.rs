@@ -13,7 +13,7 @@ use crate::quant::record::read_record;
 use crate::report::analyze::analyze;
 use crate::report::compare::{Comparison, compare};
 use crate::report::html::render;
-use crate::sim::{RtenExecutor, feedable_input_names};
+use crate::sim::{CpuExecutor, feedable_input_names};
 use std::path::PathBuf;
 
 /// What `compare` takes.
@@ -61,7 +61,7 @@ pub fn compare_models(
     let batch_size = opts.batch_size.unwrap_or(declared.unwrap_or(1)).max(1);
     let dynamic = declared.is_some_and(|d| d != batch_size);
     let mut c = compare(
-        &RtenExecutor,
+        &CpuExecutor,
         &float,
         &quant,
         &data,
@@ -88,7 +88,7 @@ pub fn compare_models(
             similarity_samples: opts.analyze_samples,
         };
         c.analysis = Some(analyze(
-            &RtenExecutor,
+            &CpuExecutor,
             &calibrated.prepared,
             &calibrated.factors,
             &data,

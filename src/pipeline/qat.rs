@@ -16,7 +16,7 @@ use crate::quant::params::ActParams;
 use crate::quant::record::write_record;
 use crate::quant::retrain_config::RetrainConfig;
 use crate::quant::weights::{ChannelLayout, arq_scales, quantize_bias, quantize_weight};
-use crate::sim::{RtenExecutor, feedable_input_names};
+use crate::sim::{CpuExecutor, feedable_input_names};
 use crate::tensor::Tensor;
 use crate::train::checkpoint::Checkpoint;
 use crate::train::fake_quant::ulq_grid;
@@ -186,7 +186,7 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
         &model,
         &ptq,
         &data,
-        &RtenExecutor,
+        &CpuExecutor,
         &RunSettings {
             batch_size: opts.batch_size,
             dynamic_batch: declared.is_some_and(|d| d != opts.batch_size),

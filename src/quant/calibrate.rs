@@ -105,7 +105,7 @@ pub fn calibrate(
     let corrections = if config.bias_correction {
         let started = std::time::Instant::now();
         let done = correct_biases(
-            &crate::sim::RtenExecutor,
+            &crate::sim::CpuExecutor,
             &c.prepared,
             &mut c.factors,
             data,
@@ -142,7 +142,7 @@ pub fn finish(
     // fake-quant arithmetic being checked, not the device.
     let cosine = match data {
         Some(data) => layer_cosines(
-            &crate::sim::RtenExecutor,
+            &crate::sim::CpuExecutor,
             &c.prepared,
             &simulation,
             &c.factors,
@@ -408,7 +408,7 @@ pub fn observe_layers(
         })
         .collect();
     let adaround = adaround_layers(
-        &crate::sim::RtenExecutor,
+        &crate::sim::CpuExecutor,
         &prepared,
         &mut factors,
         &which,

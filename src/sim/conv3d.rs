@@ -284,7 +284,7 @@ mod tests {
     use crate::onnx::builder::node;
     use crate::onnx::proto::OperatorSetIdProto;
     use crate::onnx::{GraphProto, ModelProto, Storage, ValueInfoProto, to_proto};
-    use crate::sim::{Executor, RtenExecutor, SessionOptions};
+    use crate::sim::{CpuExecutor, Executor, SessionOptions};
     use crate::tensor::Tensor;
     use ndarray::{ArrayD, IxDyn};
 
@@ -407,9 +407,7 @@ mod tests {
                 graph: Some(g),
                 ..Default::default()
             };
-            let session = RtenExecutor
-                .prepare(&m, &SessionOptions::default())
-                .unwrap();
+            let session = CpuExecutor.prepare(&m, &SessionOptions::default()).unwrap();
             let got = session
                 .run(&[("x", &Tensor::F32(x.clone()))], &["y"])
                 .unwrap()

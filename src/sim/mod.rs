@@ -2,17 +2,25 @@
 //! intermediate value (calibration taps) and the ability to start a run
 //! from an intermediate value (replaying one layer).
 //!
-//! Callers use the [`Executor`] and [`Session`] traits; the engine behind
-//! them (today [`RtenExecutor`], built on the `rten` crate) can be swapped.
+//! Callers use the [`Executor`] and [`Session`] traits. [`CpuExecutor`] runs
+//! a model on the native engine (our own kernels, `native.rs`) when it is
+//! made of the operators that engine runs, else on [`RtenExecutor`] (the
+//! `rten` crate); `docs/engine.md` says why and what each costs.
 
 pub mod ascend;
 mod conv3d;
+mod cpu;
 mod error;
 mod exact_conv;
+pub mod kernels;
+mod native;
+mod native_ops;
+mod per_sample;
 mod prepare;
 mod rten_adapt;
 mod rten_engine;
 
+pub use cpu::{CpuExecutor, NativeExecutor};
 pub use error::{SimError, ValueRole};
 pub use prepare::{feedable_inputs, rewrite_for_execution};
 pub use rten_adapt::adapt_for_rten;

@@ -149,8 +149,10 @@ impl Session for RtenSession {
                 // A model exported for one batch size can hold shapes that
                 // only fit that size (a Reshape to [1, -1]): run the batch
                 // sample by sample, as the model was made to run.
-                self.run_per_sample(feeds, fetch)
-                    .map_err(|_| SimError::Run { reason })
+                super::per_sample::run_per_sample(&self.inputs, feeds, fetch, &|f, o| {
+                    self.run_once(f, o)
+                })
+                .map_err(|_| SimError::Run { reason })
             }
             other => other,
         }
@@ -158,56 +160,6 @@ impl Session for RtenSession {
 }
 
 impl RtenSession {
-    /// Runs the batch one sample at a time and joins the results along axis 0.
-    fn run_per_sample(
-        &self,
-        feeds: &[(&str, &Tensor)],
-        fetch: &[&str],
-    ) -> Result<Vec<Tensor>, SimError> {
-        let samples = feeds
-            .iter()
-            .filter(|(name, _)| self.inputs.iter().any(|s| s.name == *name))
-            .map(|(_, t)| t.shape().first().copied().unwrap_or(1))
-            .max()
-            .unwrap_or(1);
-        if samples <= 1 {
-            return Err(SimError::Run {
-                reason: "one sample".into(),
-            });
-        }
-        let mut parts: Vec<Vec<Tensor>> = vec![Vec::with_capacity(samples); fetch.len()];
-        for i in 0..samples {
-            let sliced: Vec<(&str, Tensor)> = feeds
-                .iter()
-                .map(|(name, t)| {
-                    let batched = self.inputs.iter().any(|s| s.name == *name)
-                        && t.shape().first() == Some(&samples);
-                    (
-                        *name,
-                        if batched {
-                            t.slice_axis0(i..i + 1)
-                        } else {
-                            (*t).clone()
-                        },
-                    )
-                })
-                .collect();
-            let refs: Vec<(&str, &Tensor)> = sliced.iter().map(|(n, t)| (*n, t)).collect();
-            for (k, v) in self.run_once(&refs, fetch)?.into_iter().enumerate() {
-                parts[k].push(v);
-            }
-        }
-        parts
-            .iter()
-            .zip(fetch)
-            .map(|(p, name)| {
-                Tensor::concat_axis0(p).ok_or_else(|| SimError::Run {
-                    reason: format!("the per-sample values of '{name}' cannot be joined"),
-                })
-            })
-            .collect()
-    }
-
     fn run_once(&self, feeds: &[(&str, &Tensor)], fetch: &[&str]) -> Result<Vec<Tensor>, SimError> {
         let mut inputs = Vec::with_capacity(feeds.len());
         for (name, value) in feeds {

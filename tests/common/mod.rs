@@ -64,9 +64,9 @@ pub fn value_info(name: &str, dims: &[i64]) -> proto::ValueInfoProto {
 
 /// The logits of `model` for all 500 digits test images (one batch).
 pub fn digits_logits(model: &ascend_quant::onnx::ModelProto) -> ndarray::ArrayD<f32> {
-    use ascend_quant::sim::{Executor, RtenExecutor, SessionOptions};
+    use ascend_quant::sim::{CpuExecutor, Executor, SessionOptions};
     let x = ascend_quant::data::read_npy(&digits().join("test_x.npy")).unwrap();
-    let s = RtenExecutor
+    let s = CpuExecutor
         .prepare(
             model,
             &SessionOptions {

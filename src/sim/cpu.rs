@@ -1,0 +1,57 @@
+//! The CPU executor users get: the native engine (our kernels) for models
+//! made only of the operators it runs, the rten engine for everything else,
+//! including the lowered Ascend operators of deploy models. The choice is
+//! made per prepared model, so a calibration session with taps and a plain
+//! inference session of the same model may differ only in speed.
+
+use super::error::SimError;
+use super::native::{NativeModel, NativeSession};
+use super::{Executor, RtenExecutor, Session, SessionOptions};
+use crate::onnx::ModelProto;
+
+/// Runs models on the CPU with the fastest engine that can run them.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuExecutor;
+
+impl Executor for CpuExecutor {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn prepare(
+        &self,
+        model: &ModelProto,
+        opts: &SessionOptions,
+    ) -> Result<Box<dyn Session>, SimError> {
+        if !super::ascend::has_ascend_ops(model)
+            && let Some(native) = NativeModel::build(model, opts)?
+        {
+            return Ok(Box::new(NativeSession::new(native)));
+        }
+        RtenExecutor.prepare(model, opts)
+    }
+}
+
+/// The native engine alone: an error for a model it does not run (for
+/// tests and benchmarks that must know which engine ran).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NativeExecutor;
+
+impl Executor for NativeExecutor {
+    fn name(&self) -> &'static str {
+        "cpu-native"
+    }
+
+    fn prepare(
+        &self,
+        model: &ModelProto,
+        opts: &SessionOptions,
+    ) -> Result<Box<dyn Session>, SimError> {
+        match NativeModel::build(model, opts)? {
+            Some(native) => Ok(Box::new(NativeSession::new(native))),
+            None => Err(SimError::Load {
+                reason: "the native engine does not run one of this model's operators (or their attributes); use the cpu executor, which falls back to rten".into(),
+            }),
+        }
+    }
+}

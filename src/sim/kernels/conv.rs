@@ -1,0 +1,521 @@
+//! 2-D convolution (NCHW) on a GEMM: the weight, packed once, times the
+//! input's columns (the input itself for a 1×1 convolution with stride 1 and
+//! no padding, an im2col matrix otherwise), bias and clamp fused after.
+//! Depthwise layers go to [`super::depthwise`]; other grouped layers run one
+//! GEMM per group.
+
+use super::depthwise::{DepthwiseShape, clamp_value, depthwise};
+use rayon::prelude::*;
+use rten_gemm::{
+    BiasVector, GemmExecutor, GemmInputA, GemmInputB, GemmUninitOptions, PackedAMatrix,
+};
+use rten_tensor::NdTensorView;
+
+/// A convolution's attributes, after `auto_pad` is resolved.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConvGeometry {
+    /// Kernel height and width.
+    pub kernel: (usize, usize),
+    /// Vertical and horizontal stride.
+    pub stride: (usize, usize),
+    /// Vertical and horizontal dilation.
+    pub dilation: (usize, usize),
+    /// Padding: top, left, bottom, right.
+    pub pads: [usize; 4],
+    /// Groups.
+    pub group: usize,
+}
+
+/// A convolution ready to run: weights packed for the GEMM.
+pub struct Conv {
+    geometry: ConvGeometry,
+    c_in: usize,
+    c_out: usize,
+    /// Weight `[C_out, C_in/group · kh · kw]` as given (depthwise path).
+    weight: Vec<f32>,
+    /// One packed weight block per group (GEMM path).
+    packed: Vec<PackedAMatrix<f32>>,
+    bias: Option<Vec<f32>>,
+    /// Lower and upper clamp applied to every output (±∞ for none).
+    pub clamp: (f32, f32),
+}
+
+thread_local! {
+    /// The GEMM for this thread (the executor is not `Send`; making one only
+    /// picks the kernel for the CPU, and packed matrices work with any).
+    static GEMM: GemmExecutor<f32> = GemmExecutor::new();
+}
+
+fn with_gemm<R>(f: impl FnOnce(&GemmExecutor<f32>) -> R) -> R {
+    GEMM.with(f)
+}
+
+impl Conv {
+    /// A convolution with weight `[C_out, C_in/group, kh, kw]` (flattened).
+    pub fn new(
+        geometry: ConvGeometry,
+        c_in: usize,
+        c_out: usize,
+        weight: Vec<f32>,
+        bias: Option<Vec<f32>>,
+    ) -> Conv {
+        let g = geometry.group;
+        let k = c_in / g * geometry.kernel.0 * geometry.kernel.1;
+        let m = c_out / g;
+        let packed = if is_depthwise(&geometry, c_in, c_out) {
+            Vec::new()
+        } else {
+            (0..g)
+                .map(|i| {
+                    let block = &weight[i * m * k..(i + 1) * m * k];
+                    with_gemm(|e| e.prepack_a(NdTensorView::from_data([m, k], block)))
+                })
+                .collect()
+        };
+        Conv {
+            geometry,
+            c_in,
+            c_out,
+            weight,
+            packed,
+            bias,
+            clamp: (f32::NEG_INFINITY, f32::INFINITY),
+        }
+    }
+
+    /// Input channels.
+    pub fn c_in(&self) -> usize {
+        self.c_in
+    }
+
+    /// Output height and width for an input of `h × w`, or `None` when the
+    /// kernel does not fit.
+    pub fn out_hw(&self, h: usize, w: usize) -> Option<(usize, usize)> {
+        let g = &self.geometry;
+        let size = |n: usize, pads: usize, k: usize, s: usize, d: usize| {
+            let span = d * (k - 1) + 1;
+            (n + pads >= span).then(|| (n + pads - span) / s + 1)
+        };
+        Some((
+            size(
+                h,
+                g.pads[0] + g.pads[2],
+                g.kernel.0,
+                g.stride.0,
+                g.dilation.0,
+            )?,
+            size(
+                w,
+                g.pads[1] + g.pads[3],
+                g.kernel.1,
+                g.stride.1,
+                g.dilation.1,
+            )?,
+        ))
+    }
+
+    /// Runs on `x` of shape `[n, C_in, h, w]`; returns `[n, C_out, oh, ow]`
+    /// values and `(oh, ow)`, or `None` when the kernel does not fit.
+    pub fn run(
+        &self,
+        x: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+    ) -> Option<(Vec<f32>, (usize, usize))> {
+        let (oh, ow) = self.out_hw(h, w)?;
+        let g = &self.geometry;
+        let mut out = vec![0f32; n * self.c_out * oh * ow];
+        if self.packed.is_empty() {
+            let shape = DepthwiseShape {
+                h,
+                w,
+                kh: g.kernel.0,
+                kw: g.kernel.1,
+                stride: g.stride,
+                dilation: g.dilation,
+                pads: g.pads,
+            };
+            depthwise(
+                &shape,
+                self.c_out,
+                x,
+                &self.weight,
+                self.bias.as_deref(),
+                self.clamp,
+                &mut out,
+            );
+            return Some((out, (oh, ow)));
+        }
+        let groups = g.group;
+        let cg = self.c_in / groups;
+        let m = self.c_out / groups;
+        let k = cg * g.kernel.0 * g.kernel.1;
+        let cols = oh * ow;
+        let direct = g.kernel == (1, 1) && g.stride == (1, 1) && g.pads == [0; 4];
+        let mut columns = if direct {
+            Vec::new()
+        } else {
+            vec![0f32; k * cols]
+        };
+        let mut chunk = Vec::new();
+        for s in 0..n {
+            for gi in 0..groups {
+                let xin =
+                    &x[(s * self.c_in + gi * cg) * h * w..(s * self.c_in + (gi + 1) * cg) * h * w];
+                let b = if direct {
+                    xin
+                } else {
+                    im2col(xin, h, w, g, (oh, ow), &mut columns);
+                    &columns
+                };
+                let out_block = &mut out
+                    [(s * self.c_out + gi * m) * cols..(s * self.c_out + (gi + 1) * m) * cols];
+                let bias = self.bias.as_ref().map(|b| &b[gi * m..(gi + 1) * m]);
+                self.gemm_clamped(gi, b, k, cols, bias, out_block, &mut chunk);
+            }
+        }
+        Some((out, (oh, ow)))
+    }
+}
+
+impl Conv {
+    /// `out = clamp(W_group · b + bias)` for `b` `[k, cols]`. Wide outputs
+    /// are computed a block of columns at a time into `chunk`, which stays
+    /// in cache while it is clamped and copied out, so the clamp costs no
+    /// extra pass over memory.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_clamped(
+        &self,
+        group: usize,
+        b: &[f32],
+        k: usize,
+        cols: usize,
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+        chunk: &mut Vec<f32>,
+    ) {
+        let m = out.len() / cols.max(1);
+        let run = |dst: &mut [f32], view: NdTensorView<f32, 2>| {
+            with_gemm(|e| {
+                e.gemm_uninit(
+                    as_uninit(dst),
+                    GemmInputA::Packed(&self.packed[group]),
+                    GemmInputB::Unpacked(view),
+                    GemmUninitOptions {
+                        bias: bias.map(BiasVector::Column),
+                        ..Default::default()
+                    },
+                )
+                .map(|_| ())
+                .expect("shapes agree by construction")
+            })
+        };
+        let unbounded = self.clamp == (f32::NEG_INFINITY, f32::INFINITY);
+        if unbounded || cols <= COLUMN_BLOCK {
+            run(out, NdTensorView::from_data([k, cols], b));
+            clamp_all(out, self.clamp);
+            return;
+        }
+        for c0 in (0..cols).step_by(COLUMN_BLOCK) {
+            let width = COLUMN_BLOCK.min(cols - c0);
+            chunk.resize(m * width, 0.0);
+            let view = NdTensorView::from_data_with_strides([k, width], &b[c0..], [cols, 1])
+                .expect("the view lies inside the input");
+            run(chunk, view);
+            for (row, src) in chunk.chunks_exact(width).enumerate() {
+                let dst = &mut out[row * cols + c0..row * cols + c0 + width];
+                for (d, v) in dst.iter_mut().zip(src) {
+                    *d = clamp_value(*v, self.clamp);
+                }
+            }
+        }
+    }
+}
+
+/// Output columns a clamped GEMM computes at a time.
+const COLUMN_BLOCK: usize = 1024;
+
+/// Whether the layer is depthwise (one input and one output channel per group).
+pub fn is_depthwise(g: &ConvGeometry, c_in: usize, c_out: usize) -> bool {
+    g.group > 1 && g.group == c_in && c_out == c_in
+}
+
+fn as_uninit(s: &mut [f32]) -> &mut [std::mem::MaybeUninit<f32>] {
+    // SAFETY: MaybeUninit<f32> has the layout of f32, and initialised values
+    // are valid MaybeUninit values.
+    unsafe { &mut *(s as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) }
+}
+
+/// Clamps every value to `[lo, hi]` (skipped when unbounded).
+pub fn clamp_all(v: &mut [f32], clamp: (f32, f32)) {
+    if clamp == (f32::NEG_INFINITY, f32::INFINITY) {
+        return;
+    }
+    for x in v {
+        *x = clamp_value(*x, clamp);
+    }
+}
+
+/// Writes the `[cg · kh · kw, oh · ow]` column matrix of one group's input.
+fn im2col(
+    x: &[f32],
+    h: usize,
+    w: usize,
+    g: &ConvGeometry,
+    (oh, ow): (usize, usize),
+    cols: &mut [f32],
+) {
+    let (kh, kw) = g.kernel;
+    let (sy, sx) = g.stride;
+    let (dy, dx) = g.dilation;
+    let pl = g.pads[1];
+    cols.par_chunks_mut(oh * ow)
+        .enumerate()
+        .for_each(|(row, dst)| {
+            let c = row / (kh * kw);
+            let ky = (row / kw) % kh;
+            let kx = row % kw;
+            let plane = &x[c * h * w..(c + 1) * h * w];
+            // Output columns whose input column ox·sx + kx·dx − pl lies in [0, w).
+            let shift = kx * dx;
+            let first = pl.saturating_sub(shift).div_ceil(sx).min(ow);
+            let last = if w + pl > shift {
+                ((w + pl - shift - 1) / sx + 1).min(ow)
+            } else {
+                0
+            }
+            .max(first);
+            for oy in 0..oh {
+                let iy = (oy * sy + ky * dy) as isize - g.pads[0] as isize;
+                let d = &mut dst[oy * ow..(oy + 1) * ow];
+                if iy < 0 || iy as usize >= h {
+                    d.fill(0.0);
+                    continue;
+                }
+                let src = &plane[iy as usize * w..(iy as usize + 1) * w];
+                d[..first].fill(0.0);
+                d[last..].fill(0.0);
+                if sx == 1 {
+                    let start = first + shift - pl;
+                    d[first..last].copy_from_slice(&src[start..start + (last - first)]);
+                } else {
+                    for (ox, v) in d[first..last].iter_mut().enumerate() {
+                        *v = src[(first + ox) * sx + shift - pl];
+                    }
+                }
+            }
+        });
+}
+
+/// Input rows up to which a dense layer multiplies by the unpacked weight.
+const FEW_ROWS: usize = 4;
+
+/// `y = x · Wᵀ + bias` for `x` `[n, k]` and `W` `[m, k]` (ONNX Gemm with
+/// `transB = 1`, or `W` given as `[k, m]` with `transB = 0`).
+pub struct Dense {
+    packed: rten_gemm::PackedBMatrix<f32>,
+    /// The weight as a row-major `[k, m]` matrix, for few input rows (the
+    /// GEMM's vector path is faster than a packed tile mostly left empty).
+    plain: Vec<f32>,
+    k: usize,
+    m: usize,
+    bias: Option<Vec<f32>>,
+}
+
+impl Dense {
+    /// `weight` is `[m, k]` when `trans_b`, else `[k, m]`.
+    pub fn new(weight: &[f32], k: usize, m: usize, trans_b: bool, bias: Option<Vec<f32>>) -> Dense {
+        let plain: Vec<f32> = if trans_b {
+            let mut t = vec![0f32; k * m];
+            for j in 0..m {
+                for i in 0..k {
+                    t[i * m + j] = weight[j * k + i];
+                }
+            }
+            t
+        } else {
+            weight.to_vec()
+        };
+        let packed = with_gemm(|e| e.prepack_b(NdTensorView::from_data([k, m], plain.as_slice())));
+        Dense {
+            packed,
+            plain,
+            k,
+            m,
+            bias,
+        }
+    }
+
+    /// Inner and output sizes.
+    pub fn sizes(&self) -> (usize, usize) {
+        (self.k, self.m)
+    }
+
+    /// Runs on `n` rows of `k` values.
+    pub fn run(&self, x: &[f32], n: usize) -> Vec<f32> {
+        let mut out = vec![0f32; n * self.m];
+        with_gemm(|e| {
+            e.gemm_uninit(
+                as_uninit(&mut out),
+                GemmInputA::Unpacked(NdTensorView::from_data([n, self.k], x)),
+                if n <= FEW_ROWS {
+                    GemmInputB::Unpacked(NdTensorView::from_data(
+                        [self.k, self.m],
+                        self.plain.as_slice(),
+                    ))
+                } else {
+                    GemmInputB::Packed(&self.packed)
+                },
+                GemmUninitOptions {
+                    bias: self.bias.as_deref().map(BiasVector::Row),
+                    ..Default::default()
+                },
+            )
+            .map(|_| ())
+            .expect("shapes agree by construction")
+        });
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(seed: u64, n: usize) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2862933555777941757).wrapping_add(77);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The definition of a grouped convolution, in f64.
+    #[allow(clippy::too_many_arguments)]
+    fn naive(
+        g: &ConvGeometry,
+        n: usize,
+        c_in: usize,
+        c_out: usize,
+        h: usize,
+        w: usize,
+        x: &[f32],
+        wt: &[f32],
+        b: &[f32],
+    ) -> Vec<f32> {
+        let conv = Conv::new(g.clone(), c_in, c_out, wt.to_vec(), None);
+        let (oh, ow) = conv.out_hw(h, w).unwrap();
+        let (cg, mg) = (c_in / g.group, c_out / g.group);
+        let (kh, kw) = g.kernel;
+        let mut out = vec![0f32; n * c_out * oh * ow];
+        for s in 0..n {
+            for co in 0..c_out {
+                let gi = co / mg;
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let mut acc = f64::from(b[co]);
+                        for ci in 0..cg {
+                            for ky in 0..kh {
+                                for kx in 0..kw {
+                                    let iy = (oy * g.stride.0 + ky * g.dilation.0) as isize
+                                        - g.pads[0] as isize;
+                                    let ix = (ox * g.stride.1 + kx * g.dilation.1) as isize
+                                        - g.pads[1] as isize;
+                                    if iy < 0 || ix < 0 || iy as usize >= h || ix as usize >= w {
+                                        continue;
+                                    }
+                                    let xv = x[((s * c_in + gi * cg + ci) * h + iy as usize) * w
+                                        + ix as usize];
+                                    let wv = wt[((co * cg + ci) * kh + ky) * kw + kx];
+                                    acc += f64::from(xv) * f64::from(wv);
+                                }
+                            }
+                        }
+                        out[((s * c_out + co) * oh + oy) * ow + ox] = acc as f32;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matches_the_definition_on_random_shapes() {
+        let cases = [
+            // (n, c_in, c_out, h, w, kernel, stride, dilation, pads, group)
+            (2, 16, 24, 9, 11, (1, 1), (1, 1), (1, 1), [0, 0, 0, 0], 1),
+            (1, 3, 32, 17, 17, (3, 3), (2, 2), (1, 1), [1, 1, 1, 1], 1),
+            (2, 8, 8, 10, 7, (3, 3), (1, 1), (2, 2), [2, 1, 0, 2], 1),
+            (1, 12, 6, 8, 8, (3, 1), (1, 2), (1, 1), [1, 0, 1, 0], 3),
+            (3, 8, 8, 12, 12, (3, 3), (1, 1), (1, 1), [1, 1, 1, 1], 8),
+            (1, 6, 6, 9, 13, (5, 5), (2, 2), (1, 1), [2, 2, 2, 2], 6),
+            (1, 40, 10, 5, 5, (1, 1), (2, 2), (1, 1), [0, 0, 0, 0], 1),
+            // Wider than one column block (1440 and 2500 outputs per channel).
+            (2, 8, 16, 40, 36, (3, 3), (1, 1), (1, 1), [1, 1, 1, 1], 1),
+            (1, 16, 24, 50, 50, (1, 1), (1, 1), (1, 1), [0, 0, 0, 0], 1),
+        ];
+        for (i, &(n, c_in, c_out, h, w, kernel, stride, dilation, pads, group)) in
+            cases.iter().enumerate()
+        {
+            let g = ConvGeometry {
+                kernel,
+                stride,
+                dilation,
+                pads,
+                group,
+            };
+            let x = values(i as u64, n * c_in * h * w);
+            let wt = values(100 + i as u64, c_out * c_in / group * kernel.0 * kernel.1);
+            let b = values(200 + i as u64, c_out);
+            let want = naive(&g, n, c_in, c_out, h, w, &x, &wt, &b);
+            let mut conv = Conv::new(g.clone(), c_in, c_out, wt, Some(b));
+            let (got, _) = conv.run(&x, n, h, w).unwrap();
+            assert_eq!(got.len(), want.len());
+            for (j, (a, e)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                    "case {i} at {j}: {a} vs {e}"
+                );
+            }
+            conv.clamp = (0.0, 6.0);
+            let (got, _) = conv.run(&x, n, h, w).unwrap();
+            for (a, e) in got.iter().zip(&want) {
+                assert!(
+                    (a - e.clamp(0.0, 6.0)).abs() <= 1e-4 * (1.0 + e.abs()),
+                    "{a} vs {e}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn dense_matches_the_definition() {
+        let (n, k, m) = (5, 37, 11);
+        let x = values(1, n * k);
+        let w = values(2, m * k);
+        let b = values(3, m);
+        for trans_b in [true, false] {
+            // With transB = 0 the same numbers are read as [k, m].
+            let d = Dense::new(&w, k, m, trans_b, Some(b.clone()));
+            let y = d.run(&x, n);
+            for i in 0..n {
+                for j in 0..m {
+                    let mut acc = f64::from(b[j]);
+                    for t in 0..k {
+                        let wv = if trans_b { w[j * k + t] } else { w[t * m + j] };
+                        acc += f64::from(x[i * k + t]) * f64::from(wv);
+                    }
+                    assert!(
+                        (y[i * m + j] as f64 - acc).abs() < 1e-4,
+                        "{trans_b} {i} {j}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,607 @@
+//! The native engine: runs float32 graphs made of the operators vision
+//! models are built from on our own kernels (`kernels/`), with Conv + Relu /
+//! Clip fused. A model with anything else is left to the rten engine
+//! ([`NativeModel::build`] says `None`), so the two together run everything
+//! rten runs, and the hot path runs at GEMM speed.
+//!
+//! Loading (this file's `build`) resolves every attribute, constant and
+//! weight once; running walks the steps a fetch needs, in graph order,
+//! dropping each value after its last use.
+
+use super::error::{SimError, ValueRole};
+use super::kernels::conv::{Conv, ConvGeometry, Dense};
+use super::native_ops::{self as ops, Elementwise};
+use super::prepare::{check_feed, feedable_inputs, rewrite_for_execution};
+use super::{Session, SessionOptions};
+use crate::onnx::attr::{float_attr, int_attr, ints_attr, string_attr};
+use crate::onnx::{GraphProto, ModelProto, NodeProto, ValueSpec, to_tensor};
+use crate::tensor::Tensor;
+use ndarray::ArrayD;
+use std::collections::{HashMap, HashSet};
+
+/// What one step computes.
+enum Op {
+    Conv(Box<Conv>),
+    Dense(Box<Dense>),
+    Clamp(f32, f32),
+    Sigmoid,
+    Binary(Elementwise),
+    GlobalAveragePool,
+    MaxPool(ops::Pool),
+    AveragePool(ops::Pool),
+    Flatten(i64),
+    Reshape(Vec<i64>, bool),
+    Concat(i64),
+    Identity,
+    Softmax(i64),
+    SoftmaxFlat(i64),
+    ResizeNearest(Vec<f32>),
+}
+
+/// One node, ready to run.
+struct Step {
+    name: String,
+    op: Op,
+    inputs: Vec<String>,
+    output: String,
+}
+
+/// A model the native engine runs.
+pub struct NativeModel {
+    steps: Vec<Step>,
+    consts: HashMap<String, ArrayD<f32>>,
+    inputs: Vec<ValueSpec>,
+    outputs: Vec<ValueSpec>,
+    keep: Vec<String>,
+    dynamic_batch: bool,
+}
+
+/// Why a node keeps a model off the native engine (only used to decide).
+type Decline = ();
+
+impl NativeModel {
+    /// The model prepared for the native engine, or `None` when it uses an
+    /// operator, attribute or element type the native engine does not run.
+    pub fn build(
+        model: &ModelProto,
+        opts: &SessionOptions,
+    ) -> Result<Option<NativeModel>, SimError> {
+        let prepared = rewrite_for_execution(model, opts)?;
+        let Some(graph) = prepared.graph.as_ref() else {
+            return Ok(None);
+        };
+        crate::onnx::GraphIndex::new(graph).map_err(|e| SimError::Load {
+            reason: e.to_string(),
+        })?;
+        let inputs = feedable_inputs(&prepared);
+        if inputs.iter().any(|s| s.elem_type != Some(1)) || !graph_is_float(graph) {
+            return Ok(None);
+        }
+        let outputs: Vec<ValueSpec> = model
+            .graph
+            .iter()
+            .flat_map(|g| &g.output)
+            .map(ValueSpec::from_proto)
+            .collect();
+        let opset = prepared
+            .opset_import
+            .iter()
+            .find(|o| o.domain().is_empty() || o.domain() == "ai.onnx")
+            .and_then(|o| o.version)
+            .unwrap_or(1);
+        Ok(Self::steps(graph, opset, opts)
+            .ok()
+            .map(|(steps, consts)| NativeModel {
+                steps,
+                consts,
+                inputs,
+                outputs,
+                keep: opts.keep.clone(),
+                dynamic_batch: opts.dynamic_batch,
+            }))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn steps(
+        graph: &GraphProto,
+        opset: i64,
+        opts: &SessionOptions,
+    ) -> Result<(Vec<Step>, HashMap<String, ArrayD<f32>>), Decline> {
+        let mut consts: HashMap<String, ArrayD<f32>> = HashMap::new();
+        let mut int_consts: HashMap<String, Vec<i64>> = HashMap::new();
+        for t in &graph.initializer {
+            match to_tensor(t).map_err(|_| ())? {
+                Tensor::F32(a) => {
+                    consts.insert(t.name().to_string(), a);
+                }
+                Tensor::I64(a) => {
+                    int_consts.insert(t.name().to_string(), a.iter().copied().collect());
+                }
+                _ => return Err(()),
+            }
+        }
+        let index = crate::onnx::GraphIndex::new(graph).map_err(|_| ())?;
+        let mut steps = Vec::new();
+        for &i in index.topological_order() {
+            let node = &graph.node[i];
+            if node.op_type() == "Constant" {
+                let t = crate::onnx::attr::find(node, "value")
+                    .and_then(|a| a.t.as_ref())
+                    .ok_or(())?;
+                let out = node.output.first().ok_or(())?.clone();
+                match to_tensor(t).map_err(|_| ())? {
+                    Tensor::F32(a) => consts.insert(out, a).map_or(Ok(()), |_| Err(()))?,
+                    Tensor::I64(a) => int_consts
+                        .insert(out, a.iter().copied().collect())
+                        .map_or(Ok(()), |_| Err(()))?,
+                    _ => return Err(()),
+                }
+                continue;
+            }
+            steps.push(step(node, opset, &consts, &int_consts)?);
+        }
+        if opts.optimize {
+            fuse_clamps(&mut steps, graph, &opts.keep);
+        }
+        Ok((steps, consts))
+    }
+
+    fn declared(&self, role: ValueRole) -> &[ValueSpec] {
+        match role {
+            ValueRole::Input => &self.inputs,
+            ValueRole::Output => &self.outputs,
+        }
+    }
+
+    fn unknown(&self, name: &str, role: ValueRole) -> SimError {
+        let names: Vec<&str> = self
+            .declared(role)
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
+        let kept = if self.keep.is_empty() {
+            String::new()
+        } else {
+            format!(" (or kept values: {})", self.keep.join(", "))
+        };
+        SimError::UnknownValue {
+            name: name.to_string(),
+            role,
+            hint: format!(
+                "the model's {} are: {}{kept}",
+                role.plural(),
+                names.join(", ")
+            ),
+        }
+    }
+
+    fn known(&self, name: &str, role: ValueRole) -> bool {
+        self.declared(role).iter().any(|s| s.name == name) || self.keep.iter().any(|k| k == name)
+    }
+}
+
+/// Whether every value the graph declares is float32 (or undeclared).
+fn graph_is_float(g: &GraphProto) -> bool {
+    g.output
+        .iter()
+        .chain(&g.value_info)
+        .map(ValueSpec::from_proto)
+        .all(|s| s.elem_type.is_none_or(|t| t == 1))
+}
+
+fn step(
+    node: &NodeProto,
+    opset: i64,
+    consts: &HashMap<String, ArrayD<f32>>,
+    int_consts: &HashMap<String, Vec<i64>>,
+) -> Result<Step, Decline> {
+    if node.output.len() != 1 || !node.domain().is_empty() && node.domain() != "ai.onnx" {
+        return Err(());
+    }
+    let input = |k: usize| node.input.get(k).filter(|s| !s.is_empty());
+    let scalar = |k: usize| -> Result<Option<f32>, Decline> {
+        match input(k) {
+            None => Ok(None),
+            Some(name) => match consts.get(name) {
+                Some(a) if a.len() == 1 => Ok(a.iter().next().copied()),
+                _ => Err(()),
+            },
+        }
+    };
+    let mut inputs: Vec<String> = node
+        .input
+        .iter()
+        .filter(|s| !s.is_empty())
+        .cloned()
+        .collect();
+    let op = match node.op_type() {
+        "Conv" => {
+            let (conv, used) = conv(node, consts)?;
+            inputs.truncate(used);
+            Op::Conv(Box::new(conv))
+        }
+        "Gemm" => {
+            if int_attr(node, "transA").unwrap_or(0) != 0
+                || float_attr(node, "alpha").unwrap_or(1.0) != 1.0
+                || float_attr(node, "beta").unwrap_or(1.0) != 1.0
+            {
+                return Err(());
+            }
+            let w = consts.get(input(1).ok_or(())?).ok_or(())?;
+            if w.ndim() != 2 {
+                return Err(());
+            }
+            let trans_b = int_attr(node, "transB").unwrap_or(0) != 0;
+            let (k, m) = if trans_b {
+                (w.shape()[1], w.shape()[0])
+            } else {
+                (w.shape()[0], w.shape()[1])
+            };
+            let bias = match input(2) {
+                None => None,
+                Some(name) => {
+                    let c = consts.get(name).ok_or(())?;
+                    if c.len() != m || !(c.ndim() == 1 || c.ndim() == 2 && c.shape()[0] == 1) {
+                        return Err(());
+                    }
+                    Some(c.iter().copied().collect())
+                }
+            };
+            let weight: Vec<f32> = w.iter().copied().collect();
+            inputs.truncate(1);
+            Op::Dense(Box::new(Dense::new(&weight, k, m, trans_b, bias)))
+        }
+        "Relu" => Op::Clamp(0.0, f32::INFINITY),
+        "Clip" => {
+            let (lo, hi) = if node.input.len() > 1 {
+                (scalar(1)?, scalar(2)?)
+            } else {
+                (float_attr(node, "min"), float_attr(node, "max"))
+            };
+            inputs.truncate(1);
+            Op::Clamp(lo.unwrap_or(f32::NEG_INFINITY), hi.unwrap_or(f32::INFINITY))
+        }
+        "Sigmoid" => Op::Sigmoid,
+        "Add" => Op::Binary(Elementwise::Add),
+        "Sub" => Op::Binary(Elementwise::Sub),
+        "Mul" => Op::Binary(Elementwise::Mul),
+        "Div" => Op::Binary(Elementwise::Div),
+        "GlobalAveragePool" => Op::GlobalAveragePool,
+        "MaxPool" | "AveragePool" => {
+            let pool = ops::Pool::from_node(node).ok_or(())?;
+            if node.op_type() == "MaxPool" {
+                Op::MaxPool(pool)
+            } else {
+                Op::AveragePool(pool)
+            }
+        }
+        "Flatten" => Op::Flatten(int_attr(node, "axis").unwrap_or(1)),
+        "Reshape" => {
+            let shape = int_consts.get(input(1).ok_or(())?).ok_or(())?.clone();
+            inputs.truncate(1);
+            Op::Reshape(shape, int_attr(node, "allowzero").unwrap_or(0) != 0)
+        }
+        "Concat" => Op::Concat(int_attr(node, "axis").ok_or(())?),
+        "Identity" | "Dropout" => {
+            inputs.truncate(1);
+            Op::Identity
+        }
+        "Softmax" => {
+            // Before opset 13 the input is flattened to 2-D at `axis` (default 1).
+            if opset < 13 {
+                Op::SoftmaxFlat(int_attr(node, "axis").unwrap_or(1))
+            } else {
+                Op::Softmax(int_attr(node, "axis").unwrap_or(-1))
+            }
+        }
+        "Resize" => {
+            // Nearest resizing by whole factors, in the two spellings that
+            // pick input index floor(out / scale): PyTorch's export
+            // (asymmetric + floor) and ONNX's default (half_pixel + round).
+            let mode = string_attr(node, "mode").unwrap_or(b"nearest");
+            let ctm = string_attr(node, "coordinate_transformation_mode").unwrap_or(b"half_pixel");
+            let nearest = string_attr(node, "nearest_mode").unwrap_or(b"round_prefer_floor");
+            let floor_index = match ctm {
+                b"asymmetric" => nearest == b"floor",
+                b"half_pixel" | b"pytorch_half_pixel" => {
+                    nearest == b"round_prefer_floor" || nearest == b"round_prefer_ceil"
+                }
+                _ => false,
+            };
+            let axes = crate::onnx::attr::find(node, "axes").is_some();
+            if mode != b"nearest"
+                || !floor_index
+                || axes
+                || node.input.len() < 3
+                || input(3).is_some()
+            {
+                return Err(());
+            }
+            let scales = consts.get(input(2).ok_or(())?).ok_or(())?;
+            let scales: Vec<f32> = scales.iter().copied().collect();
+            if scales.iter().any(|s| *s < 1.0 || s.fract() != 0.0) {
+                return Err(());
+            }
+            inputs.truncate(1);
+            Op::ResizeNearest(scales)
+        }
+        _ => return Err(()),
+    };
+    // Every remaining input must be a runtime value or a float constant.
+    if inputs.iter().any(|i| int_consts.contains_key(i)) {
+        return Err(());
+    }
+    Ok(Step {
+        name: node.name().to_string(),
+        op,
+        inputs,
+        output: node.output[0].clone(),
+    })
+}
+
+/// A Conv with constant weight (and bias); returns it and how many inputs it reads at run time.
+fn conv(node: &NodeProto, consts: &HashMap<String, ArrayD<f32>>) -> Result<(Conv, usize), Decline> {
+    let w = consts.get(node.input.get(1).ok_or(())?).ok_or(())?;
+    if w.ndim() != 4 {
+        return Err(());
+    }
+    let auto_pad = string_attr(node, "auto_pad").unwrap_or(b"NOTSET");
+    let (c_out, cg, kh, kw) = (w.shape()[0], w.shape()[1], w.shape()[2], w.shape()[3]);
+    let group = int_attr(node, "group").unwrap_or(1).max(1) as usize;
+    let two = |name: &str, default: usize| -> Result<(usize, usize), Decline> {
+        match ints_attr(node, name) {
+            None => Ok((default, default)),
+            Some(v) if v.len() == 2 && v.iter().all(|&x| x >= 0) => {
+                Ok((v[0] as usize, v[1] as usize))
+            }
+            _ => Err(()),
+        }
+    };
+    if let Some(k) = ints_attr(node, "kernel_shape")
+        && k != [kh as i64, kw as i64]
+    {
+        return Err(());
+    }
+    let stride = two("strides", 1)?;
+    let dilation = two("dilations", 1)?;
+    if stride.0 == 0 || stride.1 == 0 || dilation.0 == 0 || dilation.1 == 0 || c_out % group != 0 {
+        return Err(());
+    }
+    let pads = match (auto_pad, ints_attr(node, "pads")) {
+        (b"NOTSET", None) | (b"VALID", _) => [0; 4],
+        (b"NOTSET", Some(p)) if p.len() == 4 && p.iter().all(|&x| x >= 0) => {
+            [p[0] as usize, p[1] as usize, p[2] as usize, p[3] as usize]
+        }
+        _ => return Err(()),
+    };
+    let bias = match node.input.get(2).filter(|s| !s.is_empty()) {
+        None => None,
+        Some(b) => {
+            let b = consts.get(b).ok_or(())?;
+            if b.len() != c_out {
+                return Err(());
+            }
+            Some(b.iter().copied().collect())
+        }
+    };
+    let geometry = ConvGeometry {
+        kernel: (kh, kw),
+        stride,
+        dilation,
+        pads,
+        group,
+    };
+    Ok((
+        Conv::new(
+            geometry,
+            cg * group,
+            c_out,
+            w.iter().copied().collect(),
+            bias,
+        ),
+        1,
+    ))
+}
+
+/// Folds a Relu/Clip into the Conv before it when nothing else reads the
+/// Conv's output and it is neither kept nor a graph output.
+fn fuse_clamps(steps: &mut Vec<Step>, graph: &GraphProto, keep: &[String]) {
+    let mut readers: HashMap<&str, usize> = HashMap::new();
+    for n in &graph.node {
+        for i in n.input.iter().filter(|i| !i.is_empty()) {
+            *readers.entry(i.as_str()).or_default() += 1;
+        }
+    }
+    let exposed: HashSet<&str> = graph
+        .output
+        .iter()
+        .map(|o| o.name())
+        .chain(keep.iter().map(String::as_str))
+        .collect();
+    let producer: HashMap<String, usize> = steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.output.clone(), i))
+        .collect();
+    let mut fused = vec![false; steps.len()];
+    for i in 0..steps.len() {
+        let Op::Clamp(lo, hi) = steps[i].op else {
+            continue;
+        };
+        let src = steps[i].inputs[0].clone();
+        let Some(&p) = producer.get(&src) else {
+            continue;
+        };
+        if readers.get(src.as_str()) != Some(&1) || exposed.contains(src.as_str()) || fused[p] {
+            continue;
+        }
+        let out = steps[i].output.clone();
+        if let Op::Conv(c) = &mut steps[p].op
+            && c.clamp == (f32::NEG_INFINITY, f32::INFINITY)
+        {
+            c.clamp = (lo, hi);
+            steps[p].output = out;
+            fused[i] = true;
+        }
+    }
+    let mut k = 0;
+    steps.retain(|_| {
+        k += 1;
+        !fused[k - 1]
+    });
+}
+
+/// A [`NativeModel`] behind the [`Session`] trait.
+pub struct NativeSession {
+    model: NativeModel,
+}
+
+impl NativeSession {
+    /// Wraps a built model.
+    pub fn new(model: NativeModel) -> NativeSession {
+        NativeSession { model }
+    }
+}
+
+impl Session for NativeSession {
+    fn inputs(&self) -> &[ValueSpec] {
+        &self.model.inputs
+    }
+
+    fn outputs(&self) -> &[ValueSpec] {
+        &self.model.outputs
+    }
+
+    fn run(&self, feeds: &[(&str, &Tensor)], fetch: &[&str]) -> Result<Vec<Tensor>, SimError> {
+        // One hand-over to the thread pool per run, not one per parallel
+        // kernel (a caller outside the pool would block on each).
+        let run =
+            |f: &[(&str, &Tensor)], o: &[&str]| rayon::join(|| self.run_in_pool(f, o), || ()).0;
+        match run(feeds, fetch) {
+            Err(SimError::Run { reason }) if self.model.dynamic_batch => {
+                // As in the rten session: a batch-1 export runs sample by sample.
+                super::per_sample::run_per_sample(&self.model.inputs, feeds, fetch, &run)
+                    .map_err(|_| SimError::Run { reason })
+            }
+            other => other,
+        }
+    }
+}
+
+impl NativeSession {
+    fn run_in_pool(
+        &self,
+        feeds: &[(&str, &Tensor)],
+        fetch: &[&str],
+    ) -> Result<Vec<Tensor>, SimError> {
+        let m = &self.model;
+        let mut values: HashMap<&str, ArrayD<f32>> = HashMap::new();
+        for (name, value) in feeds {
+            if !m.known(name, ValueRole::Input) {
+                return Err(m.unknown(name, ValueRole::Input));
+            }
+            if let Some(spec) = m.inputs.iter().find(|s| s.name == *name) {
+                check_feed(spec, value, m.dynamic_batch)?;
+            }
+            let Tensor::F32(a) = value else {
+                return Err(SimError::InputMismatch {
+                    name: name.to_string(),
+                    reason: format!(
+                        "got {} data but the value is float32; convert the data",
+                        value.dtype()
+                    ),
+                });
+            };
+            values.insert(name, a.clone());
+        }
+        for name in fetch {
+            if !m.known(name, ValueRole::Output) {
+                return Err(m.unknown(name, ValueRole::Output));
+            }
+        }
+        // The steps the fetched values need, given what was fed.
+        let mut needed: HashSet<&str> = fetch.iter().copied().collect();
+        let mut run = vec![false; m.steps.len()];
+        for (i, s) in m.steps.iter().enumerate().rev() {
+            if needed.contains(s.output.as_str()) && !values.contains_key(s.output.as_str()) {
+                run[i] = true;
+                needed.extend(s.inputs.iter().map(String::as_str));
+            }
+        }
+        let mut last_use: HashMap<&str, usize> = HashMap::new();
+        for (i, s) in m.steps.iter().enumerate().filter(|(i, _)| run[*i]) {
+            for v in &s.inputs {
+                last_use.insert(v, i);
+            }
+        }
+        let fetched: HashSet<&str> = fetch.iter().copied().collect();
+        // Developer aid (docs/engine.md): per-node wall time on stderr.
+        let profile = std::env::var_os("ASCEND_QUANT_PROFILE").is_some();
+        for (i, s) in m.steps.iter().enumerate().filter(|(i, _)| run[*i]) {
+            let args: Vec<&ArrayD<f32>> = s
+                .inputs
+                .iter()
+                .map(|name| {
+                    values
+                        .get(name.as_str())
+                        .or_else(|| m.consts.get(name))
+                        .ok_or_else(|| SimError::Run {
+                            reason: format!("node '{}': input '{name}' was not fed and nothing computes it; feed it", s.name),
+                        })
+                })
+                .collect::<Result<_, _>>()?;
+            let started = profile.then(std::time::Instant::now);
+            let out = eval(&s.op, &args).map_err(|reason| SimError::Run {
+                reason: format!("node '{}': {reason}", s.name),
+            })?;
+            if let Some(t) = started {
+                eprintln!(
+                    "{:>9.3} ms {} {:?}",
+                    t.elapsed().as_secs_f64() * 1e3,
+                    s.name,
+                    args[0].shape()
+                );
+            }
+            for v in &s.inputs {
+                if last_use.get(v.as_str()) == Some(&i) && !fetched.contains(v.as_str()) {
+                    values.remove(v.as_str());
+                }
+            }
+            values.insert(&s.output, out);
+        }
+        fetch
+            .iter()
+            .map(|name| {
+                values
+                    .get(name)
+                    .or_else(|| m.consts.get(*name))
+                    .cloned()
+                    .map(Tensor::F32)
+                    .ok_or_else(|| SimError::Run {
+                        reason: format!("'{name}' was not computed"),
+                    })
+            })
+            .collect()
+    }
+}
+
+fn eval(op: &Op, args: &[&ArrayD<f32>]) -> Result<ArrayD<f32>, String> {
+    let x = args[0];
+    match op {
+        Op::Conv(c) => ops::conv(c, x),
+        Op::Dense(d) => ops::dense(d, x),
+        Op::Clamp(lo, hi) => Ok(ops::clamp(x, *lo, *hi)),
+        Op::Sigmoid => Ok(ops::sigmoid(x)),
+        Op::Binary(e) => ops::binary(*e, x, args.get(1).ok_or("a second input is missing")?),
+        Op::GlobalAveragePool => ops::global_average_pool(x),
+        Op::MaxPool(p) => p.run(x, true),
+        Op::AveragePool(p) => p.run(x, false),
+        Op::Flatten(axis) => ops::flatten(x, *axis),
+        Op::Reshape(shape, allow_zero) => ops::reshape(x, shape, *allow_zero),
+        Op::Concat(axis) => ops::concat(args, *axis),
+        Op::Identity => Ok(x.clone()),
+        Op::Softmax(axis) => ops::softmax(x, *axis, false),
+        Op::SoftmaxFlat(axis) => ops::softmax(x, *axis, true),
+        Op::ResizeNearest(scales) => ops::resize_nearest(x, scales),
+    }
+}

@@ -1,0 +1,443 @@
+//! The native engine's operators other than the GEMM kernels: shape checks
+//! around the convolution and dense kernels, elementwise arithmetic with
+//! NumPy broadcasting, pooling, and the layout operators. Each returns a
+//! message (the caller names the node) instead of panicking on bad shapes.
+
+use super::kernels::conv::{Conv, Dense};
+use crate::onnx::NodeProto;
+use crate::onnx::attr::{int_attr, ints_attr, string_attr};
+use ndarray::{ArrayD, Axis, IxDyn, Zip};
+use rayon::prelude::*;
+
+type OpResult = Result<ArrayD<f32>, String>;
+
+fn contiguous(x: &ArrayD<f32>) -> std::borrow::Cow<'_, [f32]> {
+    match x.as_slice() {
+        Some(s) => std::borrow::Cow::Borrowed(s),
+        None => std::borrow::Cow::Owned(x.iter().copied().collect()),
+    }
+}
+
+fn shape_text(s: &[usize]) -> String {
+    crate::tensor::format_shape(s)
+}
+
+/// A Conv on an `[N, C, H, W]` input.
+pub fn conv(c: &Conv, x: &ArrayD<f32>) -> OpResult {
+    let s = x.shape();
+    if s.len() != 4 || s[1] != c.c_in() {
+        return Err(format!(
+            "the input is {} but the weight needs [N, {}, H, W]",
+            shape_text(s),
+            c.c_in()
+        ));
+    }
+    let (n, h, w) = (s[0], s[2], s[3]);
+    let data = contiguous(x);
+    let (out, (oh, ow)) = c
+        .run(&data, n, h, w)
+        .ok_or_else(|| format!("the kernel does not fit the {h}×{w} input"))?;
+    let c_out = out.len() / (n * oh * ow).max(1);
+    ArrayD::from_shape_vec(IxDyn(&[n, c_out, oh, ow]), out).map_err(|e| e.to_string())
+}
+
+/// A Gemm on an `[N, K]` input.
+pub fn dense(d: &Dense, x: &ArrayD<f32>) -> OpResult {
+    let (k, m) = d.sizes();
+    let s = x.shape();
+    if s.len() != 2 || s[1] != k {
+        return Err(format!(
+            "the input is {} but the weight needs [N, {k}]",
+            shape_text(s)
+        ));
+    }
+    let out = d.run(&contiguous(x), s[0]);
+    ArrayD::from_shape_vec(IxDyn(&[s[0], m]), out).map_err(|e| e.to_string())
+}
+
+/// Clip / Relu.
+pub fn clamp(x: &ArrayD<f32>, lo: f32, hi: f32) -> ArrayD<f32> {
+    x.mapv(|v| v.max(lo).min(hi))
+}
+
+/// The logistic function.
+pub fn sigmoid(x: &ArrayD<f32>) -> ArrayD<f32> {
+    let mut out = x.to_owned();
+    if let Some(s) = out.as_slice_mut() {
+        s.par_chunks_mut(1 << 14).for_each(|c| {
+            for v in c {
+                *v = 1.0 / (1.0 + (-*v).exp());
+            }
+        });
+    } else {
+        out.mapv_inplace(|v| 1.0 / (1.0 + (-v).exp()));
+    }
+    out
+}
+
+/// The four arithmetic operators.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Elementwise {
+    /// a + b
+    Add,
+    /// a − b
+    Sub,
+    /// a · b
+    Mul,
+    /// a / b
+    Div,
+}
+
+impl Elementwise {
+    fn apply(self, a: f32, b: f32) -> f32 {
+        match self {
+            Elementwise::Add => a + b,
+            Elementwise::Sub => a - b,
+            Elementwise::Mul => a * b,
+            Elementwise::Div => a / b,
+        }
+    }
+}
+
+/// The NumPy broadcast of two shapes, or `None` when they do not broadcast.
+pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
+    let n = a.len().max(b.len());
+    (0..n)
+        .map(|i| {
+            let da = if i + a.len() >= n {
+                a[i + a.len() - n]
+            } else {
+                1
+            };
+            let db = if i + b.len() >= n {
+                b[i + b.len() - n]
+            } else {
+                1
+            };
+            match (da, db) {
+                (x, y) if x == y => Some(x),
+                (1, y) => Some(y),
+                (x, 1) => Some(x),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// `a op b` with NumPy broadcasting.
+pub fn binary(op: Elementwise, a: &ArrayD<f32>, b: &ArrayD<f32>) -> OpResult {
+    let shape = broadcast_shape(a.shape(), b.shape()).ok_or_else(|| {
+        format!(
+            "shapes {} and {} do not broadcast",
+            shape_text(a.shape()),
+            shape_text(b.shape())
+        )
+    })?;
+    if a.shape() == b.shape()
+        && let (Some(x), Some(y)) = (a.as_slice(), b.as_slice())
+    {
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(1 << 14)
+            .zip(x.par_chunks(1 << 14).zip(y.par_chunks(1 << 14)))
+            .for_each(|(o, (x, y))| {
+                for ((o, x), y) in o.iter_mut().zip(x).zip(y) {
+                    *o = op.apply(*x, *y);
+                }
+            });
+        return ArrayD::from_shape_vec(IxDyn(&shape), out).map_err(|e| e.to_string());
+    }
+    let av = a.broadcast(IxDyn(&shape)).ok_or("broadcast failed")?;
+    let bv = b.broadcast(IxDyn(&shape)).ok_or("broadcast failed")?;
+    Ok(Zip::from(&av).and(&bv).map_collect(|x, y| op.apply(*x, *y)))
+}
+
+/// Mean over H and W of an `[N, C, ...]` input, keeping the spatial axes as 1.
+pub fn global_average_pool(x: &ArrayD<f32>) -> OpResult {
+    let s = x.shape();
+    if s.len() < 3 {
+        return Err(format!(
+            "the input is {}, need [N, C, spatial...]",
+            shape_text(s)
+        ));
+    }
+    let (nc, area): (usize, usize) = (s[0] * s[1], s[2..].iter().product());
+    let data = contiguous(x);
+    let out: Vec<f32> = (0..nc)
+        .map(|i| {
+            let sum: f32 = data[i * area..(i + 1) * area].iter().sum();
+            sum / area as f32
+        })
+        .collect();
+    let mut shape = vec![s[0], s[1]];
+    shape.extend(std::iter::repeat_n(1, s.len() - 2));
+    ArrayD::from_shape_vec(IxDyn(&shape), out).map_err(|e| e.to_string())
+}
+
+/// A 2-D MaxPool / AveragePool's attributes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pool {
+    kernel: (usize, usize),
+    stride: (usize, usize),
+    dilation: (usize, usize),
+    pads: [usize; 4],
+    ceil: bool,
+    count_include_pad: bool,
+}
+
+impl Pool {
+    /// The pool of a node, `None` for what the native engine does not run
+    /// (`auto_pad` other than NOTSET/VALID, non-2-D kernels, a second output).
+    pub fn from_node(node: &NodeProto) -> Option<Pool> {
+        if node.output.len() != 1 {
+            return None;
+        }
+        let k = ints_attr(node, "kernel_shape")?;
+        let pair = |name: &str| -> Option<(usize, usize)> {
+            match ints_attr(node, name) {
+                None => Some((1, 1)),
+                Some(v) if v.len() == 2 && v.iter().all(|&x| x > 0) => {
+                    Some((v[0] as usize, v[1] as usize))
+                }
+                _ => None,
+            }
+        };
+        if k.len() != 2 || k.iter().any(|&x| x <= 0) {
+            return None;
+        }
+        let pads = match (
+            string_attr(node, "auto_pad").unwrap_or(b"NOTSET"),
+            ints_attr(node, "pads"),
+        ) {
+            (b"NOTSET", None) | (b"VALID", _) => [0; 4],
+            (b"NOTSET", Some(p)) if p.len() == 4 && p.iter().all(|&x| x >= 0) => {
+                [p[0] as usize, p[1] as usize, p[2] as usize, p[3] as usize]
+            }
+            _ => return None,
+        };
+        Some(Pool {
+            kernel: (k[0] as usize, k[1] as usize),
+            stride: pair("strides")?,
+            dilation: pair("dilations")?,
+            pads,
+            ceil: int_attr(node, "ceil_mode").unwrap_or(0) != 0,
+            count_include_pad: int_attr(node, "count_include_pad").unwrap_or(0) != 0,
+        })
+    }
+
+    /// Runs on `[N, C, H, W]`: the maximum (`max`) or the mean of each window.
+    pub fn run(&self, x: &ArrayD<f32>, max: bool) -> OpResult {
+        let s = x.shape();
+        if s.len() != 4 {
+            return Err(format!("the input is {}, need [N, C, H, W]", shape_text(s)));
+        }
+        let (nc, h, w) = (s[0] * s[1], s[2], s[3]);
+        let (kh, kw) = self.kernel;
+        let (sy, sx) = self.stride;
+        let (dy, dx) = self.dilation;
+        let [pt, pl, pb, pr] = self.pads;
+        let oh = self
+            .out_size_begin(h, pt, pb, kh, sy, dy)
+            .ok_or("the window does not fit the input")?;
+        let ow = self
+            .out_size_begin(w, pl, pr, kw, sx, dx)
+            .ok_or("the window does not fit the input")?;
+        let data = contiguous(x);
+        let mut out = vec![0f32; nc * oh * ow];
+        out.par_chunks_mut((oh * ow).max(1))
+            .enumerate()
+            .for_each(|(p, o)| {
+                let plane = &data[p * h * w..(p + 1) * h * w];
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let mut acc = if max { f32::NEG_INFINITY } else { 0.0 };
+                        let mut count = 0usize;
+                        let mut padded_count = 0usize;
+                        for ky in 0..kh {
+                            let iy = (oy * sy + ky * dy) as isize - pt as isize;
+                            for kx in 0..kw {
+                                let ix = (ox * sx + kx * dx) as isize - pl as isize;
+                                let inside_padded =
+                                    iy < (h + pb) as isize && ix < (w + pr) as isize;
+                                if inside_padded {
+                                    padded_count += 1;
+                                }
+                                if iy < 0 || ix < 0 || iy as usize >= h || ix as usize >= w {
+                                    continue;
+                                }
+                                let v = plane[iy as usize * w + ix as usize];
+                                if max {
+                                    acc = acc.max(v);
+                                } else {
+                                    acc += v;
+                                }
+                                count += 1;
+                            }
+                        }
+                        o[oy * ow + ox] = if max {
+                            acc
+                        } else {
+                            let d = if self.count_include_pad {
+                                padded_count
+                            } else {
+                                count
+                            };
+                            acc / d.max(1) as f32
+                        };
+                    }
+                }
+            });
+        ArrayD::from_shape_vec(IxDyn(&[s[0], s[1], oh, ow]), out).map_err(|e| e.to_string())
+    }
+
+    /// Output size along one axis with begin and end padding (ONNX's rule,
+    /// including ceil mode's dropped last window).
+    fn out_size_begin(
+        &self,
+        n: usize,
+        begin: usize,
+        end: usize,
+        k: usize,
+        s: usize,
+        d: usize,
+    ) -> Option<usize> {
+        let span = d * (k - 1) + 1;
+        let total = n + begin + end;
+        if total < span {
+            return None;
+        }
+        let mut out = if self.ceil {
+            (total - span).div_ceil(s) + 1
+        } else {
+            (total - span) / s + 1
+        };
+        if self.ceil && (out - 1) * s >= n + begin {
+            out -= 1;
+        }
+        Some(out)
+    }
+}
+
+fn axis_index(axis: i64, rank: usize) -> Result<usize, String> {
+    let a = if axis < 0 { axis + rank as i64 } else { axis };
+    if a < 0 || a as usize > rank {
+        return Err(format!("axis {axis} is out of range for rank {rank}"));
+    }
+    Ok(a as usize)
+}
+
+/// Flatten to 2-D at `axis`.
+pub fn flatten(x: &ArrayD<f32>, axis: i64) -> OpResult {
+    let a = axis_index(axis, x.ndim())?;
+    let outer: usize = x.shape()[..a].iter().product();
+    let inner: usize = x.shape()[a..].iter().product();
+    x.to_shape(IxDyn(&[outer, inner]))
+        .map(|v| v.into_owned())
+        .map_err(|e| e.to_string())
+}
+
+/// Reshape with ONNX's 0 (copy the dimension, unless `allow_zero`) and −1.
+pub fn reshape(x: &ArrayD<f32>, shape: &[i64], allow_zero: bool) -> OpResult {
+    let mut dims: Vec<usize> = Vec::with_capacity(shape.len());
+    let mut infer = None;
+    for (i, &d) in shape.iter().enumerate() {
+        match d {
+            -1 if infer.is_none() => {
+                infer = Some(i);
+                dims.push(1);
+            }
+            0 if !allow_zero => dims.push(*x.shape().get(i).ok_or_else(|| {
+                format!("shape {shape:?} copies axis {i} the input does not have")
+            })?),
+            d if d >= 0 => dims.push(d as usize),
+            _ => return Err(format!("shape {shape:?} is not valid")),
+        }
+    }
+    let known: usize = dims.iter().product();
+    if let Some(i) = infer {
+        if known == 0 || !x.len().is_multiple_of(known) {
+            return Err(format!(
+                "cannot reshape {} to {shape:?}",
+                shape_text(x.shape())
+            ));
+        }
+        dims[i] = x.len() / known;
+    }
+    if dims.iter().product::<usize>() != x.len() {
+        return Err(format!(
+            "cannot reshape {} to {shape:?}",
+            shape_text(x.shape())
+        ));
+    }
+    x.to_shape(IxDyn(&dims))
+        .map(|v| v.into_owned())
+        .map_err(|e| e.to_string())
+}
+
+/// Concat along `axis`.
+pub fn concat(args: &[&ArrayD<f32>], axis: i64) -> OpResult {
+    let a = axis_index(axis, args[0].ndim())?;
+    if a >= args[0].ndim() {
+        return Err(format!("axis {axis} is out of range"));
+    }
+    let views: Vec<_> = args.iter().map(|x| x.view()).collect();
+    ndarray::concatenate(Axis(a), &views).map_err(|_| {
+        let shapes: Vec<String> = args.iter().map(|x| shape_text(x.shape())).collect();
+        format!(
+            "shapes {} do not concatenate along axis {axis}",
+            shapes.join(", ")
+        )
+    })
+}
+
+/// Softmax along `axis`, or over everything from `axis` on (`flat`, before opset 13).
+pub fn softmax(x: &ArrayD<f32>, axis: i64, flat: bool) -> OpResult {
+    let a = axis_index(axis, x.ndim())?;
+    if a >= x.ndim() {
+        return Err(format!("axis {axis} is out of range"));
+    }
+    let rows = |v: &mut [f32]| {
+        let m = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0;
+        for e in v.iter_mut() {
+            *e = (*e - m).exp();
+            sum += *e;
+        }
+        for e in v.iter_mut() {
+            *e /= sum;
+        }
+    };
+    let mut out = x.as_standard_layout().into_owned();
+    if flat {
+        let inner: usize = x.shape()[a..].iter().product();
+        if let Some(s) = out.as_slice_mut() {
+            s.chunks_mut(inner.max(1)).for_each(rows);
+        }
+    } else {
+        for mut lane in out.lanes_mut(Axis(a)) {
+            let mut v: Vec<f32> = lane.iter().copied().collect();
+            rows(&mut v);
+            lane.iter_mut().zip(v).for_each(|(o, n)| *o = n);
+        }
+    }
+    Ok(out)
+}
+
+/// Nearest resizing by whole factors: output index `i` reads `i / scale`.
+pub fn resize_nearest(x: &ArrayD<f32>, scales: &[f32]) -> OpResult {
+    if scales.len() != x.ndim() {
+        return Err(format!(
+            "{} scales for a rank-{} input",
+            scales.len(),
+            x.ndim()
+        ));
+    }
+    let factors: Vec<usize> = scales.iter().map(|s| *s as usize).collect();
+    let shape: Vec<usize> = x.shape().iter().zip(&factors).map(|(d, f)| d * f).collect();
+    let mut src = vec![0usize; shape.len()];
+    Ok(ArrayD::from_shape_fn(IxDyn(&shape), |idx| {
+        for (i, s) in src.iter_mut().enumerate() {
+            *s = idx[i] / factors[i];
+        }
+        x[IxDyn(&src)]
+    }))
+}
