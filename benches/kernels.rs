@@ -37,7 +37,7 @@ fn main() {
             .map(|i| ((i * 7919) % 1000) as f32 / 1000.0)
             .collect();
         let mut conv = Conv::new(geometry, c_in, c_out, w, Some(vec![0.1; c_out]));
-        conv.clamp = (0.0, 6.0);
+        conv.activation = ascend_quant::sim::kernels::activation::Activation::Clamp(0.0, 6.0);
         let times = rayon::join(
             || {
                 for _ in 0..3 {

@@ -9,6 +9,7 @@
 //! dropping each value after its last use.
 
 use super::error::{SimError, ValueRole};
+use super::kernels::activation::Activation;
 use super::kernels::conv::{Conv, ConvGeometry, Dense};
 use super::native_ops::{self as ops, Elementwise};
 use super::prepare::{check_feed, feedable_inputs, rewrite_for_execution};
@@ -141,7 +142,7 @@ impl NativeModel {
             steps.push(step(node, opset, &consts, &int_consts)?);
         }
         if opts.optimize {
-            fuse_clamps(&mut steps, graph, &opts.keep);
+            fuse_activations(&mut steps, graph, &opts.keep);
         }
         Ok((steps, consts))
     }
@@ -403,9 +404,11 @@ fn conv(node: &NodeProto, consts: &HashMap<String, ArrayD<f32>>) -> Result<(Conv
     ))
 }
 
-/// Folds a Relu/Clip into the Conv before it when nothing else reads the
-/// Conv's output and it is neither kept nor a graph output.
-fn fuse_clamps(steps: &mut Vec<Step>, graph: &GraphProto, keep: &[String]) {
+/// Folds activations into the Conv before them when nothing else needs the
+/// Conv's own output (nor the Sigmoid's, for SiLU) and neither is kept nor
+/// a graph output: `Relu`/`Clip` become the Conv's clamp, `Sigmoid(c)` with
+/// `Mul(c, sigmoid)` (SiLU, as detectors export it) its SiLU.
+fn fuse_activations(steps: &mut Vec<Step>, graph: &GraphProto, keep: &[String]) {
     let mut readers: HashMap<&str, usize> = HashMap::new();
     for n in &graph.node {
         for i in n.input.iter().filter(|i| !i.is_empty()) {
@@ -418,37 +421,61 @@ fn fuse_clamps(steps: &mut Vec<Step>, graph: &GraphProto, keep: &[String]) {
         .map(|o| o.name())
         .chain(keep.iter().map(String::as_str))
         .collect();
+    let private = |v: &str, n: usize| readers.get(v) == Some(&n) && !exposed.contains(v);
     let producer: HashMap<String, usize> = steps
         .iter()
         .enumerate()
         .map(|(i, s)| (s.output.clone(), i))
         .collect();
-    let mut fused = vec![false; steps.len()];
+    let mut removed = vec![false; steps.len()];
     for i in 0..steps.len() {
-        let Op::Clamp(lo, hi) = steps[i].op else {
-            continue;
+        let src = match steps[i].inputs.first() {
+            Some(s) => s.clone(),
+            None => continue,
         };
-        let src = steps[i].inputs[0].clone();
         let Some(&p) = producer.get(&src) else {
             continue;
         };
-        if readers.get(src.as_str()) != Some(&1) || exposed.contains(src.as_str()) || fused[p] {
+        let conv_free = matches!(&steps[p].op, Op::Conv(c) if c.activation == Activation::None);
+        if !conv_free || removed[p] || removed[i] {
             continue;
         }
-        let out = steps[i].output.clone();
-        if let Op::Conv(c) = &mut steps[p].op
-            && c.clamp == (f32::NEG_INFINITY, f32::INFINITY)
-        {
-            c.clamp = (lo, hi);
-            steps[p].output = out;
-            fused[i] = true;
+        match steps[i].op {
+            Op::Clamp(lo, hi) if private(&src, 1) => {
+                let out = steps[i].output.clone();
+                set_activation(&mut steps[p], Activation::Clamp(lo, hi), out);
+                removed[i] = true;
+            }
+            Op::Sigmoid if private(&src, 2) && private(&steps[i].output, 1) => {
+                let sig = steps[i].output.clone();
+                let mul = steps.iter().position(|m| {
+                    matches!(m.op, Op::Binary(Elementwise::Mul))
+                        && m.inputs.len() == 2
+                        && m.inputs.contains(&src)
+                        && m.inputs.contains(&sig)
+                });
+                if let Some(m) = mul {
+                    let out = steps[m].output.clone();
+                    set_activation(&mut steps[p], Activation::Silu, out);
+                    removed[i] = true;
+                    removed[m] = true;
+                }
+            }
+            _ => {}
         }
     }
     let mut k = 0;
     steps.retain(|_| {
         k += 1;
-        !fused[k - 1]
+        !removed[k - 1]
     });
+}
+
+fn set_activation(step: &mut Step, activation: Activation, output: String) {
+    if let Op::Conv(c) = &mut step.op {
+        c.activation = activation;
+        step.output = output;
+    }
 }
 
 /// A [`NativeModel`] behind the [`Session`] trait.

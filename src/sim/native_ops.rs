@@ -3,6 +3,7 @@
 //! NumPy broadcasting, pooling, and the layout operators. Each returns a
 //! message (the caller names the node) instead of panicking on bad shapes.
 
+use super::kernels::activation;
 use super::kernels::conv::{Conv, Dense};
 use crate::onnx::NodeProto;
 use crate::onnx::attr::{int_attr, ints_attr, string_attr};
@@ -62,15 +63,9 @@ pub fn clamp(x: &ArrayD<f32>, lo: f32, hi: f32) -> ArrayD<f32> {
 
 /// The logistic function.
 pub fn sigmoid(x: &ArrayD<f32>) -> ArrayD<f32> {
-    let mut out = x.to_owned();
+    let mut out = x.as_standard_layout().into_owned();
     if let Some(s) = out.as_slice_mut() {
-        s.par_chunks_mut(1 << 14).for_each(|c| {
-            for v in c {
-                *v = 1.0 / (1.0 + (-*v).exp());
-            }
-        });
-    } else {
-        out.mapv_inplace(|v| 1.0 / (1.0 + (-v).exp()));
+        s.par_chunks_mut(1 << 14).for_each(activation::sigmoid);
     }
     out
 }
@@ -243,6 +238,11 @@ impl Pool {
             .ok_or("the window does not fit the input")?;
         let data = contiguous(x);
         let mut out = vec![0f32; nc * oh * ow];
+        if max {
+            self.max_separable(&data, (h, w), (oh, ow), &mut out);
+            return ArrayD::from_shape_vec(IxDyn(&[s[0], s[1], oh, ow]), out)
+                .map_err(|e| e.to_string());
+        }
         out.par_chunks_mut((oh * ow).max(1))
             .enumerate()
             .for_each(|(p, o)| {
@@ -287,6 +287,59 @@ impl Pool {
                 }
             });
         ArrayD::from_shape_vec(IxDyn(&[s[0], s[1], oh, ow]), out).map_err(|e| e.to_string())
+    }
+
+    /// Max pooling as two passes over a plane padded with −∞: the maximum
+    /// over each window's columns for every row, then over its rows.
+    fn max_separable(
+        &self,
+        data: &[f32],
+        (h, w): (usize, usize),
+        (oh, ow): (usize, usize),
+        out: &mut [f32],
+    ) {
+        let (kh, kw) = self.kernel;
+        let (sy, sx) = self.stride;
+        let (dy, dx) = self.dilation;
+        let [pt, pl, _, _] = self.pads;
+        // Wide and tall enough for every window, ceil mode's last one included.
+        let wp = (w + pl).max((ow - 1) * sx + (kw - 1) * dx + 1);
+        let hp = (h + pt).max((oh - 1) * sy + (kh - 1) * dy + 1);
+        out.par_chunks_mut((oh * ow).max(1))
+            .zip(data.par_chunks((h * w).max(1)))
+            .for_each_init(
+                || (Vec::new(), Vec::new()),
+                |(padded, rows): &mut (Vec<f32>, Vec<f32>), (o, plane)| {
+                    padded.clear();
+                    padded.resize(hp * wp, f32::NEG_INFINITY);
+                    for y in 0..h {
+                        let dst = (y + pt) * wp + pl;
+                        padded[dst..dst + w].copy_from_slice(&plane[y * w..(y + 1) * w]);
+                    }
+                    rows.clear();
+                    rows.resize(hp * ow, f32::NEG_INFINITY);
+                    for y in 0..hp {
+                        let src = &padded[y * wp..(y + 1) * wp];
+                        let dst = &mut rows[y * ow..(y + 1) * ow];
+                        for kx in 0..kw {
+                            for (ox, d) in dst.iter_mut().enumerate() {
+                                let v = src[ox * sx + kx * dx];
+                                *d = if v > *d { v } else { *d };
+                            }
+                        }
+                    }
+                    for oy in 0..oh {
+                        let dst = &mut o[oy * ow..(oy + 1) * ow];
+                        dst.fill(f32::NEG_INFINITY);
+                        for ky in 0..kh {
+                            let r = oy * sy + ky * dy;
+                            for (d, &v) in dst.iter_mut().zip(&rows[r * ow..(r + 1) * ow]) {
+                                *d = if v > *d { v } else { *d };
+                            }
+                        }
+                    }
+                },
+            );
     }
 
     /// Output size along one axis with begin and end padding (ONNX's rule,
@@ -433,6 +486,29 @@ pub fn resize_nearest(x: &ArrayD<f32>, scales: &[f32]) -> OpResult {
     }
     let factors: Vec<usize> = scales.iter().map(|s| *s as usize).collect();
     let shape: Vec<usize> = x.shape().iter().zip(&factors).map(|(d, f)| d * f).collect();
+    let r = x.ndim();
+    if r >= 2 && factors[..r - 2].iter().all(|&f| f == 1) {
+        // Spatial factors only: repeat each value of a row, then each row.
+        let (h, w) = (x.shape()[r - 2], x.shape()[r - 1]);
+        let (fy, fx) = (factors[r - 2], factors[r - 1]);
+        let data = contiguous(x);
+        let (oh, ow) = (h * fy, w * fx);
+        let mut out = vec![0f32; data.len() * fy * fx];
+        out.par_chunks_mut((oh * ow).max(1))
+            .zip(data.par_chunks((h * w).max(1)))
+            .for_each(|(o, plane)| {
+                for y in 0..h {
+                    let first = &mut o[y * fy * ow..(y * fy + 1) * ow];
+                    for (chunk, v) in first.chunks_exact_mut(fx).zip(&plane[y * w..(y + 1) * w]) {
+                        chunk.fill(*v);
+                    }
+                    for k in 1..fy {
+                        o.copy_within(y * fy * ow..(y * fy + 1) * ow, (y * fy + k) * ow);
+                    }
+                }
+            });
+        return ArrayD::from_shape_vec(IxDyn(&shape), out).map_err(|e| e.to_string());
+    }
     let mut src = vec![0usize; shape.len()];
     Ok(ArrayD::from_shape_fn(IxDyn(&shape), |idx| {
         for (i, s) in src.iter_mut().enumerate() {

@@ -1,10 +1,11 @@
 //! 2-D convolution (NCHW) on a GEMM: the weight, packed once, times the
 //! input's columns (the input itself for a 1×1 convolution with stride 1 and
-//! no padding, an im2col matrix otherwise), bias and clamp fused after.
+//! no padding, an im2col matrix otherwise), bias and activation (clamp or SiLU) fused after.
 //! Depthwise layers go to [`super::depthwise`]; other grouped layers run one
 //! GEMM per group.
 
-use super::depthwise::{DepthwiseShape, clamp_value, depthwise};
+use super::activation::Activation;
+use super::depthwise::{DepthwiseShape, depthwise};
 use rayon::prelude::*;
 use rten_gemm::{
     BiasVector, GemmExecutor, GemmInputA, GemmInputB, GemmUninitOptions, PackedAMatrix,
@@ -36,14 +37,20 @@ pub struct Conv {
     /// One packed weight block per group (GEMM path).
     packed: Vec<PackedAMatrix<f32>>,
     bias: Option<Vec<f32>>,
-    /// Lower and upper clamp applied to every output (±∞ for none).
-    pub clamp: (f32, f32),
+    /// Applied to every output.
+    pub activation: Activation,
 }
 
 thread_local! {
     /// The GEMM for this thread (the executor is not `Send`; making one only
     /// picks the kernel for the CPU, and packed matrices work with any).
     static GEMM: GemmExecutor<f32> = GemmExecutor::new();
+}
+
+thread_local! {
+    /// The im2col matrix and the output block of the last convolution run
+    /// on this thread, reused so a layer does not allocate and clear them.
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 fn with_gemm<R>(f: impl FnOnce(&GemmExecutor<f32>) -> R) -> R {
@@ -79,7 +86,7 @@ impl Conv {
             weight,
             packed,
             bias,
-            clamp: (f32::NEG_INFINITY, f32::INFINITY),
+            activation: Activation::None,
         }
     }
 
@@ -136,15 +143,23 @@ impl Conv {
                 dilation: g.dilation,
                 pads: g.pads,
             };
+            let clamp = match self.activation {
+                Activation::Clamp(lo, hi) => (lo, hi),
+                _ => (f32::NEG_INFINITY, f32::INFINITY),
+            };
             depthwise(
                 &shape,
                 self.c_out,
                 x,
                 &self.weight,
                 self.bias.as_deref(),
-                self.clamp,
+                clamp,
                 &mut out,
             );
+            if self.activation == Activation::Silu {
+                out.par_chunks_mut(1 << 14)
+                    .for_each(|c| Activation::Silu.apply(c));
+            }
             return Some((out, (oh, ow)));
         }
         let groups = g.group;
@@ -153,12 +168,12 @@ impl Conv {
         let k = cg * g.kernel.0 * g.kernel.1;
         let cols = oh * ow;
         let direct = g.kernel == (1, 1) && g.stride == (1, 1) && g.pads == [0; 4];
-        let mut columns = if direct {
-            Vec::new()
-        } else {
-            vec![0f32; k * cols]
-        };
-        let mut chunk = Vec::new();
+        // Buffers kept by the thread between calls (taken, not borrowed, so a
+        // nested call on the same thread simply starts with empty ones).
+        let (mut columns, mut chunk) = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+        if !direct {
+            columns.resize(k * cols, 0.0);
+        }
         for s in 0..n {
             for gi in 0..groups {
                 let xin =
@@ -172,20 +187,21 @@ impl Conv {
                 let out_block = &mut out
                     [(s * self.c_out + gi * m) * cols..(s * self.c_out + (gi + 1) * m) * cols];
                 let bias = self.bias.as_ref().map(|b| &b[gi * m..(gi + 1) * m]);
-                self.gemm_clamped(gi, b, k, cols, bias, out_block, &mut chunk);
+                self.gemm_activated(gi, b, k, cols, bias, out_block, &mut chunk);
             }
         }
+        SCRATCH.with(|s| *s.borrow_mut() = (columns, chunk));
         Some((out, (oh, ow)))
     }
 }
 
 impl Conv {
-    /// `out = clamp(W_group · b + bias)` for `b` `[k, cols]`. Wide outputs
+    /// `out = act(W_group · b + bias)` for `b` `[k, cols]`. Wide outputs
     /// are computed a block of columns at a time into `chunk`, which stays
-    /// in cache while it is clamped and copied out, so the clamp costs no
-    /// extra pass over memory.
+    /// in cache while the activation is applied on the way out, so it costs
+    /// no extra pass over memory.
     #[allow(clippy::too_many_arguments)]
-    fn gemm_clamped(
+    fn gemm_activated(
         &self,
         group: usize,
         b: &[f32],
@@ -211,29 +227,54 @@ impl Conv {
                 .expect("shapes agree by construction")
             })
         };
-        let unbounded = self.clamp == (f32::NEG_INFINITY, f32::INFINITY);
-        if unbounded || cols <= COLUMN_BLOCK {
+        if self.activation == Activation::None || cols <= COLUMN_BLOCK {
             run(out, NdTensorView::from_data([k, cols], b));
-            clamp_all(out, self.clamp);
+            self.activation.apply(out);
             return;
         }
-        for c0 in (0..cols).step_by(COLUMN_BLOCK) {
+        // Column blocks are independent: run them in parallel, each thread
+        // with its own block buffer, each writing its own columns of `out`.
+        let _ = chunk;
+        let dst = SharedOut(out.as_mut_ptr(), out.len());
+        let blocks: Vec<usize> = (0..cols).step_by(COLUMN_BLOCK).collect();
+        blocks.par_iter().for_each_init(Vec::new, |block, &c0| {
             let width = COLUMN_BLOCK.min(cols - c0);
-            chunk.resize(m * width, 0.0);
+            block.resize(m * width, 0.0);
             let view = NdTensorView::from_data_with_strides([k, width], &b[c0..], [cols, 1])
                 .expect("the view lies inside the input");
-            run(chunk, view);
-            for (row, src) in chunk.chunks_exact(width).enumerate() {
-                let dst = &mut out[row * cols + c0..row * cols + c0 + width];
-                for (d, v) in dst.iter_mut().zip(src) {
-                    *d = clamp_value(*v, self.clamp);
-                }
+            run(block, view);
+            for (row, src) in block.chunks_exact(width).enumerate() {
+                // SAFETY: the blocks' column ranges [c0, c0 + width) are
+                // disjoint, so no two threads write the same values.
+                let row_out = unsafe { dst.slice(row * cols + c0, width) };
+                self.activation.apply_to(src, row_out);
             }
-        }
+        });
     }
 }
 
-/// Output columns a clamped GEMM computes at a time.
+/// The output of a parallel GEMM, written by threads in disjoint column blocks.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32, usize);
+
+impl SharedOut {
+    /// `len` values from `start`.
+    ///
+    /// # Safety
+    /// No other live slice may overlap this one, and the buffer must outlive it.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self, start: usize, len: usize) -> &mut [f32] {
+        assert!(start + len <= self.1, "inside the output");
+        // SAFETY: in bounds (checked above); exclusivity is the caller's promise.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
+    }
+}
+// SAFETY: the blocks written through the pointer are disjoint (see the use).
+unsafe impl Send for SharedOut {}
+// SAFETY: as above; the pointer is only read to derive disjoint slices.
+unsafe impl Sync for SharedOut {}
+
+/// Output columns an activated GEMM computes at a time.
 const COLUMN_BLOCK: usize = 1024;
 
 /// Whether the layer is depthwise (one input and one output channel per group).
@@ -245,16 +286,6 @@ fn as_uninit(s: &mut [f32]) -> &mut [std::mem::MaybeUninit<f32>] {
     // SAFETY: MaybeUninit<f32> has the layout of f32, and initialised values
     // are valid MaybeUninit values.
     unsafe { &mut *(s as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) }
-}
-
-/// Clamps every value to `[lo, hi]` (skipped when unbounded).
-pub fn clamp_all(v: &mut [f32], clamp: (f32, f32)) {
-    if clamp == (f32::NEG_INFINITY, f32::INFINITY) {
-        return;
-    }
-    for x in v {
-        *x = clamp_value(*x, clamp);
-    }
 }
 
 /// Writes the `[cg · kh · kw, oh · ow]` column matrix of one group's input.
@@ -482,13 +513,19 @@ mod tests {
                     "case {i} at {j}: {a} vs {e}"
                 );
             }
-            conv.clamp = (0.0, 6.0);
+            conv.activation = Activation::Clamp(0.0, 6.0);
             let (got, _) = conv.run(&x, n, h, w).unwrap();
             for (a, e) in got.iter().zip(&want) {
                 assert!(
                     (a - e.clamp(0.0, 6.0)).abs() <= 1e-4 * (1.0 + e.abs()),
                     "{a} vs {e}"
                 );
+            }
+            conv.activation = Activation::Silu;
+            let (got, _) = conv.run(&x, n, h, w).unwrap();
+            for (a, e) in got.iter().zip(&want) {
+                let silu = e / (1.0 + (-e).exp());
+                assert!((a - silu).abs() <= 1e-4 * (1.0 + e.abs()), "{a} vs {silu}");
             }
         }
     }

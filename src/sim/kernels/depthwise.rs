@@ -10,6 +10,7 @@
 //! FMA latency is hidden) and the portable path one at a time. Planes run in
 //! parallel.
 
+use super::activation::clamp_value;
 use rayon::prelude::*;
 
 /// The geometry of one depthwise convolution.
@@ -233,13 +234,6 @@ fn polyphase(
     for oy in 0..oh {
         out[oy * ow..(oy + 1) * ow].copy_from_slice(&flat[oy * half..oy * half + ow]);
     }
-}
-
-/// `v` clamped to `[lo, hi]` (compiles to a min and a max).
-#[inline]
-pub fn clamp_value(v: f32, (lo, hi): (f32, f32)) -> f32 {
-    let v = if v < lo { lo } else { v };
-    if v > hi { hi } else { v }
 }
 
 /// `out[i] = clamp(bias + Σ_t w[t] · sources[t][i], lo, hi)`.
