@@ -412,3 +412,75 @@ fn ascend_quant_value_info(name: &str, dims: &[i64]) -> ascend_quant::onnx::Valu
         ..Default::default()
     }
 }
+
+/// The two quantization chains the models we write hold — the fake-quant
+/// chain `Mul(1/s) → Round → Add(o) → Clip → Sub(o)` and a per-tensor
+/// `QuantizeLinear → DequantizeLinear` pair — run natively (each folded
+/// into one pass) and give ONNX's arithmetic, written out here, bit for bit.
+#[test]
+fn quantization_chains_run_natively_with_onnx_arithmetic() {
+    use ascend_quant::onnx::builder::{constant, constant_f32, node};
+    use ascend_quant::onnx::proto::{GraphProto, OperatorSetIdProto};
+    let (inv, offset, scale, zp) = (1.0f32 / 0.0437, -3.0f32, 0.0437f32, -3i8);
+    let nodes = vec![
+        constant_f32("c0", "inv", &[], vec![inv]),
+        constant_f32("c1", "off", &[], vec![offset]),
+        constant_f32("c2", "lo", &[], vec![-128.0]),
+        constant_f32("c3", "hi", &[], vec![127.0]),
+        constant_f32("c4", "s", &[], vec![scale]),
+        constant(
+            "c5",
+            "z",
+            &Tensor::I8(ndarray::ArrayD::from_elem(ndarray::IxDyn(&[]), zp)),
+        ),
+        node("Mul", "m", &["x", "inv"], &["m.out"], vec![]),
+        node("Round", "r", &["m.out"], &["r.out"], vec![]),
+        node("Add", "a", &["r.out", "off"], &["a.out"], vec![]),
+        node("Clip", "c", &["a.out", "lo", "hi"], &["c.out"], vec![]),
+        node("Sub", "d", &["c.out", "off"], &["fake"], vec![]),
+        node("QuantizeLinear", "q", &["x", "s", "z"], &["q.out"], vec![]),
+        node(
+            "DequantizeLinear",
+            "dq",
+            &["q.out", "s", "z"],
+            &["qdq"],
+            vec![],
+        ),
+    ];
+    let model = ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(13),
+        }],
+        graph: Some(GraphProto {
+            node: nodes,
+            input: vec![ascend_quant_value_info("x", &[2, 500])],
+            output: vec![
+                ascend_quant_value_info("fake", &[2, 500]),
+                ascend_quant_value_info("qdq", &[2, 500]),
+            ],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    // Values across and beyond the grid, and exact halves of a step.
+    let xs: Vec<f32> = (0..1000)
+        .map(|i| (i as f32 - 500.0) * 0.0137 + if i % 7 == 0 { 0.5 * scale } else { 0.0 })
+        .collect();
+    let x = Tensor::F32(
+        ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[2, 500]), xs.clone()).unwrap(),
+    );
+    let session = NativeExecutor
+        .prepare(&model, &SessionOptions::default())
+        .unwrap();
+    let got = session.run(&[("x", &x)], &["fake", "qdq"]).unwrap();
+    let (fake, qdq) = (got[0].as_f32().unwrap(), got[1].as_f32().unwrap());
+    for (k, &v) in xs.iter().enumerate() {
+        let f = ((v * inv).round_ties_even() + offset).clamp(-128.0, 127.0) - offset;
+        let q = ((v / scale).round_ties_even() + f32::from(zp)).clamp(-128.0, 127.0);
+        let d = (q - f32::from(zp)) * scale;
+        assert_eq!(fake.as_slice().unwrap()[k], f, "fake-quant at {v}");
+        assert_eq!(qdq.as_slice().unwrap()[k], d, "QDQ at {v}");
+    }
+}

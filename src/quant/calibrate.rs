@@ -696,8 +696,12 @@ fn layer_cosines(
                 .collect();
         }
         seen += take;
-        let fv = run_batch(fs.as_ref(), &batch, &refs)?;
-        let qv = run_batch(qs.as_ref(), &batch, &refs)?;
+        // Two batch-1 runs share the cores better side by side than in turn.
+        let (fv, qv) = rayon::join(
+            || run_batch(fs.as_ref(), &batch, &refs),
+            || run_batch(qs.as_ref(), &batch, &refs),
+        );
+        let (fv, qv) = (fv?, qv?);
         for (k, (f, q)) in fv.iter().zip(&qv).enumerate() {
             if let (Some(f), Some(q)) = (f.as_f32(), q.as_f32()) {
                 acc[k].add(f.iter(), q.iter());

@@ -26,6 +26,9 @@ enum Op {
     Dense(Box<Dense>),
     Clamp(f32, f32),
     Sigmoid,
+    Round,
+    FakeQuant(ops::FakeQuant),
+    QuantDequant(ops::QuantDequant),
     Binary(Elementwise),
     GlobalAveragePool,
     MaxPool(ops::Pool),
@@ -110,19 +113,18 @@ impl NativeModel {
     ) -> Result<(Vec<Step>, HashMap<String, ArrayD<f32>>), Decline> {
         let mut consts: HashMap<String, ArrayD<f32>> = HashMap::new();
         let mut int_consts: HashMap<String, Vec<i64>> = HashMap::new();
+        // Scalar int8/uint8 zero points: (zero point, lowest, highest level).
+        let mut zero_points: HashMap<String, (f32, f32, f32)> = HashMap::new();
         for t in &graph.initializer {
-            match to_tensor(t).map_err(|_| ())? {
-                Tensor::F32(a) => {
-                    consts.insert(t.name().to_string(), a);
-                }
-                Tensor::I64(a) => {
-                    int_consts.insert(t.name().to_string(), a.iter().copied().collect());
-                }
-                _ => return Err(()),
-            }
+            add_const(
+                (&mut consts, &mut int_consts, &mut zero_points),
+                t.name(),
+                to_tensor(t).map_err(|_| ())?,
+            )?;
         }
         let index = crate::onnx::GraphIndex::new(graph).map_err(|_| ())?;
         let mut steps = Vec::new();
+        let mut absorbed: HashSet<usize> = HashSet::new();
         for &i in index.topological_order() {
             let node = &graph.node[i];
             if node.op_type() == "Constant" {
@@ -130,19 +132,28 @@ impl NativeModel {
                     .and_then(|a| a.t.as_ref())
                     .ok_or(())?;
                 let out = node.output.first().ok_or(())?.clone();
-                match to_tensor(t).map_err(|_| ())? {
-                    Tensor::F32(a) => consts.insert(out, a).map_or(Ok(()), |_| Err(()))?,
-                    Tensor::I64(a) => int_consts
-                        .insert(out, a.iter().copied().collect())
-                        .map_or(Ok(()), |_| Err(()))?,
-                    _ => return Err(()),
-                }
+                add_const(
+                    (&mut consts, &mut int_consts, &mut zero_points),
+                    &out,
+                    to_tensor(t).map_err(|_| ())?,
+                )?;
+                continue;
+            }
+            if absorbed.contains(&i) {
+                continue;
+            }
+            if node.op_type() == "QuantizeLinear" {
+                let (step, dq) =
+                    quant_dequant(graph, &index, node, &consts, &zero_points, &opts.keep)?;
+                absorbed.insert(dq);
+                steps.push(step);
                 continue;
             }
             steps.push(step(node, opset, &consts, &int_consts)?);
         }
         if opts.optimize {
             fuse_activations(&mut steps, graph, &opts.keep);
+            fuse_fake_quant(&mut steps, graph, &opts.keep, &consts);
         }
         Ok((steps, consts))
     }
@@ -263,6 +274,7 @@ fn step(
             Op::Clamp(lo.unwrap_or(f32::NEG_INFINITY), hi.unwrap_or(f32::INFINITY))
         }
         "Sigmoid" => Op::Sigmoid,
+        "Round" => Op::Round,
         "Add" => Op::Binary(Elementwise::Add),
         "Sub" => Op::Binary(Elementwise::Sub),
         "Mul" => Op::Binary(Elementwise::Mul),
@@ -338,6 +350,94 @@ fn step(
         inputs,
         output: node.output[0].clone(),
     })
+}
+
+/// The constant tables: float tensors, int64 tensors (shapes), scalar
+/// int8/uint8 zero points as (zero point, lowest, highest level).
+type ConstTables<'a> = (
+    &'a mut HashMap<String, ArrayD<f32>>,
+    &'a mut HashMap<String, Vec<i64>>,
+    &'a mut HashMap<String, (f32, f32, f32)>,
+);
+
+/// Files one constant in its table; other element types decline the model.
+fn add_const(
+    (floats, ints, zero_points): ConstTables<'_>,
+    name: &str,
+    t: Tensor,
+) -> Result<(), Decline> {
+    match t {
+        Tensor::F32(a) => {
+            floats.insert(name.to_string(), a);
+        }
+        Tensor::I64(a) => {
+            ints.insert(name.to_string(), a.iter().copied().collect());
+        }
+        Tensor::I8(a) if a.len() == 1 => {
+            let z = f32::from(*a.iter().next().expect("one value"));
+            zero_points.insert(name.to_string(), (z, -128.0, 127.0));
+        }
+        Tensor::U8(a) if a.len() == 1 => {
+            let z = f32::from(*a.iter().next().expect("one value"));
+            zero_points.insert(name.to_string(), (z, 0.0, 255.0));
+        }
+        _ => return Err(()),
+    }
+    Ok(())
+}
+
+/// A `QuantizeLinear` whose only reader is a `DequantizeLinear` with the same
+/// per-tensor scale and zero point, as one float step: `(clamp(round(x / s)
+/// + z, lo, hi) − z) · s`, ONNX's arithmetic for the pair. Returns the step
+/// and the index of the absorbed `DequantizeLinear`.
+fn quant_dequant(
+    graph: &GraphProto,
+    index: &crate::onnx::GraphIndex,
+    q: &NodeProto,
+    consts: &HashMap<String, ArrayD<f32>>,
+    zero_points: &HashMap<String, (f32, f32, f32)>,
+    keep: &[String],
+) -> Result<(Step, usize), Decline> {
+    let out = q.output.first().ok_or(())?;
+    let exposed = keep.contains(out) || graph.output.iter().any(|o| o.name() == out);
+    let [dq] = index.consumers(out) else {
+        return Err(());
+    };
+    let d = &graph.node[*dq];
+    if exposed || d.op_type() != "DequantizeLinear" || d.input.first() != Some(out) {
+        return Err(());
+    }
+    let scalar = |name: Option<&String>| {
+        name.and_then(|n| consts.get(n))
+            .filter(|a| a.len() == 1)
+            .and_then(|a| a.iter().next().copied())
+    };
+    let scale = scalar(q.input.get(1)).ok_or(())?;
+    if scalar(d.input.get(1)) != Some(scale) {
+        return Err(());
+    }
+    let zp = |n: &NodeProto| match n.input.get(2).filter(|s| !s.is_empty()) {
+        None => Some((0.0, 0.0, 255.0)),
+        Some(name) => zero_points.get(name).copied(),
+    };
+    let (z, lo, hi) = zp(q).ok_or(())?;
+    if zp(d) != Some((z, lo, hi)) || d.output.len() != 1 {
+        return Err(());
+    }
+    Ok((
+        Step {
+            name: q.name().to_string(),
+            op: Op::QuantDequant(ops::QuantDequant {
+                scale,
+                zero: z,
+                lo,
+                hi,
+            }),
+            inputs: vec![q.input.first().ok_or(())?.clone()],
+            output: d.output[0].clone(),
+        },
+        *dq,
+    ))
 }
 
 /// A Conv with constant weight (and bias); returns it and how many inputs it reads at run time.
@@ -471,6 +571,112 @@ fn fuse_activations(steps: &mut Vec<Step>, graph: &GraphProto, keep: &[String]) 
     });
 }
 
+/// Folds the fake-quant chain `Mul(1/s) → Round → Add(o) → Clip(lo, hi) →
+/// Sub(o)` (scalar constants, every intermediate private) into one pass that
+/// computes the same float operations in the same order.
+fn fuse_fake_quant(
+    steps: &mut Vec<Step>,
+    graph: &GraphProto,
+    keep: &[String],
+    consts: &HashMap<String, ArrayD<f32>>,
+) {
+    let mut readers: HashMap<&str, usize> = HashMap::new();
+    for n in &graph.node {
+        for i in n.input.iter().filter(|i| !i.is_empty()) {
+            *readers.entry(i.as_str()).or_default() += 1;
+        }
+    }
+    let exposed: HashSet<&str> = graph
+        .output
+        .iter()
+        .map(|o| o.name())
+        .chain(keep.iter().map(String::as_str))
+        .collect();
+    let private = |v: &str| readers.get(v) == Some(&1) && !exposed.contains(v);
+    let scalar = |name: &str| {
+        consts
+            .get(name)
+            .filter(|a| a.len() == 1)
+            .and_then(|a| a.iter().next().copied())
+    };
+    let consumer: HashMap<String, usize> = steps
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| s.inputs.iter().map(move |v| (v.clone(), i)))
+        .collect();
+    // The step reading `v` when it is `v`'s only reader.
+    let next = |v: &str| consumer.get(v).copied().filter(|_| private(v));
+    // The runtime input and the scalar of a two-input arithmetic step.
+    let split = |step: &Step| -> Option<(String, f32)> {
+        match step.inputs.as_slice() {
+            [a, b] => match (scalar(a), scalar(b)) {
+                (None, Some(c)) => Some((a.clone(), c)),
+                (Some(c), None) => Some((b.clone(), c)),
+                _ => None,
+            },
+            _ => None,
+        }
+    };
+    let mut removed = vec![false; steps.len()];
+    let mut fused = Vec::new();
+    for i in 0..steps.len() {
+        let chain = (|| {
+            if !matches!(steps[i].op, Op::Binary(Elementwise::Mul)) {
+                return None;
+            }
+            let (x, inv) = split(&steps[i])?;
+            let r = next(&steps[i].output)?;
+            let a = next(&steps[r].output)?;
+            let c = next(&steps[a].output)?;
+            let d = next(&steps[c].output)?;
+            if !matches!(steps[r].op, Op::Round)
+                || !matches!(steps[a].op, Op::Binary(Elementwise::Add))
+                || !matches!(steps[d].op, Op::Binary(Elementwise::Sub))
+                || steps[d].inputs.first() != Some(&steps[c].output)
+            {
+                return None;
+            }
+            let Op::Clamp(lo, hi) = steps[c].op else {
+                return None;
+            };
+            let (_, offset) = split(&steps[a])?;
+            let (_, offset_again) = split(&steps[d])?;
+            (offset == offset_again).then_some((x, inv, offset, lo, hi, [i, r, a, c, d]))
+        })();
+        if let Some((x, inv, offset, lo, hi, members)) = chain
+            && members.iter().all(|&m| !removed[m])
+        {
+            for &m in &members {
+                removed[m] = true;
+            }
+            fused.push((
+                members[4],
+                Step {
+                    name: steps[i].name.clone(),
+                    op: Op::FakeQuant(ops::FakeQuant {
+                        inv,
+                        offset,
+                        lo,
+                        hi,
+                    }),
+                    inputs: vec![x],
+                    output: steps[members[4]].output.clone(),
+                },
+            ));
+        }
+    }
+    // Each fused step takes the place of its chain's last step.
+    for (at, step) in fused {
+        steps[at] = step;
+        removed[at] = false;
+    }
+    let mut k = 0;
+    steps.retain(|_| {
+        k += 1;
+        !removed[k - 1]
+    });
+}
+
 fn set_activation(step: &mut Step, activation: Activation, output: String) {
     if let Op::Conv(c) = &mut step.op {
         c.activation = activation;
@@ -596,13 +802,19 @@ impl NativeSession {
             }
             values.insert(&s.output, out);
         }
+        // Fetched values are moved out (copied only when fetched twice).
         fetch
             .iter()
-            .map(|name| {
-                values
-                    .get(name)
-                    .or_else(|| m.consts.get(*name))
-                    .cloned()
+            .enumerate()
+            .map(|(k, name)| {
+                let again = fetch[k + 1..].contains(name);
+                let value = if again {
+                    values.get(name).cloned()
+                } else {
+                    values.remove(name)
+                };
+                value
+                    .or_else(|| m.consts.get(*name).cloned())
                     .map(Tensor::F32)
                     .ok_or_else(|| SimError::Run {
                         reason: format!("'{name}' was not computed"),
@@ -619,6 +831,9 @@ fn eval(op: &Op, args: &[&ArrayD<f32>]) -> Result<ArrayD<f32>, String> {
         Op::Dense(d) => ops::dense(d, x),
         Op::Clamp(lo, hi) => Ok(ops::clamp(x, *lo, *hi)),
         Op::Sigmoid => Ok(ops::sigmoid(x)),
+        Op::Round => Ok(x.mapv(f32::round_ties_even)),
+        Op::FakeQuant(q) => Ok(q.apply(x)),
+        Op::QuantDequant(q) => Ok(q.apply(x)),
         Op::Binary(e) => ops::binary(*e, x, args.get(1).ok_or("a second input is missing")?),
         Op::GlobalAveragePool => ops::global_average_pool(x),
         Op::MaxPool(p) => p.run(x, true),

@@ -70,6 +70,94 @@ pub fn sigmoid(x: &ArrayD<f32>) -> ArrayD<f32> {
     out
 }
 
+/// Round half to even, exactly for |x| < 2^22 (adding and removing 1.5·2^23
+/// leaves the rounded value in the mantissa), inline and vectorisable where
+/// `f32::round_ties_even` is a library call on baseline x86-64. Larger
+/// values may move by one, which the integer clamp that always follows in
+/// its two uses makes irrelevant (the grid ends at ±255).
+#[inline(always)]
+fn round_before_clamp(x: f32) -> f32 {
+    const SHIFTER: f32 = 12_582_912.0;
+    (x + SHIFTER) - SHIFTER
+}
+
+/// A fake-quant chain folded into one pass: `clamp(round(x·inv) + offset,
+/// lo, hi) − offset`, the same float operations in the same order.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FakeQuant {
+    /// `1 / scale`.
+    pub inv: f32,
+    /// The integer offset, as float.
+    pub offset: f32,
+    /// Lowest integer level.
+    pub lo: f32,
+    /// Highest integer level.
+    pub hi: f32,
+}
+
+impl FakeQuant {
+    /// Applies the chain to every value.
+    pub fn apply(&self, x: &ArrayD<f32>) -> ArrayD<f32> {
+        let mut out = x.as_standard_layout().into_owned();
+        let q = *self;
+        let f = move |v: f32| -> f32 {
+            let t = round_before_clamp(v * q.inv) + q.offset;
+            // Clip: NaN stays NaN, as ONNX's Clip keeps it.
+            let t = if t < q.lo {
+                q.lo
+            } else if t > q.hi {
+                q.hi
+            } else {
+                t
+            };
+            t - q.offset
+        };
+        if let Some(v) = out.as_slice_mut() {
+            v.par_chunks_mut(1 << 14)
+                .for_each(|c| c.iter_mut().for_each(|x| *x = f(*x)));
+        }
+        out
+    }
+}
+
+/// A per-tensor `QuantizeLinear → DequantizeLinear` pair in float:
+/// `(clamp(round(x / scale) + zero, lo, hi) − zero) · scale`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct QuantDequant {
+    /// The scale.
+    pub scale: f32,
+    /// The zero point, as float.
+    pub zero: f32,
+    /// Lowest integer level (−128 or 0).
+    pub lo: f32,
+    /// Highest integer level (127 or 255).
+    pub hi: f32,
+}
+
+impl QuantDequant {
+    /// Applies the pair to every value.
+    pub fn apply(&self, x: &ArrayD<f32>) -> ArrayD<f32> {
+        let mut out = x.as_standard_layout().into_owned();
+        let q = *self;
+        let f = move |v: f32| -> f32 {
+            let t = round_before_clamp(v / q.scale) + q.zero;
+            let t = if t < q.lo {
+                q.lo
+            } else if t > q.hi {
+                q.hi
+            } else {
+                t
+            };
+            (t - q.zero) * q.scale
+        };
+        if let Some(v) = out.as_slice_mut() {
+            v.par_chunks_mut(1 << 14)
+                .for_each(|c| c.iter_mut().for_each(|x| *x = f(*x)));
+        }
+        out
+    }
+}
+
 /// The four arithmetic operators.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Elementwise {
@@ -140,6 +228,27 @@ pub fn binary(op: Elementwise, a: &ArrayD<f32>, b: &ArrayD<f32>) -> OpResult {
                 }
             });
         return ArrayD::from_shape_vec(IxDyn(&shape), out).map_err(|e| e.to_string());
+    }
+    // A scalar on either side (the fake-quant chains' scales and offsets).
+    let scalar_side = match (a.len(), b.len()) {
+        (_, 1) if a.shape() == shape.as_slice() => Some((a, b.iter().next().copied(), false)),
+        (1, _) if b.shape() == shape.as_slice() => Some((b, a.iter().next().copied(), true)),
+        _ => None,
+    };
+    if let Some((t, Some(c), swapped)) = scalar_side {
+        let mut out = t.as_standard_layout().into_owned();
+        if let Some(v) = out.as_slice_mut() {
+            v.par_chunks_mut(1 << 14).for_each(|chunk| {
+                for x in chunk {
+                    *x = if swapped {
+                        op.apply(c, *x)
+                    } else {
+                        op.apply(*x, c)
+                    };
+                }
+            });
+            return Ok(out);
+        }
     }
     let av = a.broadcast(IxDyn(&shape)).ok_or("broadcast failed")?;
     let bv = b.broadcast(IxDyn(&shape)).ok_or("broadcast failed")?;

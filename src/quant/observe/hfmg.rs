@@ -106,7 +106,7 @@ impl Observer for Hfmg {
     }
 
     fn params(&self, asymmetric: bool, bits: u32) -> Result<ActParams, ParamsError> {
-        let counts = self.hist.counts();
+        let counts = &self.hist.counts()[..];
         let width = self.hist.bin_width();
         if width <= 0.0 {
             return act_params(self.hist.lo(), self.hist.hi(), asymmetric, bits);

@@ -7,6 +7,12 @@ pub struct Histogram {
     lo: f32,
     hi: f32,
     counts: Vec<f64>,
+    /// Integer tallies not yet added to `counts` (cheaper per value than
+    /// float counts, and merged only when the range changes or the counts
+    /// are read, not once per batch).
+    pending: Vec<u32>,
+    /// Values in `pending`.
+    pending_total: u64,
     seen: bool,
     /// Widen by whole powers of two of the bin width, so old bins merge
     /// exactly into new ones instead of being split proportionally.
@@ -20,6 +26,8 @@ impl Histogram {
             lo: 0.0,
             hi: 0.0,
             counts: vec![0.0; bins.max(1)],
+            pending: vec![0; bins.max(1)],
+            pending_total: 0,
             seen: false,
             aligned: false,
         }
@@ -46,8 +54,24 @@ impl Histogram {
     }
 
     /// The counts per bin.
-    pub fn counts(&self) -> &[f64] {
-        &self.counts
+    pub fn counts(&self) -> Vec<f64> {
+        self.counts
+            .iter()
+            .zip(&self.pending)
+            .map(|(c, p)| c + f64::from(*p))
+            .collect()
+    }
+
+    /// Adds the pending tallies to the counts.
+    fn flush(&mut self) {
+        if self.pending_total == 0 {
+            return;
+        }
+        for (c, t) in self.counts.iter_mut().zip(self.pending.iter_mut()) {
+            *c += f64::from(*t);
+            *t = 0;
+        }
+        self.pending_total = 0;
     }
 
     /// Width of one bin (0 when all data so far had one value).
@@ -57,7 +81,7 @@ impl Histogram {
 
     /// Number of values counted.
     pub fn total(&self) -> f64 {
-        self.counts.iter().sum()
+        self.counts.iter().sum::<f64>() + self.pending_total as f64
     }
 
     /// Adds a batch whose extremes are `min` and `max` (finite, computed by the caller).
@@ -74,6 +98,7 @@ impl Histogram {
             self.hi = max;
             self.seen = true;
         } else if min < self.lo || max > self.hi {
+            self.flush();
             if self.aligned && self.bin_width() > 0.0 {
                 self.grow_aligned(min, max);
             } else {
@@ -87,16 +112,18 @@ impl Histogram {
             self.counts[0] += data.len() as f64;
             return;
         }
-        // Integer tallies are cheaper than float ones; they are added to the counts once per batch.
+        // No bin can overflow its u32 tally before the next flush.
+        if self.pending_total + data.len() as u64 > u64::from(u32::MAX) {
+            self.flush();
+        }
         let (lo, inv) = (lo as f32, (1.0 / width) as f32);
-        let mut tally = vec![0u32; n];
-        for &x in data {
-            let i = ((x - lo) * inv) as usize;
-            tally[i.min(n - 1)] += 1;
+        for chunk in data.chunks(u32::MAX as usize) {
+            for &x in chunk {
+                let i = ((x - lo) * inv) as usize;
+                self.pending[i.min(n - 1)] += 1;
+            }
         }
-        for (c, t) in self.counts.iter_mut().zip(tally) {
-            *c += f64::from(t);
-        }
+        self.pending_total += data.len() as u64;
     }
 
     /// Widens the range to cover `[min, max]` by a power-of-two factor `f` of
@@ -175,7 +202,7 @@ impl Histogram {
         let target = q.clamp(0.0, 1.0) * total;
         let width = self.bin_width();
         let mut acc = 0.0;
-        for (i, &c) in self.counts.iter().enumerate() {
+        for (i, c) in self.counts().into_iter().enumerate() {
             if acc + c >= target && c > 0.0 {
                 let frac = ((target - acc) / c).clamp(0.0, 1.0);
                 return (f64::from(self.lo) + (i as f64 + frac) * width) as f32;
@@ -199,18 +226,18 @@ mod tests {
     fn counts_land_in_the_right_bins() {
         let mut h = Histogram::new(4);
         h.add(&[0.0, 0.5, 1.0, 3.9, 4.0], 0.0, 4.0);
-        assert_eq!(h.counts(), &[2.0, 1.0, 0.0, 2.0]);
+        assert_eq!(h.counts(), [2.0, 1.0, 0.0, 2.0]);
     }
 
     #[test]
     fn widening_keeps_the_total_and_spreads_uniformly() {
         let mut h = Histogram::new(4);
         h.add(&[0.5, 1.5], 0.0, 2.0); // bins of width 0.5: [0,0.5)...: 0.5 -> bin 1, 1.5 -> bin 3
-        assert_eq!(h.counts(), &[0.0, 1.0, 0.0, 1.0]);
+        assert_eq!(h.counts(), [0.0, 1.0, 0.0, 1.0]);
         h.add(&[4.0], 4.0, 4.0); // range becomes [0, 4], width 1
         assert_eq!(h.total(), 3.0);
         // old bin [0.5,1) -> new bin 0; old [1.5,2) -> new bin 1; 4.0 -> last bin.
-        assert_eq!(h.counts(), &[1.0, 1.0, 0.0, 1.0]);
+        assert_eq!(h.counts(), [1.0, 1.0, 0.0, 1.0]);
     }
 
     #[test]
@@ -219,10 +246,10 @@ mod tests {
         h.add(&[0.5, 1.5], 0.0, 2.0); // width 0.5: counts [0, 1, 0, 1]
         h.add(&[3.0], 3.0, 3.0); // needs [0, 3]: width 1 (f = 2), bins [0,1) [1,2) [2,3) [3,4)
         assert_eq!((h.lo(), h.hi()), (0.0, 4.0));
-        assert_eq!(h.counts(), &[1.0, 1.0, 0.0, 1.0]);
+        assert_eq!(h.counts(), [1.0, 1.0, 0.0, 1.0]);
         h.add(&[-1.0], -1.0, -1.0); // width 2, one new bin below: [-2,0) [0,2) [2,4) [4,6)
         assert_eq!((h.lo(), h.hi()), (-2.0, 6.0));
-        assert_eq!(h.counts(), &[1.0, 2.0, 1.0, 0.0]);
+        assert_eq!(h.counts(), [1.0, 2.0, 1.0, 0.0]);
     }
 
     #[test]

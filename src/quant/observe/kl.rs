@@ -119,7 +119,7 @@ impl Observer for Kl {
     }
 
     fn params(&self, asymmetric: bool, bits: u32) -> Result<ActParams, ParamsError> {
-        let i = best_threshold_bins(self.hist.counts(), levels(asymmetric, bits));
+        let i = best_threshold_bins(&self.hist.counts(), levels(asymmetric, bits));
         let t = (f64::from(self.hist.lo()) + i as f64 * self.hist.bin_width()) as f32;
         act_params(self.min.max(-t), self.max.min(t), asymmetric, bits)
     }
