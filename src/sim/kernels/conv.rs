@@ -1,6 +1,6 @@
 //! 2-D convolution (NCHW) on a GEMM: the weight, packed once, times the
 //! input's columns (the input itself for a 1×1 convolution with stride 1 and
-//! no padding, an im2col matrix otherwise), bias and activation (clamp or SiLU) fused after.
+//! no padding, else a virtual im2col matrix the GEMM packs from the image), bias and activation (clamp or SiLU) fused after.
 //! Depthwise layers go to [`super::depthwise`]; other grouped layers run one
 //! GEMM per group.
 
@@ -8,7 +8,8 @@ use super::activation::Activation;
 use super::depthwise::{DepthwiseShape, depthwise};
 use rayon::prelude::*;
 use rten_gemm::{
-    BiasVector, GemmExecutor, GemmInputA, GemmInputB, GemmUninitOptions, PackedAMatrix,
+    BiasVector, ColOffsets, GemmExecutor, GemmInputA, GemmInputB, GemmUninitOptions, Im2Col,
+    PackedAMatrix, RowOffsets,
 };
 use rten_tensor::NdTensorView;
 
@@ -45,12 +46,6 @@ thread_local! {
     /// The GEMM for this thread (the executor is not `Send`; making one only
     /// picks the kernel for the CPU, and packed matrices work with any).
     static GEMM: GemmExecutor<f32> = GemmExecutor::new();
-}
-
-thread_local! {
-    /// The im2col matrix and the output block of the last convolution run
-    /// on this thread, reused so a layer does not allocate and clear them.
-    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 fn with_gemm<R>(f: impl FnOnce(&GemmExecutor<f32>) -> R) -> R {
@@ -168,81 +163,98 @@ impl Conv {
         let k = cg * g.kernel.0 * g.kernel.1;
         let cols = oh * ow;
         let direct = g.kernel == (1, 1) && g.stride == (1, 1) && g.pads == [0; 4];
-        // Buffers kept by the thread between calls (taken, not borrowed, so a
-        // nested call on the same thread simply starts with empty ones).
-        let (mut columns, mut chunk) = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
-        if !direct {
-            columns.resize(k * cols, 0.0);
-        }
         for s in 0..n {
             for gi in 0..groups {
                 let xin =
                     &x[(s * self.c_in + gi * cg) * h * w..(s * self.c_in + (gi + 1) * cg) * h * w];
                 let b = if direct {
-                    xin
+                    Columns::Direct(xin)
                 } else {
-                    im2col(xin, h, w, g, (oh, ow), &mut columns);
-                    &columns
+                    Columns::Patches {
+                        x: xin,
+                        cg,
+                        h,
+                        w,
+                        ow,
+                    }
                 };
                 let out_block = &mut out
                     [(s * self.c_out + gi * m) * cols..(s * self.c_out + (gi + 1) * m) * cols];
                 let bias = self.bias.as_ref().map(|b| &b[gi * m..(gi + 1) * m]);
-                self.gemm_activated(gi, b, k, cols, bias, out_block, &mut chunk);
+                self.gemm_activated(gi, b, k, cols, bias, out_block);
             }
         }
-        SCRATCH.with(|s| *s.borrow_mut() = (columns, chunk));
         Some((out, (oh, ow)))
     }
 }
 
+/// The right-hand matrix of a convolution's GEMM, `[k, cols]`.
+#[derive(Clone, Copy)]
+enum Columns<'a> {
+    /// The input itself (1×1, stride 1, no padding), row-major.
+    Direct(&'a [f32]),
+    /// The im2col matrix of one group's `[cg, h, w]` input, never
+    /// materialised: the GEMM packs its blocks straight from the image.
+    Patches {
+        x: &'a [f32],
+        cg: usize,
+        h: usize,
+        w: usize,
+        ow: usize,
+    },
+}
+
 impl Conv {
-    /// `out = act(W_group · b + bias)` for `b` `[k, cols]`. Wide outputs
-    /// are computed a block of columns at a time into `chunk`, which stays
-    /// in cache while the activation is applied on the way out, so it costs
-    /// no extra pass over memory.
-    #[allow(clippy::too_many_arguments)]
+    /// `out = act(W_group · b + bias)` for the `[k, cols]` matrix `b`. With
+    /// an activation, wide outputs are computed in blocks of columns, in
+    /// parallel, each block activated while in cache and written once.
     fn gemm_activated(
         &self,
         group: usize,
-        b: &[f32],
+        b: Columns<'_>,
         k: usize,
         cols: usize,
         bias: Option<&[f32]>,
         out: &mut [f32],
-        chunk: &mut Vec<f32>,
     ) {
         let m = out.len() / cols.max(1);
-        let run = |dst: &mut [f32], view: NdTensorView<f32, 2>| {
+        // One GEMM over output columns `range` into `dst` (`m × range.len()`).
+        let run = |dst: &mut [f32], range: std::ops::Range<usize>| {
             with_gemm(|e| {
-                e.gemm_uninit(
-                    as_uninit(dst),
-                    GemmInputA::Packed(&self.packed[group]),
-                    GemmInputB::Unpacked(view),
-                    GemmUninitOptions {
-                        bias: bias.map(BiasVector::Column),
-                        ..Default::default()
-                    },
-                )
-                .map(|_| ())
-                .expect("shapes agree by construction")
+                let opts = GemmUninitOptions {
+                    bias: bias.map(BiasVector::Column),
+                    ..Default::default()
+                };
+                let a = GemmInputA::Packed(&self.packed[group]);
+                let result = match b {
+                    Columns::Direct(data) => {
+                        let view = NdTensorView::from_data_with_strides(
+                            [k, range.len()],
+                            &data[range.start..],
+                            [cols, 1],
+                        )
+                        .expect("the view lies inside the input");
+                        e.gemm_uninit(as_uninit(dst), a, GemmInputB::Unpacked(view), opts)
+                    }
+                    Columns::Patches { x, cg, h, w, ow } => {
+                        let patches = self.patches(x, (cg, h, w), ow, range, e);
+                        e.gemm_uninit(as_uninit(dst), a, GemmInputB::Im2Col(&patches), opts)
+                    }
+                };
+                result.map(|_| ()).expect("shapes agree by construction")
             })
         };
         if self.activation == Activation::None || cols <= COLUMN_BLOCK {
-            run(out, NdTensorView::from_data([k, cols], b));
+            run(out, 0..cols);
             self.activation.apply(out);
             return;
         }
-        // Column blocks are independent: run them in parallel, each thread
-        // with its own block buffer, each writing its own columns of `out`.
-        let _ = chunk;
         let dst = SharedOut(out.as_mut_ptr(), out.len());
         let blocks: Vec<usize> = (0..cols).step_by(COLUMN_BLOCK).collect();
         blocks.par_iter().for_each_init(Vec::new, |block, &c0| {
             let width = COLUMN_BLOCK.min(cols - c0);
             block.resize(m * width, 0.0);
-            let view = NdTensorView::from_data_with_strides([k, width], &b[c0..], [cols, 1])
-                .expect("the view lies inside the input");
-            run(block, view);
+            run(block, c0..c0 + width);
             for (row, src) in block.chunks_exact(width).enumerate() {
                 // SAFETY: the blocks' column ranges [c0, c0 + width) are
                 // disjoint, so no two threads write the same values.
@@ -251,7 +263,67 @@ impl Conv {
             }
         });
     }
+
+    /// The virtual im2col matrix of one group's `[cg, h, w]` input for the
+    /// output columns `range`: for each row (channel, tap) and each column
+    /// (output position), where in the image the value comes from; offsets
+    /// outside `[0, max]` are padding. Row and column counts are rounded up
+    /// to the GEMM kernel's steps with entries that read as padding.
+    fn patches<'a>(
+        &self,
+        x: &'a [f32],
+        (cg, h, w): (usize, usize, usize),
+        ow: usize,
+        range: std::ops::Range<usize>,
+        e: &GemmExecutor<f32>,
+    ) -> Im2Col<'a, f32> {
+        let g = &self.geometry;
+        let (kh, kw) = g.kernel;
+        let (sy, sx) = g.stride;
+        let (dy, dx) = g.dilation;
+        let (max_y, max_x) = (((h - 1) * w) as i32, (w - 1) as i32);
+        let rows = cg * kh * kw;
+        let rows_padded = rows.next_multiple_of(e.im2col_row_count_step());
+        let mut chan = Vec::with_capacity(rows_padded);
+        let mut ys = Vec::with_capacity(rows_padded);
+        let mut xs = Vec::with_capacity(rows_padded);
+        for c in 0..cg {
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    chan.push((c * h * w) as i32);
+                    ys.push((ky * dy * w) as i32);
+                    xs.push((kx * dx) as i32);
+                }
+            }
+        }
+        chan.resize(rows_padded, 0);
+        ys.resize(rows_padded, max_y + 1);
+        xs.resize(rows_padded, max_x + 1);
+        let n_cols = range.len();
+        let cols_padded = n_cols.next_multiple_of(e.im2col_col_count_step());
+        let (mut col_y, mut col_x) = (
+            Vec::with_capacity(cols_padded),
+            Vec::with_capacity(cols_padded),
+        );
+        for col in range.start..range.start + cols_padded {
+            let (oy, ox) = (col / ow, col % ow);
+            col_y.push((oy * sy) as i32 * w as i32 - (g.pads[0] * w) as i32);
+            col_x.push((ox * sx) as i32 - g.pads[1] as i32);
+        }
+        Im2Col {
+            image: NdTensorView::from_data([cg, h, w], x),
+            row_offsets: RowOffsets { chan, y: ys, x: xs },
+            col_offsets: ColOffsets { y: col_y, x: col_x },
+            n_cols,
+            n_rows: rows,
+            max_y_offset: max_y,
+            max_x_offset: max_x,
+        }
+    }
 }
+
+/// Output columns an activated GEMM computes at a time.
+const COLUMN_BLOCK: usize = 2048;
 
 /// The output of a parallel GEMM, written by threads in disjoint column blocks.
 #[derive(Clone, Copy)]
@@ -274,9 +346,6 @@ unsafe impl Send for SharedOut {}
 // SAFETY: as above; the pointer is only read to derive disjoint slices.
 unsafe impl Sync for SharedOut {}
 
-/// Output columns an activated GEMM computes at a time.
-const COLUMN_BLOCK: usize = 1024;
-
 /// Whether the layer is depthwise (one input and one output channel per group).
 pub fn is_depthwise(g: &ConvGeometry, c_in: usize, c_out: usize) -> bool {
     g.group > 1 && g.group == c_in && c_out == c_in
@@ -286,57 +355,6 @@ fn as_uninit(s: &mut [f32]) -> &mut [std::mem::MaybeUninit<f32>] {
     // SAFETY: MaybeUninit<f32> has the layout of f32, and initialised values
     // are valid MaybeUninit values.
     unsafe { &mut *(s as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) }
-}
-
-/// Writes the `[cg · kh · kw, oh · ow]` column matrix of one group's input.
-fn im2col(
-    x: &[f32],
-    h: usize,
-    w: usize,
-    g: &ConvGeometry,
-    (oh, ow): (usize, usize),
-    cols: &mut [f32],
-) {
-    let (kh, kw) = g.kernel;
-    let (sy, sx) = g.stride;
-    let (dy, dx) = g.dilation;
-    let pl = g.pads[1];
-    cols.par_chunks_mut(oh * ow)
-        .enumerate()
-        .for_each(|(row, dst)| {
-            let c = row / (kh * kw);
-            let ky = (row / kw) % kh;
-            let kx = row % kw;
-            let plane = &x[c * h * w..(c + 1) * h * w];
-            // Output columns whose input column ox·sx + kx·dx − pl lies in [0, w).
-            let shift = kx * dx;
-            let first = pl.saturating_sub(shift).div_ceil(sx).min(ow);
-            let last = if w + pl > shift {
-                ((w + pl - shift - 1) / sx + 1).min(ow)
-            } else {
-                0
-            }
-            .max(first);
-            for oy in 0..oh {
-                let iy = (oy * sy + ky * dy) as isize - g.pads[0] as isize;
-                let d = &mut dst[oy * ow..(oy + 1) * ow];
-                if iy < 0 || iy as usize >= h {
-                    d.fill(0.0);
-                    continue;
-                }
-                let src = &plane[iy as usize * w..(iy as usize + 1) * w];
-                d[..first].fill(0.0);
-                d[last..].fill(0.0);
-                if sx == 1 {
-                    let start = first + shift - pl;
-                    d[first..last].copy_from_slice(&src[start..start + (last - first)]);
-                } else {
-                    for (ox, v) in d[first..last].iter_mut().enumerate() {
-                        *v = src[(first + ox) * sx + shift - pl];
-                    }
-                }
-            }
-        });
 }
 
 /// Input rows up to which a dense layer multiplies by the unpacked weight.
