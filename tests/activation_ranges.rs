@@ -5,16 +5,14 @@
 
 mod common;
 
-use ascend_quant::data::Dataset;
 use ascend_quant::onnx::builder::node;
 use ascend_quant::onnx::proto::OperatorSetIdProto;
 use ascend_quant::onnx::{GraphProto, ModelProto, Storage, to_proto};
-use ascend_quant::quant::calibrate::{Outcome, RunSettings, calibrate};
+use ascend_quant::quant::calibrate::Outcome;
 use ascend_quant::quant::config::QuantConfig;
 use ascend_quant::quant::observe::ActAlgo;
-use ascend_quant::sim::{CpuExecutor, Executor, SessionOptions};
 use ascend_quant::tensor::Tensor;
-use common::value_info;
+use common::{calibrate_with, run_x_to_y as output, value_info};
 use ndarray::{ArrayD, IxDyn};
 
 const C: usize = 4;
@@ -122,19 +120,7 @@ fn calibrate_on(m: &ModelProto, data: &ArrayD<f32>, extend: bool, asymmetric: bo
             s.max_percentile = 1.0;
         }
     }
-    let dataset = Dataset::from_arrays(
-        vec![("x".into(), Tensor::F32(data.clone()))],
-        &["x".into()],
-        "t".into(),
-    )
-    .unwrap();
-    let settings = RunSettings {
-        batch_size: 8,
-        dynamic_batch: false,
-        progress: &|_, _| {},
-        similarity_samples: 0,
-    };
-    calibrate(m, &config, &dataset, &CpuExecutor, &settings).unwrap()
+    calibrate_with(m, &config, data.clone())
 }
 
 /// Mean squared error of an asymmetric int8 grid over [0, clip] on `x`
@@ -149,26 +135,6 @@ fn grid_mse(x: &[f32], clip: f64) -> f64 {
         })
         .sum::<f64>()
         / x.len() as f64
-}
-
-fn output(m: &ModelProto, x: &ArrayD<f32>) -> ArrayD<f32> {
-    let s = CpuExecutor
-        .prepare(
-            m,
-            &SessionOptions {
-                dynamic_batch: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-    match s
-        .run(&[("x", &Tensor::F32(x.clone()))], &["y"])
-        .unwrap()
-        .remove(0)
-    {
-        Tensor::F32(a) => a,
-        other => panic!("{other:?}"),
-    }
 }
 
 #[test]

@@ -11,10 +11,13 @@
 //! pad or rounding mode moves outputs by 1e-2 or more). Integer and boolean
 //! outputs must match exactly.
 
+mod common;
+
 use ascend_quant::data::read_npy;
 use ascend_quant::onnx::{ModelProto, Storage, load_model, to_proto};
 use ascend_quant::sim::{CpuExecutor, Executor, NativeExecutor, SessionOptions};
 use ascend_quant::tensor::Tensor;
+use common::value_info;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -344,8 +347,8 @@ fn a_kept_convolution_output_is_not_fused_with_its_relu() {
                 node("Relu", "relu", &["c"], &["y"], vec![]),
             ],
             initializer: vec![to_proto("w", &w, Storage::Raw)],
-            input: vec![ascend_quant_value_info("x", &[1, 1, 5, 5])],
-            output: vec![ascend_quant_value_info("y", &[1, 2, 3, 3])],
+            input: vec![value_info("x", &[1, 1, 5, 5])],
+            output: vec![value_info("y", &[1, 2, 3, 3])],
             ..Default::default()
         }),
         ..Default::default()
@@ -387,29 +390,6 @@ fn a_kept_convolution_output_is_not_fused_with_its_relu() {
             .run(&[("c", &Tensor::F32(c.clone()))], &["y"])
             .unwrap();
         assert_eq!(replay[0].as_f32().unwrap(), &y);
-    }
-}
-
-fn ascend_quant_value_info(name: &str, dims: &[i64]) -> ascend_quant::onnx::ValueInfoProto {
-    use ascend_quant::onnx::proto::{TensorShapeProto, TypeProto, tensor_shape_proto, type_proto};
-    ascend_quant::onnx::ValueInfoProto {
-        name: Some(name.into()),
-        r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: Some(1),
-                shape: Some(TensorShapeProto {
-                    dim: dims
-                        .iter()
-                        .map(|&d| tensor_shape_proto::Dimension {
-                            value: Some(tensor_shape_proto::dimension::Value::DimValue(d)),
-                            denotation: None,
-                        })
-                        .collect(),
-                }),
-            })),
-            denotation: None,
-        }),
-        ..Default::default()
     }
 }
 
@@ -455,11 +435,8 @@ fn quantization_chains_run_natively_with_onnx_arithmetic() {
         }],
         graph: Some(GraphProto {
             node: nodes,
-            input: vec![ascend_quant_value_info("x", &[2, 500])],
-            output: vec![
-                ascend_quant_value_info("fake", &[2, 500]),
-                ascend_quant_value_info("qdq", &[2, 500]),
-            ],
+            input: vec![value_info("x", &[2, 500])],
+            output: vec![value_info("fake", &[2, 500]), value_info("qdq", &[2, 500])],
             ..Default::default()
         }),
         ..Default::default()

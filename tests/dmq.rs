@@ -5,15 +5,13 @@
 
 mod common;
 
-use ascend_quant::data::Dataset;
 use ascend_quant::onnx::builder::node;
 use ascend_quant::onnx::proto::{AttributeProto, OperatorSetIdProto};
 use ascend_quant::onnx::{GraphProto, ModelProto, Storage, to_proto, to_tensor};
-use ascend_quant::quant::calibrate::{Outcome, RunSettings, calibrate};
+use ascend_quant::quant::calibrate::Outcome;
 use ascend_quant::quant::config::QuantConfig;
-use ascend_quant::sim::{CpuExecutor, Executor, SessionOptions};
 use ascend_quant::tensor::Tensor;
-use common::{signed_values as values, value_info};
+use common::{calibrate_with, run_x_to_y as output, signed_values as values, value_info};
 use ndarray::{ArrayD, IxDyn};
 
 fn model(
@@ -51,40 +49,6 @@ fn run(m: &ModelProto, data: ArrayD<f32>, dmq: Option<f32>) -> Outcome {
         l.dmq = dmq;
     }
     calibrate_with(m, &config, data)
-}
-
-/// Calibrates `m` as `config` says on `data` (input `x`), in batches of 8.
-fn calibrate_with(m: &ModelProto, config: &QuantConfig, data: ArrayD<f32>) -> Outcome {
-    let dataset = Dataset::from_arrays(
-        vec![("x".into(), Tensor::F32(data))],
-        &["x".into()],
-        "t".into(),
-    )
-    .unwrap();
-    let settings = RunSettings {
-        batch_size: 8,
-        dynamic_batch: false,
-        progress: &|_, _| {},
-        similarity_samples: 0,
-    };
-    calibrate(m, config, &dataset, &CpuExecutor, &settings).unwrap()
-}
-
-fn output(m: &ModelProto, x: &ArrayD<f32>) -> ArrayD<f32> {
-    let s = CpuExecutor
-        .prepare(
-            m,
-            &SessionOptions {
-                dynamic_batch: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-    let x = Tensor::F32(x.clone());
-    match s.run(&[("x", &x)], &["y"]).unwrap().remove(0) {
-        Tensor::F32(a) => a,
-        other => panic!("{other:?}"),
-    }
 }
 
 fn mse(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f64 {

@@ -69,3 +69,19 @@ impl SimError {
         !matches!(self, SimError::Run { .. })
     }
 }
+
+/// The hint of an [`SimError::UnknownValue`]: the names the model declares
+/// for that role, and the kept values.
+pub fn names_hint(declared: &[crate::onnx::ValueSpec], keep: &[String], role: ValueRole) -> String {
+    let names: Vec<&str> = declared.iter().map(|s| s.name.as_str()).collect();
+    let kept = if keep.is_empty() {
+        String::new()
+    } else {
+        format!(" (or kept values: {})", keep.join(", "))
+    };
+    format!(
+        "the model's {} are: {}{kept}",
+        role.plural(),
+        names.join(", ")
+    )
+}

@@ -166,24 +166,10 @@ impl NativeModel {
     }
 
     fn unknown(&self, name: &str, role: ValueRole) -> SimError {
-        let names: Vec<&str> = self
-            .declared(role)
-            .iter()
-            .map(|s| s.name.as_str())
-            .collect();
-        let kept = if self.keep.is_empty() {
-            String::new()
-        } else {
-            format!(" (or kept values: {})", self.keep.join(", "))
-        };
         SimError::UnknownValue {
             name: name.to_string(),
             role,
-            hint: format!(
-                "the model's {} are: {}{kept}",
-                role.plural(),
-                names.join(", ")
-            ),
+            hint: super::error::names_hint(self.declared(role), &self.keep, role),
         }
     }
 
@@ -504,24 +490,43 @@ fn conv(node: &NodeProto, consts: &HashMap<String, ArrayD<f32>>) -> Result<(Conv
     ))
 }
 
+/// How many nodes read each value, and which values the caller sees (graph
+/// outputs and kept values): what decides whether a fusion may hide a value.
+struct Readers<'a> {
+    count: HashMap<&'a str, usize>,
+    exposed: HashSet<&'a str>,
+}
+
+impl<'a> Readers<'a> {
+    fn new(graph: &'a GraphProto, keep: &'a [String]) -> Readers<'a> {
+        let mut count: HashMap<&str, usize> = HashMap::new();
+        for n in &graph.node {
+            for i in n.input.iter().filter(|i| !i.is_empty()) {
+                *count.entry(i.as_str()).or_default() += 1;
+            }
+        }
+        let exposed = graph
+            .output
+            .iter()
+            .map(|o| o.name())
+            .chain(keep.iter().map(String::as_str))
+            .collect();
+        Readers { count, exposed }
+    }
+
+    /// Whether exactly `n` nodes read `v` and the caller does not see it.
+    fn private(&self, v: &str, n: usize) -> bool {
+        self.count.get(v) == Some(&n) && !self.exposed.contains(v)
+    }
+}
+
 /// Folds activations into the Conv before them when nothing else needs the
 /// Conv's own output (nor the Sigmoid's, for SiLU) and neither is kept nor
 /// a graph output: `Relu`/`Clip` become the Conv's clamp, `Sigmoid(c)` with
 /// `Mul(c, sigmoid)` (SiLU, as detectors export it) its SiLU.
 fn fuse_activations(steps: &mut Vec<Step>, graph: &GraphProto, keep: &[String]) {
-    let mut readers: HashMap<&str, usize> = HashMap::new();
-    for n in &graph.node {
-        for i in n.input.iter().filter(|i| !i.is_empty()) {
-            *readers.entry(i.as_str()).or_default() += 1;
-        }
-    }
-    let exposed: HashSet<&str> = graph
-        .output
-        .iter()
-        .map(|o| o.name())
-        .chain(keep.iter().map(String::as_str))
-        .collect();
-    let private = |v: &str, n: usize| readers.get(v) == Some(&n) && !exposed.contains(v);
+    let readers = Readers::new(graph, keep);
+    let private = |v: &str, n: usize| readers.private(v, n);
     let producer: HashMap<String, usize> = steps
         .iter()
         .enumerate()
@@ -580,19 +585,8 @@ fn fuse_fake_quant(
     keep: &[String],
     consts: &HashMap<String, ArrayD<f32>>,
 ) {
-    let mut readers: HashMap<&str, usize> = HashMap::new();
-    for n in &graph.node {
-        for i in n.input.iter().filter(|i| !i.is_empty()) {
-            *readers.entry(i.as_str()).or_default() += 1;
-        }
-    }
-    let exposed: HashSet<&str> = graph
-        .output
-        .iter()
-        .map(|o| o.name())
-        .chain(keep.iter().map(String::as_str))
-        .collect();
-    let private = |v: &str| readers.get(v) == Some(&1) && !exposed.contains(v);
+    let readers = Readers::new(graph, keep);
+    let private = |v: &str| readers.private(v, 1);
     let scalar = |name: &str| {
         consts
             .get(name)

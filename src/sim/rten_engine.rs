@@ -116,21 +116,7 @@ impl RtenSession {
     }
 
     fn hint(&self, role: ValueRole) -> String {
-        let names: Vec<&str> = self
-            .declared(role)
-            .iter()
-            .map(|s| s.name.as_str())
-            .collect();
-        let kept = if self.keep.is_empty() {
-            String::new()
-        } else {
-            format!(" (or kept values: {})", self.keep.join(", "))
-        };
-        format!(
-            "the model's {} are: {}{kept}",
-            role.plural(),
-            names.join(", ")
-        )
+        super::error::names_hint(self.declared(role), &self.keep, role)
     }
 }
 

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use ascend_quant::onnx::proto;
+use ascend_quant::sim::Executor;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -110,4 +111,53 @@ pub fn signed_values(seed: u64, n: usize) -> Vec<f32> {
             ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         })
         .collect()
+}
+
+/// Calibrates `m` (input `x`) as `config` says on `data` (input `x`), in batches of 8.
+pub fn calibrate_with(
+    m: &ascend_quant::onnx::ModelProto,
+    config: &ascend_quant::quant::config::QuantConfig,
+    data: ndarray::ArrayD<f32>,
+) -> ascend_quant::quant::calibrate::Outcome {
+    let dataset = ascend_quant::data::Dataset::from_arrays(
+        vec![("x".into(), ascend_quant::tensor::Tensor::F32(data))],
+        &["x".into()],
+        "t".into(),
+    )
+    .unwrap();
+    let settings = ascend_quant::quant::calibrate::RunSettings {
+        batch_size: 8,
+        dynamic_batch: false,
+        progress: &|_, _| {},
+        similarity_samples: 0,
+    };
+    ascend_quant::quant::calibrate::calibrate(
+        m,
+        config,
+        &dataset,
+        &ascend_quant::sim::CpuExecutor,
+        &settings,
+    )
+    .unwrap()
+}
+
+/// Runs `m` (input `x`, output `y`) on `x`, any batch size.
+pub fn run_x_to_y(
+    m: &ascend_quant::onnx::ModelProto,
+    x: &ndarray::ArrayD<f32>,
+) -> ndarray::ArrayD<f32> {
+    let s = ascend_quant::sim::CpuExecutor
+        .prepare(
+            m,
+            &ascend_quant::sim::SessionOptions {
+                dynamic_batch: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let x = ascend_quant::tensor::Tensor::F32(x.clone());
+    match s.run(&[("x", &x)], &["y"]).unwrap().remove(0) {
+        ascend_quant::tensor::Tensor::F32(a) => a,
+        other => panic!("{other:?}"),
+    }
 }
