@@ -1,5 +1,5 @@
 //! The simulator runs deploy models with the device's int32 accumulation:
-//! a convolution whose sums pass 2^24 (where float32 stops holding every
+//! a convolution and a Gemm whose sums pass 2^24 (where float32 stops holding every
 //! integer) against an exact integer reference computed here; and a batch
 //! larger than a model was exported for runs where a per-sample loop would.
 
@@ -146,6 +146,112 @@ fn a_convolution_past_two_to_the_24_accumulates_exactly() {
         differ,
         0,
         "{differ} of {} outputs differ from the integer reference",
+        want.len()
+    );
+}
+
+/// The same for a Gemm with 4096 inputs (PyTorch's `transB = 1` layout), the
+/// deploy model's integer matrix product against integers summed here.
+#[test]
+fn a_gemm_past_two_to_the_24_accumulates_exactly() {
+    let (k, m_out, n) = (4096usize, 3usize, 4usize);
+    let w = ArrayD::from_shape_vec(IxDyn(&[m_out, k]), values(11, m_out * k)).unwrap();
+    let b = ArrayD::from_shape_vec(IxDyn(&[m_out]), vec![0.5f32, -2.0, 0.0]).unwrap();
+    let m = ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(13),
+        }],
+        graph: Some(GraphProto {
+            name: Some("wide".into()),
+            node: vec![node(
+                "Gemm",
+                "fc",
+                &["x", "w", "b"],
+                &["y"],
+                vec![AttributeProto {
+                    name: Some("transB".into()),
+                    r#type: Some(2),
+                    i: Some(1),
+                    ..Default::default()
+                }],
+            )],
+            initializer: vec![
+                to_proto("w", &Tensor::F32(w), Storage::Raw),
+                to_proto("b", &Tensor::F32(b), Storage::Raw),
+            ],
+            input: vec![value_info("x", &[n as i64, k as i64])],
+            output: vec![value_info("y", &[n as i64, m_out as i64])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let x = ArrayD::from_shape_vec(IxDyn(&[n, k]), values(12, n * k)).unwrap();
+    let layers = ascend_quant::pipeline::inputs::layer_names(&m).unwrap();
+    let mut config = QuantConfig::default_for(&layers);
+    config.batch_num = 1;
+    let data = Dataset::from_arrays(
+        vec![("x".into(), Tensor::F32(x.clone()))],
+        &["x".into()],
+        "t".into(),
+    )
+    .unwrap();
+    let settings = RunSettings {
+        batch_size: n,
+        dynamic_batch: false,
+        progress: &|_, _| {},
+        similarity_samples: 0,
+    };
+    let out = calibrate(&m, &config, &data, &CpuExecutor, &settings).unwrap();
+    let g = out.deploy.graph.as_ref().unwrap();
+    let find = |op: &str| g.node.iter().find(|n| n.op_type() == op).unwrap();
+    let quant = QuantAttrs::read(find("AscendQuant")).unwrap();
+    let fc = g.node.iter().find(|n| n.name() == "fc").unwrap();
+    let init =
+        |name: &str| to_tensor(g.initializer.iter().find(|t| t.name() == name).unwrap()).unwrap();
+    let (Tensor::I8(wq), Tensor::I32(bq), Tensor::U64(deq)) = (
+        init(&fc.input[1]),
+        init(&fc.input[2]),
+        init(&find("AscendDequant").input[1]),
+    ) else {
+        panic!("deploy tensors")
+    };
+    // The deploy weight is [k, m] or [m, k]: read it by its shape.
+    let trans_b = wq.shape() == [m_out, k];
+    let q = x
+        .mapv(|v| ((v * quant.scale + quant.offset).round_ties_even()).clamp(-128.0, 127.0) as i64);
+    let off = quant.offset as i64;
+    let mut want = ArrayD::<f32>::zeros(IxDyn(&[n, m_out]));
+    let mut largest = 0i64;
+    for i in 0..n {
+        for j in 0..m_out {
+            let d = unpack_deq_scale(deq[if deq.len() == 1 { 0 } else { j }]).scale;
+            let mut acc = i64::from(bq[j]);
+            for t in 0..k {
+                let wv = if trans_b { wq[[j, t]] } else { wq[[t, j]] };
+                acc += (q[[i, t]] - off) * i64::from(wv);
+            }
+            largest = largest.max(acc.abs());
+            want[[i, j]] = acc as i32 as f32 * d;
+        }
+    }
+    assert!(largest > 1 << 24, "the sums must pass 2^24: {largest}");
+    let s = CpuExecutor
+        .prepare(&out.deploy, &SessionOptions::default())
+        .unwrap();
+    let Tensor::F32(got) = s.run(&[("x", &Tensor::F32(x))], &["y"]).unwrap().remove(0) else {
+        panic!("float output")
+    };
+    let differ = got
+        .iter()
+        .zip(want.iter())
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    assert_eq!(
+        differ,
+        0,
+        "{differ} of {} outputs differ: {got} vs {want}",
         want.len()
     );
 }
