@@ -5,14 +5,12 @@
 
 mod common;
 
+use ascend_quant::onnx::ModelProto;
 use ascend_quant::onnx::builder::node;
-use ascend_quant::onnx::proto::OperatorSetIdProto;
-use ascend_quant::onnx::{GraphProto, ModelProto, Storage, to_proto};
 use ascend_quant::quant::calibrate::Outcome;
 use ascend_quant::quant::config::QuantConfig;
 use ascend_quant::quant::observe::ActAlgo;
-use ascend_quant::tensor::Tensor;
-use common::{calibrate_with, run_x_to_y as output, value_info};
+use common::{calibrate_with, model_x_to_y, run_x_to_y as output};
 use ndarray::{ArrayD, IxDyn};
 
 const C: usize = 4;
@@ -22,30 +20,17 @@ fn model(with_clip: bool) -> ModelProto {
     let w: Vec<f32> = (0..C * C)
         .map(|i| [0.9, -0.4, 0.3, 0.7, -0.2][i % 5])
         .collect();
+    let scalar = |v: f32| ArrayD::from_elem(IxDyn(&[]), v);
     let mut inits = vec![
-        to_proto(
+        (
             "w",
-            &Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[C, C, 1, 1]), w).unwrap()),
-            Storage::Raw,
+            ArrayD::from_shape_vec(IxDyn(&[C, C, 1, 1]), w).unwrap(),
         ),
-        to_proto(
-            "b",
-            &Tensor::F32(ArrayD::from_elem(IxDyn(&[C]), 0.1)),
-            Storage::Raw,
-        ),
+        ("b", ArrayD::from_elem(IxDyn(&[C]), 0.1)),
     ];
     let mut nodes = vec![];
     let conv_input = if with_clip {
-        inits.push(to_proto(
-            "lo",
-            &Tensor::F32(ArrayD::from_elem(IxDyn(&[]), 0.0)),
-            Storage::Raw,
-        ));
-        inits.push(to_proto(
-            "hi",
-            &Tensor::F32(ArrayD::from_elem(IxDyn(&[]), 6.0)),
-            Storage::Raw,
-        ));
+        inits.extend([("lo", scalar(0.0)), ("hi", scalar(6.0))]);
         nodes.push(node("Clip", "relu6", &["x", "lo", "hi"], &["r"], vec![]));
         "r"
     } else {
@@ -58,22 +43,8 @@ fn model(with_clip: bool) -> ModelProto {
         &["y"],
         vec![],
     ));
-    ModelProto {
-        ir_version: Some(8),
-        opset_import: vec![OperatorSetIdProto {
-            domain: Some(String::new()),
-            version: Some(13),
-        }],
-        graph: Some(GraphProto {
-            name: Some("ranges".into()),
-            node: nodes,
-            initializer: inits,
-            input: vec![value_info("x", &[8, C as i64, -1, -1])],
-            output: vec![value_info("y", &[8, C as i64, -1, -1])],
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    let dims = [8, C as i64, -1, -1];
+    model_x_to_y(nodes, inits, &dims, &dims)
 }
 
 fn uniform(seed: u64, n: usize) -> Vec<f64> {

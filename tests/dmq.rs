@@ -6,40 +6,13 @@
 mod common;
 
 use ascend_quant::onnx::builder::node;
-use ascend_quant::onnx::proto::{AttributeProto, OperatorSetIdProto};
-use ascend_quant::onnx::{GraphProto, ModelProto, Storage, to_proto, to_tensor};
+use ascend_quant::onnx::proto::AttributeProto;
+use ascend_quant::onnx::{ModelProto, to_tensor};
 use ascend_quant::quant::calibrate::Outcome;
 use ascend_quant::quant::config::QuantConfig;
 use ascend_quant::tensor::Tensor;
-use common::{calibrate_with, run_x_to_y as output, signed_values as values, value_info};
+use common::{calibrate_with, model_x_to_y, run_x_to_y as output, signed_values as values};
 use ndarray::{ArrayD, IxDyn};
-
-fn model(
-    nodes: Vec<ascend_quant::onnx::NodeProto>,
-    inits: Vec<(&str, ArrayD<f32>)>,
-    x: &[i64],
-    y: &[i64],
-) -> ModelProto {
-    ModelProto {
-        ir_version: Some(8),
-        opset_import: vec![OperatorSetIdProto {
-            domain: Some(String::new()),
-            version: Some(13),
-        }],
-        graph: Some(GraphProto {
-            name: Some("dmq".into()),
-            node: nodes,
-            initializer: inits
-                .into_iter()
-                .map(|(n, a)| to_proto(n, &Tensor::F32(a), Storage::Raw))
-                .collect(),
-            input: vec![value_info("x", x)],
-            output: vec![value_info("y", y)],
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
 
 fn run(m: &ModelProto, data: ArrayD<f32>, dmq: Option<f32>) -> Outcome {
     let layers = ascend_quant::pipeline::inputs::layer_names(m).unwrap();
@@ -64,7 +37,7 @@ fn a_wide_input_channel_is_balanced_into_the_weights() {
     // y = x · W + b with x[:, 0] spanning ±100 and the rest ±1.
     let w = ArrayD::from_shape_vec(IxDyn(&[4, 3]), values(3, 12)).unwrap();
     let b = ArrayD::from_shape_vec(IxDyn(&[3]), values(4, 3)).unwrap();
-    let m = model(
+    let m = model_x_to_y(
         vec![node("Gemm", "fc", &["x", "w", "b"], &["y"], vec![])],
         vec![("w", w.clone()), ("b", b)],
         &[8, 4],
@@ -132,7 +105,7 @@ fn a_depthwise_convolution_keeps_its_int8_weights() {
         ..Default::default()
     };
     let w = ArrayD::from_shape_vec(IxDyn(&[4, 1, 3, 3]), values(5, 36)).unwrap();
-    let m = model(
+    let m = model_x_to_y(
         vec![node(
             "Conv",
             "dw",
@@ -189,7 +162,7 @@ fn conv_relu(w: ArrayD<f32>, bias_seed: u64) -> ModelProto {
         ..Default::default()
     };
     let b = ArrayD::from_shape_vec(IxDyn(&[6]), values(bias_seed, 6)).unwrap();
-    model(
+    model_x_to_y(
         vec![
             node(
                 "Conv",

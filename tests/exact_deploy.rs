@@ -14,7 +14,7 @@ use ascend_quant::quant::calibrate::{RunSettings, calibrate};
 use ascend_quant::quant::config::QuantConfig;
 use ascend_quant::sim::{CpuExecutor, Executor, SessionOptions};
 use ascend_quant::tensor::Tensor;
-use common::value_info;
+use common::{model_x_to_y, value_info};
 use ndarray::{ArrayD, IxDyn};
 
 fn values(seed: u64, n: usize) -> Vec<f32> {
@@ -29,87 +29,128 @@ fn values(seed: u64, n: usize) -> Vec<f32> {
         .collect()
 }
 
+/// What the deploy model holds for its one quantized layer `layer`, after
+/// calibrating `m` on `x` in one batch.
+struct Deployed {
+    deploy: ModelProto,
+    quant: QuantAttrs,
+    weight: ArrayD<i8>,
+    bias: ArrayD<i32>,
+    deq: Vec<u64>,
+}
+
+impl Deployed {
+    fn new(m: &ModelProto, x: &ArrayD<f32>, layer: &str) -> Deployed {
+        let layers = ascend_quant::pipeline::inputs::layer_names(m).unwrap();
+        let mut config = QuantConfig::default_for(&layers);
+        config.batch_num = 1;
+        let data = Dataset::from_arrays(
+            vec![("x".into(), Tensor::F32(x.clone()))],
+            &["x".into()],
+            "t".into(),
+        )
+        .unwrap();
+        let settings = RunSettings {
+            batch_size: x.shape()[0],
+            dynamic_batch: false,
+            progress: &|_, _| {},
+            similarity_samples: 0,
+        };
+        let deploy = calibrate(m, &config, &data, &CpuExecutor, &settings)
+            .unwrap()
+            .deploy;
+        let g = deploy.graph.as_ref().unwrap();
+        let find = |op: &str| g.node.iter().find(|n| n.op_type() == op).unwrap();
+        let node = g.node.iter().find(|n| n.name() == layer).unwrap();
+        let init = |name: &str| {
+            to_tensor(g.initializer.iter().find(|t| t.name() == name).unwrap()).unwrap()
+        };
+        let (Tensor::I8(weight), Tensor::I32(bias), Tensor::U64(deq)) = (
+            init(&node.input[1]),
+            init(&node.input[2]),
+            init(&find("AscendDequant").input[1]),
+        ) else {
+            panic!("deploy tensors")
+        };
+        Deployed {
+            quant: QuantAttrs::read(find("AscendQuant")).unwrap(),
+            weight,
+            bias,
+            deq: deq.iter().copied().collect(),
+            deploy,
+        }
+    }
+
+    /// The device's input levels minus the offset:
+    /// `sat(round_half_even(x·scale + offset)) − offset`.
+    fn levels(&self, x: &ArrayD<f32>) -> ArrayD<i64> {
+        let (scale, offset) = (self.quant.scale, self.quant.offset);
+        x.mapv(|v| {
+            ((v * scale + offset).round_ties_even()).clamp(-128.0, 127.0) as i64 - offset as i64
+        })
+    }
+
+    /// Output channel `c`'s dequantization factor.
+    fn deq_scale(&self, c: usize) -> f32 {
+        unpack_deq_scale(self.deq[if self.deq.len() == 1 { 0 } else { c }]).scale
+    }
+
+    /// How many outputs of the simulated deploy model differ in any bit from `want`.
+    fn differing(&self, x: ArrayD<f32>, want: &ArrayD<f32>) -> usize {
+        let s = CpuExecutor
+            .prepare(&self.deploy, &SessionOptions::default())
+            .unwrap();
+        let Tensor::F32(got) = s.run(&[("x", &Tensor::F32(x))], &["y"]).unwrap().remove(0) else {
+            panic!("float output")
+        };
+        assert_eq!(got.shape(), want.shape());
+        got.iter()
+            .zip(want.iter())
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count()
+    }
+}
+
+fn ints(name: &str, v: &[i64]) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(7),
+        ints: v.to_vec(),
+        ..Default::default()
+    }
+}
+
 #[test]
 fn a_convolution_past_two_to_the_24_accumulates_exactly() {
     let (cin, cout, hw) = (512usize, 4usize, 5usize);
     // Positive weights and inputs in [0, 1): every product adds up, sums reach ~4e7.
     let w = ArrayD::from_shape_vec(IxDyn(&[cout, cin, 3, 3]), values(1, cout * cin * 9)).unwrap();
     let b = ArrayD::from_shape_vec(IxDyn(&[cout]), vec![0.5f32, -0.25, 1.0, 0.0]).unwrap();
-    let ints = |name: &str, v: &[i64]| AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(7),
-        ints: v.to_vec(),
-        ..Default::default()
-    };
-    let m = ModelProto {
-        ir_version: Some(8),
-        opset_import: vec![OperatorSetIdProto {
-            domain: Some(String::new()),
-            version: Some(13),
-        }],
-        graph: Some(GraphProto {
-            name: Some("big".into()),
-            node: vec![node(
-                "Conv",
-                "conv",
-                &["x", "w", "b"],
-                &["y"],
-                vec![ints("kernel_shape", &[3, 3]), ints("pads", &[1, 1, 1, 1])],
-            )],
-            initializer: vec![
-                to_proto("w", &Tensor::F32(w), Storage::Raw),
-                to_proto("b", &Tensor::F32(b), Storage::Raw),
-            ],
-            input: vec![value_info("x", &[2, cin as i64, hw as i64, hw as i64])],
-            output: vec![value_info("y", &[2, cout as i64, hw as i64, hw as i64])],
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let conv = node(
+        "Conv",
+        "conv",
+        &["x", "w", "b"],
+        &["y"],
+        vec![ints("kernel_shape", &[3, 3]), ints("pads", &[1, 1, 1, 1])],
+    );
+    let (cin_i, cout_i, hw_i) = (cin as i64, cout as i64, hw as i64);
+    let m = model_x_to_y(
+        vec![conv],
+        vec![("w", w), ("b", b)],
+        &[2, cin_i, hw_i, hw_i],
+        &[2, cout_i, hw_i, hw_i],
+    );
     let x = ArrayD::from_shape_vec(IxDyn(&[2, cin, hw, hw]), values(2, 2 * cin * hw * hw)).unwrap();
-    let layers = ascend_quant::pipeline::inputs::layer_names(&m).unwrap();
-    let mut config = QuantConfig::default_for(&layers);
-    config.batch_num = 1;
-    let data = Dataset::from_arrays(
-        vec![("x".into(), Tensor::F32(x.clone()))],
-        &["x".into()],
-        "t".into(),
-    )
-    .unwrap();
-    let settings = RunSettings {
-        batch_size: 2,
-        dynamic_batch: false,
-        progress: &|_, _| {},
-        similarity_samples: 0,
-    };
-    let out = calibrate(&m, &config, &data, &CpuExecutor, &settings).unwrap();
-    // What the deploy model holds.
-    let g = out.deploy.graph.as_ref().unwrap();
-    let find = |op: &str| g.node.iter().find(|n| n.op_type() == op).unwrap();
-    let quant = QuantAttrs::read(find("AscendQuant")).unwrap();
-    let conv = g.node.iter().find(|n| n.name() == "conv").unwrap();
-    let init =
-        |name: &str| to_tensor(g.initializer.iter().find(|t| t.name() == name).unwrap()).unwrap();
-    let (Tensor::I8(wq), Tensor::I32(bq), Tensor::U64(deq)) = (
-        init(&conv.input[1]),
-        init(&conv.input[2]),
-        init(&find("AscendDequant").input[1]),
-    ) else {
-        panic!("deploy tensors")
-    };
-    // The device: q = sat(round_half_even(x·scale + offset)), acc = Σ (q − offset)·w + bias in
-    // integers, y = float32(acc)·deq.
-    let q = x
-        .mapv(|v| ((v * quant.scale + quant.offset).round_ties_even()).clamp(-128.0, 127.0) as i64);
-    let off = quant.offset as i64;
+    let d = Deployed::new(&m, &x, "conv");
+    // The device: acc = Σ (q − offset)·w + bias in integers, y = float32(acc)·deq.
+    let q = d.levels(&x);
     let mut want = ArrayD::<f32>::zeros(IxDyn(&[2, cout, hw, hw]));
     let mut largest = 0i64;
     for n in 0..2 {
         for co in 0..cout {
-            let d = unpack_deq_scale(deq[if deq.len() == 1 { 0 } else { co }]).scale;
             for oy in 0..hw {
                 for ox in 0..hw {
-                    let mut acc = i64::from(bq[co]);
+                    let mut acc = i64::from(d.bias[co]);
                     for ci in 0..cin {
                         for ky in 0..3 {
                             for kx in 0..3 {
@@ -118,30 +159,19 @@ fn a_convolution_past_two_to_the_24_accumulates_exactly() {
                                 if iy < 0 || ix < 0 || iy >= hw as i64 || ix >= hw as i64 {
                                     continue;
                                 }
-                                acc += (q[[n, ci, iy as usize, ix as usize]] - off)
-                                    * i64::from(wq[[co, ci, ky, kx]]);
+                                acc += q[[n, ci, iy as usize, ix as usize]]
+                                    * i64::from(d.weight[[co, ci, ky, kx]]);
                             }
                         }
                     }
                     largest = largest.max(acc.abs());
-                    want[[n, co, oy, ox]] = acc as i32 as f32 * d;
+                    want[[n, co, oy, ox]] = acc as i32 as f32 * d.deq_scale(co);
                 }
             }
         }
     }
     assert!(largest > 1 << 24, "the sums must pass 2^24: {largest}");
-    let s = CpuExecutor
-        .prepare(&out.deploy, &SessionOptions::default())
-        .unwrap();
-    let xt = Tensor::F32(x);
-    let Tensor::F32(got) = s.run(&[("x", &xt)], &["y"]).unwrap().remove(0) else {
-        panic!("float output")
-    };
-    let differ = got
-        .iter()
-        .zip(want.iter())
-        .filter(|(a, b)| a.to_bits() != b.to_bits())
-        .count();
+    let differ = d.differing(x, &want);
     assert_eq!(
         differ,
         0,
@@ -157,101 +187,46 @@ fn a_gemm_past_two_to_the_24_accumulates_exactly() {
     let (k, m_out, n) = (4096usize, 3usize, 4usize);
     let w = ArrayD::from_shape_vec(IxDyn(&[m_out, k]), values(11, m_out * k)).unwrap();
     let b = ArrayD::from_shape_vec(IxDyn(&[m_out]), vec![0.5f32, -2.0, 0.0]).unwrap();
-    let m = ModelProto {
-        ir_version: Some(8),
-        opset_import: vec![OperatorSetIdProto {
-            domain: Some(String::new()),
-            version: Some(13),
-        }],
-        graph: Some(GraphProto {
-            name: Some("wide".into()),
-            node: vec![node(
-                "Gemm",
-                "fc",
-                &["x", "w", "b"],
-                &["y"],
-                vec![AttributeProto {
-                    name: Some("transB".into()),
-                    r#type: Some(2),
-                    i: Some(1),
-                    ..Default::default()
-                }],
-            )],
-            initializer: vec![
-                to_proto("w", &Tensor::F32(w), Storage::Raw),
-                to_proto("b", &Tensor::F32(b), Storage::Raw),
-            ],
-            input: vec![value_info("x", &[n as i64, k as i64])],
-            output: vec![value_info("y", &[n as i64, m_out as i64])],
-            ..Default::default()
-        }),
+    let trans_b = AttributeProto {
+        name: Some("transB".into()),
+        r#type: Some(2),
+        i: Some(1),
         ..Default::default()
     };
+    let m = model_x_to_y(
+        vec![node("Gemm", "fc", &["x", "w", "b"], &["y"], vec![trans_b])],
+        vec![("w", w), ("b", b)],
+        &[n as i64, k as i64],
+        &[n as i64, m_out as i64],
+    );
     let x = ArrayD::from_shape_vec(IxDyn(&[n, k]), values(12, n * k)).unwrap();
-    let layers = ascend_quant::pipeline::inputs::layer_names(&m).unwrap();
-    let mut config = QuantConfig::default_for(&layers);
-    config.batch_num = 1;
-    let data = Dataset::from_arrays(
-        vec![("x".into(), Tensor::F32(x.clone()))],
-        &["x".into()],
-        "t".into(),
-    )
-    .unwrap();
-    let settings = RunSettings {
-        batch_size: n,
-        dynamic_batch: false,
-        progress: &|_, _| {},
-        similarity_samples: 0,
-    };
-    let out = calibrate(&m, &config, &data, &CpuExecutor, &settings).unwrap();
-    let g = out.deploy.graph.as_ref().unwrap();
-    let find = |op: &str| g.node.iter().find(|n| n.op_type() == op).unwrap();
-    let quant = QuantAttrs::read(find("AscendQuant")).unwrap();
-    let fc = g.node.iter().find(|n| n.name() == "fc").unwrap();
-    let init =
-        |name: &str| to_tensor(g.initializer.iter().find(|t| t.name() == name).unwrap()).unwrap();
-    let (Tensor::I8(wq), Tensor::I32(bq), Tensor::U64(deq)) = (
-        init(&fc.input[1]),
-        init(&fc.input[2]),
-        init(&find("AscendDequant").input[1]),
-    ) else {
-        panic!("deploy tensors")
-    };
+    let d = Deployed::new(&m, &x, "fc");
     // The deploy weight is [k, m] or [m, k]: read it by its shape.
-    let trans_b = wq.shape() == [m_out, k];
-    let q = x
-        .mapv(|v| ((v * quant.scale + quant.offset).round_ties_even()).clamp(-128.0, 127.0) as i64);
-    let off = quant.offset as i64;
+    let transposed = d.weight.shape() == [m_out, k];
+    let q = d.levels(&x);
     let mut want = ArrayD::<f32>::zeros(IxDyn(&[n, m_out]));
     let mut largest = 0i64;
     for i in 0..n {
         for j in 0..m_out {
-            let d = unpack_deq_scale(deq[if deq.len() == 1 { 0 } else { j }]).scale;
-            let mut acc = i64::from(bq[j]);
+            let mut acc = i64::from(d.bias[j]);
             for t in 0..k {
-                let wv = if trans_b { wq[[j, t]] } else { wq[[t, j]] };
-                acc += (q[[i, t]] - off) * i64::from(wv);
+                let wv = if transposed {
+                    d.weight[[j, t]]
+                } else {
+                    d.weight[[t, j]]
+                };
+                acc += q[[i, t]] * i64::from(wv);
             }
             largest = largest.max(acc.abs());
-            want[[i, j]] = acc as i32 as f32 * d;
+            want[[i, j]] = acc as i32 as f32 * d.deq_scale(j);
         }
     }
     assert!(largest > 1 << 24, "the sums must pass 2^24: {largest}");
-    let s = CpuExecutor
-        .prepare(&out.deploy, &SessionOptions::default())
-        .unwrap();
-    let Tensor::F32(got) = s.run(&[("x", &Tensor::F32(x))], &["y"]).unwrap().remove(0) else {
-        panic!("float output")
-    };
-    let differ = got
-        .iter()
-        .zip(want.iter())
-        .filter(|(a, b)| a.to_bits() != b.to_bits())
-        .count();
+    let differ = d.differing(x, &want);
     assert_eq!(
         differ,
         0,
-        "{differ} of {} outputs differ: {got} vs {want}",
+        "{differ} of {} outputs differ from the integer reference",
         want.len()
     );
 }

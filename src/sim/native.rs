@@ -74,7 +74,7 @@ impl NativeModel {
         let Some(graph) = prepared.graph.as_ref() else {
             return Ok(None);
         };
-        crate::onnx::GraphIndex::new(graph).map_err(|e| SimError::Load {
+        let index = crate::onnx::GraphIndex::new(graph).map_err(|e| SimError::Load {
             reason: e.to_string(),
         })?;
         let inputs = feedable_inputs(&prepared);
@@ -93,7 +93,7 @@ impl NativeModel {
             .find(|o| o.domain().is_empty() || o.domain() == "ai.onnx")
             .and_then(|o| o.version)
             .unwrap_or(1);
-        Ok(Self::steps(graph, opset, opts)
+        Ok(Self::steps(graph, &index, opset, opts)
             .ok()
             .map(|(steps, consts)| NativeModel {
                 steps,
@@ -108,6 +108,7 @@ impl NativeModel {
     #[allow(clippy::type_complexity)]
     fn steps(
         graph: &GraphProto,
+        index: &crate::onnx::GraphIndex,
         opset: i64,
         opts: &SessionOptions,
     ) -> Result<(Vec<Step>, HashMap<String, ArrayD<f32>>), Decline> {
@@ -122,7 +123,6 @@ impl NativeModel {
                 to_tensor(t).map_err(|_| ())?,
             )?;
         }
-        let index = crate::onnx::GraphIndex::new(graph).map_err(|_| ())?;
         let mut steps = Vec::new();
         let mut absorbed: HashSet<usize> = HashSet::new();
         for &i in index.topological_order() {
@@ -144,7 +144,7 @@ impl NativeModel {
             }
             if node.op_type() == "QuantizeLinear" {
                 let (step, dq) =
-                    quant_dequant(graph, &index, node, &consts, &zero_points, &opts.keep)?;
+                    quant_dequant(graph, index, node, &consts, &zero_points, &opts.keep)?;
                 absorbed.insert(dq);
                 steps.push(step);
                 continue;

@@ -3,7 +3,7 @@
 //! NumPy broadcasting, pooling, and the layout operators. Each returns a
 //! message (the caller names the node) instead of panicking on bad shapes.
 
-use super::kernels::activation;
+use super::kernels::activation::{self, clamp_value};
 use super::kernels::conv::{Conv, Dense};
 use crate::onnx::NodeProto;
 use crate::onnx::attr::{int_attr, ints_attr, string_attr};
@@ -56,18 +56,26 @@ pub fn dense(d: &Dense, x: &ArrayD<f32>) -> OpResult {
     ArrayD::from_shape_vec(IxDyn(&[s[0], m]), out).map_err(|e| e.to_string())
 }
 
-/// Clip / Relu.
+/// Values per parallel task of an elementwise pass.
+const ELEMENTWISE_CHUNK: usize = 1 << 14;
+
+/// A copy of `x` in standard layout with `f` applied to every value, chunks
+/// of the buffer in parallel.
+fn map_chunks(x: &ArrayD<f32>, f: impl Fn(&mut [f32]) + Send + Sync) -> ArrayD<f32> {
+    let mut out = x.as_standard_layout().into_owned();
+    let values = out.as_slice_mut().expect("standard layout is contiguous");
+    values.par_chunks_mut(ELEMENTWISE_CHUNK).for_each(f);
+    out
+}
+
+/// Clip / Relu, with the same clamp the fused convolutions apply.
 pub fn clamp(x: &ArrayD<f32>, lo: f32, hi: f32) -> ArrayD<f32> {
-    x.mapv(|v| v.max(lo).min(hi))
+    map_chunks(x, |c| activation::Activation::Clamp(lo, hi).apply(c))
 }
 
 /// The logistic function.
 pub fn sigmoid(x: &ArrayD<f32>) -> ArrayD<f32> {
-    let mut out = x.as_standard_layout().into_owned();
-    if let Some(s) = out.as_slice_mut() {
-        s.par_chunks_mut(1 << 14).for_each(activation::sigmoid);
-    }
-    out
+    map_chunks(x, activation::sigmoid)
 }
 
 /// Round half to even, exactly for |x| < 2^22 (adding and removing 1.5·2^23
@@ -98,25 +106,13 @@ pub struct FakeQuant {
 impl FakeQuant {
     /// Applies the chain to every value.
     pub fn apply(&self, x: &ArrayD<f32>) -> ArrayD<f32> {
-        let mut out = x.as_standard_layout().into_owned();
         let q = *self;
-        let f = move |v: f32| -> f32 {
-            let t = round_before_clamp(v * q.inv) + q.offset;
-            // Clip: NaN stays NaN, as ONNX's Clip keeps it.
-            let t = if t < q.lo {
-                q.lo
-            } else if t > q.hi {
-                q.hi
-            } else {
-                t
-            };
-            t - q.offset
-        };
-        if let Some(v) = out.as_slice_mut() {
-            v.par_chunks_mut(1 << 14)
-                .for_each(|c| c.iter_mut().for_each(|x| *x = f(*x)));
-        }
-        out
+        map_chunks(x, move |c| {
+            for v in c {
+                let t = round_before_clamp(*v * q.inv) + q.offset;
+                *v = clamp_value(t, (q.lo, q.hi)) - q.offset;
+            }
+        })
     }
 }
 
@@ -137,24 +133,13 @@ pub struct QuantDequant {
 impl QuantDequant {
     /// Applies the pair to every value.
     pub fn apply(&self, x: &ArrayD<f32>) -> ArrayD<f32> {
-        let mut out = x.as_standard_layout().into_owned();
         let q = *self;
-        let f = move |v: f32| -> f32 {
-            let t = round_before_clamp(v / q.scale) + q.zero;
-            let t = if t < q.lo {
-                q.lo
-            } else if t > q.hi {
-                q.hi
-            } else {
-                t
-            };
-            (t - q.zero) * q.scale
-        };
-        if let Some(v) = out.as_slice_mut() {
-            v.par_chunks_mut(1 << 14)
-                .for_each(|c| c.iter_mut().for_each(|x| *x = f(*x)));
-        }
-        out
+        map_chunks(x, move |c| {
+            for v in c {
+                let t = round_before_clamp(*v / q.scale) + q.zero;
+                *v = (clamp_value(t, (q.lo, q.hi)) - q.zero) * q.scale;
+            }
+        })
     }
 }
 
@@ -220,8 +205,11 @@ pub fn binary(op: Elementwise, a: &ArrayD<f32>, b: &ArrayD<f32>) -> OpResult {
         && let (Some(x), Some(y)) = (a.as_slice(), b.as_slice())
     {
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(1 << 14)
-            .zip(x.par_chunks(1 << 14).zip(y.par_chunks(1 << 14)))
+        out.par_chunks_mut(ELEMENTWISE_CHUNK)
+            .zip(
+                x.par_chunks(ELEMENTWISE_CHUNK)
+                    .zip(y.par_chunks(ELEMENTWISE_CHUNK)),
+            )
             .for_each(|(o, (x, y))| {
                 for ((o, x), y) in o.iter_mut().zip(x).zip(y) {
                     *o = op.apply(*x, *y);
@@ -236,19 +224,15 @@ pub fn binary(op: Elementwise, a: &ArrayD<f32>, b: &ArrayD<f32>) -> OpResult {
         _ => None,
     };
     if let Some((t, Some(c), swapped)) = scalar_side {
-        let mut out = t.as_standard_layout().into_owned();
-        if let Some(v) = out.as_slice_mut() {
-            v.par_chunks_mut(1 << 14).for_each(|chunk| {
-                for x in chunk {
-                    *x = if swapped {
-                        op.apply(c, *x)
-                    } else {
-                        op.apply(*x, c)
-                    };
-                }
-            });
-            return Ok(out);
-        }
+        return Ok(map_chunks(t, |chunk| {
+            for x in chunk {
+                *x = if swapped {
+                    op.apply(c, *x)
+                } else {
+                    op.apply(*x, c)
+                };
+            }
+        }));
     }
     let av = a.broadcast(IxDyn(&shape)).ok_or("broadcast failed")?;
     let bv = b.broadcast(IxDyn(&shape)).ok_or("broadcast failed")?;

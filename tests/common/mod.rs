@@ -161,3 +161,33 @@ pub fn run_x_to_y(
         other => panic!("{other:?}"),
     }
 }
+
+/// A model from `nodes` with float initializers `inits`, one input `x` and
+/// one output `y` of the given dimensions (negative: symbolic), opset 13.
+pub fn model_x_to_y(
+    nodes: Vec<proto::NodeProto>,
+    inits: Vec<(&str, ndarray::ArrayD<f32>)>,
+    x: &[i64],
+    y: &[i64],
+) -> ascend_quant::onnx::ModelProto {
+    use ascend_quant::onnx::{Storage, to_proto};
+    ascend_quant::onnx::ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![proto::OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(13),
+        }],
+        graph: Some(proto::GraphProto {
+            name: Some("test".into()),
+            node: nodes,
+            initializer: inits
+                .into_iter()
+                .map(|(n, a)| to_proto(n, &ascend_quant::tensor::Tensor::F32(a), Storage::Raw))
+                .collect(),
+            input: vec![value_info("x", x)],
+            output: vec![value_info("y", y)],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}

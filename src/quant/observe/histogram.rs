@@ -112,18 +112,18 @@ impl Histogram {
             self.counts[0] += data.len() as f64;
             return;
         }
-        // No bin can overflow its u32 tally before the next flush.
-        if self.pending_total + data.len() as u64 > u64::from(u32::MAX) {
-            self.flush();
-        }
         let (lo, inv) = (lo as f32, (1.0 / width) as f32);
         for chunk in data.chunks(u32::MAX as usize) {
+            // No bin can overflow its u32 tally before the next flush.
+            if self.pending_total + chunk.len() as u64 > u64::from(u32::MAX) {
+                self.flush();
+            }
             for &x in chunk {
                 let i = ((x - lo) * inv) as usize;
                 self.pending[i.min(n - 1)] += 1;
             }
+            self.pending_total += chunk.len() as u64;
         }
-        self.pending_total += data.len() as u64;
     }
 
     /// Widens the range to cover `[min, max]` by a power-of-two factor `f` of

@@ -33,7 +33,7 @@ pub struct Conv {
     geometry: ConvGeometry,
     c_in: usize,
     c_out: usize,
-    /// Weight `[C_out, C_in/group · kh · kw]` as given (depthwise path).
+    /// Weight `[C_out, kh · kw]` as given (depthwise layers only; empty otherwise).
     weight: Vec<f32>,
     /// One packed weight block per group (GEMM path).
     packed: Vec<PackedAMatrix<f32>>,
@@ -64,15 +64,17 @@ impl Conv {
         let g = geometry.group;
         let k = c_in / g * geometry.kernel.0 * geometry.kernel.1;
         let m = c_out / g;
-        let packed = if is_depthwise(&geometry, c_in, c_out) {
-            Vec::new()
+        // Depthwise layers keep the weight as given; the others only packed.
+        let (weight, packed) = if is_depthwise(&geometry, c_in, c_out) {
+            (weight, Vec::new())
         } else {
-            (0..g)
+            let packed = (0..g)
                 .map(|i| {
                     let block = &weight[i * m * k..(i + 1) * m * k];
                     with_gemm(|e| e.prepack_a(NdTensorView::from_data([m, k], block)))
                 })
-                .collect()
+                .collect();
+            (Vec::new(), packed)
         };
         Conv {
             geometry,
@@ -431,18 +433,7 @@ impl Dense {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(seed: u64, n: usize) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2862933555777941757).wrapping_add(77);
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::sim::kernels::test_values as values;
 
     /// The definition of a grouped convolution, in f64.
     #[allow(clippy::too_many_arguments)]

@@ -44,6 +44,14 @@ impl DepthwiseShape {
         )
     }
 
+    /// Height and width of the zero-padded plane.
+    fn padded(&self) -> (usize, usize) {
+        (
+            self.h + self.pads[0] + self.pads[2],
+            self.w + self.pads[1] + self.pads[3],
+        )
+    }
+
     /// Output width.
     pub fn out_w(&self) -> usize {
         out_size(
@@ -120,8 +128,7 @@ fn plane(
     scratch: &mut Scratch,
 ) {
     let (oh, ow) = (g.out_h(), g.out_w());
-    let hp = g.h + g.pads[0] + g.pads[2];
-    let wp = g.w + g.pads[1] + g.pads[3];
+    let (hp, wp) = g.padded();
     let (sy, sx) = g.stride;
     let (dy, dx) = g.dilation;
     let taps = g.kh * g.kw;
@@ -183,8 +190,7 @@ fn polyphase(
     scratch: &mut Scratch,
 ) {
     let (oh, ow) = (g.out_h(), g.out_w());
-    let hp = g.h + g.pads[0] + g.pads[2];
-    let wp = g.w + g.pads[1] + g.pads[3];
+    let (hp, wp) = g.padded();
     let (dy, dx) = g.dilation;
     let half = wp.div_ceil(2);
     let rows = hp.div_ceil(2) + 1;
@@ -327,6 +333,7 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sim::kernels::test_values as values;
 
     /// The definition, written out: zero padding, one filter per channel.
     fn naive(g: &DepthwiseShape, c: usize, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
@@ -355,20 +362,6 @@ mod tests {
             }
         }
         out
-    }
-
-    fn values(seed: u64, n: usize) -> Vec<f32> {
-        let mut s = seed
-            .wrapping_mul(2862933555777941757)
-            .wrapping_add(3037000493);
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
     }
 
     #[test]
