@@ -12,7 +12,7 @@ use ascend_quant::onnx::proto::{AttributeProto, OperatorSetIdProto};
 use ascend_quant::onnx::{GraphProto, ModelProto, Storage, to_proto, to_tensor};
 use ascend_quant::quant::calibrate::{RunSettings, calibrate};
 use ascend_quant::quant::config::QuantConfig;
-use ascend_quant::sim::{CpuExecutor, Executor, SessionOptions};
+use ascend_quant::sim::{CpuExecutor, Executor, NativeExecutor, RtenExecutor, SessionOptions};
 use ascend_quant::tensor::Tensor;
 use common::{model_x_to_y, value_info};
 use ndarray::{ArrayD, IxDyn};
@@ -65,9 +65,14 @@ impl Deployed {
         let init = |name: &str| {
             to_tensor(g.initializer.iter().find(|t| t.name() == name).unwrap()).unwrap()
         };
+        // A MatMul has no bias: an empty one.
+        let bias = match node.input.get(2) {
+            Some(b) => init(b),
+            None => Tensor::I32(ArrayD::zeros(IxDyn(&[0]))),
+        };
         let (Tensor::I8(weight), Tensor::I32(bias), Tensor::U64(deq)) = (
             init(&node.input[1]),
-            init(&node.input[2]),
+            bias,
             init(&find("AscendDequant").input[1]),
         ) else {
             panic!("deploy tensors")
@@ -95,19 +100,40 @@ impl Deployed {
         unpack_deq_scale(self.deq[if self.deq.len() == 1 { 0 } else { c }]).scale
     }
 
-    /// How many outputs of the simulated deploy model differ in any bit from `want`.
-    fn differing(&self, x: ArrayD<f32>, want: &ArrayD<f32>) -> usize {
-        let s = CpuExecutor
-            .prepare(&self.deploy, &SessionOptions::default())
-            .unwrap();
-        let Tensor::F32(got) = s.run(&[("x", &Tensor::F32(x))], &["y"]).unwrap().remove(0) else {
-            panic!("float output")
-        };
-        assert_eq!(got.shape(), want.shape());
-        got.iter()
-            .zip(want.iter())
-            .filter(|(a, b)| a.to_bits() != b.to_bits())
-            .count()
+    /// How many outputs of the simulated deploy model differ in any bit
+    /// from `want`, on each engine: the native one (integer kernels) and
+    /// rten (the lowering to standard operators).
+    fn differing(&self, x: ArrayD<f32>, want: &ArrayD<f32>) -> Vec<(&'static str, usize)> {
+        let engines: [&dyn Executor; 2] = [&NativeExecutor, &RtenExecutor];
+        engines
+            .iter()
+            .map(|e| {
+                let s = e.prepare(&self.deploy, &SessionOptions::default()).unwrap();
+                let x = Tensor::F32(x.clone());
+                let Tensor::F32(got) = s.run(&[("x", &x)], &["y"]).unwrap().remove(0) else {
+                    panic!("float output")
+                };
+                assert_eq!(got.shape(), want.shape());
+                let differ = got
+                    .iter()
+                    .zip(want.iter())
+                    .filter(|(a, b)| a.to_bits() != b.to_bits())
+                    .count();
+                (e.name(), differ)
+            })
+            .collect()
+    }
+
+    /// Asserts that no output differs from `want` on either engine.
+    fn assert_exact(&self, x: ArrayD<f32>, want: &ArrayD<f32>) {
+        for (engine, differ) in self.differing(x, want) {
+            assert_eq!(
+                differ,
+                0,
+                "{engine}: {differ} of {} outputs differ from the integer reference",
+                want.len()
+            );
+        }
     }
 }
 
@@ -171,13 +197,7 @@ fn a_convolution_past_two_to_the_24_accumulates_exactly() {
         }
     }
     assert!(largest > 1 << 24, "the sums must pass 2^24: {largest}");
-    let differ = d.differing(x, &want);
-    assert_eq!(
-        differ,
-        0,
-        "{differ} of {} outputs differ from the integer reference",
-        want.len()
-    );
+    d.assert_exact(x, &want);
 }
 
 /// The same for a Gemm with 4096 inputs (PyTorch's `transB = 1` layout), the
@@ -222,13 +242,41 @@ fn a_gemm_past_two_to_the_24_accumulates_exactly() {
         }
     }
     assert!(largest > 1 << 24, "the sums must pass 2^24: {largest}");
-    let differ = d.differing(x, &want);
-    assert_eq!(
-        differ,
-        0,
-        "{differ} of {} outputs differ from the integer reference",
-        want.len()
+    d.assert_exact(x, &want);
+}
+
+/// A MatMul on a 3-D input (a sequence of 3 vectors of 4096 values per
+/// sample), against integers summed here.
+#[test]
+fn a_matmul_past_two_to_the_24_accumulates_exactly() {
+    let (b, s, k, m_out) = (2usize, 3usize, 4096usize, 5usize);
+    let w = ArrayD::from_shape_vec(IxDyn(&[k, m_out]), values(21, k * m_out)).unwrap();
+    let m = model_x_to_y(
+        vec![node("MatMul", "mm", &["x", "w"], &["y"], vec![])],
+        vec![("w", w)],
+        &[b as i64, s as i64, k as i64],
+        &[b as i64, s as i64, m_out as i64],
     );
+    let x = ArrayD::from_shape_vec(IxDyn(&[b, s, k]), values(22, b * s * k)).unwrap();
+    let d = Deployed::new(&m, &x, "mm");
+    assert_eq!(d.weight.shape(), [k, m_out]);
+    let q = d.levels(&x);
+    let mut want = ArrayD::<f32>::zeros(IxDyn(&[b, s, m_out]));
+    let mut largest = 0i64;
+    for i in 0..b {
+        for t in 0..s {
+            for j in 0..m_out {
+                let mut acc = d.bias.get(j).map_or(0, |&v| i64::from(v));
+                for c in 0..k {
+                    acc += q[[i, t, c]] * i64::from(d.weight[[c, j]]);
+                }
+                largest = largest.max(acc.abs());
+                want[[i, t, j]] = acc as i32 as f32 * d.deq_scale(j);
+            }
+        }
+    }
+    assert!(largest > 1 << 24, "the sums must pass 2^24: {largest}");
+    d.assert_exact(x, &want);
 }
 
 /// A model exported for batch 1 with a `Reshape` to `[1, -1]` (as

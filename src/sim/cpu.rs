@@ -1,6 +1,6 @@
 //! The CPU executor users get: the native engine (our kernels) for models
-//! made only of the operators it runs, the rten engine for everything else,
-//! including the lowered Ascend operators of deploy models. The choice is
+//! made only of the operators it runs (deploy models included, with exact
+//! integer layers), the rten engine for everything else. The choice is
 //! made per prepared model, so a calibration session with taps and a plain
 //! inference session of the same model may differ only in speed.
 
@@ -23,9 +23,7 @@ impl Executor for CpuExecutor {
         model: &ModelProto,
         opts: &SessionOptions,
     ) -> Result<Box<dyn Session>, SimError> {
-        if !super::ascend::has_ascend_ops(model)
-            && let Some(native) = NativeModel::build(model, opts)?
-        {
+        if let Some(native) = NativeModel::build(model, opts)? {
             return Ok(Box::new(NativeSession::new(native)));
         }
         RtenExecutor.prepare(model, opts)

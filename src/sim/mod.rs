@@ -14,6 +14,7 @@ mod error;
 mod exact_conv;
 pub mod kernels;
 mod native;
+mod native_deploy;
 mod native_ops;
 mod per_sample;
 mod prepare;

@@ -11,6 +11,7 @@
 use super::error::{SimError, ValueRole};
 use super::kernels::activation::Activation;
 use super::kernels::conv::{Conv, ConvGeometry, Dense};
+use super::kernels::int_conv::{IntConv, IntDense};
 use super::native_ops::{self as ops, Elementwise};
 use super::prepare::{check_feed, feedable_inputs, rewrite_for_execution};
 use super::{Session, SessionOptions};
@@ -21,7 +22,7 @@ use ndarray::ArrayD;
 use std::collections::{HashMap, HashSet};
 
 /// What one step computes.
-enum Op {
+pub(super) enum Op {
     Conv(Box<Conv>),
     Dense(Box<Dense>),
     Clamp(f32, f32),
@@ -40,14 +41,22 @@ enum Op {
     Softmax(i64),
     SoftmaxFlat(i64),
     ResizeNearest(Vec<f32>),
+    /// Deploy models (`native_deploy`): int8 levels from floats,
+    Quantize(ops::AscendQuantize),
+    /// floats from int8 levels,
+    AntiQuant(ops::AscendAntiQuantize),
+    /// a quantized Conv with its dequantization,
+    IntConv(Box<IntConv>),
+    /// a quantized Gemm (true: 2-D input only) or MatMul with its dequantization.
+    IntDense(Box<IntDense>, bool),
 }
 
 /// One node, ready to run.
-struct Step {
-    name: String,
-    op: Op,
-    inputs: Vec<String>,
-    output: String,
+pub(super) struct Step {
+    pub(super) name: String,
+    pub(super) op: Op,
+    pub(super) inputs: Vec<String>,
+    pub(super) output: String,
 }
 
 /// A model the native engine runs.
@@ -61,7 +70,7 @@ pub struct NativeModel {
 }
 
 /// Why a node keeps a model off the native engine (only used to decide).
-type Decline = ();
+pub(super) type Decline = ();
 
 impl NativeModel {
     /// The model prepared for the native engine, or `None` when it uses an
@@ -78,7 +87,14 @@ impl NativeModel {
             reason: e.to_string(),
         })?;
         let inputs = feedable_inputs(&prepared);
-        if inputs.iter().any(|s| s.elem_type != Some(1)) || !graph_is_float(graph) {
+        // A deploy model's int8 / int32 values stay inside its quantized
+        // steps (`native_deploy`); only what the caller sees must be float.
+        let float = if super::ascend::has_ascend_ops(&prepared) {
+            outputs_are_float(graph)
+        } else {
+            graph_is_float(graph)
+        };
+        if inputs.iter().any(|s| s.elem_type != Some(1)) || !float {
             return Ok(None);
         }
         let outputs: Vec<ValueSpec> = model
@@ -116,15 +132,24 @@ impl NativeModel {
         let mut int_consts: HashMap<String, Vec<i64>> = HashMap::new();
         // Scalar int8/uint8 zero points: (zero point, lowest, highest level).
         let mut zero_points: HashMap<String, (f32, f32, f32)> = HashMap::new();
+        // Constants of other types (a deploy model's weights, biases and
+        // scales): only its quantized steps may read them.
+        let mut others: HashSet<String> = HashSet::new();
         for t in &graph.initializer {
             add_const(
-                (&mut consts, &mut int_consts, &mut zero_points),
+                (&mut consts, &mut int_consts, &mut zero_points, &mut others),
                 t.name(),
                 to_tensor(t).map_err(|_| ())?,
             )?;
         }
         let mut steps = Vec::new();
         let mut absorbed: HashSet<usize> = HashSet::new();
+        let exposed: HashSet<&str> = graph
+            .output
+            .iter()
+            .map(|o| o.name())
+            .chain(opts.keep.iter().map(String::as_str))
+            .collect();
         for &i in index.topological_order() {
             let node = &graph.node[i];
             if node.op_type() == "Constant" {
@@ -133,13 +158,17 @@ impl NativeModel {
                     .ok_or(())?;
                 let out = node.output.first().ok_or(())?.clone();
                 add_const(
-                    (&mut consts, &mut int_consts, &mut zero_points),
+                    (&mut consts, &mut int_consts, &mut zero_points, &mut others),
                     &out,
                     to_tensor(t).map_err(|_| ())?,
                 )?;
                 continue;
             }
             if absorbed.contains(&i) {
+                continue;
+            }
+            if let Some(s) = super::native_deploy::step(graph, index, i, &exposed, &mut absorbed)? {
+                steps.push(s);
                 continue;
             }
             if node.op_type() == "QuantizeLinear" {
@@ -149,7 +178,7 @@ impl NativeModel {
                 steps.push(step);
                 continue;
             }
-            steps.push(step(node, opset, &consts, &int_consts)?);
+            steps.push(step(node, opset, &consts, &int_consts, &others)?);
         }
         if opts.optimize {
             fuse_activations(&mut steps, graph, &opts.keep);
@@ -178,6 +207,14 @@ impl NativeModel {
     }
 }
 
+/// Whether every graph output is float32 (or undeclared).
+fn outputs_are_float(g: &GraphProto) -> bool {
+    g.output
+        .iter()
+        .map(ValueSpec::from_proto)
+        .all(|s| s.elem_type.is_none_or(|t| t == 1))
+}
+
 /// Whether every value the graph declares is float32 (or undeclared).
 fn graph_is_float(g: &GraphProto) -> bool {
     g.output
@@ -192,6 +229,7 @@ fn step(
     opset: i64,
     consts: &HashMap<String, ArrayD<f32>>,
     int_consts: &HashMap<String, Vec<i64>>,
+    others: &HashSet<String>,
 ) -> Result<Step, Decline> {
     if node.output.len() != 1 || !node.domain().is_empty() && node.domain() != "ai.onnx" {
         return Err(());
@@ -327,7 +365,10 @@ fn step(
         _ => return Err(()),
     };
     // Every remaining input must be a runtime value or a float constant.
-    if inputs.iter().any(|i| int_consts.contains_key(i)) {
+    if inputs
+        .iter()
+        .any(|i| int_consts.contains_key(i) || others.contains(i))
+    {
         return Err(());
     }
     Ok(Step {
@@ -339,16 +380,18 @@ fn step(
 }
 
 /// The constant tables: float tensors, int64 tensors (shapes), scalar
-/// int8/uint8 zero points as (zero point, lowest, highest level).
+/// int8/uint8 zero points as (zero point, lowest, highest level), and the
+/// names of constants of any other type.
 type ConstTables<'a> = (
     &'a mut HashMap<String, ArrayD<f32>>,
     &'a mut HashMap<String, Vec<i64>>,
     &'a mut HashMap<String, (f32, f32, f32)>,
+    &'a mut HashSet<String>,
 );
 
-/// Files one constant in its table; other element types decline the model.
+/// Files one constant in its table.
 fn add_const(
-    (floats, ints, zero_points): ConstTables<'_>,
+    (floats, ints, zero_points, others): ConstTables<'_>,
     name: &str,
     t: Tensor,
 ) -> Result<(), Decline> {
@@ -367,7 +410,9 @@ fn add_const(
             let z = f32::from(*a.iter().next().expect("one value"));
             zero_points.insert(name.to_string(), (z, 0.0, 255.0));
         }
-        _ => return Err(()),
+        _ => {
+            others.insert(name.to_string());
+        }
     }
     Ok(())
 }
@@ -429,11 +474,37 @@ fn quant_dequant(
 /// A Conv with constant weight (and bias); returns it and how many inputs it reads at run time.
 fn conv(node: &NodeProto, consts: &HashMap<String, ArrayD<f32>>) -> Result<(Conv, usize), Decline> {
     let w = consts.get(node.input.get(1).ok_or(())?).ok_or(())?;
-    if w.ndim() != 4 {
+    let geometry = conv_geometry(node, w.shape())?;
+    let (c_out, cg) = (w.shape()[0], w.shape()[1]);
+    let bias = match node.input.get(2).filter(|s| !s.is_empty()) {
+        None => None,
+        Some(b) => {
+            let b = consts.get(b).ok_or(())?;
+            if b.len() != c_out {
+                return Err(());
+            }
+            Some(b.iter().copied().collect())
+        }
+    };
+    let group = geometry.group;
+    Ok((
+        Conv::new(
+            geometry,
+            cg * group,
+            c_out,
+            w.iter().copied().collect(),
+            bias,
+        ),
+        1,
+    ))
+}
+
+/// A 2-D Conv's attributes for a weight of shape `[C_out, C_in/group, kh, kw]`.
+pub(super) fn conv_geometry(node: &NodeProto, weight: &[usize]) -> Result<ConvGeometry, Decline> {
+    let &[c_out, _, kh, kw] = weight else {
         return Err(());
-    }
+    };
     let auto_pad = string_attr(node, "auto_pad").unwrap_or(b"NOTSET");
-    let (c_out, cg, kh, kw) = (w.shape()[0], w.shape()[1], w.shape()[2], w.shape()[3]);
     let group = int_attr(node, "group").unwrap_or(1).max(1) as usize;
     let two = |name: &str, default: usize| -> Result<(usize, usize), Decline> {
         match ints_attr(node, name) {
@@ -461,33 +532,13 @@ fn conv(node: &NodeProto, consts: &HashMap<String, ArrayD<f32>>) -> Result<(Conv
         }
         _ => return Err(()),
     };
-    let bias = match node.input.get(2).filter(|s| !s.is_empty()) {
-        None => None,
-        Some(b) => {
-            let b = consts.get(b).ok_or(())?;
-            if b.len() != c_out {
-                return Err(());
-            }
-            Some(b.iter().copied().collect())
-        }
-    };
-    let geometry = ConvGeometry {
+    Ok(ConvGeometry {
         kernel: (kh, kw),
         stride,
         dilation,
         pads,
         group,
-    };
-    Ok((
-        Conv::new(
-            geometry,
-            cg * group,
-            c_out,
-            w.iter().copied().collect(),
-            bias,
-        ),
-        1,
-    ))
+    })
 }
 
 /// How many nodes read each value, and which values the caller sees (graph
@@ -839,5 +890,9 @@ fn eval(op: &Op, args: &[&ArrayD<f32>]) -> Result<ArrayD<f32>, String> {
         Op::Softmax(axis) => ops::softmax(x, *axis, false),
         Op::SoftmaxFlat(axis) => ops::softmax(x, *axis, true),
         Op::ResizeNearest(scales) => ops::resize_nearest(x, scales),
+        Op::Quantize(q) => Ok(q.apply(x)),
+        Op::AntiQuant(q) => Ok(q.apply(x)),
+        Op::IntConv(c) => ops::int_conv(c, x),
+        Op::IntDense(d, two_d) => ops::int_dense(d, x, *two_d),
     }
 }

@@ -5,6 +5,7 @@
 
 use super::kernels::activation::{self, clamp_value};
 use super::kernels::conv::{Conv, Dense};
+use super::kernels::int_conv::{IntConv, IntDense};
 use crate::onnx::NodeProto;
 use crate::onnx::attr::{int_attr, ints_attr, string_attr};
 use ndarray::{ArrayD, Axis, IxDyn, Zip};
@@ -141,6 +142,85 @@ impl QuantDequant {
             }
         })
     }
+}
+
+/// `AscendQuant` in float: `clamp(round(x·scale + offset), −128, 127)`,
+/// the int8 level held as a float (the lowering's operations, in order).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AscendQuantize {
+    /// The attribute `scale` (`1 / scale_d`).
+    pub scale: f32,
+    /// The offset, as float.
+    pub offset: f32,
+}
+
+impl AscendQuantize {
+    /// Applies the quantization to every value.
+    pub fn apply(&self, x: &ArrayD<f32>) -> ArrayD<f32> {
+        let q = *self;
+        map_chunks(x, move |c| {
+            for v in c {
+                let t = (*v * q.scale + q.offset).round_ties_even();
+                *v = clamp_value(t, (-128.0, 127.0));
+            }
+        })
+    }
+}
+
+/// `AscendAntiQuant` on int8 levels held as floats: `(q − offset) · scale`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AscendAntiQuantize {
+    /// `scale_d`.
+    pub scale: f32,
+    /// The offset, as float.
+    pub offset: f32,
+}
+
+impl AscendAntiQuantize {
+    /// Applies the dequantization to every value.
+    pub fn apply(&self, x: &ArrayD<f32>) -> ArrayD<f32> {
+        let q = *self;
+        map_chunks(x, move |c| {
+            for v in c {
+                *v = (*v - q.offset) * q.scale;
+            }
+        })
+    }
+}
+
+/// A deploy model's quantized Conv (with its dequantization) on an
+/// `[N, C, H, W]` input of int8 levels.
+pub fn int_conv(c: &IntConv, q: &ArrayD<f32>) -> OpResult {
+    let s = q.shape();
+    if s.len() != 4 || s[1] != c.c_in() {
+        return Err(format!(
+            "the input is {} but the weight needs [N, {}, H, W]",
+            shape_text(s),
+            c.c_in()
+        ));
+    }
+    let (n, h, w) = (s[0], s[2], s[3]);
+    let (out, (oh, ow)) = c.run(&contiguous(q), n, h, w)?;
+    let c_out = out.len() / (n * oh * ow).max(1);
+    ArrayD::from_shape_vec(IxDyn(&[n, c_out, oh, ow]), out).map_err(|e| e.to_string())
+}
+
+/// A deploy model's quantized Gemm / MatMul (with its dequantization) over
+/// the last axis of an input of int8 levels.
+pub fn int_dense(d: &IntDense, q: &ArrayD<f32>, two_d: bool) -> OpResult {
+    let (k, n) = d.sizes();
+    let s = q.shape();
+    if s.len() < 2 || s[s.len() - 1] != k || two_d && s.len() != 2 {
+        return Err(format!(
+            "the input is {} but the weight needs [.., {k}]",
+            shape_text(s)
+        ));
+    }
+    let rows = q.len() / k.max(1);
+    let out = d.run(&contiguous(q), rows)?;
+    let mut shape = s.to_vec();
+    *shape.last_mut().expect("rank ≥ 2") = n;
+    ArrayD::from_shape_vec(IxDyn(&shape), out).map_err(|e| e.to_string())
 }
 
 /// The four arithmetic operators.

@@ -28,6 +28,34 @@ pub struct ConvGeometry {
     pub group: usize,
 }
 
+impl ConvGeometry {
+    /// Output height and width for an input of `h × w`, or `None` when the
+    /// kernel does not fit.
+    pub fn out_hw(&self, h: usize, w: usize) -> Option<(usize, usize)> {
+        let g = self;
+        let size = |n: usize, pads: usize, k: usize, s: usize, d: usize| {
+            let span = d * (k - 1) + 1;
+            (n + pads >= span).then(|| (n + pads - span) / s + 1)
+        };
+        Some((
+            size(
+                h,
+                g.pads[0] + g.pads[2],
+                g.kernel.0,
+                g.stride.0,
+                g.dilation.0,
+            )?,
+            size(
+                w,
+                g.pads[1] + g.pads[3],
+                g.kernel.1,
+                g.stride.1,
+                g.dilation.1,
+            )?,
+        ))
+    }
+}
+
 /// A convolution ready to run: weights packed for the GEMM.
 pub struct Conv {
     geometry: ConvGeometry,
@@ -95,27 +123,7 @@ impl Conv {
     /// Output height and width for an input of `h × w`, or `None` when the
     /// kernel does not fit.
     pub fn out_hw(&self, h: usize, w: usize) -> Option<(usize, usize)> {
-        let g = &self.geometry;
-        let size = |n: usize, pads: usize, k: usize, s: usize, d: usize| {
-            let span = d * (k - 1) + 1;
-            (n + pads >= span).then(|| (n + pads - span) / s + 1)
-        };
-        Some((
-            size(
-                h,
-                g.pads[0] + g.pads[2],
-                g.kernel.0,
-                g.stride.0,
-                g.dilation.0,
-            )?,
-            size(
-                w,
-                g.pads[1] + g.pads[3],
-                g.kernel.1,
-                g.stride.1,
-                g.dilation.1,
-            )?,
-        ))
+        self.geometry.out_hw(h, w)
     }
 
     /// Runs on `x` of shape `[n, C_in, h, w]`; returns `[n, C_out, oh, ow]`

@@ -1,10 +1,13 @@
 //! Kernels the CPU engine owns: convolution on a packed GEMM (`rten-gemm`),
-//! a SIMD depthwise convolution, and a dense layer. Each is tested against
+//! a SIMD depthwise convolution, a dense layer, and the exact integer
+//! convolution and dense layer of deploy models. Each is tested against
 //! the operator's definition on random shapes.
 
 pub mod activation;
 pub mod conv;
 pub mod depthwise;
+pub mod int_conv;
+pub mod int_gemm;
 
 /// Reproducible values in [−1, 1) for the kernels' tests.
 #[cfg(test)]

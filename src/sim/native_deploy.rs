@@ -1,0 +1,182 @@
+//! Deploy models on the native engine: each `AscendQuant` becomes a step
+//! that writes int8 levels (held as floats), each quantized Conv / Gemm /
+//! MatMul together with the `AscendDequant` after it becomes one exact
+//! integer step (`kernels::int_conv`), and `AscendAntiQuant` a float step.
+//! The int8 and int32 values in between never leave these steps, so a
+//! model whose caller asks to see one of them (or with a quantized layer
+//! the engine does not run) is declined and the rten lowering
+//! (`sim::ascend`) runs it instead.
+
+use super::kernels::int_conv::{IntConv, IntDense, Requant};
+use super::native::{Decline, Op, Step, conv_geometry};
+use super::native_ops::{AscendAntiQuantize, AscendQuantize};
+use crate::deploy_format::{
+    ASCEND_ANTI_QUANT, ASCEND_DEQUANT, ASCEND_QUANT, AntiQuantAttrs, QuantAttrs, unpack_deq_scale,
+};
+use crate::onnx::attr::{float_attr, int_attr};
+use crate::onnx::graph::initializer;
+use crate::onnx::{GraphIndex, GraphProto, NodeProto, to_tensor};
+use crate::tensor::Tensor;
+use std::collections::HashSet;
+
+/// The step for node `i` when it belongs to the quantized part of a deploy
+/// model (`None` for any other node); the `AscendDequant` a layer absorbs
+/// is added to `absorbed`.
+pub(super) fn step(
+    graph: &GraphProto,
+    index: &GraphIndex,
+    i: usize,
+    exposed: &HashSet<&str>,
+    absorbed: &mut HashSet<usize>,
+) -> Result<Option<Step>, Decline> {
+    let node = &graph.node[i];
+    let single_output = || match node.output.as_slice() {
+        [o] if !o.is_empty() => Ok(o.clone()),
+        _ => Err(()),
+    };
+    let reads_levels = node
+        .input
+        .first()
+        .and_then(|x| index.producer_node(x))
+        .is_some_and(|p| graph.node[p].op_type() == ASCEND_QUANT);
+    let op = match node.op_type() {
+        ASCEND_QUANT => {
+            let out = single_output()?;
+            // Its levels reach only the steps below, never the caller.
+            let readers_ok = index.consumers(&out).iter().all(|&c| {
+                matches!(
+                    graph.node[c].op_type(),
+                    "Conv" | "Gemm" | "MatMul" | ASCEND_ANTI_QUANT
+                )
+            });
+            if exposed.contains(out.as_str()) || !readers_ok {
+                return Err(());
+            }
+            let QuantAttrs { scale, offset } = QuantAttrs::read(node).map_err(|_| ())?;
+            Op::Quantize(AscendQuantize { scale, offset })
+        }
+        ASCEND_ANTI_QUANT if reads_levels => {
+            let AntiQuantAttrs { scale, offset } = AntiQuantAttrs::read(node).map_err(|_| ())?;
+            Op::AntiQuant(AscendAntiQuantize { scale, offset })
+        }
+        ASCEND_ANTI_QUANT | ASCEND_DEQUANT => return Err(()),
+        _ if reads_levels => {
+            let offset = quant_offset(graph, index, node)?;
+            let (dequant, requant) = dequant_after(graph, index, node, exposed)?;
+            absorbed.insert(dequant);
+            let layer = layer(graph, node, offset, requant)?;
+            return Ok(Some(Step {
+                name: node.name().to_string(),
+                op: layer,
+                inputs: vec![node.input[0].clone()],
+                output: graph.node[dequant].output[0].clone(),
+            }));
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(Step {
+        name: node.name().to_string(),
+        op,
+        inputs: vec![node.input.first().ok_or(())?.clone()],
+        output: single_output()?,
+    }))
+}
+
+/// The offset of the `AscendQuant` that writes `node`'s first input.
+fn quant_offset(graph: &GraphProto, index: &GraphIndex, node: &NodeProto) -> Result<f32, Decline> {
+    let p = index.producer_node(&node.input[0]).ok_or(())?;
+    Ok(QuantAttrs::read(&graph.node[p]).map_err(|_| ())?.offset)
+}
+
+/// The `AscendDequant` that alone reads `node`'s int32 output (which the
+/// caller must not see), and the bias and scales it completes.
+fn dequant_after(
+    graph: &GraphProto,
+    index: &GraphIndex,
+    node: &NodeProto,
+    exposed: &HashSet<&str>,
+) -> Result<(usize, Requant), Decline> {
+    let acc = match node.output.as_slice() {
+        [o] if !exposed.contains(o.as_str()) => o,
+        _ => return Err(()),
+    };
+    let &[d] = index.consumers(acc) else {
+        return Err(());
+    };
+    let dq = &graph.node[d];
+    if dq.op_type() != ASCEND_DEQUANT || dq.input.first() != Some(acc) || dq.output.len() != 1 {
+        return Err(());
+    }
+    let Tensor::U64(packed) = constant(graph, dq.input.get(1))? else {
+        return Err(());
+    };
+    let deq = packed
+        .iter()
+        .map(|&v| {
+            let u = unpack_deq_scale(v);
+            // A shift or weight offset is left to the lowering, which explains the refusal.
+            (u.shift == 0 && u.offset_w == 0)
+                .then_some(u.scale)
+                .ok_or(())
+        })
+        .collect::<Result<Vec<f32>, Decline>>()?;
+    let bias = match node.input.get(2).filter(|s| !s.is_empty()) {
+        None => Vec::new(),
+        Some(b) => match constant(graph, Some(b))? {
+            Tensor::I32(a) => a.iter().copied().collect(),
+            _ => return Err(()),
+        },
+    };
+    Ok((d, Requant { bias, deq }))
+}
+
+/// An initializer, decoded.
+fn constant(graph: &GraphProto, name: Option<&String>) -> Result<Tensor, Decline> {
+    let t = initializer(graph, name.ok_or(())?).ok_or(())?;
+    to_tensor(t).map_err(|_| ())
+}
+
+/// The integer step for a quantized Conv, Gemm or MatMul.
+fn layer(
+    graph: &GraphProto,
+    node: &NodeProto,
+    offset: f32,
+    requant: Requant,
+) -> Result<Op, Decline> {
+    let Tensor::I8(w) = constant(graph, node.input.get(1))? else {
+        return Err(());
+    };
+    let weight: Vec<i8> = w.iter().copied().collect();
+    match node.op_type() {
+        "Conv" => {
+            let geometry = conv_geometry(node, w.shape())?;
+            let (c_out, cg) = (w.shape()[0], w.shape()[1]);
+            if !requant.fits(c_out) {
+                return Err(());
+            }
+            let c_in = cg * geometry.group;
+            Ok(Op::IntConv(Box::new(IntConv::new(
+                geometry, c_in, c_out, offset, &weight, requant,
+            ))))
+        }
+        "Gemm" | "MatMul" => {
+            let gemm = node.op_type() == "Gemm";
+            let plain = !gemm
+                || int_attr(node, "transA").unwrap_or(0) == 0
+                    && int_attr(node, "transB").unwrap_or(0) == 0
+                    && float_attr(node, "alpha").unwrap_or(1.0) == 1.0
+                    && float_attr(node, "beta").unwrap_or(1.0) == 1.0;
+            let &[k, n] = w.shape() else {
+                return Err(());
+            };
+            if !plain || !requant.fits(n) || !gemm && node.input.len() > 2 {
+                return Err(());
+            }
+            Ok(Op::IntDense(
+                Box::new(IntDense::new(&weight, k, n, offset, requant)),
+                gemm,
+            ))
+        }
+        _ => Err(()),
+    }
+}
