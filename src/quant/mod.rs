@@ -20,5 +20,6 @@ pub mod record;
 pub mod retrain_config;
 pub mod simple_config;
 pub mod tensor_quant;
+pub mod text_format;
 pub mod value_bounds;
 pub mod weights;

@@ -5,7 +5,6 @@ use super::amct::{descriptors, proto};
 use super::emit::LayerFactors;
 use super::tensor_quant::TensorFactors;
 use prost_reflect::DynamicMessage;
-use prost_reflect::text_format::FormatOptions;
 
 /// The record of these layers and tensor quantizations (keyed
 /// `NODE:INPUT_INDEX`, with `is_tensor_quantize` set, as AMCT writes them).
@@ -45,16 +44,15 @@ pub fn write_record_with_tensors(factors: &[LayerFactors], tensors: &[TensorFact
     write_record_text(&to_record(factors, tensors))
 }
 
-/// The text of a record.
+/// The text of a record, in AMCT's layout (`record {` blocks, one value
+/// per line).
 pub fn write_record_text(record: &proto::ScaleOffsetRecord) -> String {
     let desc = descriptors()
         .get_message_by_name("amct.ScaleOffsetRecord")
         .expect("declared in amct.proto");
     let mut msg = DynamicMessage::new(desc);
     msg.transcode_from(record).expect("same schema");
-    let mut text = msg.to_text_format_with_options(&FormatOptions::new().pretty(true));
-    text.push('\n');
-    text
+    super::text_format::amct_text(&msg)
 }
 
 /// Parses a record file's text.
@@ -69,6 +67,7 @@ pub fn read_record(text: &str) -> Result<proto::ScaleOffsetRecord, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prost_reflect::text_format::FormatOptions;
 
     #[test]
     fn reads_amct_example_and_round_trips() {
@@ -88,6 +87,57 @@ mod tests {
             read_record(&msg.to_text_format_with_options(&FormatOptions::new().pretty(true)))
                 .unwrap();
         assert_eq!(again, r);
+    }
+
+    /// A record file as AMCT writes it, by hand: our writer gives the same
+    /// text, and reading it gives the same factors.
+    #[test]
+    fn writes_amct_layout() {
+        let amct = "record {
+  key: \"conv1\"
+  value {
+    scale_d: 0.0125
+    offset_d: -3
+    scale_w: 0.002
+    scale_w: 4.5e-05
+    offset_w: 0
+    offset_w: 0
+  }
+}
+record {
+  key: \"add1:1\"
+  value {
+    scale_d: 0.5
+    offset_d: 7
+    is_tensor_quantize: true
+  }
+}
+";
+        let record = proto::ScaleOffsetRecord {
+            record: vec![
+                proto::MapFiledEntry {
+                    key: Some("conv1".into()),
+                    value: Some(proto::SingleLayerRecord {
+                        scale_d: Some(0.0125),
+                        offset_d: Some(-3),
+                        scale_w: vec![0.002, 4.5e-5],
+                        offset_w: vec![0, 0],
+                        ..Default::default()
+                    }),
+                },
+                proto::MapFiledEntry {
+                    key: Some("add1:1".into()),
+                    value: Some(proto::SingleLayerRecord {
+                        scale_d: Some(0.5),
+                        offset_d: Some(7),
+                        is_tensor_quantize: Some(true),
+                        ..Default::default()
+                    }),
+                },
+            ],
+        };
+        assert_eq!(write_record_text(&record), amct);
+        assert_eq!(read_record(amct).unwrap(), record);
     }
 
     #[test]
