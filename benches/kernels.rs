@@ -1,11 +1,37 @@
 //! The native engine's convolution kernels on MobileNetV2's heaviest layer
-//! shapes (batch 1): milliseconds per call, median of `RUNS` (default 50).
+//! shapes (batch 1): milliseconds per call, median of `RUNS` (default 50),
+//! for the float kernels and for the exact integer ones of deploy models.
 //!
-//! `cargo bench --bench kernels [-- RUNS]` prints one JSON line per layer.
+//! `cargo bench --bench kernels [-- RUNS]` prints one JSON line per layer
+//! and kind.
 //! Threads: `RAYON_NUM_THREADS`.
 
 use ascend_quant::sim::kernels::conv::{Conv, ConvGeometry};
+use ascend_quant::sim::kernels::int_conv::{IntConv, Quantizer, Requant};
 use std::time::Instant;
+
+/// Median and minimum of `runs` timed calls of `f` (after 3 untimed ones),
+/// inside the thread pool as the engine calls its kernels.
+fn time(runs: usize, f: impl Fn() + Sync) -> (f64, f64) {
+    let mut t = rayon::join(
+        || {
+            for _ in 0..3 {
+                f();
+            }
+            (0..runs)
+                .map(|_| {
+                    let t = Instant::now();
+                    f();
+                    t.elapsed().as_secs_f64() * 1e3
+                })
+                .collect::<Vec<f64>>()
+        },
+        || (),
+    )
+    .0;
+    t.sort_by(f64::total_cmp);
+    (t[t.len() / 2], t[0])
+}
 
 fn main() {
     let runs: usize = std::env::args()
@@ -23,13 +49,7 @@ fn main() {
         ("pointwise 960->160 @7", 960, 160, 7, 1, 1, 1),
     ];
     for (label, c_in, c_out, size, k, s, group) in layers {
-        let geometry = ConvGeometry {
-            kernel: (k, k),
-            stride: (s, s),
-            dilation: (1, 1),
-            pads: [k / 2; 4],
-            group,
-        };
+        let geometry = conv_geometry(k, s, group);
         let w: Vec<f32> = (0..c_out * c_in / group * k * k)
             .map(|i| ((i * 37) % 17) as f32 / 17.0 - 0.5)
             .collect();
@@ -38,28 +58,47 @@ fn main() {
             .collect();
         let mut conv = Conv::new(geometry, c_in, c_out, w, Some(vec![0.1; c_out]));
         conv.activation = ascend_quant::sim::kernels::activation::Activation::Clamp(0.0, 6.0);
-        let times = rayon::join(
-            || {
-                for _ in 0..3 {
-                    conv.run(&x, 1, size, size);
-                }
-                (0..runs)
-                    .map(|_| {
-                        let t = Instant::now();
-                        conv.run(&x, 1, size, size);
-                        t.elapsed().as_secs_f64() * 1e3
-                    })
-                    .collect::<Vec<f64>>()
-            },
-            || (),
-        )
-        .0;
-        let mut t = times;
-        t.sort_by(f64::total_cmp);
+        let (median, min) = time(runs, || {
+            conv.run(&x, 1, size, size);
+        });
         println!(
-            "{{\"layer\": \"{label}\", \"median_ms\": {:.4}, \"min_ms\": {:.4}}}",
-            t[t.len() / 2],
-            t[0]
+            "{{\"layer\": \"{label}\", \"kind\": \"float\", \"median_ms\": {median:.4}, \"min_ms\": {min:.4}}}"
         );
+        let wq: Vec<i8> = (0..c_out * c_in / group * k * k)
+            .map(|i| ((i * 37) % 255) as i8)
+            .collect();
+        let requant = Requant {
+            bias: vec![7; c_out],
+            deq: vec![0.001; c_out],
+        };
+        let quantizer = Quantizer {
+            scale: 40.0,
+            offset: -3.0,
+        };
+        let int_conv = IntConv::new(
+            conv_geometry(k, s, group),
+            c_in,
+            c_out,
+            quantizer,
+            &wq,
+            requant,
+        );
+        let (median, min) = time(runs, || {
+            int_conv.run(&x, 1, size, size).expect("fits");
+        });
+        println!(
+            "{{\"layer\": \"{label}\", \"kind\": \"int8\", \"median_ms\": {median:.4}, \"min_ms\": {min:.4}}}"
+        );
+    }
+}
+
+/// A square kernel with "same" padding.
+fn conv_geometry(k: usize, s: usize, group: usize) -> ConvGeometry {
+    ConvGeometry {
+        kernel: (k, k),
+        stride: (s, s),
+        dilation: (1, 1),
+        pads: [k / 2; 4],
+        group,
     }
 }

@@ -1,13 +1,14 @@
-//! Deploy models on the native engine: each `AscendQuant` becomes a step
-//! that writes int8 levels (held as floats), each quantized Conv / Gemm /
-//! MatMul together with the `AscendDequant` after it becomes one exact
-//! integer step (`kernels::int_conv`), and `AscendAntiQuant` a float step.
-//! The int8 and int32 values in between never leave these steps, so a
+//! Deploy models on the native engine: each quantized Conv / Gemm / MatMul
+//! together with the `AscendQuant` before it and the `AscendDequant` after
+//! it becomes one exact integer step (`kernels::int_conv`) reading the
+//! float input; an `AscendQuant` read by an `AscendAntiQuant` becomes a
+//! step writing int8 levels (held as floats), and `AscendAntiQuant` a float
+//! step. The int8 and int32 values in between never leave these steps, so a
 //! model whose caller asks to see one of them (or with a quantized layer
 //! the engine does not run) is declined and the rten lowering
 //! (`sim::ascend`) runs it instead.
 
-use super::kernels::int_conv::{IntConv, IntDense, Requant};
+use super::kernels::int_conv::{IntConv, IntDense, Quantizer, Requant};
 use super::native::{Decline, Op, Step, conv_geometry};
 use super::native_ops::{AscendAntiQuantize, AscendQuantize};
 use crate::deploy_format::{
@@ -53,7 +54,7 @@ pub(super) fn step(
                 return Err(());
             }
             let QuantAttrs { scale, offset } = QuantAttrs::read(node).map_err(|_| ())?;
-            Op::Quantize(AscendQuantize { scale, offset })
+            Op::Quantize(AscendQuantize(Quantizer { scale, offset }))
         }
         ASCEND_ANTI_QUANT if reads_levels => {
             let AntiQuantAttrs { scale, offset } = AntiQuantAttrs::read(node).map_err(|_| ())?;
@@ -61,14 +62,14 @@ pub(super) fn step(
         }
         ASCEND_ANTI_QUANT | ASCEND_DEQUANT => return Err(()),
         _ if reads_levels => {
-            let offset = quant_offset(graph, index, node)?;
+            let (quantizer, x) = quantization_before(graph, index, node)?;
             let (dequant, requant) = dequant_after(graph, index, node, exposed)?;
             absorbed.insert(dequant);
-            let layer = layer(graph, node, offset, requant)?;
+            let layer = layer(graph, node, quantizer, requant)?;
             return Ok(Some(Step {
                 name: node.name().to_string(),
                 op: layer,
-                inputs: vec![node.input[0].clone()],
+                inputs: vec![x],
                 output: graph.node[dequant].output[0].clone(),
             }));
         }
@@ -82,10 +83,18 @@ pub(super) fn step(
     }))
 }
 
-/// The offset of the `AscendQuant` that writes `node`'s first input.
-fn quant_offset(graph: &GraphProto, index: &GraphIndex, node: &NodeProto) -> Result<f32, Decline> {
-    let p = index.producer_node(&node.input[0]).ok_or(())?;
-    Ok(QuantAttrs::read(&graph.node[p]).map_err(|_| ())?.offset)
+/// The `AscendQuant` that writes `node`'s first input: its arithmetic and
+/// the float value it reads (which the layer's step reads instead; the
+/// quantization step itself then only runs if something else needs it).
+fn quantization_before(
+    graph: &GraphProto,
+    index: &GraphIndex,
+    node: &NodeProto,
+) -> Result<(Quantizer, String), Decline> {
+    let quant = &graph.node[index.producer_node(&node.input[0]).ok_or(())?];
+    let QuantAttrs { scale, offset } = QuantAttrs::read(quant).map_err(|_| ())?;
+    let x = quant.input.first().filter(|s| !s.is_empty()).ok_or(())?;
+    Ok((Quantizer { scale, offset }, x.clone()))
 }
 
 /// The `AscendDequant` that alone reads `node`'s int32 output (which the
@@ -140,7 +149,7 @@ fn constant(graph: &GraphProto, name: Option<&String>) -> Result<Tensor, Decline
 fn layer(
     graph: &GraphProto,
     node: &NodeProto,
-    offset: f32,
+    quantizer: Quantizer,
     requant: Requant,
 ) -> Result<Op, Decline> {
     let Tensor::I8(w) = constant(graph, node.input.get(1))? else {
@@ -156,7 +165,7 @@ fn layer(
             }
             let c_in = cg * geometry.group;
             Ok(Op::IntConv(Box::new(IntConv::new(
-                geometry, c_in, c_out, offset, &weight, requant,
+                geometry, c_in, c_out, quantizer, &weight, requant,
             ))))
         }
         "Gemm" | "MatMul" => {
@@ -173,7 +182,7 @@ fn layer(
                 return Err(());
             }
             Ok(Op::IntDense(
-                Box::new(IntDense::new(&weight, k, n, offset, requant)),
+                Box::new(IntDense::new(&weight, k, n, quantizer, requant)),
                 gemm,
             ))
         }

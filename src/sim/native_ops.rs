@@ -3,9 +3,9 @@
 //! NumPy broadcasting, pooling, and the layout operators. Each returns a
 //! message (the caller names the node) instead of panicking on bad shapes.
 
-use super::kernels::activation::{self, clamp_value};
+use super::kernels::activation::{self, clamp_value, round_before_clamp};
 use super::kernels::conv::{Conv, Dense};
-use super::kernels::int_conv::{IntConv, IntDense};
+use super::kernels::int_conv::{IntConv, IntDense, Quantizer};
 use crate::onnx::NodeProto;
 use crate::onnx::attr::{int_attr, ints_attr, string_attr};
 use ndarray::{ArrayD, Axis, IxDyn, Zip};
@@ -79,17 +79,6 @@ pub fn sigmoid(x: &ArrayD<f32>) -> ArrayD<f32> {
     map_chunks(x, activation::sigmoid)
 }
 
-/// Round half to even, exactly for |x| < 2^22 (adding and removing 1.5·2^23
-/// leaves the rounded value in the mantissa), inline and vectorisable where
-/// `f32::round_ties_even` is a library call on baseline x86-64. Larger
-/// values may move by one, which the integer clamp that always follows in
-/// its two uses makes irrelevant (the grid ends at ±255).
-#[inline(always)]
-fn round_before_clamp(x: f32) -> f32 {
-    const SHIFTER: f32 = 12_582_912.0;
-    (x + SHIFTER) - SHIFTER
-}
-
 /// A fake-quant chain folded into one pass: `clamp(round(x·inv) + offset,
 /// lo, hi) − offset`, the same float operations in the same order.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -144,24 +133,18 @@ impl QuantDequant {
     }
 }
 
-/// `AscendQuant` in float: `clamp(round(x·scale + offset), −128, 127)`,
-/// the int8 level held as a float (the lowering's operations, in order).
+/// `AscendQuant` in float: the int8 level of every value, held as a float
+/// ([`Quantizer::level`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AscendQuantize {
-    /// The attribute `scale` (`1 / scale_d`).
-    pub scale: f32,
-    /// The offset, as float.
-    pub offset: f32,
-}
+pub struct AscendQuantize(pub Quantizer);
 
 impl AscendQuantize {
     /// Applies the quantization to every value.
     pub fn apply(&self, x: &ArrayD<f32>) -> ArrayD<f32> {
-        let q = *self;
+        let q = self.0;
         map_chunks(x, move |c| {
             for v in c {
-                let t = (*v * q.scale + q.offset).round_ties_even();
-                *v = clamp_value(t, (-128.0, 127.0));
+                *v = q.level(*v);
             }
         })
     }
@@ -188,8 +171,8 @@ impl AscendAntiQuantize {
     }
 }
 
-/// A deploy model's quantized Conv (with its dequantization) on an
-/// `[N, C, H, W]` input of int8 levels.
+/// A deploy model's quantized Conv (with its quantization and
+/// dequantization) on an `[N, C, H, W]` float input.
 pub fn int_conv(c: &IntConv, q: &ArrayD<f32>) -> OpResult {
     let s = q.shape();
     if s.len() != 4 || s[1] != c.c_in() {
@@ -205,8 +188,8 @@ pub fn int_conv(c: &IntConv, q: &ArrayD<f32>) -> OpResult {
     ArrayD::from_shape_vec(IxDyn(&[n, c_out, oh, ow]), out).map_err(|e| e.to_string())
 }
 
-/// A deploy model's quantized Gemm / MatMul (with its dequantization) over
-/// the last axis of an input of int8 levels.
+/// A deploy model's quantized Gemm / MatMul (with its quantization and
+/// dequantization) over the last axis of a float input.
 pub fn int_dense(d: &IntDense, q: &ArrayD<f32>, two_d: bool) -> OpResult {
     let (k, n) = d.sizes();
     let s = q.shape();
@@ -217,7 +200,7 @@ pub fn int_dense(d: &IntDense, q: &ArrayD<f32>, two_d: bool) -> OpResult {
         ));
     }
     let rows = q.len() / k.max(1);
-    let out = d.run(&contiguous(q), rows)?;
+    let out = d.run(&contiguous(q), rows);
     let mut shape = s.to_vec();
     *shape.last_mut().expect("rank ≥ 2") = n;
     ArrayD::from_shape_vec(IxDyn(&shape), out).map_err(|e| e.to_string())

@@ -41,6 +41,17 @@ pub fn clamp_value(v: f32, (lo, hi): (f32, f32)) -> f32 {
     if v > hi { hi } else { v }
 }
 
+/// Round half to even, exactly for |x| < 2^22 (adding and removing 1.5·2^23
+/// leaves the rounded value in the mantissa), inline and vectorisable where
+/// `f32::round_ties_even` is a library call on baseline x86-64. Larger
+/// values may move by one, which the integer clamp that always follows in
+/// its uses makes irrelevant (the grid ends at ±255).
+#[inline(always)]
+pub fn round_before_clamp(x: f32) -> f32 {
+    const SHIFTER: f32 = 12_582_912.0;
+    (x + SHIFTER) - SHIFTER
+}
+
 /// `e^x` within about 2 ulp for `x` in [−87, 88] (clamped outside): `n` is
 /// `x·log2 e` rounded, `r = x − n·ln 2` (ln 2 in two parts, so `r` is exact
 /// to float precision) lies in [−0.35, 0.35], `e^r` by its Taylor polynomial

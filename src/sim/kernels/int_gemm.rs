@@ -83,7 +83,14 @@ pub fn int_gemm(a: &PackedIntWeight, b: &PairedColumns, out: &mut [i32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: AVX2 is present, checked just above.
-        unsafe { avx2::int_gemm(a, b, out) };
+        unsafe {
+            if b.n < avx2::NR {
+                // Too few columns for a tile: one dot product per output.
+                avx2::int_dots(a, b, out);
+            } else {
+                avx2::int_gemm(a, b, out);
+            }
+        }
         return;
     }
     scalar_gemm(a, b, out, 0);
@@ -116,44 +123,107 @@ mod avx2 {
     /// Rows per tile.
     const MR: usize = 4;
     /// Columns per tile (two vectors of eight i32).
-    const NR: usize = 16;
+    pub const NR: usize = 16;
 
-    /// The tiled product: `MR × NR` accumulators in registers, one pair-row
-    /// of `b` loaded per step and multiplied by each row's broadcast pair.
+    /// Each output as one dot product: a column of `b` gathered into the
+    /// weight's pair order, then 16 products per `vpmaddwd` along a row.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn int_dots(a: &PackedIntWeight, b: &PairedColumns, out: &mut [i32]) {
+        let n = b.n;
+        let mut column = vec![0i32; a.pairs];
+        let full = a.pairs - a.pairs % 8;
+        for c in 0..n {
+            for (j, word) in column.iter_mut().enumerate() {
+                let at = (j * n + c) * 2;
+                *word = super::pair(b.data[at], b.data[at + 1]);
+            }
+            for r in 0..a.rows {
+                let row = &a.words[r * a.pairs..(r + 1) * a.pairs];
+                let mut acc = _mm256_setzero_si256();
+                for j in (0..full).step_by(8) {
+                    // SAFETY: words j..j + 8 lie in both slices (j + 8 ≤ full ≤ pairs).
+                    let (w, x) = unsafe {
+                        (
+                            _mm256_loadu_si256(row.as_ptr().add(j) as *const __m256i),
+                            _mm256_loadu_si256(column.as_ptr().add(j) as *const __m256i),
+                        )
+                    };
+                    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(w, x));
+                }
+                let mut lanes = [0i32; 8];
+                // SAFETY: `lanes` holds 8 i32.
+                unsafe { _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, acc) };
+                let mut sum = lanes.iter().fold(0i32, |s, &v| s.wrapping_add(v));
+                for j in full..a.pairs {
+                    let (w, x) = (row[j], column[j]);
+                    sum = sum
+                        .wrapping_add(i32::from(w as i16) * i32::from(x as i16))
+                        .wrapping_add((w >> 16) * (x >> 16));
+                }
+                out[r * n + c] = sum;
+            }
+        }
+    }
+
+    /// The tiled product: `R × NR` accumulators in registers (`R` = 4 for
+    /// whole row tiles, 1 for the rows left over), one pair-row of `b`
+    /// loaded per step and multiplied by each row's broadcast pair.
     #[target_feature(enable = "avx2")]
     pub unsafe fn int_gemm(a: &PackedIntWeight, b: &PairedColumns, out: &mut [i32]) {
         let n = b.n;
         let full = n - n % NR;
-        let bp = b.data.as_ptr();
-        for r0 in (0..a.rows).step_by(MR) {
-            let rows = MR.min(a.rows - r0);
+        let whole_rows = a.rows - a.rows % MR;
+        for r0 in (0..whole_rows).step_by(MR) {
             for c0 in (0..full).step_by(NR) {
-                let mut acc = [[_mm256_setzero_si256(); 2]; MR];
-                for j in 0..a.pairs {
-                    // SAFETY: pair-row j, columns c0..c0 + 16, lies inside `b`
-                    // (c0 + 16 ≤ n and the size was checked by the caller).
-                    let (b0, b1) = unsafe {
-                        let p = bp.add((j * n + c0) * 2) as *const __m256i;
-                        (_mm256_loadu_si256(p), _mm256_loadu_si256(p.add(1)))
-                    };
-                    for (i, acc) in acc.iter_mut().enumerate().take(rows) {
-                        let w = _mm256_set1_epi32(a.words[(r0 + i) * a.pairs + j]);
-                        acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(w, b0));
-                        acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(w, b1));
-                    }
-                }
-                for (i, acc) in acc.iter().enumerate().take(rows) {
-                    let o = &mut out[(r0 + i) * n + c0..(r0 + i) * n + c0 + NR];
-                    // SAFETY: `o` holds exactly 16 i32.
-                    unsafe {
-                        _mm256_storeu_si256(o.as_mut_ptr() as *mut __m256i, acc[0]);
-                        _mm256_storeu_si256(o.as_mut_ptr().add(8) as *mut __m256i, acc[1]);
-                    }
-                }
+                // SAFETY: rows r0..r0 + 4 and columns c0..c0 + 16 are in range.
+                unsafe { tile::<MR>(a, b, out, r0, c0) };
+            }
+        }
+        for r0 in whole_rows..a.rows {
+            for c0 in (0..full).step_by(NR) {
+                // SAFETY: row r0 and columns c0..c0 + 16 are in range.
+                unsafe { tile::<1>(a, b, out, r0, c0) };
             }
         }
         if full < n {
             scalar_gemm(a, b, out, full);
+        }
+    }
+
+    /// Rows `r0..r0 + R`, columns `c0..c0 + NR` of the product.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn tile<const R: usize>(
+        a: &PackedIntWeight,
+        b: &PairedColumns,
+        out: &mut [i32],
+        r0: usize,
+        c0: usize,
+    ) {
+        let n = b.n;
+        let bp = b.data.as_ptr();
+        let wp = a.words.as_ptr();
+        let mut acc = [[_mm256_setzero_si256(); 2]; R];
+        for j in 0..a.pairs {
+            // SAFETY: pair-row j, columns c0..c0 + 16, lies inside `b`, and
+            // words (r0 + i, j) inside the weight (checked by the callers).
+            unsafe {
+                let p = bp.add((j * n + c0) * 2) as *const __m256i;
+                let (b0, b1) = (_mm256_loadu_si256(p), _mm256_loadu_si256(p.add(1)));
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let w = _mm256_set1_epi32(*wp.add((r0 + i) * a.pairs + j));
+                    acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(w, b0));
+                    acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(w, b1));
+                }
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            let o = &mut out[(r0 + i) * n + c0..(r0 + i) * n + c0 + NR];
+            // SAFETY: `o` holds exactly 16 i32.
+            unsafe {
+                _mm256_storeu_si256(o.as_mut_ptr() as *mut __m256i, acc[0]);
+                _mm256_storeu_si256(o.as_mut_ptr().add(8) as *mut __m256i, acc[1]);
+            }
         }
     }
 }
@@ -221,6 +291,9 @@ mod tests {
             (8, 144, 49),
             (13, 7, 100),
             (2, 1, 40),
+            // Fewer columns than a tile: the dot-product path.
+            (7, 300, 3),
+            (2, 33, 1),
         ]
         .iter()
         .enumerate()
@@ -233,5 +306,6 @@ mod tests {
     fn sums_past_two_to_the_24_are_exact() {
         // 1200 × 128 × 255 = 39,168,000 > 2^24 = 16,777,216.
         check(5, 1200, 21, 0, true);
+        check(5, 1200, 3, 0, true);
     }
 }
