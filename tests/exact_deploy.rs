@@ -65,10 +65,15 @@ impl Deployed {
         let init = |name: &str| {
             to_tensor(g.initializer.iter().find(|t| t.name() == name).unwrap()).unwrap()
         };
-        // A MatMul has no bias: an empty one.
-        let bias = match node.input.get(2) {
-            Some(b) => init(b),
-            None => Tensor::I32(ArrayD::zeros(IxDyn(&[0]))),
+        // A MatMul's bias is the constant of the Add after it (or none).
+        let bias_add = g
+            .node
+            .iter()
+            .find(|n| n.op_type() == "Add" && n.input.contains(&node.output[0]));
+        let bias = match (node.input.get(2), bias_add) {
+            (Some(b), _) => init(b),
+            (None, Some(add)) => init(add.input.iter().find(|i| **i != node.output[0]).unwrap()),
+            (None, None) => Tensor::I32(ArrayD::zeros(IxDyn(&[0]))),
         };
         let (Tensor::I8(weight), Tensor::I32(bias), Tensor::U64(deq)) = (
             init(&node.input[1]),
@@ -245,21 +250,26 @@ fn a_gemm_past_two_to_the_24_accumulates_exactly() {
     d.assert_exact(x, &want);
 }
 
-/// A MatMul on a 3-D input (a sequence of 3 vectors of 4096 values per
-/// sample), against integers summed here.
+/// A MatMul and its bias Add on a 3-D input (a sequence of 3 vectors of
+/// 4096 values per sample), against integers summed here.
 #[test]
 fn a_matmul_past_two_to_the_24_accumulates_exactly() {
     let (b, s, k, m_out) = (2usize, 3usize, 4096usize, 5usize);
     let w = ArrayD::from_shape_vec(IxDyn(&[k, m_out]), values(21, k * m_out)).unwrap();
+    let bias = ArrayD::from_shape_vec(IxDyn(&[m_out]), vec![0.5f32, -1.0, 0.25, 0.0, 2.0]).unwrap();
     let m = model_x_to_y(
-        vec![node("MatMul", "mm", &["x", "w"], &["y"], vec![])],
-        vec![("w", w)],
+        vec![
+            node("MatMul", "mm", &["x", "w"], &["mm.y"], vec![]),
+            node("Add", "mm.bias", &["mm.y", "b"], &["y"], vec![]),
+        ],
+        vec![("w", w), ("b", bias)],
         &[b as i64, s as i64, k as i64],
         &[b as i64, s as i64, m_out as i64],
     );
     let x = ArrayD::from_shape_vec(IxDyn(&[b, s, k]), values(22, b * s * k)).unwrap();
     let d = Deployed::new(&m, &x, "mm");
     assert_eq!(d.weight.shape(), [k, m_out]);
+    assert_eq!(d.bias.len(), m_out, "the Add's bias is quantized to int32");
     let q = d.levels(&x);
     let mut want = ArrayD::<f32>::zeros(IxDyn(&[b, s, m_out]));
     let mut largest = 0i64;

@@ -4,7 +4,7 @@
 
 use super::metric::MetricName;
 use super::{Evaluator, ExternalEvaluator, InternalEvaluator, Metric, layer_sensitivities, search};
-use crate::data::{Dataset, read_labels};
+use crate::data::read_labels;
 use crate::pipeline::outputs::{OutputFiles, output_folder, with_suffix, write_outputs};
 use crate::pipeline::{
     CalibrateOptions, PipelineError, Progress, RunInputs, gather, select_backend,
@@ -16,7 +16,7 @@ use crate::quant::emit::{
     simulation_model,
 };
 use crate::quant::record::write_record_with_tensors;
-use crate::sim::{CpuExecutor, feedable_input_names};
+use crate::sim::CpuExecutor;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -28,6 +28,8 @@ pub struct AutoOptions {
     pub calib: CalibrateOptions,
     /// Evaluation data (same forms as calibration data).
     pub eval_data: Vec<String>,
+    /// Evaluation images, instead of `eval_data`.
+    pub eval_images: Option<crate::data::ImageSource>,
     /// Labels (.npy of integers, one per evaluation sample) for the top1 metric.
     pub labels: Option<PathBuf>,
     /// The metric to hold (default: top1 with labels, else top1-agreement).
@@ -99,18 +101,13 @@ pub fn run(opts: &AutoOptions, progress: Progress<'_>) -> Result<AutoResult, Pip
         (Some(MetricName::Mse), _) => Metric::Mse,
         (Some(MetricName::Top1Agreement) | None, _) => Metric::Top1Agreement,
     };
-    let eval = match (opts.eval_data.is_empty(), &opts.evaluator) {
-        (true, None) => {
-            return Err(PipelineError::Usage(
-                "give --eval-data (or --evaluator)".into(),
-            ));
-        }
-        (true, Some(_)) => None,
-        (false, _) => Some(Dataset::from_specs(
-            &opts.eval_data,
-            &feedable_input_names(&model),
-        )?),
-    };
+    let eval =
+        crate::pipeline::inputs::open_eval(&opts.eval_data, opts.eval_images.as_ref(), &model)?;
+    if eval.is_none() && opts.evaluator.is_none() {
+        return Err(PipelineError::Usage(
+            "give --eval-data or --eval-images (or --evaluator)".into(),
+        ));
+    }
     let run = RunSettings {
         batch_size,
         dynamic_batch,

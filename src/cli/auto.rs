@@ -17,6 +17,9 @@ pub struct AutoArgs {
     /// Evaluation data (same forms as --data); repeatable.
     #[arg(long = "eval-data")]
     pub eval_data: Vec<String>,
+    /// A folder of evaluation images (preprocessed as --images), instead of --eval-data.
+    #[arg(long, value_name = "DIR")]
+    pub eval_images: Option<PathBuf>,
     /// Labels (.npy of integers, one per evaluation sample) for the top1 metric.
     #[arg(long)]
     pub labels: Option<PathBuf>,
@@ -42,6 +45,11 @@ pub fn execute(args: &AutoArgs) -> Result<(), Failure> {
     let opts = AutoOptions {
         calib: args.calib.to_options()?,
         eval_data: args.eval_data.clone(),
+        eval_images: args
+            .eval_images
+            .as_deref()
+            .map(|d| args.calib.images.source(d))
+            .transpose()?,
         labels: args.labels.clone(),
         metric: args.metric,
         max_drop: args.max_drop,

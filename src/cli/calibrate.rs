@@ -28,6 +28,9 @@ pub struct CalibrateArgs {
     /// Input shapes "name:n,c,h,w;name2:..." of the .bin batches.
     #[arg(long)]
     pub input_shape: Option<String>,
+    /// Image folders and their preprocessing.
+    #[command(flatten)]
+    pub images: super::images::ImageArgs,
     /// AMCT JSON configuration (see `ascend-quant config`).
     #[arg(long, conflicts_with = "simple_config")]
     pub config: Option<PathBuf>,
@@ -126,14 +129,23 @@ pub(super) fn parse_shapes(text: &str) -> Result<Vec<(String, Vec<usize>)>, Fail
         .collect()
 }
 
-/// The data the `--data`, `--data-dir`, `--data-types` and `--input-shape`
-/// arguments name.
+/// The data the `--data`, `--data-dir`, `--data-types`, `--input-shape`
+/// and `--images` arguments name.
 pub(super) fn data_source(
     files: &[String],
     data_dir: Option<&str>,
     data_types: &str,
     input_shape: Option<&str>,
+    images: &super::images::ImageArgs,
 ) -> Result<DataSource, Failure> {
+    if let Some(dir) = &images.images {
+        if !files.is_empty() || data_dir.is_some() {
+            return Err(usage(
+                "give one of --data, --data-dir or --images, not several".into(),
+            ));
+        }
+        return Ok(DataSource::Images(images.source(dir)?));
+    }
     match (data_dir, files.is_empty()) {
         (Some(dirs), true) => Ok(DataSource::BinFolders {
             dirs: dirs.to_string(),
@@ -155,6 +167,7 @@ impl CalibrateArgs {
             self.data_dir.as_deref(),
             &self.data_types,
             self.input_shape.as_deref(),
+            &self.images,
         )?;
         let config = match (&self.config, &self.simple_config) {
             (Some(p), _) => ConfigSource::Json(p.clone()),

@@ -19,8 +19,11 @@ pub struct CompareArgs {
     #[arg(long)]
     pub quant: PathBuf,
     /// Data to run (FILE.npy, NAME=FILE.npy or FILE.npz); repeatable.
-    #[arg(long = "data", required = true)]
+    #[arg(long = "data", required_unless_present = "images")]
     pub data: Vec<String>,
+    /// Image folders and their preprocessing.
+    #[command(flatten)]
+    pub images: super::images::ImageArgs,
     /// Samples per batch (default: the model's batch size, else 1).
     #[arg(long)]
     pub batch_size: Option<usize>,
@@ -61,7 +64,7 @@ pub fn execute(args: &CompareArgs) -> Result<(), Failure> {
     let opts = CompareOptions {
         float: args.float.clone(),
         quant: args.quant.clone(),
-        data: args.data.clone(),
+        data: super::calibrate::data_source(&args.data, None, "", None, &args.images)?,
         batch_size: args.batch_size,
         layer: args.layer.clone(),
         html: args.html.clone(),

@@ -8,6 +8,7 @@ mod compile;
 mod convert;
 mod devices;
 mod exit;
+mod images;
 mod inspect;
 mod qat;
 mod run;

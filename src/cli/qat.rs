@@ -24,6 +24,9 @@ pub struct QatArgs {
     /// Input shapes "name:n,c,h,w;name2:..." of the .bin batches.
     #[arg(long)]
     pub input_shape: Option<String>,
+    /// Image folders and their preprocessing.
+    #[command(flatten)]
+    pub images: super::images::ImageArgs,
     /// Integer labels (.npy), one per sample: cross-entropy instead of distillation.
     #[arg(long)]
     pub labels: Option<PathBuf>,
@@ -57,6 +60,9 @@ pub struct QatArgs {
     /// Evaluation data, scored after every epoch (same forms as --data); repeatable.
     #[arg(long = "eval-data")]
     pub eval_data: Vec<String>,
+    /// A folder of evaluation images (preprocessed as --images), instead of --eval-data.
+    #[arg(long, value_name = "DIR")]
+    pub eval_images: Option<PathBuf>,
     /// Labels of the evaluation data: top-1 accuracy instead of agreement with float.
     #[arg(long)]
     pub eval_labels: Option<PathBuf>,
@@ -84,6 +90,7 @@ pub fn execute(args: &QatArgs) -> Result<(), Failure> {
             args.data_dir.as_deref(),
             &args.data_types,
             args.input_shape.as_deref(),
+            &args.images,
         )?,
         labels: args.labels.clone(),
         config: args.config.clone(),
@@ -97,6 +104,11 @@ pub fn execute(args: &QatArgs) -> Result<(), Failure> {
         seed: args.seed,
         resume: args.resume.clone(),
         eval_data: args.eval_data.clone(),
+        eval_images: args
+            .eval_images
+            .as_deref()
+            .map(|d| args.images.source(d))
+            .transpose()?,
         eval_labels: args.eval_labels.clone(),
         output: args.output.clone(),
     };

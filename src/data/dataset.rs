@@ -1,7 +1,8 @@
 //! Calibration and evaluation data: named input arrays whose axis 0 counts
-//! samples, read from `.npy`, `NAME=FILE.npy`, `.npz` or AMCT-style `.bin`
-//! folders, and cut into batches.
+//! samples, read from `.npy`, `NAME=FILE.npy`, `.npz`, AMCT-style `.bin`
+//! folders or folders of images, and cut into batches.
 
+use super::images::{ImageFolder, Preprocess};
 use super::npy::{DataError, read_npy, read_npy_bytes};
 use super::npy_rows::NpyRows;
 use crate::tensor::{DType, Tensor};
@@ -18,13 +19,16 @@ enum Column {
     Memory(Tensor),
     /// Read from a `.npy` file batch by batch.
     File(NpyRows),
+    /// Decoded from a folder of images batch by batch.
+    Images(ImageFolder),
 }
 
 impl Column {
-    fn shape(&self) -> &[usize] {
+    fn shape(&self) -> Vec<usize> {
         match self {
-            Column::Memory(t) => t.shape(),
-            Column::File(f) => f.shape(),
+            Column::Memory(t) => t.shape().to_vec(),
+            Column::File(f) => f.shape().to_vec(),
+            Column::Images(f) => f.shape(),
         }
     }
 
@@ -32,6 +36,7 @@ impl Column {
         match self {
             Column::Memory(t) => Ok(t.slice_axis0(range)),
             Column::File(f) => f.read(range),
+            Column::Images(f) => f.read(range),
         }
     }
 }
@@ -98,6 +103,33 @@ impl Dataset {
             inputs,
             input_names,
             specs.first().map(PathBuf::from).unwrap_or_default(),
+        )
+    }
+
+    /// Reads a folder of images for a model with one input, `input_name`,
+    /// of shape `dims` (the defaults of the preprocessing come from it).
+    pub fn from_images(
+        dir: &Path,
+        prep: &Preprocess,
+        skip_bad: bool,
+        input_names: &[String],
+        dims: Option<&[Option<usize>]>,
+    ) -> Result<Dataset, DataError> {
+        let [name] = input_names else {
+            return Err(format_err(
+                dir,
+                format!(
+                    "the model has {} inputs ({}); an image folder feeds a model with one input: give --data NAME=FILE.npy for each instead",
+                    input_names.len(),
+                    input_names.join(", ")
+                ),
+            ));
+        };
+        let folder = ImageFolder::open(dir, prep, dims, skip_bad)?;
+        Self::from_columns(
+            vec![(name.clone(), Column::Images(folder))],
+            input_names,
+            dir.to_path_buf(),
         )
     }
 

@@ -1,9 +1,12 @@
-//! Input data for runs and calibration: reading and writing `.npy` arrays.
+//! Input data for runs and calibration: reading and writing `.npy` arrays,
+//! and reading folders of images.
 
 pub mod dataset;
+pub mod images;
 pub mod npy;
 pub mod npy_rows;
 
 pub use dataset::{Batch, Dataset};
+pub use images::{ImageFolder, ImageSource, Preprocess};
 
 pub use npy::{DataError, read_labels, read_npy, read_npy_bytes, write_npy};

@@ -15,7 +15,6 @@ use crate::quant::from_record::calibrated_from_record;
 use crate::quant::record::read_record;
 use crate::quant::retrain_config::RetrainConfig;
 use crate::report::{LayerReport, QuantReport};
-use crate::sim::feedable_input_names;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -88,7 +87,7 @@ fn calibrate_from_record(
         .map_err(|e| PipelineError::Usage(format!("{file}: not a valid record file: {e}")))?;
     let data = match &opts.data {
         DataSource::Files(f) if f.is_empty() => None,
-        source => Some(source.open(&feedable_input_names(&model))?),
+        source => Some(source.open(&model)?),
     };
     let declared = declared_batch(&model);
     let batch_size = opts.batch_size.unwrap_or(declared.unwrap_or(1)).max(1);

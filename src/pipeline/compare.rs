@@ -4,7 +4,6 @@
 use super::error::PipelineError;
 use super::inputs::layer_names;
 use super::outputs::declared_batch;
-use crate::data::Dataset;
 use crate::onnx::load_model;
 use crate::quant::calibrate::RunSettings;
 use crate::quant::config::QuantConfig;
@@ -13,7 +12,7 @@ use crate::quant::record::read_record;
 use crate::report::analyze::analyze;
 use crate::report::compare::{Comparison, compare};
 use crate::report::html::render;
-use crate::sim::{CpuExecutor, feedable_input_names};
+use crate::sim::CpuExecutor;
 use std::path::PathBuf;
 
 /// What `compare` takes.
@@ -23,8 +22,8 @@ pub struct CompareOptions {
     pub float: PathBuf,
     /// The quantized model (fake-quant or deploy).
     pub quant: PathBuf,
-    /// Data files (same forms as calibration data).
-    pub data: Vec<String>,
+    /// The data (same forms as calibration data).
+    pub data: super::inputs::DataSource,
     /// Samples per batch (default: the model's batch size, else 1).
     pub batch_size: Option<usize>,
     /// Layer whose input histogram the page shows (default: the worst quantized one).
@@ -56,7 +55,7 @@ pub fn compare_models(
 ) -> Result<Comparison, PipelineError> {
     let float = load_model(&opts.float)?;
     let quant = load_model(&opts.quant)?;
-    let data = Dataset::from_specs(&opts.data, &feedable_input_names(&float))?;
+    let data = opts.data.open(&float)?;
     let declared = declared_batch(&float);
     let batch_size = opts.batch_size.unwrap_or(declared.unwrap_or(1)).max(1);
     let dynamic = declared.is_some_and(|d| d != batch_size);

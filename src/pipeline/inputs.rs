@@ -3,7 +3,7 @@
 
 use super::error::PipelineError;
 use super::outputs::{check_writable, declared_batch};
-use crate::data::Dataset;
+use crate::data::{Dataset, ImageSource};
 use crate::onnx::{ModelProto, load_model};
 use crate::quant::config::{QuantConfig, TensorQuantConfig};
 use crate::quant::layers::discover;
@@ -28,12 +28,17 @@ pub enum DataSource {
         /// (input name, batch shape) per input.
         shapes: Vec<(String, Vec<usize>)>,
     },
+    /// A folder of JPEG / PNG images for a model with one input.
+    Images(ImageSource),
 }
 
 impl DataSource {
-    /// Opens the data for a model with these (feedable) inputs.
-    pub fn open(&self, inputs: &[String]) -> Result<Dataset, PipelineError> {
+    /// Opens the data for `model`.
+    pub fn open(&self, model: &ModelProto) -> Result<Dataset, PipelineError> {
+        let inputs = feedable_input_names(model);
+        let inputs = inputs.as_slice();
         Ok(match self {
+            DataSource::Images(source) => open_images(source, model)?,
             DataSource::BinFolders {
                 dirs,
                 types,
@@ -46,6 +51,50 @@ impl DataSource {
             }
             DataSource::Files(files) => Dataset::from_specs(files, inputs)?,
         })
+    }
+}
+
+/// A folder of images as the data of `model`, whose (single) input's
+/// shape gives the preprocessing's defaults.
+pub fn open_images(source: &ImageSource, model: &ModelProto) -> Result<Dataset, PipelineError> {
+    let inputs = crate::sim::feedable_inputs(model);
+    let names: Vec<String> = inputs.iter().map(|s| s.name.clone()).collect();
+    let dims: Option<Vec<Option<usize>>> = inputs.first().and_then(|s| {
+        s.shape.as_ref().map(|d| {
+            d.iter()
+                .map(|d| match d {
+                    crate::onnx::Dim::Fixed(n) => Some(*n),
+                    _ => None,
+                })
+                .collect()
+        })
+    });
+    Ok(Dataset::from_images(
+        &source.dir,
+        &source.prep,
+        source.skip_bad,
+        &names,
+        dims.as_deref(),
+    )?)
+}
+
+/// The evaluation data of `auto` and `qat`: data files or an image folder
+/// (not both); `None` when neither is given.
+pub fn open_eval(
+    files: &[String],
+    images: Option<&ImageSource>,
+    model: &ModelProto,
+) -> Result<Option<Dataset>, PipelineError> {
+    match (files.is_empty(), images) {
+        (false, Some(_)) => Err(PipelineError::Usage(
+            "give either --eval-data or --eval-images, not both".into(),
+        )),
+        (_, Some(source)) => Ok(Some(open_images(source, model)?)),
+        (false, None) => Ok(Some(Dataset::from_specs(
+            files,
+            &feedable_input_names(model),
+        )?)),
+        (true, None) => Ok(None),
     }
 }
 
@@ -163,7 +212,7 @@ pub fn gather(opts: &CalibrateOptions) -> Result<RunInputs, PipelineError> {
     if let Some(a) = opts.activation_offset {
         config.activation_offset = a;
     }
-    let data = opts.data.open(&feedable_input_names(&model))?;
+    let data = opts.data.open(&model)?;
     let declared = declared_batch(&model);
     let batch_size = opts.batch_size.unwrap_or(declared.unwrap_or(1)).max(1);
     let available = data.batch_count(batch_size);

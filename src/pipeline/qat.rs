@@ -16,7 +16,7 @@ use crate::quant::params::ActParams;
 use crate::quant::record::write_record;
 use crate::quant::retrain_config::RetrainConfig;
 use crate::quant::weights::{ChannelLayout, arq_scales, quantize_bias, quantize_weight};
-use crate::sim::{CpuExecutor, feedable_input_names};
+use crate::sim::CpuExecutor;
 use crate::tensor::Tensor;
 use crate::train::checkpoint::Checkpoint;
 use crate::train::fake_quant::ulq_grid;
@@ -104,6 +104,8 @@ pub struct QatOptions {
     pub resume: Option<PathBuf>,
     /// Evaluation data, scored after every epoch.
     pub eval_data: Vec<String>,
+    /// Evaluation images, instead of `eval_data`.
+    pub eval_images: Option<crate::data::ImageSource>,
     /// Labels of the evaluation data (top-1 accuracy); else agreement with float.
     pub eval_labels: Option<PathBuf>,
     /// Output prefix.
@@ -157,7 +159,7 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
         (None, Some(p)) => RetrainConfig::from_simple_config(p, &names)?,
         (None, None) => RetrainConfig::default_for(&names),
     };
-    let data = opts.data.open(&feedable_input_names(&model))?;
+    let data = opts.data.open(&model)?;
     let labels = opts
         .labels
         .as_deref()
@@ -259,19 +261,12 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
         )));
     }
     let checkpoint_path = with_suffix(&opts.output, "_qat_checkpoint");
-    let eval = if opts.eval_data.is_empty() {
-        None
-    } else {
-        Some(Dataset::from_specs(
-            &opts.eval_data,
-            &feedable_input_names(&model),
-        )?)
-    };
+    let eval = super::inputs::open_eval(&opts.eval_data, opts.eval_images.as_ref(), &model)?;
     let eval_labels = match (&eval, &opts.eval_labels) {
         (Some(e), Some(p)) => Some(read_labels(p, e.samples())?),
         (None, Some(_)) => {
             return Err(PipelineError::Usage(
-                "--eval-labels needs --eval-data".into(),
+                "--eval-labels needs --eval-data or --eval-images".into(),
             ));
         }
         _ => None,

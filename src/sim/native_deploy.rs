@@ -63,8 +63,7 @@ pub(super) fn step(
         ASCEND_ANTI_QUANT | ASCEND_DEQUANT => return Err(()),
         _ if reads_levels => {
             let (quantizer, x) = quantization_before(graph, index, node)?;
-            let (dequant, requant) = dequant_after(graph, index, node, exposed)?;
-            absorbed.insert(dequant);
+            let (dequant, requant) = dequant_after(graph, index, node, exposed, absorbed)?;
             let layer = layer(graph, node, quantizer, requant)?;
             return Ok(Some(Step {
                 name: node.name().to_string(),
@@ -98,22 +97,44 @@ fn quantization_before(
 }
 
 /// The `AscendDequant` that alone reads `node`'s int32 output (which the
-/// caller must not see), and the bias and scales it completes.
+/// caller must not see), directly or through a MatMul's int32 bias `Add`,
+/// and the bias and scales it completes; both are added to `absorbed`.
 fn dequant_after(
     graph: &GraphProto,
     index: &GraphIndex,
     node: &NodeProto,
     exposed: &HashSet<&str>,
+    absorbed: &mut HashSet<usize>,
 ) -> Result<(usize, Requant), Decline> {
-    let acc = match node.output.as_slice() {
-        [o] if !exposed.contains(o.as_str()) => o,
-        _ => return Err(()),
+    let sole_reader = |value: &String| -> Result<usize, Decline> {
+        match index.consumers(value) {
+            &[c] if !exposed.contains(value.as_str()) => Ok(c),
+            _ => Err(()),
+        }
     };
-    let &[d] = index.consumers(acc) else {
+    let [acc] = node.output.as_slice() else {
         return Err(());
     };
+    let mut value = acc;
+    let mut d = sole_reader(value)?;
+    let mut bias_input = node.input.get(2).filter(|s| !s.is_empty());
+    if graph.node[d].op_type() == "Add" && node.op_type() == "MatMul" {
+        let add = &graph.node[d];
+        let other = match add.input.as_slice() {
+            [a, b] if a == acc => b,
+            [b, a] if a == acc => b,
+            _ => return Err(()),
+        };
+        let [sum] = add.output.as_slice() else {
+            return Err(());
+        };
+        absorbed.insert(d);
+        bias_input = Some(other);
+        value = sum;
+        d = sole_reader(value)?;
+    }
     let dq = &graph.node[d];
-    if dq.op_type() != ASCEND_DEQUANT || dq.input.first() != Some(acc) || dq.output.len() != 1 {
+    if dq.op_type() != ASCEND_DEQUANT || dq.input.first() != Some(value) || dq.output.len() != 1 {
         return Err(());
     }
     let Tensor::U64(packed) = constant(graph, dq.input.get(1))? else {
@@ -129,13 +150,14 @@ fn dequant_after(
                 .ok_or(())
         })
         .collect::<Result<Vec<f32>, Decline>>()?;
-    let bias = match node.input.get(2).filter(|s| !s.is_empty()) {
+    let bias = match bias_input {
         None => Vec::new(),
         Some(b) => match constant(graph, Some(b))? {
-            Tensor::I32(a) => a.iter().copied().collect(),
+            Tensor::I32(a) if a.ndim() <= 1 => a.iter().copied().collect(),
             _ => return Err(()),
         },
     };
+    absorbed.insert(d);
     Ok((d, Requant { bias, deq }))
 }
 
