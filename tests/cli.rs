@@ -276,5 +276,38 @@ fn each_cause_is_said_once() {
         let (_, err) = text(&o);
         assert_eq!(o.status.code(), Some(1), "{err}");
         assert_eq!(err.matches(cause).count(), 1, "{err}");
+    } // Data: a missing .npy, and an image that does not decode (named, with the fix).
+    let images = dir.path().join("images");
+    std::fs::create_dir(&images).unwrap();
+    std::fs::write(images.join("a.png"), b"\x89PNG\r\n\x1a\n cut short").unwrap();
+    for (data, cause) in [
+        (
+            vec![
+                "--data".into(),
+                dir.path().join("missing.npy").into_os_string(),
+            ],
+            "No such file or directory",
+        ),
+        (
+            vec!["--images".into(), images.clone().into_os_string()],
+            "a.png",
+        ),
+    ] {
+        let o = bin()
+            .arg("calibrate")
+            .arg("--model")
+            .arg(digits_dir().join("digits_cnn.onnx"))
+            .args(&data)
+            .arg("--output")
+            .arg(dir.path().join("out"))
+            .output()
+            .unwrap();
+        let (_, err) = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert_eq!(err.matches(cause).count(), 1, "{err}");
+        assert!(
+            !dir.path().join("out_record.txt").exists(),
+            "a failed run writes nothing"
+        );
     }
 }

@@ -70,10 +70,52 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
     }
 }
 
+/// The error and its causes on one line, `outer: cause: …`, each cause said
+/// once: a cause whose text the line already holds (an error that prints
+/// its source in its own message and also chains it) is left out.
+pub fn render(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
 /// Builds a usage failure from a message.
 pub fn usage(message: String) -> Failure {
     Failure {
         code: ExitCode::Usage,
         error: anyhow::anyhow!(message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::render;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("model.onnx: read failed: {0}")]
+    struct Repeats(#[source] std::io::Error);
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
+        let e = anyhow::Error::new(Repeats(io)).context("loading the model");
+        let line = render(&e);
+        assert_eq!(
+            line,
+            "loading the model: model.onnx: read failed: No such file or directory"
+        );
+        assert_eq!(line.matches("No such file").count(), 1);
+        // Distinct causes are all kept, in order.
+        let e = anyhow::anyhow!("inner").context("middle").context("outer");
+        assert_eq!(render(&e), "outer: middle: inner");
     }
 }

@@ -84,7 +84,7 @@ where
     match result {
         Ok(()) => ExitCode::Ok as i32,
         Err(f) => {
-            eprintln!("error: {:#}", f.error);
+            eprintln!("error: {}", exit::render(&f.error));
             f.code as i32
         }
     }
