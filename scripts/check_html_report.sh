@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Renders an ascend-quant HTML comparison in headless Chromium and checks that
-# the page drew its charts: takes a screenshot and dumps the rendered DOM, then
-# counts the cosine bars and histogram bins in it.
+# Renders an ascend-quant HTML page (`compare --html` or `calibrate --html`)
+# in headless Chromium and checks that the page drew its charts: takes a
+# screenshot and dumps the rendered DOM, then counts the cosine bars,
+# histogram bins and clip lines in it.
 # Usage: scripts/check_html_report.sh REPORT.html [SCREENSHOT.png]
 # Needs: chromium (apt-get install chromium).
 set -euo pipefail

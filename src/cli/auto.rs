@@ -42,6 +42,11 @@ pub struct AutoArgs {
 
 /// Runs `auto`.
 pub fn execute(args: &AutoArgs) -> Result<(), Failure> {
+    if args.calib.html.is_some() {
+        return Err(super::exit::usage(
+            "--html is a page about one calibration: run calibrate --html on auto's chosen configuration".into(),
+        ));
+    }
     let opts = AutoOptions {
         calib: args.calib.to_options()?,
         eval_data: args.eval_data.clone(),

@@ -80,6 +80,10 @@ pub struct CalibrateArgs {
     /// optional and only measures similarity).
     #[arg(long, conflicts_with_all = ["batch_num", "activation_offset", "skip_layers", "optimize", "bias_correction", "tensor_quantize"])]
     pub record: Option<PathBuf>,
+    /// Also write a self-contained HTML page: per-layer factors, calibrator,
+    /// cosine chart, and each layer's input histogram with the range kept.
+    #[arg(long, value_name = "PAGE")]
+    pub html: Option<PathBuf>,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -175,6 +179,7 @@ impl CalibrateArgs {
             (None, None) => ConfigSource::Default,
         };
         Ok(CalibrateOptions {
+            html: self.html.clone(),
             model: self.model.clone(),
             data,
             config,

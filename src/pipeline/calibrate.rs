@@ -5,7 +5,9 @@ use super::Progress;
 use super::backend::select_backend;
 use super::error::PipelineError;
 use super::inputs::{CalibrateOptions, DataSource, RunInputs, gather, layer_names, read_config};
-use super::outputs::{OutputFiles, check_writable, declared_batch, with_suffix, write_outputs};
+use super::outputs::{
+    OutputFiles, check_writable, declared_batch, output_folder, with_suffix, write_outputs,
+};
 use crate::onnx::load_model;
 use crate::quant::calibrate::{
     Outcome, RunSettings, calibrate as run_calibration, finish as finish_models,
@@ -58,16 +60,30 @@ pub fn calibrate(
     };
     let outcome = run_calibration(&model, &config, &data, executor.as_ref(), &run)?;
     let samples = opts.similarity_samples.min(data.samples());
+    let histograms = match &opts.html {
+        Some(_) => Some(crate::report::calibration_page::input_histograms(
+            executor.as_ref(),
+            &outcome.prepared,
+            &outcome.factors,
+            &data,
+            (batch_size, dynamic_batch),
+            PAGE_SAMPLES,
+        )?),
+        None => None,
+    };
     finish(
         opts,
         &config,
         outcome,
-        batch_size,
+        (batch_size, samples),
         backend_line,
-        samples,
+        histograms,
         started,
     )
 }
+
+/// Calibration samples the `--html` page's histograms are drawn from.
+const PAGE_SAMPLES: usize = 16;
 
 /// `calibrate --record`: the factors come from the user's record; data, when
 /// given, only serves the per-layer similarity.
@@ -78,6 +94,9 @@ fn calibrate_from_record(
     started: Instant,
 ) -> Result<CalibrateResult, PipelineError> {
     check_writable(&opts.output)?;
+    if let Some(page) = &opts.html {
+        check_writable(page)?;
+    }
     let model = load_model(&opts.model)?;
     let config = read_config(opts, &model)?;
     let file = record_path.display().to_string();
@@ -106,13 +125,24 @@ fn calibrate_from_record(
         .as_ref()
         .map_or(0, |d| opts.similarity_samples.min(d.samples()));
     let outcome = finish_models(calibrated, data.as_ref(), &run)?;
+    let histograms = match (&opts.html, &data) {
+        (Some(_), Some(data)) => Some(crate::report::calibration_page::input_histograms(
+            &crate::sim::CpuExecutor,
+            &outcome.prepared,
+            &outcome.factors,
+            data,
+            (batch_size, run.dynamic_batch),
+            PAGE_SAMPLES,
+        )?),
+        _ => None,
+    };
     finish(
         opts,
         &config,
         outcome,
-        batch_size,
+        (batch_size, samples),
         format!("none (factors from {file})"),
-        samples,
+        histograms,
         started,
     )
 }
@@ -122,9 +152,9 @@ fn finish(
     opts: &CalibrateOptions,
     config: &QuantConfig,
     outcome: Outcome,
-    batch_size: usize,
+    (batch_size, similarity_samples): (usize, usize),
     backend_line: String,
-    similarity_samples: usize,
+    histograms: Option<Vec<crate::report::compare::ActivationHistogram>>,
     started: Instant,
 ) -> Result<CalibrateResult, PipelineError> {
     let from_record = opts.record.is_some();
@@ -234,7 +264,20 @@ fn finish(
     if let Some((path, text)) = &nuq_list {
         texts.push((path, text.as_bytes()));
     }
-    let written = write_outputs(
+    // The page goes with the other files when it sits beside them (all or
+    // none), else it is written on its own once they are in place.
+    let page = opts.html.as_ref().map(|path| {
+        let text =
+            crate::report::calibration_page::render(&report, histograms.as_deref().unwrap_or(&[]));
+        (path, text)
+    });
+    let beside = page
+        .as_ref()
+        .filter(|(path, _)| output_folder(path) == output_folder(&opts.output));
+    if let Some((path, text)) = beside {
+        texts.push((path, text.as_bytes()));
+    }
+    let mut written = write_outputs(
         &[
             (&files.deploy, &outcome.deploy),
             (&files.fake_quant, &outcome.fake_quant),
@@ -242,6 +285,15 @@ fn finish(
         &texts,
         &opts.output,
     )?;
+    if let Some((path, text)) = page.as_ref().filter(|_| beside.is_none()) {
+        crate::fsutil::write_atomic(path, text.as_bytes()).map_err(|e| {
+            PipelineError::Usage(format!(
+                "{}: writing the page failed: {e} (the models and record were written)",
+                path.display()
+            ))
+        })?;
+        written.push(path.to_path_buf());
+    }
     Ok(CalibrateResult {
         report,
         report_json,

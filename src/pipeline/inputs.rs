@@ -145,6 +145,8 @@ pub struct CalibrateOptions {
     /// Take every factor from this record file instead of calibrating
     /// (AMCT's `convert_model`); data is then optional.
     pub record: Option<PathBuf>,
+    /// Also write a self-contained HTML page about the calibration here.
+    pub html: Option<PathBuf>,
 }
 
 impl CalibrateOptions {
@@ -166,6 +168,7 @@ impl CalibrateOptions {
             bias_correction: false,
             optimize: false,
             record: None,
+            html: None,
         }
     }
 }
@@ -207,6 +210,9 @@ impl RunInputs {
 /// any work when the output folder cannot take files.
 pub fn gather(opts: &CalibrateOptions) -> Result<RunInputs, PipelineError> {
     check_writable(&opts.output)?;
+    if let Some(page) = &opts.html {
+        check_writable(page)?;
+    }
     let model = load_model(&opts.model)?;
     let mut config = read_config(opts, &model)?;
     if let Some(a) = opts.activation_offset {

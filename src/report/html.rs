@@ -6,7 +6,7 @@
 use super::compare::Comparison;
 use std::fmt::Write;
 
-fn escape(s: &str) -> String {
+pub(super) fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -28,51 +28,13 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child,th
         c.samples,
         c.layers.len()
     );
-    // Bar chart of cosine similarity.
-    let row = 16;
-    let width = 760;
-    let label_w = 330;
-    let min_cos = c
+    let rows: Vec<(&str, f64, bool)> = c
         .layers
         .iter()
-        .map(|l| l.cosine)
-        .fold(1.0f64, f64::min)
-        .min(0.99);
-    let lo = (min_cos - 0.01).max(-1.0);
-    let height = row * c.layers.len() + 30;
-    let _ = write!(
-        h,
-        "<h2>Cosine similarity per layer</h2>\n<svg id=\"cosine\" xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\">\n"
-    );
-    for (i, l) in c.layers.iter().enumerate() {
-        let y = i * row;
-        let frac = ((l.cosine - lo) / (1.0 - lo)).clamp(0.0, 1.0);
-        let bar = (frac * (width - label_w - 70) as f64) as usize;
-        let color = if l.cosine < 0.99 {
-            "#d9534f"
-        } else if l.quantized {
-            "#4a90d9"
-        } else {
-            "#9e9e9e"
-        };
-        let _ = writeln!(
-            h,
-            "<text x=\"{}\" y=\"{}\" font-size=\"11\" text-anchor=\"end\">{}</text><rect class=\"bar\" x=\"{label_w}\" y=\"{}\" width=\"{bar}\" height=\"{}\" fill=\"{color}\"/><text x=\"{}\" y=\"{}\" font-size=\"11\">{:.5}</text>",
-            label_w - 6,
-            y + 12,
-            escape(&l.name),
-            y + 2,
-            row - 4,
-            label_w + bar + 4,
-            y + 12,
-            l.cosine
-        );
-    }
-    let _ = writeln!(
-        h,
-        "<text x=\"{label_w}\" y=\"{}\" font-size=\"11\">axis from {lo:.3} to 1; red: below 0.99, grey: not quantized</text></svg>",
-        height - 8
-    );
+        .map(|l| (l.name.as_str(), l.cosine, l.quantized))
+        .collect();
+    h.push_str("<h2>Cosine similarity per layer</h2>\n");
+    h.push_str(&cosine_chart(&rows));
     // Histogram of the chosen layer's input.
     if let Some(hist) = &c.histogram {
         let _ = writeln!(
@@ -114,8 +76,60 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child,th
     h
 }
 
+/// An inline SVG bar chart of per-layer cosine similarity: one row per
+/// `(layer, cosine, quantized)`, red below 0.99, grey when not quantized.
+pub(super) fn cosine_chart(rows: &[(&str, f64, bool)]) -> String {
+    let mut h = String::new();
+    let row = 16;
+    let width = 760;
+    let label_w = 330;
+    let min_cos = rows
+        .iter()
+        .map(|r| r.1)
+        .filter(|c| c.is_finite())
+        .fold(1.0f64, f64::min)
+        .min(0.99);
+    let lo = (min_cos - 0.01).max(-1.0);
+    let height = row * rows.len() + 30;
+    let _ = writeln!(
+        h,
+        "<svg id=\"cosine\" xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\">"
+    );
+    for (i, &(name, cosine, quantized)) in rows.iter().enumerate() {
+        let y = i * row;
+        let frac = ((cosine - lo) / (1.0 - lo)).clamp(0.0, 1.0);
+        let frac = if frac.is_finite() { frac } else { 0.0 };
+        let bar = (frac * (width - label_w - 70) as f64) as usize;
+        let color = if cosine < 0.99 {
+            "#d9534f"
+        } else if quantized {
+            "#4a90d9"
+        } else {
+            "#9e9e9e"
+        };
+        let _ = writeln!(
+            h,
+            "<text x=\"{}\" y=\"{}\" font-size=\"11\" text-anchor=\"end\">{}</text><rect class=\"bar\" x=\"{label_w}\" y=\"{}\" width=\"{bar}\" height=\"{}\" fill=\"{color}\"/><text x=\"{}\" y=\"{}\" font-size=\"11\">{:.5}</text>",
+            label_w - 6,
+            y + 12,
+            escape(name),
+            y + 2,
+            row - 4,
+            label_w + bar + 4,
+            y + 12,
+            cosine
+        );
+    }
+    let _ = writeln!(
+        h,
+        "<text x=\"{label_w}\" y=\"{}\" font-size=\"11\">axis from {lo:.3} to 1; red: below 0.99, grey: not quantized</text></svg>",
+        height - 8
+    );
+    h
+}
+
 /// An inline SVG histogram (square-root counts) with the clip range drawn on it.
-fn histogram_svg(
+pub(super) fn histogram_svg(
     id: &str,
     lo: f32,
     hi: f32,

@@ -2,6 +2,7 @@
 //! the summary table printed for people.
 
 pub mod analyze;
+pub mod calibration_page;
 pub mod compare;
 pub mod html;
 
