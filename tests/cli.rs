@@ -311,3 +311,58 @@ fn each_cause_is_said_once() {
         );
     }
 }
+
+#[test]
+fn version_names_the_commit_built() {
+    let o = bin().arg("--version").output().unwrap();
+    let (out, _) = text(&o);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(
+        out.starts_with(&format!(
+            "ascend-quant {} (commit ",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{out}"
+    );
+    // Built from a git checkout (as CI builds), the commit is HEAD's.
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    match head {
+        Some(hash) => assert!(out.contains(&hash), "{out} should name {hash}"),
+        None => assert!(out.contains("(commit unknown)"), "{out}"),
+    }
+}
+
+#[test]
+fn bash_completion_completes_subcommands_and_flags() {
+    let o = bin().args(["completions", "bash"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("ascend-quant.bash");
+    std::fs::write(&script, &o.stdout).unwrap();
+    // What bash offers after `ascend-quant cal<TAB>` and `ascend-quant calibrate --ima<TAB>`.
+    let complete = |words: &str| {
+        let run = format!(
+            "source '{}'; COMP_WORDS=({words}); COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1)); \
+             _ascend__quant ascend-quant \"${{COMP_WORDS[-1]}}\" \"${{COMP_WORDS[-2]}}\"; echo \"${{COMPREPLY[@]}}\"",
+            script.display()
+        );
+        let o = Command::new("bash").args(["-c", &run]).output().unwrap();
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    assert_eq!(complete("ascend-quant cal"), "calibrate");
+    assert!(complete("ascend-quant calibrate --ima").contains("--images"));
+    for shell in ["zsh", "fish"] {
+        let o = bin().args(["completions", shell]).output().unwrap();
+        let script = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            script.contains("calibrate") && script.contains("skip-bad-images"),
+            "{shell}"
+        );
+    }
+}

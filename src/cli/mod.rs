@@ -5,6 +5,7 @@ mod auto;
 mod calibrate;
 mod compare;
 mod compile;
+mod completions;
 mod convert;
 mod devices;
 mod exit;
@@ -18,9 +19,17 @@ pub use exit::{ExitCode, Failure};
 use clap::{Parser, Subcommand};
 use std::ffi::OsString;
 
+/// The version and the git commit it was built from.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("ASCEND_QUANT_COMMIT"),
+    ")"
+);
+
 /// Quantize ONNX models for Huawei Ascend NPUs.
 #[derive(Debug, Parser)]
-#[command(name = "ascend-quant", version, about)]
+#[command(name = "ascend-quant", version = VERSION, about)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -32,6 +41,8 @@ pub struct Cli {
 pub enum Command {
     /// Show a model's opset, inputs, outputs, operators and quantizable layers.
     Inspect(inspect::InspectArgs),
+    /// Print a shell completion script: `ascend-quant completions bash > /etc/bash_completion.d/ascend-quant`.
+    Completions(completions::CompletionsArgs),
     /// Run a model on the CPU simulator and write its outputs as .npy files.
     Run(run::RunArgs),
     /// Post-training quantization: calibrate and write deploy and fake-quant models.
@@ -71,6 +82,10 @@ where
     };
     let result = match cli.command {
         Command::Inspect(a) => inspect::execute(&a),
+        Command::Completions(a) => {
+            print!("{}", completions::script(a.shell));
+            Ok(())
+        }
         Command::Run(a) => run::execute(&a),
         Command::Calibrate(a) => calibrate::execute(&a),
         Command::Config(a) => calibrate::execute_config(&a),
