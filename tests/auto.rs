@@ -192,3 +192,40 @@ fn a_verbose_evaluator_and_a_path_with_spaces_work() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// A candidate that gets every sample wrong: scored in full it is at 0 %;
+/// scored against a target of 99 % it stops after the first group of 8
+/// samples and reports the best it could still have had, (0 + 56) / 64.
+#[test]
+fn a_hopeless_candidate_stops_early_with_its_best_reachable_score() {
+    use ascend_quant::auto::{Evaluator, InternalEvaluator, Metric};
+    use ascend_quant::data::Dataset;
+    use ascend_quant::onnx::builder::node;
+    use ascend_quant::sim::CpuExecutor;
+    use ascend_quant::tensor::Tensor;
+    use ndarray::{ArrayD, IxDyn};
+    let scaled = |c: f32| {
+        common::model_x_to_y(
+            vec![node("Mul", "mul", &["x", "c"], &["y"], vec![])],
+            vec![("c", ArrayD::from_elem(IxDyn(&[1]), c))],
+            &[1, 2],
+            &[1, 2],
+        )
+    };
+    // Sample i: (i + 1, 0): class 0 for the float model, class 1 negated.
+    let x = ArrayD::from_shape_fn(IxDyn(&[64, 2]), |i| {
+        if i[1] == 0 { i[0] as f32 + 1.0 } else { 0.0 }
+    });
+    let data = Dataset::from_arrays(
+        vec![("x".into(), Tensor::F32(x))],
+        &["x".into()],
+        "x".into(),
+    )
+    .unwrap();
+    let mut e = InternalEvaluator::new(&CpuExecutor, &data, 1, false, Metric::Top1Agreement);
+    assert_eq!(e.float_score(&scaled(1.0)).unwrap(), 100.0);
+    assert_eq!(e.evaluate(&scaled(-1.0)).unwrap(), 0.0);
+    assert_eq!(e.evaluate_against(&scaled(-1.0), 99.0).unwrap(), 87.5);
+    // A candidate that reaches the target is scored in full.
+    assert_eq!(e.evaluate_against(&scaled(2.0), 99.0).unwrap(), 100.0);
+}

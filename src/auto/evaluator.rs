@@ -9,6 +9,7 @@ use crate::sim::{Executor, SessionOptions};
 use crate::tensor::Tensor;
 use ndarray::{ArrayD, Axis};
 use prost::Message;
+use rayon::prelude::*;
 use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -24,6 +25,14 @@ pub trait Evaluator {
     /// The metric of a candidate: its fake-quant or simulation model, as
     /// [`Evaluator::wants_fake_quant`] asks.
     fn evaluate(&mut self, model: &ModelProto) -> Result<f64, QuantError>;
+    /// The metric of a candidate that only matters if it reaches `target`:
+    /// an evaluator may stop as soon as the target is out of reach and
+    /// return the best score the candidate could still have had (below
+    /// `target`). By default, the full evaluation.
+    fn evaluate_against(&mut self, model: &ModelProto, target: f64) -> Result<f64, QuantError> {
+        let _ = target;
+        self.evaluate(model)
+    }
     /// The float model's metric.
     fn float_score(&mut self, float: &ModelProto) -> Result<f64, QuantError>;
 }
@@ -57,7 +66,15 @@ impl<'a> InternalEvaluator<'a> {
         }
     }
 
-    fn outputs(&self, model: &ModelProto) -> Result<ArrayD<f32>, QuantError> {
+    /// The model's first output on the evaluation data. With `stop`, the
+    /// batches run in groups and the run ends early when `stop` says so of
+    /// the outputs so far (samples in order); the outputs then cover only
+    /// the first samples.
+    fn outputs(
+        &self,
+        model: &ModelProto,
+        stop: Option<&dyn Fn(&ArrayD<f32>) -> bool>,
+    ) -> Result<ArrayD<f32>, QuantError> {
         let session = self.executor.prepare(
             model,
             &SessionOptions {
@@ -70,29 +87,53 @@ impl<'a> InternalEvaluator<'a> {
             .first()
             .map(|o| o.name.clone())
             .ok_or_else(|| QuantError::Input("the model has no output".into()))?;
-        let mut parts = Vec::new();
-        for b in 0..self.data.batch_count(self.batch_size) {
-            let batch = self.data.batch(self.batch_size, b)?;
+        // Batches run side by side: two batch-1 runs, each mostly on one
+        // core, get through more samples per second than one run spread over
+        // both (the kernels' own parallel loops share the same pool).
+        let (data, batch_size, session) = (self.data, self.batch_size, session.as_ref());
+        let run_batch = |b: usize| -> Result<ArrayD<f32>, QuantError> {
+            let batch = data.batch(batch_size, b)?;
             let feeds: Vec<(&str, &Tensor)> = batch.iter().map(|(n, t)| (n.as_str(), t)).collect();
             match session.run(&feeds, &[output.as_str()])?.remove(0) {
-                Tensor::F32(a) => parts.push(a),
-                other => {
-                    return Err(QuantError::Input(format!(
-                        "output '{output}' is {}, the metrics need float32",
-                        other.dtype()
-                    )));
-                }
+                Tensor::F32(a) => Ok(a),
+                other => Err(QuantError::Input(format!(
+                    "output '{output}' is {}, the metrics need float32",
+                    other.dtype()
+                ))),
+            }
+        };
+        let count = data.batch_count(batch_size);
+        let group = if stop.is_some() { GROUP } else { count.max(1) };
+        let stack = |parts: &[ArrayD<f32>]| {
+            let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+            ndarray::concatenate(Axis(0), &views)
+                .map_err(|e| QuantError::Input(format!("evaluation outputs do not stack: {e}")))
+        };
+        let mut parts: Vec<ArrayD<f32>> = Vec::with_capacity(count);
+        for start in (0..count).step_by(group) {
+            let done: Vec<ArrayD<f32>> = (start..(start + group).min(count))
+                .into_par_iter()
+                .map(run_batch)
+                .collect::<Result<_, _>>()?;
+            parts.extend(done);
+            if let Some(stop) = stop
+                && parts.len() < count
+                && stop(&stack(&parts)?)
+            {
+                break;
             }
         }
-        let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
-        ndarray::concatenate(Axis(0), &views)
-            .map_err(|e| QuantError::Input(format!("evaluation outputs do not stack: {e}")))
+        stack(&parts)
     }
 }
 
+/// Batches per group when a run may stop early: enough to keep both cores
+/// busy, few enough that a hopeless candidate stops soon.
+const GROUP: usize = 8;
+
 impl Evaluator for InternalEvaluator<'_> {
     fn float_score(&mut self, float: &ModelProto) -> Result<f64, QuantError> {
-        let out = self.outputs(float)?;
+        let out = self.outputs(float, None)?;
         if let Metric::Top1(labels) = &self.metric
             && labels.len() != out.shape()[0]
         {
@@ -112,13 +153,23 @@ impl Evaluator for InternalEvaluator<'_> {
     }
 
     fn evaluate(&mut self, simulation: &ModelProto) -> Result<f64, QuantError> {
-        let out = self.outputs(simulation)?;
+        self.evaluate_against(simulation, f64::NEG_INFINITY)
+    }
+
+    fn evaluate_against(
+        &mut self,
+        simulation: &ModelProto,
+        target: f64,
+    ) -> Result<f64, QuantError> {
         let reference = self.reference.as_ref().ok_or_else(|| {
             QuantError::Input(
                 "the float model must be scored (float_score) before a candidate".into(),
             )
         })?;
-        Ok(self.metric.score(&out, reference))
+        let metric = &self.metric;
+        let hopeless = |so_far: &ArrayD<f32>| metric.best_reachable(so_far, reference) < target;
+        let out = self.outputs(simulation, Some(&hopeless))?;
+        Ok(metric.best_reachable(&out, reference))
     }
 }
 

@@ -44,7 +44,17 @@ impl Metric {
 
     /// Scores `outputs` (samples on axis 0) against the float model's `reference`.
     pub fn score(&self, outputs: &ArrayD<f32>, reference: &ArrayD<f32>) -> f64 {
+        self.best_reachable(outputs, reference)
+    }
+
+    /// The highest score the whole set can still reach when `outputs` holds
+    /// the first samples of `reference`'s (the rest unknown): every unseen
+    /// sample counted as perfect (top-1 right, cosine 1, no squared error).
+    /// With every sample seen it is the score itself.
+    pub fn best_reachable(&self, outputs: &ArrayD<f32>, reference: &ArrayD<f32>) -> f64 {
         let rows = outputs.shape()[0];
+        let total = reference.shape()[0].max(rows).max(1);
+        let unseen = (total - rows) as f64;
         let argmax = |a: &ArrayD<f32>, i: usize| -> usize {
             let row = a.index_axis(Axis(0), i);
             let mut best = (0, f32::NEG_INFINITY);
@@ -58,20 +68,22 @@ impl Metric {
         match self {
             Metric::Top1(labels) => {
                 100.0
-                    * (0..rows)
+                    * ((0..rows)
                         .filter(|&i| argmax(outputs, i) as i64 == labels[i])
                         .count() as f64
-                    / rows as f64
+                        + unseen)
+                    / total as f64
             }
             Metric::Top1Agreement => {
                 100.0
-                    * (0..rows)
+                    * ((0..rows)
                         .filter(|&i| argmax(outputs, i) == argmax(reference, i))
                         .count() as f64
-                    / rows as f64
+                        + unseen)
+                    / total as f64
             }
             Metric::Cosine => {
-                let total: f64 = (0..rows)
+                let sum: f64 = (0..rows)
                     .map(|i| {
                         let (a, b) = (
                             outputs.index_axis(Axis(0), i),
@@ -82,9 +94,10 @@ impl Metric {
                         sim.cosine()
                     })
                     .sum();
-                100.0 * total / rows as f64
+                100.0 * (sum + unseen) / total as f64
             }
             Metric::Mse => {
+                // The error so far over the power of the whole reference.
                 let err: f64 = outputs
                     .iter()
                     .zip(reference.iter())
@@ -116,5 +129,27 @@ mod tests {
         assert_eq!(Metric::Mse.score(&reference, &reference), 0.0);
         // err = 0.01+0.01+0.36+0.36 = 0.74, power = 2 -> -37
         assert!((Metric::Mse.score(&out, &reference) + 37.0).abs() < 1e-4);
+    }
+
+    #[test]
+    fn the_best_reachable_score_of_a_prefix_counts_the_rest_as_perfect() {
+        let reference = array![[1.0f32, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]].into_dyn();
+        // The first sample seen, and wrong: at best 3 of 4 right.
+        let first = array![[0.1f32, 0.9]].into_dyn();
+        assert_eq!(
+            Metric::Top1Agreement.best_reachable(&first, &reference),
+            75.0
+        );
+        assert_eq!(
+            Metric::Top1(vec![0, 1, 0, 1]).best_reachable(&first, &reference),
+            75.0
+        );
+        // cosine of (0.1, 0.9) with (1, 0) = 0.1 / |(0.1, 0.9)|; the other three at 1.
+        let c = 0.1 / (0.1f64.powi(2) + 0.9f64.powi(2)).sqrt();
+        let got = Metric::Cosine.best_reachable(&first, &reference);
+        assert!((got - 100.0 * (c + 3.0) / 4.0).abs() < 1e-4, "{got}");
+        // Squared error so far (0.81 + 0.81) over the whole reference's power (4).
+        let got = Metric::Mse.best_reachable(&first, &reference);
+        assert!((got + 100.0 * 1.62 / 4.0).abs() < 1e-4, "{got}");
     }
 }

@@ -188,7 +188,9 @@ pub fn run(opts: &AutoOptions, progress: Progress<'_>) -> Result<AutoResult, Pip
                 add_tensor_quantization(&mut m, &calibrated.tensors, ModelKind::Simulation)?;
                 m
             };
-            let score = evaluator.evaluate(&candidate)?;
+            // A candidate that cannot reach the target is stopped early;
+            // its score is then the best it could still have had.
+            let score = evaluator.evaluate_against(&candidate, target)?;
             (progress.message)(&format!(
                 "  {} in float: {} = {score:.3}",
                 rolled_back.len(),
