@@ -73,7 +73,7 @@ impl<'a> InternalEvaluator<'a> {
     fn outputs(
         &self,
         model: &ModelProto,
-        stop: Option<&dyn Fn(&ArrayD<f32>) -> bool>,
+        stop: Option<&StopRule<'_>>,
     ) -> Result<ArrayD<f32>, QuantError> {
         let session = self.executor.prepare(
             model,
@@ -126,6 +126,9 @@ impl<'a> InternalEvaluator<'a> {
         stack(&parts)
     }
 }
+
+/// Says, from the outputs of the first samples, whether to stop a run.
+type StopRule<'a> = dyn Fn(&ArrayD<f32>) -> bool + 'a;
 
 /// Batches per group when a run may stop early: enough to keep both cores
 /// busy, few enough that a hopeless candidate stops soon.
