@@ -19,16 +19,11 @@ use std::path::{Path, PathBuf};
 const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 const STD: [f32; 3] = [0.229, 0.224, 0.225];
 
-/// Reproducible bytes.
+/// Reproducible bytes (pixels).
 fn bytes(seed: u64, n: usize) -> Vec<u8> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 56) as u8
-        })
+    common::signed_values(seed, n)
+        .into_iter()
+        .map(|v| ((v + 1.0) * 127.5) as u8)
         .collect()
 }
 

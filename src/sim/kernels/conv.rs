@@ -29,6 +29,19 @@ pub struct ConvGeometry {
 }
 
 impl ConvGeometry {
+    /// The depthwise kernel's description of this geometry on an `h × w` input.
+    pub fn depthwise_shape(&self, h: usize, w: usize) -> DepthwiseShape {
+        DepthwiseShape {
+            h,
+            w,
+            kh: self.kernel.0,
+            kw: self.kernel.1,
+            stride: self.stride,
+            dilation: self.dilation,
+            pads: self.pads,
+        }
+    }
+
     /// Output height and width for an input of `h × w`, or `None` when the
     /// kernel does not fit.
     pub fn out_hw(&self, h: usize, w: usize) -> Option<(usize, usize)> {
@@ -139,15 +152,7 @@ impl Conv {
         let g = &self.geometry;
         let mut out = vec![0f32; n * self.c_out * oh * ow];
         if self.packed.is_empty() {
-            let shape = DepthwiseShape {
-                h,
-                w,
-                kh: g.kernel.0,
-                kw: g.kernel.1,
-                stride: g.stride,
-                dilation: g.dilation,
-                pads: g.pads,
-            };
+            let shape = g.depthwise_shape(h, w);
             let clamp = match self.activation {
                 Activation::Clamp(lo, hi) => (lo, hi),
                 _ => (f32::NEG_INFINITY, f32::INFINITY),

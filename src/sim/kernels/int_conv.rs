@@ -18,7 +18,7 @@
 
 use super::activation::{clamp_value, round_before_clamp};
 use super::conv::{ConvGeometry, is_depthwise};
-use super::depthwise::{DepthwiseShape, depthwise};
+use super::depthwise::depthwise;
 use super::int_gemm::{PackedIntWeight, PairedColumns, int_gemm};
 use rayon::prelude::*;
 
@@ -236,16 +236,7 @@ impl IntConv {
         (h, w): (usize, usize),
         (oh, ow): (usize, usize),
     ) -> Vec<f32> {
-        let g = &self.geometry;
-        let shape = DepthwiseShape {
-            h,
-            w,
-            kh: g.kernel.0,
-            kw: g.kernel.1,
-            stride: g.stride,
-            dilation: g.dilation,
-            pads: g.pads,
-        };
+        let shape = self.geometry.depthwise_shape(h, w);
         let q: Vec<f32> = self.quantizer.centre_all(x, |v| v);
         let mut out = vec![0.0f32; n * self.c_out * oh * ow];
         let unbounded = (f32::NEG_INFINITY, f32::INFINITY);
