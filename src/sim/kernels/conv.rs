@@ -261,7 +261,12 @@ impl Conv {
         };
         if self.activation == Activation::None || cols <= COLUMN_BLOCK {
             run(out, 0..cols);
-            self.activation.apply(out);
+            if self.activation != Activation::None {
+                // Narrow outputs: one GEMM (parallel inside), then the
+                // activation over the whole output, in parallel too.
+                out.par_chunks_mut(1 << 14)
+                    .for_each(|c| self.activation.apply(c));
+            }
             return;
         }
         let dst = SharedOut(out.as_mut_ptr(), out.len());
