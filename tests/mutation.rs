@@ -160,3 +160,8 @@ fn npy_parsing_never_panics() {
 fn bin_folder_parsing_never_panics() {
     survive("bin_folder", 3000, parsers::bin_folder);
 }
+
+#[test]
+fn image_folder_reading_never_panics() {
+    survive("image_folder", 1500, parsers::image_folder);
+}

@@ -149,3 +149,34 @@ pub fn bin_folder(bytes: &[u8]) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     read_all(&data)
 }
+
+/// An image folder of one file: the first byte picks the preprocessing (the
+/// model input's layout and channels, a resize, a crop, BGR), the rest is
+/// the file (a PNG or JPEG, or anything else).
+pub fn image_folder(bytes: &[u8]) -> Result<(), String> {
+    use ascend_quant::data::Preprocess;
+    let (head, body) = bytes.split_at(bytes.len().min(1));
+    let pick = head.first().copied().unwrap_or(0);
+    let channels = if pick & 1 == 0 { 3 } else { 1 };
+    let dims = if pick & 2 == 0 {
+        [Some(1), Some(channels), Some(8), Some(6)]
+    } else {
+        [Some(1), Some(8), Some(6), Some(channels)]
+    };
+    let prep = Preprocess {
+        resize: (pick & 4 != 0).then_some(u32::from(pick >> 4) + 1),
+        center_crop: (pick & 8 != 0).then_some((u32::from(pick >> 5) + 1, 3)),
+        bgr: pick & 16 != 0,
+        ..Default::default()
+    };
+    let dir = scratch().join("images");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("a.png"), body).map_err(|e| e.to_string())?;
+    for skip_bad in [false, true] {
+        if let Ok(data) = Dataset::from_images(&dir, &prep, skip_bad, &["x".into()], Some(&dims)) {
+            read_all(&data)?;
+        }
+    }
+    Ok(())
+}
