@@ -226,3 +226,49 @@ fn resizing_scales_the_short_side_and_crops_the_centre() {
         assert!((x[[0, 2, y, 5]] - 200.0 / 255.0).abs() < 1e-6);
     }
 }
+
+#[test]
+fn an_image_whose_header_claims_too_many_pixels_is_refused_unread() {
+    let dir = tempfile::tempdir().unwrap();
+    // A PNG signature and an IHDR chunk claiming 30000 × 30000 RGB, then nothing.
+    // Chunks with their CRC-32 (IEEE, bit by bit): IHDR, then an empty IDAT.
+    let chunk = |body: &[u8]| {
+        let mut crc = !0u32;
+        for &b in body {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        let mut out = ((body.len() - 4) as u32).to_be_bytes().to_vec();
+        out.extend_from_slice(body);
+        out.extend_from_slice(&(!crc).to_be_bytes());
+        out
+    };
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend_from_slice(&30000u32.to_be_bytes());
+    ihdr.extend_from_slice(&30000u32.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(chunk(&ihdr));
+    png.extend(chunk(b"IDAT"));
+    std::fs::write(dir.path().join("huge.png"), &png).unwrap();
+    let dims = [Some(1), Some(3), Some(8), Some(8)];
+    let data = Dataset::from_images(
+        dir.path(),
+        &Preprocess::default(),
+        false,
+        &["x".into()],
+        Some(&dims),
+    )
+    .unwrap();
+    let err = data.batch(1, 0).unwrap_err().to_string();
+    assert!(
+        err.contains("huge.png") && err.contains("30000×30000"),
+        "{err}"
+    );
+}

@@ -12,6 +12,11 @@ use ndarray::{ArrayD, IxDyn};
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 
+/// The most memory one decoded image may take (about 89 megapixels of
+/// RGB): checked from the file's header before decoding, so a huge or
+/// lying header costs nothing.
+const MAX_IMAGE_BYTES: u64 = 256 << 20;
+
 /// A folder of images to read, and how.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ImageSource {
@@ -262,10 +267,26 @@ impl ImageFolder {
 
 /// The decoded image, or why it does not decode.
 fn decode(path: &Path) -> Result<DynamicImage, String> {
-    ImageReader::open(path)
-        .map_err(|e| e.to_string())?
-        .with_guessed_format()
-        .map_err(|e| e.to_string())?
+    let open = || -> Result<ImageReader<_>, String> {
+        ImageReader::open(path)
+            .map_err(|e| e.to_string())?
+            .with_guessed_format()
+            .map_err(|e| e.to_string())
+    };
+    // The header's size first: a huge (or lying) one is refused unread.
+    if let Ok((w, h)) = open()?.into_dimensions()
+        && u64::from(w) * u64::from(h) * 3 > MAX_IMAGE_BYTES
+    {
+        return Err(format!(
+            "{w}×{h} pixels, more than the {} megapixels one image may have here; scale it down first",
+            MAX_IMAGE_BYTES / 3 / 1_000_000
+        ));
+    }
+    let mut reader = open()?;
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(MAX_IMAGE_BYTES);
+    reader.limits(limits);
+    reader
         .decode()
         .map_err(|e| format!("not a readable image: {e}"))
 }
