@@ -4,6 +4,7 @@ use ascend_quant::data::{read_npy, write_npy};
 use ascend_quant::onnx::proto::{ModelProto, NodeProto};
 use ascend_quant::onnx::{load_model, save_model};
 use ascend_quant::tensor::Tensor;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -261,42 +262,32 @@ fn each_cause_is_said_once() {
     let missing = dir.path().join("missing.onnx");
     let not_onnx = dir.path().join("notes.onnx");
     std::fs::write(&not_onnx, b"\x0e\x0e\x0e not a model").unwrap();
-    for (model, cause) in [
-        (&missing, "No such file or directory"),
-        (&not_onnx, "failed to decode Protobuf message"),
-    ] {
+    let images = dir.path().join("images");
+    std::fs::create_dir(&images).unwrap();
+    std::fs::write(images.join("a.png"), b"\x89PNG\r\n\x1a\n cut short").unwrap();
+    let digits = digits_dir().join("digits_cnn.onnx");
+    let missing_npy = dir.path().join("missing.npy");
+    // (model, data arguments, the cause that must appear exactly once)
+    let cases: [(&Path, Vec<&OsStr>, &str); 4] = [
+        (&missing, vec![], "No such file or directory"),
+        (&not_onnx, vec![], "failed to decode Protobuf message"),
+        (
+            &digits,
+            vec!["--data".as_ref(), missing_npy.as_os_str()],
+            "No such file or directory",
+        ),
+        // An image that does not decode is named, with the fix.
+        (
+            &digits,
+            vec!["--images".as_ref(), images.as_os_str()],
+            "a.png",
+        ),
+    ];
+    for (model, data, cause) in cases {
         let o = bin()
             .arg("calibrate")
             .arg("--model")
             .arg(model)
-            .arg("--output")
-            .arg(dir.path().join("out"))
-            .output()
-            .unwrap();
-        let (_, err) = text(&o);
-        assert_eq!(o.status.code(), Some(1), "{err}");
-        assert_eq!(err.matches(cause).count(), 1, "{err}");
-    } // Data: a missing .npy, and an image that does not decode (named, with the fix).
-    let images = dir.path().join("images");
-    std::fs::create_dir(&images).unwrap();
-    std::fs::write(images.join("a.png"), b"\x89PNG\r\n\x1a\n cut short").unwrap();
-    for (data, cause) in [
-        (
-            vec![
-                "--data".into(),
-                dir.path().join("missing.npy").into_os_string(),
-            ],
-            "No such file or directory",
-        ),
-        (
-            vec!["--images".into(), images.clone().into_os_string()],
-            "a.png",
-        ),
-    ] {
-        let o = bin()
-            .arg("calibrate")
-            .arg("--model")
-            .arg(digits_dir().join("digits_cnn.onnx"))
             .args(&data)
             .arg("--output")
             .arg(dir.path().join("out"))
