@@ -118,9 +118,19 @@ impl Histogram {
             if self.pending_total + chunk.len() as u64 > u64::from(u32::MAX) {
                 self.flush();
             }
-            for &x in chunk {
-                let i = ((x - lo) * inv) as usize;
-                self.pending[i.min(n - 1)] += 1;
+            // Bin indices a block at a time (a loop that vectorises), then
+            // the tallies.
+            let top = (n - 1) as f32;
+            let mut bins = [0u32; 256];
+            for block in chunk.chunks(bins.len()) {
+                for (b, &x) in bins.iter_mut().zip(block) {
+                    let t = ((x - lo) * inv).max(0.0).min(top);
+                    // SAFETY: `t` is in [0, n − 1] (`max` maps NaN to 0).
+                    *b = unsafe { t.to_int_unchecked::<u32>() };
+                }
+                for &b in &bins[..block.len()] {
+                    self.pending[b as usize] += 1;
+                }
             }
             self.pending_total += chunk.len() as u64;
         }

@@ -86,16 +86,58 @@ pub trait Observer: Send + Sync {
     fn params(&self, asymmetric: bool, bits: u32) -> Result<ActParams, ParamsError>;
 }
 
-/// The extremes of a batch, or the index of its first non-finite value.
+/// The extremes of a batch, or the index of its first non-finite value
+/// (NaN or infinity).
 pub fn finite_extremes(data: &[f32]) -> Result<(f32, f32), usize> {
-    let mut min = f32::INFINITY;
-    let mut max = f32::NEG_INFINITY;
-    for &x in data {
-        min = min.min(x);
-        max = max.max(x);
+    // Eight running minima and maxima, written as comparisons so the loop
+    // vectorises; `x · 0` is NaN exactly when `x` is NaN or infinite, so one
+    // sum of those tells whether any value is not finite.
+    const LANES: usize = 8;
+    let mut min = [f32::INFINITY; LANES];
+    let mut max = [f32::NEG_INFINITY; LANES];
+    let mut poison = [0.0f32; LANES];
+    let chunks = data.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            let x = c[i];
+            min[i] = if x < min[i] { x } else { min[i] };
+            max[i] = if x > max[i] { x } else { max[i] };
+            poison[i] += x * 0.0;
+        }
     }
-    if !min.is_finite() || !max.is_finite() {
+    for (i, &x) in rest.iter().enumerate() {
+        min[i] = if x < min[i] { x } else { min[i] };
+        max[i] = if x > max[i] { x } else { max[i] };
+        poison[i] += x * 0.0;
+    }
+    if poison.iter().any(|p| p.is_nan()) || data.is_empty() {
         return Err(data.iter().position(|x| !x.is_finite()).unwrap_or(0));
     }
-    Ok((min, max))
+    let lo = min.iter().fold(f32::INFINITY, |a, &b| a.min(b));
+    let hi = max.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    Ok((lo, hi))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::finite_extremes;
+
+    #[test]
+    fn extremes_and_the_first_non_finite_value() {
+        // 21 values (two lanes' worth and a remainder), extremes in the remainder and a lane.
+        let mut data: Vec<f32> = (0..21).map(|i| (i as f32 * 0.37).sin()).collect();
+        data[5] = -3.5;
+        data[19] = 7.25;
+        assert_eq!(finite_extremes(&data), Ok((-3.5, 7.25)));
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for at in [0, 9, 20] {
+                let mut d = data.clone();
+                d[at] = bad;
+                assert_eq!(finite_extremes(&d), Err(at), "{bad} at {at}");
+            }
+        }
+        assert_eq!(finite_extremes(&[]), Err(0));
+        assert_eq!(finite_extremes(&[-0.0, 2.0]), Ok((-0.0, 2.0)));
+    }
 }
