@@ -704,7 +704,10 @@ fn layer_cosines(
         let (fv, qv) = (fv?, qv?);
         for (k, (f, q)) in fv.iter().zip(&qv).enumerate() {
             if let (Some(f), Some(q)) = (f.as_f32(), q.as_f32()) {
-                acc[k].add(f.iter(), q.iter());
+                match (f.as_slice(), q.as_slice()) {
+                    (Some(f), Some(q)) => acc[k].add_slices(f, q),
+                    _ => acc[k].add(f.iter(), q.iter()),
+                }
             }
         }
     }
