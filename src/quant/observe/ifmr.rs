@@ -239,36 +239,50 @@ impl Observer for Ifmr {
             return;
         }
         self.count += data.len() as u64;
-        // Only values beyond the current tails can enter them: compare against
-        // cached thresholds and touch the heaps only then (rarely, once full).
-        let mut high = self
+        // Only values beyond the current tails can enter them: the batch's
+        // extremes say whether any can, a filter finds them, and a selection
+        // keeps at most TAIL of them per side before the heaps see any (the
+        // heaps end with the same values as if every value were pushed).
+        let high = self
             .largest
             .peek()
             .filter(|_| self.largest.len() == TAIL)
             .map_or(f32::NEG_INFINITY, |r| r.0.0);
-        let mut low = self
+        let low = self
             .smallest
             .peek()
             .filter(|_| self.smallest.len() == TAIL)
             .map_or(f32::INFINITY, |o| o.0);
-        for &x in data {
-            if x > high {
+        if max > high {
+            let mut above: Vec<f32> = data.iter().copied().filter(|&x| x > high).collect();
+            if above.len() > TAIL {
+                above.select_nth_unstable_by(TAIL, |a, b| b.total_cmp(a));
+                above.truncate(TAIL);
+            }
+            for x in above {
                 if self.largest.len() == TAIL {
+                    if x <= self.largest.peek().expect("full").0.0 {
+                        continue;
+                    }
                     self.largest.pop();
                 }
                 self.largest.push(Reverse(OrdF32(x)));
-                if self.largest.len() == TAIL {
-                    high = self.largest.peek().expect("full").0.0;
-                }
             }
-            if x < low {
+        }
+        if min < low {
+            let mut below: Vec<f32> = data.iter().copied().filter(|&x| x < low).collect();
+            if below.len() > TAIL {
+                below.select_nth_unstable_by(TAIL, |a, b| a.total_cmp(b));
+                below.truncate(TAIL);
+            }
+            for x in below {
                 if self.smallest.len() == TAIL {
+                    if x >= self.smallest.peek().expect("full").0 {
+                        continue;
+                    }
                     self.smallest.pop();
                 }
                 self.smallest.push(OrdF32(x));
-                if self.smallest.len() == TAIL {
-                    low = self.smallest.peek().expect("full").0;
-                }
             }
         }
         self.hist.add(data, min, max);
