@@ -15,8 +15,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Sets `ASCEND_QUANT_COMMIT` to the commit being built (`+dirty` when the
-/// tree has changes), or `unknown` outside a git checkout (a crate package).
+/// Sets `ASCEND_QUANT_COMMIT` to the commit being built, or `unknown`
+/// outside a git checkout (a crate package).
 fn git_commit() {
     let git = |args: &[&str]| {
         std::process::Command::new("git")
@@ -26,20 +26,11 @@ fn git_commit() {
             .filter(|o| o.status.success())
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
     };
-    let commit = match git(&["rev-parse", "--short=12", "HEAD"]) {
-        Some(hash) => {
-            let dirty = git(&["status", "--porcelain", "--untracked-files=no"])
-                .is_some_and(|s| !s.is_empty());
-            if dirty { format!("{hash}+dirty") } else { hash }
-        }
-        None => "unknown".into(),
-    };
+    let commit = git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into());
     println!("cargo:rustc-env=ASCEND_QUANT_COMMIT={commit}");
     // A new commit or checkout moves HEAD or the branch it names.
     if let Some(dir) = git(&["rev-parse", "--git-dir"]) {
-        for f in ["HEAD", "index"] {
-            println!("cargo:rerun-if-changed={dir}/{f}");
-        }
+        println!("cargo:rerun-if-changed={dir}/HEAD");
         if let Some(head) = git(&["symbolic-ref", "-q", "HEAD"]) {
             println!("cargo:rerun-if-changed={dir}/{head}");
         }

@@ -327,7 +327,7 @@ fn digits_tap_and_replay_of_an_intermediate_value() {
 #[test]
 fn a_kept_convolution_output_is_not_fused_with_its_relu() {
     use ascend_quant::onnx::builder::node;
-    use ascend_quant::onnx::proto::{GraphProto, OperatorSetIdProto};
+    use ascend_quant::onnx::proto::GraphProto;
     let w = Tensor::F32(
         ndarray::ArrayD::from_shape_vec(
             ndarray::IxDyn(&[2, 1, 3, 3]),
@@ -335,24 +335,16 @@ fn a_kept_convolution_output_is_not_fused_with_its_relu() {
         )
         .unwrap(),
     );
-    let model = ModelProto {
-        ir_version: Some(8),
-        opset_import: vec![OperatorSetIdProto {
-            domain: Some(String::new()),
-            version: Some(13),
-        }],
-        graph: Some(GraphProto {
-            node: vec![
-                node("Conv", "conv", &["x", "w"], &["c"], vec![]),
-                node("Relu", "relu", &["c"], &["y"], vec![]),
-            ],
-            initializer: vec![to_proto("w", &w, Storage::Raw)],
-            input: vec![value_info("x", &[1, 1, 5, 5])],
-            output: vec![value_info("y", &[1, 2, 3, 3])],
-            ..Default::default()
-        }),
+    let model = common::model_of(GraphProto {
+        node: vec![
+            node("Conv", "conv", &["x", "w"], &["c"], vec![]),
+            node("Relu", "relu", &["c"], &["y"], vec![]),
+        ],
+        initializer: vec![to_proto("w", &w, Storage::Raw)],
+        input: vec![value_info("x", &[1, 1, 5, 5])],
+        output: vec![value_info("y", &[1, 2, 3, 3])],
         ..Default::default()
-    };
+    });
     let x = Tensor::F32(
         ndarray::ArrayD::from_shape_vec(
             ndarray::IxDyn(&[1, 1, 5, 5]),
@@ -400,7 +392,7 @@ fn a_kept_convolution_output_is_not_fused_with_its_relu() {
 #[test]
 fn quantization_chains_run_natively_with_onnx_arithmetic() {
     use ascend_quant::onnx::builder::{constant, constant_f32, node};
-    use ascend_quant::onnx::proto::{GraphProto, OperatorSetIdProto};
+    use ascend_quant::onnx::proto::GraphProto;
     let (inv, offset, scale, zp) = (1.0f32 / 0.0437, -3.0f32, 0.0437f32, -3i8);
     let nodes = vec![
         constant_f32("c0", "inv", &[], vec![inv]),
@@ -427,20 +419,12 @@ fn quantization_chains_run_natively_with_onnx_arithmetic() {
             vec![],
         ),
     ];
-    let model = ModelProto {
-        ir_version: Some(8),
-        opset_import: vec![OperatorSetIdProto {
-            domain: Some(String::new()),
-            version: Some(13),
-        }],
-        graph: Some(GraphProto {
-            node: nodes,
-            input: vec![value_info("x", &[2, 500])],
-            output: vec![value_info("fake", &[2, 500]), value_info("qdq", &[2, 500])],
-            ..Default::default()
-        }),
+    let model = common::model_of(GraphProto {
+        node: nodes,
+        input: vec![value_info("x", &[2, 500])],
+        output: vec![value_info("fake", &[2, 500]), value_info("qdq", &[2, 500])],
         ..Default::default()
-    };
+    });
     // Values across and beyond the grid, and exact halves of a step.
     let xs: Vec<f32> = (0..1000)
         .map(|i| (i as f32 - 500.0) * 0.0137 + if i % 7 == 0 { 0.5 * scale } else { 0.0 })

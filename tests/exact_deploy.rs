@@ -8,7 +8,7 @@ mod common;
 use ascend_quant::data::Dataset;
 use ascend_quant::deploy_format::{QuantAttrs, unpack_deq_scale};
 use ascend_quant::onnx::builder::node;
-use ascend_quant::onnx::proto::{AttributeProto, OperatorSetIdProto};
+use ascend_quant::onnx::proto::AttributeProto;
 use ascend_quant::onnx::{GraphProto, ModelProto, Storage, to_proto, to_tensor};
 use ascend_quant::quant::calibrate::{RunSettings, calibrate};
 use ascend_quant::quant::config::QuantConfig;
@@ -295,28 +295,20 @@ fn a_matmul_past_two_to_the_24_accumulates_exactly() {
 fn a_batch_one_reshape_runs_larger_batches_sample_by_sample() {
     let w = ArrayD::from_shape_vec(IxDyn(&[18, 3]), values(5, 54)).unwrap();
     let shape = ArrayD::from_shape_vec(IxDyn(&[2]), vec![1i64, -1]).unwrap();
-    let m = ModelProto {
-        ir_version: Some(8),
-        opset_import: vec![OperatorSetIdProto {
-            domain: Some(String::new()),
-            version: Some(13),
-        }],
-        graph: Some(GraphProto {
-            name: Some("flat".into()),
-            node: vec![
-                node("Reshape", "flatten", &["x", "shape"], &["f"], vec![]),
-                node("Gemm", "fc", &["f", "w"], &["y"], vec![]),
-            ],
-            initializer: vec![
-                to_proto("w", &Tensor::F32(w.clone()), Storage::Raw),
-                to_proto("shape", &Tensor::I64(shape), Storage::Raw),
-            ],
-            input: vec![value_info("x", &[1, 2, 3, 3])],
-            output: vec![value_info("y", &[1, 3])],
-            ..Default::default()
-        }),
+    let m = common::model_of(GraphProto {
+        name: Some("flat".into()),
+        node: vec![
+            node("Reshape", "flatten", &["x", "shape"], &["f"], vec![]),
+            node("Gemm", "fc", &["f", "w"], &["y"], vec![]),
+        ],
+        initializer: vec![
+            to_proto("w", &Tensor::F32(w.clone()), Storage::Raw),
+            to_proto("shape", &Tensor::I64(shape), Storage::Raw),
+        ],
+        input: vec![value_info("x", &[1, 2, 3, 3])],
+        output: vec![value_info("y", &[1, 3])],
         ..Default::default()
-    };
+    });
     let x = ArrayD::from_shape_vec(IxDyn(&[4, 2, 3, 3]), values(6, 72)).unwrap();
     let s = CpuExecutor
         .prepare(

@@ -527,7 +527,7 @@ fn a_model_older_than_opset_11_is_refused_clearly() {
 #[test]
 fn deploy_encoding_matches_hand_worked_bits() {
     use ascend_quant::onnx::builder::node;
-    use ascend_quant::onnx::proto::{GraphProto, OperatorSetIdProto, ValueInfoProto};
+    use ascend_quant::onnx::proto::{GraphProto, ValueInfoProto};
     use ascend_quant::onnx::{Storage, to_proto};
     use ascend_quant::quant::emit::{LayerFactors, deploy_model};
     use ascend_quant::quant::layers::discover;
@@ -539,25 +539,17 @@ fn deploy_encoding_matches_hand_worked_bits() {
         name: Some(n.into()),
         ..Default::default()
     };
-    let model = ModelProto {
-        ir_version: Some(8),
-        opset_import: vec![OperatorSetIdProto {
-            domain: Some(String::new()),
-            version: Some(13),
-        }],
-        graph: Some(GraphProto {
-            name: Some("one_conv".into()),
-            node: vec![node("Conv", "conv", &["x", "w", "b"], &["y"], vec![])],
-            initializer: vec![
-                to_proto("w", &w, Storage::Raw),
-                to_proto("b", &b, Storage::Raw),
-            ],
-            input: vec![vi("x")],
-            output: vec![vi("y")],
-            ..Default::default()
-        }),
+    let model = common::model_of(GraphProto {
+        name: Some("one_conv".into()),
+        node: vec![node("Conv", "conv", &["x", "w", "b"], &["y"], vec![])],
+        initializer: vec![
+            to_proto("w", &w, Storage::Raw),
+            to_proto("b", &b, Storage::Raw),
+        ],
+        input: vec![vi("x")],
+        output: vec![vi("y")],
         ..Default::default()
-    };
+    });
     let layer = discover(model.graph.as_ref().unwrap()).unwrap().0.remove(0);
     // scale_d 0.1, offset_d -3, scale_w [0.5, 0.25]: w/scale_w = [5, -7];
     // bias / float32(scale_w * scale_d) = [6.15/0.05, -0.1/0.025] = [123, -4].

@@ -110,17 +110,24 @@ impl<'a> InternalEvaluator<'a> {
                 .map_err(|e| QuantError::Input(format!("evaluation outputs do not stack: {e}")))
         };
         let mut parts: Vec<ArrayD<f32>> = Vec::with_capacity(count);
+        let mut next_check = group;
         for start in (0..count).step_by(group) {
             let done: Vec<ArrayD<f32>> = (start..(start + group).min(count))
                 .into_par_iter()
                 .map(run_batch)
                 .collect::<Result<_, _>>()?;
             parts.extend(done);
+            // Checked after the first group, then each time the samples
+            // double, so the prefixes stacked for it add up to at most
+            // twice the outputs.
             if let Some(stop) = stop
                 && parts.len() < count
-                && stop(&stack(&parts)?)
+                && parts.len() >= next_check
             {
-                break;
+                next_check = parts.len() * 2;
+                if stop(&stack(&parts)?) {
+                    break;
+                }
             }
         }
         stack(&parts)

@@ -214,11 +214,6 @@ impl ImageFolder {
         })
     }
 
-    /// The folder.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// The shape of all samples: `[images, C, H, W]` or `[images, H, W, C]`.
     pub fn shape(&self) -> Vec<usize> {
         let (h, w) = (self.prep.crop.0 as usize, self.prep.crop.1 as usize);

@@ -8,9 +8,10 @@ use super::compare::ActivationHistogram;
 use super::html::{cosine_chart, escape, histogram_svg};
 use crate::data::Dataset;
 use crate::quant::emit::LayerFactors;
+use crate::quant::error::QuantError;
 use crate::quant::observe::finite_extremes;
 use crate::quant::observe::histogram::Histogram;
-use crate::sim::{Executor, SessionOptions, SimError};
+use crate::sim::{Executor, SessionOptions};
 use crate::tensor::Tensor;
 use std::fmt::Write;
 
@@ -27,7 +28,7 @@ pub fn input_histograms(
     data: &Dataset,
     (batch_size, dynamic_batch): (usize, bool),
     max_samples: usize,
-) -> Result<Vec<ActivationHistogram>, SimError> {
+) -> Result<Vec<ActivationHistogram>, QuantError> {
     let inputs: Vec<String> = factors.iter().map(|f| f.layer.act_input.clone()).collect();
     let mut unique = inputs.clone();
     unique.sort();
@@ -47,9 +48,7 @@ pub fn input_histograms(
         if seen >= max_samples {
             break;
         }
-        let batch = data.batch(batch_size, b).map_err(|e| SimError::Run {
-            reason: e.to_string(),
-        })?;
+        let batch = data.batch(batch_size, b)?;
         seen += batch.first().map_or(0, |(_, t)| t.shape()[0]);
         let feeds: Vec<(&str, &Tensor)> = batch.iter().map(|(n, t)| (n.as_str(), t)).collect();
         let values = session.run(&feeds, &fetch)?;

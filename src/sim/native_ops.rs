@@ -69,6 +69,15 @@ fn map_chunks(x: &ArrayD<f32>, f: impl Fn(&mut [f32]) + Send + Sync) -> ArrayD<f
     out
 }
 
+/// A copy of `x` with `f` applied to each value (see [`map_chunks`]).
+fn map_values(x: &ArrayD<f32>, f: impl Fn(f32) -> f32 + Send + Sync) -> ArrayD<f32> {
+    map_chunks(x, |c| {
+        for v in c {
+            *v = f(*v);
+        }
+    })
+}
+
 /// Clip / Relu, with the same clamp the fused convolutions apply.
 pub fn clamp(x: &ArrayD<f32>, lo: f32, hi: f32) -> ArrayD<f32> {
     map_chunks(x, |c| activation::Activation::Clamp(lo, hi).apply(c))
@@ -97,11 +106,9 @@ impl FakeQuant {
     /// Applies the chain to every value.
     pub fn apply(&self, x: &ArrayD<f32>) -> ArrayD<f32> {
         let q = *self;
-        map_chunks(x, move |c| {
-            for v in c {
-                let t = round_before_clamp(*v * q.inv) + q.offset;
-                *v = clamp_value(t, (q.lo, q.hi)) - q.offset;
-            }
+        map_values(x, move |v| {
+            let t = round_before_clamp(v * q.inv) + q.offset;
+            clamp_value(t, (q.lo, q.hi)) - q.offset
         })
     }
 }
@@ -124,11 +131,9 @@ impl QuantDequant {
     /// Applies the pair to every value.
     pub fn apply(&self, x: &ArrayD<f32>) -> ArrayD<f32> {
         let q = *self;
-        map_chunks(x, move |c| {
-            for v in c {
-                let t = round_before_clamp(*v / q.scale) + q.zero;
-                *v = (clamp_value(t, (q.lo, q.hi)) - q.zero) * q.scale;
-            }
+        map_values(x, move |v| {
+            let t = round_before_clamp(v / q.scale) + q.zero;
+            (clamp_value(t, (q.lo, q.hi)) - q.zero) * q.scale
         })
     }
 }
@@ -142,11 +147,7 @@ impl AscendQuantize {
     /// Applies the quantization to every value.
     pub fn apply(&self, x: &ArrayD<f32>) -> ArrayD<f32> {
         let q = self.0;
-        map_chunks(x, move |c| {
-            for v in c {
-                *v = q.level(*v);
-            }
-        })
+        map_values(x, move |v| q.level(v))
     }
 }
 
@@ -163,11 +164,7 @@ impl AscendAntiQuantize {
     /// Applies the dequantization to every value.
     pub fn apply(&self, x: &ArrayD<f32>) -> ArrayD<f32> {
         let q = *self;
-        map_chunks(x, move |c| {
-            for v in c {
-                *v = (*v - q.offset) * q.scale;
-            }
-        })
+        map_values(x, move |v| (v - q.offset) * q.scale)
     }
 }
 
@@ -287,13 +284,11 @@ pub fn binary(op: Elementwise, a: &ArrayD<f32>, b: &ArrayD<f32>) -> OpResult {
         _ => None,
     };
     if let Some((t, Some(c), swapped)) = scalar_side {
-        return Ok(map_chunks(t, |chunk| {
-            for x in chunk {
-                *x = if swapped {
-                    op.apply(c, *x)
-                } else {
-                    op.apply(*x, c)
-                };
+        return Ok(map_values(t, |x| {
+            if swapped {
+                op.apply(c, x)
+            } else {
+                op.apply(x, c)
             }
         }));
     }

@@ -171,23 +171,28 @@ pub fn model_x_to_y(
     y: &[i64],
 ) -> ascend_quant::onnx::ModelProto {
     use ascend_quant::onnx::{Storage, to_proto};
+    model_of(proto::GraphProto {
+        name: Some("test".into()),
+        node: nodes,
+        initializer: inits
+            .into_iter()
+            .map(|(n, a)| to_proto(n, &ascend_quant::tensor::Tensor::F32(a), Storage::Raw))
+            .collect(),
+        input: vec![value_info("x", x)],
+        output: vec![value_info("y", y)],
+        ..Default::default()
+    })
+}
+
+/// A model of IR version 8 and opset 13 around `graph`.
+pub fn model_of(graph: proto::GraphProto) -> ascend_quant::onnx::ModelProto {
     ascend_quant::onnx::ModelProto {
         ir_version: Some(8),
         opset_import: vec![proto::OperatorSetIdProto {
             domain: Some(String::new()),
             version: Some(13),
         }],
-        graph: Some(proto::GraphProto {
-            name: Some("test".into()),
-            node: nodes,
-            initializer: inits
-                .into_iter()
-                .map(|(n, a)| to_proto(n, &ascend_quant::tensor::Tensor::F32(a), Storage::Raw))
-                .collect(),
-            input: vec![value_info("x", x)],
-            output: vec![value_info("y", y)],
-            ..Default::default()
-        }),
+        graph: Some(graph),
         ..Default::default()
     }
 }
