@@ -26,12 +26,6 @@ impl Activation {
             Activation::Silu => silu(v),
         }
     }
-
-    /// Writes `act(src)` into `dst` (same lengths).
-    pub fn apply_to(self, src: &[f32], dst: &mut [f32]) {
-        dst.copy_from_slice(src);
-        self.apply(dst);
-    }
 }
 
 /// `v` clamped to `[lo, hi]` (compiles to a min and a max).

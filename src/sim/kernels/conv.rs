@@ -6,12 +6,14 @@
 
 use super::activation::Activation;
 use super::depthwise::{DepthwiseShape, depthwise};
+use super::written_by;
 use rayon::prelude::*;
 use rten_gemm::{
     BiasVector, ColOffsets, GemmExecutor, GemmInputA, GemmInputB, GemmUninitOptions, Im2Col,
     PackedAMatrix, RowOffsets,
 };
 use rten_tensor::NdTensorView;
+use std::mem::MaybeUninit;
 
 /// A convolution's attributes, after `auto_pad` is resolved.
 #[derive(Clone, Debug, PartialEq)]
@@ -150,28 +152,40 @@ impl Conv {
     ) -> Option<(Vec<f32>, (usize, usize))> {
         let (oh, ow) = self.out_hw(h, w)?;
         let g = &self.geometry;
-        let mut out = vec![0f32; n * self.c_out * oh * ow];
         if self.packed.is_empty() {
             let shape = g.depthwise_shape(h, w);
             let clamp = match self.activation {
                 Activation::Clamp(lo, hi) => (lo, hi),
                 _ => (f32::NEG_INFINITY, f32::INFINITY),
             };
-            depthwise(
-                &shape,
-                self.c_out,
-                x,
-                &self.weight,
-                self.bias.as_deref(),
-                clamp,
-                &mut out,
-            );
+            let planes = n * self.c_out;
+            let bias = self.bias.as_deref();
+            let mut out = depthwise(&shape, planes, self.c_out, x, &self.weight, bias, clamp);
             if self.activation == Activation::Silu {
                 out.par_chunks_mut(1 << 14)
                     .for_each(|c| Activation::Silu.apply(c));
             }
             return Some((out, (oh, ow)));
         }
+        // SAFETY: the groups' GEMMs below write every output of every sample.
+        let out = unsafe {
+            written_by(n * self.c_out * oh * ow, |out| {
+                self.gemms(x, n, (h, w), (oh, ow), out)
+            })
+        };
+        Some((out, (oh, ow)))
+    }
+
+    /// The GEMM of every sample and group, into `out` (`[n, C_out, oh, ow]`).
+    fn gemms(
+        &self,
+        x: &[f32],
+        n: usize,
+        (h, w): (usize, usize),
+        (oh, ow): (usize, usize),
+        out: &mut [MaybeUninit<f32>],
+    ) {
+        let g = &self.geometry;
         let groups = g.group;
         let cg = self.c_in / groups;
         let m = self.c_out / groups;
@@ -199,7 +213,6 @@ impl Conv {
                 self.gemm_activated(gi, b, k, cols, bias, out_block);
             }
         }
-        Some((out, (oh, ow)))
     }
 }
 
@@ -220,9 +233,10 @@ enum Columns<'a> {
 }
 
 impl Conv {
-    /// `out = act(W_group · b + bias)` for the `[k, cols]` matrix `b`. With
-    /// an activation, wide outputs are computed in blocks of columns, in
-    /// parallel, each block activated while in cache and written once.
+    /// `out = act(W_group · b + bias)` for the `[k, cols]` matrix `b`
+    /// (every value of `out` written). With an activation, wide outputs are
+    /// computed in blocks of columns, in parallel, each block activated while
+    /// in cache and written once.
     fn gemm_activated(
         &self,
         group: usize,
@@ -230,11 +244,12 @@ impl Conv {
         k: usize,
         cols: usize,
         bias: Option<&[f32]>,
-        out: &mut [f32],
+        out: &mut [MaybeUninit<f32>],
     ) {
         let m = out.len() / cols.max(1);
-        // One GEMM over output columns `range` into `dst` (`m × range.len()`).
-        let run = |dst: &mut [f32], range: std::ops::Range<usize>| {
+        // One GEMM over output columns `range` into `dst` (`m × range.len()`),
+        // which it writes entirely.
+        let run = |dst: &mut [MaybeUninit<f32>], range: std::ops::Range<usize>| {
             with_gemm(|e| {
                 let opts = GemmUninitOptions {
                     bias: bias.map(BiasVector::Column),
@@ -249,11 +264,11 @@ impl Conv {
                             [cols, 1],
                         )
                         .expect("the view lies inside the input");
-                        e.gemm_uninit(as_uninit(dst), a, GemmInputB::Unpacked(view), opts)
+                        e.gemm_uninit(dst, a, GemmInputB::Unpacked(view), opts)
                     }
                     Columns::Patches { x, cg, h, w, ow } => {
                         let patches = self.patches(x, (cg, h, w), ow, range, e);
-                        e.gemm_uninit(as_uninit(dst), a, GemmInputB::Im2Col(&patches), opts)
+                        e.gemm_uninit(dst, a, GemmInputB::Im2Col(&patches), opts)
                     }
                 };
                 result.map(|_| ()).expect("shapes agree by construction")
@@ -262,6 +277,8 @@ impl Conv {
         if self.activation == Activation::None || cols <= COLUMN_BLOCK {
             run(out, 0..cols);
             if self.activation != Activation::None {
+                // SAFETY: the GEMM wrote every value of `out`.
+                let out = unsafe { out.assume_init_mut() };
                 // Narrow outputs: one GEMM (parallel inside), then the
                 // activation over the whole output, in parallel too.
                 out.par_chunks_mut(1 << 14)
@@ -273,13 +290,16 @@ impl Conv {
         let blocks: Vec<usize> = (0..cols).step_by(COLUMN_BLOCK).collect();
         blocks.par_iter().for_each_init(Vec::new, |block, &c0| {
             let width = COLUMN_BLOCK.min(cols - c0);
-            block.resize(m * width, 0.0);
+            block.resize(m * width, MaybeUninit::uninit());
+            let block = &mut block[..m * width];
             run(block, c0..c0 + width);
+            // SAFETY: the GEMM wrote every value of the block.
+            let block = unsafe { block.assume_init_ref() };
             for (row, src) in block.chunks_exact(width).enumerate() {
                 // SAFETY: the blocks' column ranges [c0, c0 + width) are
                 // disjoint, so no two threads write the same values.
                 let row_out = unsafe { dst.slice(row * cols + c0, width) };
-                self.activation.apply_to(src, row_out);
+                self.activation.apply(row_out.write_copy_of_slice(src));
             }
         });
     }
@@ -347,7 +367,7 @@ const COLUMN_BLOCK: usize = 2048;
 
 /// The output of a parallel GEMM, written by threads in disjoint column blocks.
 #[derive(Clone, Copy)]
-struct SharedOut(*mut f32, usize);
+struct SharedOut(*mut MaybeUninit<f32>, usize);
 
 impl SharedOut {
     /// `len` values from `start`.
@@ -355,7 +375,7 @@ impl SharedOut {
     /// # Safety
     /// No other live slice may overlap this one, and the buffer must outlive it.
     #[allow(clippy::mut_from_ref)]
-    unsafe fn slice(&self, start: usize, len: usize) -> &mut [f32] {
+    unsafe fn slice(&self, start: usize, len: usize) -> &mut [MaybeUninit<f32>] {
         assert!(start + len <= self.1, "inside the output");
         // SAFETY: in bounds (checked above); exclusivity is the caller's promise.
         unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
@@ -369,12 +389,6 @@ unsafe impl Sync for SharedOut {}
 /// Whether the layer is depthwise (one input and one output channel per group).
 pub fn is_depthwise(g: &ConvGeometry, c_in: usize, c_out: usize) -> bool {
     g.group > 1 && g.group == c_in && c_out == c_in
-}
-
-fn as_uninit(s: &mut [f32]) -> &mut [std::mem::MaybeUninit<f32>] {
-    // SAFETY: MaybeUninit<f32> has the layout of f32, and initialised values
-    // are valid MaybeUninit values.
-    unsafe { &mut *(s as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) }
 }
 
 /// Input rows up to which a dense layer multiplies by the unpacked weight.
@@ -423,28 +437,30 @@ impl Dense {
 
     /// Runs on `n` rows of `k` values.
     pub fn run(&self, x: &[f32], n: usize) -> Vec<f32> {
-        let mut out = vec![0f32; n * self.m];
-        with_gemm(|e| {
-            e.gemm_uninit(
-                as_uninit(&mut out),
-                GemmInputA::Unpacked(NdTensorView::from_data([n, self.k], x)),
-                if n <= FEW_ROWS {
-                    GemmInputB::Unpacked(NdTensorView::from_data(
-                        [self.k, self.m],
-                        self.plain.as_slice(),
-                    ))
-                } else {
-                    GemmInputB::Packed(&self.packed)
-                },
-                GemmUninitOptions {
-                    bias: self.bias.as_deref().map(BiasVector::Row),
-                    ..Default::default()
-                },
-            )
-            .map(|_| ())
-            .expect("shapes agree by construction")
-        });
-        out
+        let fill = |out: &mut [MaybeUninit<f32>]| {
+            with_gemm(|e| {
+                e.gemm_uninit(
+                    out,
+                    GemmInputA::Unpacked(NdTensorView::from_data([n, self.k], x)),
+                    if n <= FEW_ROWS {
+                        GemmInputB::Unpacked(NdTensorView::from_data(
+                            [self.k, self.m],
+                            self.plain.as_slice(),
+                        ))
+                    } else {
+                        GemmInputB::Packed(&self.packed)
+                    },
+                    GemmUninitOptions {
+                        bias: self.bias.as_deref().map(BiasVector::Row),
+                        ..Default::default()
+                    },
+                )
+                .map(|_| ())
+                .expect("shapes agree by construction")
+            })
+        };
+        // SAFETY: the GEMM writes all of its `n × m` output.
+        unsafe { written_by(n * self.m, fill) }
     }
 }
 

@@ -11,7 +11,9 @@
 //! parallel.
 
 use super::activation::clamp_value;
+use super::written_by;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// The geometry of one depthwise convolution.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -70,17 +72,43 @@ fn out_size(size: usize, pads: usize, k: usize, stride: usize, dilation: usize) 
 }
 
 /// Computes `out[p] = clamp(bias[c] + Σ w[c] ⋆ x[p], lo, hi)` for every plane
-/// `p` of `x` (planes of `h × w`, channel `c = p % channels`); `out` holds
-/// `planes × out_h × out_w` values.
-#[allow(clippy::too_many_arguments)]
+/// `p < planes` of `x` (planes of `h × w`, channel `c = p % channels`);
+/// returns `planes × out_h × out_w` values.
 pub fn depthwise(
+    g: &DepthwiseShape,
+    planes: usize,
+    channels: usize,
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    clamp: (f32, f32),
+) -> Vec<f32> {
+    let (oh, ow) = (g.out_h(), g.out_w());
+    assert_eq!(x.len(), planes * g.h * g.w, "the input holds the planes");
+    if g.h * g.w == 0 {
+        // An empty image: every tap falls in the padding.
+        return (0..planes * oh * ow)
+            .map(|i| clamp_value(bias.map_or(0.0, |b| b[i / (oh * ow) % channels]), clamp))
+            .collect();
+    }
+    // SAFETY: there are `planes` input planes (asserted above, none empty),
+    // one task per output plane, and `plane` writes every value of its own.
+    unsafe {
+        written_by(planes * oh * ow, |out| {
+            planes_into(g, channels, x, weight, bias, clamp, out)
+        })
+    }
+}
+
+/// `depthwise` into `out`.
+fn planes_into(
     g: &DepthwiseShape,
     channels: usize,
     x: &[f32],
     weight: &[f32],
     bias: Option<&[f32]>,
     clamp: (f32, f32),
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
 ) {
     let (oh, ow) = (g.out_h(), g.out_w());
     let plane_in = g.h * g.w;
@@ -117,14 +145,14 @@ struct Scratch {
 /// One plane: pad, then one pass over the whole padded plane (stride 1:
 /// every tap reads a contiguous run, the columns past the output width are
 /// computed and dropped) or over its four polyphase sub-planes (stride 2);
-/// other strides run the definition.
+/// other strides run the definition. Writes every value of `out`.
 fn plane(
     g: &DepthwiseShape,
     x: &[f32],
     w: &[f32],
     bias: f32,
     clamp: (f32, f32),
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
     scratch: &mut Scratch,
 ) {
     let (oh, ow) = (g.out_h(), g.out_w());
@@ -157,7 +185,7 @@ fn plane(
         flat.resize(n, 0.0);
         taps_row(flat, &sources[..taps], w, bias, clamp);
         for oy in 0..oh {
-            out[oy * ow..(oy + 1) * ow].copy_from_slice(&flat[oy * wp..oy * wp + ow]);
+            out[oy * ow..(oy + 1) * ow].write_copy_of_slice(&flat[oy * wp..oy * wp + ow]);
         }
         return;
     }
@@ -171,7 +199,7 @@ fn plane(
                     acc += w[ky * g.kw + kx] * padded[row + ox * sx + kx * dx];
                 }
             }
-            out[oy * ow + ox] = clamp_value(acc, clamp);
+            out[oy * ow + ox].write(clamp_value(acc, clamp));
         }
     }
 }
@@ -186,7 +214,7 @@ fn polyphase(
     w: &[f32],
     bias: f32,
     clamp: (f32, f32),
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
     scratch: &mut Scratch,
 ) {
     let (oh, ow) = (g.out_h(), g.out_w());
@@ -238,7 +266,7 @@ fn polyphase(
     flat.resize(n, 0.0);
     taps_row(flat, &sources[..g.kh * g.kw], w, bias, clamp);
     for oy in 0..oh {
-        out[oy * ow..(oy + 1) * ow].copy_from_slice(&flat[oy * half..oy * half + ow]);
+        out[oy * ow..(oy + 1) * ow].write_copy_of_slice(&flat[oy * half..oy * half + ow]);
     }
 }
 
@@ -398,16 +426,9 @@ mod tests {
                 let wt = values(seed + 1000, c * k * k);
                 let b = values(seed + 2000, c);
                 let want = naive(&g, c, &x, &wt, &b);
-                let mut got = vec![f32::NAN; want.len()];
-                depthwise(
-                    &g,
-                    c,
-                    &x,
-                    &wt,
-                    Some(&b),
-                    (f32::NEG_INFINITY, f32::INFINITY),
-                    &mut got,
-                );
+                let unbounded = (f32::NEG_INFINITY, f32::INFINITY);
+                let got = depthwise(&g, n * c, c, &x, &wt, Some(&b), unbounded);
+                assert_eq!(got.len(), want.len());
                 for (i, (a, e)) in got.iter().zip(&want).enumerate() {
                     assert!(
                         (a - e).abs() <= 1e-5 * (1.0 + e.abs()),
@@ -415,7 +436,7 @@ mod tests {
                     );
                 }
                 // The clamp is applied to every output.
-                depthwise(&g, c, &x, &wt, Some(&b), (0.0, 0.5), &mut got);
+                let got = depthwise(&g, n * c, c, &x, &wt, Some(&b), (0.0, 0.5));
                 for (a, e) in got.iter().zip(&want) {
                     assert!((a - e.clamp(0.0, 0.5)).abs() <= 1e-5, "{a} vs {e}");
                 }

@@ -238,10 +238,15 @@ impl IntConv {
     ) -> Vec<f32> {
         let shape = self.geometry.depthwise_shape(h, w);
         let q: Vec<f32> = self.quantizer.centre_all(x, |v| v);
-        let mut out = vec![0.0f32; n * self.c_out * oh * ow];
         let unbounded = (f32::NEG_INFINITY, f32::INFINITY);
-        depthwise(
-            &shape, self.c_out, &q, &self.taps, None, unbounded, &mut out,
+        let mut out = depthwise(
+            &shape,
+            n * self.c_out,
+            self.c_out,
+            &q,
+            &self.taps,
+            None,
+            unbounded,
         );
         out.par_chunks_mut((oh * ow).max(1))
             .enumerate()
