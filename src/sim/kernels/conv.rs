@@ -6,6 +6,7 @@
 
 use super::activation::Activation;
 use super::depthwise::{DepthwiseShape, depthwise};
+use super::pointwise::Pointwise;
 use super::written_by;
 use rayon::prelude::*;
 use rten_gemm::{
@@ -76,13 +77,21 @@ pub struct Conv {
     geometry: ConvGeometry,
     c_in: usize,
     c_out: usize,
-    /// Weight `[C_out, kh · kw]` as given (depthwise layers only; empty otherwise).
-    weight: Vec<f32>,
-    /// One packed weight block per group (GEMM path).
-    packed: Vec<PackedAMatrix<f32>>,
+    weights: Weights,
     bias: Option<Vec<f32>>,
     /// Applied to every output.
     pub activation: Activation,
+}
+
+/// A convolution's weight, in the form its kernel reads.
+enum Weights {
+    /// Depthwise layers: `[C_out, kh · kw]` as given.
+    Depthwise(Vec<f32>),
+    /// Pointwise layers (1×1, stride 1, unpadded, one group) on CPUs with
+    /// AVX-512: packed for [`Pointwise`].
+    Pointwise(Pointwise),
+    /// Everything else: one packed block per group for the GEMM.
+    Gemm(Vec<PackedAMatrix<f32>>),
 }
 
 thread_local! {
@@ -107,24 +116,29 @@ impl Conv {
         let g = geometry.group;
         let k = c_in / g * geometry.kernel.0 * geometry.kernel.1;
         let m = c_out / g;
-        // Depthwise layers keep the weight as given; the others only packed.
-        let (weight, packed) = if is_depthwise(&geometry, c_in, c_out) {
-            (weight, Vec::new())
+        let pointwise = g == 1 && is_direct(&geometry);
+        let weights = if is_depthwise(&geometry, c_in, c_out) {
+            Weights::Depthwise(weight)
+        } else if let Some(p) = pointwise
+            .then(|| Pointwise::new(&weight, c_out, c_in))
+            .flatten()
+        {
+            Weights::Pointwise(p)
         } else {
-            let packed = (0..g)
-                .map(|i| {
-                    let block = &weight[i * m * k..(i + 1) * m * k];
-                    with_gemm(|e| e.prepack_a(NdTensorView::from_data([m, k], block)))
-                })
-                .collect();
-            (Vec::new(), packed)
+            Weights::Gemm(
+                (0..g)
+                    .map(|i| {
+                        let block = &weight[i * m * k..(i + 1) * m * k];
+                        with_gemm(|e| e.prepack_a(NdTensorView::from_data([m, k], block)))
+                    })
+                    .collect(),
+            )
         };
         Conv {
             geometry,
             c_in,
             c_out,
-            weight,
-            packed,
+            weights,
             bias,
             activation: Activation::None,
         }
@@ -152,7 +166,7 @@ impl Conv {
     ) -> Option<(Vec<f32>, (usize, usize))> {
         let (oh, ow) = self.out_hw(h, w)?;
         let g = &self.geometry;
-        if self.packed.is_empty() {
+        if let Weights::Depthwise(weight) = &self.weights {
             let shape = g.depthwise_shape(h, w);
             let clamp = match self.activation {
                 Activation::Clamp(lo, hi) => (lo, hi),
@@ -160,7 +174,7 @@ impl Conv {
             };
             let planes = n * self.c_out;
             let bias = self.bias.as_deref();
-            let mut out = depthwise(&shape, planes, self.c_out, x, &self.weight, bias, clamp);
+            let mut out = depthwise(&shape, planes, self.c_out, x, weight, bias, clamp);
             if self.activation == Activation::Silu {
                 out.par_chunks_mut(1 << 14)
                     .for_each(|c| Activation::Silu.apply(c));
@@ -191,7 +205,17 @@ impl Conv {
         let m = self.c_out / groups;
         let k = cg * g.kernel.0 * g.kernel.1;
         let cols = oh * ow;
-        let direct = g.kernel == (1, 1) && g.stride == (1, 1) && g.pads == [0; 4];
+        if let Weights::Pointwise(p) = &self.weights {
+            let per_sample = self.c_in * cols;
+            for (xs, os) in x
+                .chunks_exact(per_sample)
+                .zip(out.chunks_exact_mut(m * cols))
+            {
+                p.run(xs, cols, self.bias.as_deref(), self.activation, os);
+            }
+            return;
+        }
+        let direct = is_direct(g);
         for s in 0..n {
             for gi in 0..groups {
                 let xin =
@@ -255,7 +279,10 @@ impl Conv {
                     bias: bias.map(BiasVector::Column),
                     ..Default::default()
                 };
-                let a = GemmInputA::Packed(&self.packed[group]);
+                let Weights::Gemm(packed) = &self.weights else {
+                    unreachable!("only GEMM layers come here")
+                };
+                let a = GemmInputA::Packed(&packed[group]);
                 let result = match b {
                     Columns::Direct(data) => {
                         let view = NdTensorView::from_data_with_strides(
@@ -385,6 +412,11 @@ impl SharedOut {
 unsafe impl Send for SharedOut {}
 // SAFETY: as above; the pointer is only read to derive disjoint slices.
 unsafe impl Sync for SharedOut {}
+
+/// Whether the layer's GEMM input is the image itself (1×1, stride 1, no padding).
+fn is_direct(g: &ConvGeometry) -> bool {
+    g.kernel == (1, 1) && g.stride == (1, 1) && g.pads == [0; 4]
+}
 
 /// Whether the layer is depthwise (one input and one output channel per group).
 pub fn is_depthwise(g: &ConvGeometry, c_in: usize, c_out: usize) -> bool {

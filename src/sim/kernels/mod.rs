@@ -8,6 +8,7 @@ pub mod conv;
 pub mod depthwise;
 pub mod int_conv;
 pub mod int_gemm;
+pub mod pointwise;
 
 use std::mem::MaybeUninit;
 
