@@ -445,3 +445,114 @@ fn quantization_chains_run_natively_with_onnx_arithmetic() {
         assert_eq!(qdq.as_slice().unwrap()[k], d, "QDQ at {v}");
     }
 }
+
+/// The native engine adds a residual inside the Conv before the Add
+/// (`Add(conv, r)` when nothing else reads `conv`). Checked against the
+/// definition computed here in f64: a pointwise Conv plus the block input
+/// (same shape, added in the kernel), a 3×3 Conv plus a per-channel constant
+/// (broadcast: added as the Add would) and plus its input (added after the
+/// GEMM), a Conv whose residual is computed after it in node order, and a
+/// Conv output also read elsewhere (not fused).
+#[test]
+fn residual_adds_fused_into_convolutions_match_the_definition() {
+    use ascend_quant::onnx::builder::node;
+    use ascend_quant::onnx::proto::GraphProto;
+    let (c, h, w) = (24usize, 7usize, 9usize);
+    let tensor = |dims: &[usize], v: Vec<f32>| {
+        Tensor::F32(ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(dims), v).unwrap())
+    };
+    // Weights scaled so that every layer's outputs stay near 1 (the check
+    // is relative to them).
+    let scaled = |v: Vec<f32>, fan_in: usize| -> Vec<f32> {
+        v.iter().map(|x| x * 2.0 / (fan_in as f32).sqrt()).collect()
+    };
+    let w1 = scaled(common::signed_values(1, c * c), c);
+    let b1 = common::signed_values(2, c);
+    let w3 = scaled(common::signed_values(3, c * c * 9), c * 9);
+    let k = common::signed_values(4, c);
+    let pads = ascend_quant::onnx::attr::attr_ints("pads", &[1, 1, 1, 1]);
+    let model = common::model_of(GraphProto {
+        node: vec![
+            node("Conv", "pw", &["x", "w1", "b1"], &["p"], vec![]),
+            node("Add", "add_x", &["x", "p"], &["s"], vec![]),
+            node("Conv", "c3", &["s", "w3"], &["t"], vec![pads.clone()]),
+            node("Add", "add_k", &["t", "k"], &["u"], vec![]),
+            node("Conv", "pw2", &["u", "w1"], &["v"], vec![]),
+            node("Relu", "later", &["u"], &["r"], vec![]),
+            node("Add", "add_r", &["v", "r"], &["y"], vec![]),
+            node("Conv", "c3b", &["y", "w3"], &["q0"], vec![pads.clone()]),
+            node("Add", "add_q", &["q0", "y"], &["q"], vec![]),
+            node("Conv", "pw3", &["q", "w1"], &["z0"], vec![]),
+            node("Add", "add_z", &["z0", "q"], &["z"], vec![]),
+        ],
+        initializer: vec![
+            to_proto("w1", &tensor(&[c, c, 1, 1], w1.clone()), Storage::Raw),
+            to_proto("b1", &tensor(&[c], b1.clone()), Storage::Raw),
+            to_proto("w3", &tensor(&[c, c, 3, 3], w3.clone()), Storage::Raw),
+            to_proto("k", &tensor(&[c, 1, 1], k.clone()), Storage::Raw),
+        ],
+        input: vec![value_info("x", &[2, c as i64, h as i64, w as i64])],
+        output: vec![
+            value_info("z", &[2, c as i64, h as i64, w as i64]),
+            value_info("z0", &[2, c as i64, h as i64, w as i64]),
+        ],
+        ..Default::default()
+    });
+    let x = common::signed_values(5, 2 * c * h * w);
+    // The definition: NCHW convolution (zero padding `pad`), in f64.
+    let conv = |x: &[f64], wt: &[f32], bias: Option<&[f32]>, kk: usize, pad: usize| {
+        let mut out = vec![0f64; 2 * c * h * w];
+        for n in 0..2 {
+            for o in 0..c {
+                for y in 0..h {
+                    for xx in 0..w {
+                        let mut acc = bias.map_or(0.0, |b| f64::from(b[o]));
+                        for i in 0..c {
+                            for ky in 0..kk {
+                                for kx in 0..kk {
+                                    let (iy, ix) = (y + ky, xx + kx);
+                                    if iy < pad || ix < pad || iy - pad >= h || ix - pad >= w {
+                                        continue;
+                                    }
+                                    acc += f64::from(wt[((o * c + i) * kk + ky) * kk + kx])
+                                        * x[((n * c + i) * h + iy - pad) * w + ix - pad];
+                                }
+                            }
+                        }
+                        out[((n * c + o) * h + y) * w + xx] = acc;
+                    }
+                }
+            }
+        }
+        out
+    };
+    let xd: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
+    let add = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(a, b)| a + b).collect::<Vec<_>>();
+    let s = add(&conv(&xd, &w1, Some(&b1), 1, 0), &xd);
+    let t = conv(&s, &w3, None, 3, 1);
+    let u: Vec<f64> = t
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v + f64::from(k[i / (h * w) % c]))
+        .collect();
+    let r: Vec<f64> = u.iter().map(|v| v.max(0.0)).collect();
+    let y = add(&conv(&u, &w1, None, 1, 0), &r);
+    let q = add(&conv(&y, &w3, None, 3, 1), &y);
+    let z0 = conv(&q, &w1, None, 1, 0);
+    let z = add(&z0, &q);
+    let session = NativeExecutor
+        .prepare(&model, &SessionOptions::default())
+        .unwrap();
+    let xt = tensor(&[2, c, h, w], x);
+    let got = session.run(&[("x", &xt)], &["z", "z0"]).unwrap();
+    for (name, got, want) in [("z", &got[0], &z), ("z0", &got[1], &z0)] {
+        let got = got.as_f32().unwrap();
+        assert_eq!(got.len(), want.len());
+        for (i, (g, e)) in got.iter().zip(want.iter()).enumerate() {
+            assert!(
+                (f64::from(*g) - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                "{name}[{i}]: {g} vs {e}"
+            );
+        }
+    }
+}

@@ -182,6 +182,7 @@ impl NativeModel {
         }
         if opts.optimize {
             fuse_activations(&mut steps, graph, &opts.keep);
+            fuse_residual_adds(&mut steps, graph, &opts.keep);
             fuse_fake_quant(&mut steps, graph, &opts.keep, &consts);
         }
         Ok((steps, consts))
@@ -627,6 +628,52 @@ fn fuse_activations(steps: &mut Vec<Step>, graph: &GraphProto, keep: &[String]) 
     });
 }
 
+/// Folds `Add(conv, r)` into the Conv that computes `conv` when nothing else
+/// reads it and it is neither kept nor a graph output: the Conv takes `r` as
+/// a second input and adds it to its outputs after the activation (a
+/// residual block's sum, added while the output is in registers). The fused
+/// step runs where the Add ran, so `r` is computed by then.
+fn fuse_residual_adds(steps: &mut Vec<Step>, graph: &GraphProto, keep: &[String]) {
+    let readers = Readers::new(graph, keep);
+    let producer: HashMap<String, usize> = steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.output.clone(), i))
+        .collect();
+    let mut removed = vec![false; steps.len()];
+    for i in 0..steps.len() {
+        if !matches!(steps[i].op, Op::Binary(Elementwise::Add)) || steps[i].inputs.len() != 2 {
+            continue;
+        }
+        let conv_side = (0..2).find(|&j| {
+            let (a, r) = (&steps[i].inputs[j], &steps[i].inputs[1 - j]);
+            let conv = producer.get(a).map(|&p| &steps[p]);
+            a != r
+                && readers.private(a, 1)
+                && conv.is_some_and(|c| matches!(c.op, Op::Conv(_)) && c.inputs.len() == 1)
+        });
+        let Some(j) = conv_side else {
+            continue;
+        };
+        let p = producer[&steps[i].inputs[j]];
+        let residual = steps[i].inputs[1 - j].clone();
+        let conv = std::mem::replace(&mut steps[p].op, Op::Identity);
+        let x = steps[p].inputs[0].clone();
+        steps[i] = Step {
+            name: steps[p].name.clone(),
+            op: conv,
+            inputs: vec![x, residual],
+            output: steps[i].output.clone(),
+        };
+        removed[p] = true;
+    }
+    let mut k = 0;
+    steps.retain(|_| {
+        k += 1;
+        !removed[k - 1]
+    });
+}
+
 /// Folds the fake-quant chain `Mul(1/s) → Round → Add(o) → Clip(lo, hi) →
 /// Sub(o)` (scalar constants, every intermediate private) into one pass that
 /// computes the same float operations in the same order.
@@ -872,7 +919,8 @@ impl NativeSession {
 fn eval(op: &Op, args: &[&ArrayD<f32>]) -> Result<ArrayD<f32>, String> {
     let x = args[0];
     match op {
-        Op::Conv(c) => ops::conv(c, x),
+        // A second input is a residual the engine fused (`fuse_residual_adds`).
+        Op::Conv(c) => ops::conv(c, x, args.get(1).copied()),
         Op::Dense(d) => ops::dense(d, x),
         Op::Clamp(lo, hi) => Ok(ops::clamp(x, *lo, *hi)),
         Op::Sigmoid => Ok(ops::sigmoid(x)),

@@ -24,8 +24,11 @@ fn shape_text(s: &[usize]) -> String {
     crate::tensor::format_shape(s)
 }
 
-/// A Conv on an `[N, C, H, W]` input.
-pub fn conv(c: &Conv, x: &ArrayD<f32>) -> OpResult {
+/// A Conv on an `[N, C, H, W]` input, or a Conv followed by `Add(conv, residual)`
+/// (fused by the engine, see `native::fuse_residual_adds`): the sum
+/// is added in the kernel when `residual` has the output's shape, else it
+/// is broadcast as the Add would.
+pub fn conv(c: &Conv, x: &ArrayD<f32>, residual: Option<&ArrayD<f32>>) -> OpResult {
     let s = x.shape();
     if s.len() != 4 || s[1] != c.c_in() {
         return Err(format!(
@@ -35,12 +38,21 @@ pub fn conv(c: &Conv, x: &ArrayD<f32>) -> OpResult {
         ));
     }
     let (n, h, w) = (s[0], s[2], s[3]);
-    let data = contiguous(x);
-    let (out, (oh, ow)) = c
-        .run(&data, n, h, w)
+    let (oh, ow) = c
+        .out_hw(h, w)
         .ok_or_else(|| format!("the kernel does not fit the {h}×{w} input"))?;
-    let c_out = out.len() / (n * oh * ow).max(1);
-    ArrayD::from_shape_vec(IxDyn(&[n, c_out, oh, ow]), out).map_err(|e| e.to_string())
+    let shape = [n, c.c_out(), oh, ow];
+    let fused = residual.filter(|r| r.shape() == shape);
+    let data = contiguous(x);
+    let r = fused.map(|r| contiguous(r));
+    let (out, _) = c
+        .run_adding(&data, n, h, w, r.as_deref())
+        .ok_or_else(|| format!("the kernel does not fit the {h}×{w} input"))?;
+    let out = ArrayD::from_shape_vec(IxDyn(&shape), out).map_err(|e| e.to_string())?;
+    match residual {
+        Some(r) if fused.is_none() => binary(Elementwise::Add, &out, r),
+        _ => Ok(out),
+    }
 }
 
 /// A Gemm on an `[N, K]` input.

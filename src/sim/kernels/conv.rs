@@ -149,6 +149,11 @@ impl Conv {
         self.c_in
     }
 
+    /// Output channels.
+    pub fn c_out(&self) -> usize {
+        self.c_out
+    }
+
     /// Output height and width for an input of `h × w`, or `None` when the
     /// kernel does not fit.
     pub fn out_hw(&self, h: usize, w: usize) -> Option<(usize, usize)> {
@@ -164,7 +169,35 @@ impl Conv {
         h: usize,
         w: usize,
     ) -> Option<(Vec<f32>, (usize, usize))> {
+        self.run_adding(x, n, h, w, None)
+    }
+
+    /// `run`, with `residual` (`[n, C_out, oh, ow]`, when given) added to
+    /// every output after the activation: a residual block's Add, fused.
+    pub fn run_adding(
+        &self,
+        x: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        residual: Option<&[f32]>,
+    ) -> Option<(Vec<f32>, (usize, usize))> {
         let (oh, ow) = self.out_hw(h, w)?;
+        let len = n * self.c_out * oh * ow;
+        if let Some(r) = residual {
+            assert_eq!(r.len(), len, "the residual has the output's shape");
+        }
+        if len == 0 {
+            return Some((Vec::new(), (oh, ow)));
+        }
+        let add = |mut out: Vec<f32>| {
+            if let Some(r) = residual {
+                out.par_chunks_mut(1 << 14)
+                    .zip(r.par_chunks(1 << 14))
+                    .for_each(|(o, r)| o.iter_mut().zip(r).for_each(|(o, r)| *o += r));
+            }
+            out
+        };
         let g = &self.geometry;
         if let Weights::Depthwise(weight) = &self.weights {
             let shape = g.depthwise_shape(h, w);
@@ -179,15 +212,26 @@ impl Conv {
                 out.par_chunks_mut(1 << 14)
                     .for_each(|c| Activation::Silu.apply(c));
             }
-            return Some((out, (oh, ow)));
+            return Some((add(out), (oh, ow)));
+        }
+        if let Weights::Pointwise(p) = &self.weights {
+            let (cols, per_sample) = (oh * ow, self.c_in * oh * ow);
+            let fill = |out: &mut [MaybeUninit<f32>]| {
+                for (s, (xs, os)) in x
+                    .chunks_exact(per_sample)
+                    .zip(out.chunks_exact_mut(self.c_out * cols))
+                    .enumerate()
+                {
+                    let r = residual.map(|r| &r[s * self.c_out * cols..][..self.c_out * cols]);
+                    p.run(xs, cols, self.bias.as_deref(), self.activation, r, os);
+                }
+            };
+            // SAFETY: each sample's run writes all of its outputs.
+            return Some((unsafe { written_by(len, fill) }, (oh, ow)));
         }
         // SAFETY: the groups' GEMMs below write every output of every sample.
-        let out = unsafe {
-            written_by(n * self.c_out * oh * ow, |out| {
-                self.gemms(x, n, (h, w), (oh, ow), out)
-            })
-        };
-        Some((out, (oh, ow)))
+        let out = unsafe { written_by(len, |out| self.gemms(x, n, (h, w), (oh, ow), out)) };
+        Some((add(out), (oh, ow)))
     }
 
     /// The GEMM of every sample and group, into `out` (`[n, C_out, oh, ow]`).
@@ -205,16 +249,6 @@ impl Conv {
         let m = self.c_out / groups;
         let k = cg * g.kernel.0 * g.kernel.1;
         let cols = oh * ow;
-        if let Weights::Pointwise(p) = &self.weights {
-            let per_sample = self.c_in * cols;
-            for (xs, os) in x
-                .chunks_exact(per_sample)
-                .zip(out.chunks_exact_mut(m * cols))
-            {
-                p.run(xs, cols, self.bias.as_deref(), self.activation, os);
-            }
-            return;
-        }
         let direct = is_direct(g);
         for s in 0..n {
             for gi in 0..groups {

@@ -69,18 +69,23 @@ impl Pointwise {
         })
     }
 
-    /// `out = act(W · x + bias)` for `x` `[c_in, cols]` and `out`
-    /// `[c_out, cols]`, both row-major; writes every value of `out`.
+    /// `out = act(W · x + bias) (+ residual)` for `x` `[c_in, cols]` and
+    /// `out` and `residual` `[c_out, cols]`, all row-major; writes every
+    /// value of `out`.
     pub fn run(
         &self,
         x: &[f32],
         cols: usize,
         bias: Option<&[f32]>,
         activation: Activation,
+        residual: Option<&[f32]>,
         out: &mut [MaybeUninit<f32>],
     ) {
         assert_eq!(x.len(), self.c_in * cols, "the input is [c_in, cols]");
         assert_eq!(out.len(), self.c_out * cols, "the output is [c_out, cols]");
+        if let Some(r) = residual {
+            assert_eq!(r.len(), out.len(), "the residual is [c_out, cols]");
+        }
         if let Some(b) = bias {
             assert_eq!(b.len(), self.c_out, "one bias per output channel");
         }
@@ -121,16 +126,25 @@ impl Pointwise {
                     // SAFETY: AVX-512F is present (`new` checked). The tile
                     // reads `x[k, c0..c0 + width]` for k < c_in (inside `x`,
                     // asserted above) and writes `out[m0 + r, c0..c0 + width]`
-                    // for r < rows, inside `out`; tasks cover disjoint (row,
-                    // column) ranges, so no two threads write the same value.
+                    // for r < rows, inside `out` (and reads the residual
+                    // there, as large); tasks cover disjoint (row, column)
+                    // ranges, so no two threads write the same value.
                     unsafe {
-                        let o = dst.at(m0 * cols + c0);
+                        let at = m0 * cols + c0;
+                        let o = dst.at(at);
                         let x = x.as_ptr().add(c0);
-                        avx512::tile(panel, x, cols, width, &b, activation, o, rows);
-                        if activation == Activation::Silu {
+                        // SiLU is applied after the tile, so the residual too.
+                        let silu = activation == Activation::Silu;
+                        let fused = residual.filter(|_| !silu).map(|r| r.as_ptr().add(at));
+                        avx512::tile(panel, x, cols, width, &b, activation, fused, o, rows);
+                        if silu {
                             for r in 0..rows {
                                 let row = std::slice::from_raw_parts_mut(o.add(r * cols), width);
                                 Activation::Silu.apply(row);
+                                if let Some(res) = residual {
+                                    let res = &res[at + r * cols..][..width];
+                                    row.iter_mut().zip(res).for_each(|(v, r)| *v += r);
+                                }
                             }
                         }
                     }
@@ -165,13 +179,15 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     /// One `MR × width` tile (`width ≤ NR`): sums over the panel's input
-    /// channels, plus bias, clamped when the activation is a clamp, stored
-    /// to the first `rows` rows of `out` (row stride `ld`, as `x`'s).
+    /// channels, plus bias, clamped when the activation is a clamp, plus the
+    /// residual if any, stored to the first `rows` rows of `out` (row stride
+    /// `ld`, as `x`'s and the residual's).
     ///
     /// # Safety
     /// AVX-512F must be present; `x` must hold `panel.len() / MR` rows of
-    /// `width` readable values at stride `ld`, and `out` `rows` writable
-    /// rows of `width` values at stride `ld`.
+    /// `width` readable values at stride `ld`, `residual` (if any) `rows`
+    /// such rows, and `out` `rows` writable rows of `width` values at
+    /// stride `ld`.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     pub unsafe fn tile(
@@ -181,6 +197,7 @@ mod avx512 {
         width: usize,
         bias: &[f32; MR],
         activation: Activation,
+        residual: Option<*const f32>,
         out: *mut f32,
         rows: usize,
     ) {
@@ -218,7 +235,16 @@ mod avx512 {
                 }
             }
         }
-        for (r, a) in acc.iter().enumerate().take(rows) {
+        for (r, a) in acc.iter_mut().enumerate().take(rows) {
+            if let Some(res) = residual {
+                // SAFETY: row r < rows of the residual holds `width` values;
+                // masked-off lanes are not read.
+                unsafe {
+                    let row = res.wrapping_add(r * ld);
+                    a[0] = _mm512_add_ps(a[0], _mm512_maskz_loadu_ps(m0, row));
+                    a[1] = _mm512_add_ps(a[1], _mm512_maskz_loadu_ps(m1, row.wrapping_add(16)));
+                }
+            }
             // SAFETY: row r < rows of `out` holds `width` writable values;
             // masked-off lanes are not written.
             unsafe {
@@ -238,8 +264,20 @@ mod tests {
     /// `p.run` into an output filled with NaN beforehand, so that a value
     /// it fails to write shows as NaN.
     fn run(p: &Pointwise, x: &[f32], cols: usize, bias: Option<&[f32]>, a: Activation) -> Vec<f32> {
+        run_with(p, x, cols, bias, a, None)
+    }
+
+    /// `run` with a residual.
+    fn run_with(
+        p: &Pointwise,
+        x: &[f32],
+        cols: usize,
+        bias: Option<&[f32]>,
+        a: Activation,
+        residual: Option<&[f32]>,
+    ) -> Vec<f32> {
         let mut out = vec![MaybeUninit::new(f32::NAN); p.c_out * cols];
-        p.run(x, cols, bias, a, &mut out);
+        p.run(x, cols, bias, a, residual, &mut out);
         // SAFETY: every value was initialised (to NaN) before the run.
         out.into_iter()
             .map(|v| unsafe { v.assume_init() })
@@ -299,13 +337,15 @@ mod tests {
                 let b = values(seed + 200, c_out);
                 let want = naive(&w, &x, &b, c_out, c_in, cols);
                 let p = Pointwise::new(&w, c_out, c_in).expect("AVX-512F was found above");
-                let got = run(&p, &x, cols, Some(&b), activation);
+                // Every other case adds a residual after the activation.
+                let residual = (seed % 2 == 0).then(|| values(seed + 300, c_out * cols));
+                let got = run_with(&p, &x, cols, Some(&b), activation, residual.as_deref());
                 for (i, (g, e)) in got.iter().zip(&want).enumerate() {
                     let e = match activation {
                         Activation::None => *e,
                         Activation::Clamp(lo, hi) => e.clamp(f64::from(lo), f64::from(hi)),
                         Activation::Silu => e / (1.0 + (-e).exp()),
-                    };
+                    } + residual.as_ref().map_or(0.0, |r| f64::from(r[i]));
                     let tol = 1e-5 * (1.0 + e.abs()) * (c_in as f64).sqrt();
                     assert!(
                         (f64::from(*g) - e).abs() <= tol,
