@@ -6,6 +6,7 @@
 //! and kind.
 //! Threads: `RAYON_NUM_THREADS`.
 
+use ascend_quant::sim::kernels::activation::Activation;
 use ascend_quant::sim::kernels::conv::{Conv, ConvGeometry};
 use ascend_quant::sim::kernels::int_conv::{IntConv, Quantizer, Requant};
 use std::time::Instant;
@@ -47,6 +48,10 @@ fn main() {
         ("depthwise 144 @56", 144, 144, 56, 3, 1, 144),
         ("depthwise 960 @7", 960, 960, 7, 3, 1, 960),
         ("pointwise 960->160 @7", 960, 160, 7, 1, 1, 1),
+        // The detector's (scripts/make_yolo_like.py), with SiLU.
+        ("detector conv 16->16 @80 silu", 16, 16, 80, 3, 1, 1),
+        ("detector conv 128->256 @40 s2 silu", 128, 256, 40, 3, 2, 1),
+        ("detector pointwise 192->64 @40 silu", 192, 64, 40, 1, 1, 1),
     ];
     for (label, c_in, c_out, size, k, s, group) in layers {
         let geometry = conv_geometry(k, s, group);
@@ -57,7 +62,11 @@ fn main() {
             .map(|i| ((i * 7919) % 1000) as f32 / 1000.0)
             .collect();
         let mut conv = Conv::new(geometry, c_in, c_out, w, Some(vec![0.1; c_out]));
-        conv.activation = ascend_quant::sim::kernels::activation::Activation::Clamp(0.0, 6.0);
+        conv.activation = if label.ends_with("silu") {
+            Activation::Silu
+        } else {
+            Activation::Clamp(0.0, 6.0)
+        };
         let (median, min) = time(runs, || {
             conv.run(&x, 1, size, size);
         });

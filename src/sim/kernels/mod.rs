@@ -8,7 +8,7 @@ pub mod conv;
 pub mod depthwise;
 pub mod int_conv;
 pub mod int_gemm;
-pub mod pointwise;
+pub mod tiled;
 
 use std::mem::MaybeUninit;
 

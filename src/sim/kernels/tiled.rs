@@ -1,0 +1,795 @@
+//! Convolutions of one group as AVX-512 GEMM tiles writing NCHW outputs:
+//! `out[m, p] = act(bias[m] + Σ_k W[m, k] · B[k, p]) (+ residual[m, p])`,
+//! where `B` is the input itself for a pointwise layer (1×1, stride 1, no
+//! padding: each input channel's row of positions is already contiguous)
+//! and the im2col matrix of the input otherwise, built a block of columns
+//! at a time, in cache, by whole runs of image rows.
+//!
+//! Against the general GEMM ([`super::conv`]) this packs nothing per call
+//! for pointwise layers, builds im2col blocks with row copies where the
+//! GEMM's packer gathers value by value, and applies bias, activation
+//! (clamp or SiLU) and a residual to each tile while it is in registers,
+//! writing every output once. The weight is packed once, in panels of 12
+//! output channels (8 when the layer's channel count is a multiple of 8 but
+//! not of 12, so no panel is part empty). A tile holds 12 (or 8) × 32 sums
+//! in 24 (or 16) vector registers; positions past the end of a row are
+//! masked off, output channels past the last are zero rows of the panel
+//! that are never stored. The sum over `k` runs in slices of 256 rows of
+//! `B` (partial sums wait in the output between slices), so that a slice of
+//! a block and of a panel stay in cache. Tasks (in parallel) are a block of
+//! columns times a run of panels, so that narrow outputs (7×7 positions)
+//! still make enough tasks.
+//!
+//! Only for CPUs with AVX-512F; elsewhere the constructors decline and the
+//! convolution runs on the general GEMM.
+
+use super::activation::Activation;
+use rayon::prelude::*;
+use std::cell::RefCell;
+use std::mem::MaybeUninit;
+
+/// Output channels per tile: 12, or 8 for layers whose channel count is a
+/// multiple of 8 but not of 12.
+fn panel_rows(c_out: usize) -> usize {
+    if !c_out.is_multiple_of(12) && c_out.is_multiple_of(8) {
+        8
+    } else {
+        12
+    }
+}
+/// Positions per tile (two 16-lane vectors).
+const NR: usize = 32;
+/// Values of `B` a task's block of columns holds at most (128 KiB), and
+/// the rows of `B` summed between visits to the output (a slice of the
+/// block, at most 256 rows, is read once per panel and stays in the core's
+/// cache).
+const BLOCK_VALUES: usize = 32 * 1024;
+const DEPTH: usize = 256;
+
+/// A convolution's weight packed for the tiles, and where `B` comes from.
+pub struct TiledConv {
+    /// Panel `t` holds, for each row `k` of `B` in turn, the weights
+    /// `W[t·mr + r, k]` for `r < mr` (zero past the last output channel).
+    panels: Vec<f32>,
+    /// Output channels per panel ([`panel_rows`]).
+    mr: usize,
+    /// Rows of `B`.
+    k: usize,
+    c_out: usize,
+    /// `None`: `B` is the input (pointwise layer).
+    patches: Option<Patches>,
+}
+
+/// The im2col geometry of a convolution of one group.
+#[derive(Clone, Copy, Debug)]
+pub struct Patches {
+    /// Input channels.
+    pub c_in: usize,
+    /// Kernel height and width.
+    pub kernel: (usize, usize),
+    /// Vertical and horizontal stride.
+    pub stride: (usize, usize),
+    /// Vertical and horizontal dilation.
+    pub dilation: (usize, usize),
+    /// Padding above and on the left.
+    pub pads: (usize, usize),
+}
+
+/// Whether this CPU runs the AVX-512 tile.
+fn supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+thread_local! {
+    /// A task's block of im2col columns (reused from task to task).
+    static BLOCK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+impl TiledConv {
+    /// A pointwise layer with weight `[c_out, c_in]`; `None` when the CPU
+    /// lacks AVX-512F.
+    pub fn pointwise(weight: &[f32], c_out: usize, c_in: usize) -> Option<TiledConv> {
+        TiledConv::new(weight, c_out, c_in, None)
+    }
+
+    /// A layer with weight `[c_out, c_in, kh, kw]` on im2col columns;
+    /// `None` when the CPU lacks AVX-512F.
+    pub fn patches(weight: &[f32], c_out: usize, patches: Patches) -> Option<TiledConv> {
+        let k = patches.c_in * patches.kernel.0 * patches.kernel.1;
+        TiledConv::new(weight, c_out, k, Some(patches))
+    }
+
+    fn new(weight: &[f32], c_out: usize, k: usize, patches: Option<Patches>) -> Option<TiledConv> {
+        if !supported() || k == 0 {
+            return None;
+        }
+        assert_eq!(weight.len(), c_out * k, "the weight is [c_out, k]");
+        let mr = panel_rows(c_out);
+        let tiles = c_out.div_ceil(mr);
+        let mut panels = vec![0f32; tiles * k * mr];
+        for (m, row) in weight.chunks_exact(k).enumerate() {
+            let panel = &mut panels[(m / mr) * k * mr..][..k * mr];
+            for (kk, &v) in row.iter().enumerate() {
+                panel[kk * mr + m % mr] = v;
+            }
+        }
+        Some(TiledConv {
+            panels,
+            mr,
+            k,
+            c_out,
+            patches,
+        })
+    }
+
+    /// One sample: `x` is `[c_in, h, w]`; `out` and `residual` are
+    /// `[c_out, oh, ow]` (`oh × ow = h × w` for a pointwise layer). Writes
+    /// every value of `out`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(
+        &self,
+        x: &[f32],
+        (h, w): (usize, usize),
+        (oh, ow): (usize, usize),
+        bias: Option<&[f32]>,
+        activation: Activation,
+        residual: Option<&[f32]>,
+        out: &mut [MaybeUninit<f32>],
+    ) {
+        let cols = oh * ow;
+        let c_in = self.patches.map_or(self.k, |p| p.c_in);
+        assert_eq!(x.len(), c_in * h * w, "the input is [c_in, h, w]");
+        if self.patches.is_none() {
+            assert_eq!(h * w, cols, "a pointwise layer keeps the positions");
+        }
+        assert_eq!(
+            out.len(),
+            self.c_out * cols,
+            "the output is [c_out, oh, ow]"
+        );
+        if let Some(r) = residual {
+            assert_eq!(r.len(), out.len(), "the residual is [c_out, oh, ow]");
+        }
+        if let Some(b) = bias {
+            assert_eq!(b.len(), self.c_out, "one bias per output channel");
+        }
+        let row_tiles = self.c_out.div_ceil(self.mr);
+        let col_tiles = cols.div_ceil(NR);
+        if row_tiles == 0 || col_tiles == 0 {
+            return;
+        }
+        let wanted = 4 * rayon::current_num_threads();
+        let block_tiles =
+            (BLOCK_VALUES / (self.k.min(DEPTH) * NR)).clamp(1, col_tiles.div_ceil(wanted).max(1));
+        let col_blocks = col_tiles.div_ceil(block_tiles);
+        let splits = wanted.div_ceil(col_blocks).clamp(1, row_tiles);
+        let per_task = row_tiles.div_ceil(splits);
+        let splits = row_tiles.div_ceil(per_task);
+        let dst = OutPtr(out.as_mut_ptr().cast::<f32>());
+        (0..col_blocks * splits).into_par_iter().for_each(|task| {
+            let (block, split) = (task / splits, task % splits);
+            let c0 = block * block_tiles * NR;
+            let c1 = (c0 + block_tiles * NR).min(cols);
+            let tiles = split * per_task..((split + 1) * per_task).min(row_tiles);
+            match &self.patches {
+                None => {
+                    let b = (x, cols, 0);
+                    self.sweep(b, c0..c1, cols, tiles, bias, activation, residual, dst)
+                }
+                Some(p) => BLOCK.with_borrow_mut(|block| {
+                    block.resize(self.k * (c1 - c0), 0.0);
+                    im2col_block(p, x, (h, w), ow, c0..c1, block);
+                    let b = (block.as_slice(), c1 - c0, c0);
+                    self.sweep(b, c0..c1, cols, tiles, bias, activation, residual, dst)
+                }),
+            }
+        });
+    }
+
+    /// The panels `tiles` over the output columns `range`; `B`'s columns
+    /// are those of `b` (`k` rows at stride `ldb`, its first column being
+    /// output column `b_first`).
+    #[allow(clippy::too_many_arguments)]
+    fn sweep(
+        &self,
+        b: (&[f32], usize, usize),
+        range: std::ops::Range<usize>,
+        cols: usize,
+        tiles: std::ops::Range<usize>,
+        bias: Option<&[f32]>,
+        activation: Activation,
+        residual: Option<&[f32]>,
+        dst: OutPtr,
+    ) {
+        match self.mr {
+            8 => self.sweep_with::<8>(b, range, cols, tiles, bias, activation, residual, dst),
+            _ => self.sweep_with::<12>(b, range, cols, tiles, bias, activation, residual, dst),
+        }
+    }
+
+    /// `sweep` with `MR` rows per panel (`self.mr`).
+    #[allow(clippy::too_many_arguments)]
+    fn sweep_with<const MR: usize>(
+        &self,
+        (b, ldb, b_first): (&[f32], usize, usize),
+        range: std::ops::Range<usize>,
+        cols: usize,
+        tiles: std::ops::Range<usize>,
+        bias: Option<&[f32]>,
+        activation: Activation,
+        residual: Option<&[f32]>,
+        dst: OutPtr,
+    ) {
+        // The sum over `k` in slices of `DEPTH` rows of `B`: a slice of the
+        // block and of a panel stay in cache while every panel and tile uses
+        // them; between slices the partial sums wait in the output.
+        for k0 in (0..self.k).step_by(DEPTH) {
+            let depth = DEPTH.min(self.k - k0);
+            let stage = match (k0 == 0, k0 + depth == self.k) {
+                (_, true) if k0 == 0 => avx512::Stage::Only,
+                (_, true) => avx512::Stage::Last,
+                (true, false) => avx512::Stage::First,
+                (false, false) => avx512::Stage::Middle,
+            };
+            for t in tiles.clone() {
+                let m0 = t * MR;
+                let rows = MR.min(self.c_out - m0);
+                let mut tile_bias = [0f32; MR];
+                if let Some(bias) = bias {
+                    tile_bias[..rows].copy_from_slice(&bias[m0..m0 + rows]);
+                }
+                let panel = &self.panels[(t * self.k + k0) * MR..][..depth * MR];
+                for c0 in range.clone().step_by(NR) {
+                    let width = NR.min(range.end - c0);
+                    let at = m0 * cols + c0;
+                    // SAFETY: AVX-512F is present (the constructors
+                    // checked). The tile reads `b[k0 + kk, c0 - b_first..]
+                    // [..width]` for kk < depth, inside `b` (k rows of
+                    // ldb ≥ that many values), and reads (after the first
+                    // slice) and writes `out[m0 + r, c0..c0 + width]` for
+                    // r < rows, inside `out` (reading the residual there,
+                    // as large); tasks cover disjoint (row, column) ranges,
+                    // so no two threads touch the same value.
+                    unsafe {
+                        let tile = avx512::Tile {
+                            panel,
+                            b: b.as_ptr().add(k0 * ldb + c0 - b_first),
+                            ldb,
+                            width,
+                            bias: &tile_bias,
+                            activation,
+                            residual: residual.map(|r| r.as_ptr().add(at)),
+                            ld: cols,
+                            rows,
+                            stage,
+                        };
+                        tile.run(dst.at(at));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Columns `range` of the im2col matrix of `x` (`[c_in, h, w]`) into `b`
+/// (`k` rows of `range.len()` values): row `(c, ky, kx)` holds, for each
+/// output position, the input value its tap reads, or 0 in the padding.
+/// Each output row's run of positions is one copy (stride 1) or one strided
+/// gather, with the padding's zeros at its ends.
+fn im2col_block(
+    p: &Patches,
+    x: &[f32],
+    (h, w): (usize, usize),
+    ow: usize,
+    range: std::ops::Range<usize>,
+    b: &mut [f32],
+) {
+    let width = range.len();
+    let (kh, kw) = p.kernel;
+    let (sy, sx) = p.stride;
+    let (dy, dx) = p.dilation;
+    let mut row = 0;
+    for c in 0..p.c_in {
+        let plane = &x[c * h * w..(c + 1) * h * w];
+        for ky in 0..kh {
+            for kx in 0..kw {
+                let dst = &mut b[row * width..(row + 1) * width];
+                row += 1;
+                let off_x = (kx * dx) as isize - p.pads.1 as isize;
+                let mut col = range.start;
+                while col < range.end {
+                    let (oy, ox) = (col / ow, col % ow);
+                    let run = (ow - ox).min(range.end - col);
+                    let d = &mut dst[col - range.start..][..run];
+                    col += run;
+                    let iy = (oy * sy + ky * dy) as isize - p.pads.0 as isize;
+                    if iy < 0 || iy >= h as isize {
+                        d.fill(0.0);
+                        continue;
+                    }
+                    let src = &plane[iy as usize * w..(iy as usize + 1) * w];
+                    // Positions j of the run whose tap lies inside the row:
+                    // 0 ≤ (ox + j)·sx + off_x < w.
+                    let first = (-off_x).max(0) as usize;
+                    let lo = first.div_ceil(sx).saturating_sub(ox).min(run);
+                    let last = w as isize - 1 - off_x;
+                    let hi = if last < 0 {
+                        0
+                    } else {
+                        (last as usize / sx + 1).saturating_sub(ox).clamp(lo, run)
+                    };
+                    d[..lo].fill(0.0);
+                    d[hi..].fill(0.0);
+                    if lo == hi {
+                        continue;
+                    }
+                    let start = ((ox + lo) * sx) as isize + off_x;
+                    if sx == 1 {
+                        d[lo..hi].copy_from_slice(&src[start as usize..][..hi - lo]);
+                    } else {
+                        let taps = src[start as usize..].iter().step_by(sx);
+                        for (v, s) in d[lo..hi].iter_mut().zip(taps) {
+                            *v = *s;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The output, written by tasks in disjoint tiles.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+
+impl OutPtr {
+    /// The output from value `offset` on.
+    ///
+    /// # Safety
+    /// `offset` must lie inside the output.
+    unsafe fn at(self, offset: usize) -> *mut f32 {
+        // SAFETY: inside the output (the caller's promise).
+        unsafe { self.0.add(offset) }
+    }
+}
+
+// SAFETY: tasks write disjoint tiles through the pointer (see `run`).
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{Activation, NR};
+    use std::arch::x86_64::*;
+
+    /// One `MR × width` tile (`width ≤ NR`) of the product.
+    pub struct Tile<'a, const MR: usize> {
+        /// The weight panel: `MR` weights per row of `b`.
+        pub panel: &'a [f32],
+        /// The tile's first column of `B`, rows at stride `ldb`.
+        pub b: *const f32,
+        pub ldb: usize,
+        pub width: usize,
+        pub bias: &'a [f32; MR],
+        pub activation: Activation,
+        /// Added after the activation; rows at stride `ld`.
+        pub residual: Option<*const f32>,
+        /// Row stride of the output and the residual.
+        pub ld: usize,
+        /// Output rows to store (the panel's real output channels).
+        pub rows: usize,
+        /// Which slice of the sum over `k` the panel holds.
+        pub stage: Stage,
+    }
+
+    /// Where a tile's slice of the sum over `k` lies in the whole.
+    #[derive(Clone, Copy, PartialEq)]
+    pub enum Stage {
+        /// The whole sum: start from the bias, finish with activation and
+        /// residual.
+        Only,
+        /// The first of several: start from the bias, store partial sums.
+        First,
+        /// Neither first nor last: continue from the stored partial sums.
+        Middle,
+        /// The last of several: continue, then activation and residual.
+        Last,
+    }
+
+    impl<const MR: usize> Tile<'_, MR> {
+        /// Computes the tile and stores its first `rows` rows at `out`.
+        ///
+        /// # Safety
+        /// AVX-512F must be present; `b` must hold `panel.len() / MR` rows
+        /// of `width` readable values at stride `ldb`, the residual (if
+        /// any) `rows` such rows at stride `ld`, and `out` `rows` writable
+        /// rows of `width` values at stride `ld`, holding the previous
+        /// slices' partial sums for the `Middle` and `Last` stages.
+        #[target_feature(enable = "avx512f")]
+        pub unsafe fn run(&self, out: *mut f32) {
+            debug_assert!(self.width <= NR && self.rows <= MR);
+            let lanes = |n: usize| -> __mmask16 { ((1u32 << n.min(16)) - 1) as __mmask16 };
+            let (m0, m1) = (lanes(self.width), lanes(self.width.saturating_sub(16)));
+            let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+            let resume = matches!(self.stage, Stage::Middle | Stage::Last);
+            #[allow(clippy::needless_range_loop)]
+            for r in 0..MR {
+                acc[r] = if !resume {
+                    let b = _mm512_set1_ps(self.bias[r]);
+                    [b, b]
+                } else if r < self.rows {
+                    // SAFETY: row r < rows of `out` holds the `width`
+                    // partial sums the previous slice stored.
+                    unsafe {
+                        let row = out.wrapping_add(r * self.ld);
+                        [
+                            _mm512_maskz_loadu_ps(m0, row),
+                            _mm512_maskz_loadu_ps(m1, row.wrapping_add(16)),
+                        ]
+                    }
+                } else {
+                    [_mm512_setzero_ps(); 2]
+                };
+            }
+            // SAFETY: as this function's contract says for `b`.
+            let acc = unsafe { accumulate(acc, self.panel, self.b, self.ldb, (m0, m1)) };
+            // By value, no references into `acc`: it stays in registers.
+            let finish = matches!(self.stage, Stage::Only | Stage::Last);
+            #[allow(clippy::needless_range_loop)]
+            for r in 0..MR {
+                if r >= self.rows {
+                    break;
+                }
+                let [mut v0, mut v1] = acc[r];
+                if finish {
+                    v0 = activate(v0, self.activation);
+                    v1 = activate(v1, self.activation);
+                    if let Some(res) = self.residual {
+                        // SAFETY: row r < rows of the residual holds
+                        // `width` values; masked-off lanes are not read.
+                        unsafe {
+                            let row = res.wrapping_add(r * self.ld);
+                            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));
+                            v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row.wrapping_add(16)));
+                        }
+                    }
+                }
+                // SAFETY: row r < rows of `out` holds `width` writable
+                // values; masked-off lanes are not written.
+                unsafe {
+                    let row = out.wrapping_add(r * self.ld);
+                    _mm512_mask_storeu_ps(row, m0, v0);
+                    _mm512_mask_storeu_ps(row.wrapping_add(16), m1, v1);
+                }
+            }
+        }
+    }
+
+    /// `acc[r] += Σ_k panel[k, r] · b[k, ..]` over the panel's rows, for the
+    /// columns `masks` keep. A function of its own, taking and returning the
+    /// sums by value, so that they live in registers through the loop.
+    ///
+    /// # Safety
+    /// AVX-512F must be present; `b` must hold `panel.len() / MR` rows of
+    /// the masks' readable values at stride `ldb`.
+    #[inline(never)]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn accumulate<const MR: usize>(
+        mut acc: [[__m512; 2]; MR],
+        panel: &[f32],
+        b: *const f32,
+        ldb: usize,
+        (m0, m1): (__mmask16, __mmask16),
+    ) -> [[__m512; 2]; MR] {
+        for (k, w) in panel.chunks_exact(MR).enumerate() {
+            // SAFETY: row k of `b` holds the masks' values; masked-off lanes
+            // are not read. The address is formed with wrapping arithmetic
+            // as it may point past the row when at most 16 lanes are kept.
+            let (b0, b1) = unsafe {
+                let row = b.wrapping_add(k * ldb);
+                (
+                    _mm512_maskz_loadu_ps(m0, row),
+                    _mm512_maskz_loadu_ps(m1, row.wrapping_add(16)),
+                )
+            };
+            for r in 0..MR {
+                let wv = _mm512_set1_ps(w[r]);
+                acc[r][0] = _mm512_fmadd_ps(wv, b0, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(wv, b1, acc[r][1]);
+            }
+        }
+        acc
+    }
+
+    /// The activation on 16 lanes.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn activate(v: __m512, activation: Activation) -> __m512 {
+        match activation {
+            Activation::None => v,
+            // `max(lo, v)` then `min(hi, v)` keep a NaN as it is.
+            Activation::Clamp(lo, hi) => {
+                _mm512_min_ps(_mm512_set1_ps(hi), _mm512_max_ps(_mm512_set1_ps(lo), v))
+            }
+            Activation::Silu => silu(v),
+        }
+    }
+
+    /// `x · sigmoid(x)` on 16 lanes, with the same operations in the same
+    /// order as `activation::silu`'s scalar definition (so the same values).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn silu(x: __m512) -> __m512 {
+        const LN2_HI: f32 = 0.693_145_75;
+        const LN2_LO: f32 = 1.428_606_8e-6;
+        const SHIFTER: f32 = 12_582_912.0;
+        let set = _mm512_set1_ps;
+        let (add, sub, mul) = (_mm512_add_ps, _mm512_sub_ps, _mm512_mul_ps);
+        // e^−x, as `exp_approx`: clamp (a NaN stays NaN), split, polynomial.
+        let t = sub(_mm512_setzero_ps(), x);
+        let t = _mm512_min_ps(set(88.0), _mm512_max_ps(set(-87.0), t));
+        let k = add(mul(t, set(std::f32::consts::LOG2_E)), set(SHIFTER));
+        let n = sub(k, set(SHIFTER));
+        let r = sub(sub(t, mul(n, set(LN2_HI))), mul(n, set(LN2_LO)));
+        let mut p = set(1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = add(set(c), mul(r, p));
+        }
+        let n_bits = _mm512_sub_epi32(
+            _mm512_castps_si512(k),
+            _mm512_set1_epi32(SHIFTER.to_bits() as i32),
+        );
+        let two_n = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(
+            n_bits,
+            _mm512_set1_epi32(127),
+        )));
+        let e = mul(p, two_n);
+        mul(x, _mm512_div_ps(set(1.0), add(set(1.0), e)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::kernels::test_values as values;
+
+    /// `c.run` into an output filled with NaN beforehand, so that a value
+    /// it fails to write shows as NaN.
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        c: &TiledConv,
+        x: &[f32],
+        hw: (usize, usize),
+        ohw: (usize, usize),
+        bias: Option<&[f32]>,
+        a: Activation,
+        residual: Option<&[f32]>,
+    ) -> Vec<f32> {
+        let mut out = vec![MaybeUninit::new(f32::NAN); c.c_out * ohw.0 * ohw.1];
+        c.run(x, hw, ohw, bias, a, residual, &mut out);
+        // SAFETY: every value was initialised (to NaN) before the run.
+        out.into_iter()
+            .map(|v| unsafe { v.assume_init() })
+            .collect()
+    }
+
+    /// The definition of a convolution of one group, in f64.
+    fn naive(
+        w: &[f32],
+        x: &[f32],
+        bias: &[f32],
+        c_out: usize,
+        p: &Patches,
+        (h, wd): (usize, usize),
+        (oh, ow): (usize, usize),
+    ) -> Vec<f64> {
+        let (kh, kw) = p.kernel;
+        let mut out = vec![0f64; c_out * oh * ow];
+        for m in 0..c_out {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut acc = f64::from(bias[m]);
+                    for c in 0..p.c_in {
+                        for ky in 0..kh {
+                            for kx in 0..kw {
+                                let iy = (oy * p.stride.0 + ky * p.dilation.0) as isize
+                                    - p.pads.0 as isize;
+                                let ix = (ox * p.stride.1 + kx * p.dilation.1) as isize
+                                    - p.pads.1 as isize;
+                                if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize {
+                                    continue;
+                                }
+                                acc += f64::from(w[((m * p.c_in + c) * kh + ky) * kw + kx])
+                                    * f64::from(x[(c * h + iy as usize) * wd + ix as usize]);
+                            }
+                        }
+                    }
+                    out[(m * oh + oy) * ow + ox] = acc;
+                }
+            }
+        }
+        out
+    }
+
+    fn activated(e: f64, a: Activation) -> f64 {
+        match a {
+            Activation::None => e,
+            Activation::Clamp(lo, hi) => e.clamp(f64::from(lo), f64::from(hi)),
+            Activation::Silu => e / (1.0 + (-e).exp()),
+        }
+    }
+
+    #[test]
+    fn pointwise_layers_match_the_definition_on_random_shapes() {
+        if TiledConv::pointwise(&[1.0], 1, 1).is_none() {
+            eprintln!("no AVX-512F on this CPU: the general GEMM runs these layers");
+            return;
+        }
+        let mut seed = 0;
+        // Output channels below, at and past a panel; positions below one
+        // vector, between one and two, a whole tile, ragged tails, blocks.
+        for &(c_out, c_in, cols) in &[
+            (1, 1, 1),
+            (5, 3, 7),
+            (12, 16, 32),
+            (13, 17, 49),
+            (96, 16, 196),
+            (40, 300, 33),
+            (25, 8, 16),
+            (7, 960, 17),
+            (20, 8, 1000),
+        ] {
+            for activation in [
+                Activation::None,
+                Activation::Clamp(0.0, 0.5),
+                Activation::Silu,
+            ] {
+                seed += 1;
+                let w = values(seed, c_out * c_in);
+                let x = values(seed + 100, c_in * cols);
+                let b = values(seed + 200, c_out);
+                let p = Patches {
+                    c_in,
+                    kernel: (1, 1),
+                    stride: (1, 1),
+                    dilation: (1, 1),
+                    pads: (0, 0),
+                };
+                let want = naive(&w, &x, &b, c_out, &p, (1, cols), (1, cols));
+                let conv = TiledConv::pointwise(&w, c_out, c_in).expect("AVX-512F was found");
+                // Every other case adds a residual after the activation.
+                let residual = (seed % 2 == 0).then(|| values(seed + 300, c_out * cols));
+                let got = run(
+                    &conv,
+                    &x,
+                    (1, cols),
+                    (1, cols),
+                    Some(&b),
+                    activation,
+                    residual.as_deref(),
+                );
+                for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                    let e = activated(*e, activation)
+                        + residual.as_ref().map_or(0.0, |r| f64::from(r[i]));
+                    let tol = 1e-5 * (1.0 + e.abs()) * (c_in as f64).sqrt();
+                    assert!(
+                        (f64::from(*g) - e).abs() <= tol,
+                        "{c_out}x{c_in}x{cols} {activation:?} at {i}: {g} vs {e}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn im2col_layers_match_the_definition_on_random_shapes() {
+        if TiledConv::pointwise(&[1.0], 1, 1).is_none() {
+            return;
+        }
+        let mut seed = 1000;
+        // (c_in, c_out, h, w, kernel, stride, dilation, pads): padding on
+        // either side, strides 1 to 3, dilation, kernels wider than tall,
+        // inputs narrower than a tile and wider than a block.
+        for &(c_in, c_out, h, w, k, s, d, pads) in &[
+            (3, 16, 20, 20, (3, 3), (2, 2), (1, 1), (1, 1)),
+            (16, 13, 9, 11, (3, 3), (1, 1), (1, 1), (1, 1)),
+            (4, 5, 7, 7, (5, 5), (1, 1), (1, 1), (2, 2)),
+            (2, 3, 12, 10, (3, 3), (1, 1), (2, 2), (2, 2)),
+            (5, 8, 13, 17, (1, 3), (3, 2), (1, 1), (0, 1)),
+            (8, 24, 6, 40, (3, 3), (2, 1), (1, 1), (0, 0)),
+            (1, 2, 3, 3, (3, 3), (1, 1), (1, 1), (2, 2)),
+            (64, 20, 10, 10, (3, 3), (1, 1), (1, 1), (1, 1)),
+        ] {
+            for activation in [Activation::None, Activation::Silu] {
+                seed += 1;
+                let p = Patches {
+                    c_in,
+                    kernel: k,
+                    stride: s,
+                    dilation: d,
+                    pads,
+                };
+                // Bottom and right padding mirror the top and left.
+                let size = |n: usize, kk: usize, s: usize, d: usize, pad: usize| {
+                    (n + 2 * pad - d * (kk - 1) - 1) / s + 1
+                };
+                let (oh, ow) = (
+                    size(h, k.0, s.0, d.0, pads.0),
+                    size(w, k.1, s.1, d.1, pads.1),
+                );
+                let wt = values(seed, c_out * c_in * k.0 * k.1);
+                let x = values(seed + 1, c_in * h * w);
+                let b = values(seed + 2, c_out);
+                let want = naive(&wt, &x, &b, c_out, &p, (h, w), (oh, ow));
+                let conv = TiledConv::patches(&wt, c_out, p).expect("AVX-512F was found");
+                let residual = (seed % 2 == 0).then(|| values(seed + 3, c_out * oh * ow));
+                let got = run(
+                    &conv,
+                    &x,
+                    (h, w),
+                    (oh, ow),
+                    Some(&b),
+                    activation,
+                    residual.as_deref(),
+                );
+                for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                    let e = activated(*e, activation)
+                        + residual.as_ref().map_or(0.0, |r| f64::from(r[i]));
+                    let tol = 1e-5 * (1.0 + e.abs()) * ((c_in * k.0 * k.1) as f64).sqrt();
+                    assert!(
+                        (f64::from(*g) - e).abs() <= tol,
+                        "{p:?} {h}x{w} {activation:?} at {i}: {g} vs {e}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn silu_in_the_tile_equals_the_scalar_definition_bit_for_bit() {
+        let Some(conv) = TiledConv::pointwise(&[1.0], 1, 1) else {
+            return;
+        };
+        let x: Vec<f32> = (0..2000).map(|i| (i as f32 - 1000.0) * 0.11).collect();
+        let got = run(
+            &conv,
+            &x,
+            (1, x.len()),
+            (1, x.len()),
+            None,
+            Activation::Silu,
+            None,
+        );
+        for (v, g) in x.iter().zip(&got) {
+            let want = v * crate::sim::kernels::activation::sigmoid_value(*v);
+            assert_eq!(g.to_bits(), want.to_bits(), "silu({v}): {g} vs {want}");
+        }
+    }
+
+    #[test]
+    fn a_nan_input_stays_nan_through_the_clamp() {
+        let Some(conv) = TiledConv::pointwise(&[1.0, 1.0], 1, 2) else {
+            return;
+        };
+        let x = [f32::NAN, 1.0, 2.0, 3.0];
+        let got = run(
+            &conv,
+            &x,
+            (1, 2),
+            (1, 2),
+            None,
+            Activation::Clamp(0.0, 6.0),
+            None,
+        );
+        assert!(got[0].is_nan(), "{got:?}");
+        assert_eq!(got[1], 4.0);
+    }
+}
