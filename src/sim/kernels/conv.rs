@@ -435,6 +435,10 @@ impl Conv {
     }
 }
 
+/// The deepest im2col column (input channels × kernel taps) the tiled
+/// kernel runs (see [`tiled`]).
+const TILED_IM2COL_DEPTH: usize = 512;
+
 /// Output columns an activated GEMM computes at a time.
 const COLUMN_BLOCK: usize = 2048;
 
@@ -460,16 +464,16 @@ unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
 /// The tiled kernel for a layer of one group: on the input itself when
-/// pointwise, else on im2col blocks for stride 1; `None` without AVX-512F
-/// and for other strides, where the GEMM's own im2col packing measured
-/// faster (the tiles' blocks gather strided rows value by value: the
-/// detector's stride-2 layers took 1.2–1.3× the GEMM's time, its stride-1
-/// 3×3 layers half).
+/// pointwise, else on im2col blocks when a column holds at most
+/// [`TILED_IM2COL_DEPTH`] values; `None` without AVX-512F and for deeper
+/// im2col layers, where the general GEMM measured faster (on the detector:
+/// its 3×3 layers of 16 and 32 channels took half the GEMM's time, those of
+/// 64 about the same, those of 128 1.1–1.3×).
 fn tiled(weight: &[f32], c_out: usize, c_in: usize, g: &ConvGeometry) -> Option<TiledConv> {
     if is_direct(g) {
         return TiledConv::pointwise(weight, c_out, c_in);
     }
-    if g.stride != (1, 1) {
+    if c_in * g.kernel.0 * g.kernel.1 > TILED_IM2COL_DEPTH {
         return None;
     }
     let patches = Patches {
@@ -632,6 +636,8 @@ mod tests {
             (1, 40, 10, 5, 5, (1, 1), (2, 2), (1, 1), [0, 0, 0, 0], 1),
             // Wider than one column block (1440 and 2500 outputs per channel).
             (2, 8, 16, 40, 36, (3, 3), (1, 1), (1, 1), [1, 1, 1, 1], 1),
+            // Deeper columns than the tiled kernel takes (576).
+            (1, 64, 8, 6, 6, (3, 3), (1, 1), (1, 1), [1, 1, 1, 1], 1),
             (1, 16, 24, 50, 50, (1, 1), (1, 1), (1, 1), [0, 0, 0, 0], 1),
         ];
         for (i, &(n, c_in, c_out, h, w, kernel, stride, dilation, pads, group)) in

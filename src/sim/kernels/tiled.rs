@@ -333,6 +333,8 @@ fn im2col_block(
                     let start = ((ox + lo) * sx) as isize + off_x;
                     if sx == 1 {
                         d[lo..hi].copy_from_slice(&src[start as usize..][..hi - lo]);
+                    } else if sx == 2 {
+                        every_other(&mut d[lo..hi], &src[start as usize..]);
                     } else {
                         let taps = src[start as usize..].iter().step_by(sx);
                         for (v, s) in d[lo..hi].iter_mut().zip(taps) {
@@ -342,6 +344,21 @@ fn im2col_block(
                 }
             }
         }
+    }
+}
+
+/// `dst[j] = src[2j]` (`src` holds at least `2·dst.len() − 1` values): 16
+/// values at a time from two loads and one permutation with AVX-512.
+fn every_other(dst: &mut [f32], src: &[f32]) {
+    assert!(src.len() + 1 >= 2 * dst.len(), "the source holds every tap");
+    #[cfg(target_arch = "x86_64")]
+    if supported() {
+        // SAFETY: AVX-512F is present; lengths asserted above.
+        unsafe { avx512::every_other(dst, src) };
+        return;
+    }
+    for (d, s) in dst.iter_mut().zip(src.iter().step_by(2)) {
+        *d = *s;
     }
 }
 
@@ -507,6 +524,31 @@ mod avx512 {
             }
         }
         acc
+    }
+
+    /// `dst[j] = src[2j]`.
+    ///
+    /// # Safety
+    /// AVX-512F must be present; `src` must hold `2·dst.len() − 1` values.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn every_other(dst: &mut [f32], src: &[f32]) {
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let lanes = |n: usize| -> __mmask16 { ((1u32 << n.min(16)) - 1) as __mmask16 };
+        for (i, chunk) in dst.chunks_mut(16).enumerate() {
+            // Source values 32i .. 32i + 32, as far as they exist.
+            let left = src.len() - 32 * i;
+            let (lo, hi) = (lanes(left), lanes(left.saturating_sub(16)));
+            // SAFETY: the masks keep the loads inside `src`, and the store
+            // inside the chunk; the addresses are formed with wrapping
+            // arithmetic as they may point past the end when masked.
+            unsafe {
+                let p = src.as_ptr().wrapping_add(32 * i);
+                let a = _mm512_maskz_loadu_ps(lo, p);
+                let b = _mm512_maskz_loadu_ps(hi, p.wrapping_add(16));
+                let v = _mm512_permutex2var_ps(a, even, b);
+                _mm512_mask_storeu_ps(chunk.as_mut_ptr(), lanes(chunk.len()), v);
+            }
+        }
     }
 
     /// The activation on 16 lanes.
@@ -771,6 +813,21 @@ mod tests {
         for (v, g) in x.iter().zip(&got) {
             let want = v * crate::sim::kernels::activation::sigmoid_value(*v);
             assert_eq!(g.to_bits(), want.to_bits(), "silu({v}): {g} vs {want}");
+        }
+    }
+
+    #[test]
+    fn every_other_value_is_gathered_at_any_length() {
+        for n in [0usize, 1, 5, 15, 16, 17, 31, 32, 33, 70] {
+            for extra in [0, 1] {
+                let src: Vec<f32> = (0..(2 * n).saturating_sub(1) + extra)
+                    .map(|i| i as f32)
+                    .collect();
+                let mut dst = vec![f32::NAN; n];
+                every_other(&mut dst, &src);
+                let want: Vec<f32> = (0..n).map(|j| (2 * j) as f32).collect();
+                assert_eq!(dst, want, "{n} values from {}", src.len());
+            }
         }
     }
 
