@@ -165,15 +165,27 @@ impl TiledConv {
         if row_tiles == 0 || col_tiles == 0 {
             return;
         }
-        let wanted = 4 * rayon::current_num_threads();
+        // Small layers (under ~1M multiply-adds, some 30 µs) run on the
+        // calling thread: splitting them costs more than it gains.
+        let parallel = self.c_out * cols * self.k >= 1 << 20;
+        let wanted = if parallel {
+            4 * rayon::current_num_threads()
+        } else {
+            1
+        };
         let block_tiles =
             (BLOCK_VALUES / (self.k.min(DEPTH) * NR)).clamp(1, col_tiles.div_ceil(wanted).max(1));
         let col_blocks = col_tiles.div_ceil(block_tiles);
-        let splits = wanted.div_ceil(col_blocks).clamp(1, row_tiles);
+        // Splitting the panels of a block between tasks makes each task
+        // build the block's im2col again: only pointwise layers split.
+        let splits = match self.patches {
+            None => wanted.div_ceil(col_blocks).clamp(1, row_tiles),
+            Some(_) => 1,
+        };
         let per_task = row_tiles.div_ceil(splits);
         let splits = row_tiles.div_ceil(per_task);
         let dst = OutPtr(out.as_mut_ptr().cast::<f32>());
-        (0..col_blocks * splits).into_par_iter().for_each(|task| {
+        let task = |task: usize| {
             let (block, split) = (task / splits, task % splits);
             let c0 = block * block_tiles * NR;
             let c1 = (c0 + block_tiles * NR).min(cols);
@@ -190,7 +202,12 @@ impl TiledConv {
                     self.sweep(b, c0..c1, cols, tiles, bias, activation, residual, dst)
                 }),
             }
-        });
+        };
+        if parallel {
+            (0..col_blocks * splits).into_par_iter().for_each(task);
+        } else {
+            (0..col_blocks * splits).for_each(task);
+        }
     }
 
     /// The panels `tiles` over the output columns `range`; `B`'s columns
