@@ -579,11 +579,7 @@ impl<'a> Readers<'a> {
 fn fuse_activations(steps: &mut Vec<Step>, graph: &GraphProto, keep: &[String]) {
     let readers = Readers::new(graph, keep);
     let private = |v: &str, n: usize| readers.private(v, n);
-    let producer: HashMap<String, usize> = steps
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (s.output.clone(), i))
-        .collect();
+    let producer = producers(steps);
     let mut removed = vec![false; steps.len()];
     for i in 0..steps.len() {
         let src = match steps[i].inputs.first() {
@@ -621,11 +617,7 @@ fn fuse_activations(steps: &mut Vec<Step>, graph: &GraphProto, keep: &[String]) 
             _ => {}
         }
     }
-    let mut k = 0;
-    steps.retain(|_| {
-        k += 1;
-        !removed[k - 1]
-    });
+    remove_marked(steps, &removed);
 }
 
 /// Folds `Add(conv, r)` into the Conv that computes `conv` when nothing else
@@ -635,11 +627,7 @@ fn fuse_activations(steps: &mut Vec<Step>, graph: &GraphProto, keep: &[String]) 
 /// step runs where the Add ran, so `r` is computed by then.
 fn fuse_residual_adds(steps: &mut Vec<Step>, graph: &GraphProto, keep: &[String]) {
     let readers = Readers::new(graph, keep);
-    let producer: HashMap<String, usize> = steps
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (s.output.clone(), i))
-        .collect();
+    let producer = producers(steps);
     let mut removed = vec![false; steps.len()];
     for i in 0..steps.len() {
         if !matches!(steps[i].op, Op::Binary(Elementwise::Add)) || steps[i].inputs.len() != 2 {
@@ -667,11 +655,7 @@ fn fuse_residual_adds(steps: &mut Vec<Step>, graph: &GraphProto, keep: &[String]
         };
         removed[p] = true;
     }
-    let mut k = 0;
-    steps.retain(|_| {
-        k += 1;
-        !removed[k - 1]
-    });
+    remove_marked(steps, &removed);
 }
 
 /// Folds the fake-quant chain `Mul(1/s) → Round → Add(o) → Clip(lo, hi) →
@@ -762,6 +746,20 @@ fn fuse_fake_quant(
         steps[at] = step;
         removed[at] = false;
     }
+    remove_marked(steps, &removed);
+}
+
+/// Which step computes each value.
+fn producers(steps: &[Step]) -> HashMap<String, usize> {
+    steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.output.clone(), i))
+        .collect()
+}
+
+/// Drops the steps marked in `removed` (a fusion pass's leftovers).
+fn remove_marked(steps: &mut Vec<Step>, removed: &[bool]) {
     let mut k = 0;
     steps.retain(|_| {
         k += 1;

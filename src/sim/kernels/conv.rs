@@ -1,8 +1,11 @@
-//! 2-D convolution (NCHW) on a GEMM: the weight, packed once, times the
-//! input's columns (the input itself for a 1×1 convolution with stride 1 and
-//! no padding, else a virtual im2col matrix the GEMM packs from the image), bias and activation (clamp or SiLU) fused after.
-//! Depthwise layers go to [`super::depthwise`]; other grouped layers run one
-//! GEMM per group.
+//! 2-D convolution (NCHW). Layers of one group run on [`super::tiled`]
+//! where the CPU has AVX-512 (pointwise layers, and im2col layers of at most
+//! 512 values per column); the others on a GEMM: the weight, packed once,
+//! times the input's columns (the input itself for a 1×1 convolution with
+//! stride 1 and no padding, else a virtual im2col matrix the GEMM packs from
+//! the image), bias and activation (clamp or SiLU) fused after. Depthwise
+//! layers go to [`super::depthwise`]; other grouped layers run one GEMM per
+//! group. A residual to add after the activation is taken by every path.
 
 use super::activation::Activation;
 use super::depthwise::{DepthwiseShape, depthwise};

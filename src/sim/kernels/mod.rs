@@ -1,5 +1,6 @@
-//! Kernels the CPU engine owns: convolution on a packed GEMM (`rten-gemm`),
-//! a SIMD depthwise convolution, a dense layer, and the exact integer
+//! Kernels the CPU engine owns: convolution as AVX-512 tiles (`tiled`) or
+//! on a packed GEMM (`rten-gemm`), a SIMD depthwise convolution, a dense
+//! layer, and the exact integer
 //! convolution and dense layer of deploy models. Each is tested against
 //! the operator's definition on random shapes.
 

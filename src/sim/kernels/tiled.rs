@@ -184,22 +184,24 @@ impl TiledConv {
         };
         let per_task = row_tiles.div_ceil(splits);
         let splits = row_tiles.div_ceil(per_task);
-        let dst = OutPtr(out.as_mut_ptr().cast::<f32>());
+        let output = Output {
+            cols,
+            bias,
+            activation,
+            residual,
+            dst: OutPtr(out.as_mut_ptr().cast::<f32>()),
+        };
         let task = |task: usize| {
             let (block, split) = (task / splits, task % splits);
             let c0 = block * block_tiles * NR;
             let c1 = (c0 + block_tiles * NR).min(cols);
             let tiles = split * per_task..((split + 1) * per_task).min(row_tiles);
             match &self.patches {
-                None => {
-                    let b = (x, cols, 0);
-                    self.sweep(b, c0..c1, cols, tiles, bias, activation, residual, dst)
-                }
+                None => self.sweep((x, cols, 0), c0..c1, tiles, &output),
                 Some(p) => BLOCK.with_borrow_mut(|block| {
                     block.resize(self.k * (c1 - c0), 0.0);
                     im2col_block(p, x, (h, w), ow, c0..c1, block);
-                    let b = (block.as_slice(), c1 - c0, c0);
-                    self.sweep(b, c0..c1, cols, tiles, bias, activation, residual, dst)
+                    self.sweep((block.as_slice(), c1 - c0, c0), c0..c1, tiles, &output)
                 }),
             }
         };
@@ -213,37 +215,34 @@ impl TiledConv {
     /// The panels `tiles` over the output columns `range`; `B`'s columns
     /// are those of `b` (`k` rows at stride `ldb`, its first column being
     /// output column `b_first`).
-    #[allow(clippy::too_many_arguments)]
     fn sweep(
         &self,
         b: (&[f32], usize, usize),
         range: std::ops::Range<usize>,
-        cols: usize,
         tiles: std::ops::Range<usize>,
-        bias: Option<&[f32]>,
-        activation: Activation,
-        residual: Option<&[f32]>,
-        dst: OutPtr,
+        output: &Output<'_>,
     ) {
         match self.mr {
-            8 => self.sweep_with::<8>(b, range, cols, tiles, bias, activation, residual, dst),
-            _ => self.sweep_with::<12>(b, range, cols, tiles, bias, activation, residual, dst),
+            8 => self.sweep_with::<8>(b, range, tiles, output),
+            _ => self.sweep_with::<12>(b, range, tiles, output),
         }
     }
 
     /// `sweep` with `MR` rows per panel (`self.mr`).
-    #[allow(clippy::too_many_arguments)]
     fn sweep_with<const MR: usize>(
         &self,
         (b, ldb, b_first): (&[f32], usize, usize),
         range: std::ops::Range<usize>,
-        cols: usize,
         tiles: std::ops::Range<usize>,
-        bias: Option<&[f32]>,
-        activation: Activation,
-        residual: Option<&[f32]>,
-        dst: OutPtr,
+        output: &Output<'_>,
     ) {
+        let Output {
+            cols,
+            bias,
+            activation,
+            residual,
+            dst,
+        } = *output;
         // The sum over `k` in slices of `DEPTH` rows of `B`: a slice of the
         // block and of a panel stay in cache while every panel and tile uses
         // them; between slices the partial sums wait in the output.
@@ -377,6 +376,17 @@ fn every_other(dst: &mut [f32], src: &[f32]) {
     for (d, s) in dst.iter_mut().zip(src.iter().step_by(2)) {
         *d = *s;
     }
+}
+
+/// What every tile of one run shares: the output (`cols` values per
+/// channel) and what is applied before writing it.
+#[derive(Clone, Copy)]
+struct Output<'a> {
+    cols: usize,
+    bias: Option<&'a [f32]>,
+    activation: Activation,
+    residual: Option<&'a [f32]>,
+    dst: OutPtr,
 }
 
 /// The output, written by tasks in disjoint tiles.
