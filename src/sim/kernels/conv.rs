@@ -362,7 +362,7 @@ impl Conv {
             }
             return;
         }
-        let dst = SharedOut(out.as_mut_ptr(), out.len());
+        let dst = SharedOut::new(out);
         let blocks: Vec<usize> = (0..cols).step_by(COLUMN_BLOCK).collect();
         blocks.par_iter().for_each_init(Vec::new, |block, &c0| {
             let width = COLUMN_BLOCK.min(cols - c0);
@@ -445,17 +445,22 @@ const TILED_IM2COL_DEPTH: usize = 512;
 /// Output columns an activated GEMM computes at a time.
 const COLUMN_BLOCK: usize = 2048;
 
-/// The output of a parallel GEMM, written by threads in disjoint column blocks.
+/// An output written by parallel tasks in disjoint parts.
 #[derive(Clone, Copy)]
-struct SharedOut(*mut MaybeUninit<f32>, usize);
+pub(super) struct SharedOut(*mut MaybeUninit<f32>, usize);
 
 impl SharedOut {
+    /// Shares `out` between tasks.
+    pub(super) fn new(out: &mut [MaybeUninit<f32>]) -> SharedOut {
+        SharedOut(out.as_mut_ptr(), out.len())
+    }
+
     /// `len` values from `start`.
     ///
     /// # Safety
     /// No other live slice may overlap this one, and the buffer must outlive it.
     #[allow(clippy::mut_from_ref)]
-    unsafe fn slice(&self, start: usize, len: usize) -> &mut [MaybeUninit<f32>] {
+    pub(super) unsafe fn slice(&self, start: usize, len: usize) -> &mut [MaybeUninit<f32>] {
         assert!(start + len <= self.1, "inside the output");
         // SAFETY: in bounds (checked above); exclusivity is the caller's promise.
         unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }

@@ -17,10 +17,12 @@
 //! the weight as floats, and each sum converts to its exact int32.
 
 use super::activation::{clamp_value, round_before_clamp};
-use super::conv::{ConvGeometry, is_depthwise};
+use super::conv::{ConvGeometry, SharedOut, is_depthwise};
 use super::depthwise::depthwise;
 use super::int_gemm::{PackedIntWeight, PairedColumns, int_gemm};
+use super::written_by;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Output positions per task.
 const BLOCK: usize = 512;
@@ -86,7 +88,7 @@ pub struct Requant {
 impl Requant {
     /// Channel `c`'s float outputs for its int32 sums.
     #[inline]
-    fn apply(&self, c: usize, sums: &[i32], out: &mut [f32]) {
+    fn apply(&self, c: usize, sums: &[i32], out: &mut [MaybeUninit<f32>]) {
         let bias = self.bias.get(c).copied().unwrap_or(0);
         let deq = if self.deq.len() == 1 {
             self.deq[0]
@@ -94,7 +96,7 @@ impl Requant {
             self.deq[c]
         };
         for (o, &s) in out.iter_mut().zip(sums) {
-            *o = s.wrapping_add(bias) as f32 * deq;
+            o.write(s.wrapping_add(bias) as f32 * deq);
         }
     }
 
@@ -204,27 +206,28 @@ impl IntConv {
                     .flat_map(move |gi| (0..cols).step_by(BLOCK).map(move |c0| (img, gi, c0)))
             })
             .collect();
-        let blocks: Vec<Vec<i32>> = tasks
-            .par_iter()
-            .map(|&(img, gi, c0)| {
+        // Each task requantizes its own block straight into the output
+        // (disjoint rows × columns; together every value).
+        let fill = |out: &mut [MaybeUninit<f32>]| {
+            let dst = SharedOut::new(out);
+            tasks.par_iter().for_each(|&(img, gi, c0)| {
                 let c1 = (c0 + BLOCK).min(cols);
                 let plane = &q[(img * self.c_in + gi * cg) * h * w..][..cg * h * w];
                 let b = self.im2col(plane, (h, w), (ow, c0, c1));
                 let mut acc = vec![0; mg * (c1 - c0)];
                 int_gemm(&self.packed[gi], &b, &mut acc);
-                acc
-            })
-            .collect();
-        let mut out = vec![0.0f32; n * self.c_out * cols];
-        for (&(img, gi, c0), acc) in tasks.iter().zip(&blocks) {
-            let width = (c0 + BLOCK).min(cols) - c0;
-            for (r, sums) in acc.chunks_exact(width).enumerate() {
-                let c = gi * mg + r;
-                let dst = &mut out[(img * self.c_out + c) * cols + c0..][..width];
-                self.requant.apply(c, sums, dst);
-            }
-        }
-        Ok((out, (oh, ow)))
+                for (r, sums) in acc.chunks_exact((c1 - c0).max(1)).enumerate() {
+                    let c = gi * mg + r;
+                    // SAFETY: tasks differ in sample, group or column block,
+                    // so no two write the same values.
+                    let d = unsafe { dst.slice((img * self.c_out + c) * cols + c0, c1 - c0) };
+                    self.requant.apply(c, sums, d);
+                }
+            });
+        };
+        // SAFETY: the tasks cover every sample, group, output channel of the
+        // group and block of columns, and each writes its block whole.
+        Ok((unsafe { written_by(n * self.c_out * cols, fill) }, (oh, ow)))
     }
 
     /// A depthwise layer: the float kernel on `q − offset` (exact, see the
@@ -346,14 +349,18 @@ impl IntDense {
         let mut acc = vec![0; n * rows];
         int_gemm(&self.packed, &b, &mut acc);
         // Outputs come channel by channel: requantize, then transpose.
-        let mut by_channel = vec![0.0f32; n * rows];
-        for (j, (sums, dst)) in acc
-            .chunks_exact(rows.max(1))
-            .zip(by_channel.chunks_exact_mut(rows.max(1)))
-            .enumerate()
-        {
-            self.requant.apply(j, sums, dst);
-        }
+        let requantize = |by_channel: &mut [MaybeUninit<f32>]| {
+            for (j, (sums, dst)) in acc
+                .chunks_exact(rows.max(1))
+                .zip(by_channel.chunks_exact_mut(rows.max(1)))
+                .enumerate()
+            {
+                self.requant.apply(j, sums, dst);
+            }
+        };
+        // SAFETY: `acc` holds `n` channels of `rows` sums, each requantized
+        // into its own run of `by_channel`.
+        let by_channel = unsafe { written_by(n * rows, requantize) };
         let mut out = vec![0.0f32; rows * n];
         for (j, column) in by_channel.chunks_exact(rows.max(1)).enumerate() {
             for (r, &v) in column.iter().enumerate() {
