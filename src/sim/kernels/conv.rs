@@ -689,6 +689,14 @@ mod tests {
                     let silu = e / (1.0 + (-e).exp());
                     assert!((a - silu).abs() <= 1e-4 * (1.0 + e.abs()), "{a} vs {silu}");
                 }
+                // A residual is added after the activation, on every path.
+                conv.activation = Activation::Clamp(0.0, 6.0);
+                let r = values(300 + i as u64, want.len());
+                let (got, _) = conv.run_adding(&x, n, h, w, Some(&r)).unwrap();
+                for ((a, e), r) in got.iter().zip(&want).zip(&r) {
+                    let e = e.clamp(0.0, 6.0) + r;
+                    assert!((a - e).abs() <= 1e-4 * (1.0 + e.abs()), "{a} vs {e}");
+                }
             }
         }
     }
