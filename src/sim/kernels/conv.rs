@@ -320,6 +320,9 @@ impl Conv {
         out: &mut [MaybeUninit<f32>],
     ) {
         let m = out.len() / cols.max(1);
+        let Weights::Gemm(packed) = &self.weights else {
+            unreachable!("only GEMM layers come here")
+        };
         // One GEMM over output columns `range` into `dst` (`m × range.len()`),
         // which it writes entirely.
         let run = |dst: &mut [MaybeUninit<f32>], range: std::ops::Range<usize>| {
@@ -327,9 +330,6 @@ impl Conv {
                 let opts = GemmUninitOptions {
                     bias: bias.map(BiasVector::Column),
                     ..Default::default()
-                };
-                let Weights::Gemm(packed) = &self.weights else {
-                    unreachable!("only GEMM layers come here")
                 };
                 let a = GemmInputA::Packed(&packed[group]);
                 let result = match b {

@@ -696,6 +696,51 @@ mod tests {
         }
     }
 
+    /// Builds the layer `p` (pointwise or im2col) with random weights, runs
+    /// it on a random input, with a residual every other seed, and checks
+    /// every output against the definition.
+    fn check(
+        p: &Patches,
+        c_out: usize,
+        (h, w): (usize, usize),
+        (oh, ow): (usize, usize),
+        seed: u64,
+        activation: Activation,
+        pointwise: bool,
+    ) {
+        let k = p.c_in * p.kernel.0 * p.kernel.1;
+        let wt = values(seed, c_out * k);
+        let x = values(seed + 1, p.c_in * h * w);
+        let b = values(seed + 2, c_out);
+        let want = naive(&wt, &x, &b, c_out, p, (h, w), (oh, ow));
+        let conv = if pointwise {
+            TiledConv::pointwise(&wt, c_out, p.c_in)
+        } else {
+            TiledConv::patches(&wt, c_out, *p)
+        };
+        let conv = conv.expect("AVX-512F was found");
+        let residual = seed
+            .is_multiple_of(2)
+            .then(|| values(seed + 3, c_out * oh * ow));
+        let got = run(
+            &conv,
+            &x,
+            (h, w),
+            (oh, ow),
+            Some(&b),
+            activation,
+            residual.as_deref(),
+        );
+        for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+            let e = activated(*e, activation) + residual.as_ref().map_or(0.0, |r| f64::from(r[i]));
+            let tol = 1e-5 * (1.0 + e.abs()) * (k as f64).sqrt();
+            assert!(
+                (f64::from(*g) - e).abs() <= tol,
+                "{c_out} outputs of {p:?} on {h}x{w} {activation:?} at {i}: {g} vs {e}"
+            );
+        }
+    }
+
     #[test]
     fn pointwise_layers_match_the_definition_on_random_shapes() {
         if TiledConv::pointwise(&[1.0], 1, 1).is_none() {
@@ -722,9 +767,6 @@ mod tests {
                 Activation::Silu,
             ] {
                 seed += 1;
-                let w = values(seed, c_out * c_in);
-                let x = values(seed + 100, c_in * cols);
-                let b = values(seed + 200, c_out);
                 let p = Patches {
                     c_in,
                     kernel: (1, 1),
@@ -732,28 +774,7 @@ mod tests {
                     dilation: (1, 1),
                     pads: (0, 0),
                 };
-                let want = naive(&w, &x, &b, c_out, &p, (1, cols), (1, cols));
-                let conv = TiledConv::pointwise(&w, c_out, c_in).expect("AVX-512F was found");
-                // Every other case adds a residual after the activation.
-                let residual = (seed % 2 == 0).then(|| values(seed + 300, c_out * cols));
-                let got = run(
-                    &conv,
-                    &x,
-                    (1, cols),
-                    (1, cols),
-                    Some(&b),
-                    activation,
-                    residual.as_deref(),
-                );
-                for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-                    let e = activated(*e, activation)
-                        + residual.as_ref().map_or(0.0, |r| f64::from(r[i]));
-                    let tol = 1e-5 * (1.0 + e.abs()) * (c_in as f64).sqrt();
-                    assert!(
-                        (f64::from(*g) - e).abs() <= tol,
-                        "{c_out}x{c_in}x{cols} {activation:?} at {i}: {g} vs {e}"
-                    );
-                }
+                check(&p, c_out, (1, cols), (1, cols), seed, activation, true);
             }
         }
     }
@@ -794,30 +815,7 @@ mod tests {
                     size(h, k.0, s.0, d.0, pads.0),
                     size(w, k.1, s.1, d.1, pads.1),
                 );
-                let wt = values(seed, c_out * c_in * k.0 * k.1);
-                let x = values(seed + 1, c_in * h * w);
-                let b = values(seed + 2, c_out);
-                let want = naive(&wt, &x, &b, c_out, &p, (h, w), (oh, ow));
-                let conv = TiledConv::patches(&wt, c_out, p).expect("AVX-512F was found");
-                let residual = (seed % 2 == 0).then(|| values(seed + 3, c_out * oh * ow));
-                let got = run(
-                    &conv,
-                    &x,
-                    (h, w),
-                    (oh, ow),
-                    Some(&b),
-                    activation,
-                    residual.as_deref(),
-                );
-                for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-                    let e = activated(*e, activation)
-                        + residual.as_ref().map_or(0.0, |r| f64::from(r[i]));
-                    let tol = 1e-5 * (1.0 + e.abs()) * ((c_in * k.0 * k.1) as f64).sqrt();
-                    assert!(
-                        (f64::from(*g) - e).abs() <= tol,
-                        "{p:?} {h}x{w} {activation:?} at {i}: {g} vs {e}"
-                    );
-                }
+                check(&p, c_out, (h, w), (oh, ow), seed, activation, false);
             }
         }
     }
