@@ -2,8 +2,9 @@
 //! shapes (batch 1): milliseconds per call, median of `RUNS` (default 50),
 //! for the float kernels and for the exact integer ones of deploy models.
 //!
-//! `cargo bench --bench kernels [-- RUNS]` prints one JSON line per layer
-//! and kind.
+//! `cargo bench --bench kernels [-- RUNS] [LABEL…]` prints one JSON line per
+//! layer and kind (only the layers whose label contains one of the LABELs,
+//! when some are given).
 //! Threads: `RAYON_NUM_THREADS`.
 
 use ascend_quant::sim::kernels::activation::Activation;
@@ -35,11 +36,16 @@ fn time(runs: usize, f: impl Fn() + Sync) -> (f64, f64) {
 }
 
 fn main() {
-    let runs: usize = std::env::args()
+    let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| a != "--bench")
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(50);
+        .collect();
+    let runs: usize = args.iter().find_map(|a| a.parse().ok()).unwrap_or(50);
+    // Any other argument keeps only the layers whose label contains it.
+    let only: Vec<&String> = args
+        .iter()
+        .filter(|a| a.parse::<usize>().is_err())
+        .collect();
     // (label, c_in, c_out, size, kernel, stride, group)
     let layers = [
         ("pointwise 16->96 @112", 16, 96, 112, 1, 1, 1),
@@ -54,6 +60,9 @@ fn main() {
         ("detector pointwise 192->64 @40 silu", 192, 64, 40, 1, 1, 1),
     ];
     for (label, c_in, c_out, size, k, s, group) in layers {
+        if !only.is_empty() && !only.iter().any(|o| label.contains(o.as_str())) {
+            continue;
+        }
         let geometry = conv_geometry(k, s, group);
         let w: Vec<f32> = (0..c_out * c_in / group * k * k)
             .map(|i| ((i * 37) % 17) as f32 / 17.0 - 0.5)

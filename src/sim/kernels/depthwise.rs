@@ -8,7 +8,11 @@
 //! and an output row is `bias + Σ_t w_t · src_t[0..OW]`, which the AVX2+FMA
 //! path computes 32 outputs at a time (four independent accumulators, so the
 //! FMA latency is hidden) and the portable path one at a time. Planes run in
-//! parallel.
+//! parallel. CPUs with AVX-512 run horizontal strides 1 and 2 on the
+//! kernel of [`avx512`] instead, which reads the input plane in place.
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 
 use super::activation::clamp_value;
 use super::written_by;
@@ -83,6 +87,22 @@ pub fn depthwise(
     bias: Option<&[f32]>,
     clamp: (f32, f32),
 ) -> Vec<f32> {
+    depthwise_on(g, planes, channels, x, weight, bias, clamp, true)
+}
+
+/// `depthwise`, on the AVX-512 kernel only when `wide` and the CPU has it
+/// (the tests run both kernels).
+#[allow(clippy::too_many_arguments)]
+fn depthwise_on(
+    g: &DepthwiseShape,
+    planes: usize,
+    channels: usize,
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    clamp: (f32, f32),
+    wide: bool,
+) -> Vec<f32> {
     let (oh, ow) = (g.out_h(), g.out_w());
     assert_eq!(x.len(), planes * g.h * g.w, "the input holds the planes");
     if g.h * g.w == 0 {
@@ -95,12 +115,13 @@ pub fn depthwise(
     // one task per output plane, and `plane` writes every value of its own.
     unsafe {
         written_by(planes * oh * ow, |out| {
-            planes_into(g, channels, x, weight, bias, clamp, out)
+            planes_into(g, channels, x, weight, bias, clamp, wide, out)
         })
     }
 }
 
 /// `depthwise` into `out`.
+#[allow(clippy::too_many_arguments)]
 fn planes_into(
     g: &DepthwiseShape,
     channels: usize,
@@ -108,6 +129,7 @@ fn planes_into(
     weight: &[f32],
     bias: Option<&[f32]>,
     clamp: (f32, f32),
+    wide: bool,
     out: &mut [MaybeUninit<f32>],
 ) {
     let (oh, ow) = (g.out_h(), g.out_w());
@@ -115,6 +137,29 @@ fn planes_into(
     let taps = g.kh * g.kw;
     // Enough planes per task that the task overhead stays small.
     let per_task = (4096 / (oh * ow).max(1)).max(1);
+    #[cfg(target_arch = "x86_64")]
+    if wide && avx512::supports(g) {
+        let cols = avx512::Columns::new(g);
+        out.par_chunks_mut((oh * ow).max(1))
+            .zip(x.par_chunks(plane_in.max(1)))
+            .enumerate()
+            .with_min_len(per_task)
+            .for_each(|(p, (o, xi))| {
+                let c = p % channels;
+                let plane = avx512::Plane {
+                    x: xi,
+                    w: &weight[c * taps..(c + 1) * taps],
+                    bias: bias.map_or(0.0, |b| b[c]),
+                    clamp,
+                    out: o,
+                };
+                // SAFETY: `supports` checked the CPU; `cols` is this
+                // geometry's; the slices are one plane's (asserted sizes).
+                unsafe { avx512::plane(g, &cols, plane) };
+            });
+        return;
+    }
+    let _ = wide;
     out.par_chunks_mut((oh * ow).max(1))
         .zip(x.par_chunks(plane_in.max(1)))
         .enumerate()
@@ -396,15 +441,18 @@ mod tests {
     fn matches_the_definition_on_random_shapes() {
         let mut seed = 0;
         for &(k, stride, dilation) in &[
-            (3, 1, 1),
-            (3, 2, 1),
-            (5, 1, 1),
-            (5, 2, 1),
-            (3, 1, 2),
-            (3, 2, 2),
-            (3, 3, 1),
-            (1, 1, 1),
-            (7, 2, 1),
+            (3, (1, 1), 1),
+            (3, (2, 2), 1),
+            (5, (1, 1), 1),
+            (5, (2, 2), 1),
+            (3, (1, 1), 2),
+            (3, (2, 2), 2),
+            (3, (3, 3), 1),
+            (1, (1, 1), 1),
+            (7, (2, 2), 1),
+            (3, (2, 1), 1),
+            (5, (1, 2), 2),
+            (3, (3, 2), 1),
         ] {
             for &(h, w, pad) in &[(7, 7, 1), (13, 45, 2), (56, 56, 1), (5, 3, 0), (20, 71, 3)] {
                 if (h + 2 * pad) < dilation * (k - 1) + 1 || (w + 2 * pad) < dilation * (k - 1) + 1
@@ -418,27 +466,29 @@ mod tests {
                     w,
                     kh: k,
                     kw: k,
-                    stride: (stride, stride),
+                    stride,
                     dilation: (dilation, dilation),
-                    pads: [pad, pad, pad.saturating_sub(1), pad],
+                    pads: [pad, pad, pad.saturating_sub(1), pad.div_ceil(2)],
                 };
                 let x = values(seed, n * c * h * w);
                 let wt = values(seed + 1000, c * k * k);
                 let b = values(seed + 2000, c);
                 let want = naive(&g, c, &x, &wt, &b);
                 let unbounded = (f32::NEG_INFINITY, f32::INFINITY);
-                let got = depthwise(&g, n * c, c, &x, &wt, Some(&b), unbounded);
-                assert_eq!(got.len(), want.len());
-                for (i, (a, e)) in got.iter().zip(&want).enumerate() {
-                    assert!(
-                        (a - e).abs() <= 1e-5 * (1.0 + e.abs()),
-                        "{g:?} at {i}: {a} vs {e}"
-                    );
-                }
-                // The clamp is applied to every output.
-                let got = depthwise(&g, n * c, c, &x, &wt, Some(&b), (0.0, 0.5));
-                for (a, e) in got.iter().zip(&want) {
-                    assert!((a - e.clamp(0.0, 0.5)).abs() <= 1e-5, "{a} vs {e}");
+                for wide in [true, false] {
+                    let got = depthwise_on(&g, n * c, c, &x, &wt, Some(&b), unbounded, wide);
+                    assert_eq!(got.len(), want.len());
+                    for (i, (a, e)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (a - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                            "{g:?} (wide: {wide}) at {i}: {a} vs {e}"
+                        );
+                    }
+                    // The clamp is applied to every output.
+                    let got = depthwise_on(&g, n * c, c, &x, &wt, Some(&b), (0.0, 0.5), wide);
+                    for (a, e) in got.iter().zip(&want) {
+                        assert!((a - e.clamp(0.0, 0.5)).abs() <= 1e-5, "{a} vs {e}");
+                    }
                 }
             }
         }

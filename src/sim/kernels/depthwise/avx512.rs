@@ -1,0 +1,371 @@
+//! The AVX-512 depthwise kernel: every output row is cut into chunks of 16
+//! outputs, and a chunk's sum `bias + Σ_(ky,kx) w · x[iy][ix0 + sx·j]` is
+//! built from masked loads straight out of the input plane. The masks stand
+//! for the zero padding (lanes outside the row or rows outside the plane
+//! load zeros), so nothing is copied: no padded plane, no output buffer.
+//! Horizontal stride 2 loads 32 values per tap and keeps the even ones.
+//! Four chunks are summed side by side, which hides the latency of the
+//! multiply-adds; the clamp is applied before the (masked) store.
+//!
+//! The sums run in the same order as the portable kernel's (bias, then the
+//! taps row by row), so both give the same values.
+
+use super::DepthwiseShape;
+use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
+
+/// Outputs per chunk (one vector).
+const LANES: usize = 16;
+
+/// Whether this CPU can run the kernel on `g` (horizontal stride 1 or 2).
+pub(super) fn supports(g: &DepthwiseShape) -> bool {
+    matches!(g.stride.1, 1 | 2) && std::arch::is_x86_feature_detected!("avx512f")
+}
+
+/// For each chunk of an output row and each kernel column: where the
+/// chunk's inputs start relative to the input row, and which loaded lanes
+/// lie inside the row (bit j: value `start + j`, 16 or 32 bits).
+pub(super) struct Columns {
+    kw: usize,
+    start: Vec<isize>,
+    inside: Vec<u32>,
+    store: Vec<u16>,
+    /// Chunks (output row, chunk) whose every tap reads inside the plane.
+    inner: Vec<(usize, usize)>,
+    /// Per chunk column that touches the left or right padding, the output
+    /// rows whose taps all lie in rows of the plane.
+    sided: Vec<(usize, Vec<usize>)>,
+    /// The other chunks: rows that touch the top or bottom padding.
+    edge: Vec<(usize, usize)>,
+}
+
+impl Columns {
+    /// The table of one layer's geometry.
+    pub(super) fn new(g: &DepthwiseShape) -> Columns {
+        let ow = g.out_w();
+        let sx = g.stride.1;
+        let chunks = ow.div_ceil(LANES);
+        let loaded = LANES * sx;
+        let mut start = Vec::with_capacity(chunks * g.kw);
+        let mut inside = Vec::with_capacity(chunks * g.kw);
+        for c in 0..chunks {
+            for kx in 0..g.kw {
+                let s = (c * LANES * sx + kx * g.dilation.1) as isize - g.pads[1] as isize;
+                let mut bits = 0u32;
+                for j in 0..loaded {
+                    let ix = s + j as isize;
+                    if ix >= 0 && (ix as usize) < g.w {
+                        bits |= 1 << j;
+                    }
+                }
+                start.push(s);
+                inside.push(bits);
+            }
+        }
+        let store = (0..chunks)
+            .map(|c| {
+                let valid = (ow - c * LANES).min(LANES);
+                (((1u32 << valid) - 1) & 0xffff) as u16
+            })
+            .collect();
+        let full = if sx == 1 { 0xffff } else { u32::MAX };
+        let inner_column: Vec<bool> = (0..chunks)
+            .map(|c| inside[c * g.kw..(c + 1) * g.kw].iter().all(|&m| m == full))
+            .collect();
+        let inner_row = |oy: usize| {
+            let top = (oy * g.stride.0) as isize - g.pads[0] as isize;
+            let bottom = top + ((g.kh - 1) * g.dilation.0) as isize;
+            top >= 0 && bottom < g.h as isize
+        };
+        let (inner_rows, edge_rows): (Vec<usize>, Vec<usize>) =
+            (0..g.out_h()).partition(|&oy| inner_row(oy));
+        let mut inner = Vec::new();
+        for &oy in &inner_rows {
+            inner.extend((0..chunks).filter(|&c| inner_column[c]).map(|c| (oy, c)));
+        }
+        let sided = (0..chunks)
+            .filter(|&c| !inner_column[c] && !inner_rows.is_empty())
+            .map(|c| (c, inner_rows.clone()))
+            .collect();
+        let edge = edge_rows
+            .iter()
+            .flat_map(|&oy| (0..chunks).map(move |c| (oy, c)))
+            .collect();
+        Columns {
+            kw: g.kw,
+            start,
+            inside,
+            store,
+            inner,
+            sided,
+            edge,
+        }
+    }
+}
+
+/// One plane's inputs and outputs.
+pub(super) struct Plane<'a> {
+    /// The input plane, `h × w` values.
+    pub x: &'a [f32],
+    /// The plane's taps, `kh × kw`.
+    pub w: &'a [f32],
+    /// The plane's bias.
+    pub bias: f32,
+    /// The clamp applied to every output.
+    pub clamp: (f32, f32),
+    /// The output plane, `out_h × out_w` values, each written once.
+    pub out: &'a mut [MaybeUninit<f32>],
+}
+
+/// Computes one plane.
+///
+/// # Safety
+/// The CPU must support AVX-512F ([`supports`]); `cols` was built for `g`;
+/// `p.x` holds `h × w` values, `p.w` `kh × kw`, `p.out` `out_h × out_w`.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn plane(g: &DepthwiseShape, cols: &Columns, mut p: Plane<'_>) {
+    debug_assert_eq!(p.x.len(), g.h * g.w);
+    debug_assert_eq!(p.w.len(), g.kh * g.kw);
+    debug_assert_eq!(p.out.len(), g.out_h() * g.out_w());
+    // SAFETY (every call): the caller's promises, passed on.
+    unsafe {
+        for units in cols.inner.chunks(WIDEST) {
+            group(g, cols, &mut p, units, Kind::Inner);
+        }
+        for (c, rows) in &cols.sided {
+            for rows in rows.chunks(WIDEST) {
+                let mut units = [(0, 0); WIDEST];
+                for (u, &oy) in units.iter_mut().zip(rows) {
+                    *u = (oy, *c);
+                }
+                group(g, cols, &mut p, &units[..rows.len()], Kind::Column);
+            }
+        }
+        for units in cols.edge.chunks(4) {
+            group(g, cols, &mut p, units, Kind::Edge);
+        }
+    }
+}
+
+/// Chunks summed side by side: enough independent multiply-add chains to
+/// cover their latency (two per cycle, four cycles each).
+const WIDEST: usize = 8;
+
+/// How a group of chunks reads its inputs.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// Every tap inside the plane: plain loads.
+    Inner,
+    /// One chunk column, rows inside the plane: that column's masks.
+    Column,
+    /// Anything else: masks per chunk, rows checked.
+    Edge,
+}
+
+/// The chunks `units` (output row, chunk), 1 to `WIDEST` of them, of one kind.
+#[target_feature(enable = "avx512f")]
+unsafe fn group(
+    g: &DepthwiseShape,
+    cols: &Columns,
+    p: &mut Plane<'_>,
+    units: &[(usize, usize)],
+    kind: Kind,
+) {
+    // SAFETY (each arm): as for `plane`.
+    unsafe {
+        match units.len() {
+            1 => sized::<1>(g, cols, p, units, kind),
+            2 => sized::<2>(g, cols, p, units, kind),
+            3 => sized::<3>(g, cols, p, units, kind),
+            4 => sized::<4>(g, cols, p, units, kind),
+            5 => sized::<5>(g, cols, p, units, kind),
+            6 => sized::<6>(g, cols, p, units, kind),
+            7 => sized::<7>(g, cols, p, units, kind),
+            _ => sized::<8>(g, cols, p, units, kind),
+        }
+    }
+}
+
+/// `group` for exactly `N` chunks.
+#[target_feature(enable = "avx512f")]
+unsafe fn sized<const N: usize>(
+    g: &DepthwiseShape,
+    cols: &Columns,
+    p: &mut Plane<'_>,
+    units: &[(usize, usize)],
+    kind: Kind,
+) {
+    let units: &[(usize, usize); N] = units.try_into().expect("N chunks");
+    // SAFETY (each arm): as for `plane`; `Columns::new` sorted the chunks
+    // into kinds.
+    unsafe {
+        match (kind, g.stride.1) {
+            (Kind::Inner, 1) => inner_sum::<N, 1>(g, cols, p, units),
+            (Kind::Inner, _) => inner_sum::<N, 2>(g, cols, p, units),
+            (Kind::Column, 1) => column_sum::<N, 1>(g, cols, p, units),
+            (Kind::Column, _) => column_sum::<N, 2>(g, cols, p, units),
+            (Kind::Edge, 1) => sum::<N, 1>(g, cols, p, units),
+            (Kind::Edge, _) => sum::<N, 2>(g, cols, p, units),
+        }
+    }
+}
+
+/// The sums of `N` chunks of one column at horizontal stride `SX`.
+#[target_feature(enable = "avx512f")]
+unsafe fn column_sum<const N: usize, const SX: usize>(
+    g: &DepthwiseShape,
+    cols: &Columns,
+    p: &mut Plane<'_>,
+    units: &[(usize, usize); N],
+) {
+    let (w, c) = (g.w, units[0].1);
+    let evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    let masks = &cols.inside[c * cols.kw..(c + 1) * cols.kw];
+    let mut base = [p.x.as_ptr(); N];
+    for (b, &(oy, _)) in base.iter_mut().zip(units) {
+        let top = oy * g.stride.0 - g.pads[0];
+        // Only dereferenced through the masks' lanes, inside the plane.
+        *b = b
+            .wrapping_add(top * w)
+            .wrapping_offset(cols.start[c * cols.kw]);
+    }
+    let mut acc = [_mm512_set1_ps(p.bias); N];
+    let (dy, dx) = (g.dilation.0 * w, g.dilation.1);
+    for ky in 0..g.kh {
+        for (kx, &m) in masks.iter().enumerate() {
+            let wv = _mm512_set1_ps(p.w[ky * g.kw + kx]);
+            let at = ky * dy + kx * dx;
+            for i in 0..N {
+                let src = base[i].wrapping_add(at);
+                // SAFETY: the rows are the plane's; the mask keeps the
+                // columns inside it, and masked-off lanes are not read.
+                let v = unsafe {
+                    if SX == 1 {
+                        _mm512_maskz_loadu_ps(m as u16, src)
+                    } else {
+                        let lo = _mm512_maskz_loadu_ps(m as u16, src);
+                        let hi = _mm512_maskz_loadu_ps((m >> 16) as u16, src.wrapping_add(16));
+                        _mm512_permutex2var_ps(lo, evens, hi)
+                    }
+                };
+                acc[i] = _mm512_fmadd_ps(wv, v, acc[i]);
+            }
+        }
+    }
+    // SAFETY: as for `store`.
+    unsafe { store(g, cols, p, units, acc) };
+}
+
+/// `sum` for chunks whose every tap lies inside the plane: plain loads.
+#[target_feature(enable = "avx512f")]
+unsafe fn inner_sum<const N: usize, const SX: usize>(
+    g: &DepthwiseShape,
+    cols: &Columns,
+    p: &mut Plane<'_>,
+    units: &[(usize, usize); N],
+) {
+    let w = g.w;
+    let evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    let mut base = [p.x.as_ptr(); N];
+    for (b, &(oy, c)) in base.iter_mut().zip(units) {
+        let top = oy * g.stride.0 - g.pads[0];
+        // In bounds: the chunk's first tap is inside the plane.
+        *b = b
+            .wrapping_add(top * w)
+            .wrapping_offset(cols.start[c * cols.kw]);
+    }
+    let mut acc = [_mm512_set1_ps(p.bias); N];
+    let (dy, dx) = (g.dilation.0 * w, g.dilation.1);
+    for ky in 0..g.kh {
+        for kx in 0..g.kw {
+            let wv = _mm512_set1_ps(p.w[ky * g.kw + kx]);
+            let at = ky * dy + kx * dx;
+            for i in 0..N {
+                // SAFETY: every tap of an inner chunk reads inside the plane
+                // (`Columns::new` checked all 16·SX values of each).
+                let v = unsafe {
+                    let src = base[i].add(at);
+                    if SX == 1 {
+                        _mm512_loadu_ps(src)
+                    } else {
+                        let lo = _mm512_loadu_ps(src);
+                        let hi = _mm512_loadu_ps(src.add(16));
+                        _mm512_permutex2var_ps(lo, evens, hi)
+                    }
+                };
+                acc[i] = _mm512_fmadd_ps(wv, v, acc[i]);
+            }
+        }
+    }
+    // SAFETY: as for `store`.
+    unsafe { store(g, cols, p, units, acc) };
+}
+
+/// Clamps the sums of `units` and writes their valid lanes.
+#[target_feature(enable = "avx512f")]
+unsafe fn store<const N: usize>(
+    g: &DepthwiseShape,
+    cols: &Columns,
+    p: &mut Plane<'_>,
+    units: &[(usize, usize); N],
+    acc: [__m512; N],
+) {
+    let lo = _mm512_set1_ps(p.clamp.0);
+    let hi = _mm512_set1_ps(p.clamp.1);
+    let ow = g.out_w();
+    let out = p.out.as_mut_ptr().cast::<f32>();
+    for (&(oy, c), acc) in units.iter().zip(acc) {
+        // Operands in this order keep a NaN sum (as the scalar clamp does).
+        let v = _mm512_min_ps(hi, _mm512_max_ps(lo, acc));
+        // SAFETY: the store mask keeps the lanes below the row's end.
+        unsafe { _mm512_mask_storeu_ps(out.add(oy * ow + c * LANES), cols.store[c], v) };
+    }
+}
+
+/// The sums of `N` chunks at horizontal stride `SX`, clamped and stored.
+#[target_feature(enable = "avx512f")]
+unsafe fn sum<const N: usize, const SX: usize>(
+    g: &DepthwiseShape,
+    cols: &Columns,
+    p: &mut Plane<'_>,
+    units: &[(usize, usize); N],
+) {
+    let (h, w, kw) = (g.h as isize, g.w as isize, g.kw);
+    let x = p.x.as_ptr();
+    let oy = units.map(|u| u.0);
+    let chunk = units.map(|u| u.1);
+    let evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    let mut acc = [_mm512_set1_ps(p.bias); N];
+    for ky in 0..g.kh {
+        let mut row = [x; N];
+        let mut live = [false; N];
+        for i in 0..N {
+            let iy = (oy[i] * g.stride.0 + ky * g.dilation.0) as isize - g.pads[0] as isize;
+            live[i] = (0..h).contains(&iy);
+            // Only dereferenced through lanes that lie inside the plane.
+            row[i] = x.wrapping_offset(iy * w);
+        }
+        for kx in 0..kw {
+            let wv = _mm512_set1_ps(p.w[ky * kw + kx]);
+            for i in 0..N {
+                let at = chunk[i] * cols.kw + kx;
+                let inside = if live[i] { cols.inside[at] } else { 0 };
+                let src = row[i].wrapping_offset(cols.start[at]);
+                // SAFETY: the masks select only values inside the input plane
+                // (rows in 0..h, columns in 0..w); masked-off lanes are not read.
+                let v = unsafe {
+                    if SX == 1 {
+                        _mm512_maskz_loadu_ps(inside as u16, src)
+                    } else {
+                        let lo = _mm512_maskz_loadu_ps(inside as u16, src);
+                        let hi = _mm512_maskz_loadu_ps((inside >> 16) as u16, src.wrapping_add(16));
+                        _mm512_permutex2var_ps(lo, evens, hi)
+                    }
+                };
+                acc[i] = _mm512_fmadd_ps(wv, v, acc[i]);
+            }
+        }
+    }
+    // SAFETY: as for `store`.
+    unsafe { store(g, cols, p, units, acc) };
+}
