@@ -211,6 +211,7 @@ unsafe fn sized<const N: usize>(
 }
 
 /// The sums of `N` chunks of one column at horizontal stride `SX`.
+#[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn column_sum<const N: usize, const SX: usize>(
     g: &DepthwiseShape,
@@ -257,6 +258,7 @@ unsafe fn column_sum<const N: usize, const SX: usize>(
 }
 
 /// `sum` for chunks whose every tap lies inside the plane: plain loads.
+#[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn inner_sum<const N: usize, const SX: usize>(
     g: &DepthwiseShape,
@@ -302,6 +304,7 @@ unsafe fn inner_sum<const N: usize, const SX: usize>(
 }
 
 /// Clamps the sums of `units` and writes their valid lanes.
+#[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn store<const N: usize>(
     g: &DepthwiseShape,
@@ -323,6 +326,7 @@ unsafe fn store<const N: usize>(
 }
 
 /// The sums of `N` chunks at horizontal stride `SX`, clamped and stored.
+#[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn sum<const N: usize, const SX: usize>(
     g: &DepthwiseShape,
