@@ -472,16 +472,20 @@ unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
 /// The tiled kernel for a layer of one group: on the input itself when
-/// pointwise, else on im2col blocks when a column holds at most
-/// [`TILED_IM2COL_DEPTH`] values; `None` without AVX-512F and for deeper
-/// im2col layers, where the general GEMM measured faster (on the detector:
-/// its 3×3 layers of 16 and 32 channels took half the GEMM's time, those of
-/// 64 about the same, those of 128 1.1–1.3×).
+/// pointwise, else on shifted windows or im2col blocks (see [`tiled`]) when
+/// a column holds at most [`TILED_IM2COL_DEPTH`] values, or more at stride 1
+/// (shifted windows); `None` without AVX-512F and for the other deep
+/// layers, where the general GEMM measured faster. On the detector, 1 / 2
+/// threads: its 3×3 stride-1 layers of 64 channels took 0.79 / 0.90× the
+/// GEMM's time, those of 128 0.88 / 0.61×; the stride-2 ones of 64 and 128
+/// channels 1.07 / 1.24× and 1.07 / 0.86×.
 fn tiled(weight: &[f32], c_out: usize, c_in: usize, g: &ConvGeometry) -> Option<TiledConv> {
     if is_direct(g) {
         return TiledConv::pointwise(weight, c_out, c_in);
     }
-    if c_in * g.kernel.0 * g.kernel.1 > TILED_IM2COL_DEPTH {
+    let depth = c_in * g.kernel.0 * g.kernel.1;
+    let shifted_stride_1 = g.stride == (1, 1) && depth > c_out;
+    if depth > TILED_IM2COL_DEPTH && !shifted_stride_1 {
         return None;
     }
     let patches = Patches {

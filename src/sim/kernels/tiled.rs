@@ -213,7 +213,7 @@ impl TiledConv {
         };
         // Where each row of `B` starts.
         let (source, offsets) = match (&self.patches, &shifted) {
-            (Some(p), Some(s)) => s.source(p, x, (h, w)),
+            (Some(p), Some(s)) => s.source(p, x, (h, w), parallel),
             _ => (Vec::new(), (0..self.k).map(|k| k * cols).collect()),
         };
         let task = |task: usize| {
@@ -529,15 +529,19 @@ impl Shifted {
 
     /// The phase planes of `x` (`[c_in, h, w]`) and where each row of `B`
     /// (`(c, ky, kx)`, the weight's order) starts in them.
-    fn source(&self, p: &Patches, x: &[f32], (h, w): (usize, usize)) -> (Vec<f32>, Vec<usize>) {
+    /// Channels are copied in parallel when `parallel`.
+    fn source(
+        &self,
+        p: &Patches,
+        x: &[f32],
+        (h, w): (usize, usize),
+        parallel: bool,
+    ) -> (Vec<f32>, Vec<usize>) {
         let (sy, sx) = self.stride;
         let plane = self.rows * self.row;
         let mut planes = vec![0f32; p.c_in * self.channel()];
         let image = (h * w).max(1);
-        for (dst, src) in planes
-            .chunks_exact_mut(self.channel())
-            .zip(x.chunks_exact(image))
-        {
+        let copy = |(dst, src): (&mut [f32], &[f32])| {
             for y in 0..h {
                 let yp = y + p.pads.0;
                 if yp / sy >= self.rows {
@@ -561,6 +565,17 @@ impl Shifted {
                     }
                 }
             }
+        };
+        if parallel {
+            planes
+                .par_chunks_exact_mut(self.channel())
+                .zip(x.par_chunks_exact(image))
+                .for_each(copy);
+        } else {
+            planes
+                .chunks_exact_mut(self.channel())
+                .zip(x.chunks_exact(image))
+                .for_each(copy);
         }
         let (kh, kw) = p.kernel;
         let mut offsets = Vec::with_capacity(p.c_in * kh * kw);
