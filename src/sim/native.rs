@@ -111,6 +111,18 @@ impl NativeModel {
             .unwrap_or(1);
         Ok(Self::steps(graph, &index, opset, opts)
             .ok()
+            .map(|(steps, mut consts)| {
+                // Weights the kernels packed are not kept a second time: only
+                // constants a step reads, or that may be fetched, stay.
+                let read: HashSet<&str> = steps
+                    .iter()
+                    .flat_map(|s| s.inputs.iter().map(String::as_str))
+                    .chain(outputs.iter().map(|o| o.name.as_str()))
+                    .chain(opts.keep.iter().map(String::as_str))
+                    .collect();
+                consts.retain(|name, _| read.contains(name.as_str()));
+                (steps, consts)
+            })
             .map(|(steps, consts)| NativeModel {
                 steps,
                 consts,
