@@ -200,55 +200,54 @@ unsafe fn sized<const N: usize>(
     // into kinds.
     unsafe {
         match (kind, g.stride.1) {
-            (Kind::Inner, 1) => inner_sum::<N, 1>(g, cols, p, units),
-            (Kind::Inner, _) => inner_sum::<N, 2>(g, cols, p, units),
-            (Kind::Column, 1) => column_sum::<N, 1>(g, cols, p, units),
-            (Kind::Column, _) => column_sum::<N, 2>(g, cols, p, units),
+            (Kind::Inner, 1) => rows_sum::<N, 1, false>(g, cols, p, units),
+            (Kind::Inner, _) => rows_sum::<N, 2, false>(g, cols, p, units),
+            (Kind::Column, 1) => rows_sum::<N, 1, true>(g, cols, p, units),
+            (Kind::Column, _) => rows_sum::<N, 2, true>(g, cols, p, units),
             (Kind::Edge, 1) => sum::<N, 1>(g, cols, p, units),
             (Kind::Edge, _) => sum::<N, 2>(g, cols, p, units),
         }
     }
 }
 
-/// The sums of `N` chunks of one column at horizontal stride `SX`.
+/// The sums of `N` chunks at horizontal stride `SX` whose taps all lie in
+/// rows of the plane: inner chunks (`MASKED` false: plain loads) or chunks
+/// of one column that touches the left or right padding (that column's
+/// masks, shared by the `N` chunks).
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn column_sum<const N: usize, const SX: usize>(
+unsafe fn rows_sum<const N: usize, const SX: usize, const MASKED: bool>(
     g: &DepthwiseShape,
     cols: &Columns,
     p: &mut Plane<'_>,
     units: &[(usize, usize); N],
 ) {
-    let (w, c) = (g.w, units[0].1);
-    let evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-    let masks = &cols.inside[c * cols.kw..(c + 1) * cols.kw];
+    let w = g.w;
     let mut base = [p.x.as_ptr(); N];
-    for (b, &(oy, _)) in base.iter_mut().zip(units) {
+    for (b, &(oy, c)) in base.iter_mut().zip(units) {
         let top = oy * g.stride.0 - g.pads[0];
-        // Only dereferenced through the masks' lanes, inside the plane.
+        // Only dereferenced through the loads' lanes, inside the plane.
         *b = b
             .wrapping_add(top * w)
             .wrapping_offset(cols.start[c * cols.kw]);
     }
+    let column = units[0].1 * cols.kw;
     let mut acc = [_mm512_set1_ps(p.bias); N];
     let (dy, dx) = (g.dilation.0 * w, g.dilation.1);
     for ky in 0..g.kh {
-        for (kx, &m) in masks.iter().enumerate() {
+        for kx in 0..g.kw {
             let wv = _mm512_set1_ps(p.w[ky * g.kw + kx]);
+            let mask = if MASKED {
+                cols.inside[column + kx]
+            } else {
+                u32::MAX
+            };
             let at = ky * dy + kx * dx;
             for i in 0..N {
-                let src = base[i].wrapping_add(at);
-                // SAFETY: the rows are the plane's; the mask keeps the
-                // columns inside it, and masked-off lanes are not read.
-                let v = unsafe {
-                    if SX == 1 {
-                        _mm512_maskz_loadu_ps(m as u16, src)
-                    } else {
-                        let lo = _mm512_maskz_loadu_ps(m as u16, src);
-                        let hi = _mm512_maskz_loadu_ps((m >> 16) as u16, src.wrapping_add(16));
-                        _mm512_permutex2var_ps(lo, evens, hi)
-                    }
-                };
+                // SAFETY: the rows are the plane's, and the mask keeps the
+                // columns inside it (an inner chunk's 16·SX values all are,
+                // as `Columns::new` checked).
+                let v = unsafe { taps::<SX>(mask, base[i].wrapping_add(at)) };
                 acc[i] = _mm512_fmadd_ps(wv, v, acc[i]);
             }
         }
@@ -257,50 +256,27 @@ unsafe fn column_sum<const N: usize, const SX: usize>(
     unsafe { store(g, cols, p, units, acc) };
 }
 
-/// `sum` for chunks whose every tap lies inside the plane: plain loads.
+/// The 16 values a chunk's tap reads from `src` on: `src[j]` (stride 1) or
+/// `src[2j]` (stride 2) where bit j of `mask` is set (`2j` and `2j + 1` for
+/// stride 2), zero elsewhere.
+///
+/// # Safety
+/// AVX-512F must be present; the values the mask keeps must be readable
+/// (masked-off lanes are not read).
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn inner_sum<const N: usize, const SX: usize>(
-    g: &DepthwiseShape,
-    cols: &Columns,
-    p: &mut Plane<'_>,
-    units: &[(usize, usize); N],
-) {
-    let w = g.w;
-    let evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-    let mut base = [p.x.as_ptr(); N];
-    for (b, &(oy, c)) in base.iter_mut().zip(units) {
-        let top = oy * g.stride.0 - g.pads[0];
-        // In bounds: the chunk's first tap is inside the plane.
-        *b = b
-            .wrapping_add(top * w)
-            .wrapping_offset(cols.start[c * cols.kw]);
-    }
-    let mut acc = [_mm512_set1_ps(p.bias); N];
-    let (dy, dx) = (g.dilation.0 * w, g.dilation.1);
-    for ky in 0..g.kh {
-        for kx in 0..g.kw {
-            let wv = _mm512_set1_ps(p.w[ky * g.kw + kx]);
-            let at = ky * dy + kx * dx;
-            for i in 0..N {
-                // SAFETY: every tap of an inner chunk reads inside the plane
-                // (`Columns::new` checked all 16·SX values of each).
-                let v = unsafe {
-                    let src = base[i].add(at);
-                    if SX == 1 {
-                        _mm512_loadu_ps(src)
-                    } else {
-                        let lo = _mm512_loadu_ps(src);
-                        let hi = _mm512_loadu_ps(src.add(16));
-                        _mm512_permutex2var_ps(lo, evens, hi)
-                    }
-                };
-                acc[i] = _mm512_fmadd_ps(wv, v, acc[i]);
-            }
+unsafe fn taps<const SX: usize>(mask: u32, src: *const f32) -> __m512 {
+    // SAFETY: the caller's promise.
+    unsafe {
+        if SX == 1 {
+            _mm512_maskz_loadu_ps(mask as u16, src)
+        } else {
+            let evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+            let lo = _mm512_maskz_loadu_ps(mask as u16, src);
+            let hi = _mm512_maskz_loadu_ps((mask >> 16) as u16, src.wrapping_add(16));
+            _mm512_permutex2var_ps(lo, evens, hi)
         }
     }
-    // SAFETY: as for `store`.
-    unsafe { store(g, cols, p, units, acc) };
 }
 
 /// Clamps the sums of `units` and writes their valid lanes.
@@ -338,7 +314,6 @@ unsafe fn sum<const N: usize, const SX: usize>(
     let x = p.x.as_ptr();
     let oy = units.map(|u| u.0);
     let chunk = units.map(|u| u.1);
-    let evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
     let mut acc = [_mm512_set1_ps(p.bias); N];
     for ky in 0..g.kh {
         let mut row = [x; N];
@@ -357,15 +332,7 @@ unsafe fn sum<const N: usize, const SX: usize>(
                 let src = row[i].wrapping_offset(cols.start[at]);
                 // SAFETY: the masks select only values inside the input plane
                 // (rows in 0..h, columns in 0..w); masked-off lanes are not read.
-                let v = unsafe {
-                    if SX == 1 {
-                        _mm512_maskz_loadu_ps(inside as u16, src)
-                    } else {
-                        let lo = _mm512_maskz_loadu_ps(inside as u16, src);
-                        let hi = _mm512_maskz_loadu_ps((inside >> 16) as u16, src.wrapping_add(16));
-                        _mm512_permutex2var_ps(lo, evens, hi)
-                    }
-                };
+                let v = unsafe { taps::<SX>(inside, src) };
                 acc[i] = _mm512_fmadd_ps(wv, v, acc[i]);
             }
         }
