@@ -322,48 +322,47 @@ impl TiledConv {
             dst,
         } = *output;
         let depth = offsets.len();
-        {
-            let stage = match (k0 == 0, k0 + depth == self.k) {
-                (_, true) if k0 == 0 => avx512::Stage::Only,
-                (_, true) => avx512::Stage::Last,
-                (true, false) => avx512::Stage::First,
-                (false, false) => avx512::Stage::Middle,
-            };
-            for t in tiles.clone() {
-                let m0 = t * MR;
-                let rows = MR.min(self.c_out - m0);
-                let mut tile_bias = [0f32; MR];
-                if let Some(bias) = bias {
-                    tile_bias[..rows].copy_from_slice(&bias[m0..m0 + rows]);
-                }
-                let panel = &self.panels[(t * self.k + k0) * MR..][..depth * MR];
-                for (j, c0) in range.clone().step_by(NR).enumerate() {
-                    let width = NR.min(range.end - c0);
-                    let at = (m0 - origin.0) * ld + c0 - origin.1;
-                    let b_at = b_first.map_or(j * depth * NR, |first| c0 - first);
-                    // SAFETY: AVX-512F is present (the constructors
-                    // checked). The tile reads `b[offsets[k0 + kk] + c0 -
-                    // b_first..][..width]` for kk < depth, inside `b` (each
-                    // row of `B` holds its columns), and reads (after the first
-                    // slice) and writes `out[m0 + r, c0..c0 + width]` for
-                    // r < rows, inside `out` (reading the residual there,
-                    // as large); tasks cover disjoint (row, column) ranges,
-                    // so no two threads touch the same value.
-                    unsafe {
-                        let tile = avx512::Tile {
-                            panel,
-                            b: b.as_ptr().add(b_at),
-                            offsets,
-                            width,
-                            bias: &tile_bias,
-                            activation,
-                            residual: residual.map(|r| r.as_ptr().add(at)),
-                            ld,
-                            rows,
-                            stage,
-                        };
-                        tile.run(dst.at(at));
-                    }
+        let stage = match (k0 == 0, k0 + depth == self.k) {
+            (_, true) if k0 == 0 => avx512::Stage::Only,
+            (_, true) => avx512::Stage::Last,
+            (true, false) => avx512::Stage::First,
+            (false, false) => avx512::Stage::Middle,
+        };
+        for t in tiles.clone() {
+            let m0 = t * MR;
+            let rows = MR.min(self.c_out - m0);
+            let mut tile_bias = [0f32; MR];
+            if let Some(bias) = bias {
+                tile_bias[..rows].copy_from_slice(&bias[m0..m0 + rows]);
+            }
+            let panel = &self.panels[(t * self.k + k0) * MR..][..depth * MR];
+            for (j, c0) in range.clone().step_by(NR).enumerate() {
+                let width = NR.min(range.end - c0);
+                let at = (m0 - origin.0) * ld + c0 - origin.1;
+                let b_at = b_first.map_or(j * depth * NR, |first| c0 - first);
+                // SAFETY: AVX-512F is present (the constructors
+                // checked). The tile reads `width` values from each
+                // `b[b_at + offsets[kk]..]`, kk < depth, inside `b` (each
+                // row of the slice, packed or not, holds the tile's
+                // columns), and reads (after the first
+                // slice) and writes `out[m0 + r, c0..c0 + width]` for
+                // r < rows, inside `out` (reading the residual there,
+                // as large); tasks cover disjoint (row, column) ranges,
+                // so no two threads touch the same value.
+                unsafe {
+                    let tile = avx512::Tile {
+                        panel,
+                        b: b.as_ptr().add(b_at),
+                        offsets,
+                        width,
+                        bias: &tile_bias,
+                        activation,
+                        residual: residual.map(|r| r.as_ptr().add(at)),
+                        ld,
+                        rows,
+                        stage,
+                    };
+                    tile.run(dst.at(at));
                 }
             }
         }
