@@ -9,7 +9,7 @@
 
 use super::activation::Activation;
 use super::depthwise::{DepthwiseShape, depthwise};
-use super::tiled::{Patches, TiledConv};
+use super::tiled::{Patches, TiledConv, shifted_windows};
 use super::written_by;
 use rayon::prelude::*;
 use rten_gemm::{
@@ -483,11 +483,6 @@ fn tiled(weight: &[f32], c_out: usize, c_in: usize, g: &ConvGeometry) -> Option<
     if is_direct(g) {
         return TiledConv::pointwise(weight, c_out, c_in);
     }
-    let depth = c_in * g.kernel.0 * g.kernel.1;
-    let shifted_stride_1 = g.stride == (1, 1) && depth > c_out;
-    if depth > TILED_IM2COL_DEPTH && !shifted_stride_1 {
-        return None;
-    }
     let patches = Patches {
         c_in,
         kernel: g.kernel,
@@ -495,6 +490,11 @@ fn tiled(weight: &[f32], c_out: usize, c_in: usize, g: &ConvGeometry) -> Option<
         dilation: g.dilation,
         pads: (g.pads[0], g.pads[1]),
     };
+    let depth = c_in * g.kernel.0 * g.kernel.1;
+    let shifted_stride_1 = g.stride == (1, 1) && shifted_windows(&patches, c_out);
+    if depth > TILED_IM2COL_DEPTH && !shifted_stride_1 {
+        return None;
+    }
     TiledConv::patches(weight, c_out, patches)
 }
 

@@ -137,28 +137,10 @@ fn planes_into(
     let taps = g.kh * g.kw;
     // Enough planes per task that the task overhead stays small.
     let per_task = (4096 / (oh * ow).max(1)).max(1);
+    // The AVX-512 kernel's table of this geometry, when it runs.
     #[cfg(target_arch = "x86_64")]
-    if wide && avx512::supports(g) {
-        let cols = avx512::Columns::new(g);
-        out.par_chunks_mut((oh * ow).max(1))
-            .zip(x.par_chunks(plane_in.max(1)))
-            .enumerate()
-            .with_min_len(per_task)
-            .for_each(|(p, (o, xi))| {
-                let c = p % channels;
-                let plane = avx512::Plane {
-                    x: xi,
-                    w: &weight[c * taps..(c + 1) * taps],
-                    bias: bias.map_or(0.0, |b| b[c]),
-                    clamp,
-                    out: o,
-                };
-                // SAFETY: `supports` checked the CPU; `cols` is this
-                // geometry's; the slices are one plane's (asserted sizes).
-                unsafe { avx512::plane(g, &cols, plane) };
-            });
-        return;
-    }
+    let wide = (wide && avx512::supports(g)).then(|| avx512::Columns::new(g));
+    #[cfg(not(target_arch = "x86_64"))]
     let _ = wide;
     out.par_chunks_mut((oh * ow).max(1))
         .zip(x.par_chunks(plane_in.max(1)))
@@ -166,16 +148,25 @@ fn planes_into(
         .with_min_len(per_task)
         .for_each_init(Scratch::default, |scratch, (p, (o, xi))| {
             let c = p % channels;
-            let b = bias.map_or(0.0, |b| b[c]);
-            plane(
-                g,
-                xi,
+            let (w, b) = (
                 &weight[c * taps..(c + 1) * taps],
-                b,
-                clamp,
-                o,
-                scratch,
+                bias.map_or(0.0, |b| b[c]),
             );
+            #[cfg(target_arch = "x86_64")]
+            if let Some(cols) = &wide {
+                let plane = avx512::Plane {
+                    x: xi,
+                    w,
+                    bias: b,
+                    clamp,
+                    out: o,
+                };
+                // SAFETY: `supports` checked the CPU; `cols` is this
+                // geometry's; the slices are one plane's (asserted sizes).
+                unsafe { avx512::plane(g, cols, plane) };
+                return;
+            }
+            plane(g, xi, w, b, clamp, o, scratch);
         });
 }
 

@@ -4,8 +4,8 @@
 //! for the zero padding (lanes outside the row or rows outside the plane
 //! load zeros), so nothing is copied: no padded plane, no output buffer.
 //! Horizontal stride 2 loads 32 values per tap and keeps the even ones.
-//! Four chunks are summed side by side, which hides the latency of the
-//! multiply-adds; the clamp is applied before the (masked) store.
+//! Up to eight chunks are summed side by side, which hides the latency of
+//! the multiply-adds; the clamp is applied before the (masked) store.
 //!
 //! The sums run in the same order as the portable kernel's (bias, then the
 //! taps row by row), so both give the same values.
@@ -32,9 +32,11 @@ pub(super) struct Columns {
     store: Vec<u16>,
     /// Chunks (output row, chunk) whose every tap reads inside the plane.
     inner: Vec<(usize, usize)>,
-    /// Per chunk column that touches the left or right padding, the output
-    /// rows whose taps all lie in rows of the plane.
-    sided: Vec<(usize, Vec<usize>)>,
+    /// Output rows whose taps all lie in rows of the plane.
+    inner_rows: Vec<usize>,
+    /// Chunk columns that touch the left or right padding (run for the
+    /// inner rows; the edge rows are in `edge`).
+    sided: Vec<usize>,
     /// The other chunks: rows that touch the top or bottom padding.
     edge: Vec<(usize, usize)>,
 }
@@ -83,10 +85,7 @@ impl Columns {
         for &oy in &inner_rows {
             inner.extend((0..chunks).filter(|&c| inner_column[c]).map(|c| (oy, c)));
         }
-        let sided = (0..chunks)
-            .filter(|&c| !inner_column[c] && !inner_rows.is_empty())
-            .map(|c| (c, inner_rows.clone()))
-            .collect();
+        let sided = (0..chunks).filter(|&c| !inner_column[c]).collect();
         let edge = edge_rows
             .iter()
             .flat_map(|&oy| (0..chunks).map(move |c| (oy, c)))
@@ -97,6 +96,7 @@ impl Columns {
             inside,
             store,
             inner,
+            inner_rows,
             sided,
             edge,
         }
@@ -132,11 +132,11 @@ pub(super) unsafe fn plane(g: &DepthwiseShape, cols: &Columns, mut p: Plane<'_>)
         for units in cols.inner.chunks(WIDEST) {
             group(g, cols, &mut p, units, Kind::Inner);
         }
-        for (c, rows) in &cols.sided {
-            for rows in rows.chunks(WIDEST) {
+        for &c in &cols.sided {
+            for rows in cols.inner_rows.chunks(WIDEST) {
                 let mut units = [(0, 0); WIDEST];
                 for (u, &oy) in units.iter_mut().zip(rows) {
-                    *u = (oy, *c);
+                    *u = (oy, c);
                 }
                 group(g, cols, &mut p, &units[..rows.len()], Kind::Column);
             }
