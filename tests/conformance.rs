@@ -322,6 +322,50 @@ fn digits_tap_and_replay_of_an_intermediate_value() {
     compare(&replay[0], &logits0).unwrap();
 }
 
+/// `run_visiting` hands every fetched value over once per mention, with the
+/// values onnxruntime computes, whether it is computed (an intermediate value
+/// the later layers still need, the graph output) or fed, and fetched twice.
+#[test]
+fn digits_visiting_run_hands_over_onnxruntime_values() {
+    let dir = fixtures().join("digits");
+    let model = load_model(&dir.join("digits_cnn.onnx")).unwrap();
+    let tap = std::fs::read_to_string(dir.join("first_relu_name.txt")).unwrap();
+    let x = read_npy(&dir.join("ort_x16.npy")).unwrap();
+    let first = |t: &Tensor| {
+        let a = t.as_f32().unwrap();
+        Tensor::F32(a.slice_axis(ndarray::Axis(0), (0..1).into()).to_owned())
+    };
+    let x0 = first(&x);
+    let reference_tap = read_npy(&dir.join("ort_first_relu_x0.npy")).unwrap();
+    let logits0 = first(&read_npy(&dir.join("ort_logits16.npy")).unwrap());
+    let session = NativeExecutor
+        .prepare(
+            &model,
+            &SessionOptions {
+                keep: vec![tap.clone()],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let fetch = [tap.as_str(), "logits", tap.as_str()];
+    let expected = [&reference_tap, &logits0, &reference_tap];
+    // Computed from the input, then fed the kept value (the layers before it skipped).
+    for feed in [("x", &x0), (tap.as_str(), &reference_tap)] {
+        let mut seen = [0; 3];
+        let mut failures = Vec::new();
+        session
+            .run_visiting(&[feed], &fetch, &mut |k, value| {
+                seen[k] += 1;
+                if let Err(e) = compare(value, expected[k]) {
+                    failures.push(format!("{}: {e}", fetch[k]));
+                }
+            })
+            .unwrap();
+        assert_eq!(seen, [1; 3], "fed {}", feed.0);
+        assert!(failures.is_empty(), "fed {}: {failures:?}", feed.0);
+    }
+}
+
 /// A Relu is folded into the Conv before it only when nothing else needs the
 /// Conv's own output: keeping that output must give the values before the Relu.
 #[test]

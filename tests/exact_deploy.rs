@@ -56,7 +56,7 @@ impl Deployed {
             progress: &|_, _| {},
             similarity_samples: 0,
         };
-        let deploy = calibrate(m, &config, &data, &CpuExecutor, &settings)
+        let deploy = calibrate(m.clone(), &config, &data, &CpuExecutor, &settings)
             .unwrap()
             .deploy;
         let g = deploy.graph.as_ref().unwrap();

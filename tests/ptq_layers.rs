@@ -213,7 +213,7 @@ fn every_layer_kind_is_quantized_and_deploy_agrees_with_fake_quant() {
         progress: &|_, _| {},
         similarity_samples: 32,
     };
-    let out = calibrate(&m, &config, &dataset, &CpuExecutor, &run_settings).unwrap();
+    let out = calibrate(m.clone(), &config, &dataset, &CpuExecutor, &run_settings).unwrap();
     assert_eq!(out.factors.len(), 6);
 
     let g = out.deploy.graph.as_ref().unwrap();
@@ -350,7 +350,7 @@ fn a_3d_convolution_is_calibrated_and_its_deploy_model_runs() {
         progress: &|_, _| {},
         similarity_samples: 8,
     };
-    let out = calibrate(&m, &config, &dataset, &CpuExecutor, &run_settings).unwrap();
+    let out = calibrate(m.clone(), &config, &dataset, &CpuExecutor, &run_settings).unwrap();
     assert_eq!(
         out.factors[0].scale_w.len(),
         4,

@@ -116,7 +116,7 @@ fn add_and_maxpool_inputs_round_trip_through_int8_as_computed_by_hand() {
         progress: &|_, _| {},
         similarity_samples: 0,
     };
-    let out = calibrate(&m, &config, &dataset, &CpuExecutor, &settings).unwrap();
+    let out = calibrate(m.clone(), &config, &dataset, &CpuExecutor, &settings).unwrap();
     let keys: Vec<&str> = out.tensors.iter().map(|t| t.key.as_str()).collect();
     assert_eq!(keys, ["add:0", "add:1", "pool:0"]);
     let [pa, pb, ps] = [0, 1, 2].map(|i| out.tensors[i].act);

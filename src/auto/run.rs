@@ -119,7 +119,7 @@ pub fn run(opts: &AutoOptions, progress: Progress<'_>) -> Result<AutoResult, Pip
         opts.calib.acl_lib.as_deref(),
         &opts.calib.output,
     )?;
-    let mut calibrated = observe_layers(&model, &config, &data, executor.as_ref(), &run)?;
+    let mut calibrated = observe_layers(model, &config, &data, executor.as_ref(), &run)?;
     // Bias correction: the search evaluates candidates corrected with every
     // layer quantized; the chosen subset is corrected again below, from the
     // uncorrected biases, exactly as `calibrate --config` would.

@@ -337,7 +337,7 @@ pub fn convert(model: &ModelProto, file: &str) -> Result<Converted, QuantError> 
     let names: Vec<(String, String)> = all.into_iter().map(|l| (l.name, l.op_type)).collect();
     let mut config = QuantConfig::default_for(&names);
     config.do_fusion = false;
-    let calibrated = calibrated_from_record(&float, &config, &record, file)?;
+    let calibrated = calibrated_from_record(float.clone(), &config, &record, file)?;
     Ok(Converted {
         float,
         calibrated,

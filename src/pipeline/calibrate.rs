@@ -58,7 +58,7 @@ pub fn calibrate(
         progress: progress.batches,
         similarity_samples: opts.similarity_samples,
     };
-    let outcome = run_calibration(&model, &config, &data, executor.as_ref(), &run)?;
+    let outcome = run_calibration(model, &config, &data, executor.as_ref(), &run)?;
     let samples = opts.similarity_samples.min(data.samples());
     let histograms = match &opts.html {
         Some(_) => Some(crate::report::calibration_page::input_histograms(
@@ -110,7 +110,7 @@ fn calibrate_from_record(
     };
     let declared = declared_batch(&model);
     let batch_size = opts.batch_size.unwrap_or(declared.unwrap_or(1)).max(1);
-    let calibrated = calibrated_from_record(&model, &config, &record, &file)?;
+    let calibrated = calibrated_from_record(model, &config, &record, &file)?;
     (progress.message)(&format!(
         "{} layer(s) from {file}",
         calibrated.factors.len()

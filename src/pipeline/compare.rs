@@ -79,7 +79,7 @@ pub fn compare_models(
             .map_err(|e| PipelineError::Usage(format!("{file}: not a valid record file: {e}")))?;
         let names = layer_names(&float)?;
         let calibrated =
-            calibrated_from_record(&float, &QuantConfig::default_for(&names), &record, &file)?;
+            calibrated_from_record(float, &QuantConfig::default_for(&names), &record, &file)?;
         let run = RunSettings {
             batch_size,
             dynamic_batch: dynamic,

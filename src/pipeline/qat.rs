@@ -185,7 +185,7 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
     }
     let declared = declared_batch(&model);
     let calibrated = observe_layers(
-        &model,
+        model.clone(),
         &ptq,
         &data,
         &CpuExecutor,

@@ -94,8 +94,10 @@ pub struct Calibrated {
 }
 
 /// Runs post-training quantization of `model` with `config` on `data`.
+/// The model is taken by value: it becomes the prepared model, so a run never
+/// holds two copies of the weights.
 pub fn calibrate(
-    model: &ModelProto,
+    model: ModelProto,
     config: &QuantConfig,
     data: &Dataset,
     executor: &dyn Executor,
@@ -130,29 +132,37 @@ pub fn finish(
     run: &RunSettings,
 ) -> Result<Outcome, QuantError> {
     let started = std::time::Instant::now();
+    // The similarity comes first, so its sessions are gone before the
+    // emitted models exist (the peak memory of a run is the lower for it).
+    // Measured on the CPU simulator whatever backend observed: it is the
+    // fake-quant arithmetic being checked, not the device.
+    let cosine = match data {
+        Some(data) => {
+            // It runs a faster equivalent of the fake-quant model.
+            let mut simulation = simulation_model(&c.prepared, &c.factors)?;
+            add_tensor_quantization(&mut simulation, &c.tensors, ModelKind::Simulation)?;
+            layer_cosines(
+                &crate::sim::CpuExecutor,
+                &c.prepared,
+                simulation,
+                &c.factors,
+                data,
+                run,
+                c.batches_used.max(1),
+            )?
+        }
+        None => HashMap::new(),
+    };
+    let measured = started.elapsed().as_secs_f64();
     let mut deploy = deploy_model(&c.prepared, &c.factors)?;
     add_tensor_quantization(&mut deploy, &c.tensors, ModelKind::Deploy)?;
     let mut fake_quant = fake_quant_model(&c.prepared, &c.factors)?;
     add_tensor_quantization(&mut fake_quant, &c.tensors, ModelKind::FakeQuant)?;
-    let built = started.elapsed().as_secs_f64();
-    // The similarity runs a faster equivalent of the fake-quant model.
-    let mut simulation = simulation_model(&c.prepared, &c.factors)?;
-    add_tensor_quantization(&mut simulation, &c.tensors, ModelKind::Simulation)?;
-    // Measured on the CPU simulator whatever backend observed: it is the
-    // fake-quant arithmetic being checked, not the device.
-    let cosine = match data {
-        Some(data) => layer_cosines(
-            &crate::sim::CpuExecutor,
-            &c.prepared,
-            &simulation,
-            &c.factors,
-            data,
-            run,
-            c.batches_used.max(1),
-        )?,
-        None => HashMap::new(),
-    };
-    let timings = [c.seconds, built, started.elapsed().as_secs_f64() - built];
+    let timings = [
+        c.seconds,
+        started.elapsed().as_secs_f64() - measured,
+        measured,
+    ];
     Ok(Outcome {
         prepared: c.prepared,
         preparation: c.preparation,
@@ -172,7 +182,7 @@ pub fn finish(
 /// Observes every enabled layer's input over `config.batch_num` batches and
 /// computes all factors.
 pub fn observe_layers(
-    model: &ModelProto,
+    model: ModelProto,
     config: &QuantConfig,
     data: &Dataset,
     executor: &dyn Executor,
@@ -492,7 +502,7 @@ fn dmq_factors(
 /// the prepared model, what preparation did, the layers the configuration
 /// enables, and every candidate's verdict.
 pub fn prepare_layers(
-    model: &ModelProto,
+    model: ModelProto,
     config: &QuantConfig,
 ) -> Result<(ModelProto, Prepared, Vec<QuantLayer>, Vec<LayerCandidate>), QuantError> {
     // The fake-quant model needs Round and Clip with bound inputs (opset 11), as AMCT does.
@@ -507,7 +517,7 @@ pub fn prepare_layers(
             "the model imports the default ONNX opset {opset}; quantization needs opset 11 or later (re-export the model with opset >= 11)"
         )));
     }
-    let mut prepared = model.clone();
+    let mut prepared = model;
     let preparation = prepare(&mut prepared, config.do_fusion, &config.skip_fusion_layers)?;
     let graph = crate::onnx::graph_of(&prepared, "the prepared model")?;
     let (layers, candidates) = discover(graph)?;
@@ -661,11 +671,13 @@ pub fn weigh(
 
 /// Per layer, the cosine similarity of its output in the float and the
 /// fake-quant model over the first `run.similarity_samples` calibration
-/// samples (accumulated, so one pass; NaN when none are measured).
+/// samples (accumulated, so one pass; NaN when none are measured). The
+/// fake-quant model is dropped once its session exists, and its layer outputs
+/// are compared as they are computed, so only the float run's are held.
 fn layer_cosines(
     executor: &dyn Executor,
     float: &ModelProto,
-    fake: &ModelProto,
+    fake: ModelProto,
     factors: &[LayerFactors],
     data: &Dataset,
     run: &RunSettings,
@@ -679,7 +691,8 @@ fn layer_cosines(
         optimize: true,
     };
     let fs = executor.prepare(float, &opts)?;
-    let qs = executor.prepare(fake, &opts)?;
+    let qs = executor.prepare(&fake, &opts)?;
+    drop(fake);
     let mut acc = vec![Similarity::default(); outs.len()];
     let mut seen = 0;
     for b in 0..batches {
@@ -696,20 +709,21 @@ fn layer_cosines(
                 .collect();
         }
         seen += take;
-        // Two batch-1 runs share the cores better side by side than in turn.
-        let (fv, qv) = rayon::join(
-            || run_batch(fs.as_ref(), &batch, &refs),
-            || run_batch(qs.as_ref(), &batch, &refs),
-        );
-        let (fv, qv) = (fv?, qv?);
-        for (k, (f, q)) in fv.iter().zip(&qv).enumerate() {
-            if let (Some(f), Some(q)) = (f.as_f32(), q.as_f32()) {
+        let mut fv: Vec<Option<Tensor>> = run_batch(fs.as_ref(), &batch, &refs)?
+            .into_iter()
+            .map(Some)
+            .collect();
+        let feeds: Vec<(&str, &Tensor)> = batch.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        // Each float output is freed once its fake-quant twin is compared.
+        qs.run_visiting(&feeds, &refs, &mut |k, q| {
+            let f = fv[k].take();
+            if let (Some(f), Some(q)) = (f.as_ref().and_then(Tensor::as_f32), q.as_f32()) {
                 match (f.as_slice(), q.as_slice()) {
                     (Some(f), Some(q)) => acc[k].add_slices(f, q),
                     _ => acc[k].add(f.iter(), q.iter()),
                 }
             }
-        }
+        })?;
     }
     Ok(factors
         .iter()

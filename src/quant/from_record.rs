@@ -16,7 +16,7 @@ use std::collections::HashSet;
 /// The prepared model and the factors `record` (read from `file`) gives its
 /// layers; layers the record does not name stay float.
 pub fn calibrated_from_record(
-    model: &ModelProto,
+    model: ModelProto,
     config: &QuantConfig,
     record: &ScaleOffsetRecord,
     file: &str,

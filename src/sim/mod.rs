@@ -74,7 +74,26 @@ pub trait Session: Send + Sync {
     /// Runs the model on `feeds` (graph inputs, or kept intermediate values)
     /// and returns the values named in `fetch`, in that order.
     fn run(&self, feeds: &[(&str, &Tensor)], fetch: &[&str]) -> Result<Vec<Tensor>, SimError>;
+    /// Runs like [`Session::run`] but hands each fetched value to `visit`
+    /// (with its index in `fetch`) instead of returning it: a session that can
+    /// does so as soon as the value is computed and frees it after its last
+    /// use, so a caller that only reduces the values never holds them all.
+    /// This default runs, then visits.
+    fn run_visiting(
+        &self,
+        feeds: &[(&str, &Tensor)],
+        fetch: &[&str],
+        visit: &mut Visitor<'_>,
+    ) -> Result<(), SimError> {
+        for (k, value) in self.run(feeds, fetch)?.iter().enumerate() {
+            visit(k, value);
+        }
+        Ok(())
+    }
 }
+
+/// What [`Session::run_visiting`] calls with each fetched value.
+pub type Visitor<'a> = dyn FnMut(usize, &Tensor) + Send + 'a;
 
 /// The names of the inputs a caller must feed to run `model` (initializers excluded).
 pub fn feedable_input_names(model: &ModelProto) -> Vec<String> {

@@ -821,6 +821,25 @@ impl Session for NativeSession {
             other => other,
         }
     }
+
+    fn run_visiting(
+        &self,
+        feeds: &[(&str, &Tensor)],
+        fetch: &[&str],
+        visit: &mut super::Visitor<'_>,
+    ) -> Result<(), SimError> {
+        if self.model.dynamic_batch {
+            // A batch that fails part-way falls back to one sample at a time,
+            // which would visit the values computed before the failure twice.
+            for (k, value) in self.run(feeds, fetch)?.iter().enumerate() {
+                visit(k, value);
+            }
+            return Ok(());
+        }
+        rayon::join(|| self.run_steps(feeds, fetch, Some(visit)), || ())
+            .0
+            .map(drop)
+    }
 }
 
 impl NativeSession {
@@ -828,6 +847,18 @@ impl NativeSession {
         &self,
         feeds: &[(&str, &Tensor)],
         fetch: &[&str],
+    ) -> Result<Vec<Tensor>, SimError> {
+        self.run_steps(feeds, fetch, None)
+    }
+
+    /// Runs the steps `fetch` needs. Without a visitor the fetched values are
+    /// returned; with one, each is handed to it when computed (fed values
+    /// first, constants at the end) and nothing is returned.
+    fn run_steps(
+        &self,
+        feeds: &[(&str, &Tensor)],
+        fetch: &[&str],
+        mut visit: Option<&mut super::Visitor<'_>>,
     ) -> Result<Vec<Tensor>, SimError> {
         let m = &self.model;
         let mut values: HashMap<&str, ArrayD<f32>> = HashMap::new();
@@ -869,7 +900,21 @@ impl NativeSession {
                 last_use.insert(v, i);
             }
         }
-        let fetched: HashSet<&str> = fetch.iter().copied().collect();
+        // Fetched values outlive their last use only when they are returned.
+        let fetched: HashSet<&str> = match visit {
+            Some(_) => HashSet::new(),
+            None => fetch.iter().copied().collect(),
+        };
+        let mut visited = vec![false; fetch.len()];
+        if let Some(visit) = visit.as_deref_mut() {
+            // Fed values are visited first: they may be freed after their last use.
+            for (k, name) in fetch.iter().enumerate() {
+                if let Some(fed) = feeds.iter().find(|(n, _)| n == name) {
+                    visit(k, fed.1);
+                    visited[k] = true;
+                }
+            }
+        }
         // Developer aid (docs/engine.md): per-node wall time on stderr.
         let profile = std::env::var_os("ASCEND_QUANT_PROFILE").is_some();
         for (i, s) in m.steps.iter().enumerate().filter(|(i, _)| run[*i]) {
@@ -902,7 +947,33 @@ impl NativeSession {
                     values.remove(v.as_str());
                 }
             }
-            values.insert(&s.output, out);
+            match visit.as_deref_mut() {
+                Some(visit) if fetch.contains(&s.output.as_str()) => {
+                    let value = Tensor::F32(out);
+                    for (k, _) in fetch.iter().enumerate().filter(|(_, n)| **n == s.output) {
+                        visit(k, &value);
+                        visited[k] = true;
+                    }
+                    let Tensor::F32(out) = value else {
+                        unreachable!("wrapped above")
+                    };
+                    if last_use.get(s.output.as_str()).is_some_and(|&l| l > i) {
+                        values.insert(&s.output, out);
+                    }
+                }
+                _ => {
+                    values.insert(&s.output, out);
+                }
+            }
+        }
+        if let Some(visit) = visit {
+            for (k, name) in fetch.iter().enumerate().filter(|(k, _)| !visited[*k]) {
+                let value = m.consts.get(*name).ok_or_else(|| SimError::Run {
+                    reason: format!("'{name}' was not computed"),
+                })?;
+                visit(k, &Tensor::F32(value.clone()));
+            }
+            return Ok(Vec::new());
         }
         // Fetched values are moved out (copied only when fetched twice).
         fetch

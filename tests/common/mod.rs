@@ -132,7 +132,7 @@ pub fn calibrate_with(
         similarity_samples: 0,
     };
     ascend_quant::quant::calibrate::calibrate(
-        m,
+        m.clone(),
         config,
         &dataset,
         &ascend_quant::sim::CpuExecutor,

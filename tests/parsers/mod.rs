@@ -59,7 +59,7 @@ pub fn record(bytes: &[u8]) -> Result<(), String> {
     let model = load_model_bytes(DIGITS_MODEL, Path::new("digits_cnn.onnx"), None)
         .map_err(|e| e.to_string())?;
     let config = QuantConfig::default_for(&layers());
-    let _ = calibrated_from_record(&model, &config, &record, "fuzzed.txt");
+    let _ = calibrated_from_record(model, &config, &record, "fuzzed.txt");
     Ok(())
 }
 
