@@ -522,3 +522,66 @@ fn a_conv_bias_that_is_not_float32_keeps_its_batch_norm() {
     let mut m = conv_bn(Some(init("b", &[4], 45, 0.3)), 4);
     assert_eq!(prepare(&mut m, true, &[]).unwrap().fused, vec!["conv"]);
 }
+
+/// The report's per-layer cosine is the cosine, over the first
+/// `similarity_samples` samples (two whole batches and part of a third), of
+/// each layer's output in the float model and in the fake-quant simulation,
+/// computed here from both models' outputs in one run.
+#[test]
+fn per_layer_cosines_are_those_of_the_layer_outputs() {
+    let m = model();
+    let mut names_model = m.clone();
+    prepare(&mut names_model, false, &[]).unwrap();
+    let (layers, _) = discover(names_model.graph.as_ref().unwrap()).unwrap();
+    let names: Vec<(String, String)> = layers
+        .iter()
+        .map(|l| (l.name.clone(), l.op_type.clone()))
+        .collect();
+    let mut config = QuantConfig::default_for(&names);
+    config.batch_num = 4;
+    let all = data(32);
+    let dataset =
+        Dataset::from_arrays(vec![("x".into(), all.clone())], &["x".into()], "t".into()).unwrap();
+    let settings = RunSettings {
+        batch_size: 8,
+        dynamic_batch: false,
+        progress: &|_, _| {},
+        similarity_samples: 20,
+    };
+    let out = calibrate(m.clone(), &config, &dataset, &CpuExecutor, &settings).unwrap();
+    let outputs: Vec<String> = out.factors.iter().map(|f| f.layer.output.clone()).collect();
+    let fetch: Vec<&str> = outputs.iter().map(String::as_str).collect();
+    let first20 = all.slice_axis0(0..20);
+    let outputs_of = |model: &ModelProto| {
+        CpuExecutor
+            .prepare(
+                model,
+                &SessionOptions {
+                    keep: outputs.clone(),
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+            .run(&[("x", &first20)], &fetch)
+            .unwrap()
+    };
+    let float = outputs_of(&out.prepared);
+    let simulation = ascend_quant::quant::emit::simulation_model(&out.prepared, &out.factors);
+    let fake = outputs_of(&simulation.unwrap());
+    assert_eq!(out.cosine.len(), out.factors.len());
+    for ((f, a), b) in out.factors.iter().zip(&float).zip(&fake) {
+        let (a, b) = (a.as_f32().unwrap(), b.as_f32().unwrap());
+        let expected = cosine(a.as_slice().unwrap(), b.as_slice().unwrap());
+        let got = out.cosine[&f.layer.name];
+        assert!(
+            (got - expected).abs() < 1e-9,
+            "{}: {got} vs {expected}",
+            f.layer.name
+        );
+        assert!(
+            expected < 1.0 - 1e-9,
+            "{}: quantization changes nothing",
+            f.layer.name
+        );
+    }
+}

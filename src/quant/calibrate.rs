@@ -24,7 +24,6 @@ use super::weights::{ChannelLayout, InputMoments, arq_scales, quantize_bias, qua
 use crate::data::{Batch, Dataset};
 use crate::onnx::{ModelProto, to_tensor};
 use crate::sim::{Executor, Session, SessionOptions};
-use crate::similarity::Similarity;
 use crate::tensor::Tensor;
 use ndarray::ArrayD;
 use rayon::prelude::*;
@@ -141,7 +140,7 @@ pub fn finish(
             // It runs a faster equivalent of the fake-quant model.
             let mut simulation = simulation_model(&c.prepared, &c.factors)?;
             add_tensor_quantization(&mut simulation, &c.tensors, ModelKind::Simulation)?;
-            layer_cosines(
+            super::layer_cosines::layer_cosines(
                 &crate::sim::CpuExecutor,
                 &c.prepared,
                 simulation,
@@ -667,72 +666,4 @@ pub fn weigh(
         nuq: None,
         balance,
     })
-}
-
-/// Per layer, the cosine similarity of its output in the float and the
-/// fake-quant model over the first `run.similarity_samples` calibration
-/// samples (accumulated, so one pass; NaN when none are measured). The
-/// fake-quant model is dropped once its session exists, and its layer outputs
-/// are compared as they are computed, so only the float run's are held.
-fn layer_cosines(
-    executor: &dyn Executor,
-    float: &ModelProto,
-    fake: ModelProto,
-    factors: &[LayerFactors],
-    data: &Dataset,
-    run: &RunSettings,
-    batches: usize,
-) -> Result<HashMap<String, f64>, QuantError> {
-    let outs: Vec<String> = factors.iter().map(|f| f.layer.output.clone()).collect();
-    let refs: Vec<&str> = outs.iter().map(String::as_str).collect();
-    let opts = SessionOptions {
-        keep: outs.clone(),
-        dynamic_batch: run.dynamic_batch,
-        optimize: true,
-    };
-    let fs = executor.prepare(float, &opts)?;
-    let qs = executor.prepare(&fake, &opts)?;
-    drop(fake);
-    let mut acc = vec![Similarity::default(); outs.len()];
-    let mut seen = 0;
-    for b in 0..batches {
-        if seen >= run.similarity_samples {
-            break;
-        }
-        let mut batch = data.batch(run.batch_size, b)?;
-        let n = batch.first().map(|(_, t)| t.shape()[0]).unwrap_or(0);
-        let take = n.min(run.similarity_samples - seen);
-        if take < n {
-            batch = batch
-                .into_iter()
-                .map(|(name, t)| (name, t.slice_axis0(0..take)))
-                .collect();
-        }
-        seen += take;
-        let mut fv: Vec<Option<Tensor>> = run_batch(fs.as_ref(), &batch, &refs)?
-            .into_iter()
-            .map(Some)
-            .collect();
-        let feeds: Vec<(&str, &Tensor)> = batch.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        // Each float output is freed once its fake-quant twin is compared.
-        qs.run_visiting(&feeds, &refs, &mut |k, q| {
-            let f = fv[k].take();
-            if let (Some(f), Some(q)) = (f.as_ref().and_then(Tensor::as_f32), q.as_f32()) {
-                match (f.as_slice(), q.as_slice()) {
-                    (Some(f), Some(q)) => acc[k].add_slices(f, q),
-                    _ => acc[k].add(f.iter(), q.iter()),
-                }
-            }
-        })?;
-    }
-    Ok(factors
-        .iter()
-        .zip(acc)
-        .map(|(f, a)| {
-            (
-                f.layer.name.clone(),
-                if seen == 0 { f64::NAN } else { a.cosine() },
-            )
-        })
-        .collect())
 }

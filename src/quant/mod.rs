@@ -11,6 +11,7 @@ pub mod dmq;
 pub mod emit;
 pub mod error;
 pub mod from_record;
+pub mod layer_cosines;
 pub mod layers;
 pub mod nuq;
 pub mod observe;
