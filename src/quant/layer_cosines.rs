@@ -104,9 +104,8 @@ impl Pairs {
             let mut waiting = self.waiting.lock().expect("no visitor panicked");
             match waiting[k].take() {
                 Some((s, twin)) if s != side => Some(twin),
-                other => {
+                _ => {
                     waiting[k] = Some((side, value.clone()));
-                    drop(other);
                     None
                 }
             }

@@ -78,18 +78,29 @@ pub trait Session: Send + Sync {
     /// (with its index in `fetch`) instead of returning it: a session that can
     /// does so as soon as the value is computed and frees it after its last
     /// use, so a caller that only reduces the values never holds them all.
-    /// This default runs, then visits.
+    /// This default runs, then visits ([`run_then_visit`]).
     fn run_visiting(
         &self,
         feeds: &[(&str, &Tensor)],
         fetch: &[&str],
         visit: &mut Visitor<'_>,
     ) -> Result<(), SimError> {
-        for (k, value) in self.run(feeds, fetch)?.iter().enumerate() {
-            visit(k, value);
-        }
-        Ok(())
+        run_then_visit(self, feeds, fetch, visit)
     }
+}
+
+/// [`Session::run_visiting`] for a session that cannot visit as it goes: a
+/// whole run, then every fetched value in turn.
+pub fn run_then_visit<S: Session + ?Sized>(
+    session: &S,
+    feeds: &[(&str, &Tensor)],
+    fetch: &[&str],
+    visit: &mut Visitor<'_>,
+) -> Result<(), SimError> {
+    for (k, value) in session.run(feeds, fetch)?.iter().enumerate() {
+        visit(k, value);
+    }
+    Ok(())
 }
 
 /// What [`Session::run_visiting`] calls with each fetched value.

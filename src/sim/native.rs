@@ -811,7 +811,7 @@ impl Session for NativeSession {
         // One hand-over to the thread pool per run, not one per parallel
         // kernel (a caller outside the pool would block on each).
         let run =
-            |f: &[(&str, &Tensor)], o: &[&str]| rayon::join(|| self.run_in_pool(f, o), || ()).0;
+            |f: &[(&str, &Tensor)], o: &[&str]| rayon::join(|| self.run_steps(f, o, None), || ()).0;
         match run(feeds, fetch) {
             Err(SimError::Run { reason }) if self.model.dynamic_batch => {
                 // As in the rten session: a batch-1 export runs sample by sample.
@@ -831,10 +831,7 @@ impl Session for NativeSession {
         if self.model.dynamic_batch {
             // A batch that fails part-way falls back to one sample at a time,
             // which would visit the values computed before the failure twice.
-            for (k, value) in self.run(feeds, fetch)?.iter().enumerate() {
-                visit(k, value);
-            }
-            return Ok(());
+            return super::run_then_visit(self, feeds, fetch, visit);
         }
         rayon::join(|| self.run_steps(feeds, fetch, Some(visit)), || ())
             .0
@@ -843,14 +840,6 @@ impl Session for NativeSession {
 }
 
 impl NativeSession {
-    fn run_in_pool(
-        &self,
-        feeds: &[(&str, &Tensor)],
-        fetch: &[&str],
-    ) -> Result<Vec<Tensor>, SimError> {
-        self.run_steps(feeds, fetch, None)
-    }
-
     /// Runs the steps `fetch` needs. Without a visitor the fetched values are
     /// returned; with one, each is handed to it when computed (fed values
     /// first, constants at the end) and nothing is returned.
