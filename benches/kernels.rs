@@ -56,6 +56,8 @@ fn main() {
         ("pointwise 960->160 @7", 960, 160, 7, 1, 1, 1),
         // The detector's (scripts/make_yolo_like.py), with SiLU.
         ("detector conv 16->16 @80 silu", 16, 16, 80, 3, 1, 1),
+        ("detector conv 16->32 @160 s2 silu", 16, 32, 160, 3, 2, 1),
+        ("detector conv 16->32 @160 s2 none", 16, 32, 160, 3, 2, 1),
         ("detector conv 128->256 @40 s2 silu", 128, 256, 40, 3, 2, 1),
         ("detector pointwise 192->64 @40 silu", 192, 64, 40, 1, 1, 1),
     ];
@@ -73,6 +75,8 @@ fn main() {
         let mut conv = Conv::new(geometry, c_in, c_out, w, Some(vec![0.1; c_out]));
         conv.activation = if label.ends_with("silu") {
             Activation::Silu
+        } else if label.ends_with("none") {
+            Activation::None
         } else {
             Activation::Clamp(0.0, 6.0)
         };
