@@ -277,30 +277,25 @@ fn digits_cnn_matches_onnxruntime_per_sample_and_batched() {
     compare(&got[0], &ref0).unwrap();
 }
 
-#[test]
-fn digits_tap_and_replay_of_an_intermediate_value() {
+/// The digits model, the name of its first Relu's output, and sample 0's
+/// input, that Relu output and logits as onnxruntime computed them.
+fn digits_first_sample() -> (ModelProto, String, Tensor, Tensor, Tensor) {
     let dir = fixtures().join("digits");
     let model = load_model(&dir.join("digits_cnn.onnx")).unwrap();
     let tap = std::fs::read_to_string(dir.join("first_relu_name.txt")).unwrap();
-    let x = read_npy(&dir.join("ort_x16.npy")).unwrap();
-    let x0 = Tensor::F32(
-        x.as_f32()
-            .unwrap()
-            .slice(ndarray::s![0..1, .., .., ..])
-            .to_owned()
-            .into_dyn(),
-    );
+    let first = |t: &Tensor| {
+        let a = t.as_f32().unwrap();
+        Tensor::F32(a.slice_axis(ndarray::Axis(0), (0..1).into()).to_owned())
+    };
+    let x0 = first(&read_npy(&dir.join("ort_x16.npy")).unwrap());
     let reference_tap = read_npy(&dir.join("ort_first_relu_x0.npy")).unwrap();
-    let logits = read_npy(&dir.join("ort_logits16.npy")).unwrap();
-    let logits0 = Tensor::F32(
-        logits
-            .as_f32()
-            .unwrap()
-            .slice(ndarray::s![0..1, ..])
-            .to_owned()
-            .into_dyn(),
-    );
+    let logits0 = first(&read_npy(&dir.join("ort_logits16.npy")).unwrap());
+    (model, tap, x0, reference_tap, logits0)
+}
 
+#[test]
+fn digits_tap_and_replay_of_an_intermediate_value() {
+    let (model, tap, x0, reference_tap, logits0) = digits_first_sample();
     let session = CpuExecutor
         .prepare(
             &model,
@@ -327,17 +322,7 @@ fn digits_tap_and_replay_of_an_intermediate_value() {
 /// the later layers still need, the graph output) or fed, and fetched twice.
 #[test]
 fn digits_visiting_run_hands_over_onnxruntime_values() {
-    let dir = fixtures().join("digits");
-    let model = load_model(&dir.join("digits_cnn.onnx")).unwrap();
-    let tap = std::fs::read_to_string(dir.join("first_relu_name.txt")).unwrap();
-    let x = read_npy(&dir.join("ort_x16.npy")).unwrap();
-    let first = |t: &Tensor| {
-        let a = t.as_f32().unwrap();
-        Tensor::F32(a.slice_axis(ndarray::Axis(0), (0..1).into()).to_owned())
-    };
-    let x0 = first(&x);
-    let reference_tap = read_npy(&dir.join("ort_first_relu_x0.npy")).unwrap();
-    let logits0 = first(&read_npy(&dir.join("ort_logits16.npy")).unwrap());
+    let (model, tap, x0, reference_tap, logits0) = digits_first_sample();
     let session = NativeExecutor
         .prepare(
             &model,

@@ -141,6 +141,17 @@ fn run(model: &ModelProto, x: &Tensor) -> Vec<f32> {
         .collect()
 }
 
+/// The quantizable layers of `m` (name, operator), as a configuration lists them.
+fn layer_names(m: &ModelProto) -> Vec<(String, String)> {
+    let mut named = m.clone();
+    prepare(&mut named, false, &[]).unwrap();
+    let (layers, _) = discover(named.graph.as_ref().unwrap()).unwrap();
+    layers
+        .iter()
+        .map(|l| (l.name.clone(), l.op_type.clone()))
+        .collect()
+}
+
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let dot: f64 = a
         .iter()
@@ -188,13 +199,7 @@ fn batch_norm_folding_and_gemm_untransposing_keep_the_outputs() {
 #[test]
 fn every_layer_kind_is_quantized_and_deploy_agrees_with_fake_quant() {
     let m = model();
-    let mut names_model = m.clone();
-    prepare(&mut names_model, false, &[]).unwrap();
-    let (layers, _) = discover(names_model.graph.as_ref().unwrap()).unwrap();
-    let names: Vec<(String, String)> = layers
-        .iter()
-        .map(|l| (l.name.clone(), l.op_type.clone()))
-        .collect();
+    let names = layer_names(&m);
     assert_eq!(
         names.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
         vec!["convA", "convB", "deconv", "pool", "mm", "fc"]
@@ -530,13 +535,7 @@ fn a_conv_bias_that_is_not_float32_keeps_its_batch_norm() {
 #[test]
 fn per_layer_cosines_are_those_of_the_layer_outputs() {
     let m = model();
-    let mut names_model = m.clone();
-    prepare(&mut names_model, false, &[]).unwrap();
-    let (layers, _) = discover(names_model.graph.as_ref().unwrap()).unwrap();
-    let names: Vec<(String, String)> = layers
-        .iter()
-        .map(|l| (l.name.clone(), l.op_type.clone()))
-        .collect();
+    let names = layer_names(&m);
     let mut config = QuantConfig::default_for(&names);
     config.batch_num = 4;
     let all = data(32);
