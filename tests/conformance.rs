@@ -15,7 +15,7 @@ mod common;
 
 use ascend_quant::data::read_npy;
 use ascend_quant::onnx::{ModelProto, Storage, load_model, to_proto};
-use ascend_quant::sim::{CpuExecutor, Executor, NativeExecutor, SessionOptions};
+use ascend_quant::sim::{CpuExecutor, Executor, NativeExecutor, Session, SessionOptions};
 use ascend_quant::tensor::Tensor;
 use common::value_info;
 use std::collections::BTreeMap;
@@ -277,26 +277,16 @@ fn digits_cnn_matches_onnxruntime_per_sample_and_batched() {
     compare(&got[0], &ref0).unwrap();
 }
 
-/// The digits model, the name of its first Relu's output, and sample 0's
-/// input, that Relu output and logits as onnxruntime computed them.
-fn digits_first_sample() -> (ModelProto, String, Tensor, Tensor, Tensor) {
+/// The digits model prepared by `executor` keeping its first Relu's output,
+/// that output's name, and sample 0's input, Relu output and logits as
+/// onnxruntime computed them.
+fn digits_first_sample(
+    executor: &dyn Executor,
+) -> (Box<dyn Session>, String, Tensor, Tensor, Tensor) {
     let dir = fixtures().join("digits");
     let model = load_model(&dir.join("digits_cnn.onnx")).unwrap();
     let tap = std::fs::read_to_string(dir.join("first_relu_name.txt")).unwrap();
-    let first = |t: &Tensor| {
-        let a = t.as_f32().unwrap();
-        Tensor::F32(a.slice_axis(ndarray::Axis(0), (0..1).into()).to_owned())
-    };
-    let x0 = first(&read_npy(&dir.join("ort_x16.npy")).unwrap());
-    let reference_tap = read_npy(&dir.join("ort_first_relu_x0.npy")).unwrap();
-    let logits0 = first(&read_npy(&dir.join("ort_logits16.npy")).unwrap());
-    (model, tap, x0, reference_tap, logits0)
-}
-
-#[test]
-fn digits_tap_and_replay_of_an_intermediate_value() {
-    let (model, tap, x0, reference_tap, logits0) = digits_first_sample();
-    let session = CpuExecutor
+    let session = executor
         .prepare(
             &model,
             &SessionOptions {
@@ -305,6 +295,19 @@ fn digits_tap_and_replay_of_an_intermediate_value() {
             },
         )
         .unwrap();
+    let first = |t: &Tensor| {
+        let a = t.as_f32().unwrap();
+        Tensor::F32(a.slice_axis(ndarray::Axis(0), (0..1).into()).to_owned())
+    };
+    let x0 = first(&read_npy(&dir.join("ort_x16.npy")).unwrap());
+    let reference_tap = read_npy(&dir.join("ort_first_relu_x0.npy")).unwrap();
+    let logits0 = first(&read_npy(&dir.join("ort_logits16.npy")).unwrap());
+    (session, tap, x0, reference_tap, logits0)
+}
+
+#[test]
+fn digits_tap_and_replay_of_an_intermediate_value() {
+    let (session, tap, x0, reference_tap, logits0) = digits_first_sample(&CpuExecutor);
     let got = session
         .run(&[("x", &x0)], &[tap.as_str(), "logits"])
         .unwrap();
@@ -322,16 +325,7 @@ fn digits_tap_and_replay_of_an_intermediate_value() {
 /// the later layers still need, the graph output) or fed, and fetched twice.
 #[test]
 fn digits_visiting_run_hands_over_onnxruntime_values() {
-    let (model, tap, x0, reference_tap, logits0) = digits_first_sample();
-    let session = NativeExecutor
-        .prepare(
-            &model,
-            &SessionOptions {
-                keep: vec![tap.clone()],
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    let (session, tap, x0, reference_tap, logits0) = digits_first_sample(&NativeExecutor);
     let fetch = [tap.as_str(), "logits", tap.as_str()];
     let expected = [&reference_tap, &logits0, &reference_tap];
     // Computed from the input, then fed the kept value (the layers before it skipped).
