@@ -472,7 +472,7 @@ fn im2col_block(
                     if sx == 1 {
                         d[lo..hi].copy_from_slice(&src[start as usize..][..hi - lo]);
                     } else if sx == 2 {
-                        every_other(&mut d[lo..hi], &src[start as usize..]);
+                        every_other(as_slots(&mut d[lo..hi]), &src[start as usize..]);
                     } else {
                         let taps = src[start as usize..].iter().step_by(sx);
                         for (v, s) in d[lo..hi].iter_mut().zip(taps) {
@@ -547,30 +547,45 @@ impl Shifted {
     ) -> (Vec<f32>, Vec<usize>) {
         let (sy, sx) = self.stride;
         let plane = self.rows * self.row;
-        let mut planes = vec![0f32; p.c_in * self.channel()];
+        // Every value is written once below, padding included, so the planes
+        // are not zeroed first (a whole extra pass over them).
+        let total = p.c_in * self.channel();
+        let mut planes: Vec<MaybeUninit<f32>> = Vec::with_capacity(total);
+        // SAFETY: slots need no initialisation; each is written below.
+        unsafe { planes.set_len(total) };
+        if cfg!(debug_assertions) {
+            // A slot the copy missed would then show in the tests' outputs.
+            planes.fill(MaybeUninit::new(f32::NAN));
+        }
         let image = (h * w).max(1);
-        let copy = |(dst, src): (&mut [f32], &[f32])| {
-            for y in 0..h {
-                let yp = y + p.pads.0;
-                if yp / sy >= self.rows {
-                    break;
-                }
-                let line = &src[y * w..(y + 1) * w];
-                for px in 0..sx {
-                    // Input columns of this phase: x0, x0 + sx, …
-                    let x0 = (px + sx - p.pads.1 % sx) % sx;
-                    if x0 >= w {
+        let copy = |(dst, src): (&mut [MaybeUninit<f32>], &[f32])| {
+            let zero = MaybeUninit::new(0.0);
+            for (phase, dst) in dst.chunks_exact_mut(plane).enumerate() {
+                let (py, px) = (phase / sx, phase % sx);
+                // Input columns of this phase: x0, x0 + sx, …, from plane column `col`.
+                let x0 = (px + sx - p.pads.1 % sx) % sx;
+                let col = ((x0 + p.pads.1) / sx).min(self.row);
+                let n = if x0 < w {
+                    (w - x0).div_ceil(sx).min(self.row - col)
+                } else {
+                    0
+                };
+                for (r, d) in dst.chunks_exact_mut(self.row).enumerate() {
+                    let y = (r * sy + py)
+                        .checked_sub(p.pads.0)
+                        .filter(|&y| y < h && n > 0);
+                    let Some(y) = y else {
+                        d.fill(zero);
                         continue;
-                    }
-                    let col = (x0 + p.pads.1) / sx;
-                    let n = (w - x0).div_ceil(sx).min(self.row.saturating_sub(col));
-                    let at = ((yp % sy) * sx + px) * plane + (yp / sy) * self.row + col;
-                    let d = &mut dst[at..at + n];
+                    };
+                    let line = &src[y * w..(y + 1) * w];
+                    d[..col].fill(zero);
                     if sx == 1 {
-                        d.copy_from_slice(&line[x0..x0 + n]);
+                        d[col..col + n].write_copy_of_slice(&line[x0..x0 + n]);
                     } else {
-                        every_other(d, &line[x0..]);
+                        every_other(&mut d[col..col + n], &line[x0..]);
                     }
+                    d[col + n..].fill(zero);
                 }
             }
         };
@@ -585,6 +600,16 @@ impl Shifted {
                 .zip(x.chunks_exact(image))
                 .for_each(copy);
         }
+        // SAFETY: every slot was written (each plane row of each phase of
+        // each channel, above); same layout.
+        let planes = unsafe {
+            let mut planes = std::mem::ManuallyDrop::new(planes);
+            Vec::from_raw_parts(
+                planes.as_mut_ptr().cast::<f32>(),
+                planes.len(),
+                planes.capacity(),
+            )
+        };
         let (kh, kw) = p.kernel;
         let mut offsets = Vec::with_capacity(p.c_in * kh * kw);
         for c in 0..p.c_in {
@@ -656,7 +681,7 @@ impl Shifted {
 
 /// `dst[j] = src[2j]` (`src` holds at least `2·dst.len() − 1` values): 16
 /// values at a time from two loads and one permutation with AVX-512.
-fn every_other(dst: &mut [f32], src: &[f32]) {
+fn every_other(dst: &mut [MaybeUninit<f32>], src: &[f32]) {
     assert!(src.len() + 1 >= 2 * dst.len(), "the source holds every tap");
     #[cfg(target_arch = "x86_64")]
     if supported() {
@@ -665,8 +690,15 @@ fn every_other(dst: &mut [f32], src: &[f32]) {
         return;
     }
     for (d, s) in dst.iter_mut().zip(src.iter().step_by(2)) {
-        *d = *s;
+        d.write(*s);
     }
+}
+
+/// `values` as slots to write (only ever written with initialised values).
+fn as_slots(values: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: same layout; the slots are only written with floats, so the
+    // values stay initialised.
+    unsafe { &mut *(values as *mut [f32] as *mut [MaybeUninit<f32>]) }
 }
 
 /// What every tile of one run shares: where it writes (row `m`, column
@@ -851,7 +883,7 @@ mod avx512 {
     /// # Safety
     /// AVX-512F must be present; `src` must hold `2·dst.len() − 1` values.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn every_other(dst: &mut [f32], src: &[f32]) {
+    pub unsafe fn every_other(dst: &mut [std::mem::MaybeUninit<f32>], src: &[f32]) {
         let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
         let lanes = |n: usize| -> __mmask16 { ((1u32 << n.min(16)) - 1) as __mmask16 };
         for (i, chunk) in dst.chunks_mut(16).enumerate() {
@@ -866,7 +898,7 @@ mod avx512 {
                 let a = _mm512_maskz_loadu_ps(lo, p);
                 let b = _mm512_maskz_loadu_ps(hi, p.wrapping_add(16));
                 let v = _mm512_permutex2var_ps(a, even, b);
-                _mm512_mask_storeu_ps(chunk.as_mut_ptr(), lanes(chunk.len()), v);
+                _mm512_mask_storeu_ps(chunk.as_mut_ptr().cast(), lanes(chunk.len()), v);
             }
         }
     }
@@ -1150,7 +1182,7 @@ mod tests {
                     .map(|i| i as f32)
                     .collect();
                 let mut dst = vec![f32::NAN; n];
-                every_other(&mut dst, &src);
+                every_other(as_slots(&mut dst), &src);
                 let want: Vec<f32> = (0..n).map(|j| (2 * j) as f32).collect();
                 assert_eq!(dst, want, "{n} values from {}", src.len());
             }
