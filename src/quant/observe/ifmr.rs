@@ -21,8 +21,6 @@ use crate::quant::params::{
     ActParams, FLT_EPSILON, ParamsError, act_params, int_range, symmetric_scale,
 };
 use crate::quant::value_bounds::Bounds;
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 
 /// Histogram bins used for the MSE search.
 const BINS: usize = 1 << 15;
@@ -76,28 +74,119 @@ pub struct Ifmr {
     settings: IfmrSettings,
     bounds: Bounds,
     count: u64,
-    largest: BinaryHeap<Reverse<OrdF32>>,
-    smallest: BinaryHeap<OrdF32>,
+    /// The largest values seen.
+    largest: Tail,
+    /// The smallest values seen, negated (so the largest of those).
+    smallest: Tail,
     hist: Histogram,
 }
 
-/// An f32 with a total order, for the heaps.
-#[derive(Clone, Copy, Debug)]
-struct OrdF32(f32);
-impl PartialEq for OrdF32 {
-    fn eq(&self, other: &Self) -> bool {
-        self.cmp(other).is_eq()
-    }
+/// The `TAIL` largest values seen, in no order: merged a batch at a time
+/// (the batch's values above the current floor appended, then the `TAIL`
+/// largest selected in linear time), which ends with the same values as
+/// pushing every value through a bounded heap, at a fraction of the cost.
+#[derive(Clone, Debug, Default)]
+struct Tail {
+    values: Vec<f32>,
+    /// The smallest kept value once `TAIL` are kept.
+    floor: f32,
 }
-impl Eq for OrdF32 {}
-impl PartialOrd for OrdF32 {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
+
+/// `x` as an integer in `f32::total_cmp`'s order.
+fn order_key(x: f32) -> i32 {
+    let bits = x.to_bits() as i32;
+    bits ^ (((bits >> 31) as u32) >> 1) as i32
 }
-impl Ord for OrdF32 {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.0.total_cmp(&other.0)
+
+impl Tail {
+    /// Values at or below this cannot enter (−∞ until `TAIL` are kept).
+    fn threshold(&self) -> f32 {
+        if self.values.len() == TAIL {
+            self.floor
+        } else {
+            f32::NEG_INFINITY
+        }
+    }
+
+    /// Offers `data` (negated when `NEGATE`), whose largest value is `largest`.
+    fn offer<const NEGATE: bool>(&mut self, data: &[f32], largest: f32) {
+        let value = |x: f32| if NEGATE { -x } else { x };
+        let t = self.threshold();
+        if largest <= t {
+            return;
+        }
+        let sampled = t == f32::NEG_INFINITY
+            && data.len() >= 16 * TAIL
+            && self.extend_above_sampled_floor::<NEGATE>(data);
+        if !sampled {
+            self.values
+                .extend(data.iter().map(|&x| value(x)).filter(|&x| x > t));
+        }
+        if self.values.len() >= TAIL {
+            if self.values.len() > TAIL {
+                self.values
+                    .select_nth_unstable_by(TAIL - 1, |a, b| b.total_cmp(a));
+                self.values.truncate(TAIL);
+                // A first batch may have appended all its values.
+                self.values.shrink_to(2 * TAIL);
+            }
+            self.floor = self.values.iter().copied().fold(f32::INFINITY, f32::min);
+        }
+    }
+
+    /// For a tail not yet full and a large batch (a first batch): rather than
+    /// select among every value, guesses a floor from a sample of the batch
+    /// and checks it. When `TAIL` values of the batch reach the floor, no
+    /// value below it can be among the `TAIL` largest, so only those above
+    /// it, and as many copies of it as are needed, are appended (and true is
+    /// returned); else nothing is. Values compare in `total_cmp`'s order.
+    fn extend_above_sampled_floor<const NEGATE: bool>(&mut self, data: &[f32]) -> bool {
+        let value = |x: f32| if NEGATE { -x } else { x };
+        // About 4·TAIL sampled values; the guess ranks where 2·TAIL values of
+        // the batch are expected at or above it.
+        let stride = data.len() / (4 * TAIL);
+        let mut sample: Vec<f32> = data.iter().step_by(stride).map(|&x| value(x)).collect();
+        let rank = (2 * TAIL / stride).clamp(1, sample.len());
+        sample.select_nth_unstable_by(rank - 1, |a, b| b.total_cmp(a));
+        let floor = order_key(sample[rank - 1]);
+        let (mut above, mut equal) = (0usize, 0usize);
+        for &x in data {
+            let k = order_key(value(x));
+            above += usize::from(k > floor);
+            equal += usize::from(k == floor);
+        }
+        if above + equal < TAIL {
+            return false;
+        }
+        // Copies of the floor value are alike: only as many as can be kept
+        // (ReLU outputs hold zeros by the hundred thousand).
+        let (mut above, mut ties) = (above, TAIL.saturating_sub(above));
+        self.values.reserve(above + ties);
+        for &x in data {
+            if above == 0 && ties == 0 {
+                break; // all taken
+            }
+            let v = value(x);
+            let k = order_key(v);
+            if k > floor {
+                above -= 1;
+                self.values.push(v);
+            } else if k == floor && ties > 0 {
+                ties -= 1;
+                self.values.push(v);
+            }
+        }
+        true
+    }
+
+    /// The `k`-th largest kept value (1-based), if kept.
+    fn kth(&self, k: usize) -> Option<f32> {
+        if k == 0 || k > self.values.len() {
+            return None;
+        }
+        let mut v = self.values.clone();
+        v.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+        Some(v[k - 1])
     }
 }
 
@@ -108,8 +197,8 @@ impl Ifmr {
             settings,
             bounds: Bounds::ANY,
             count: 0,
-            largest: BinaryHeap::new(),
-            smallest: BinaryHeap::new(),
+            largest: Tail::default(),
+            smallest: Tail::default(),
             hist: Histogram::aligned(BINS),
         }
     }
@@ -122,21 +211,17 @@ impl Ifmr {
 
     /// The `k`-th largest value (1-based), exact while the tail holds it.
     fn kth_largest(&self, k: usize) -> f32 {
-        if k <= self.largest.len() {
-            let mut v: Vec<f32> = self.largest.iter().map(|r| r.0.0).collect();
-            v.sort_by(|a, b| b.total_cmp(a));
-            return v[k - 1];
+        match self.largest.kth(k) {
+            Some(v) => v,
+            None => self.hist.quantile(1.0 - k as f64 / self.count as f64),
         }
-        self.hist.quantile(1.0 - k as f64 / self.count as f64)
     }
 
     fn kth_smallest(&self, k: usize) -> f32 {
-        if k <= self.smallest.len() {
-            let mut v: Vec<f32> = self.smallest.iter().map(|o| o.0).collect();
-            v.sort_by(|a, b| a.total_cmp(b));
-            return v[k - 1];
+        match self.smallest.kth(k) {
+            Some(v) => -v,
+            None => self.hist.quantile(k as f64 / self.count as f64),
         }
-        self.hist.quantile(k as f64 / self.count as f64)
     }
 }
 
@@ -240,51 +325,9 @@ impl Observer for Ifmr {
         }
         self.count += data.len() as u64;
         // Only values beyond the current tails can enter them: the batch's
-        // extremes say whether any can, a filter finds them, and a selection
-        // keeps at most TAIL of them per side before the heaps see any (the
-        // heaps end with the same values as if every value were pushed).
-        let high = self
-            .largest
-            .peek()
-            .filter(|_| self.largest.len() == TAIL)
-            .map_or(f32::NEG_INFINITY, |r| r.0.0);
-        let low = self
-            .smallest
-            .peek()
-            .filter(|_| self.smallest.len() == TAIL)
-            .map_or(f32::INFINITY, |o| o.0);
-        if max > high {
-            let mut above: Vec<f32> = data.iter().copied().filter(|&x| x > high).collect();
-            if above.len() > TAIL {
-                above.select_nth_unstable_by(TAIL, |a, b| b.total_cmp(a));
-                above.truncate(TAIL);
-            }
-            for x in above {
-                if self.largest.len() == TAIL {
-                    if x <= self.largest.peek().expect("full").0.0 {
-                        continue;
-                    }
-                    self.largest.pop();
-                }
-                self.largest.push(Reverse(OrdF32(x)));
-            }
-        }
-        if min < low {
-            let mut below: Vec<f32> = data.iter().copied().filter(|&x| x < low).collect();
-            if below.len() > TAIL {
-                below.select_nth_unstable_by(TAIL, |a, b| a.total_cmp(b));
-                below.truncate(TAIL);
-            }
-            for x in below {
-                if self.smallest.len() == TAIL {
-                    if x >= self.smallest.peek().expect("full").0 {
-                        continue;
-                    }
-                    self.smallest.pop();
-                }
-                self.smallest.push(OrdF32(x));
-            }
-        }
+        // extremes say whether any can.
+        self.largest.offer::<false>(data, max);
+        self.smallest.offer::<true>(data, -min);
         self.hist.add(data, min, max);
     }
 
@@ -391,6 +434,77 @@ mod tests {
                 let want = exact(&data, &s, asymmetric);
                 assert_eq!(got, want, "seed {seed} asymmetric {asymmetric}");
             }
+        }
+    }
+
+    #[test]
+    fn order_keys_sort_as_total_cmp() {
+        let v = [
+            f32::NEG_INFINITY,
+            -3.5,
+            -1e-45,
+            -0.0,
+            0.0,
+            1e-45,
+            2.0,
+            f32::INFINITY,
+        ];
+        for a in v {
+            for b in v {
+                assert_eq!(
+                    order_key(a).cmp(&order_key(b)),
+                    a.total_cmp(&b),
+                    "{a} vs {b}"
+                );
+            }
+        }
+    }
+
+    /// The tails hold exactly the `TAIL` largest and smallest values of all
+    /// batches (checked against a sort of everything): through the sampled
+    /// floor of a large first batch, its fallback when the sample misleads
+    /// (large values exactly at the sampled positions), ties and later batches.
+    #[test]
+    fn tails_keep_the_exact_extremes_whatever_the_batches() {
+        let spikes: Vec<f32> = (0..200_000)
+            .map(|i| {
+                if i % 12 == 0 {
+                    100.0 + (i % 1000) as f32
+                } else {
+                    (i % 77) as f32
+                }
+            })
+            .collect();
+        let heavy: Vec<f32> = lcg(7, 175_000).iter().map(|v| -(1.0 - v).ln()).collect();
+        let relu: Vec<f32> = lcg(8, 150_000).iter().map(|v| (v - 0.6).max(0.0)).collect();
+        let cases: [(&str, Vec<Vec<f32>>); 4] = [
+            ("one large batch", vec![lcg(6, 300_000)]),
+            (
+                "large, then smaller batches",
+                vec![
+                    heavy[..100_000].to_vec(),
+                    heavy[100_000..170_000].to_vec(),
+                    heavy[170_000..].to_vec(),
+                ],
+            ),
+            ("sample on the spikes", vec![spikes]),
+            ("ties at zero", vec![relu]),
+        ];
+        for (label, batches) in cases {
+            let (mut high, mut low) = (Tail::default(), Tail::default());
+            for b in &batches {
+                let (mn, mx) = super::super::finite_extremes(b).unwrap();
+                high.offer::<false>(b, mx);
+                low.offer::<true>(b, -mn);
+            }
+            let mut all = batches.concat();
+            all.sort_by(|a, b| a.total_cmp(b));
+            let mut got: Vec<f32> = high.values.clone();
+            got.sort_by(|a, b| a.total_cmp(b));
+            assert_eq!(got, all[all.len() - TAIL..], "{label}: largest");
+            let mut got: Vec<f32> = low.values.iter().map(|v| -v).collect();
+            got.sort_by(|a, b| a.total_cmp(b));
+            assert_eq!(got, all[..TAIL], "{label}: smallest");
         }
     }
 
