@@ -220,19 +220,22 @@ mod tests {
             .map(|(i, x)| x + (i % 13) as f32 * 1e-3)
             .collect();
         c[n - 3] += 2.5;
-        let mut fast = Similarity::default();
-        fast.add_slices(&r, &c);
         let mut plain = Similarity::default();
         plain.add(&r, &c);
-        assert_eq!(fast.count, plain.count);
-        assert_eq!(fast.max_abs, plain.max_abs);
-        for (a, b) in [
-            (fast.dot, plain.dot),
-            (fast.reference_sq, plain.reference_sq),
-            (fast.candidate_sq, plain.candidate_sq),
-            (fast.error_sq, plain.error_sq),
-        ] {
-            assert!((a - b).abs() <= 1e-12 * b.abs(), "{a} vs {b}");
+        let mut fast = Similarity::default();
+        fast.add_slices(&r, &c);
+        // The portable lanes too, which a CPU with AVX-512 never takes.
+        for (path, got) in [("add_slices", fast), ("portable lanes", lanes(&r, &c))] {
+            assert_eq!(got.count, plain.count, "{path}");
+            assert_eq!(got.max_abs, plain.max_abs, "{path}");
+            for (a, b) in [
+                (got.dot, plain.dot),
+                (got.reference_sq, plain.reference_sq),
+                (got.candidate_sq, plain.candidate_sq),
+                (got.error_sq, plain.error_sq),
+            ] {
+                assert!((a - b).abs() <= 1e-12 * b.abs(), "{path}: {a} vs {b}");
+            }
         }
     }
 }
