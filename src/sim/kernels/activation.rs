@@ -92,6 +92,12 @@ pub fn sigmoid(v: &mut [f32]) {
 /// SiLU of every value in place.
 pub fn silu(v: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU supports AVX-512F (checked just above).
+        unsafe { avx512::silu(v) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU supports AVX2 and FMA (checked just above).
         unsafe { simd::silu(v) };
@@ -128,6 +134,60 @@ mod simd {
     }
 }
 
+/// SiLU on AVX-512: the tiled convolution's activation, and the buffer
+/// pass on CPUs that have it.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// `x · sigmoid(x)` on 16 lanes, within 1e-6 relative of the exact
+    /// value (tested against `f64`): `e^−x` as `2^n · e^r` with the
+    /// polynomial of `activation::exp_approx` evaluated with fused
+    /// multiply-adds and `2^n` applied by `scalef`, and `1 / (1 + e^−x)` from
+    /// the 14-bit reciprocal estimate refined by one Newton step — no
+    /// division, whose throughput (one per ten cycles or so) held the
+    /// detector's layers back (the whole network 4–5 % faster without it).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub fn silu16(x: __m512) -> __m512 {
+        const LN2_HI: f32 = 0.693_145_75;
+        const LN2_LO: f32 = 1.428_606_8e-6;
+        let set = _mm512_set1_ps;
+        // −x clamped (a NaN stays NaN): at most e^87, whose reciprocal is
+        // still a normal float, so x = −∞ gives −∞ · tiny = −∞, not NaN.
+        let t = _mm512_sub_ps(_mm512_setzero_ps(), x);
+        let t = _mm512_min_ps(set(87.0), _mm512_max_ps(set(-87.0), t));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(t, set(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm512_fnmadd_ps(n, set(LN2_HI), t);
+        let r = _mm512_fnmadd_ps(n, set(LN2_LO), r);
+        let mut p = set(1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm512_fmadd_ps(p, r, set(c));
+        }
+        let d = _mm512_add_ps(set(1.0), _mm512_scalef_ps(p, n));
+        // y ≈ 1/d to 14 bits; y + y·(1 − d·y) to about 24.
+        let y = _mm512_rcp14_ps(d);
+        let y = _mm512_fmadd_ps(_mm512_fnmadd_ps(d, y, set(1.0)), y, y);
+        _mm512_mul_ps(x, y)
+    }
+
+    /// [`silu16`] over a buffer, 16 values at a time (the tail masked).
+    ///
+    /// # Safety
+    /// AVX-512F must be present.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn silu(v: &mut [f32]) {
+        for chunk in v.chunks_mut(16) {
+            let mask = ((1u32 << chunk.len()) - 1) as __mmask16;
+            let p = chunk.as_mut_ptr();
+            // SAFETY: the mask keeps the lanes inside the chunk.
+            unsafe { _mm512_mask_storeu_ps(p, mask, silu16(_mm512_maskz_loadu_ps(mask, p))) };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,9 +209,31 @@ mod tests {
         let xs: Vec<f32> = (-4000..4000).map(|i| i as f32 * 0.025).collect();
         let mut s = xs.clone();
         sigmoid(&mut s);
+        // Every path this CPU can take, not only the one `silu` picks.
+        let mut paths: Vec<Vec<f32>> = vec![xs.iter().map(|x| x * sigmoid_value(*x)).collect()];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") {
+                let mut q = xs.clone();
+                // SAFETY: checked just above.
+                unsafe { simd::silu(&mut q) };
+                paths.push(q);
+            }
+            if has!("avx512f") {
+                let mut q = xs.clone();
+                // SAFETY: checked just above.
+                unsafe { avx512::silu(&mut q) };
+                paths.push(q);
+            }
+        }
         let mut q = xs.clone();
         silu(&mut q);
-        for ((x, s), q) in xs.iter().zip(&s).zip(&q) {
+        paths.push(q);
+        for q in &paths {
+            assert_eq!(q.len(), xs.len());
+        }
+        for (i, (x, s)) in xs.iter().zip(&s).enumerate() {
             let want = 1.0 / (1.0 + (-f64::from(*x)).exp());
             // Relative to the value, or absolutely negligible (below e^−87 the
             // exponential is clamped).
@@ -160,10 +242,13 @@ mod tests {
                 "{x}: {s} vs {want}"
             );
             let want_q = f64::from(*x) * want;
-            assert!(
-                (f64::from(*q) - want_q).abs() <= 1e-6 * want_q.abs() + 1e-35,
-                "{x}: {q} vs {want_q}"
-            );
+            for (path, q) in paths.iter().enumerate() {
+                let q = q[i];
+                assert!(
+                    (f64::from(q) - want_q).abs() <= 1e-6 * want_q.abs() + 1e-35,
+                    "path {path}, {x}: {q} vs {want_q}"
+                );
+            }
         }
         // Saturation far out.
         let mut far = vec![-200.0f32, 200.0];
