@@ -16,7 +16,11 @@
 //! masked off, output channels past the last are zero rows of the panel
 //! that are never stored. The sum over `k` runs in slices of 256 rows of
 //! `B` (partial sums wait in the output between slices), so that a slice of
-//! a block and of a panel stay in cache. Tasks (in parallel) are a block of
+//! a block and of a panel stay in cache. While a tile sums a row of `B` it
+//! prefetches the next tile's part of that row: rows lie far apart (a
+//! pointwise layer's are the input's channel planes), too many streams for
+//! the hardware prefetcher, and a layer's input is often no longer in the
+//! core's own cache. Tasks (in parallel) are a block of
 //! columns times a run of panels, so that narrow outputs (7×7 positions)
 //! still make enough tasks.
 //!
@@ -282,31 +286,17 @@ impl TiledConv {
         for k0 in (0..self.k).step_by(DEPTH) {
             let depth = DEPTH.min(self.k - k0);
             let rows = &offsets[k0..k0 + depth];
-            // A pointwise layer's rows of `B` (the input's channels) lie far
-            // apart: with enough panels to read them, they are copied, a
-            // tile's columns after another's, and the tiles read them in
-            // order.
-            if self.patches.is_none() && tiles.len() >= PACK_FROM {
-                debug_assert_eq!(b_first, 0, "a pointwise layer's B is the input");
-                PACKED.with_borrow_mut(|packed| {
-                    pack_slice(packed, (b, rows), range.clone());
-                    let b = (packed.as_slice(), &PACKED_ROWS[..depth], None);
-                    self.slice_with::<MR>(k0, b, range.clone(), tiles.clone(), output);
-                });
-            } else {
-                let b = (b, rows, Some(b_first));
-                self.slice_with::<MR>(k0, b, range.clone(), tiles.clone(), output);
-            }
+            let b = (b, rows, b_first);
+            self.slice_with::<MR>(k0, b, range.clone(), tiles.clone(), output);
         }
     }
 
     /// One slice of the sum, from row `k0` of `B` on: that slice's rows
-    /// (start of row `kk` at `offsets[kk]`, from column `b_first` on), or
-    /// their packed copy (`None`: each tile's rows in turn, `NR` apart).
+    /// (start of row `kk` at `offsets[kk]`, from column `b_first` on).
     fn slice_with<const MR: usize>(
         &self,
         k0: usize,
-        (b, offsets, b_first): (&[f32], &[usize], Option<usize>),
+        (b, offsets, b_first): (&[f32], &[usize], usize),
         range: std::ops::Range<usize>,
         tiles: std::ops::Range<usize>,
         output: &Output<'_>,
@@ -334,19 +324,19 @@ impl TiledConv {
                 tile_bias[..rows].copy_from_slice(&bias[m0..m0 + rows]);
             }
             let panel = &self.panels[(t * self.k + k0) * MR..][..depth * MR];
-            for (j, c0) in range.clone().step_by(NR).enumerate() {
+            for c0 in range.clone().step_by(NR) {
                 let width = NR.min(range.end - c0);
                 let at = (m0 - origin.0) * ld + c0 - origin.1;
-                let b_at = b_first.map_or(j * depth * NR, |first| c0 - first);
-                // SAFETY: AVX-512F is present (the constructors
-                // checked). The tile reads `width` values from each
+                let b_at = c0 - b_first;
+                // SAFETY: AVX-512F is present (the constructors checked).
+                // The tile reads `width` values from each
                 // `b[b_at + offsets[kk]..]`, kk < depth, inside `b` (each
-                // row of the slice, packed or not, holds the tile's
-                // columns), and reads (after the first
-                // slice) and writes `out[m0 + r, c0..c0 + width]` for
-                // r < rows, inside `out` (reading the residual there,
-                // as large); tasks cover disjoint (row, column) ranges,
-                // so no two threads touch the same value.
+                // row of the slice holds the tile's columns), and reads
+                // (after the first slice) and writes
+                // `out[m0 + r, c0..c0 + width]` for r < rows, inside `out`
+                // (reading the residual there, as large); tasks cover
+                // disjoint (row, column) ranges, so no two threads touch
+                // the same value.
                 unsafe {
                     let tile = avx512::Tile {
                         panel,
@@ -362,55 +352,6 @@ impl TiledConv {
                     };
                     tile.run(dst.at(at));
                 }
-            }
-        }
-    }
-}
-
-/// Panels that must read a slice of a pointwise layer's `B` before it is
-/// packed. Measured: a pointwise layer of 96 outputs (eight panels) gained
-/// 15 % from packing; 3×3 layers on shifted windows lost (a third with two
-/// panels, the detector 6–10 % overall), so only pointwise layers pack.
-const PACK_FROM: usize = 4;
-
-thread_local! {
-    /// A task's slice of `B`, packed (reused from slice to slice).
-    static PACKED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Where row `k` of a packed tile starts.
-const PACKED_ROWS: [usize; DEPTH] = {
-    let mut rows = [0; DEPTH];
-    let mut i = 0;
-    while i < DEPTH {
-        rows[i] = i * NR;
-        i += 1;
-    }
-    rows
-};
-
-/// Copies the columns `range` of the rows of `B` starting at `offsets` into
-/// `packed`: for each tile of `NR` columns in turn, its rows one after the
-/// other, `NR` values apart.
-fn pack_slice(
-    packed: &mut Vec<f32>,
-    (b, offsets): (&[f32], &[usize]),
-    range: std::ops::Range<usize>,
-) {
-    let depth = offsets.len();
-    let tiles = range.len().div_ceil(NR);
-    packed.resize(tiles * depth * NR, 0.0);
-    for (j, c0) in range.clone().step_by(NR).enumerate() {
-        let width = NR.min(range.end - c0);
-        let dst = &mut packed[j * depth * NR..(j + 1) * depth * NR];
-        if width == NR {
-            // Whole tiles: copies of a known length, inlined.
-            for (d, &o) in dst.as_chunks_mut::<NR>().0.iter_mut().zip(offsets) {
-                *d = b[o + c0..][..NR].try_into().expect("NR values");
-            }
-        } else {
-            for (d, &o) in dst.chunks_exact_mut(NR).zip(offsets) {
-                d[..width].copy_from_slice(&b[o + c0..][..width]);
             }
         }
     }
@@ -865,6 +806,10 @@ mod avx512 {
             // as it may point past the row when at most 16 lanes are kept.
             let (b0, b1) = unsafe {
                 let row = b.wrapping_add(offset);
+                // The next tile's part of this row, asked for now so that it
+                // has arrived when that tile runs (a prefetch never faults).
+                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(NR).cast());
+                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(NR + 16).cast());
                 (
                     _mm512_maskz_loadu_ps(m0, row),
                     _mm512_maskz_loadu_ps(m1, row.wrapping_add(16)),
@@ -1096,7 +1041,7 @@ mod tests {
             (8, 24, 6, 40, (3, 3), (2, 1), (1, 1), (0, 0)),
             (1, 2, 3, 3, (3, 3), (1, 1), (1, 1), (2, 2)),
             (64, 20, 10, 10, (3, 3), (1, 1), (1, 1), (1, 1)),
-            // Enough panels that slices of `B` are packed.
+            // Many panels over one block.
             (16, 50, 9, 13, (3, 3), (2, 2), (1, 1), (1, 1)),
             (40, 64, 8, 11, (3, 3), (1, 1), (1, 1), (1, 0)),
         ] {
