@@ -484,4 +484,72 @@ mod tests {
             }
         }
     }
+
+    /// The definition in `f32`, summed as the kernels sum: bias, then the
+    /// taps row by row, each a fused multiply-add (padding as zeros).
+    fn fused_in_order(g: &DepthwiseShape, c: usize, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
+        let (oh, ow) = (g.out_h(), g.out_w());
+        let planes = x.len() / (g.h * g.w);
+        let mut out = vec![0f32; planes * oh * ow];
+        for p in 0..planes {
+            let ch = p % c;
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut acc = b[ch];
+                    for ky in 0..g.kh {
+                        for kx in 0..g.kw {
+                            let iy = (oy * g.stride.0 + ky) as isize - g.pads[0] as isize;
+                            let ix = (ox * g.stride.1 + kx) as isize - g.pads[1] as isize;
+                            let inside =
+                                iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w;
+                            let v = if inside {
+                                x[p * g.h * g.w + iy as usize * g.w + ix as usize]
+                            } else {
+                                0.0
+                            };
+                            acc = w[ch * g.kh * g.kw + ky * g.kw + kx].mul_add(v, acc);
+                        }
+                    }
+                    out[(p * oh + oy) * ow + ox] = acc;
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_wide_kernel_sums_in_the_definitions_order() {
+        // The AVX-512 kernel's 3×3 sweep loads each input row once for every
+        // output row that reads it; the sums must still run bias, then the
+        // taps row by row, so its values are the in-order fused sums, bit for
+        // bit (unclamped).
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let mut seed = 500;
+        for stride in [(1, 1), (2, 2), (1, 2), (2, 1)] {
+            for (h, w) in [(28, 28), (7, 7), (14, 40), (57, 19), (3, 3), (112, 112)] {
+                seed += 1;
+                let g = DepthwiseShape {
+                    h,
+                    w,
+                    kh: 3,
+                    kw: 3,
+                    stride,
+                    dilation: (1, 1),
+                    pads: [1, 1, 1, 1],
+                };
+                let c = 5;
+                let x = values(seed, c * h * w);
+                let wt = values(seed + 1000, c * 9);
+                let b = values(seed + 2000, c);
+                let unbounded = (f32::NEG_INFINITY, f32::INFINITY);
+                let got = depthwise_on(&g, c, c, &x, &wt, Some(&b), unbounded, true);
+                let want = fused_in_order(&g, c, &x, &wt, &b);
+                for (i, (a, e)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(a.to_bits(), e.to_bits(), "{g:?} at {i}: {a} vs {e}");
+                }
+            }
+        }
+    }
 }
