@@ -137,13 +137,11 @@ pub(super) unsafe fn plane(g: &DepthwiseShape, cols: &Columns, mut p: Plane<'_>)
     // SAFETY (every call): the caller's promises, passed on.
     unsafe {
         if sweeps(g) {
+            let oh = g.out_h();
             for c in 0..cols.store.len() {
-                for rows in cols.inner_rows.chunks(WIDEST) {
-                    sweep_rows(g, cols, &mut p, c, rows);
+                for oy0 in (0..oh).step_by(WIDEST) {
+                    sweep_rows(g, cols, &mut p, c, oy0..(oy0 + WIDEST).min(oh));
                 }
-            }
-            for units in cols.edge.chunks(4) {
-                group(g, cols, &mut p, units, Kind::Edge);
             }
             return;
         }
@@ -171,9 +169,8 @@ fn sweeps(g: &DepthwiseShape) -> bool {
     g.kh == 3 && g.kw == 3 && g.dilation == (1, 1) && matches!(g.stride.0, 1 | 2)
 }
 
-/// Chunk column `c` of the output rows `rows` (consecutive, 1 to
-/// `WIDEST`, every tap inside the plane vertically), for [`sweeps`]
-/// geometries.
+/// Chunk column `c` of the output rows `rows` (1 to `WIDEST` of them), for
+/// [`sweeps`] geometries.
 ///
 /// # Safety
 /// As for [`plane`].
@@ -183,11 +180,10 @@ unsafe fn sweep_rows(
     cols: &Columns,
     p: &mut Plane<'_>,
     c: usize,
-    rows: &[usize],
+    rows: std::ops::Range<usize>,
 ) {
-    debug_assert!(rows.windows(2).all(|r| r[1] == r[0] + 1));
-    let oy0 = rows[0];
-    // SAFETY (each arm): the caller's promises; `rows` lie inside.
+    let oy0 = rows.start;
+    // SAFETY (each arm): the caller's promises; `rows` exist.
     unsafe {
         macro_rules! run {
             ($n:literal) => {
@@ -219,9 +215,11 @@ unsafe fn sweep_rows(
 /// by row), so the sums equal the other kernels'. Loads per output: 3·SY
 /// instead of 9.
 ///
+/// Input rows above or below the plane (the padding) load as zeros and are
+/// added like any other, as the definition does.
+///
 /// # Safety
-/// As for [`plane`]; input rows `oy0·SY − top` to `(oy0 + N − 1)·SY − top
-/// + 2` lie inside the plane.
+/// As for [`plane`]; the output rows `oy0 .. oy0 + N` exist.
 // Indexed loops of constant bounds, which the compiler unrolls.
 #[allow(clippy::needless_range_loop)]
 #[inline]
@@ -245,15 +243,21 @@ unsafe fn sweep<const N: usize, const SX: usize, const SY: usize>(
         }
     }
     let mut acc = [_mm512_set1_ps(p.bias); N];
-    let top = oy0 * SY - g.pads[0];
-    let first = p.x.as_ptr().wrapping_add(top * g.w);
+    let top = (oy0 * SY) as isize - g.pads[0] as isize;
     for q in 0..(N - 1) * SY + 3 {
-        let row = first.wrapping_add(q * g.w);
+        let iy = top + q as isize;
+        // Only dereferenced through the masks' lanes, inside the plane.
+        let row = p.x.as_ptr().wrapping_offset(iy * g.w as isize);
+        let live = if (0..g.h as isize).contains(&iy) {
+            u32::MAX
+        } else {
+            0
+        };
         let mut v = [_mm512_setzero_ps(); 3];
         for kx in 0..3 {
-            // SAFETY: the row is inside the plane (the caller's promise)
-            // and the masks keep the columns inside it.
-            v[kx] = unsafe { taps::<SX>(masks[kx], row.wrapping_offset(starts[kx])) };
+            // SAFETY: a live row is inside the plane and the masks keep the
+            // columns inside it; a dead row's mask reads nothing.
+            v[kx] = unsafe { taps::<SX>(masks[kx] & live, row.wrapping_offset(starts[kx])) };
         }
         for ky in 0..3 {
             // Output j reads input row j·SY + ky.
