@@ -7,11 +7,11 @@
 //! Up to eight chunks are summed side by side, which hides the latency of
 //! the multiply-adds; the clamp is applied before the (masked) store.
 //!
-//! 3×3 kernels without dilation (MobileNet's) take a sweep instead for the
-//! rows whose taps all lie inside the plane: a block of up to eight output
-//! rows of one chunk column loads each input row it reads once — three
-//! loads, one per kernel column — and adds it into every output row that
-//! reads it, so an output costs 3 loads (stride 1) instead of 9.
+//! 3×3 kernels without dilation (MobileNet's) take a sweep instead: a block
+//! of up to eight output rows of one chunk column loads each input row it
+//! reads once — three loads, one per kernel column, none for rows in the
+//! padding — and adds it into every output row that reads it, so an output
+//! costs 3 loads (stride 1) instead of 9.
 //!
 //! The sums run in the definition's order (bias, then the taps row by row)
 //! with fused multiply-adds, as the portable kernel's AVX2 path does (a
@@ -163,8 +163,8 @@ pub(super) unsafe fn plane(g: &DepthwiseShape, cols: &Columns, mut p: Plane<'_>)
     }
 }
 
-/// Whether [`sweep_rows`] runs the rows inside the plane: 3×3 kernels
-/// without dilation, vertical stride 1 or 2.
+/// Whether [`sweep_rows`] runs every row of a plane: 3×3 kernels without
+/// dilation, vertical stride 1 or 2.
 fn sweeps(g: &DepthwiseShape) -> bool {
     g.kh == 3 && g.kw == 3 && g.dilation == (1, 1) && matches!(g.stride.0, 1 | 2)
 }
