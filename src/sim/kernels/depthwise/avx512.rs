@@ -77,6 +77,19 @@ impl Columns {
                 (((1u32 << valid) - 1) & 0xffff) as u16
             })
             .collect();
+        if sweeps(g) {
+            // The sweep runs every row by itself: no lists of chunks.
+            return Columns {
+                kw: g.kw,
+                start,
+                inside,
+                store,
+                inner: Vec::new(),
+                inner_rows: Vec::new(),
+                sided: Vec::new(),
+                edge: Vec::new(),
+            };
+        }
         let full = if sx == 1 { 0xffff } else { u32::MAX };
         let inner_column: Vec<bool> = (0..chunks)
             .map(|c| inside[c * g.kw..(c + 1) * g.kw].iter().all(|&m| m == full))
