@@ -54,6 +54,10 @@ fn main() {
         ("depthwise 144 @56", 144, 144, 56, 3, 1, 144),
         ("depthwise 960 @7", 960, 960, 7, 3, 1, 960),
         ("pointwise 960->160 @7", 960, 160, 7, 1, 1, 1),
+        ("pointwise 576->96 @14", 576, 96, 14, 1, 1, 1),
+        ("pointwise 320->1280 @7", 320, 1280, 7, 1, 1, 1),
+        ("pointwise 160->960 @7", 160, 960, 7, 1, 1, 1),
+        ("pointwise 384->64 @14", 384, 64, 14, 1, 1, 1),
         // The detector's (scripts/make_yolo_like.py), with SiLU.
         ("detector conv 16->16 @80 silu", 16, 16, 80, 3, 1, 1),
         ("detector conv 16->32 @160 s2 silu", 16, 32, 160, 3, 2, 1),

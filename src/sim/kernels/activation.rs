@@ -173,6 +173,20 @@ pub(crate) mod avx512 {
         _mm512_mul_ps(x, y)
     }
 
+    /// `activation` on 16 lanes (a NaN stays NaN through the clamp).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub fn apply16(v: __m512, activation: super::Activation) -> __m512 {
+        match activation {
+            super::Activation::None => v,
+            // `max(lo, v)` then `min(hi, v)` keep a NaN as it is.
+            super::Activation::Clamp(lo, hi) => {
+                _mm512_min_ps(_mm512_set1_ps(hi), _mm512_max_ps(_mm512_set1_ps(lo), v))
+            }
+            super::Activation::Silu => silu16(v),
+        }
+    }
+
     /// [`silu16`] over a buffer, 16 values at a time (the tail masked).
     ///
     /// # Safety

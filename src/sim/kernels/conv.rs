@@ -1,5 +1,7 @@
-//! 2-D convolution (NCHW). Layers of one group run on [`super::tiled`]
-//! where the CPU has AVX-512 (pointwise layers, and im2col layers of at most
+//! 2-D convolution (NCHW). Where the CPU has AVX-512, pointwise layers of
+//! at least [`channel_tiles::MIN_DEPTH`] input channels and output channels
+//! in multiples of 16 run on [`super::channel_tiles`], other layers of one
+//! group on [`super::tiled`] (pointwise layers, and im2col layers of at most
 //! 512 values per column); the others on a GEMM: the weight, packed once,
 //! times the input's columns (the input itself for a 1×1 convolution with
 //! stride 1 and no padding, else a virtual im2col matrix the GEMM packs from
@@ -8,6 +10,7 @@
 //! group. A residual to add after the activation is taken by every path.
 
 use super::activation::Activation;
+use super::channel_tiles::{self, ChannelTiles};
 use super::depthwise::{DepthwiseShape, depthwise};
 use super::tiled::{Patches, TiledConv, shifted_windows};
 use super::written_by;
@@ -90,6 +93,9 @@ pub struct Conv {
 enum Weights {
     /// Depthwise layers: `[C_out, kh · kw]` as given.
     Depthwise(Vec<f32>),
+    /// Pointwise layers with deep columns and output channels in multiples
+    /// of 16, on CPUs with AVX-512: packed for [`ChannelTiles`].
+    Channels(ChannelTiles),
     /// Layers of one group on CPUs with AVX-512: packed for [`TiledConv`].
     Tiled(TiledConv),
     /// Everything else: one packed block per group for the GEMM.
@@ -133,6 +139,12 @@ impl Conv {
         let m = c_out / g;
         let weights = if is_depthwise(&geometry, c_in, c_out) {
             Weights::Depthwise(weight)
+        } else if let Some(t) =
+            (g == 1 && allow_tiled && is_direct(&geometry) && c_in >= channel_tiles::MIN_DEPTH)
+                .then(|| ChannelTiles::new(&weight, c_out, c_in))
+                .flatten()
+        {
+            Weights::Channels(t)
         } else if let Some(t) = (g == 1 && allow_tiled)
             .then(|| tiled(&weight, c_out, c_in, &geometry))
             .flatten()
@@ -227,6 +239,22 @@ impl Conv {
                     .for_each(|c| Activation::Silu.apply(c));
             }
             return Some((add(out), (oh, ow)));
+        }
+        if let Weights::Channels(t) = &self.weights {
+            let (per_in, per_out) = (self.c_in * h * w, self.c_out * oh * ow);
+            let fill = |out: &mut [MaybeUninit<f32>]| {
+                for (s, (xs, os)) in x
+                    .chunks_exact(per_in)
+                    .zip(out.chunks_exact_mut(per_out))
+                    .enumerate()
+                {
+                    let r = residual.map(|r| &r[s * per_out..][..per_out]);
+                    let bias = self.bias.as_deref();
+                    t.run(xs, oh * ow, bias, self.activation, r, os);
+                }
+            };
+            // SAFETY: each sample's run writes all of its outputs.
+            return Some((unsafe { written_by(len, fill) }, (oh, ow)));
         }
         if let Weights::Tiled(t) = &self.weights {
             let (per_in, per_out) = (self.c_in * h * w, self.c_out * oh * ow);
@@ -651,6 +679,9 @@ mod tests {
             // Deeper columns than the tiled kernel takes (576).
             (1, 64, 8, 6, 6, (3, 3), (1, 1), (1, 1), [1, 1, 1, 1], 1),
             (1, 16, 24, 50, 50, (1, 1), (1, 1), (1, 1), [0, 0, 0, 0], 1),
+            // Pointwise with deep columns: output channels in the lanes
+            // (`channel_tiles`), two samples.
+            (2, 96, 48, 7, 9, (1, 1), (1, 1), (1, 1), [0, 0, 0, 0], 1),
         ];
         for (i, &(n, c_in, c_out, h, w, kernel, stride, dilation, pads, group)) in
             cases.iter().enumerate()

@@ -1,10 +1,12 @@
-//! Kernels the CPU engine owns: convolution as AVX-512 tiles (`tiled`) or
-//! on a packed GEMM (`rten-gemm`), a SIMD depthwise convolution, a dense
+//! Kernels the CPU engine owns: convolution as AVX-512 tiles (`tiled`, and
+//! `channel_tiles` for deep pointwise layers) or on a packed GEMM
+//! (`rten-gemm`), a SIMD depthwise convolution, a dense
 //! layer, and the exact integer
 //! convolution and dense layer of deploy models. Each is tested against
 //! the operator's definition on random shapes.
 
 pub mod activation;
+pub mod channel_tiles;
 pub mod conv;
 pub mod depthwise;
 pub mod int_conv;

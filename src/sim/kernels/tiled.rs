@@ -678,7 +678,7 @@ unsafe impl Sync for OutPtr {}
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{Activation, NR};
-    use crate::sim::kernels::activation::avx512::silu16;
+    use crate::sim::kernels::activation::avx512::apply16 as activate;
     use std::arch::x86_64::*;
 
     /// One `MR × width` tile (`width ≤ NR`) of the product.
@@ -846,20 +846,6 @@ mod avx512 {
                 let v = _mm512_permutex2var_ps(a, even, b);
                 _mm512_mask_storeu_ps(chunk.as_mut_ptr().cast(), lanes(chunk.len()), v);
             }
-        }
-    }
-
-    /// The activation on 16 lanes.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    fn activate(v: __m512, activation: Activation) -> __m512 {
-        match activation {
-            Activation::None => v,
-            // `max(lo, v)` then `min(hi, v)` keep a NaN as it is.
-            Activation::Clamp(lo, hi) => {
-                _mm512_min_ps(_mm512_set1_ps(hi), _mm512_max_ps(_mm512_set1_ps(lo), v))
-            }
-            Activation::Silu => silu16(v),
         }
     }
 }
