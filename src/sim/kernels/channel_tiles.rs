@@ -10,9 +10,10 @@
 //! kernel takes, and a tile of fewer positions is simply a shorter one, so
 //! nothing is wasted at any plane size. The price is the store: a tile's
 //! sums are a column per position, and the output is NCHW, so each tile is
-//! turned around (through a small buffer in L1) before it is written — a
-//! cost per output, against `k` multiply-adds per output, which is why
-//! only layers with deep columns ([`MIN_DEPTH`]) take this kernel. Each row
+//! turned around in registers (a 16 × 16 transpose per vector of channels)
+//! before it is written — a cost per output, against `k` multiply-adds per
+//! output, which is why only layers with deep columns ([`MIN_DEPTH`]) take
+//! this kernel. Each row
 //! of `x` is read as 14 consecutive values, one row after another at a
 //! fixed stride: a pattern the hardware prefetcher follows, where the tiled
 //! kernel's rows of 32 values a plane apart need software prefetches.
@@ -29,9 +30,10 @@ const POSITIONS: usize = 14;
 /// Output channels per block of the packed weight (a layer's last block
 /// may hold 16).
 const BLOCK: usize = 32;
-/// Input channels from which a pointwise layer takes this kernel: the
-/// turn-around of a tile costs about as much as 16 rows of its sum, so
-/// shallower layers keep the tiled kernel (see `docs/engine.md`).
+/// Input channels from which a pointwise layer takes this kernel: storing
+/// a tile costs about as much as 16 to 20 rows of its sum (a fifth of the
+/// kernel's time at 64 to 96 input channels), so shallower layers keep the
+/// tiled kernel (see `docs/engine.md`).
 pub const MIN_DEPTH: usize = 64;
 
 /// A pointwise layer's weight packed for the tiles.
@@ -243,31 +245,21 @@ mod avx512 {
             }
             // SAFETY: as this function's contract says for `x`.
             let acc = unsafe { accumulate::<N, V>(acc, self.weights, self.x.as_ptr(), self.cols) };
-            // The tile turned around through a buffer: row `p` holds one
-            // position's 16 channels, and each channel's `N` positions are
-            // then gathered from its column.
-            let column: __m512i = _mm512_setr_epi32(
-                0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240,
-            );
             let mask = ((1u32 << N) - 1) as __mmask16;
-            let mut turned = [[0f32; 16]; N];
             for v in 0..V {
-                for (row, sums) in turned.iter_mut().zip(&acc) {
-                    // SAFETY: 16 writable values.
-                    unsafe {
-                        _mm512_storeu_ps(row.as_mut_ptr(), apply16(sums[v], self.activation))
-                    };
+                // Row p: position p's 16 channels, activated; turned
+                // around, vector j holds channel j's positions.
+                let mut rows = [_mm512_setzero_ps(); 16];
+                for (row, sums) in rows.iter_mut().zip(&acc) {
+                    *row = apply16(sums[v], self.activation);
                 }
-                for j in 0..16 {
+                let channels = transpose16(rows);
+                for (j, &y) in channels.iter().enumerate() {
                     let m = v * 16 + j;
-                    // SAFETY: lanes p < N gather `turned[p][j]`, inside
-                    // the buffer; the masked residual load and the store
-                    // touch row m's n = N positions, which the caller
-                    // promises exist.
+                    // SAFETY: the masked residual load and the store touch
+                    // row m's N positions, which the caller promises exist.
                     unsafe {
-                        let base = turned.as_ptr().cast::<f32>().add(j);
-                        let mut y =
-                            _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, column, base);
+                        let mut y = y;
                         if let Some(r) = self.residual {
                             let r = _mm512_maskz_loadu_ps(mask, r.as_ptr().add(m * self.cols));
                             y = _mm512_add_ps(y, r);
@@ -279,14 +271,49 @@ mod avx512 {
         }
     }
 
-    /// `acc[p][v] += Σ_k weights[k, v] · x[k, p]`. A function of its own,
-    /// taking and returning the sums by value, so that they live in
-    /// registers through the loop.
+    /// The 16 × 16 transpose: lane `i` of result `j` is lane `j` of `r[i]`.
+    /// Four rounds of in-register shuffles (64 in all): pairs of rows
+    /// interleaved, then pairs of pairs within each 128-bit lane, then
+    /// 128-bit blocks twice.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+        let mut t = [_mm512_setzero_ps(); 16];
+        for q in 0..8 {
+            t[2 * q] = _mm512_unpacklo_ps(r[2 * q], r[2 * q + 1]);
+            t[2 * q + 1] = _mm512_unpackhi_ps(r[2 * q], r[2 * q + 1]);
+        }
+        let mut u = [_mm512_setzero_ps(); 16];
+        for g in 0..4 {
+            let (lo01, hi01, lo23, hi23) = (t[4 * g], t[4 * g + 1], t[4 * g + 2], t[4 * g + 3]);
+            u[4 * g] = _mm512_shuffle_ps::<0x44>(lo01, lo23);
+            u[4 * g + 1] = _mm512_shuffle_ps::<0xEE>(lo01, lo23);
+            u[4 * g + 2] = _mm512_shuffle_ps::<0x44>(hi01, hi23);
+            u[4 * g + 3] = _mm512_shuffle_ps::<0xEE>(hi01, hi23);
+        }
+        let mut v = [_mm512_setzero_ps(); 16];
+        for h in 0..2 {
+            for j in 0..4 {
+                let (a, b) = (u[8 * h + j], u[8 * h + j + 4]);
+                v[8 * h + j] = _mm512_shuffle_f32x4::<0x88>(a, b);
+                v[8 * h + j + 4] = _mm512_shuffle_f32x4::<0xDD>(a, b);
+            }
+        }
+        let mut o = [_mm512_setzero_ps(); 16];
+        for j in 0..8 {
+            o[j] = _mm512_shuffle_f32x4::<0x88>(v[j], v[j + 8]);
+            o[j + 8] = _mm512_shuffle_f32x4::<0xDD>(v[j], v[j + 8]);
+        }
+        o
+    }
+
+    /// `acc[p][v] += Σ_k weights[k, v] · x[k, p]`, the sums taken and
+    /// returned by value so that they live in registers through the loop.
     ///
     /// # Safety
     /// AVX-512F must be present; `x` must hold `N` values at each
     /// `x + kk · cols`, `kk < weights.len() / (16 V)`.
-    #[inline(never)]
+    #[inline]
     #[target_feature(enable = "avx512f")]
     // Index loops: the compiler unrolls them and keeps every sum in a
     // register (checked in the disassembly: no spills).
