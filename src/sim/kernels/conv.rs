@@ -1,7 +1,7 @@
-//! 2-D convolution (NCHW). Where the CPU has AVX-512, pointwise layers of
-//! at least [`channel_tiles::MIN_DEPTH`] input channels and output channels
-//! in multiples of 16 run on [`super::channel_tiles`], other layers of one
-//! group on [`super::tiled`] (pointwise layers, and im2col layers of at most
+//! 2-D convolution (NCHW). Where the CPU has AVX-512, layers of one group
+//! with columns of at least [`channel_tiles::MIN_DEPTH`] values, output
+//! channels in multiples of 16 and strides of at most 2 run on
+//! [`super::channel_tiles`], other layers of one group on [`super::tiled`] (pointwise layers, and im2col layers of at most
 //! 512 values per column); the others on a GEMM: the weight, packed once,
 //! times the input's columns (the input itself for a 1×1 convolution with
 //! stride 1 and no padding, else a virtual im2col matrix the GEMM packs from
@@ -139,10 +139,9 @@ impl Conv {
         let m = c_out / g;
         let weights = if is_depthwise(&geometry, c_in, c_out) {
             Weights::Depthwise(weight)
-        } else if let Some(t) =
-            (g == 1 && allow_tiled && is_direct(&geometry) && c_in >= channel_tiles::MIN_DEPTH)
-                .then(|| ChannelTiles::new(&weight, c_out, c_in))
-                .flatten()
+        } else if let Some(t) = (g == 1 && allow_tiled)
+            .then(|| channel_tiles(&weight, c_out, c_in, &geometry))
+            .flatten()
         {
             Weights::Channels(t)
         } else if let Some(t) = (g == 1 && allow_tiled)
@@ -250,7 +249,7 @@ impl Conv {
                 {
                     let r = residual.map(|r| &r[s * per_out..][..per_out]);
                     let bias = self.bias.as_deref();
-                    t.run(xs, oh * ow, bias, self.activation, r, os);
+                    t.run(xs, (h, w), (oh, ow), bias, self.activation, r, os);
                 }
             };
             // SAFETY: each sample's run writes all of its outputs.
@@ -499,6 +498,35 @@ unsafe impl Send for SharedOut {}
 // SAFETY: as above; the pointer is only read to derive disjoint slices.
 unsafe impl Sync for SharedOut {}
 
+/// The channel-lane kernel for a layer of one group whose columns hold at
+/// least [`channel_tiles::MIN_DEPTH`] values and whose output channels come
+/// in multiples of 16: on the input itself when pointwise, else on shifted
+/// windows (strides 1 and 2); `None` otherwise or without AVX-512F.
+fn channel_tiles(
+    weight: &[f32],
+    c_out: usize,
+    c_in: usize,
+    g: &ConvGeometry,
+) -> Option<ChannelTiles> {
+    if c_in * g.kernel.0 * g.kernel.1 < channel_tiles::MIN_DEPTH {
+        return None;
+    }
+    if is_direct(g) {
+        return ChannelTiles::pointwise(weight, c_out, c_in);
+    }
+    ChannelTiles::patches(
+        weight,
+        c_out,
+        Patches {
+            c_in,
+            kernel: g.kernel,
+            stride: g.stride,
+            dilation: g.dilation,
+            pads: (g.pads[0], g.pads[1]),
+        },
+    )
+}
+
 /// The tiled kernel for a layer of one group: on the input itself when
 /// pointwise, else on shifted windows or im2col blocks (see [`tiled`]) when
 /// a column holds at most [`TILED_IM2COL_DEPTH`] values, or more at stride 1
@@ -682,6 +710,9 @@ mod tests {
             // Pointwise with deep columns: output channels in the lanes
             // (`channel_tiles`), two samples.
             (2, 96, 48, 7, 9, (1, 1), (1, 1), (1, 1), [0, 0, 0, 0], 1),
+            // And 3×3 on shifted windows, strides 2 and 1, asymmetric pads.
+            (2, 16, 32, 9, 11, (3, 3), (2, 2), (1, 1), [1, 1, 1, 1], 1),
+            (1, 24, 16, 8, 6, (3, 3), (1, 1), (1, 1), [1, 0, 2, 1], 1),
         ];
         for (i, &(n, c_in, c_out, h, w, kernel, stride, dilation, pads, group)) in
             cases.iter().enumerate()

@@ -446,11 +446,11 @@ pub fn shifted_windows(patches: &Patches, c_out: usize) -> bool {
 /// plane, shifted. The grid's last `row − ow` columns of each output row
 /// are computed and dropped ([`Shifted::compact`]); the copy costs a pass
 /// over the input where im2col wrote every value `kh × kw` times.
-struct Shifted {
+pub(super) struct Shifted {
     /// Columns of the grid (`oh × row`).
     columns: usize,
     /// Values per row of a phase plane.
-    row: usize,
+    pub(super) row: usize,
     /// Rows of a phase plane: the output's, the kernel's reach, and one
     /// more for the reads of a last row's dropped columns.
     rows: usize,
@@ -458,7 +458,7 @@ struct Shifted {
 }
 
 impl Shifted {
-    fn new(p: &Patches, (oh, ow): (usize, usize)) -> Shifted {
+    pub(super) fn new(p: &Patches, (oh, ow): (usize, usize)) -> Shifted {
         let (sy, sx) = p.stride;
         let reach_y = (p.kernel.0 - 1) * p.dilation.0 / sy;
         let reach_x = (p.kernel.1 - 1) * p.dilation.1 / sx;
@@ -479,7 +479,7 @@ impl Shifted {
     /// The phase planes of `x` (`[c_in, h, w]`) and where each row of `B`
     /// (`(c, ky, kx)`, the weight's order) starts in them.
     /// Channels are copied in parallel when `parallel`.
-    fn source(
+    pub(super) fn source(
         &self,
         p: &Patches,
         x: &[f32],
