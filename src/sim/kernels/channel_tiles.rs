@@ -25,7 +25,7 @@
 //! Only for CPUs with AVX-512F; elsewhere the constructor declines.
 
 use super::activation::Activation;
-use super::tiled::{Patches, Shifted};
+use super::tiled::{OutPtr, Patches, Shifted, check_sample, supported};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
@@ -53,18 +53,6 @@ pub struct ChannelTiles {
     /// `None`: `B` is the input (pointwise layer); else shifted windows of
     /// it ([`Shifted`]).
     patches: Option<Patches>,
-}
-
-/// Whether this CPU runs the AVX-512 tile.
-fn supported() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 impl ChannelTiles {
@@ -136,17 +124,14 @@ impl ChannelTiles {
         let (c_out, k) = (self.c_out, self.k);
         let cols = oh * ow;
         let c_in = self.patches.map_or(k, |p| p.c_in);
-        assert_eq!(x.len(), c_in * h * w, "the input is [c_in, h, w]");
-        if self.patches.is_none() {
-            assert_eq!(h * w, cols, "a pointwise layer keeps the positions");
-        }
-        assert_eq!(out.len(), c_out * cols, "the output is [c_out, oh, ow]");
-        if let Some(r) = residual {
-            assert_eq!(r.len(), out.len(), "the residual is [c_out, oh, ow]");
-        }
-        if let Some(b) = bias {
-            assert_eq!(b.len(), c_out, "one bias per output channel");
-        }
+        let pointwise = self.patches.is_none();
+        check_sample(
+            (x, c_in, (h, w)),
+            pointwise,
+            (out.len(), c_out, (oh, ow)),
+            bias,
+            residual,
+        );
         if cols == 0 {
             return;
         }
@@ -218,26 +203,6 @@ impl ChannelTiles {
         }
     }
 }
-
-/// The output, written by tasks in disjoint tiles.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-
-impl OutPtr {
-    /// The output from value `offset` on.
-    ///
-    /// # Safety
-    /// `offset` must lie inside the output.
-    unsafe fn at(self, offset: usize) -> *mut f32 {
-        // SAFETY: inside the output (the caller's promise).
-        unsafe { self.0.add(offset) }
-    }
-}
-
-// SAFETY: tasks write disjoint tiles through the pointer (see `run`).
-unsafe impl Send for OutPtr {}
-// SAFETY: as above.
-unsafe impl Sync for OutPtr {}
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {

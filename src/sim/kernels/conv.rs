@@ -239,7 +239,12 @@ impl Conv {
             }
             return Some((add(out), (oh, ow)));
         }
-        if let Weights::Channels(t) = &self.weights {
+        let one_group: Option<&dyn SampleKernel> = match &self.weights {
+            Weights::Channels(t) => Some(t),
+            Weights::Tiled(t) => Some(t),
+            _ => None,
+        };
+        if let Some(t) = one_group {
             let (per_in, per_out) = (self.c_in * h * w, self.c_out * oh * ow);
             let fill = |out: &mut [MaybeUninit<f32>]| {
                 for (s, (xs, os)) in x
@@ -249,23 +254,7 @@ impl Conv {
                 {
                     let r = residual.map(|r| &r[s * per_out..][..per_out]);
                     let bias = self.bias.as_deref();
-                    t.run(xs, (h, w), (oh, ow), bias, self.activation, r, os);
-                }
-            };
-            // SAFETY: each sample's run writes all of its outputs.
-            return Some((unsafe { written_by(len, fill) }, (oh, ow)));
-        }
-        if let Weights::Tiled(t) = &self.weights {
-            let (per_in, per_out) = (self.c_in * h * w, self.c_out * oh * ow);
-            let fill = |out: &mut [MaybeUninit<f32>]| {
-                for (s, (xs, os)) in x
-                    .chunks_exact(per_in)
-                    .zip(out.chunks_exact_mut(per_out))
-                    .enumerate()
-                {
-                    let r = residual.map(|r| &r[s * per_out..][..per_out]);
-                    let bias = self.bias.as_deref();
-                    t.run(xs, (h, w), (oh, ow), bias, self.activation, r, os);
+                    t.run_sample(xs, (h, w), (oh, ow), bias, self.activation, r, os);
                 }
             };
             // SAFETY: each sample's run writes all of its outputs.
@@ -497,6 +486,43 @@ impl SharedOut {
 unsafe impl Send for SharedOut {}
 // SAFETY: as above; the pointer is only read to derive disjoint slices.
 unsafe impl Sync for SharedOut {}
+
+/// A kernel for layers of one group that runs one sample at a time
+/// (`x` `[c_in, h, w]` to `out` `[c_out, oh, ow]`, writing every value).
+trait SampleKernel {
+    #[allow(clippy::too_many_arguments)]
+    fn run_sample(
+        &self,
+        x: &[f32],
+        hw: (usize, usize),
+        ohw: (usize, usize),
+        bias: Option<&[f32]>,
+        activation: Activation,
+        residual: Option<&[f32]>,
+        out: &mut [MaybeUninit<f32>],
+    );
+}
+
+/// Implements [`SampleKernel`] by the kernel's own `run`.
+macro_rules! sample_kernel {
+    ($($t:ty),*) => {$(
+        impl SampleKernel for $t {
+            fn run_sample(
+                &self,
+                x: &[f32],
+                hw: (usize, usize),
+                ohw: (usize, usize),
+                bias: Option<&[f32]>,
+                activation: Activation,
+                residual: Option<&[f32]>,
+                out: &mut [MaybeUninit<f32>],
+            ) {
+                self.run(x, hw, ohw, bias, activation, residual, out)
+            }
+        }
+    )*};
+}
+sample_kernel!(ChannelTiles, TiledConv);
 
 /// The channel-lane kernel for a layer of one group whose columns hold at
 /// least [`channel_tiles::MIN_DEPTH`] values and whose output channels come

@@ -67,6 +67,30 @@ pub struct TiledConv {
     shift: bool,
 }
 
+/// Checks one sample's arguments to a kernel for layers of one group:
+/// `x` is `[c_in, h, w]`, the output (`out_len` values) and the residual
+/// `[c_out, oh, ow]`, one bias per output channel, and a pointwise layer
+/// keeps the positions.
+pub(super) fn check_sample(
+    (x, c_in, (h, w)): (&[f32], usize, (usize, usize)),
+    pointwise: bool,
+    (out_len, c_out, (oh, ow)): (usize, usize, (usize, usize)),
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+) {
+    assert_eq!(x.len(), c_in * h * w, "the input is [c_in, h, w]");
+    if pointwise {
+        assert_eq!(h * w, oh * ow, "a pointwise layer keeps the positions");
+    }
+    assert_eq!(out_len, c_out * oh * ow, "the output is [c_out, oh, ow]");
+    if let Some(r) = residual {
+        assert_eq!(r.len(), out_len, "the residual is [c_out, oh, ow]");
+    }
+    if let Some(b) = bias {
+        assert_eq!(b.len(), c_out, "one bias per output channel");
+    }
+}
+
 /// The im2col geometry of a convolution of one group.
 #[derive(Clone, Copy, Debug)]
 pub struct Patches {
@@ -82,8 +106,9 @@ pub struct Patches {
     pub pads: (usize, usize),
 }
 
-/// Whether this CPU runs the AVX-512 tile.
-fn supported() -> bool {
+/// Whether this CPU runs the AVX-512 tiles (here and in
+/// [`super::channel_tiles`]).
+pub(super) fn supported() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")
@@ -156,21 +181,14 @@ impl TiledConv {
     ) {
         let cols = oh * ow;
         let c_in = self.patches.map_or(self.k, |p| p.c_in);
-        assert_eq!(x.len(), c_in * h * w, "the input is [c_in, h, w]");
-        if self.patches.is_none() {
-            assert_eq!(h * w, cols, "a pointwise layer keeps the positions");
-        }
-        assert_eq!(
-            out.len(),
-            self.c_out * cols,
-            "the output is [c_out, oh, ow]"
+        let pointwise = self.patches.is_none();
+        check_sample(
+            (x, c_in, (h, w)),
+            pointwise,
+            (out.len(), self.c_out, (oh, ow)),
+            bias,
+            residual,
         );
-        if let Some(r) = residual {
-            assert_eq!(r.len(), out.len(), "the residual is [c_out, oh, ow]");
-        }
-        if let Some(b) = bias {
-            assert_eq!(b.len(), self.c_out, "one bias per output channel");
-        }
         let shifted = match self.patches {
             Some(p) if self.shift && shifted_windows(&p, self.c_out) => {
                 Some(Shifted::new(&p, (oh, ow)))
@@ -657,14 +675,14 @@ struct Output<'a> {
 
 /// The output, written by tasks in disjoint tiles.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(super) struct OutPtr(pub(super) *mut f32);
 
 impl OutPtr {
     /// The output from value `offset` on.
     ///
     /// # Safety
     /// `offset` must lie inside the output.
-    unsafe fn at(self, offset: usize) -> *mut f32 {
+    pub(super) unsafe fn at(self, offset: usize) -> *mut f32 {
         // SAFETY: inside the output (the caller's promise).
         unsafe { self.0.add(offset) }
     }
