@@ -6,10 +6,12 @@
 use super::kernels::activation::{self, clamp_value, round_before_clamp};
 use super::kernels::conv::{Conv, Dense};
 use super::kernels::int_conv::{IntConv, IntDense, Quantizer};
+use super::kernels::written_by;
 use crate::onnx::NodeProto;
 use crate::onnx::attr::{int_attr, ints_attr, string_attr};
 use ndarray::{ArrayD, Axis, IxDyn, Zip};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 type OpResult = Result<ArrayD<f32>, String>;
 
@@ -666,20 +668,25 @@ pub fn resize_nearest(x: &ArrayD<f32>, scales: &[f32]) -> OpResult {
         let (fy, fx) = (factors[r - 2], factors[r - 1]);
         let data = contiguous(x);
         let (oh, ow) = (h * fy, w * fx);
-        let mut out = vec![0f32; data.len() * fy * fx];
-        out.par_chunks_mut((oh * ow).max(1))
-            .zip(data.par_chunks((h * w).max(1)))
-            .for_each(|(o, plane)| {
-                for y in 0..h {
-                    let first = &mut o[y * fy * ow..(y * fy + 1) * ow];
-                    for (chunk, v) in first.chunks_exact_mut(fx).zip(&plane[y * w..(y + 1) * w]) {
-                        chunk.fill(*v);
+        let fill = |out: &mut [MaybeUninit<f32>]| {
+            out.par_chunks_mut((oh * ow).max(1))
+                .zip(data.par_chunks((h * w).max(1)))
+                .for_each(|(o, plane)| {
+                    for y in 0..h {
+                        let first = &mut o[y * fy * ow..(y * fy + 1) * ow];
+                        let row = &plane[y * w..(y + 1) * w];
+                        for (chunk, v) in first.chunks_exact_mut(fx).zip(row) {
+                            chunk.fill(MaybeUninit::new(*v));
+                        }
+                        for k in 1..fy {
+                            o.copy_within(y * fy * ow..(y * fy + 1) * ow, (y * fy + k) * ow);
+                        }
                     }
-                    for k in 1..fy {
-                        o.copy_within(y * fy * ow..(y * fy + 1) * ow, (y * fy + k) * ow);
-                    }
-                }
-            });
+                });
+        };
+        // SAFETY: every output row is written: the first of each group of
+        // `fy` value by value, the others copied from it.
+        let out = unsafe { written_by(data.len() * fy * fx, fill) };
         return ArrayD::from_shape_vec(IxDyn(&shape), out).map_err(|e| e.to_string());
     }
     let mut src = vec![0usize; shape.len()];

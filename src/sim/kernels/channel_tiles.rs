@@ -102,11 +102,6 @@ impl ChannelTiles {
         })
     }
 
-    /// Output channels.
-    pub fn c_out(&self) -> usize {
-        self.c_out
-    }
-
     /// One sample: `x` is `[c_in, h, w]`; `out` and `residual` are
     /// `[c_out, oh, ow]` (`oh × ow = h × w` for a pointwise layer). Writes
     /// every value of `out`.

@@ -1,8 +1,9 @@
 //! 2-D convolution (NCHW). Where the CPU has AVX-512, layers of one group
 //! with columns of at least [`channel_tiles::MIN_DEPTH`] values, output
 //! channels in multiples of 16 and strides of at most 2 run on
-//! [`super::channel_tiles`], other layers of one group on [`super::tiled`] (pointwise layers, and im2col layers of at most
-//! 512 values per column); the others on a GEMM: the weight, packed once,
+//! [`super::channel_tiles`], other layers of one group on [`super::tiled`]
+//! (pointwise layers, and im2col layers of at most 512 values per column);
+//! the others on a GEMM: the weight, packed once,
 //! times the input's columns (the input itself for a 1×1 convolution with
 //! stride 1 and no padding, else a virtual im2col matrix the GEMM packs from
 //! the image), bias and activation (clamp or SiLU) fused after. Depthwise
@@ -93,8 +94,9 @@ pub struct Conv {
 enum Weights {
     /// Depthwise layers: `[C_out, kh · kw]` as given.
     Depthwise(Vec<f32>),
-    /// Pointwise layers with deep columns and output channels in multiples
-    /// of 16, on CPUs with AVX-512: packed for [`ChannelTiles`].
+    /// Layers of one group with deep columns, output channels in multiples
+    /// of 16 and strides of at most 2, on CPUs with AVX-512: packed for
+    /// [`ChannelTiles`].
     Channels(ChannelTiles),
     /// Layers of one group on CPUs with AVX-512: packed for [`TiledConv`].
     Tiled(TiledConv),

@@ -1,5 +1,5 @@
 //! Kernels the CPU engine owns: convolution as AVX-512 tiles (`tiled`, and
-//! `channel_tiles` for deep pointwise layers) or on a packed GEMM
+//! `channel_tiles` for layers with deep columns) or on a packed GEMM
 //! (`rten-gemm`), a SIMD depthwise convolution, a dense
 //! layer, and the exact integer
 //! convolution and dense layer of deploy models. Each is tested against
