@@ -241,30 +241,52 @@ impl Conv {
             }
             return Some((add(out), (oh, ow)));
         }
-        let one_group: Option<&dyn SampleKernel> = match &self.weights {
-            Weights::Channels(t) => Some(t),
-            Weights::Tiled(t) => Some(t),
-            _ => None,
-        };
-        if let Some(t) = one_group {
-            let (per_in, per_out) = (self.c_in * h * w, self.c_out * oh * ow);
-            let fill = |out: &mut [MaybeUninit<f32>]| {
-                for (s, (xs, os)) in x
-                    .chunks_exact(per_in)
-                    .zip(out.chunks_exact_mut(per_out))
-                    .enumerate()
-                {
-                    let r = residual.map(|r| &r[s * per_out..][..per_out]);
-                    let bias = self.bias.as_deref();
-                    t.run_sample(xs, (h, w), (oh, ow), bias, self.activation, r, os);
-                }
-            };
-            // SAFETY: each sample's run writes all of its outputs.
-            return Some((unsafe { written_by(len, fill) }, (oh, ow)));
+        let (bias, act) = (self.bias.as_deref(), self.activation);
+        match &self.weights {
+            Weights::Channels(t) => {
+                let out = self.per_sample(x, n, (h, w), (oh, ow), residual, |xs, r, os| {
+                    t.run(xs, (h, w), (oh, ow), bias, act, r, os)
+                });
+                return Some((out, (oh, ow)));
+            }
+            Weights::Tiled(t) => {
+                let out = self.per_sample(x, n, (h, w), (oh, ow), residual, |xs, r, os| {
+                    t.run(xs, (h, w), (oh, ow), bias, act, r, os)
+                });
+                return Some((out, (oh, ow)));
+            }
+            _ => {}
         }
         // SAFETY: the groups' GEMMs below write every output of every sample.
         let out = unsafe { written_by(len, |out| self.gemms(x, n, (h, w), (oh, ow), out)) };
         Some((add(out), (oh, ow)))
+    }
+
+    /// The output of a kernel that runs one sample at a time: `run(x, r,
+    /// out)` for each of the `n` samples' input `[c_in, h, w]`, residual and output
+    /// `[c_out, oh, ow]`, writing every value of `out`.
+    fn per_sample(
+        &self,
+        x: &[f32],
+        n: usize,
+        (h, w): (usize, usize),
+        (oh, ow): (usize, usize),
+        residual: Option<&[f32]>,
+        run: impl Fn(&[f32], Option<&[f32]>, &mut [MaybeUninit<f32>]),
+    ) -> Vec<f32> {
+        let (per_in, per_out) = (self.c_in * h * w, self.c_out * oh * ow);
+        assert_eq!(x.len(), n * per_in, "the input is [n, c_in, h, w]");
+        let fill = |out: &mut [MaybeUninit<f32>]| {
+            for (s, (xs, os)) in x
+                .chunks_exact(per_in)
+                .zip(out.chunks_exact_mut(per_out))
+                .enumerate()
+            {
+                run(xs, residual.map(|r| &r[s * per_out..][..per_out]), os);
+            }
+        };
+        // SAFETY: `run` writes all of each sample's outputs (its contract).
+        unsafe { written_by(n * per_out, fill) }
     }
 
     /// The GEMM of every sample and group, into `out` (`[n, C_out, oh, ow]`).
@@ -488,43 +510,6 @@ impl SharedOut {
 unsafe impl Send for SharedOut {}
 // SAFETY: as above; the pointer is only read to derive disjoint slices.
 unsafe impl Sync for SharedOut {}
-
-/// A kernel for layers of one group that runs one sample at a time
-/// (`x` `[c_in, h, w]` to `out` `[c_out, oh, ow]`, writing every value).
-trait SampleKernel {
-    #[allow(clippy::too_many_arguments)]
-    fn run_sample(
-        &self,
-        x: &[f32],
-        hw: (usize, usize),
-        ohw: (usize, usize),
-        bias: Option<&[f32]>,
-        activation: Activation,
-        residual: Option<&[f32]>,
-        out: &mut [MaybeUninit<f32>],
-    );
-}
-
-/// Implements [`SampleKernel`] by the kernel's own `run`.
-macro_rules! sample_kernel {
-    ($($t:ty),*) => {$(
-        impl SampleKernel for $t {
-            fn run_sample(
-                &self,
-                x: &[f32],
-                hw: (usize, usize),
-                ohw: (usize, usize),
-                bias: Option<&[f32]>,
-                activation: Activation,
-                residual: Option<&[f32]>,
-                out: &mut [MaybeUninit<f32>],
-            ) {
-                self.run(x, hw, ohw, bias, activation, residual, out)
-            }
-        }
-    )*};
-}
-sample_kernel!(ChannelTiles, TiledConv);
 
 /// The channel-lane kernel for a layer of one group whose columns hold at
 /// least [`channel_tiles::MIN_DEPTH`] values and whose output channels come
