@@ -259,7 +259,9 @@ fn ctrl_c_writes_a_checkpoint_to_resume_from() {
             .arg(dir.path().join("q"));
         c
     };
-    let mut child = command("1000")
+    // So many steps that no machine finishes them before the signal lands:
+    // whichever step it interrupts, the checks below hold.
+    let mut child = command("100000000")
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -270,10 +272,9 @@ fn ctrl_c_writes_a_checkpoint_to_resume_from() {
             break;
         }
     }
-    std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
+    // SAFETY: kill(2) on the child's pid, which has not been waited for.
+    let sent = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    assert_eq!(sent, 0, "SIGINT could not be sent");
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(2), "{rest:?}");
@@ -288,7 +289,7 @@ fn ctrl_c_writes_a_checkpoint_to_resume_from() {
         .and_then(|t| t.split(';').next())
         .and_then(|n| n.trim().parse().ok())
         .unwrap();
-    assert!((3..1000).contains(&step), "{message}");
+    assert!((3..100_000_000).contains(&step), "{message}");
     assert!(!dir.path().join("q_deploy_model.onnx").exists());
     let checkpoint = dir.path().join("q_qat_checkpoint");
     let o = command(&(step + 2).to_string())

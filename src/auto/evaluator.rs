@@ -287,15 +287,13 @@ impl ExternalEvaluator {
         };
         let Some(status) = status else {
             // The shell's children hold the pipes too: end the whole group
-            // (its id is the shell's pid). The `-s KILL --` form matters:
-            // procps' `kill -KILL -PGID` does not read -PGID as a group and
-            // signals far more than the evaluator.
-            let pgid = child.id();
-            if pgid > 1 {
-                let _ = Command::new("kill")
-                    .args(["-s", "KILL", "--", &format!("-{pgid}")])
-                    .stderr(Stdio::null())
-                    .status();
+            // (its id is the shell's pid, `process_group(0)` above).
+            if let Ok(pgid) = libc::pid_t::try_from(child.id())
+                && pgid > 1
+            {
+                // SAFETY: kill(2) takes plain integers; a negative pid names
+                // the process group, which holds only the evaluator's processes.
+                unsafe { libc::kill(-pgid, libc::SIGKILL) };
             }
             let _ = child.kill();
             let _ = child.wait();
