@@ -61,48 +61,35 @@ fn channel_sums(x: &ndarray::ArrayD<f32>, sums: &mut [f64], counts: &mut [u64]) 
     }
 }
 
-/// Turns the initializers `names` into float graph inputs of the same shape.
+/// Turns the initializers `names` into float graph inputs. They are declared
+/// without a shape: a bias has no batch axis, so a batch run sample by sample
+/// feeds it whole to every sample (`sim::per_sample`).
 fn biases_as_inputs(model: &mut ModelProto, names: &[String]) {
+    use crate::onnx::proto::{TypeProto, ValueInfoProto, type_proto};
     let Some(g) = model.graph.as_mut() else {
         return;
     };
     let mut moved = Vec::new();
     g.initializer.retain(|t| {
         if names.iter().any(|n| n == t.name()) {
-            moved.push((t.name().to_string(), t.dims.clone()));
+            moved.push(t.name().to_string());
             false
         } else {
             true
         }
     });
-    for (name, dims) in moved {
-        g.input.push(float_input(&name, &dims));
-    }
-}
-
-/// A float32 graph input of fixed dims.
-fn float_input(name: &str, dims: &[i64]) -> crate::onnx::proto::ValueInfoProto {
-    use crate::onnx::proto::{
-        TensorShapeProto, TypeProto, ValueInfoProto, tensor_shape_proto, type_proto,
-    };
-    ValueInfoProto {
-        name: Some(name.into()),
-        r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: Some(1),
-                shape: Some(TensorShapeProto {
-                    dim: dims
-                        .iter()
-                        .map(|&d| tensor_shape_proto::Dimension {
-                            value: Some(tensor_shape_proto::dimension::Value::DimValue(d)),
-                            denotation: None,
-                        })
-                        .collect(),
-                }),
-            })),
-            denotation: None,
-        }),
-        ..Default::default()
+    for name in moved {
+        g.input.push(ValueInfoProto {
+            name: Some(name),
+            r#type: Some(TypeProto {
+                value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                    elem_type: Some(1),
+                    shape: None,
+                })),
+                denotation: None,
+            }),
+            ..Default::default()
+        });
     }
 }
 

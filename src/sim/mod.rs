@@ -23,6 +23,7 @@ mod rten_engine;
 
 pub use cpu::{CpuExecutor, NativeExecutor};
 pub use error::{SimError, ValueRole};
+pub use per_sample::baked_batch;
 pub use prepare::{feedable_inputs, rewrite_for_execution};
 pub use rten_adapt::adapt_for_rten;
 pub use rten_engine::RtenExecutor;

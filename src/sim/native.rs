@@ -13,6 +13,7 @@ use super::kernels::activation::Activation;
 use super::kernels::conv::{Conv, ConvGeometry, Dense};
 use super::kernels::int_conv::{IntConv, IntDense};
 use super::native_ops::{self as ops, Elementwise};
+use super::per_sample::BatchMode;
 use super::prepare::{check_feed, feedable_inputs, rewrite_for_execution};
 use super::{Session, SessionOptions};
 use crate::onnx::attr::{float_attr, int_attr, ints_attr, string_attr};
@@ -66,7 +67,7 @@ pub struct NativeModel {
     inputs: Vec<ValueSpec>,
     outputs: Vec<ValueSpec>,
     keep: Vec<String>,
-    dynamic_batch: bool,
+    batch: BatchMode,
 }
 
 /// Why a node keeps a model off the native engine (only used to decide).
@@ -129,7 +130,7 @@ impl NativeModel {
                 inputs,
                 outputs,
                 keep: opts.keep.clone(),
-                dynamic_batch: opts.dynamic_batch,
+                batch: BatchMode::of(model, opts),
             }))
     }
 
@@ -812,14 +813,7 @@ impl Session for NativeSession {
         // kernel (a caller outside the pool would block on each).
         let run =
             |f: &[(&str, &Tensor)], o: &[&str]| rayon::join(|| self.run_steps(f, o, None), || ()).0;
-        match run(feeds, fetch) {
-            Err(SimError::Run { reason }) if self.model.dynamic_batch => {
-                // As in the rten session: a batch-1 export runs sample by sample.
-                super::per_sample::run_per_sample(&self.model.inputs, feeds, fetch, &run)
-                    .map_err(|_| SimError::Run { reason })
-            }
-            other => other,
-        }
+        super::per_sample::run_batch(self.model.batch, &self.model.inputs, feeds, fetch, &run)
     }
 
     fn run_visiting(
@@ -828,7 +822,7 @@ impl Session for NativeSession {
         fetch: &[&str],
         visit: &mut super::Visitor<'_>,
     ) -> Result<(), SimError> {
-        if self.model.dynamic_batch {
+        if self.model.batch.is_free() {
             // A batch that fails part-way falls back to one sample at a time,
             // which would visit the values computed before the failure twice.
             return super::run_then_visit(self, feeds, fetch, visit);
@@ -856,7 +850,7 @@ impl NativeSession {
                 return Err(m.unknown(name, ValueRole::Input));
             }
             if let Some(spec) = m.inputs.iter().find(|s| s.name == *name) {
-                check_feed(spec, value, m.dynamic_batch)?;
+                check_feed(spec, value, m.batch.is_free())?;
             }
             let Tensor::F32(a) = value else {
                 return Err(SimError::InputMismatch {
@@ -987,7 +981,7 @@ impl NativeSession {
 }
 
 fn eval(op: &Op, args: &[&ArrayD<f32>]) -> Result<ArrayD<f32>, String> {
-    let x = args[0];
+    let x = *args.first().ok_or("the node has no input to read")?;
     match op {
         // A second input is a residual the engine fused (`fuse_residual_adds`).
         Op::Conv(c) => ops::conv(c, x, args.get(1).copied()),

@@ -5,6 +5,7 @@
 //! model declares them so.
 
 use super::error::{SimError, ValueRole};
+use super::per_sample::BatchMode;
 use super::prepare::{check_feed, feedable_inputs, rewrite_for_execution};
 use super::{Executor, Session, SessionOptions};
 use crate::onnx::{ModelProto, ValueSpec};
@@ -77,7 +78,7 @@ impl Executor for RtenExecutor {
                 .collect(),
             keep: opts.keep.clone(),
             declared,
-            dynamic_batch: opts.dynamic_batch,
+            batch: BatchMode::of(model, opts),
             engine,
         }))
     }
@@ -89,7 +90,7 @@ struct RtenSession {
     outputs: Vec<ValueSpec>,
     keep: Vec<String>,
     declared: HashMap<String, i32>,
-    dynamic_batch: bool,
+    batch: BatchMode,
     engine: rten::Model,
 }
 
@@ -130,18 +131,9 @@ impl Session for RtenSession {
     }
 
     fn run(&self, feeds: &[(&str, &Tensor)], fetch: &[&str]) -> Result<Vec<Tensor>, SimError> {
-        match self.run_once(feeds, fetch) {
-            Err(SimError::Run { reason }) if self.dynamic_batch => {
-                // A model exported for one batch size can hold shapes that
-                // only fit that size (a Reshape to [1, -1]): run the batch
-                // sample by sample, as the model was made to run.
-                super::per_sample::run_per_sample(&self.inputs, feeds, fetch, &|f, o| {
-                    self.run_once(f, o)
-                })
-                .map_err(|_| SimError::Run { reason })
-            }
-            other => other,
-        }
+        super::per_sample::run_batch(self.batch, &self.inputs, feeds, fetch, &|f, o| {
+            self.run_once(f, o)
+        })
     }
 }
 
@@ -151,7 +143,7 @@ impl RtenSession {
         for (name, value) in feeds {
             let id = self.node(name, ValueRole::Input)?;
             if let Some(spec) = self.inputs.iter().find(|s| s.name == *name) {
-                check_feed(spec, value, self.dynamic_batch)?;
+                check_feed(spec, value, self.batch.is_free())?;
             }
             inputs.push((id, to_engine(name, value)?));
         }

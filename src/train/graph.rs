@@ -132,7 +132,7 @@ pub struct TrainGraph {
     /// Int64 constants (Reshape shapes), by value id.
     shapes: HashMap<usize, Vec<i64>>,
     /// The shape constant of each Reshape step, by step index.
-    reshape_targets: HashMap<usize, usize>,
+    reshape_targets: HashMap<usize, Vec<i64>>,
     steps: Vec<Step>,
     inputs: Vec<usize>,
     outputs: Vec<usize>,
@@ -249,6 +249,7 @@ impl TrainGraph {
             .graph
             .as_ref()
             .ok_or_else(|| TrainError::Invalid("the model holds no graph".into()))?;
+        let baked_batch = crate::sim::baked_batch(model);
         let order = GraphIndex::new(g)
             .map_err(|e| TrainError::Invalid(e.to_string()))?
             .topological_order()
@@ -537,11 +538,15 @@ impl TrainGraph {
                 .collect();
             if let Op::Reshape = op {
                 let shape = n.input.get(1).map(|s| t.id(s));
-                if shape.is_none_or(|id| !t.shapes.contains_key(&id)) {
+                let Some(mut target) = shape.and_then(|id| t.shapes.get(&id)).cloned() else {
                     return Err(unsupported(n, "the shape must be an int64 constant"));
+                };
+                // A model exported for batch b reshapes to [b, ...]: training
+                // batches keep their own batch axis instead (0 copies it).
+                if baked_batch.is_some() && target.first().copied() == baked_batch {
+                    target[0] = 0;
                 }
-                t.reshape_targets
-                    .insert(t.steps.len(), shape.unwrap_or_default());
+                t.reshape_targets.insert(t.steps.len(), target);
             }
             let output = t.id(&n.output[0]);
             t.steps.push(Step {
@@ -741,7 +746,6 @@ impl TrainGraph {
                 let target = self
                     .reshape_targets
                     .get(&k)
-                    .and_then(|id| self.shapes.get(id))
                     .ok_or_else(|| self.bad(s, "the shape must be a constant".into()))?;
                 let shape = reshape_target(x[0].shape(), target).map_err(|e| self.bad(s, e))?;
                 x[0].to_shape(IxDyn(&shape))
