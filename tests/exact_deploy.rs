@@ -43,7 +43,7 @@ impl Deployed {
     fn new(m: &ModelProto, x: &ArrayD<f32>, layer: &str) -> Deployed {
         let layers = ascend_quant::pipeline::inputs::layer_names(m).unwrap();
         let mut config = QuantConfig::default_for(&layers);
-        config.batch_num = 1;
+        config.batch_num = Some(1);
         let data = Dataset::from_arrays(
             vec![("x".into(), Tensor::F32(x.clone()))],
             &["x".into()],
@@ -254,13 +254,44 @@ fn a_gemm_past_two_to_the_24_accumulates_exactly() {
 /// 4096 values per sample), against integers summed here.
 #[test]
 fn a_matmul_past_two_to_the_24_accumulates_exactly() {
+    matmul_past_two_to_the_24(&["mm.y", "b"]);
+}
+
+/// PyTorch exports a Linear layer's bias Add as `Add(bias, matmul)`: its
+/// bias is folded into the int32 bias as well, nothing stays in float.
+#[test]
+fn a_bias_add_written_bias_first_is_folded_too() {
+    matmul_past_two_to_the_24(&["b", "mm.y"]);
+    let w = ArrayD::from_shape_vec(IxDyn(&[8, 4]), values(23, 32)).unwrap();
+    let bias = ArrayD::from_shape_vec(IxDyn(&[4]), vec![0.5f32, -1.0, 0.25, 2.0]).unwrap();
+    let m = model_x_to_y(
+        vec![
+            node("MatMul", "mm", &["x", "w"], &["mm.y"], vec![]),
+            node("Add", "mm.bias", &["b", "mm.y"], &["y"], vec![]),
+        ],
+        vec![("w", w), ("b", bias)],
+        &[2, 3, 8],
+        &[2, 3, 4],
+    );
+    let x = ArrayD::from_shape_vec(IxDyn(&[2, 3, 8]), values(24, 48)).unwrap();
+    let d = Deployed::new(&m, &x, "mm");
+    let g = d.deploy.graph.as_ref().unwrap();
+    let order: Vec<&str> = g.node.iter().map(|n| n.op_type()).collect();
+    assert_eq!(
+        order,
+        ["AscendQuant", "MatMul", "Add", "AscendDequant"],
+        "the Add sits between the int8 MatMul and the dequantization"
+    );
+}
+
+fn matmul_past_two_to_the_24(add_inputs: &[&str]) {
     let (b, s, k, m_out) = (2usize, 3usize, 4096usize, 5usize);
     let w = ArrayD::from_shape_vec(IxDyn(&[k, m_out]), values(21, k * m_out)).unwrap();
     let bias = ArrayD::from_shape_vec(IxDyn(&[m_out]), vec![0.5f32, -1.0, 0.25, 0.0, 2.0]).unwrap();
     let m = model_x_to_y(
         vec![
             node("MatMul", "mm", &["x", "w"], &["mm.y"], vec![]),
-            node("Add", "mm.bias", &["mm.y", "b"], &["y"], vec![]),
+            node("Add", "mm.bias", add_inputs, &["y"], vec![]),
         ],
         vec![("w", w), ("b", bias)],
         &[b as i64, s as i64, k as i64],

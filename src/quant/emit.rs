@@ -217,7 +217,14 @@ fn emit(
                 }
             };
             let (node, input) = match l.bias_add {
-                Some(add) => (add, 1),
+                Some(add) => {
+                    // `Add(bias, matmul)` becomes `Add(matmul, bias)`: one form to emit and lower.
+                    let between = &graph.node[l.node].output[0];
+                    if graph.node[add].input.first() != Some(between) {
+                        graph.node[add].input.swap(0, 1);
+                    }
+                    (add, 1)
+                }
                 None => (l.node, 2),
             };
             set_initializer_input(graph, node, input, &names::bias(&l.name), &value, storage);

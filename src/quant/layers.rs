@@ -233,29 +233,36 @@ fn examine(
             }
             let n_out = *dims.last().expect("rank >= 2");
             let consumers = index.consumers(&out);
+            // The bias Add, in either order: PyTorch exports `Add(bias, matmul)`.
+            let bias_of = |c: usize| -> Option<String> {
+                let add = &graph.node[c];
+                let (a, b) = match add.input.as_slice() {
+                    [a, b] => (a, b),
+                    _ => return None,
+                };
+                let bias = if *a == out {
+                    b
+                } else if *b == out {
+                    a
+                } else {
+                    return None;
+                };
+                (add.op_type() == "Add"
+                    && add.output.first().is_some_and(|o| !o.is_empty())
+                    && init_dims(bias).is_some_and(|d| d.len() == 1 && d[0] == n_out))
+                .then(|| bias.clone())
+            };
             let add = (consumers.len() == 1 && !graph_outputs.contains(&out.as_str()))
                 .then(|| consumers[0])
-                .filter(|&c| {
-                    graph.node[c].op_type() == "Add"
-                        && graph.node[c].input.len() == 2
-                        && graph.node[c].input[0] == out
-                        && graph.node[c].output.first().is_some_and(|o| !o.is_empty())
-                })
-                .filter(|&c| {
-                    init_dims(&graph.node[c].input[1])
-                        .is_some_and(|d| d.len() == 1 && d[0] == n_out)
-                });
+                .and_then(|c| bias_of(c).map(|b| (c, b)));
             match add {
-                Some(a) => {
-                    let add_node = &graph.node[a];
-                    Ok((
-                        Some(add_node.input[1].clone()),
-                        Some(a),
-                        add_node.output[0].clone(),
-                        ChannelLayout::PerTensor,
-                        2,
-                    ))
-                }
+                Some((a, bias)) => Ok((
+                    Some(bias),
+                    Some(a),
+                    graph.node[a].output[0].clone(),
+                    ChannelLayout::PerTensor,
+                    2,
+                )),
                 None => Ok((None, None, out, ChannelLayout::PerTensor, 2)),
             }
         }
