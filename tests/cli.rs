@@ -205,7 +205,8 @@ fn usage_errors_and_bad_files_exit_with_1() {
 
 #[test]
 fn a_model_needing_absurd_memory_is_refused_before_running() {
-    // The first Conv padded by a million on every side: (2,000,009)^2 positions per plane.
+    // The first Conv padded by a million on every side: whatever the plane,
+    // at least (1,000,000 + 1,000,000 + 1)^2 positions.
     let mut conv = String::new();
     let (_d, p) = altered_digits(|m| {
         let n = m
@@ -226,9 +227,93 @@ fn a_model_needing_absurd_memory_is_refused_before_running() {
     let (code, err) = run_with(&p, &digits_input(&[1, 1, 8, 8]));
     assert_eq!(code, Some(1), "{err}");
     assert!(
-        err.contains(&format!("'{conv}' (Conv)")) && err.contains("4000004000001 elements"),
+        err.contains(&format!("'{conv}' (Conv)"))
+            && err.contains(&format!("{} elements", 2_000_001u64 * 2_000_001)),
         "{err}"
     );
+}
+
+/// `calibrate` on `model` with the digits data into a fresh folder: the
+/// exit code, stderr, and the files the folder holds afterwards.
+fn calibrate_into_fresh_folder(model: &Path) -> (Option<i32>, String, Vec<PathBuf>) {
+    let out = tempfile::tempdir().unwrap();
+    let o = bin()
+        .arg("calibrate")
+        .arg("--model")
+        .arg(model)
+        .arg("--data")
+        .arg(digits_dir().join("calib_x.npy"))
+        .arg("--output")
+        .arg(out.path().join("q"))
+        .output()
+        .unwrap();
+    let left = std::fs::read_dir(out.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    (o.status.code(), text(&o).1, left)
+}
+
+/// A pad of a million rows on one side only passes the size checks (the
+/// padded window is 3 million positions) but makes the second Conv compute
+/// ~10^10 multiply-adds per sample (79 s of calibration before this
+/// check): refused at once, naming the node and how much the pad grows its
+/// plane, nothing written.
+#[test]
+fn a_model_needing_absurd_work_is_refused_before_calibrating() {
+    let (_d, p) = altered_digits(|m| {
+        let n = m
+            .graph
+            .as_mut()
+            .unwrap()
+            .node
+            .iter_mut()
+            .find(|n| n.name() == "/3/Conv")
+            .unwrap();
+        n.attribute.retain(|a| a.name() != "pads");
+        n.attribute.push(ascend_quant::onnx::attr::attr_ints(
+            "pads",
+            &[1_000_000, 1, 1, 1],
+        ));
+    });
+    let (code, err, left) = calibrate_into_fresh_folder(&p);
+    assert_eq!(code, Some(1), "{err}");
+    // /3/Conv reads 8×8 planes: (8 + 1,000,001) × (8 + 2) / 64.
+    let growth = (8 + 1_000_001) * (8 + 2) / 64;
+    assert!(
+        err.contains("node '/3/Conv'")
+            && err.contains(&format!("8×8 plane {growth}-fold"))
+            && err.contains("ASCEND_QUANT_NO_WORK_LIMIT"),
+        "{err}"
+    );
+    assert_eq!(err.matches("/3/Conv").count(), 1, "said once: {err}");
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// A node whose input is the empty name (an omitted optional input, where
+/// the operator needs one) is an error naming it, not a panic.
+#[test]
+fn an_empty_input_name_is_an_error_naming_the_node() {
+    let (_d, p) = altered_digits(|m| {
+        let g = m.graph.as_mut().unwrap();
+        let flatten = g
+            .node
+            .iter_mut()
+            .find(|n| n.op_type() == "Flatten")
+            .unwrap();
+        flatten.input[0] = String::new();
+        flatten.name = Some("/9/Flatten".into());
+    });
+    let (code, err, left) = calibrate_into_fresh_folder(&p);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("node '/9/Flatten'") && err.contains("Flatten needs it"),
+        "{err}"
+    );
+    assert!(left.is_empty(), "{left:?}");
+    let (code, err) = run_with(&p, &digits_input(&[1, 1, 8, 8]));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("node '/9/Flatten'"), "{err}");
 }
 
 #[test]

@@ -165,3 +165,58 @@ fn bin_folder_parsing_never_panics() {
 fn image_folder_reading_never_panics() {
     survive("image_folder", 1500, parsers::image_folder);
 }
+
+#[test]
+fn running_a_mutated_model_never_panics() {
+    survive("model_run", 1500, parsers::model_run);
+}
+
+/// Structured mutations byte flips rarely make: on the digits model, each
+/// input of each node emptied (ONNX's "omitted optional input") or
+/// dropped, and each node's inputs cleared. Every one is run through the
+/// executor every command uses and must end in `Ok` or `Err`.
+#[test]
+fn running_models_with_missing_inputs_never_panics() {
+    use ascend_quant::onnx::{load_model_bytes, proto::ModelProto};
+    use prost::Message;
+    let digits = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/digits/digits_cnn.onnx"),
+    )
+    .unwrap();
+    let model = load_model_bytes(&digits, Path::new("digits_cnn.onnx"), None).unwrap();
+    let nodes = model.graph.as_ref().unwrap().node.len();
+    let mut variants: Vec<(String, ModelProto)> = Vec::new();
+    for n in 0..nodes {
+        let inputs = model.graph.as_ref().unwrap().node[n].input.len();
+        for k in 0..inputs {
+            for drop in [false, true] {
+                let mut m = model.clone();
+                let node = &mut m.graph.as_mut().unwrap().node[n];
+                if drop {
+                    node.input.truncate(k);
+                } else {
+                    node.input[k] = String::new();
+                }
+                variants.push((format!("node {n} input {k} (drop: {drop})"), m));
+            }
+        }
+        let mut m = model.clone();
+        m.graph.as_mut().unwrap().node[n].input.clear();
+        variants.push((format!("node {n} without inputs"), m));
+    }
+    let mut refused = 0;
+    for (what, m) in &variants {
+        let bytes = m.encode_to_vec();
+        match catch_unwind(AssertUnwindSafe(|| parsers::model_run(&bytes))) {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => refused += 1,
+            Err(_) => panic!("{what}: running it panicked"),
+        }
+    }
+    // Every first input of this model is required, so most variants fail.
+    assert!(
+        refused * 2 > variants.len(),
+        "{refused} of {}",
+        variants.len()
+    );
+}

@@ -49,11 +49,13 @@ fn product(dims: impl IntoIterator<Item = i64>) -> u64 {
 
 /// Checks every declared shape, initializer, constant and size-giving
 /// attribute or constant input of `model`'s graph (subgraphs included).
+/// Then estimates the work of one sample ([`super::work::check_work`]).
 pub fn check_sizes(model: &ModelProto) -> Result<(), OnnxError> {
     match &model.graph {
-        Some(g) => check_graph(g),
-        None => Ok(()),
+        Some(g) => check_graph(g)?,
+        None => return Ok(()),
     }
+    super::work::check_work(model).map(drop)
 }
 
 fn check_graph(g: &GraphProto) -> Result<(), OnnxError> {
@@ -109,7 +111,40 @@ fn constant_ints(g: &GraphProto, node: &NodeProto, input: usize) -> Option<Vec<i
     }
 }
 
+/// Operators of the default domain that may be called without their first
+/// input: it is optional (Loop's trip count) or they take none.
+const FIRST_INPUT_OPTIONAL: [&str; 6] = [
+    "Constant",
+    "Loop",
+    "Optional",
+    "RandomNormal",
+    "RandomUniform",
+    "SequenceEmpty",
+];
+
+/// Refuses a node of the default domain whose first input is missing or
+/// the empty name (which ONNX reserves for an omitted optional input).
+fn check_first_input(n: &NodeProto) -> Result<(), OnnxError> {
+    let standard = n.domain().is_empty() || n.domain() == "ai.onnx";
+    if !standard || FIRST_INPUT_OPTIONAL.contains(&n.op_type()) {
+        return Ok(());
+    }
+    let reason = match n.input.first() {
+        None => "it has no inputs",
+        Some(first) if first.is_empty() => "its first input is the empty name \"\"",
+        Some(_) => return Ok(()),
+    };
+    Err(OnnxError::Invalid {
+        node: n.name().to_string(),
+        reason: format!(
+            "{reason}, but {} needs it; re-export the model or set the input to the value the node should read",
+            n.op_type()
+        ),
+    })
+}
+
 fn check_node(g: &GraphProto, n: &NodeProto) -> Result<(), OnnxError> {
+    check_first_input(n)?;
     let label = |what: &str| format!("node '{}' ({}): {what}", n.name(), n.op_type());
     for key in [
         "pads",
@@ -238,6 +273,22 @@ mod tests {
             e.contains("value 'x'") && e.contains("1099511627776 elements"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn an_empty_first_input_is_refused_naming_the_node() {
+        for inputs in [&[""][..], &[]] {
+            let flatten = node("Flatten", "/flat", inputs, &["y"], vec![]);
+            let e = check_sizes(&graph(vec![flatten])).unwrap_err().to_string();
+            assert!(
+                e.starts_with("node '/flat': ") && e.contains("Flatten needs it"),
+                "{e}"
+            );
+        }
+        // An omitted optional input is fine, and so is an operator taking none.
+        let clip = node("Clip", "c", &["x", "", "hi"], &["y"], vec![]);
+        let constant = node("Constant", "k", &[], &["v"], vec![]);
+        check_sizes(&graph(vec![clip, constant])).unwrap();
     }
 
     #[test]

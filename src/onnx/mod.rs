@@ -10,6 +10,7 @@ pub mod io;
 pub mod limits;
 pub mod tensor_proto;
 pub mod value_info;
+pub mod work;
 
 /// Protobuf types generated from `proto/onnx.proto` (the complete ONNX IR).
 #[allow(missing_docs, clippy::all)]

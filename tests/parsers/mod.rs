@@ -51,6 +51,59 @@ pub fn model(bytes: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// Most values a fuzzed model may compute per run, and most multiply-adds,
+/// so every iteration stays short; bigger models are only prepared.
+const RUN_VALUES: u64 = 1 << 20;
+const RUN_MULTIPLY_ADDS: u64 = 1 << 26;
+
+/// A model run as every command runs one: prepared on the CPU executor (the
+/// native engine, or rten for what it declines) and executed once on a
+/// tiny input (every float input filled with a ramp, free axes of size 1),
+/// fetching every output. Engine errors are fine; panics are not. Runs only
+/// when the static work estimate follows the whole graph and finds it
+/// small ([`RUN_VALUES`], [`RUN_MULTIPLY_ADDS`]).
+pub fn model_run(bytes: &[u8]) -> Result<(), String> {
+    use ascend_quant::onnx::Dim;
+    use ascend_quant::sim::{CpuExecutor, Executor, feedable_inputs};
+    use ascend_quant::tensor::Tensor;
+    let m = load_model_bytes(bytes, Path::new("fuzzed.onnx"), None).map_err(|e| e.to_string())?;
+    let work = ascend_quant::onnx::work::check_work(&m).map_err(|e| e.to_string())?;
+    let session = CpuExecutor
+        .prepare(&m, &SessionOptions::default())
+        .map_err(|e| e.to_string())?;
+    if work.unfollowed > 0 || work.values > RUN_VALUES || work.multiply_adds > RUN_MULTIPLY_ADDS {
+        return Ok(());
+    }
+    let mut feeds = Vec::new();
+    for spec in feedable_inputs(&m) {
+        let Some(dims) = &spec.shape else {
+            return Ok(());
+        };
+        let shape: Vec<usize> = dims
+            .iter()
+            .map(|d| match d {
+                Dim::Fixed(n) => *n,
+                _ => 1,
+            })
+            .collect();
+        let n: usize = shape.iter().product();
+        if spec.elem_type != Some(1) || n as u64 > RUN_VALUES {
+            return Ok(());
+        }
+        let ramp = (0..n).map(|i| (i % 17) as f32 / 8.0 - 1.0).collect();
+        let a = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&shape), ramp)
+            .map_err(|e| e.to_string())?;
+        feeds.push((spec.name.clone(), Tensor::F32(a)));
+    }
+    let refs: Vec<(&str, &Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let outputs: Vec<String> = session.outputs().iter().map(|o| o.name.clone()).collect();
+    let fetch: Vec<&str> = outputs.iter().map(String::as_str).collect();
+    session
+        .run(&refs, &fetch)
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
 /// A record file.
 pub fn record(bytes: &[u8]) -> Result<(), String> {
     let text = std::str::from_utf8(bytes).map_err(|e| e.to_string())?;
