@@ -81,7 +81,7 @@ fn piled_near_zero(seed: u64) -> ArrayD<f32> {
 fn calibrate_on(m: &ModelProto, data: &ArrayD<f32>, extend: bool, asymmetric: bool) -> Outcome {
     let layers = ascend_quant::pipeline::inputs::layer_names(m).unwrap();
     let mut config = QuantConfig::default_for(&layers);
-    config.batch_num = data.shape()[0] / 8;
+    config.batch_num = Some(data.shape()[0] / 8);
     config.activation_offset = asymmetric;
     for (_, l) in &mut config.layers {
         if let ActAlgo::Ifmr(s) = &mut l.act_algo {

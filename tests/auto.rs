@@ -85,9 +85,10 @@ fn the_destroyed_layer_is_rolled_back_and_the_config_reproduces_the_models() {
     );
     assert_eq!(report["configurations_evaluated"], tries.len());
 
-    // calibrate with the written config gives the same models, byte for byte.
+    // calibrate with the written config gives the same models, byte for
+    // byte, without repeating auto's --batch-size: the config holds it.
     let o = common::calibrate_digits(&dir.path().join("again"))
-        .args(["--quiet", "--batch-size", "4", "--config"])
+        .args(["--quiet", "--config"])
         .arg(dir.path().join("auto_auto_config.json"))
         .output()
         .unwrap();
@@ -134,22 +135,30 @@ fn external_evaluator_number_garbage_failure_and_unreachable_target() {
 
     // A timed-out evaluator is ended with everything it started, and nothing else.
     let pidfile = dir.path().join("grandchild.pid");
-    let slow = format!("sleep 30 & echo $! > '{}'; wait", pidfile.display());
+    let slow = format!("sleep 600 & echo $! > '{}'; wait", pidfile.display());
     let o = auto(
         dir.path(),
-        &["--evaluator", &slow, "--evaluator-timeout", "1"],
+        &["--evaluator", &slow, "--evaluator-timeout", "2"],
     );
     assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("did not finish within 1 s"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("did not finish within 2 s"));
     let pid = std::fs::read_to_string(&pidfile)
-        .unwrap()
+        .unwrap_or_else(|e| panic!("the evaluator never started its child within 2 s: {e}"))
         .trim()
         .to_string();
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // SIGKILL was sent before `auto` returned; the child is gone (or a
+    // zombie) once the kernel has delivered it. Poll for that, up to 30 s.
+    let gone = (0..300).any(|_| {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let done = state.is_empty() || state.contains(") Z");
+        if !done {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        done
+    });
     assert!(
-        state.is_empty() || state.contains(") Z"),
-        "the evaluator's child {pid} still runs: {state}"
+        gone,
+        "the evaluator's child {pid} still runs 30 s after the timeout"
     );
 
     // Nothing reaches the target: exit 3, the best configuration is still written.

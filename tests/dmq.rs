@@ -17,7 +17,7 @@ use ndarray::{ArrayD, IxDyn};
 fn run(m: &ModelProto, data: ArrayD<f32>, dmq: Option<f32>) -> Outcome {
     let layers = ascend_quant::pipeline::inputs::layer_names(m).unwrap();
     let mut config = QuantConfig::default_for(&layers);
-    config.batch_num = 4;
+    config.batch_num = Some(4);
     for (_, l) in &mut config.layers {
         l.dmq = dmq;
     }
@@ -188,7 +188,7 @@ fn adaround_rounds_each_weight_down_or_up_and_lowers_the_sampled_output_error() 
     let m = conv_relu(w.clone(), 8);
     let layers = ascend_quant::pipeline::inputs::layer_names(&m).unwrap();
     let mut config = QuantConfig::default_for(&layers);
-    config.batch_num = 2;
+    config.batch_num = Some(2);
     config.layers[0].1.wts_algo = WtsAlgo::Ada(AdaSettings {
         num_iteration: 400,
         ..Default::default()
@@ -227,7 +227,7 @@ fn adaround_measures_what_the_model_computes_with_and_without_balancing() {
     for dmq in [None, Some(0.5)] {
         let layers = ascend_quant::pipeline::inputs::layer_names(&m).unwrap();
         let mut config = QuantConfig::default_for(&layers);
-        config.batch_num = 2;
+        config.batch_num = Some(2);
         config.layers[0].1.dmq = dmq;
         let plain = calibrate_with(&m, &config, data.clone());
         config.layers[0].1.wts_algo = WtsAlgo::Ada(AdaSettings::default());

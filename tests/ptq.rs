@@ -187,6 +187,44 @@ fn deploy_model_structure_agrees_with_its_record() {
     assert_eq!(w.dims, vec![32, 16, 3, 3]);
 }
 
+/// The config `ascend-quant config` writes means the defaults: calibrating
+/// with it gives the very files calibrating without it gives (all the data,
+/// not one batch), and so does a config whose `batch_size` differs from
+/// nothing the command line says.
+#[test]
+fn the_written_config_reproduces_the_default_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_path = dir.path().join("config.json");
+    let o = common::bin()
+        .args(["config", "--model"])
+        .arg(digits().join("digits_cnn.onnx"))
+        .arg("--output")
+        .arg(&cfg_path)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let runs: [(&str, &[&str]); 3] = [
+        ("plain", &[]),
+        ("config", &["--config", cfg_path.to_str().unwrap()]),
+        ("one", &["--batch-num", "1"]),
+    ];
+    for (name, extra) in runs {
+        let o = common::calibrate_digits(&dir.path().join(name))
+            .arg("--quiet")
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let read = |p: &str| std::fs::read(dir.path().join(format!("{p}_record.txt"))).unwrap();
+    assert!(
+        read("plain") == read("config"),
+        "the config changes the factors"
+    );
+    // And the check can fail: one batch gives other factors.
+    assert!(read("plain") != read("one"));
+}
+
 #[test]
 fn every_calibrator_and_both_symmetries_work_on_digits() {
     let dir = tempfile::tempdir().unwrap();

@@ -205,7 +205,7 @@ fn every_layer_kind_is_quantized_and_deploy_agrees_with_fake_quant() {
         vec!["convA", "convB", "deconv", "pool", "mm", "fc"]
     );
     let mut config = QuantConfig::default_for(&names);
-    config.batch_num = 4;
+    config.batch_num = Some(4);
     let dataset = Dataset::from_arrays(
         vec![("x".into(), data(32))],
         &["x".into()],
@@ -348,7 +348,7 @@ fn a_3d_convolution_is_calibrated_and_its_deploy_model_runs() {
     )
     .unwrap();
     let mut config = QuantConfig::default_for(&[("conv3d".into(), "Conv".into())]);
-    config.batch_num = 2;
+    config.batch_num = Some(2);
     let run_settings = RunSettings {
         batch_size: 4,
         dynamic_batch: false,
@@ -537,7 +537,7 @@ fn per_layer_cosines_are_those_of_the_layer_outputs() {
     let m = model();
     let names = layer_names(&m);
     let mut config = QuantConfig::default_for(&names);
-    config.batch_num = 4;
+    config.batch_num = Some(4);
     let all = data(32);
     let dataset =
         Dataset::from_arrays(vec![("x".into(), all.clone())], &["x".into()], "t".into()).unwrap();

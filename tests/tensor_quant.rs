@@ -95,7 +95,7 @@ fn add_and_maxpool_inputs_round_trip_through_int8_as_computed_by_hand() {
         asymmetric: Some(asymmetric),
     };
     let mut config = QuantConfig::default_for(&[]);
-    config.batch_num = 2;
+    config.batch_num = Some(2);
     config.tensor_quantize = vec![
         target("add", 0, true),
         target("add", 1, false),

@@ -217,7 +217,7 @@ pub fn run(opts: &AutoOptions, progress: Progress<'_>) -> Result<AutoResult, Pip
             layer.quant_enable = false;
         }
     }
-    config.batch_num = calibrated.batches_used;
+    config.batch_num = Some(calibrated.batches_used);
     let prefix = &opts.calib.output;
     let files = OutputFiles::new(prefix);
     let config_path = with_suffix(prefix, "_auto_config.json");
@@ -236,7 +236,7 @@ pub fn run(opts: &AutoOptions, progress: Progress<'_>) -> Result<AutoResult, Pip
         "calibration_seconds": calibrated.seconds,
         "seconds": started.elapsed().as_secs_f64(),
         "reproduce": format!(
-            "ascend-quant calibrate --model {} --config {} --batch-size {batch_size} ...",
+            "ascend-quant calibrate --model {} --config {} ...",
             opts.calib.model.display(),
             config_path.display()
         ),

@@ -36,7 +36,7 @@ pub struct AutoArgs {
     #[arg(long, default_value_t = 600)]
     pub evaluator_timeout: u64,
     /// Calibration samples used to rank layer sensitivity.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = super::at_least_one())]
     pub sensitivity_samples: usize,
 }
 

@@ -37,11 +37,11 @@ pub struct CalibrateArgs {
     /// AMCT simple configuration (.cfg, AMCTConfig in protobuf text format).
     #[arg(long)]
     pub simple_config: Option<PathBuf>,
-    /// Samples per batch (default: the model's batch size, else 1).
-    #[arg(long)]
+    /// Samples per batch (default: the config's batch_size, else the model's batch size, else 1).
+    #[arg(long, value_parser = super::at_least_one())]
     pub batch_size: Option<usize>,
     /// Calibration batches (default: the config's, else all the data).
-    #[arg(long)]
+    #[arg(long, value_parser = super::at_least_one())]
     pub batch_num: Option<usize>,
     /// Layers to keep in float, separated by ','.
     #[arg(long, value_delimiter = ',')]

@@ -25,7 +25,7 @@ pub struct CompareArgs {
     #[command(flatten)]
     pub images: super::images::ImageArgs,
     /// Samples per batch (default: the model's batch size, else 1).
-    #[arg(long)]
+    #[arg(long, value_parser = super::at_least_one())]
     pub batch_size: Option<usize>,
     /// Layer whose input activations the HTML histogram shows (default: the worst quantized one).
     #[arg(long)]
@@ -45,7 +45,7 @@ pub struct CompareArgs {
     #[arg(long, requires = "analyze")]
     pub record: Option<PathBuf>,
     /// Samples the analysis runs on.
-    #[arg(long, default_value_t = 64, requires = "analyze")]
+    #[arg(long, default_value_t = 64, requires = "analyze", value_parser = super::at_least_one())]
     pub analyze_samples: usize,
 }
 

@@ -4,6 +4,7 @@
 
 use super::Failure;
 use crate::pipeline::convert::{ConvertOptions, convert_qat};
+use crate::report::counted;
 use std::path::PathBuf;
 
 /// Arguments of `convert-qat`.
@@ -47,10 +48,10 @@ pub fn execute(args: &ConvertArgs) -> Result<(), Failure> {
             eprintln!("{:<36} {:<14} float: {}", f.node, f.op_type, f.reason);
         }
         eprintln!(
-            "{} layers and {} tensors converted to int8, {} operators in float, {:.2} s",
-            report.layers.len(),
-            report.tensor_quantize.len(),
-            report.float_ops.len(),
+            "{} and {} converted to int8, {} in float, {:.2} s",
+            counted(report.layers.len(), "layer", "layers"),
+            counted(report.tensor_quantize.len(), "tensor", "tensors"),
+            counted(report.float_ops.len(), "operator", "operators"),
             report.seconds
         );
         for o in &report.outputs {

@@ -50,6 +50,7 @@ pub enum Command {
     /// Write the default per-layer quantization config of a model (AMCT JSON).
     Config(calibrate::ConfigArgs),
     /// Accuracy-based automatic quantization: keep the layers that hurt in float.
+    #[command(mut_arg("html", |a| a.hide(true)))]
     Auto(auto::AutoArgs),
     /// Quantization-aware training on the CPU (learnable clips, checkpoints, resume).
     Qat(qat::QatArgs),
@@ -61,6 +62,12 @@ pub enum Command {
     Devices(devices::DevicesArgs),
     /// Compile a deploy model to an Ascend offline model (.om) with atc.
     Compile(compile::CompileArgs),
+}
+
+/// A parser of counts that must be at least 1 (`--batch-size 0` is refused,
+/// not taken as 1).
+fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(1..)
 }
 
 /// Parses `args`, runs the command and returns the process exit code.

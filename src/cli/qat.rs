@@ -36,14 +36,14 @@ pub struct QatArgs {
     /// AMCT retrain simple configuration (AMCTRetrainConfig, protobuf text).
     #[arg(long)]
     pub simple_config: Option<PathBuf>,
-    /// Optimizer steps (default: --epochs passes over the data).
+    /// Optimizer steps (default: --epochs passes over the data; 0 writes the models of the starting clips).
     #[arg(long, conflicts_with = "epochs")]
     pub steps: Option<usize>,
     /// Passes over the data.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = super::at_least_one())]
     pub epochs: usize,
     /// Samples per batch.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = super::at_least_one())]
     pub batch_size: usize,
     /// Learning rate of the weights (Adam).
     #[arg(long, default_value_t = 1e-5)]

@@ -29,9 +29,11 @@ pub fn select_backend(
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
         .join(".ascend-quant-cache");
+    // The runtime first: without it, a missing atc is not the reason.
     let npu = || -> Result<NpuExecutor, String> {
+        let n = NpuExecutor::new(acl_lib, &cache).map_err(|e| e.to_string())?;
         crate::npu::atc::find_atc().map_err(|e| e.to_string())?;
-        NpuExecutor::new(acl_lib, &cache).map_err(|e| e.to_string())
+        Ok(n)
     };
     match backend {
         Backend::Cpu => Ok((Box::new(CpuExecutor), "cpu simulator".into())),

@@ -32,6 +32,9 @@ pub enum DataSource {
     Images(ImageSource),
 }
 
+/// The ways to give data, for messages.
+pub const DATA_OPTIONS: &str = "--data FILE.npy (or NAME=FILE.npy, FILE.npz), --data-dir DIR (AMCT .bin batches) or --images DIR";
+
 impl DataSource {
     /// Opens the data for `model`.
     pub fn open(&self, model: &ModelProto) -> Result<Dataset, PipelineError> {
@@ -45,9 +48,9 @@ impl DataSource {
                 shapes,
             } => Dataset::from_bin_dirs(dirs, types, shapes)?,
             DataSource::Files(files) if files.is_empty() => {
-                return Err(PipelineError::Usage(
-                    "no data: give --data FILE.npy (or --data-dir)".into(),
-                ));
+                return Err(PipelineError::Usage(format!(
+                    "no data: give {DATA_OPTIONS}"
+                )));
             }
             DataSource::Files(files) => Dataset::from_specs(files, inputs)?,
         })
@@ -119,7 +122,7 @@ pub struct CalibrateOptions {
     pub data: DataSource,
     /// The configuration.
     pub config: ConfigSource,
-    /// Samples per batch (default: the model's batch size, else 1).
+    /// Samples per batch (default: the config's `batch_size`, else the model's batch size, else 1).
     pub batch_size: Option<usize>,
     /// Calibration batches (default: the config's, else all the data).
     pub batch_num: Option<usize>,
@@ -218,19 +221,32 @@ pub fn gather(opts: &CalibrateOptions) -> Result<RunInputs, PipelineError> {
     if let Some(a) = opts.activation_offset {
         config.activation_offset = a;
     }
+    if matches!(&opts.data, DataSource::Files(f) if f.is_empty()) {
+        return Err(PipelineError::Usage(format!(
+            "no calibration data: give {DATA_OPTIONS}; or take every factor from an AMCT record with --record FILE"
+        )));
+    }
     let data = opts.data.open(&model)?;
     let declared = declared_batch(&model);
-    let batch_size = opts.batch_size.unwrap_or(declared.unwrap_or(1)).max(1);
-    let available = data.batch_count(batch_size);
-    config.batch_num = match (opts.batch_num, &opts.config) {
-        (Some(n), _) => n,
-        (None, ConfigSource::Default) => available,
-        (None, _) => config.batch_num,
-    };
-    if config.batch_num == 0 {
+    if opts.batch_size == Some(0) {
+        return Err(PipelineError::Usage(
+            "--batch-size must be at least 1".into(),
+        ));
+    }
+    if opts.batch_num == Some(0) {
         return Err(PipelineError::Usage(
             "--batch-num must be at least 1".into(),
         ));
+    }
+    let batch_size = opts
+        .batch_size
+        .or(config.batch_size)
+        .unwrap_or(declared.unwrap_or(1));
+    config.batch_size = Some(batch_size);
+    let available = data.batch_count(batch_size);
+    config.batch_num = Some(config.batches(available));
+    if let Some(n) = opts.batch_num {
+        config.batch_num = Some(n);
     }
     Ok(RunInputs {
         model,

@@ -175,10 +175,12 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
     };
     // Initial clips: IFMR over the first batch_num batches (a PTQ observation).
     let mut ptq = QuantConfig::default_for(&names);
-    ptq.batch_num = retrain
-        .batch_num
-        .min(data.batch_count(opts.batch_size))
-        .max(1);
+    ptq.batch_num = Some(
+        retrain
+            .batch_num
+            .min(data.batch_count(opts.batch_size))
+            .max(1),
+    );
     for (name, l) in &mut ptq.layers {
         l.quant_enable = retrain.layer(name).is_none_or(|r| r.retrain_enable);
         l.channel_wise = retrain.layer(name).is_some_and(|r| r.channel_wise);

@@ -178,7 +178,8 @@ pub fn finish(
     })
 }
 
-/// Observes every enabled layer's input over `config.batch_num` batches and
+/// Observes every enabled layer's input over `config.batch_num` batches (all
+/// of them by default) and
 /// computes all factors.
 pub fn observe_layers(
     model: ModelProto,
@@ -195,10 +196,17 @@ pub fn observe_layers(
         }
     }
     let available = data.batch_count(run.batch_size);
-    if available < config.batch_num {
+    let batch_num = config.batches(available);
+    if batch_num == 0 {
         return Err(QuantError::Input(format!(
-            "batch_num is {} but the data gives only {available} batch(es) of {} sample(s) ({} samples); give more data, a smaller --batch-size or a smaller --batch-num",
-            config.batch_num,
+            "the data gives no batch of {} sample(s) ({} samples); give more data or a smaller --batch-size",
+            run.batch_size,
+            data.samples()
+        )));
+    }
+    if available < batch_num {
+        return Err(QuantError::Input(format!(
+            "batch_num is {batch_num} but the data gives only {available} batch(es) of {} sample(s) ({} samples); give more data, a smaller --batch-size or a smaller --batch-num",
             run.batch_size,
             data.samples()
         )));
@@ -282,7 +290,7 @@ pub fn observe_layers(
         .zip(&bounds)
         .map(|(algo, b)| algo.observer_within(*b))
         .collect();
-    for b in 0..config.batch_num {
+    for b in 0..batch_num {
         let batch = data.batch(run.batch_size, b)?;
         check_finite(&batch, b)?;
         let values = run_batch(session.as_ref(), &batch, &tap_refs)?;
@@ -337,7 +345,7 @@ pub fn observe_layers(
                 None => m.observe(stats[*t].0, values[*t].shape()),
             }
         });
-        (run.progress)(b + 1, config.batch_num);
+        (run.progress)(b + 1, batch_num);
     }
     let observed = started.elapsed().as_secs_f64();
     let tensor_observers = observers.split_off(enabled.len());
@@ -431,7 +439,7 @@ pub fn observe_layers(
         factors,
         tensors,
         adaround,
-        batches_used: config.batch_num,
+        batches_used: batch_num,
         seconds: observed,
     })
 }
@@ -463,7 +471,7 @@ fn dmq_factors(
     if maxima.iter().all(Option::is_none) {
         return Ok(vec![None; enabled.len()]);
     }
-    for b in 0..config.batch_num {
+    for b in 0..config.batches(data.batch_count(run.batch_size)) {
         let batch = data.batch(run.batch_size, b)?;
         let values = run_batch(session, &batch, taps)?;
         for (k, m) in maxima.iter_mut().enumerate() {

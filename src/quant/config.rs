@@ -59,8 +59,14 @@ impl LayerConfig {
 /// The whole configuration.
 #[derive(Clone, Debug, PartialEq)]
 pub struct QuantConfig {
-    /// Number of calibration batches.
-    pub batch_num: usize,
+    /// Number of calibration batches (`batch_num`); `None`: every batch the
+    /// data gives, the same default as without a configuration file.
+    pub batch_num: Option<usize>,
+    /// Samples per calibration batch the configuration was made with
+    /// (`batch_size`, an ascend-quant key, written by `auto` so its
+    /// configuration reproduces its run); `None`: `--batch-size`, else the
+    /// model's batch.
+    pub batch_size: Option<usize>,
     /// Asymmetric activations by default.
     pub activation_offset: bool,
     /// Fold BatchNormalization into the preceding Conv.
@@ -129,7 +135,8 @@ impl QuantConfig {
     /// The default configuration for these layers (name, op type).
     pub fn default_for(layers: &[(String, String)]) -> QuantConfig {
         QuantConfig {
-            batch_num: 1,
+            batch_num: None,
+            batch_size: None,
             activation_offset: true,
             do_fusion: true,
             skip_fusion_layers: Vec::new(),
@@ -140,6 +147,11 @@ impl QuantConfig {
             tensor_quantize: Vec::new(),
             bias_correction: false,
         }
+    }
+
+    /// The calibration batches to use when the data gives `available`.
+    pub fn batches(&self, available: usize) -> usize {
+        self.batch_num.unwrap_or(available)
     }
 
     /// The settings of `layer`, if it is configured.
@@ -156,7 +168,12 @@ impl QuantConfig {
     pub fn to_json(&self) -> Value {
         let mut top = Map::new();
         top.insert("version".into(), json!(1));
-        top.insert("batch_num".into(), json!(self.batch_num));
+        if let Some(n) = self.batch_num {
+            top.insert("batch_num".into(), json!(n));
+        }
+        if let Some(n) = self.batch_size {
+            top.insert("batch_size".into(), json!(n));
+        }
         top.insert("activation_offset".into(), json!(self.activation_offset));
         top.insert("do_fusion".into(), json!(self.do_fusion));
         top.insert("skip_fusion_layers".into(), json!(self.skip_fusion_layers));
@@ -374,7 +391,12 @@ fn parse(value: &Value, layers: &[(String, String)]) -> Parse<QuantConfig> {
                     return Err(format!("'version' must be 1, got {v}"));
                 }
             }
-            "batch_num" => cfg.batch_num = get_num(v, key, 1.0, 1e9, "an integer >= 1")? as usize,
+            "batch_num" => {
+                cfg.batch_num = Some(get_num(v, key, 1.0, 1e9, "an integer >= 1")? as usize)
+            }
+            "batch_size" => {
+                cfg.batch_size = Some(get_num(v, key, 1.0, 1e9, "an integer >= 1")? as usize)
+            }
             "activation_offset" => cfg.activation_offset = get_bool(v, key)?,
             "do_fusion" => cfg.do_fusion = get_bool(v, key)?,
             "tensor_quantize" => {
@@ -731,7 +753,7 @@ mod tests {
         let mut cfg = QuantConfig::default_for(&layers());
         cfg.layers[1].1.act_algo = ActAlgo::Hfmg { num_of_bins: 2048 };
         cfg.layers[1].1.asymmetric = Some(false);
-        cfg.batch_num = 4;
+        cfg.batch_num = Some(4);
         cfg.layers[0].1.wts_algo = WtsAlgo::Nuq(NuqSettings {
             num_steps: 16,
             num_of_iteration: 3,

@@ -79,7 +79,8 @@ fn build(cfg: &proto::AmctConfig, layers: &[(String, String)]) -> Result<QuantCo
         }
     }
     let mut out = QuantConfig {
-        batch_num: cfg.batch_num() as usize,
+        batch_num: cfg.batch_num.map(|n| n as usize),
+        batch_size: None,
         activation_offset: cfg.activation_offset(),
         do_fusion: cfg.do_fusion(),
         skip_fusion_layers: cfg.skip_fusion_layers.clone(),
@@ -114,7 +115,7 @@ fn build(cfg: &proto::AmctConfig, layers: &[(String, String)]) -> Result<QuantCo
             asymmetric: layer.asymmetric,
         });
     }
-    if out.batch_num == 0 {
+    if out.batch_num == Some(0) {
         return Err("'batch_num' must be at least 1".into());
     }
     for (name, op) in layers {
@@ -353,7 +354,7 @@ mod tests {
             "#,
         )
         .unwrap();
-        assert_eq!(cfg.batch_num, 3);
+        assert_eq!(cfg.batch_num, Some(3));
         assert!(!cfg.activation_offset);
         let conv1 = cfg.layer("conv1").unwrap();
         assert_eq!(conv1.act_algo, ActAlgo::Minmax);

@@ -92,6 +92,20 @@ pub fn nuq_bytes(layers: &[LayerReport]) -> Option<(f64, f64)> {
     Some((bytes(0), bytes(1)))
 }
 
+/// `n` and the noun, singular or plural: "1 batch", "2 batches".
+pub fn counted(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// A cosine for a table: "-" when none was measured (NaN).
+fn cosine_cell(c: f64) -> String {
+    if c.is_nan() {
+        "-".into()
+    } else {
+        format!("{c:.5}")
+    }
+}
+
 impl QuantReport {
     /// Writes the summary table.
     pub fn print_table(&self, out: &mut dyn Write) -> std::io::Result<()> {
@@ -108,8 +122,14 @@ impl QuantReport {
             };
             writeln!(
                 out,
-                "{:<36} {:<14} {:<10} {:>12.5e} {:>7} {:>10} {:>9.5}",
-                l.name, l.op_type, l.act_algo, l.scale_d, l.offset_d, sw, l.cosine
+                "{:<36} {:<14} {:<10} {:>12.5e} {:>7} {:>10} {:>9}",
+                l.name,
+                l.op_type,
+                l.act_algo,
+                l.scale_d,
+                l.offset_d,
+                sw,
+                cosine_cell(l.cosine)
             )?;
         }
         let nuq: Vec<(&str, &NuqSummary)> = self
@@ -143,9 +163,13 @@ impl QuantReport {
             });
             writeln!(
                 out,
-                "AdaRound: {} layers, summed layer output MSE {n:.4e} (nearest) -> {l:.4e} (learned), {} weights flipped",
-                self.adaround.len(),
-                self.adaround.iter().map(|r| r.flipped).sum::<usize>()
+                "AdaRound: {}, summed layer output MSE {n:.4e} (nearest) -> {l:.4e} (learned), {} flipped",
+                counted(self.adaround.len(), "layer", "layers"),
+                counted(
+                    self.adaround.iter().map(|r| r.flipped).sum::<usize>(),
+                    "weight",
+                    "weights"
+                )
             )?;
         }
         if !self.bias_correction.is_empty() {
@@ -154,8 +178,8 @@ impl QuantReport {
             };
             writeln!(
                 out,
-                "bias correction: {} layers, mean output error per channel {:.4e} -> {:.4e}",
-                self.bias_correction.len(),
+                "bias correction: {}, mean output error per channel {:.4e} -> {:.4e}",
+                counted(self.bias_correction.len(), "layer", "layers"),
                 mean(|b| b.mean_error_before),
                 mean(|b| b.mean_error_after)
             )?;
@@ -180,12 +204,12 @@ impl QuantReport {
         }
         writeln!(
             out,
-            "{} layers quantized, {} kept in float, {} batches x {} samples, {:.2} s \
+            "{} quantized, {} kept in float, {} x {}, {:.2} s \
              (observing {:.2} s, building {:.2} s, similarity {:.2} s)",
-            self.layers.len(),
+            counted(self.layers.len(), "layer", "layers"),
             self.skipped.len(),
-            self.batches,
-            self.batch_size,
+            counted(self.batches, "batch", "batches"),
+            counted(self.batch_size, "sample", "samples"),
             self.seconds,
             self.phase_seconds[0],
             self.phase_seconds[1],
