@@ -63,7 +63,7 @@ fn the_page_shows_every_layer_with_its_range() {
 #[test]
 fn a_page_that_cannot_be_written_stops_the_run_before_any_file() {
     let dir = tempfile::tempdir().unwrap();
-    let blocker = dir.path().join("file");
+    let blocker = dir.path().join("blocker");
     std::fs::write(&blocker, b"not a folder").unwrap();
     let prefix = dir.path().join("q");
     let o = common::calibrate_digits(&prefix)
@@ -73,7 +73,11 @@ fn a_page_that_cannot_be_written_stops_the_run_before_any_file() {
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(err.contains("page.html") || err.contains("file"), "{err}");
+    // The message names the folder the page cannot go to.
+    assert!(
+        err.contains(&blocker.display().to_string()) && err.contains("output folder"),
+        "{err}"
+    );
     let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
     assert_eq!(left.len(), 1, "only the blocking file remains: {left:?}");
 }

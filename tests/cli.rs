@@ -8,8 +8,16 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The binary with CANN's environment and the stub runtime's knobs cleared:
+/// on a machine with CANN, `calibrate` would otherwise pick the NPU.
 fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_ascend-quant"))
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ascend-quant"));
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("ASCEND_") {
+            c.env_remove(key);
+        }
+    }
+    c
 }
 
 fn digits_dir() -> PathBuf {

@@ -225,6 +225,40 @@ fn resizing_scales_the_short_side_and_crops_the_centre() {
         assert!((x[[0, 0, y, 0]] - 200.0 / 255.0).abs() < 1e-6);
         assert!((x[[0, 2, y, 5]] - 200.0 / 255.0).abs() < 1e-6);
     }
+
+    // Where the crop starts: every column and row of a 20 × 10 image has
+    // its own red and green, and the short side is already 10 (no
+    // scaling). A 4 × 6 centre crop is rows 3..7 and columns 7..13, so no
+    // other offset passes.
+    let mut img = image::RgbImage::new(20, 10);
+    for (x, y, p) in img.enumerate_pixels_mut() {
+        *p = image::Rgb([10 * x as u8, 20 * y as u8, 0]);
+    }
+    img.save(dir.path().join("a.png")).unwrap();
+    let prep = Preprocess {
+        resize: Some(10),
+        center_crop: Some((4, 6)),
+        ..Default::default()
+    };
+    let data = Dataset::from_images(dir.path(), &prep, false, &["x".into()], None).unwrap();
+    let Tensor::F32(x) = data.batch(1, 0).unwrap().remove(0).1 else {
+        panic!("float data")
+    };
+    assert_eq!(x.shape(), [1, 3, 4, 6]);
+    for row in 0..4 {
+        for col in 0..6 {
+            let red = x[[0, 0, row, col]] * 255.0;
+            let green = x[[0, 1, row, col]] * 255.0;
+            assert!(
+                (red - (10 * (col + 7)) as f32).abs() < 1e-3,
+                "column {col}: {red}"
+            );
+            assert!(
+                (green - (20 * (row + 3)) as f32).abs() < 1e-3,
+                "row {row}: {green}"
+            );
+        }
+    }
 }
 
 #[test]

@@ -195,9 +195,8 @@ fn external_data_past_the_end_of_file_is_an_error() {
     let p = with_external(dir.path(), "w.bin", 100, 1000, 500);
     let msg = load_model(&p).unwrap_err().to_string();
     assert!(
-        msg.contains("past the end") && msg.contains("onnx::Conv_26")
-            || msg.contains("past the end"),
-        "{msg}"
+        msg.contains("past the end") && msg.contains("onnx::Conv_26"),
+        "the message names the tensor: {msg}"
     );
     assert!(msg.contains("m.onnx"), "{msg}");
 }
@@ -248,7 +247,17 @@ fn a_failed_save_leaves_the_old_file_and_no_temporary() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("missing/m.onnx"), "{err}");
+    assert_eq!(
+        std::fs::read(&p).unwrap(),
+        b"old",
+        "the old file is left alone"
+    );
     save_model(&digits(), &p).unwrap();
+    assert_eq!(
+        load_model(&p).unwrap(),
+        digits(),
+        "a successful save replaces it whole"
+    );
     let names: Vec<String> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -523,7 +523,7 @@ mod tests {
         // output row that reads it; the sums must still run bias, then the
         // taps row by row, so its values are the in-order fused sums, bit for
         // bit (unclamped).
-        if !std::arch::is_x86_feature_detected!("avx512f") {
+        if !super::super::avx512_or_record_skip("depthwise::the_wide_kernel_sums_in_order") {
             return;
         }
         let mut seed = 500;

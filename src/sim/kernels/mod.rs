@@ -32,6 +32,29 @@ pub(crate) unsafe fn written_by(
     v
 }
 
+/// Whether this CPU runs the AVX-512 kernels. When it does not, the calling
+/// test cannot check them: the skip is written to stderr and appended to
+/// `target/skipped-tests.txt`, which `.ci/run` prints after the tests, so
+/// the gap is visible instead of a silent pass. (The layers those kernels
+/// would take run on the general GEMM there, which `conv.rs` tests.)
+#[cfg(test)]
+pub(crate) fn avx512_or_record_skip(test: &str) -> bool {
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        return true;
+    }
+    let line = format!("{test}: skipped, this CPU has no AVX-512F\n");
+    eprint!("{line}");
+    let log = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/skipped-tests.txt");
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+    {
+        let _ = std::io::Write::write_all(&mut f, line.as_bytes());
+    }
+    false
+}
+
 /// Reproducible values in [−1, 1) for the kernels' tests.
 #[cfg(test)]
 pub(crate) fn test_values(seed: u64, n: usize) -> Vec<f32> {
