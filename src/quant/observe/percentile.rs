@@ -47,14 +47,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ignores_a_rare_outlier() {
+    fn ignores_a_rare_outlier_and_reads_the_percentile_within_a_bin() {
+        // A ramp with a far outlier: the 99th and 99.9th percentiles, found by
+        // sorting here, must come back within one histogram bin (8/16384) plus
+        // the quantization grid's step (the range is rounded to 255 levels).
         let mut data: Vec<f32> = (0..100_000).map(|i| (i % 1000) as f32 / 1000.0).collect();
-        data.push(1000.0);
-        let mut o = Percentile::new(99.9);
-        o.observe(&data, 0.0, 1000.0);
-        let p = o.params(true, 8).unwrap();
-        let (_, hi) = p.range(8);
-        // The 99.9th percentile of uniform [0,1) is 0.999; the histogram's bins are 1000/16384 wide.
-        assert!((hi - 0.999).abs() < 0.07, "{hi}");
+        data.push(8.0);
+        let mut sorted = data.clone();
+        sorted.sort_by(f32::total_cmp);
+        for percentile in [99.0, 99.9] {
+            let mut o = Percentile::new(percentile);
+            o.observe(&data, 0.0, 8.0);
+            let (lo, hi) = o.params(true, 8).unwrap().range(8);
+            let rank = ((percentile / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+            let want = sorted[rank];
+            let tolerance = 8.0 / BINS as f32 + want / 255.0;
+            assert!(
+                (hi - want).abs() <= tolerance && lo.abs() <= tolerance,
+                "{percentile}: [{lo}, {hi}] vs {want} (± {tolerance})"
+            );
+        }
     }
 }
