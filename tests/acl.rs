@@ -116,13 +116,18 @@ fn run_scenario(name: &str) {
             acl.finalize().unwrap();
         }
         "two_threads" => {
+            // Both contexts are made on this thread and used only on others,
+            // which have no current context until the wrapper binds one: the
+            // stub refuses every allocation and copy on a thread without one.
             let acl = acl().unwrap();
             let device = acl.device(0).unwrap();
-            let handles: Vec<_> = (0..2)
-                .map(|t| {
-                    let device = device.clone();
+            let contexts = [device.context().unwrap(), device.context().unwrap()];
+            let handles: Vec<_> = contexts
+                .iter()
+                .enumerate()
+                .map(|(t, ctx)| {
+                    let ctx = ctx.clone();
                     std::thread::spawn(move || {
-                        let ctx = device.context().unwrap();
                         let mut buf = ctx.alloc(1 << 16).unwrap();
                         let values: Vec<f32> = (0..16384).map(|i| (i * (t + 1)) as f32).collect();
                         for _ in 0..20 {
@@ -135,6 +140,7 @@ fn run_scenario(name: &str) {
             for h in handles {
                 h.join().unwrap();
             }
+            drop(contexts);
             drop(device);
             acl.finalize().unwrap();
         }
@@ -149,7 +155,11 @@ fn run_scenario(name: &str) {
 fn scenario_entry() {
     let name = std::env::var("ACL_SCENARIO").expect("started by child() with ACL_SCENARIO");
     run_scenario(&name);
+    println!("{}{name}", SCENARIO_DONE);
 }
+
+/// What a child prints when its scenario ran to the end.
+const SCENARIO_DONE: &str = "acl scenario finished: ";
 
 fn child(name: &str, env: &[(&str, &str)]) -> std::process::Output {
     let mut c = Command::new(std::env::current_exe().unwrap());
@@ -170,11 +180,16 @@ fn child(name: &str, env: &[(&str, &str)]) -> std::process::Output {
 
 fn assert_passes(name: &str, env: &[(&str, &str)]) {
     let o = child(name, env);
+    let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(
         o.status.success(),
-        "scenario {name} {env:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
+        "scenario {name} {env:?} failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&o.stderr)
+    );
+    // A filter that stops matching would run no test and still succeed.
+    assert!(
+        stdout.contains(&format!("{SCENARIO_DONE}{name}\n")),
+        "scenario {name} {env:?} did not run:\n{stdout}"
     );
 }
 

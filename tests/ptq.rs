@@ -253,6 +253,8 @@ fn every_calibrator_and_both_symmetries_work_on_digits() {
         base["/10/Gemm"]["weight_quant_params"]["channel_wise"],
         false
     );
+    // Each calibrator's range for the deepest Conv's input, per symmetry.
+    let mut ranges: std::collections::BTreeMap<(bool, String), f32> = Default::default();
     for (algo, extra) in [
         ("minmax", serde_json::json!({})),
         ("hfmg", serde_json::json!({"num_of_bins": 1024})),
@@ -318,7 +320,48 @@ fn every_calibrator_and_both_symmetries_work_on_digits() {
             } else {
                 assert!(offsets.iter().all(|&o| o == 0), "{algo}: {offsets:?}");
             }
+            let scale_of = |layer: &str| {
+                record
+                    .record
+                    .iter()
+                    .find(|r| r.key() == layer)
+                    .and_then(|r| r.value.as_ref())
+                    .map(|v| v.scale_d())
+                    .unwrap()
+            };
+            if algo == "minmax" {
+                // The images span [0, 1] (checked here): min-max gives 1/255
+                // asymmetric, 1/127 symmetric, for the first layer.
+                let Tensor::F32(x) =
+                    ascend_quant::data::read_npy(&digits().join("calib_x.npy")).unwrap()
+                else {
+                    panic!("float images")
+                };
+                let (lo, hi) = x
+                    .iter()
+                    .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+                assert_eq!((lo, hi), (0.0, 1.0));
+                let want = if asymmetric { 1.0 / 255.0 } else { 1.0 / 127.0 };
+                let got = scale_of("/0/Conv");
+                assert!(
+                    (got - want).abs() <= 1e-6 * want,
+                    "minmax /0/Conv: {got} vs {want}"
+                );
+            }
+            ranges.insert((asymmetric, algo.to_string()), scale_of("/6/Conv"));
         }
+    }
+    // The calibrators really differ: on the deepest Conv's input (a ReLU
+    // output with a tail) none exceeds min-max, and the percentile and KL
+    // clip below it (HFMG and IFMR keep the whole range here: measured).
+    for asymmetric in [true, false] {
+        let of = |algo: &str| ranges[&(asymmetric, algo.to_string())];
+        let full = of("minmax");
+        for algo in ["hfmg", "ifmr", "percentile", "kl"] {
+            assert!(of(algo) <= full, "{algo} past min-max: {ranges:?}");
+        }
+        assert!(of("percentile") < 0.95 * full, "{ranges:?}");
+        assert!(of("kl") < 0.5 * full, "{ranges:?}");
     }
 }
 
