@@ -301,8 +301,10 @@ fn every_layer_kind_is_quantized_and_deploy_agrees_with_fake_quant() {
         .zip(&fake)
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
+    // The fake-quant model computes the deploy model's integers in float:
+    // measured equal to the last bit here, so only summation order may differ.
     assert!(
-        worst <= 0.02 * range,
+        worst <= 1e-5 * range,
         "deploy vs fake-quant differ by {worst} (output range {range})"
     );
     assert!(out.cosine.values().all(|&c| c > 0.98), "{:?}", out.cosine);
@@ -565,15 +567,16 @@ fn per_layer_cosines_are_those_of_the_layer_outputs() {
             .unwrap()
     };
     let float = outputs_of(&out.prepared);
-    let simulation = ascend_quant::quant::emit::simulation_model(&out.prepared, &out.factors);
-    let fake = outputs_of(&simulation.unwrap());
+    // The reference is the fake-quant model the user gets (AMCT's chain of
+    // standard operators), not the QDQ model the report is computed on.
+    let fake = outputs_of(&out.fake_quant);
     assert_eq!(out.cosine.len(), out.factors.len());
     for ((f, a), b) in out.factors.iter().zip(&float).zip(&fake) {
         let (a, b) = (a.as_f32().unwrap(), b.as_f32().unwrap());
         let expected = cosine(a.as_slice().unwrap(), b.as_slice().unwrap());
         let got = out.cosine[&f.layer.name];
         assert!(
-            (got - expected).abs() < 1e-9,
+            (got - expected).abs() < 1e-6,
             "{}: {got} vs {expected}",
             f.layer.name
         );
