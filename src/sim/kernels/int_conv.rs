@@ -396,7 +396,7 @@ mod tests {
         offset: i32,
         requant: &Requant,
     ) -> Vec<f32> {
-        let (oh, ow) = g.out_hw(h, w).unwrap();
+        let (oh, ow) = super::super::counted_out_hw(g, h, w);
         let (kh, kw) = g.kernel;
         let cg = c_in / g.group;
         let mg = c_out / g.group;
@@ -486,6 +486,7 @@ mod tests {
             let conv = IntConv::new(g.clone(), c_in, c_out, quantizer, &weight, requant);
             let qf: Vec<f32> = q.iter().map(|&v| (i32::from(v) - offset) as f32).collect();
             let (got, _) = conv.run(&qf, n, h, w).unwrap();
+            assert_eq!(got.len(), want.len(), "case {i}: output size");
             let differ = got
                 .iter()
                 .zip(&want)

@@ -55,6 +55,43 @@ pub(crate) fn avx512_or_record_skip(test: &str) -> bool {
     false
 }
 
+/// The output size of a window sliding over `n` values padded by
+/// `pads` (both sides), counted position by position: the tests' reference
+/// for the kernels' own closed-form `out_hw`.
+#[cfg(test)]
+pub(crate) fn counted_positions(
+    n: usize,
+    pads: usize,
+    k: usize,
+    stride: usize,
+    dilation: usize,
+) -> usize {
+    (0..)
+        .take_while(|&o: &usize| o * stride + dilation * (k - 1) < n + pads)
+        .count()
+}
+
+/// The output height and width of `g` on `h × w`, counted ([`counted_positions`]).
+#[cfg(test)]
+pub(crate) fn counted_out_hw(g: &conv::ConvGeometry, h: usize, w: usize) -> (usize, usize) {
+    (
+        counted_positions(
+            h,
+            g.pads[0] + g.pads[2],
+            g.kernel.0,
+            g.stride.0,
+            g.dilation.0,
+        ),
+        counted_positions(
+            w,
+            g.pads[1] + g.pads[3],
+            g.kernel.1,
+            g.stride.1,
+            g.dilation.1,
+        ),
+    )
+}
+
 /// Reproducible values in [−1, 1) for the kernels' tests.
 #[cfg(test)]
 pub(crate) fn test_values(seed: u64, n: usize) -> Vec<f32> {
