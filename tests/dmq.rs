@@ -194,10 +194,26 @@ fn adaround_rounds_each_weight_down_or_up_and_lowers_the_sampled_output_error() 
         ..Default::default()
     });
     let data = ArrayD::from_shape_vec(IxDyn(&[16, 4, 8, 8]), values(9, 16 * 256)).unwrap();
-    let out = calibrate_with(&m, &config, data);
+    let out = calibrate_with(&m, &config, data.clone());
     let report = out.adaround.first().cloned().expect("the conv was learned");
-    assert!(report.output_mse[1] < report.output_mse[0], "{report:?}");
     assert!(report.flipped > 0);
+    // Measured on the weight-only models (nearest rounding vs learned), not
+    // taken from what AdaRound reports about itself.
+    config.layers[0].1.wts_algo = WtsAlgo::Arq;
+    let nearest = calibrate_with(&m, &config, data.clone());
+    let float = output(&m, &data);
+    let error = |o: &Outcome| {
+        mse(
+            &output(
+                &ascend_quant::quant::emit::weight_only_model(&o.prepared, &o.factors).unwrap(),
+                &data,
+            ),
+            &float,
+        )
+    };
+    let (near, learned) = (error(&nearest), error(&out));
+    // Measured: 4.8% lower (1.88e-5 vs 1.98e-5).
+    assert!(learned < 0.97 * near, "nearest {near}, learned {learned}");
     let f = &out.factors[0];
     let q = f.weight_q.as_ref().unwrap();
     for (flat, (&wv, &qv)) in w.iter().zip(q.iter()).enumerate() {
@@ -244,6 +260,12 @@ fn adaround_measures_what_the_model_computes_with_and_without_balancing() {
             )
         };
         let (near, learned) = (error(&plain), error(&ada));
+        // What matters, measured on the model: the learned rounding is better.
+        assert!(
+            learned < near,
+            "dmq {dmq:?}: nearest {near}, learned {learned}"
+        );
+        // And the report agrees with the model up to AdaRound's sampling.
         for (got, want) in [
             (report.output_mse[0], near),
             (report.output_mse[1], learned),

@@ -104,17 +104,26 @@ fn conv_shape(graph: &GraphProto, f: &LayerFactors, dims: &[usize]) -> Option<Co
     })
 }
 
-/// Deterministic positions in `0..n`.
+/// `count` distinct positions of `0..n` (all of them when `count >= n`),
+/// chosen deterministically (a partial Fisher–Yates shuffle driven by
+/// xorshift). Drawing with replacement kept only ~63% of the positions when
+/// `count` equalled `n`, and the rounding fitted those: on a 16-sample Conv
+/// whose 1024 positions were all drawn, the learned rounding's measured
+/// error came out above nearest rounding's.
 fn positions(n: usize, count: usize, seed: u64) -> Vec<usize> {
+    let mut all: Vec<usize> = (0..n).collect();
+    let count = count.min(n);
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..count)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s % n.max(1) as u64) as usize
-        })
-        .collect()
+    for i in 0..count {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        let j = i + (s % (n - i) as u64) as usize;
+        all.swap(i, j);
+    }
+    all.truncate(count);
+    all.sort_unstable();
+    all
 }
 
 /// A layer's learned int8 weight and its report.

@@ -334,10 +334,40 @@ mod tests {
             num_iteration: 500,
             ..Default::default()
         });
+        // The output errors measured here, from the integer weights alone
+        // (not the figures `solve` reports about itself).
+        let error_of = |q: &Array2<f32>| -> f64 {
+            let mut wq = q.clone();
+            for (mut row, &s) in wq.axis_iter_mut(Axis(0)).zip(&scale) {
+                row.mapv_inplace(|v| v * s);
+            }
+            let mut y = wq.dot(&x);
+            for (mut row, &b) in y.axis_iter_mut(Axis(0)).zip(&bias) {
+                row.mapv_inplace(|v| v + b);
+            }
+            y.iter()
+                .zip(target.iter())
+                .map(|(a, b)| f64::from(a - b).powi(2))
+                .sum::<f64>()
+                / y.len() as f64
+        };
+        let mut nearest_q = w.clone();
+        for (mut row, &s) in nearest_q.axis_iter_mut(Axis(0)).zip(&scale) {
+            row.mapv_inplace(|v| (v / s).round_ties_even().clamp(-128.0, 127.0));
+        }
+        let learned_q = q.mapv(f32::from);
+        let (measured_nearest, measured_learned) = (error_of(&nearest_q), error_of(&learned_q));
         assert!(
-            learned < 0.8 * nearest,
-            "nearest {nearest}, learned {learned}"
+            measured_learned < 0.8 * measured_nearest,
+            "nearest {measured_nearest}, learned {measured_learned}"
         );
+        // What it reports is what it did.
+        for (reported, measured) in [(nearest, measured_nearest), (learned, measured_learned)] {
+            assert!(
+                (f64::from(reported) - measured).abs() <= 1e-3 * measured,
+                "reported {reported}, measured {measured}"
+            );
+        }
         // Every weight is rounded down or up from w/s, never further.
         for ((r, c), &v) in w.indexed_iter() {
             let f = (v / scale[r]).floor();
