@@ -141,6 +141,11 @@ pub fn pack_deq_scale(deq: f32) -> u64 {
     u64::from(deq.to_bits())
 }
 
+/// Packs a `deq_scale` element from all its fields.
+pub fn pack_deq_scale_bits(scale: f32, shift: u8, offset_w: i8) -> u64 {
+    u64::from(scale.to_bits()) | (u64::from(shift) << 32) | (u64::from(offset_w as u8) << 40)
+}
+
 /// Unpacks one `deq_scale` element.
 pub fn unpack_deq_scale(packed: u64) -> DeqScale {
     DeqScale {
@@ -289,5 +294,67 @@ mod tests {
         let sub = format!("{}.sub", names::fake_quant_prefix("/0/Conv"));
         assert_eq!(names::layer_of_fake_quant_sub(&sub), Some("/0/Conv"));
         assert_eq!(names::layer_of_fake_quant_sub("/0/Conv.sub"), None);
+    }
+}
+
+/// AMCT's `fakequant_precision_mode: FORCE_FP16_QUANT`, for devices whose
+/// quant operator computes in fp16 (`docs/deploy-format.md`, FP16 quant): the
+/// metadata a deploy model carries when it was made that way, and the
+/// arithmetic it implies.
+pub mod fp16_quant {
+    use crate::onnx::ModelProto;
+    use crate::onnx::attr::{attr_float, float_attr, set};
+    use crate::onnx::proto::StringStringEntryProto;
+
+    /// The `metadata_props` key a deploy model made with FORCE_FP16_QUANT carries.
+    pub const METADATA_KEY: &str = "ascend_quant.fakequant_precision_mode";
+    /// Its value, AMCT's name for the mode.
+    pub const FORCE_FP16_QUANT: &str = "FORCE_FP16_QUANT";
+
+    /// `v` at fp16 precision (round to nearest even), back as float32: the
+    /// value an fp16 quant operator multiplies by.
+    pub fn to_fp16(v: f32) -> f32 {
+        half::f16::from_f32(v).to_f32()
+    }
+
+    /// AMCT's "S19" truncation of a dequantization factor: the float32 bits
+    /// with the low 13 mantissa bits cleared (10 mantissa bits kept).
+    pub fn s19(v: f32) -> f32 {
+        f32::from_bits(v.to_bits() & 0xFFFF_E000)
+    }
+
+    /// Whether `model` says its quant operators compute in fp16.
+    pub fn requested(model: &ModelProto) -> bool {
+        model
+            .metadata_props
+            .iter()
+            .any(|p| p.key() == METADATA_KEY && p.value() == FORCE_FP16_QUANT)
+    }
+
+    /// Marks `model` as made with FORCE_FP16_QUANT (once).
+    pub fn mark(model: &mut ModelProto) {
+        if !requested(model) {
+            model.metadata_props.push(StringStringEntryProto {
+                key: Some(METADATA_KEY.into()),
+                value: Some(FORCE_FP16_QUANT.into()),
+            });
+        }
+    }
+
+    /// For execution: every `AscendQuant`'s `scale` at fp16 precision, as an
+    /// fp16 device applies it. The model is otherwise unchanged.
+    pub fn round_quant_scales(model: &mut ModelProto) {
+        let Some(g) = model.graph.as_mut() else {
+            return;
+        };
+        for n in g
+            .node
+            .iter_mut()
+            .filter(|n| n.op_type() == super::ASCEND_QUANT)
+        {
+            if let Some(scale) = float_attr(n, "scale") {
+                set(n, attr_float("scale", to_fp16(scale)));
+            }
+        }
     }
 }

@@ -182,6 +182,9 @@ pub fn run(opts: &AutoOptions, progress: Progress<'_>) -> Result<AutoResult, Pip
             let candidate = if evaluator.wants_fake_quant() {
                 let mut m = fake_quant_model(prepared, &chosen)?;
                 add_tensor_quantization(&mut m, &calibrated.tensors, ModelKind::FakeQuant)?;
+                if calibrated.fp16_quant {
+                    crate::quant::fp16_quant::apply_to_fake_quant(&mut m);
+                }
                 m
             } else {
                 let mut m = simulation_model(prepared, &chosen)?;
@@ -246,6 +249,10 @@ pub fn run(opts: &AutoOptions, progress: Progress<'_>) -> Result<AutoResult, Pip
     add_tensor_quantization(&mut deploy, &calibrated.tensors, ModelKind::Deploy)?;
     let mut fake = fake_quant_model(prepared, &chosen)?;
     add_tensor_quantization(&mut fake, &calibrated.tensors, ModelKind::FakeQuant)?;
+    if calibrated.fp16_quant {
+        crate::quant::fp16_quant::apply_to_deploy(&mut deploy);
+        crate::quant::fp16_quant::apply_to_fake_quant(&mut fake);
+    }
     let ranking_json = serde_json::to_value(&ranking)
         .map_err(|e| PipelineError::Usage(format!("serializing the ranking: {e}")))?;
     let history_json = serde_json::to_value(&outcome.history)

@@ -49,6 +49,10 @@ pub struct CalibrateArgs {
     /// Asymmetric activations (scale + offset) unless a layer says otherwise.
     #[arg(long)]
     pub activation_offset: Option<bool>,
+    /// AMCT's FORCE_FP16_QUANT, for devices whose quant operator computes in
+    /// fp16: the quant scale at fp16 precision, dequant factors truncated to S19.
+    #[arg(long, value_name = "MODE", value_parser = ["FORCE_FP16_QUANT"])]
+    pub fakequant_precision_mode: Option<String>,
     /// Where calibration runs.
     #[arg(long, value_enum, default_value = "auto")]
     pub backend: Backend,
@@ -187,6 +191,7 @@ impl CalibrateArgs {
             batch_num: self.batch_num,
             skip_layers: self.skip_layers.clone(),
             activation_offset: self.activation_offset,
+            fp16_quant: self.fakequant_precision_mode.is_some(),
             backend: self.backend,
             acl_lib: self.acl_lib.clone(),
             output: self.output.clone(),

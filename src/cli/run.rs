@@ -24,6 +24,11 @@ pub struct RunArgs {
     /// Print a JSON list of the written outputs instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Compute AscendQuant with its scale at fp16 precision, as a device
+    /// does under FORCE_FP16_QUANT (for deploy models made by AMCT in that
+    /// mode; ascend-quant's own say so in their metadata).
+    #[arg(long)]
+    pub fp16_quant: bool,
 }
 
 #[derive(Serialize)]
@@ -51,7 +56,10 @@ pub fn output_file_name(value: &str) -> String {
 
 /// Runs `run`.
 pub fn execute(args: &RunArgs) -> Result<(), Failure> {
-    let model = load_model(&args.model)?;
+    let mut model = load_model(&args.model)?;
+    if args.fp16_quant {
+        crate::deploy_format::fp16_quant::mark(&mut model);
+    }
     let input_names: Vec<String> = crate::sim::feedable_input_names(&model);
     let mut feeds: Vec<(String, Tensor)> = Vec::new();
     for spec in &args.inputs {

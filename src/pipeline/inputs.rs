@@ -143,6 +143,8 @@ pub struct CalibrateOptions {
     pub tensor_quantize: Vec<String>,
     /// Correct biases by their mean output error (adds to the configuration's `bias_correction`).
     pub bias_correction: bool,
+    /// FORCE_FP16_QUANT (adds to the configuration's `fakequant_precision_mode`).
+    pub fp16_quant: bool,
     /// The accuracy recipe (`--optimize`, see [`apply_optimize`]).
     pub optimize: bool,
     /// Take every factor from this record file instead of calibrating
@@ -169,6 +171,7 @@ impl CalibrateOptions {
             similarity_samples: 8,
             tensor_quantize: Vec::new(),
             bias_correction: false,
+            fp16_quant: false,
             optimize: false,
             record: None,
             html: None,
@@ -285,6 +288,7 @@ pub fn read_config(
         layer.1.quant_enable = false;
     }
     config.bias_correction |= opts.bias_correction;
+    config.fp16_quant |= opts.fp16_quant;
     for spec in &opts.tensor_quantize {
         config.tensor_quantize.extend(tensor_targets(model, spec));
     }

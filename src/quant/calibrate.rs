@@ -90,6 +90,8 @@ pub struct Calibrated {
     pub batches_used: usize,
     /// Seconds spent observing activations.
     pub seconds: f64,
+    /// Emit the models with FORCE_FP16_QUANT (`fp16_quant`).
+    pub fp16_quant: bool,
 }
 
 /// Runs post-training quantization of `model` with `config` on `data`.
@@ -157,6 +159,10 @@ pub fn finish(
     add_tensor_quantization(&mut deploy, &c.tensors, ModelKind::Deploy)?;
     let mut fake_quant = fake_quant_model(&c.prepared, &c.factors)?;
     add_tensor_quantization(&mut fake_quant, &c.tensors, ModelKind::FakeQuant)?;
+    if c.fp16_quant {
+        super::fp16_quant::apply_to_deploy(&mut deploy);
+        super::fp16_quant::apply_to_fake_quant(&mut fake_quant);
+    }
     let timings = [
         c.seconds,
         started.elapsed().as_secs_f64() - measured,
@@ -441,6 +447,7 @@ pub fn observe_layers(
         adaround,
         batches_used: batch_num,
         seconds: observed,
+        fp16_quant: config.fp16_quant,
     })
 }
 

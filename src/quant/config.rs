@@ -81,6 +81,9 @@ pub struct QuantConfig {
     /// Correct each layer's int32 bias by its mean output error on the
     /// calibration data (`bias_correction`, an ascend-quant key).
     pub bias_correction: bool,
+    /// AMCT's `fakequant_precision_mode: FORCE_FP16_QUANT`: the quant
+    /// operators' scale at fp16 precision (`docs/deploy-format.md`).
+    pub fp16_quant: bool,
 }
 
 /// One tensor quantization: input `input_index` of node `layer_name`.
@@ -146,6 +149,7 @@ impl QuantConfig {
                 .collect(),
             tensor_quantize: Vec::new(),
             bias_correction: false,
+            fp16_quant: false,
         }
     }
 
@@ -179,6 +183,12 @@ impl QuantConfig {
         top.insert("skip_fusion_layers".into(), json!(self.skip_fusion_layers));
         if self.bias_correction {
             top.insert("bias_correction".into(), json!(true));
+        }
+        if self.fp16_quant {
+            top.insert(
+                "fakequant_precision_mode".into(),
+                json!(crate::deploy_format::fp16_quant::FORCE_FP16_QUANT),
+            );
         }
         if !self.tensor_quantize.is_empty() {
             let list: Vec<Value> = self
@@ -398,6 +408,15 @@ fn parse(value: &Value, layers: &[(String, String)]) -> Parse<QuantConfig> {
                 cfg.batch_size = Some(get_num(v, key, 1.0, 1e9, "an integer >= 1")? as usize)
             }
             "activation_offset" => cfg.activation_offset = get_bool(v, key)?,
+            "fakequant_precision_mode" => {
+                let mode = crate::deploy_format::fp16_quant::FORCE_FP16_QUANT;
+                if v.as_str() != Some(mode) {
+                    return Err(format!(
+                        "'fakequant_precision_mode' is {v}; the one mode is \"{mode}\" (leave the key out for float32 scales)"
+                    ));
+                }
+                cfg.fp16_quant = true;
+            }
             "do_fusion" => cfg.do_fusion = get_bool(v, key)?,
             "tensor_quantize" => {
                 let list = v

@@ -87,6 +87,7 @@ pub fn calibrated_from_record(
         adaround: Vec::new(),
         batches_used: 0,
         seconds: 0.0,
+        fp16_quant: config.fp16_quant,
     })
 }
 

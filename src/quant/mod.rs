@@ -10,6 +10,7 @@ pub mod config;
 pub mod dmq;
 pub mod emit;
 pub mod error;
+pub mod fp16_quant;
 pub mod from_record;
 pub mod layer_cosines;
 pub mod layers;

@@ -53,11 +53,6 @@ fn build(cfg: &proto::AmctConfig, layers: &[(String, String)]) -> Result<QuantCo
         )?)),
         None => None,
     };
-    if cfg.fakequant_precision_mode() != proto::FakequantPrecisionMode::Default {
-        return Err(
-            "fakequant_precision_mode FORCE_FP16_QUANT is not supported yet; remove it".into(),
-        );
-    }
     let known = |name: &str| layers.iter().any(|(n, _)| n == name);
     let all_names = || {
         layers
@@ -87,6 +82,7 @@ fn build(cfg: &proto::AmctConfig, layers: &[(String, String)]) -> Result<QuantCo
         layers: Vec::new(),
         tensor_quantize: Vec::new(),
         bias_correction: cfg.bias_correction(),
+        fp16_quant: cfg.fakequant_precision_mode() == proto::FakequantPrecisionMode::ForceFp16Quant,
     };
     for (i, t) in cfg.tensor_quantize.iter().enumerate() {
         let layer_name = t

@@ -1,0 +1,76 @@
+//! FORCE_FP16_QUANT applied to emitted models (AMCT's
+//! `fakequant_precision_mode`, `docs/deploy-format.md`, FP16 quant). The
+//! record is unchanged; the deploy model's dequantization factors are
+//! truncated to AMCT's "S19" and the model is marked, so the simulator
+//! applies each `AscendQuant`'s scale at fp16 precision as the device does;
+//! the fake-quant model's quant chains multiply by the fp16 scale and its
+//! dequantizations by the S19 factors.
+
+use crate::deploy_format::fp16_quant::{mark, s19, to_fp16};
+use crate::deploy_format::{ASCEND_DEQUANT, pack_deq_scale_bits, unpack_deq_scale};
+use crate::onnx::proto::TensorProto;
+use crate::onnx::{ModelProto, Storage, to_proto, to_tensor};
+use crate::tensor::Tensor;
+
+/// The deploy model: every `AscendDequant`'s factors truncated to S19
+/// (shift and weight-offset bits kept), and the FORCE_FP16_QUANT mark.
+pub fn apply_to_deploy(model: &mut ModelProto) {
+    mark(model);
+    let Some(g) = model.graph.as_mut() else {
+        return;
+    };
+    let params: Vec<String> = g
+        .node
+        .iter()
+        .filter(|n| n.op_type() == ASCEND_DEQUANT)
+        .filter_map(|n| n.input.get(1).cloned())
+        .collect();
+    for t in g
+        .initializer
+        .iter_mut()
+        .filter(|t| params.iter().any(|p| p == t.name()))
+    {
+        if let Ok(Tensor::U64(packed)) = to_tensor(t) {
+            let truncated = packed.mapv(|v| {
+                let d = unpack_deq_scale(v);
+                pack_deq_scale_bits(s19(d.scale), d.shift, d.offset_w)
+            });
+            *t = renamed_like(t, &Tensor::U64(truncated));
+        }
+    }
+}
+
+/// The fake-quant model: each quant chain's scale constant at fp16
+/// precision, each dequantization's factors truncated to S19.
+pub fn apply_to_fake_quant(model: &mut ModelProto) {
+    let Some(g) = model.graph.as_mut() else {
+        return;
+    };
+    for n in g.node.iter_mut().filter(|n| n.op_type() == "Constant") {
+        let Some(out) = n.output.first() else {
+            continue;
+        };
+        let round: fn(f32) -> f32 = if out.ends_with(".quant.fakequant.scale.value") {
+            to_fp16
+        } else if out.ends_with(".dequant.fakequant.scale.value") {
+            s19
+        } else {
+            continue;
+        };
+        let out = out.clone();
+        for a in n.attribute.iter_mut().filter(|a| a.name() == "value") {
+            if let Some(t) = a.t.as_mut()
+                && let Ok(Tensor::F32(v)) = to_tensor(t)
+            {
+                *t = to_proto(&out, &Tensor::F32(v.mapv(round)), Storage::Raw);
+            }
+        }
+    }
+}
+
+/// `value` stored under `t`'s name and doc string.
+fn renamed_like(t: &TensorProto, value: &Tensor) -> TensorProto {
+    let mut fresh = to_proto(t.name(), value, Storage::Typed);
+    fresh.doc_string = t.doc_string.clone();
+    fresh
+}
