@@ -211,27 +211,38 @@ fn usage_errors_and_bad_files_exit_with_1() {
     assert!(text(&o).1.contains("/nonexistent/x.npy"));
 }
 
-#[test]
-fn a_model_needing_absurd_memory_is_refused_before_running() {
-    // The first Conv padded by a million on every side: whatever the plane,
-    // at least (1,000,000 + 1,000,000 + 1)^2 positions.
-    let mut conv = String::new();
-    let (_d, p) = altered_digits(|m| {
+/// The digits model with the pads of the first node `pick` selects set to
+/// `pads`; the node's name and the altered model.
+fn digits_padded(
+    pick: impl Fn(&NodeProto) -> bool,
+    pads: &[i64],
+) -> (String, tempfile::TempDir, PathBuf) {
+    let mut name = String::new();
+    let (d, p) = altered_digits(|m| {
         let n = m
             .graph
             .as_mut()
             .unwrap()
             .node
             .iter_mut()
-            .find(|n| n.op_type() == "Conv")
+            .find(|n| pick(n))
             .unwrap();
-        conv = n.name().to_string();
+        name = n.name().to_string();
         n.attribute.retain(|a| a.name() != "pads");
-        n.attribute.push(ascend_quant::onnx::attr::attr_ints(
-            "pads",
-            &[1_000_000, 1_000_000, 1_000_000, 1_000_000],
-        ));
+        n.attribute
+            .push(ascend_quant::onnx::attr::attr_ints("pads", pads));
     });
+    (name, d, p)
+}
+
+#[test]
+fn a_model_needing_absurd_memory_is_refused_before_running() {
+    // The first Conv padded by a million on every side: whatever the plane,
+    // at least (1,000,000 + 1,000,000 + 1)^2 positions.
+    let (conv, _d, p) = digits_padded(
+        |n| n.op_type() == "Conv",
+        &[1_000_000, 1_000_000, 1_000_000, 1_000_000],
+    );
     let (code, err) = run_with(&p, &digits_input(&[1, 1, 8, 8]));
     assert_eq!(code, Some(1), "{err}");
     assert!(
@@ -269,21 +280,7 @@ fn calibrate_into_fresh_folder(model: &Path) -> (Option<i32>, String, Vec<PathBu
 /// plane, nothing written.
 #[test]
 fn a_model_needing_absurd_work_is_refused_before_calibrating() {
-    let (_d, p) = altered_digits(|m| {
-        let n = m
-            .graph
-            .as_mut()
-            .unwrap()
-            .node
-            .iter_mut()
-            .find(|n| n.name() == "/3/Conv")
-            .unwrap();
-        n.attribute.retain(|a| a.name() != "pads");
-        n.attribute.push(ascend_quant::onnx::attr::attr_ints(
-            "pads",
-            &[1_000_000, 1, 1, 1],
-        ));
-    });
+    let (_, _d, p) = digits_padded(|n| n.name() == "/3/Conv", &[1_000_000, 1, 1, 1]);
     let (code, err, left) = calibrate_into_fresh_folder(&p);
     assert_eq!(code, Some(1), "{err}");
     // /3/Conv reads 8×8 planes: (8 + 1,000,001) × (8 + 2) / 64.

@@ -82,27 +82,25 @@ pub fn check_work(model: &ModelProto) -> Result<Work, OnnxError> {
         if lifted {
             continue;
         }
-        if work.multiply_adds > MAX_MULTIPLY_ADDS {
-            return Err(refusal(
-                n,
-                format!(
-                    "one sample needs at least {:.2e} multiply-adds up to this {}, more than the limit of {:.2e}",
-                    work.multiply_adds as f64,
-                    n.op_type(),
-                    MAX_MULTIPLY_ADDS as f64
-                ),
-            ));
-        }
-        if work.values > MAX_VALUES {
-            return Err(refusal(
-                n,
-                format!(
-                    "one sample produces at least {:.2e} values up to this {}, more than the limit of {:.2e}",
-                    work.values as f64,
-                    n.op_type(),
-                    MAX_VALUES as f64
-                ),
-            ));
+        for (figure, limit, what) in [
+            (
+                work.multiply_adds,
+                MAX_MULTIPLY_ADDS,
+                "needs at least {} multiply-adds",
+            ),
+            (work.values, MAX_VALUES, "produces at least {} values"),
+        ] {
+            if figure > limit {
+                let what = what.replace("{}", &format!("{:.2e}", figure as f64));
+                return Err(refusal(
+                    n,
+                    format!(
+                        "one sample {what} up to this {}, more than the limit of {:.2e}",
+                        n.op_type(),
+                        limit as f64
+                    ),
+                ));
+            }
         }
     }
     Ok(work)
