@@ -136,7 +136,7 @@ fn run_per_sample(
             reason: "one sample".into(),
         });
     }
-    let mut parts: Vec<Vec<Tensor>> = vec![Vec::with_capacity(samples); fetch.len()];
+    let mut joined: Vec<Joined> = (0..fetch.len()).map(|_| Joined::default()).collect();
     for i in 0..samples {
         let sliced: Vec<(&str, Tensor)> = feeds
             .iter()
@@ -155,16 +155,121 @@ fn run_per_sample(
             .collect();
         let refs: Vec<(&str, &Tensor)> = sliced.iter().map(|(n, t)| (*n, t)).collect();
         for (k, v) in run_once(&refs, fetch)?.into_iter().enumerate() {
-            parts[k].push(v);
+            joined[k].push(v, samples);
         }
     }
-    parts
-        .iter()
+    joined
+        .into_iter()
         .zip(fetch)
-        .map(|(p, name)| {
-            Tensor::concat_axis0(p).ok_or_else(|| SimError::Run {
+        .map(|(j, name)| {
+            j.finish().ok_or_else(|| SimError::Run {
                 reason: format!("the per-sample values of '{name}' cannot be joined"),
             })
         })
         .collect()
+}
+
+/// One fetched value's samples, joined along axis 0 as they arrive: float32
+/// values in standard layout go straight into one buffer sized for every
+/// sample (so a run holds each value once, not its parts and then their
+/// join); anything else is kept as parts and joined at the end.
+#[derive(Default)]
+enum Joined {
+    #[default]
+    Empty,
+    F32 {
+        data: Vec<f32>,
+        shape: Vec<usize>,
+    },
+    Parts(Vec<Tensor>),
+}
+
+impl Joined {
+    fn push(&mut self, value: Tensor, samples: usize) {
+        let taken = std::mem::take(self);
+        *self = match (taken, value) {
+            (Joined::Empty, Tensor::F32(a)) if a.is_standard_layout() && a.ndim() > 0 => {
+                let mut data = Vec::with_capacity(a.len().saturating_mul(samples));
+                data.extend_from_slice(a.as_slice().unwrap_or_default());
+                Joined::F32 {
+                    data,
+                    shape: a.shape().to_vec(),
+                }
+            }
+            (
+                Joined::F32 {
+                    mut data,
+                    mut shape,
+                },
+                Tensor::F32(a),
+            ) if a.is_standard_layout() && a.ndim() > 0 && a.shape()[1..] == shape[1..] => {
+                data.extend_from_slice(a.as_slice().unwrap_or_default());
+                shape[0] += a.shape()[0];
+                Joined::F32 { data, shape }
+            }
+            (Joined::Empty, v) => Joined::Parts(vec![v]),
+            (Joined::Parts(mut parts), v) => {
+                parts.push(v);
+                Joined::Parts(parts)
+            }
+            (joined @ Joined::F32 { .. }, v) => {
+                let first = joined.finish().expect("a float32 buffer of its own shape");
+                Joined::Parts(vec![first, v])
+            }
+        };
+    }
+
+    fn finish(self) -> Option<Tensor> {
+        match self {
+            Joined::Empty => None,
+            Joined::F32 { data, shape } => ndarray::ArrayD::from_shape_vec(shape, data)
+                .ok()
+                .map(Tensor::F32),
+            Joined::Parts(parts) => Tensor::concat_axis0(&parts),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{ArrayD, IxDyn};
+
+    fn f32s(shape: &[usize], first: f32) -> Tensor {
+        let n = shape.iter().product();
+        let v = (0..n).map(|i| first + i as f32).collect();
+        Tensor::F32(ArrayD::from_shape_vec(IxDyn(shape), v).unwrap())
+    }
+
+    #[test]
+    fn samples_join_in_order_as_ndarray_would() {
+        let parts = [f32s(&[1, 2], 0.0), f32s(&[1, 2], 10.0), f32s(&[2, 2], 20.0)];
+        let mut j = Joined::default();
+        for p in &parts {
+            j.push(p.clone(), 3);
+        }
+        assert_eq!(j.finish(), Tensor::concat_axis0(&parts));
+        // Other element types are joined at the end, the same way.
+        let ints: Vec<Tensor> = (0..3)
+            .map(|i| Tensor::I64(ArrayD::from_elem(IxDyn(&[1, 2]), i)))
+            .collect();
+        let mut j = Joined::default();
+        for p in &ints {
+            j.push(p.clone(), 3);
+        }
+        assert_eq!(j.finish(), Tensor::concat_axis0(&ints));
+    }
+
+    #[test]
+    fn samples_that_cannot_be_joined_say_so() {
+        for second in [
+            f32s(&[1, 3], 0.0),
+            Tensor::I64(ArrayD::zeros(IxDyn(&[1, 2]))),
+        ] {
+            let mut j = Joined::default();
+            j.push(f32s(&[1, 2], 0.0), 2);
+            j.push(second, 2);
+            assert_eq!(j.finish(), None);
+        }
+    }
 }
