@@ -209,3 +209,70 @@ fn the_mode_is_read_from_both_config_files() {
     .unwrap();
     assert!(!plain.fp16_quant);
 }
+
+/// `qat` takes the mode from its retrain config: the trained deploy model is
+/// marked and every dequantization factor has AMCT's S19 form (the low 13
+/// bits clear); without the key, neither.
+#[test]
+fn qat_writes_fp16_quant_models_when_its_config_asks() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cfg = d.join("retrain.json");
+    std::fs::write(
+        &cfg,
+        r#"{"version": 1, "batch_num": 1, "fakequant_precision_mode": "FORCE_FP16_QUANT"}"#,
+    )
+    .unwrap();
+    let plain = d.join("plain.json");
+    std::fs::write(&plain, r#"{"version": 1, "batch_num": 1}"#).unwrap();
+    for (prefix, config) in [("fp16", &cfg), ("plain", &plain)] {
+        let o = bin()
+            .args(["qat", "--quiet", "--model"])
+            .arg(common::digits().join("digits_cnn.onnx"))
+            .arg("--data")
+            .arg(common::digits().join("calib_x.npy"))
+            .args(["--steps", "1", "--batch-size", "10", "--config"])
+            .arg(config)
+            .arg("--output")
+            .arg(d.join(prefix))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let factors = |prefix: &str| {
+        let m = load_model(&d.join(format!("{prefix}_deploy_model.onnx"))).unwrap();
+        let g = m.graph.as_ref().unwrap();
+        let bits: Vec<u32> = g
+            .node
+            .iter()
+            .filter(|n| n.op_type() == "AscendDequant")
+            .flat_map(|n| {
+                let t = g
+                    .initializer
+                    .iter()
+                    .find(|t| t.name() == n.input[1])
+                    .unwrap();
+                let Tensor::U64(p) = to_tensor(t).unwrap() else {
+                    panic!("uint64 deq_scale")
+                };
+                p.iter()
+                    .map(|&v| unpack_deq_scale(v).scale.to_bits())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let marked = m
+            .metadata_props
+            .iter()
+            .any(|p| p.value() == "FORCE_FP16_QUANT");
+        (bits, marked)
+    };
+    let (fp16, marked) = factors("fp16");
+    assert!(marked && fp16.len() >= 4, "{marked} {}", fp16.len());
+    assert!(fp16.iter().all(|b| b & 0x1FFF == 0), "not S19: {fp16:x?}");
+    let (plain, marked) = factors("plain");
+    assert!(!marked);
+    assert!(
+        plain.iter().any(|b| b & 0x1FFF != 0),
+        "float32 factors have low bits"
+    );
+}

@@ -416,8 +416,12 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
     });
     let report_json = serde_json::to_string_pretty(&report)
         .map_err(|e| PipelineError::Usage(format!("serializing the report: {e}")))?;
-    let deploy = deploy_model(&trained, &factors)?;
-    let fake = fake_quant_model(&trained, &factors)?;
+    let mut deploy = deploy_model(&trained, &factors)?;
+    let mut fake = fake_quant_model(&trained, &factors)?;
+    if retrain.fp16_quant {
+        crate::quant::fp16_quant::apply_to_deploy(&mut deploy);
+        crate::quant::fp16_quant::apply_to_fake_quant(&mut fake);
+    }
     let record = write_record(&factors);
     let written = write_outputs(
         &[(&files.deploy, &deploy), (&files.fake_quant, &fake)],

@@ -54,6 +54,9 @@ pub struct RetrainConfig {
     pub batch_num: usize,
     /// Per-layer settings, in graph order.
     pub layers: Vec<(String, RetrainLayer)>,
+    /// AMCT's `fakequant_precision_mode: FORCE_FP16_QUANT` for the models
+    /// written after training (`docs/deploy-format.md`, FP16 quant).
+    pub fp16_quant: bool,
 }
 
 impl RetrainConfig {
@@ -61,6 +64,7 @@ impl RetrainConfig {
     pub fn default_for(layers: &[(String, String)]) -> RetrainConfig {
         RetrainConfig {
             batch_num: 1,
+            fp16_quant: false,
             layers: layers
                 .iter()
                 .map(|(n, op)| (n.clone(), RetrainLayer::default_for(op)))
@@ -78,6 +82,12 @@ impl RetrainConfig {
         let mut top = Map::new();
         top.insert("version".into(), json!(1));
         top.insert("batch_num".into(), json!(self.batch_num));
+        if self.fp16_quant {
+            top.insert(
+                "fakequant_precision_mode".into(),
+                json!(crate::deploy_format::fp16_quant::FORCE_FP16_QUANT),
+            );
+        }
         for (name, l) in &self.layers {
             let mut data = Map::new();
             data.insert("algo".into(), json!("ulq_quantize"));
@@ -224,9 +234,6 @@ fn build_simple(
             "pruning (prune_config, regular_prune_skip_*) is not supported; remove it".into(),
         );
     }
-    if cfg.fakequant_precision_mode() != proto::FakequantPrecisionMode::Default {
-        return Err("fakequant_precision_mode FORCE_FP16_QUANT is not supported; remove it".into());
-    }
     if cfg.batch_num() == 0 {
         return Err("'batch_num' must be at least 1".into());
     }
@@ -240,6 +247,8 @@ fn build_simple(
     }
     let mut out = RetrainConfig::default_for(layers);
     out.batch_num = cfg.batch_num() as usize;
+    out.fp16_quant =
+        cfg.fakequant_precision_mode() == proto::FakequantPrecisionMode::ForceFp16Quant;
     for (name, l) in &mut out.layers {
         let op = layer_op(layers, name)?;
         let skipped = [&cfg.skip_layers, &cfg.quant_skip_layers]
@@ -303,6 +312,15 @@ fn parse(value: &Value, layers: &[(String, String)]) -> Parse<RetrainConfig> {
                 }
             }
             "batch_num" => cfg.batch_num = get_num(v, key, 1.0, 1e9, "an integer >= 1")? as usize,
+            "fakequant_precision_mode" => {
+                let mode = crate::deploy_format::fp16_quant::FORCE_FP16_QUANT;
+                if v.as_str() != Some(mode) {
+                    return Err(format!(
+                        "'fakequant_precision_mode' is {v}; the one mode is \"{mode}\" (leave the key out for float32 scales)"
+                    ));
+                }
+                cfg.fp16_quant = true;
+            }
             name => {
                 let op = layer_op(layers, name)?;
                 cfg.layers
