@@ -188,6 +188,9 @@ pub fn run(opts: &AutoOptions, progress: Progress<'_>) -> Result<AutoResult, Pip
                 m
             } else {
                 let mut m = simulation_model(prepared, &chosen)?;
+                if calibrated.fp16_quant {
+                    crate::quant::fp16_quant::apply_to_simulation(&mut m);
+                }
                 add_tensor_quantization(&mut m, &calibrated.tensors, ModelKind::Simulation)?;
                 m
             };

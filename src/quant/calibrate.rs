@@ -141,6 +141,9 @@ pub fn finish(
         Some(data) => {
             // It runs a faster equivalent of the fake-quant model.
             let mut simulation = simulation_model(&c.prepared, &c.factors)?;
+            if c.fp16_quant {
+                super::fp16_quant::apply_to_simulation(&mut simulation);
+            }
             add_tensor_quantization(&mut simulation, &c.tensors, ModelKind::Simulation)?;
             super::layer_cosines::layer_cosines(
                 &crate::sim::CpuExecutor,

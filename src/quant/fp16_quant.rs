@@ -68,9 +68,96 @@ pub fn apply_to_fake_quant(model: &mut ModelProto) {
     }
 }
 
+/// The internal QDQ model (the report's cosines, `auto`'s built-in
+/// metrics): each `QuantizeLinear` divides by `1 / fp16(1 / scale_d)`, so its
+/// codes are the device's; the dequantization keeps float32 factors (an
+/// approximation for a report, not an output).
+pub fn apply_to_simulation(model: &mut ModelProto) {
+    let Some(g) = model.graph.as_mut() else {
+        return;
+    };
+    for n in g.node.iter_mut().filter(|n| n.op_type() == "Constant") {
+        let Some(out) = n.output.first() else {
+            continue;
+        };
+        if !out.ends_with(".quant.qdq.scale.value") {
+            continue;
+        }
+        let out = out.clone();
+        for a in n.attribute.iter_mut().filter(|a| a.name() == "value") {
+            if let Some(t) = a.t.as_mut()
+                && let Ok(Tensor::F32(v)) = to_tensor(t)
+            {
+                let rounded = v.mapv(|s| 1.0 / to_fp16(1.0 / s));
+                *t = to_proto(&out, &Tensor::F32(rounded), Storage::Raw);
+            }
+        }
+    }
+}
+
 /// `value` stored under `t`'s name and doc string.
 fn renamed_like(t: &TensorProto, value: &Tensor) -> TensorProto {
     let mut fresh = to_proto(t.name(), value, Storage::Typed);
     fresh.doc_string = t.doc_string.clone();
     fresh
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::GraphProto;
+    use crate::onnx::builder::constant_f32;
+
+    fn value(m: &ModelProto, output: &str) -> f32 {
+        let n = m
+            .graph
+            .as_ref()
+            .unwrap()
+            .node
+            .iter()
+            .find(|n| n.output[0] == output)
+            .unwrap();
+        let Ok(Tensor::F32(v)) = to_tensor(n.attribute[0].t.as_ref().unwrap()) else {
+            panic!("float constant")
+        };
+        v.iter().copied().next().unwrap()
+    }
+
+    #[test]
+    fn each_model_gets_its_own_rounding_and_nothing_else_changes() {
+        let names = [
+            "L.quant.qdq.scale.value",
+            "L.quant.fakequant.scale.value",
+            "L.dequant.fakequant.scale.value",
+            "L.other.value",
+        ];
+        let model = ModelProto {
+            graph: Some(GraphProto {
+                node: names
+                    .iter()
+                    .map(|n| constant_f32(n, n, &[], vec![0.303_030_3]))
+                    .collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        // 1/0.3030303 = 3.3000002 in float32, 3.30078125 at fp16.
+        let s16 = 3.300_781_3f32;
+        let s19 = f32::from_bits(0.303_030_3f32.to_bits() & 0xFFFF_E000);
+        let mut sim = model.clone();
+        apply_to_simulation(&mut sim);
+        assert_eq!(value(&sim, names[0]), 1.0 / s16);
+        let mut fake = model.clone();
+        apply_to_fake_quant(&mut fake);
+        assert_eq!(
+            value(&fake, names[1]),
+            half::f16::from_f32(0.303_030_3).to_f32()
+        );
+        assert_eq!(value(&fake, names[2]), s19);
+        for m in [&sim, &fake] {
+            assert_eq!(value(m, names[3]), 0.303_030_3);
+        }
+        assert_eq!(value(&sim, names[1]), 0.303_030_3);
+        assert_eq!(value(&fake, names[0]), 0.303_030_3);
+    }
 }
