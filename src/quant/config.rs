@@ -409,12 +409,7 @@ fn parse(value: &Value, layers: &[(String, String)]) -> Parse<QuantConfig> {
             }
             "activation_offset" => cfg.activation_offset = get_bool(v, key)?,
             "fakequant_precision_mode" => {
-                let mode = crate::deploy_format::fp16_quant::FORCE_FP16_QUANT;
-                if v.as_str() != Some(mode) {
-                    return Err(format!(
-                        "'fakequant_precision_mode' is {v}; the one mode is \"{mode}\" (leave the key out for float32 scales)"
-                    ));
-                }
+                super::fp16_quant::read_json_mode(v)?;
                 cfg.fp16_quant = true;
             }
             "do_fusion" => cfg.do_fusion = get_bool(v, key)?,

@@ -43,29 +43,15 @@ pub fn apply_to_deploy(model: &mut ModelProto) {
 /// The fake-quant model: each quant chain's scale constant at fp16
 /// precision, each dequantization's factors truncated to S19.
 pub fn apply_to_fake_quant(model: &mut ModelProto) {
-    let Some(g) = model.graph.as_mut() else {
-        return;
-    };
-    for n in g.node.iter_mut().filter(|n| n.op_type() == "Constant") {
-        let Some(out) = n.output.first() else {
-            continue;
-        };
-        let round: fn(f32) -> f32 = if out.ends_with(".quant.fakequant.scale.value") {
-            to_fp16
-        } else if out.ends_with(".dequant.fakequant.scale.value") {
-            s19
+    map_constants(model, |output| {
+        if output.ends_with(".quant.fakequant.scale.value") {
+            Some(to_fp16)
+        } else if output.ends_with(".dequant.fakequant.scale.value") {
+            Some(s19)
         } else {
-            continue;
-        };
-        let out = out.clone();
-        for a in n.attribute.iter_mut().filter(|a| a.name() == "value") {
-            if let Some(t) = a.t.as_mut()
-                && let Ok(Tensor::F32(v)) = to_tensor(t)
-            {
-                *t = to_proto(&out, &Tensor::F32(v.mapv(round)), Storage::Raw);
-            }
+            None
         }
-    }
+    });
 }
 
 /// The internal QDQ model (the report's cosines, `auto`'s built-in
@@ -73,25 +59,47 @@ pub fn apply_to_fake_quant(model: &mut ModelProto) {
 /// codes are the device's; the dequantization keeps float32 factors (an
 /// approximation for a report, not an output).
 pub fn apply_to_simulation(model: &mut ModelProto) {
+    fn inverse_at_fp16(scale: f32) -> f32 {
+        1.0 / to_fp16(1.0 / scale)
+    }
+    map_constants(model, |output| {
+        output
+            .ends_with(".quant.qdq.scale.value")
+            .then_some(inverse_at_fp16 as fn(f32) -> f32)
+    });
+}
+
+/// Applies the function `which` gives for a float32 `Constant`'s output
+/// name to each of its values (constants it gives none for are left alone).
+fn map_constants(model: &mut ModelProto, which: impl Fn(&str) -> Option<fn(f32) -> f32>) {
     let Some(g) = model.graph.as_mut() else {
         return;
     };
     for n in g.node.iter_mut().filter(|n| n.op_type() == "Constant") {
-        let Some(out) = n.output.first() else {
+        let Some(out) = n.output.first().cloned() else {
             continue;
         };
-        if !out.ends_with(".quant.qdq.scale.value") {
-            continue;
-        }
-        let out = out.clone();
+        let Some(f) = which(&out) else { continue };
         for a in n.attribute.iter_mut().filter(|a| a.name() == "value") {
             if let Some(t) = a.t.as_mut()
                 && let Ok(Tensor::F32(v)) = to_tensor(t)
             {
-                let rounded = v.mapv(|s| 1.0 / to_fp16(1.0 / s));
-                *t = to_proto(&out, &Tensor::F32(rounded), Storage::Raw);
+                *t = to_proto(&out, &Tensor::F32(v.mapv(f)), Storage::Raw);
             }
         }
+    }
+}
+
+/// Reads the configuration key `fakequant_precision_mode` (JSON and retrain
+/// JSON): `Ok` only for AMCT's one mode.
+pub fn read_json_mode(v: &serde_json::Value) -> Result<(), String> {
+    let mode = crate::deploy_format::fp16_quant::FORCE_FP16_QUANT;
+    if v.as_str() == Some(mode) {
+        Ok(())
+    } else {
+        Err(format!(
+            "'fakequant_precision_mode' is {v}; the one mode is \"{mode}\" (leave the key out for float32 scales)"
+        ))
     }
 }
 

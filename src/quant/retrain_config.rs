@@ -313,12 +313,7 @@ fn parse(value: &Value, layers: &[(String, String)]) -> Parse<RetrainConfig> {
             }
             "batch_num" => cfg.batch_num = get_num(v, key, 1.0, 1e9, "an integer >= 1")? as usize,
             "fakequant_precision_mode" => {
-                let mode = crate::deploy_format::fp16_quant::FORCE_FP16_QUANT;
-                if v.as_str() != Some(mode) {
-                    return Err(format!(
-                        "'fakequant_precision_mode' is {v}; the one mode is \"{mode}\" (leave the key out for float32 scales)"
-                    ));
-                }
+                super::fp16_quant::read_json_mode(v)?;
                 cfg.fp16_quant = true;
             }
             name => {
