@@ -130,7 +130,7 @@ impl NativeModel {
                 inputs,
                 outputs,
                 keep: opts.keep.clone(),
-                batch: BatchMode::of(model, opts),
+                batch: BatchMode::of(model, opts).sample_by_sample(),
             }))
     }
 
