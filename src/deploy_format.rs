@@ -341,9 +341,13 @@ pub mod fp16_quant {
         }
     }
 
-    /// For execution: every `AscendQuant`'s `scale` at fp16 precision, as an
-    /// fp16 device applies it. The model is otherwise unchanged.
-    pub fn round_quant_scales(model: &mut ModelProto) {
+    /// For execution of a model [`requested`] marks: every `AscendQuant`'s
+    /// `scale` at fp16 precision, as an fp16 device applies it. Any other
+    /// model, and everything else, is left unchanged.
+    pub fn for_execution(model: &mut ModelProto) {
+        if !requested(model) {
+            return;
+        }
         let Some(g) = model.graph.as_mut() else {
             return;
         };

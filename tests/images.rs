@@ -196,6 +196,22 @@ fn a_bad_file_is_named_or_skipped_on_request() {
     assert!(err.contains("img01b.png"), "{err}");
 }
 
+/// `img` saved alone in `dir` and read back with its short side resized to
+/// `resize` and a 4 × 6 centre crop.
+fn resized_and_cropped(dir: &Path, img: &image::RgbImage, resize: u32) -> ArrayD<f32> {
+    img.save(dir.join("a.png")).unwrap();
+    let prep = Preprocess {
+        resize: Some(resize),
+        center_crop: Some((4, 6)),
+        ..Default::default()
+    };
+    let data = Dataset::from_images(dir, &prep, false, &["x".into()], None).unwrap();
+    let Tensor::F32(x) = data.batch(1, 0).unwrap().remove(0).1 else {
+        panic!("float data")
+    };
+    x
+}
+
 #[test]
 fn resizing_scales_the_short_side_and_crops_the_centre() {
     let dir = tempfile::tempdir().unwrap();
@@ -208,16 +224,7 @@ fn resizing_scales_the_short_side_and_crops_the_centre() {
             image::Rgb([10, 10, 200])
         };
     }
-    img.save(dir.path().join("a.png")).unwrap();
-    let prep = Preprocess {
-        resize: Some(4),
-        center_crop: Some((4, 6)),
-        ..Default::default()
-    };
-    let data = Dataset::from_images(dir.path(), &prep, false, &["x".into()], None).unwrap();
-    let Tensor::F32(x) = data.batch(1, 0).unwrap().remove(0).1 else {
-        panic!("float data")
-    };
+    let x = resized_and_cropped(dir.path(), &img, 4);
     // 20 × 10 → 8 × 4 (short side 4), centre 6 wide: columns 1..7 of 8.
     assert_eq!(x.shape(), [1, 3, 4, 6]);
     // Far from the colour edge the values are the flat colours.
@@ -234,16 +241,7 @@ fn resizing_scales_the_short_side_and_crops_the_centre() {
     for (x, y, p) in img.enumerate_pixels_mut() {
         *p = image::Rgb([10 * x as u8, 20 * y as u8, 0]);
     }
-    img.save(dir.path().join("a.png")).unwrap();
-    let prep = Preprocess {
-        resize: Some(10),
-        center_crop: Some((4, 6)),
-        ..Default::default()
-    };
-    let data = Dataset::from_images(dir.path(), &prep, false, &["x".into()], None).unwrap();
-    let Tensor::F32(x) = data.batch(1, 0).unwrap().remove(0).1 else {
-        panic!("float data")
-    };
+    let x = resized_and_cropped(dir.path(), &img, 10);
     assert_eq!(x.shape(), [1, 3, 4, 6]);
     for row in 0..4 {
         for col in 0..6 {

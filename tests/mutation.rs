@@ -219,4 +219,25 @@ fn running_models_with_missing_inputs_never_panics() {
         "{refused} of {}",
         variants.len()
     );
+    // The model really runs: the unchanged model succeeds, and one whose
+    // classifier weight is too short for its input passes every check
+    // before the run and fails in it, naming the node.
+    parsers::model_run(&digits).unwrap();
+    let mut short = model.clone();
+    let g = short.graph.as_mut().unwrap();
+    let gemm = g.node.iter().find(|n| n.op_type() == "Gemm").unwrap();
+    let (name, weight) = (gemm.name().to_string(), gemm.input[1].clone());
+    let t = g
+        .initializer
+        .iter_mut()
+        .find(|t| t.name() == weight)
+        .unwrap();
+    let rows = t.dims[0] as usize;
+    *t = ascend_quant::onnx::to_proto(
+        &weight,
+        &ascend_quant::tensor::Tensor::F32(ndarray::ArrayD::zeros(ndarray::IxDyn(&[rows, 3]))),
+        ascend_quant::onnx::Storage::Raw,
+    );
+    let e = parsers::model_run(&short.encode_to_vec()).unwrap_err();
+    assert!(e.contains(&name), "{e}");
 }

@@ -12,7 +12,7 @@ use crate::pipeline::{
 use crate::quant::bias_correction::correct_biases;
 use crate::quant::calibrate::{RunSettings, observe_layers};
 use crate::quant::emit::{
-    LayerFactors, ModelKind, add_tensor_quantization, deploy_model, fake_quant_model,
+    LayerFactors, ModelKind, add_tensor_quantization, deploy_and_fake_quant, fake_quant_model,
     simulation_model,
 };
 use crate::quant::record::write_record_with_tensors;
@@ -248,14 +248,12 @@ pub fn run(opts: &AutoOptions, progress: Progress<'_>) -> Result<AutoResult, Pip
         ),
     });
     let report_json = pretty(&report);
-    let mut deploy = deploy_model(prepared, &chosen)?;
-    add_tensor_quantization(&mut deploy, &calibrated.tensors, ModelKind::Deploy)?;
-    let mut fake = fake_quant_model(prepared, &chosen)?;
-    add_tensor_quantization(&mut fake, &calibrated.tensors, ModelKind::FakeQuant)?;
-    if calibrated.fp16_quant {
-        crate::quant::fp16_quant::apply_to_deploy(&mut deploy);
-        crate::quant::fp16_quant::apply_to_fake_quant(&mut fake);
-    }
+    let (deploy, fake) = deploy_and_fake_quant(
+        prepared,
+        &chosen,
+        &calibrated.tensors,
+        calibrated.fp16_quant,
+    )?;
     let ranking_json = serde_json::to_value(&ranking)
         .map_err(|e| PipelineError::Usage(format!("serializing the ranking: {e}")))?;
     let history_json = serde_json::to_value(&outcome.history)

@@ -3,8 +3,8 @@
 //! and activation pairs `x → QuantizeLinear → DequantizeLinear → x'`.
 
 use crate::onnx::attr::int_attr;
-use crate::onnx::graph::{initializer, is_constant};
-use crate::onnx::{GraphProto, NodeProto, to_tensor};
+use crate::onnx::graph::{constant_tensor as constant, is_constant};
+use crate::onnx::{GraphProto, NodeProto};
 use crate::tensor::{DType, Tensor};
 use ndarray::ArrayD;
 use std::collections::{HashMap, HashSet};
@@ -92,19 +92,6 @@ pub struct QdqGraph {
     pub pairs: Vec<Pair>,
     /// Indices of every QuantizeLinear / DequantizeLinear node.
     pub qdq_nodes: HashSet<usize>,
-}
-
-fn constant(graph: &GraphProto, name: &str) -> Option<Tensor> {
-    if let Some(t) = initializer(graph, name) {
-        return to_tensor(t).ok();
-    }
-    graph
-        .node
-        .iter()
-        .find(|n| n.op_type() == "Constant" && n.output.first().is_some_and(|o| o == name))
-        .and_then(|n| n.attribute.iter().find(|a| a.name() == "value"))
-        .and_then(|a| a.t.as_ref())
-        .and_then(|t| to_tensor(t).ok())
 }
 
 fn ints(t: &Tensor) -> Option<Vec<i64>> {

@@ -72,6 +72,33 @@ pub fn is_constant(graph: &GraphProto, name: &str) -> bool {
             .any(|n| n.op_type() == "Constant" && n.output.iter().any(|o| o == name))
 }
 
+/// The value of the constant `name`: an initializer or a `Constant` node's
+/// `value`; `None` for anything computed.
+pub fn constant_tensor(graph: &GraphProto, name: &str) -> Option<crate::tensor::Tensor> {
+    if let Some(t) = initializer(graph, name) {
+        return super::to_tensor(t).ok();
+    }
+    graph
+        .node
+        .iter()
+        .find(|n| n.op_type() == "Constant" && n.output.first().is_some_and(|o| o == name))
+        .and_then(|n| super::attr::find(n, "value"))
+        .and_then(|a| a.t.as_ref())
+        .and_then(|t| super::to_tensor(t).ok())
+}
+
+/// Input `input` of `node` as int64 values, when it is an int64 or int32
+/// constant ([`constant_tensor`]): a shape, pads, sizes.
+pub fn constant_ints(graph: &GraphProto, node: &NodeProto, input: usize) -> Option<Vec<i64>> {
+    use crate::tensor::Tensor;
+    let name = node.input.get(input).filter(|s| !s.is_empty())?;
+    match constant_tensor(graph, name)? {
+        Tensor::I64(a) => Some(a.iter().copied().collect()),
+        Tensor::I32(a) => Some(a.iter().map(|&v| i64::from(v)).collect()),
+        _ => None,
+    }
+}
+
 /// Puts the nodes of `graph` in topological order (an error for a cycle).
 pub fn sort_topologically(graph: &mut GraphProto) -> Result<()> {
     let order = GraphIndex::new(graph)?.topological_order().to_vec();

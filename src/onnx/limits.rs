@@ -6,10 +6,9 @@
 
 use super::attr::{find, ints_attr};
 use super::error::OnnxError;
-use super::graph::initializer;
+use super::graph::constant_ints;
 use super::proto::{GraphProto, ModelProto, NodeProto, TensorProto};
-use super::{Dim, ValueSpec, to_tensor};
-use crate::tensor::Tensor;
+use super::{Dim, ValueSpec};
 
 /// The most elements one tensor may have: 2^31 (8 GiB of float32), about
 /// ten times the largest activation of common vision models at batch 64.
@@ -99,16 +98,6 @@ fn check_tensor(t: &TensorProto, kind: &str) -> Result<(), OnnxError> {
         ));
     }
     Ok(())
-}
-
-/// The int64 values of a constant input of `node`, if it is an initializer.
-fn constant_ints(g: &GraphProto, node: &NodeProto, input: usize) -> Option<Vec<i64>> {
-    let name = node.input.get(input).filter(|s| !s.is_empty())?;
-    match to_tensor(initializer(g, name)?).ok()? {
-        Tensor::I64(a) => Some(a.iter().copied().collect()),
-        Tensor::I32(a) => Some(a.iter().map(|&v| i64::from(v)).collect()),
-        _ => None,
-    }
 }
 
 /// Operators of the default domain that may be called without their first

@@ -9,10 +9,9 @@
 
 use super::attr::{find, int_attr, ints_attr};
 use super::error::OnnxError;
-use super::graph::{GraphIndex, initializer};
+use super::graph::{GraphIndex, constant_ints};
 use super::proto::{GraphProto, ModelProto, NodeProto};
-use super::{Dim, ValueSpec, to_tensor};
-use crate::tensor::Tensor;
+use super::{Dim, ValueSpec};
 use std::collections::HashMap;
 
 /// The most multiply-adds one sample may cost: 2^42 (4.4 · 10^12), beyond the
@@ -157,15 +156,6 @@ struct NodeWork {
 
 fn product(dims: &[u64]) -> u64 {
     dims.iter().fold(1u64, |a, &d| a.saturating_mul(d))
-}
-
-/// The int64 values of a constant input.
-fn constant_ints(g: &GraphProto, n: &NodeProto, input: usize) -> Option<Vec<i64>> {
-    let name = n.input.get(input).filter(|s| !s.is_empty())?;
-    match to_tensor(initializer(g, name)?).ok()? {
-        Tensor::I64(a) => Some(a.iter().copied().collect()),
-        _ => None,
-    }
 }
 
 /// Computes `n`'s output shape into `shapes` and returns its work; `None`

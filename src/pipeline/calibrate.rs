@@ -109,7 +109,7 @@ fn calibrate_from_record(
         source => Some(source.open(&model)?),
     };
     let declared = declared_batch(&model);
-    let batch_size = opts.batch_size.unwrap_or(declared.unwrap_or(1)).max(1);
+    let batch_size = super::inputs::batch_size(opts, &config, declared)?;
     let calibrated = calibrated_from_record(model, &config, &record, &file)?;
     (progress.message)(&format!(
         "{} layer(s) from {file}",

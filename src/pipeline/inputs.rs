@@ -212,6 +212,21 @@ impl RunInputs {
     }
 }
 
+/// Samples per batch: `--batch-size`, else the configuration's `batch_size`,
+/// else the batch the model declares, else 1; an error for 0.
+pub fn batch_size(
+    opts: &CalibrateOptions,
+    config: &QuantConfig,
+    declared: Option<usize>,
+) -> Result<usize, PipelineError> {
+    match opts.batch_size.or(config.batch_size) {
+        Some(0) => Err(PipelineError::Usage(
+            "--batch-size must be at least 1".into(),
+        )),
+        chosen => Ok(chosen.unwrap_or(declared.unwrap_or(1))),
+    }
+}
+
 /// Loads the model, configuration and data the options name; fails before
 /// any work when the output folder cannot take files.
 pub fn gather(opts: &CalibrateOptions) -> Result<RunInputs, PipelineError> {
@@ -231,26 +246,15 @@ pub fn gather(opts: &CalibrateOptions) -> Result<RunInputs, PipelineError> {
     }
     let data = opts.data.open(&model)?;
     let declared = declared_batch(&model);
-    if opts.batch_size == Some(0) {
-        return Err(PipelineError::Usage(
-            "--batch-size must be at least 1".into(),
-        ));
-    }
     if opts.batch_num == Some(0) {
         return Err(PipelineError::Usage(
             "--batch-num must be at least 1".into(),
         ));
     }
-    let batch_size = opts
-        .batch_size
-        .or(config.batch_size)
-        .unwrap_or(declared.unwrap_or(1));
+    let batch_size = batch_size(opts, &config, declared)?;
     config.batch_size = Some(batch_size);
     let available = data.batch_count(batch_size);
-    config.batch_num = Some(config.batches(available));
-    if let Some(n) = opts.batch_num {
-        config.batch_num = Some(n);
-    }
+    config.batch_num = Some(opts.batch_num.unwrap_or(config.batches(available)));
     Ok(RunInputs {
         model,
         config,

@@ -11,7 +11,7 @@ use crate::data::Dataset;
 use crate::onnx::{ModelProto, Storage, load_model, to_proto};
 use crate::quant::calibrate::{RunSettings, observe_layers};
 use crate::quant::config::QuantConfig;
-use crate::quant::emit::{LayerFactors, deploy_model, fake_quant_model};
+use crate::quant::emit::{LayerFactors, deploy_and_fake_quant};
 use crate::quant::params::ActParams;
 use crate::quant::record::write_record;
 use crate::quant::retrain_config::RetrainConfig;
@@ -416,12 +416,7 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
     });
     let report_json = serde_json::to_string_pretty(&report)
         .map_err(|e| PipelineError::Usage(format!("serializing the report: {e}")))?;
-    let mut deploy = deploy_model(&trained, &factors)?;
-    let mut fake = fake_quant_model(&trained, &factors)?;
-    if retrain.fp16_quant {
-        crate::quant::fp16_quant::apply_to_deploy(&mut deploy);
-        crate::quant::fp16_quant::apply_to_fake_quant(&mut fake);
-    }
+    let (deploy, fake) = deploy_and_fake_quant(&trained, &factors, &[], retrain.fp16_quant)?;
     let record = write_record(&factors);
     let written = write_outputs(
         &[(&files.deploy, &deploy), (&files.fake_quant, &fake)],

@@ -8,8 +8,7 @@ use super::bias_correction::{BiasCorrection, correct_biases};
 use super::config::{QuantConfig, WtsAlgo};
 use super::dmq::{ChannelAxes, ChannelMax, balance_factors, balance_input, balance_weight};
 use super::emit::{
-    LayerFactors, ModelKind, add_tensor_quantization, deploy_model, fake_quant_model,
-    simulation_model,
+    LayerFactors, ModelKind, add_tensor_quantization, deploy_and_fake_quant, simulation_model,
 };
 use super::error::QuantError;
 use super::layers::{LayerCandidate, QuantLayer, discover};
@@ -158,14 +157,8 @@ pub fn finish(
         None => HashMap::new(),
     };
     let measured = started.elapsed().as_secs_f64();
-    let mut deploy = deploy_model(&c.prepared, &c.factors)?;
-    add_tensor_quantization(&mut deploy, &c.tensors, ModelKind::Deploy)?;
-    let mut fake_quant = fake_quant_model(&c.prepared, &c.factors)?;
-    add_tensor_quantization(&mut fake_quant, &c.tensors, ModelKind::FakeQuant)?;
-    if c.fp16_quant {
-        super::fp16_quant::apply_to_deploy(&mut deploy);
-        super::fp16_quant::apply_to_fake_quant(&mut fake_quant);
-    }
+    let (deploy, fake_quant) =
+        deploy_and_fake_quant(&c.prepared, &c.factors, &c.tensors, c.fp16_quant)?;
     let timings = [
         c.seconds,
         started.elapsed().as_secs_f64() - measured,

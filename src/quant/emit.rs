@@ -93,6 +93,26 @@ pub fn fake_quant_model(
     emit(prepared, factors, Flavor::FakeQuant)
 }
 
+/// The two models a run writes, the deploy model and the fake-quant model,
+/// with `tensors`' quantizations added and, when `fp16_quant`, AMCT's
+/// FORCE_FP16_QUANT applied (`super::fp16_quant`).
+pub fn deploy_and_fake_quant(
+    prepared: &ModelProto,
+    factors: &[LayerFactors],
+    tensors: &[TensorFactors],
+    fp16_quant: bool,
+) -> Result<(ModelProto, ModelProto), OnnxError> {
+    let mut deploy = deploy_model(prepared, factors)?;
+    add_tensor_quantization(&mut deploy, tensors, ModelKind::Deploy)?;
+    let mut fake = fake_quant_model(prepared, factors)?;
+    add_tensor_quantization(&mut fake, tensors, ModelKind::FakeQuant)?;
+    if fp16_quant {
+        super::fp16_quant::apply_to_deploy(&mut deploy);
+        super::fp16_quant::apply_to_fake_quant(&mut fake);
+    }
+    Ok((deploy, fake))
+}
+
 /// A model computing what the fake-quant model computes (up to float
 /// rounding) with standard QDQ operators and dequantized float weights.
 pub fn simulation_model(

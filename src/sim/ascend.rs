@@ -85,9 +85,7 @@ fn without_offset(out: &mut Vec<NodeProto>, name: &str, q: &str, offset: f32) ->
 /// Returns the model with every Ascend operator replaced as described above.
 pub fn lower(model: &ModelProto) -> Result<ModelProto, SimError> {
     let mut m = model.clone();
-    if crate::deploy_format::fp16_quant::requested(&m) {
-        crate::deploy_format::fp16_quant::round_quant_scales(&mut m);
-    }
+    crate::deploy_format::fp16_quant::for_execution(&mut m);
     let g = m.graph.as_mut().ok_or_else(|| SimError::Load {
         reason: "the model holds no graph".into(),
     })?;

@@ -22,9 +22,7 @@ pub fn rewrite_for_execution(
         reason: e.to_string(),
     })?;
     let mut m = model.clone();
-    if crate::deploy_format::fp16_quant::requested(&m) {
-        crate::deploy_format::fp16_quant::round_quant_scales(&mut m);
-    }
+    crate::deploy_format::fp16_quant::for_execution(&mut m);
     let g = m.graph.as_mut().ok_or_else(|| SimError::Load {
         reason: "the model holds no graph".into(),
     })?;

@@ -543,7 +543,7 @@ impl TrainGraph {
                 };
                 // A model exported for batch b reshapes to [b, ...]: training
                 // batches keep their own batch axis instead (0 copies it).
-                if baked_batch.is_some() && target.first().copied() == baked_batch {
+                if baked_batch.is_some_and(|b| target.first() == Some(&b)) {
                     target[0] = 0;
                 }
                 t.reshape_targets.insert(t.steps.len(), target);
