@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""Per-image cost of `ascend-quant run` as users call it, against onnxruntime.
+
+For each model: `ascend-quant run` (release build) on 4 and on 36 random samples,
+each the best of --reps processes; the per-image slope (t36 - t4) / 32 takes out
+the process's start and the model's loading. onnxruntime: one session (default
+threads, all graph optimisations), the median of --runs single-image runs after
+warm-up, measured in the same run of this script. Prints one line per model:
+slope, onnxruntime's latency and their ratio.
+
+Models: MobileNetV2 (../shared/data/imagenet-mobilenetv2, fixed batch 1) and the
+two exports of scripts/make_export_like.py (YOLOv8 320 with its Detect head,
+EfficientNet-Lite0 224 with TF-style computed padding), written to a temporary folder.
+
+Usage: python3 scripts/bench_run_vs_onnxruntime.py [--shared ../shared] [--reps 3] [--runs 50]
+       [--only NAME]
+Needs: onnxruntime, onnx, numpy; cargo build --release first.
+"""
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import onnxruntime as ort
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+BIN = os.path.join(ROOT, "target", "release", "ascend-quant")
+
+
+def run_cli(model, data, out, reps):
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        subprocess.run([BIN, "run", model, "--input", data, "--output-dir", out],
+                       check=True, stdout=subprocess.DEVNULL)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def ort_latency(model, x, runs):
+    s = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    name = s.get_inputs()[0].name
+    for _ in range(5):
+        s.run(None, {name: x})
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        s.run(None, {name: x})
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shared", default=os.path.join(ROOT, "..", "shared"))
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--only")
+    a = ap.parse_args()
+    tmp = tempfile.mkdtemp()
+    models = {"mobilenetv2": (os.path.join(a.shared, "data", "imagenet-mobilenetv2",
+                                           "mobilenet_v2.onnx"), 224)}
+    for kind, size in (("yolov8", 320), ("efficientnet_lite", 224)):
+        path = os.path.join(tmp, kind + ".onnx")
+        subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_export_like.py"),
+                        kind, path], check=True)
+        models[kind] = (path, size)
+    rng = np.random.default_rng(0)
+    for name, (path, size) in models.items():
+        if a.only and name != a.only:
+            continue
+        data = {}
+        for n in (4, 36):
+            data[n] = os.path.join(tmp, f"{name}_{n}.npy")
+            np.save(data[n], rng.standard_normal((n, 3, size, size)).astype(np.float32))
+        out = os.path.join(tmp, "out")
+        os.makedirs(out, exist_ok=True)
+        t4 = run_cli(path, data[4], out, a.reps)
+        t36 = run_cli(path, data[36], out, a.reps)
+        slope = (t36 - t4) / 32
+        x = rng.standard_normal((1, 3, size, size)).astype(np.float32)
+        ref = ort_latency(path, x, a.runs)
+        print(f"{name:18} run slope {slope * 1e3:7.2f} ms/image  (4: {t4:.3f} s, 36: {t36:.3f} s)"
+              f"  onnxruntime {ref * 1e3:6.2f} ms  ratio {slope / ref:5.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
