@@ -19,8 +19,9 @@ engine's benchmarks and tests (random weights, seed 0):
     python3 scripts/make_export_like.py yolov8 OUT.onnx [--size 320] [--width 16] [--classes 80]
     python3 scripts/make_export_like.py efficientnet_lite OUT.onnx [--size 224] [--width 1.0]
         [--classes 1000]
-    ... --reference N REF.npz   also writes N random inputs and onnxruntime's
-                                outputs (keys input, output) for tests
+    ... --reference N PREFIX    also writes N random inputs (PREFIX_input.npy,
+                                [N, 1, 3, S, S]) and onnxruntime's outputs for each
+                                (PREFIX_output.npy, [N, 1, ...]) for tests
 Needs: numpy, onnx (onnxruntime for --reference).
 """
 import argparse
@@ -233,7 +234,7 @@ def main():
     ap.add_argument("--size", type=int)
     ap.add_argument("--width", type=float)
     ap.add_argument("--classes", type=int)
-    ap.add_argument("--reference", nargs=2, metavar=("N", "REF_NPZ"))
+    ap.add_argument("--reference", nargs=2, metavar=("N", "PREFIX"))
     a = ap.parse_args()
     if a.kind == "yolov8":
         model = yolov8(a.size or 320, int(a.width or 16), a.classes or 80)
@@ -248,7 +249,8 @@ def main():
         x = np.random.default_rng(1).standard_normal((n, 1, 3, size, size)).astype(np.float32)
         s = ort.InferenceSession(a.out, providers=["CPUExecutionProvider"])
         y = np.stack([s.run(None, {"images": xi})[0] for xi in x])
-        np.savez(a.reference[1], input=x, output=y)
+        np.save(a.reference[1] + "_input.npy", x)
+        np.save(a.reference[1] + "_output.npy", y)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ pub mod deploy_format;
 pub mod fsutil;
 pub mod npu;
 pub mod onnx;
+pub mod ops;
 pub mod pipeline;
 pub mod quant;
 pub mod report;

@@ -12,6 +12,7 @@ mod conv3d;
 mod cpu;
 mod error;
 mod exact_conv;
+mod fold;
 pub mod kernels;
 mod native;
 mod native_deploy;

@@ -80,7 +80,28 @@ impl NativeModel {
         model: &ModelProto,
         opts: &SessionOptions,
     ) -> Result<Option<NativeModel>, SimError> {
-        let prepared = rewrite_for_execution(model, opts)?;
+        let mut prepared = rewrite_for_execution(model, opts)?;
+        let mut batch = BatchMode::of(model, opts).sample_by_sample();
+        if !super::ascend::has_ascend_ops(&prepared) {
+            let free_batch = feedable_inputs(&prepared)
+                .first()
+                .and_then(|s| s.shape.as_ref()?.first().cloned())
+                .is_some_and(|d| !matches!(d, crate::onnx::Dim::Fixed(_)));
+            let exposed: HashSet<String> = prepared
+                .graph
+                .iter()
+                .flat_map(|g| g.output.iter().map(|o| o.name().to_string()))
+                .chain(opts.keep.iter().cloned())
+                .collect();
+            let one_sample = batch == BatchMode::PerSample || free_batch;
+            if let Some(folded) = super::fold::fold_constants(&prepared, one_sample, &exposed) {
+                prepared = folded;
+                // Folded shapes hold a batch of 1: the model runs sample by sample.
+                if free_batch {
+                    batch = BatchMode::PerSample;
+                }
+            }
+        }
         let Some(graph) = prepared.graph.as_ref() else {
             return Ok(None);
         };
@@ -130,7 +151,7 @@ impl NativeModel {
                 inputs,
                 outputs,
                 keep: opts.keep.clone(),
-                batch: BatchMode::of(model, opts).sample_by_sample(),
+                batch,
             }))
     }
 
