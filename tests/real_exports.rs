@@ -11,9 +11,11 @@
 //! order over ≤ 1280 terms; a wrong pad or a misplaced value moves outputs
 //! by far more.
 
+mod common;
+
 use ascend_quant::data::read_npy;
 use ascend_quant::onnx::{ModelProto, load_model};
-use ascend_quant::sim::{CpuExecutor, Executor, NativeExecutor, SessionOptions};
+use ascend_quant::sim::{CpuExecutor, Executor, NativeExecutor, SessionOptions, engine_plan};
 use ascend_quant::tensor::Tensor;
 use ndarray::{ArrayD, Axis};
 use std::path::{Path, PathBuf};
@@ -83,11 +85,138 @@ fn matches_onnxruntime(executor: &dyn Executor, name: &str) {
 
 #[test]
 fn efficientnet_lite_with_computed_padding_runs_natively() {
+    let plan = engine_plan(&load("efficientnet_lite").0, &SessionOptions::default()).unwrap();
+    assert!(plan.declined.is_empty(), "{:?}", plan.declined);
+    // 49 padding subgraphs of 14 nodes each, and the 49 Pads themselves.
+    assert!(plan.folded >= 49 * 15, "{} nodes folded", plan.folded);
     matches_onnxruntime(&NativeExecutor, "efficientnet_lite");
     matches_onnxruntime(&CpuExecutor, "efficientnet_lite");
 }
 
 #[test]
-fn yolov8_with_its_detect_head_matches_onnxruntime() {
+fn yolov8_with_its_detect_head_runs_natively() {
+    let plan = engine_plan(&load("yolov8").0, &SessionOptions::default()).unwrap();
+    assert!(plan.declined.is_empty(), "{:?}", plan.declined);
+    assert!(!plan.whole_on_rten && plan.folded > 30, "{plan:?}");
+    matches_onnxruntime(&NativeExecutor, "yolov8");
     matches_onnxruntime(&CpuExecutor, "yolov8");
+}
+
+/// Conv → Elu → Conv → Flatten → TopK (values and int64 indices, both
+/// graph outputs): Elu and TopK are not native operators.
+fn model_with_foreign_nodes(batch: i64) -> ModelProto {
+    use ascend_quant::onnx::builder::node;
+    use ascend_quant::onnx::proto::{GraphProto, type_proto};
+    use ascend_quant::onnx::{Storage, to_proto};
+    let f32s = |name: &str, shape: &[usize], seed: u64| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|i| (((i as u64 * 2654435761 + seed * 97) % 1000) as f32 / 500.0 - 1.0) * 0.5)
+            .collect();
+        to_proto(
+            name,
+            &Tensor::F32(ArrayD::from_shape_vec(ndarray::IxDyn(shape), v).unwrap()),
+            Storage::Raw,
+        )
+    };
+    let info = |name: &str, dims: &[i64], elem: i32| {
+        let mut v = common::value_info(name, dims);
+        if let Some(type_proto::Value::TensorType(t)) =
+            v.r#type.as_mut().and_then(|t| t.value.as_mut())
+        {
+            t.elem_type = Some(elem);
+        }
+        v
+    };
+    let pads = ascend_quant::onnx::attr::attr_ints("pads", &[1, 1, 1, 1]);
+    let graph = GraphProto {
+        name: Some("foreign".into()),
+        node: vec![
+            node(
+                "Conv",
+                "conv1",
+                &["x", "w1", "b1"],
+                &["c1"],
+                vec![pads.clone()],
+            ),
+            node(
+                "Elu",
+                "elu",
+                &["c1"],
+                &["e"],
+                vec![ascend_quant::onnx::attr::attr_float("alpha", 0.7)],
+            ),
+            node("Conv", "conv2", &["e", "w2"], &["c2"], vec![pads]),
+            node("Flatten", "flat", &["c2"], &["f"], vec![]),
+            node("TopK", "topk", &["f", "k"], &["values", "indices"], vec![]),
+        ],
+        initializer: vec![
+            f32s("w1", &[4, 3, 3, 3], 1),
+            f32s("b1", &[4], 2),
+            f32s("w2", &[2, 4, 3, 3], 3),
+            to_proto(
+                "k",
+                &Tensor::I64(ArrayD::from_elem(ndarray::IxDyn(&[1]), 5)),
+                Storage::Raw,
+            ),
+        ],
+        input: vec![info("x", &[batch, 3, 6, 6], 1)],
+        output: vec![
+            info("values", &[batch, 5], 1),
+            info("indices", &[batch, 5], 7),
+        ],
+        ..Default::default()
+    };
+    ascend_quant::onnx::ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![ascend_quant::onnx::proto::OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(13),
+        }],
+        graph: Some(graph),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn nodes_the_native_engine_does_not_run_run_alone_on_rten() {
+    use ascend_quant::sim::RtenExecutor;
+    let model = model_with_foreign_nodes(-1);
+    let plan = engine_plan(&model, &SessionOptions::default()).unwrap();
+    let declined: Vec<&str> = plan.declined.iter().map(|d| d.node.as_str()).collect();
+    assert_eq!(declined, ["elu", "topk"], "{plan:?}");
+    assert!(!plan.whole_on_rten);
+    assert!(
+        plan.declined[0].reason.contains("Elu"),
+        "{}",
+        plan.declined[0]
+    );
+    let x: Vec<f32> = (0..2 * 3 * 36)
+        .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+        .collect();
+    let x = Tensor::F32(ArrayD::from_shape_vec(ndarray::IxDyn(&[2, 3, 6, 6]), x).unwrap());
+    let opts = SessionOptions {
+        dynamic_batch: true,
+        ..SessionOptions::default()
+    };
+    let ours = NativeExecutor
+        .prepare(&model, &opts)
+        .unwrap()
+        .run(&[("x", &x)], &["values", "indices"])
+        .unwrap();
+    // The reference: the whole model on rten, which shares no step with ours
+    // but the two foreign nodes.
+    let reference = RtenExecutor
+        .prepare(&model, &opts)
+        .unwrap()
+        .run(&[("x", &x)], &["values", "indices"])
+        .unwrap();
+    assert_close(
+        ours[0].as_f32().unwrap(),
+        reference[0].as_f32().unwrap(),
+        "values",
+    );
+    assert_eq!(ours[1].dtype(), ascend_quant::tensor::DType::I64);
+    assert_eq!(ours[1].to_f64_vec(), reference[1].to_f64_vec(), "indices");
+    assert_eq!(ours[1].shape(), [2, 5]);
 }

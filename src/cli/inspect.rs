@@ -32,6 +32,8 @@ struct Summary {
     node_count: usize,
     initializer_count: usize,
     operators: BTreeMap<String, usize>,
+    /// How the CPU simulator runs the model (or why it cannot).
+    engine: Result<crate::sim::Plan, String>,
     layers: Vec<LayerCandidate>,
 }
 
@@ -81,6 +83,8 @@ pub fn execute(args: &InspectArgs) -> Result<(), Failure> {
         node_count: graph.node.len(),
         initializer_count: graph.initializer.len(),
         operators,
+        engine: crate::sim::engine_plan(&model, &crate::sim::SessionOptions::default())
+            .map_err(|e| e.to_string()),
         layers: layer_verdicts(&model)
             .with_context(|| format!("indexing the graph of {}", args.model.display()))?,
     };
@@ -123,6 +127,7 @@ fn print_text(s: &Summary) {
     for (op, n) in &s.operators {
         println!("  {op:<24} {n}");
     }
+    print_engine(&s.engine);
     let ok = s.layers.iter().filter(|l| l.quantizable).count();
     println!(
         "quantizable layers ({ok} of {} candidates):",
@@ -137,6 +142,30 @@ fn print_text(s: &Summary) {
                 l.weight.as_deref().unwrap_or("-")
             ),
             Some(why) => println!("  {:<40} {:<14} skipped: {why}", l.node, l.op_type),
+        }
+    }
+}
+
+fn print_engine(plan: &Result<crate::sim::Plan, String>) {
+    match plan {
+        Err(e) => println!("cpu engine: cannot prepare the model: {e}"),
+        Ok(p) if p.whole_on_rten => {
+            println!("cpu engine: the whole model runs on rten (slower), because of:");
+            for d in &p.declined {
+                println!("  {d}");
+            }
+        }
+        Ok(p) => {
+            println!(
+                "cpu engine: {} steps on the native engine, {} nodes computed when the model is prepared, {} nodes alone on rten{}",
+                p.native,
+                p.folded,
+                p.declined.len(),
+                if p.declined.is_empty() { "" } else { ":" }
+            );
+            for d in &p.declined {
+                println!("  {d}");
+            }
         }
     }
 }

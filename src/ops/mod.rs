@@ -14,7 +14,7 @@ use crate::onnx::attr::{find, int_attr};
 use crate::tensor::Tensor;
 
 /// Why an engine does not run a node: the node, its operator and the reason.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Unsupported {
     /// The node's name.
     pub node: String,

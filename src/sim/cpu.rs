@@ -5,7 +5,7 @@
 //! inference session of the same model may differ only in speed.
 
 use super::error::SimError;
-use super::native::{NativeModel, NativeSession};
+use super::native::{NativeModel, NativeSession, Plan};
 use super::{Executor, RtenExecutor, Session, SessionOptions};
 use crate::onnx::ModelProto;
 
@@ -52,4 +52,12 @@ impl Executor for NativeExecutor {
             }),
         }
     }
+}
+
+/// How [`CpuExecutor`] runs `model` prepared with `opts`: how many steps
+/// run on the native engine, how many nodes were computed when preparing
+/// (shape folding), which nodes run alone on rten and why, or whether the
+/// whole model does.
+pub fn engine_plan(model: &ModelProto, opts: &SessionOptions) -> Result<Plan, SimError> {
+    Ok(NativeModel::plan(model, opts)?.1)
 }

@@ -13,6 +13,7 @@ mod cpu;
 mod error;
 mod exact_conv;
 mod fold;
+mod foreign;
 pub mod kernels;
 mod native;
 mod native_deploy;
@@ -22,8 +23,9 @@ mod prepare;
 mod rten_adapt;
 mod rten_engine;
 
-pub use cpu::{CpuExecutor, NativeExecutor};
+pub use cpu::{CpuExecutor, NativeExecutor, engine_plan};
 pub use error::{SimError, ValueRole};
+pub use native::Plan;
 pub use per_sample::baked_batch;
 pub use prepare::{feedable_inputs, rewrite_for_execution};
 pub use rten_adapt::adapt_for_rten;

@@ -18,6 +18,8 @@ use super::prepare::{check_feed, feedable_inputs, rewrite_for_execution};
 use super::{Session, SessionOptions};
 use crate::onnx::attr::{float_attr, int_attr, ints_attr, string_attr};
 use crate::onnx::{GraphProto, ModelProto, NodeProto, ValueSpec, to_tensor};
+use crate::ops::Unsupported;
+use crate::ops::layout as ops_layout;
 use crate::tensor::Tensor;
 use ndarray::ArrayD;
 use std::collections::{HashMap, HashSet};
@@ -35,8 +37,6 @@ pub(super) enum Op {
     GlobalAveragePool,
     MaxPool(ops::Pool),
     AveragePool(ops::Pool),
-    Flatten(i64),
-    Reshape(Vec<i64>, bool),
     Concat(i64),
     Identity,
     Softmax(i64),
@@ -50,6 +50,10 @@ pub(super) enum Op {
     IntConv(Box<IntConv>),
     /// a quantized Gemm (true: 2-D input only) or MatMul with its dequantization.
     IntDense(Box<IntDense>, bool),
+    /// A layout operator, on values of any element type (`ops::layout`).
+    Layout(Box<ops_layout::Layout>),
+    /// A node the native engine does not run, run alone on rten (`foreign`).
+    Foreign(Box<super::foreign::Foreign>),
 }
 
 /// One node, ready to run.
@@ -58,31 +62,89 @@ pub(super) struct Step {
     pub(super) op: Op,
     pub(super) inputs: Vec<String>,
     pub(super) output: String,
+    /// Further outputs (a foreign node's).
+    pub(super) more_outputs: Vec<String>,
+}
+
+impl Step {
+    /// A step with one output.
+    pub(super) fn new(name: &str, op: Op, inputs: Vec<String>, output: String) -> Step {
+        Step {
+            name: name.to_string(),
+            op,
+            inputs,
+            output,
+            more_outputs: Vec::new(),
+        }
+    }
+
+    /// Every value the step writes.
+    fn outputs(&self) -> impl Iterator<Item = &String> {
+        std::iter::once(&self.output).chain(&self.more_outputs)
+    }
 }
 
 /// A model the native engine runs.
 pub struct NativeModel {
     steps: Vec<Step>,
-    consts: HashMap<String, ArrayD<f32>>,
+    consts: HashMap<String, Tensor>,
     inputs: Vec<ValueSpec>,
     outputs: Vec<ValueSpec>,
     keep: Vec<String>,
     batch: BatchMode,
 }
 
-/// Why a node keeps a model off the native engine (only used to decide).
-pub(super) type Decline = ();
+/// Why the native engine does not run a node.
+pub(super) type Decline = String;
+
+/// The constants a model holds (initializers and `Constant` outputs).
+pub(super) type Consts = HashMap<String, Tensor>;
+
+/// A float32 constant.
+fn float_const<'a>(consts: &'a Consts, name: &str) -> Option<&'a ArrayD<f32>> {
+    consts.get(name).and_then(Tensor::as_f32)
+}
+
+/// A scalar int8/uint8 zero point as (zero point, lowest, highest level).
+fn zero_point(consts: &Consts, name: &str) -> Option<(f32, f32, f32)> {
+    match consts.get(name)? {
+        Tensor::I8(a) if a.len() == 1 => Some((f32::from(*a.iter().next()?), -128.0, 127.0)),
+        Tensor::U8(a) if a.len() == 1 => Some((f32::from(*a.iter().next()?), 0.0, 255.0)),
+        _ => None,
+    }
+}
 
 impl NativeModel {
-    /// The model prepared for the native engine, or `None` when it uses an
-    /// operator, attribute or element type the native engine does not run.
+    /// The model prepared for the native engine, or `None` when it does not
+    /// run it: a deploy model with a node it does not run, or a model of
+    /// which it would run fewer nodes than it hands to rten. Other nodes it
+    /// does not run are run one by one on rten (`foreign`).
     pub fn build(
         model: &ModelProto,
         opts: &SessionOptions,
     ) -> Result<Option<NativeModel>, SimError> {
+        Ok(Self::plan(model, opts)?.0)
+    }
+
+    /// [`NativeModel::build`], with what happened to each node.
+    pub(super) fn plan(
+        model: &ModelProto,
+        opts: &SessionOptions,
+    ) -> Result<(Option<NativeModel>, Plan), SimError> {
+        let (model_or_none, mut plan) = Self::plan_inner(model, opts)?;
+        plan.whole_on_rten = model_or_none.is_none();
+        Ok((model_or_none, plan))
+    }
+
+    fn plan_inner(
+        model: &ModelProto,
+        opts: &SessionOptions,
+    ) -> Result<(Option<NativeModel>, Plan), SimError> {
         let mut prepared = rewrite_for_execution(model, opts)?;
         let mut batch = BatchMode::of(model, opts).sample_by_sample();
-        if !super::ascend::has_ascend_ops(&prepared) {
+        let deploy = super::ascend::has_ascend_ops(&prepared);
+        let mut plan = Plan::default();
+        if !deploy {
             let free_batch = feedable_inputs(&prepared)
                 .first()
                 .and_then(|s| s.shape.as_ref()?.first().cloned())
@@ -94,8 +156,10 @@ impl NativeModel {
                 .chain(opts.keep.iter().cloned())
                 .collect();
             let one_sample = batch == BatchMode::PerSample || free_batch;
+            let before = prepared.graph.as_ref().map_or(0, |g| g.node.len());
             if let Some(folded) = super::fold::fold_constants(&prepared, one_sample, &exposed) {
                 prepared = folded;
+                plan.folded = before - prepared.graph.as_ref().map_or(0, |g| g.node.len());
                 // Folded shapes hold a batch of 1: the model runs sample by sample.
                 if free_batch {
                     batch = BatchMode::PerSample;
@@ -103,7 +167,7 @@ impl NativeModel {
             }
         }
         let Some(graph) = prepared.graph.as_ref() else {
-            return Ok(None);
+            return Ok((None, plan));
         };
         let index = crate::onnx::GraphIndex::new(graph).map_err(|e| SimError::Load {
             reason: e.to_string(),
@@ -111,13 +175,13 @@ impl NativeModel {
         let inputs = feedable_inputs(&prepared);
         // A deploy model's int8 / int32 values stay inside its quantized
         // steps (`native_deploy`); only what the caller sees must be float.
-        let float = if super::ascend::has_ascend_ops(&prepared) {
-            outputs_are_float(graph)
-        } else {
-            graph_is_float(graph)
-        };
-        if inputs.iter().any(|s| s.elem_type != Some(1)) || !float {
-            return Ok(None);
+        if deploy && (inputs.iter().any(|s| s.elem_type != Some(1)) || !outputs_are_float(graph)) {
+            plan.declined.push(Unsupported {
+                node: String::new(),
+                op: String::new(),
+                reason: "a deploy model whose inputs or outputs are not all float32".into(),
+            });
+            return Ok((None, plan));
         }
         let outputs: Vec<ValueSpec> = model
             .graph
@@ -131,51 +195,63 @@ impl NativeModel {
             .find(|o| o.domain().is_empty() || o.domain() == "ai.onnx")
             .and_then(|o| o.version)
             .unwrap_or(1);
-        Ok(Self::steps(graph, &index, opset, opts)
-            .ok()
-            .map(|(steps, mut consts)| {
-                // Weights the kernels packed are not kept a second time: only
-                // constants a step reads, or that may be fetched, stay.
-                let read: HashSet<&str> = steps
-                    .iter()
-                    .flat_map(|s| s.inputs.iter().map(String::as_str))
-                    .chain(outputs.iter().map(|o| o.name.as_str()))
-                    .chain(opts.keep.iter().map(String::as_str))
-                    .collect();
-                consts.retain(|name, _| read.contains(name.as_str()));
-                (steps, consts)
-            })
-            .map(|(steps, consts)| NativeModel {
+        let built = Self::steps(&prepared, &index, opset, opts, deploy, &mut plan);
+        let Ok((steps, mut consts)) = built else {
+            return Ok((None, plan));
+        };
+        // Mostly foreign: rten runs the whole model faster than node by node.
+        let foreign = steps
+            .iter()
+            .filter(|s| matches!(s.op, Op::Foreign(_)))
+            .count();
+        if foreign > 0 && foreign * 2 > steps.len() {
+            return Ok((None, plan));
+        }
+        // Weights the kernels packed are not kept a second time: only
+        // constants a step reads, or that may be fetched, stay.
+        let read: HashSet<&str> = steps
+            .iter()
+            .flat_map(|s| s.inputs.iter().map(String::as_str))
+            .chain(outputs.iter().map(|o| o.name.as_str()))
+            .chain(opts.keep.iter().map(String::as_str))
+            .collect();
+        consts.retain(|name, _| read.contains(name.as_str()));
+        plan.native = steps.len() - foreign;
+        Ok((
+            Some(NativeModel {
                 steps,
                 consts,
                 inputs,
                 outputs,
                 keep: opts.keep.clone(),
                 batch,
-            }))
+            }),
+            plan,
+        ))
     }
 
     #[allow(clippy::type_complexity)]
     fn steps(
-        graph: &GraphProto,
+        model: &ModelProto,
         index: &crate::onnx::GraphIndex,
         opset: i64,
         opts: &SessionOptions,
-    ) -> Result<(Vec<Step>, HashMap<String, ArrayD<f32>>), Decline> {
-        let mut consts: HashMap<String, ArrayD<f32>> = HashMap::new();
-        let mut int_consts: HashMap<String, Vec<i64>> = HashMap::new();
-        // Scalar int8/uint8 zero points: (zero point, lowest, highest level).
-        let mut zero_points: HashMap<String, (f32, f32, f32)> = HashMap::new();
-        // Constants of other types (a deploy model's weights, biases and
-        // scales): only its quantized steps may read them.
-        let mut others: HashSet<String> = HashSet::new();
+        deploy: bool,
+        plan: &mut Plan,
+    ) -> Result<(Vec<Step>, Consts), Decline> {
+        let graph = model.graph.as_ref().ok_or("the model holds no graph")?;
+        let mut consts: Consts = HashMap::new();
         for t in &graph.initializer {
-            add_const(
-                (&mut consts, &mut int_consts, &mut zero_points, &mut others),
-                t.name(),
-                to_tensor(t).map_err(|_| ())?,
-            )?;
+            let value = to_tensor(t).map_err(|e| e.to_string())?;
+            consts.insert(t.name().to_string(), value);
         }
+        // Which values are float32: what the float kernels may read.
+        let mut float: HashSet<String> = feedable_inputs(model)
+            .into_iter()
+            .filter(|s| s.elem_type.is_none_or(|t| t == 1))
+            .map(|s| s.name)
+            .collect();
+        let declared = declared_types(graph);
         let mut steps = Vec::new();
         let mut absorbed: HashSet<usize> = HashSet::new();
         let exposed: HashSet<&str> = graph
@@ -189,30 +265,70 @@ impl NativeModel {
             if node.op_type() == "Constant" {
                 let t = crate::onnx::attr::find(node, "value")
                     .and_then(|a| a.t.as_ref())
-                    .ok_or(())?;
-                let out = node.output.first().ok_or(())?.clone();
-                add_const(
-                    (&mut consts, &mut int_consts, &mut zero_points, &mut others),
-                    &out,
-                    to_tensor(t).map_err(|_| ())?,
-                )?;
+                    .ok_or("a Constant without a tensor value")?;
+                let out = node
+                    .output
+                    .first()
+                    .ok_or("a Constant without output")?
+                    .clone();
+                consts.insert(out, to_tensor(t).map_err(|e| e.to_string())?);
                 continue;
             }
             if absorbed.contains(&i) {
                 continue;
             }
-            if let Some(s) = super::native_deploy::step(graph, index, i, &exposed, &mut absorbed)? {
-                steps.push(s);
-                continue;
+            let is_float = |v: &String| float.contains(v) || float_const(&consts, v).is_some();
+            let native = (|| -> Result<Vec<Step>, Decline> {
+                if let Some(s) =
+                    super::native_deploy::step(graph, index, i, &exposed, &mut absorbed)?
+                {
+                    return Ok(vec![s]);
+                }
+                if node.op_type() == "QuantizeLinear" {
+                    let (step, dq) = quant_dequant(graph, index, node, &consts, &opts.keep)?;
+                    absorbed.insert(dq);
+                    return Ok(vec![step]);
+                }
+                step(node, opset, &consts)
+            })();
+            // Float kernels read float values only; layout steps any type.
+            let native = native.and_then(|s| {
+                let bad = s.iter().find_map(|st| {
+                    let any_type = matches!(st.op, Op::Layout(_));
+                    st.inputs
+                        .iter()
+                        .find(|v| !any_type && !is_float(v))
+                        .map(|v| format!("its input '{v}' is not float32"))
+                });
+                bad.map_or(Ok(s), Err)
+            });
+            match native {
+                Ok(new) => {
+                    let floats: Vec<String> = new
+                        .iter()
+                        .filter(|st| match &st.op {
+                            Op::Layout(l) => match **l {
+                                ops_layout::Layout::Cast(to) => to == 1,
+                                _ => st.inputs.first().is_some_and(is_float),
+                            },
+                            _ => true,
+                        })
+                        .map(|st| st.output.clone())
+                        .collect();
+                    float.extend(floats);
+                    steps.extend(new);
+                }
+                Err(reason) if deploy => return Err(reason),
+                Err(reason) => {
+                    let why = Unsupported::of(node, reason);
+                    let step = super::foreign::step(model, node, &consts, &declared, &why)
+                        .map_err(|e| e.to_string())?;
+                    let floats = super::foreign::float_outputs(node, &is_float, &declared);
+                    float.extend(floats);
+                    plan.declined.push(why);
+                    steps.push(step);
+                }
             }
-            if node.op_type() == "QuantizeLinear" {
-                let (step, dq) =
-                    quant_dequant(graph, index, node, &consts, &zero_points, &opts.keep)?;
-                absorbed.insert(dq);
-                steps.push(step);
-                continue;
-            }
-            steps.push(step(node, opset, &consts, &int_consts, &others)?);
         }
         if opts.optimize {
             fuse_activations(&mut steps, graph, &opts.keep);
@@ -250,41 +366,79 @@ fn outputs_are_float(g: &GraphProto) -> bool {
         .all(|s| s.elem_type.is_none_or(|t| t == 1))
 }
 
-/// Whether every value the graph declares is float32 (or undeclared).
-fn graph_is_float(g: &GraphProto) -> bool {
-    g.output
+/// The types the graph declares for its values.
+fn declared_types(g: &GraphProto) -> HashMap<String, i32> {
+    g.input
         .iter()
+        .chain(&g.output)
         .chain(&g.value_info)
         .map(ValueSpec::from_proto)
-        .all(|s| s.elem_type.is_none_or(|t| t == 1))
+        .filter_map(|s| s.elem_type.map(|t| (s.name, t)))
+        .collect()
 }
 
-fn step(
-    node: &NodeProto,
-    opset: i64,
-    consts: &HashMap<String, ArrayD<f32>>,
-    int_consts: &HashMap<String, Vec<i64>>,
-    others: &HashSet<String>,
-) -> Result<Step, Decline> {
-    if node.output.len() != 1 || !node.domain().is_empty() && node.domain() != "ai.onnx" {
-        return Err(());
+/// What the native engine does with a model's nodes.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Plan {
+    /// Steps it runs with its own kernels (after fusions).
+    pub native: usize,
+    /// Nodes whose values were computed when the model was prepared.
+    pub folded: usize,
+    /// Nodes it does not run, and why (each then runs alone on rten, or the
+    /// whole model does).
+    pub declined: Vec<Unsupported>,
+    /// Whether the whole model runs on rten instead (a deploy model with a
+    /// node the native engine does not run, or mostly such nodes).
+    pub whole_on_rten: bool,
+}
+
+fn step(node: &NodeProto, opset: i64, consts: &Consts) -> Result<Vec<Step>, Decline> {
+    if !node.domain().is_empty() && node.domain() != "ai.onnx" {
+        return Err(format!("operator of domain '{}'", node.domain()));
     }
     let input = |k: usize| node.input.get(k).filter(|s| !s.is_empty());
-    let scalar = |k: usize| -> Result<Option<f32>, Decline> {
-        match input(k) {
-            None => Ok(None),
-            Some(name) => match consts.get(name) {
-                Some(a) if a.len() == 1 => Ok(a.iter().next().copied()),
-                _ => Err(()),
-            },
-        }
-    };
+    let operand = |k: usize| input(k).and_then(|name| consts.get(name));
     let mut inputs: Vec<String> = node
         .input
         .iter()
         .filter(|s| !s.is_empty())
         .cloned()
         .collect();
+    if let Some(first) = ops_layout::Layout::parse(node, opset, 0, &operand)? {
+        let data = input(0).ok_or("its data input is missing")?.clone();
+        return (0..node.output.len())
+            .map(|k| {
+                let op = if k == 0 {
+                    first.clone()
+                } else {
+                    ops_layout::Layout::parse(node, opset, k, &operand)?.ok_or("not a layout op")?
+                };
+                Ok(Step::new(
+                    node.name(),
+                    Op::Layout(Box::new(op)),
+                    vec![data.clone()],
+                    node.output[k].clone(),
+                ))
+            })
+            .collect();
+    }
+    if node.output.len() != 1 {
+        return Err(format!("{} outputs", node.output.len()));
+    }
+    let scalar = |k: usize| -> Result<Option<f32>, Decline> {
+        match input(k) {
+            None => Ok(None),
+            Some(name) => match float_const(consts, name) {
+                Some(a) if a.len() == 1 => Ok(a.iter().next().copied()),
+                _ => Err(format!("input '{name}' is not a float32 scalar constant")),
+            },
+        }
+    };
+    let float_input = |k: usize, what: &str| -> Result<&ArrayD<f32>, Decline> {
+        let name = input(k).ok_or_else(|| format!("its {what} is missing"))?;
+        float_const(consts, name)
+            .ok_or_else(|| format!("its {what} '{name}' is not a float32 constant"))
+    };
     let op = match node.op_type() {
         "Conv" => {
             let (conv, used) = conv(node, consts)?;
@@ -296,11 +450,11 @@ fn step(
                 || float_attr(node, "alpha").unwrap_or(1.0) != 1.0
                 || float_attr(node, "beta").unwrap_or(1.0) != 1.0
             {
-                return Err(());
+                return Err("transA, alpha or beta other than the defaults".into());
             }
-            let w = consts.get(input(1).ok_or(())?).ok_or(())?;
+            let w = float_input(1, "weight")?;
             if w.ndim() != 2 {
-                return Err(());
+                return Err("a weight that is not 2-D".into());
             }
             let trans_b = int_attr(node, "transB").unwrap_or(0) != 0;
             let (k, m) = if trans_b {
@@ -310,10 +464,10 @@ fn step(
             };
             let bias = match input(2) {
                 None => None,
-                Some(name) => {
-                    let c = consts.get(name).ok_or(())?;
+                Some(_) => {
+                    let c = float_input(2, "bias")?;
                     if c.len() != m || !(c.ndim() == 1 || c.ndim() == 2 && c.shape()[0] == 1) {
-                        return Err(());
+                        return Err("a bias that is not one value per output".into());
                     }
                     Some(c.iter().copied().collect())
                 }
@@ -340,24 +494,15 @@ fn step(
         "Div" => Op::Binary(Elementwise::Div),
         "GlobalAveragePool" => Op::GlobalAveragePool,
         "MaxPool" | "AveragePool" => {
-            let pool = ops::Pool::from_node(node).ok_or(())?;
+            let pool = ops::Pool::from_node(node)
+                .ok_or("a pooling other than 2-D with explicit or VALID padding")?;
             if node.op_type() == "MaxPool" {
                 Op::MaxPool(pool)
             } else {
                 Op::AveragePool(pool)
             }
         }
-        "Flatten" => Op::Flatten(int_attr(node, "axis").unwrap_or(1)),
-        "Reshape" => {
-            let shape = int_consts.get(input(1).ok_or(())?).ok_or(())?.clone();
-            inputs.truncate(1);
-            Op::Reshape(shape, int_attr(node, "allowzero").unwrap_or(0) != 0)
-        }
-        "Concat" => Op::Concat(int_attr(node, "axis").ok_or(())?),
-        "Identity" | "Dropout" => {
-            inputs.truncate(1);
-            Op::Identity
-        }
+        "Concat" => Op::Concat(int_attr(node, "axis").ok_or("Concat without an axis")?),
         "Softmax" => {
             // Before opset 13 the input is flattened to 2-D at `axis` (default 1).
             if opset < 13 {
@@ -387,69 +532,26 @@ fn step(
                 || node.input.len() < 3
                 || input(3).is_some()
             {
-                return Err(());
+                return Err(format!(
+                    "{} Resize with these coordinates, sizes or axes (only nearest by whole scales)",
+                    String::from_utf8_lossy(mode)
+                ));
             }
-            let scales = consts.get(input(2).ok_or(())?).ok_or(())?;
-            let scales: Vec<f32> = scales.iter().copied().collect();
+            let scales: Vec<f32> = float_input(2, "scales")?.iter().copied().collect();
             if scales.iter().any(|s| *s < 1.0 || s.fract() != 0.0) {
-                return Err(());
+                return Err(format!("scales {scales:?} are not whole factors"));
             }
             inputs.truncate(1);
             Op::ResizeNearest(scales)
         }
-        _ => return Err(()),
+        other => return Err(format!("{other} is not an operator the native engine runs")),
     };
-    // Every remaining input must be a runtime value or a float constant.
-    if inputs
-        .iter()
-        .any(|i| int_consts.contains_key(i) || others.contains(i))
-    {
-        return Err(());
-    }
-    Ok(Step {
-        name: node.name().to_string(),
+    Ok(vec![Step::new(
+        node.name(),
         op,
         inputs,
-        output: node.output[0].clone(),
-    })
-}
-
-/// The constant tables: float tensors, int64 tensors (shapes), scalar
-/// int8/uint8 zero points as (zero point, lowest, highest level), and the
-/// names of constants of any other type.
-type ConstTables<'a> = (
-    &'a mut HashMap<String, ArrayD<f32>>,
-    &'a mut HashMap<String, Vec<i64>>,
-    &'a mut HashMap<String, (f32, f32, f32)>,
-    &'a mut HashSet<String>,
-);
-
-/// Files one constant in its table.
-fn add_const(
-    (floats, ints, zero_points, others): ConstTables<'_>,
-    name: &str,
-    t: Tensor,
-) -> Result<(), Decline> {
-    match t {
-        Tensor::F32(a) => {
-            floats.insert(name.to_string(), a);
-        }
-        Tensor::I64(a) => {
-            ints.insert(name.to_string(), a.iter().copied().collect());
-        }
-        Tensor::I8(a) if a.len() == 1 => {
-            let z = f32::from(*a.iter().next().expect("one value"));
-            zero_points.insert(name.to_string(), (z, -128.0, 127.0));
-        }
-        Tensor::U8(a) if a.len() == 1 => {
-            let z = f32::from(*a.iter().next().expect("one value"));
-            zero_points.insert(name.to_string(), (z, 0.0, 255.0));
-        }
-        _ => {
-            others.insert(name.to_string());
-        }
-    }
-    Ok(())
+        node.output[0].clone(),
+    )])
 }
 
 /// A `QuantizeLinear` whose only reader is a `DequantizeLinear` with the same
@@ -460,63 +562,68 @@ fn quant_dequant(
     graph: &GraphProto,
     index: &crate::onnx::GraphIndex,
     q: &NodeProto,
-    consts: &HashMap<String, ArrayD<f32>>,
-    zero_points: &HashMap<String, (f32, f32, f32)>,
+    consts: &Consts,
     keep: &[String],
 ) -> Result<(Step, usize), Decline> {
-    let out = q.output.first().ok_or(())?;
+    let unfit =
+        || "a QuantizeLinear not paired with a matching per-tensor DequantizeLinear".to_string();
+    let out = q.output.first().ok_or_else(unfit)?;
     let exposed = keep.contains(out) || graph.output.iter().any(|o| o.name() == out);
     let [dq] = index.consumers(out) else {
-        return Err(());
+        return Err("a geometry the native engine does not run (zero stride or dilation, channels not divisible by group, or SAME padding)".into());
     };
     let d = &graph.node[*dq];
     if exposed || d.op_type() != "DequantizeLinear" || d.input.first() != Some(out) {
-        return Err(());
+        return Err("a geometry the native engine does not run (zero stride or dilation, channels not divisible by group, or SAME padding)".into());
     }
     let scalar = |name: Option<&String>| {
-        name.and_then(|n| consts.get(n))
+        name.and_then(|n| float_const(consts, n))
             .filter(|a| a.len() == 1)
             .and_then(|a| a.iter().next().copied())
     };
-    let scale = scalar(q.input.get(1)).ok_or(())?;
+    let scale = scalar(q.input.get(1)).ok_or_else(unfit)?;
     if scalar(d.input.get(1)) != Some(scale) {
-        return Err(());
+        return Err("a geometry the native engine does not run (zero stride or dilation, channels not divisible by group, or SAME padding)".into());
     }
     let zp = |n: &NodeProto| match n.input.get(2).filter(|s| !s.is_empty()) {
         None => Some((0.0, 0.0, 255.0)),
-        Some(name) => zero_points.get(name).copied(),
+        Some(name) => zero_point(consts, name),
     };
-    let (z, lo, hi) = zp(q).ok_or(())?;
+    let (z, lo, hi) = zp(q).ok_or_else(unfit)?;
     if zp(d) != Some((z, lo, hi)) || d.output.len() != 1 {
-        return Err(());
+        return Err("a geometry the native engine does not run (zero stride or dilation, channels not divisible by group, or SAME padding)".into());
     }
     Ok((
-        Step {
-            name: q.name().to_string(),
-            op: Op::QuantDequant(ops::QuantDequant {
+        Step::new(
+            q.name(),
+            Op::QuantDequant(ops::QuantDequant {
                 scale,
                 zero: z,
                 lo,
                 hi,
             }),
-            inputs: vec![q.input.first().ok_or(())?.clone()],
-            output: d.output[0].clone(),
-        },
+            vec![q.input.first().ok_or_else(unfit)?.clone()],
+            d.output[0].clone(),
+        ),
         *dq,
     ))
 }
 
 /// A Conv with constant weight (and bias); returns it and how many inputs it reads at run time.
-fn conv(node: &NodeProto, consts: &HashMap<String, ArrayD<f32>>) -> Result<(Conv, usize), Decline> {
-    let w = consts.get(node.input.get(1).ok_or(())?).ok_or(())?;
+fn conv(node: &NodeProto, consts: &Consts) -> Result<(Conv, usize), Decline> {
+    let w = node
+        .input
+        .get(1)
+        .and_then(|w| float_const(consts, w))
+        .ok_or("its weight is not a float32 constant")?;
     let geometry = conv_geometry(node, w.shape())?;
     let (c_out, cg) = (w.shape()[0], w.shape()[1]);
     let bias = match node.input.get(2).filter(|s| !s.is_empty()) {
         None => None,
         Some(b) => {
-            let b = consts.get(b).ok_or(())?;
+            let b = float_const(consts, b).ok_or("its bias is not a float32 constant")?;
             if b.len() != c_out {
-                return Err(());
+                return Err("its bias is not one value per output channel".into());
             }
             Some(b.iter().copied().collect())
         }
@@ -537,7 +644,10 @@ fn conv(node: &NodeProto, consts: &HashMap<String, ArrayD<f32>>) -> Result<(Conv
 /// A 2-D Conv's attributes for a weight of shape `[C_out, C_in/group, kh, kw]`.
 pub(super) fn conv_geometry(node: &NodeProto, weight: &[usize]) -> Result<ConvGeometry, Decline> {
     let &[c_out, _, kh, kw] = weight else {
-        return Err(());
+        return Err(format!(
+            "a {}-D convolution (only 2-D runs natively)",
+            weight.len().saturating_sub(2)
+        ));
     };
     let auto_pad = string_attr(node, "auto_pad").unwrap_or(b"NOTSET");
     let group = int_attr(node, "group").unwrap_or(1).max(1) as usize;
@@ -547,25 +657,25 @@ pub(super) fn conv_geometry(node: &NodeProto, weight: &[usize]) -> Result<ConvGe
             Some(v) if v.len() == 2 && v.iter().all(|&x| x >= 0) => {
                 Ok((v[0] as usize, v[1] as usize))
             }
-            _ => Err(()),
+            _ => Err(format!("its {name} are not two non-negative values")),
         }
     };
     if let Some(k) = ints_attr(node, "kernel_shape")
         && k != [kh as i64, kw as i64]
     {
-        return Err(());
+        return Err("kernel_shape differs from the weight's".into());
     }
     let stride = two("strides", 1)?;
     let dilation = two("dilations", 1)?;
     if stride.0 == 0 || stride.1 == 0 || dilation.0 == 0 || dilation.1 == 0 || c_out % group != 0 {
-        return Err(());
+        return Err("a geometry the native engine does not run (zero stride or dilation, channels not divisible by group, or SAME padding)".into());
     }
     let pads = match (auto_pad, ints_attr(node, "pads")) {
         (b"NOTSET", None) | (b"VALID", _) => [0; 4],
         (b"NOTSET", Some(p)) if p.len() == 4 && p.iter().all(|&x| x >= 0) => {
             [p[0] as usize, p[1] as usize, p[2] as usize, p[3] as usize]
         }
-        _ => return Err(()),
+        _ => return Err("SAME auto-padding or pads that are not four non-negative values".into()),
     };
     Ok(ConvGeometry {
         kernel: (kh, kw),
@@ -681,12 +791,12 @@ fn fuse_residual_adds(steps: &mut Vec<Step>, graph: &GraphProto, keep: &[String]
         let residual = steps[i].inputs[1 - j].clone();
         let conv = std::mem::replace(&mut steps[p].op, Op::Identity);
         let x = steps[p].inputs[0].clone();
-        steps[i] = Step {
-            name: steps[p].name.clone(),
-            op: conv,
-            inputs: vec![x, residual],
-            output: steps[i].output.clone(),
-        };
+        steps[i] = Step::new(
+            &steps[p].name.clone(),
+            conv,
+            vec![x, residual],
+            steps[i].output.clone(),
+        );
         removed[p] = true;
     }
     remove_marked(steps, &removed);
@@ -695,17 +805,11 @@ fn fuse_residual_adds(steps: &mut Vec<Step>, graph: &GraphProto, keep: &[String]
 /// Folds the fake-quant chain `Mul(1/s) → Round → Add(o) → Clip(lo, hi) →
 /// Sub(o)` (scalar constants, every intermediate private) into one pass that
 /// computes the same float operations in the same order.
-fn fuse_fake_quant(
-    steps: &mut Vec<Step>,
-    graph: &GraphProto,
-    keep: &[String],
-    consts: &HashMap<String, ArrayD<f32>>,
-) {
+fn fuse_fake_quant(steps: &mut Vec<Step>, graph: &GraphProto, keep: &[String], consts: &Consts) {
     let readers = Readers::new(graph, keep);
     let private = |v: &str| readers.private(v, 1);
     let scalar = |name: &str| {
-        consts
-            .get(name)
+        float_const(consts, name)
             .filter(|a| a.len() == 1)
             .and_then(|a| a.iter().next().copied())
     };
@@ -761,17 +865,17 @@ fn fuse_fake_quant(
             }
             fused.push((
                 members[4],
-                Step {
-                    name: steps[i].name.clone(),
-                    op: Op::FakeQuant(ops::FakeQuant {
+                Step::new(
+                    &steps[i].name,
+                    Op::FakeQuant(ops::FakeQuant {
                         inv,
                         offset,
                         lo,
                         hi,
                     }),
-                    inputs: vec![x],
-                    output: steps[members[4]].output.clone(),
-                },
+                    vec![x],
+                    steps[members[4]].output.clone(),
+                ),
             ));
         }
     }
@@ -865,7 +969,7 @@ impl NativeSession {
         mut visit: Option<&mut super::Visitor<'_>>,
     ) -> Result<Vec<Tensor>, SimError> {
         let m = &self.model;
-        let mut values: HashMap<&str, ArrayD<f32>> = HashMap::new();
+        let mut values: HashMap<&str, Tensor> = HashMap::new();
         for (name, value) in feeds {
             if !m.known(name, ValueRole::Input) {
                 return Err(m.unknown(name, ValueRole::Input));
@@ -873,16 +977,7 @@ impl NativeSession {
             if let Some(spec) = m.inputs.iter().find(|s| s.name == *name) {
                 check_feed(spec, value, m.batch.is_free())?;
             }
-            let Tensor::F32(a) = value else {
-                return Err(SimError::InputMismatch {
-                    name: name.to_string(),
-                    reason: format!(
-                        "got {} data but the value is float32; convert the data",
-                        value.dtype()
-                    ),
-                });
-            };
-            values.insert(name, a.clone());
+            values.insert(name, (*value).clone());
         }
         for name in fetch {
             if !m.known(name, ValueRole::Output) {
@@ -893,7 +988,9 @@ impl NativeSession {
         let mut needed: HashSet<&str> = fetch.iter().copied().collect();
         let mut run = vec![false; m.steps.len()];
         for (i, s) in m.steps.iter().enumerate().rev() {
-            if needed.contains(s.output.as_str()) && !values.contains_key(s.output.as_str()) {
+            if s.outputs()
+                .any(|o| needed.contains(o.as_str()) && !values.contains_key(o.as_str()))
+            {
                 run[i] = true;
                 needed.extend(s.inputs.iter().map(String::as_str));
             }
@@ -922,7 +1019,7 @@ impl NativeSession {
         // Developer aid (docs/engine.md): per-node wall time on stderr.
         let profile = std::env::var_os("ASCEND_QUANT_PROFILE").is_some();
         for (i, s) in m.steps.iter().enumerate().filter(|(i, _)| run[*i]) {
-            let args: Vec<&ArrayD<f32>> = s
+            let args: Vec<&Tensor> = s
                 .inputs
                 .iter()
                 .map(|name| {
@@ -935,15 +1032,20 @@ impl NativeSession {
                 })
                 .collect::<Result<_, _>>()?;
             let started = profile.then(std::time::Instant::now);
-            let out = eval(&s.op, &args).map_err(|reason| SimError::Run {
+            let outs = eval(&s.op, &args).map_err(|reason| SimError::Run {
                 reason: format!("node '{}': {reason}", s.name),
             })?;
             if let Some(t) = started {
                 eprintln!(
-                    "{:>9.3} ms {} {:?}",
+                    "{:>9.3} ms {} {:?}{}",
                     t.elapsed().as_secs_f64() * 1e3,
                     s.name,
-                    args[0].shape()
+                    args.first().map(|a| a.shape()).unwrap_or_default(),
+                    if matches!(s.op, Op::Foreign(_)) {
+                        " (rten)"
+                    } else {
+                        ""
+                    }
                 );
             }
             for v in &s.inputs {
@@ -951,22 +1053,20 @@ impl NativeSession {
                     values.remove(v.as_str());
                 }
             }
-            match visit.as_deref_mut() {
-                Some(visit) if fetch.contains(&s.output.as_str()) => {
-                    let value = Tensor::F32(out);
-                    for (k, _) in fetch.iter().enumerate().filter(|(_, n)| **n == s.output) {
-                        visit(k, &value);
-                        visited[k] = true;
+            for (name, out) in s.outputs().zip(outs) {
+                match visit.as_deref_mut() {
+                    Some(visit) if fetch.contains(&name.as_str()) => {
+                        for (k, _) in fetch.iter().enumerate().filter(|(_, n)| **n == name) {
+                            visit(k, &out);
+                            visited[k] = true;
+                        }
+                        if last_use.get(name.as_str()).is_some_and(|&l| l > i) {
+                            values.insert(name, out);
+                        }
                     }
-                    let Tensor::F32(out) = value else {
-                        unreachable!("wrapped above")
-                    };
-                    if last_use.get(s.output.as_str()).is_some_and(|&l| l > i) {
-                        values.insert(&s.output, out);
+                    _ => {
+                        values.insert(name, out);
                     }
-                }
-                _ => {
-                    values.insert(&s.output, out);
                 }
             }
         }
@@ -975,7 +1075,7 @@ impl NativeSession {
                 let value = m.consts.get(*name).ok_or_else(|| SimError::Run {
                     reason: format!("'{name}' was not computed"),
                 })?;
-                visit(k, &Tensor::F32(value.clone()));
+                visit(k, value);
             }
             return Ok(Vec::new());
         }
@@ -992,7 +1092,6 @@ impl NativeSession {
                 };
                 value
                     .or_else(|| m.consts.get(*name).cloned())
-                    .map(Tensor::F32)
                     .ok_or_else(|| SimError::Run {
                         reason: format!("'{name}' was not computed"),
                     })
@@ -1001,24 +1100,41 @@ impl NativeSession {
     }
 }
 
-fn eval(op: &Op, args: &[&ArrayD<f32>]) -> Result<ArrayD<f32>, String> {
-    let x = *args.first().ok_or("the node has no input to read")?;
-    match op {
+/// Input `k` of a float kernel.
+fn float_arg<'a>(args: &[&'a Tensor], k: usize) -> Result<&'a ArrayD<f32>, String> {
+    let t = args.get(k).ok_or_else(|| format!("input {k} is missing"))?;
+    t.as_f32()
+        .ok_or_else(|| format!("input {k} is {}, where float32 is needed", t.dtype()))
+}
+
+fn eval(op: &Op, args: &[&Tensor]) -> Result<Vec<Tensor>, String> {
+    if let Op::Foreign(f) = op {
+        return f.run(args);
+    }
+    if let Op::Layout(l) = op {
+        let x = args.first().ok_or("the node has no input to read")?;
+        return Ok(vec![l.run(x)?]);
+    }
+    let x = float_arg(args, 0)?;
+    let out = match op {
         // A second input is a residual the engine fused (`fuse_residual_adds`).
-        Op::Conv(c) => ops::conv(c, x, args.get(1).copied()),
+        Op::Conv(c) => ops::conv(c, x, args.get(1).map(|_| float_arg(args, 1)).transpose()?),
         Op::Dense(d) => ops::dense(d, x),
         Op::Clamp(lo, hi) => Ok(ops::clamp(x, *lo, *hi)),
         Op::Sigmoid => Ok(ops::sigmoid(x)),
         Op::Round => Ok(x.mapv(f32::round_ties_even)),
         Op::FakeQuant(q) => Ok(q.apply(x)),
         Op::QuantDequant(q) => Ok(q.apply(x)),
-        Op::Binary(e) => ops::binary(*e, x, args.get(1).ok_or("a second input is missing")?),
+        Op::Binary(e) => ops::binary(*e, x, float_arg(args, 1)?),
         Op::GlobalAveragePool => ops::global_average_pool(x),
         Op::MaxPool(p) => p.run(x, true),
         Op::AveragePool(p) => p.run(x, false),
-        Op::Flatten(axis) => ops::flatten(x, *axis),
-        Op::Reshape(shape, allow_zero) => ops::reshape(x, shape, *allow_zero),
-        Op::Concat(axis) => ops::concat(args, *axis),
+        Op::Concat(axis) => {
+            let parts = (0..args.len())
+                .map(|k| float_arg(args, k))
+                .collect::<Result<Vec<_>, _>>()?;
+            ops::concat(&parts, *axis)
+        }
         Op::Identity => Ok(x.clone()),
         Op::Softmax(axis) => ops::softmax(x, *axis, false),
         Op::SoftmaxFlat(axis) => ops::softmax(x, *axis, true),
@@ -1027,5 +1143,7 @@ fn eval(op: &Op, args: &[&ArrayD<f32>]) -> Result<ArrayD<f32>, String> {
         Op::AntiQuant(q) => Ok(q.apply(x)),
         Op::IntConv(c) => ops::int_conv(c, x),
         Op::IntDense(d, two_d) => ops::int_dense(d, x, *two_d),
-    }
+        Op::Layout(_) | Op::Foreign(_) => unreachable!("handled above"),
+    };
+    out.map(|a| vec![Tensor::F32(a)])
 }

@@ -33,7 +33,7 @@ pub(super) fn step(
     let node = &graph.node[i];
     let single_output = || match node.output.as_slice() {
         [o] if !o.is_empty() => Ok(o.clone()),
-        _ => Err(()),
+        _ => Err(unfit()),
     };
     let reads_levels = node
         .input
@@ -51,35 +51,36 @@ pub(super) fn step(
                 )
             });
             if exposed.contains(out.as_str()) || !readers_ok {
-                return Err(());
+                return Err(unfit());
             }
-            let QuantAttrs { scale, offset } = QuantAttrs::read(node).map_err(|_| ())?;
+            let QuantAttrs { scale, offset } = QuantAttrs::read(node).map_err(|_| unfit())?;
             Op::Quantize(AscendQuantize(Quantizer { scale, offset }))
         }
         ASCEND_ANTI_QUANT if reads_levels => {
-            let AntiQuantAttrs { scale, offset } = AntiQuantAttrs::read(node).map_err(|_| ())?;
+            let AntiQuantAttrs { scale, offset } =
+                AntiQuantAttrs::read(node).map_err(|_| unfit())?;
             Op::AntiQuant(AscendAntiQuantize { scale, offset })
         }
-        ASCEND_ANTI_QUANT | ASCEND_DEQUANT => return Err(()),
+        ASCEND_ANTI_QUANT | ASCEND_DEQUANT => return Err(unfit()),
         _ if reads_levels => {
             let (quantizer, x) = quantization_before(graph, index, node)?;
             let (dequant, requant) = dequant_after(graph, index, node, exposed, absorbed)?;
             let layer = layer(graph, node, quantizer, requant)?;
-            return Ok(Some(Step {
-                name: node.name().to_string(),
-                op: layer,
-                inputs: vec![x],
-                output: graph.node[dequant].output[0].clone(),
-            }));
+            return Ok(Some(Step::new(
+                node.name(),
+                layer,
+                vec![x],
+                graph.node[dequant].output[0].clone(),
+            )));
         }
         _ => return Ok(None),
     };
-    Ok(Some(Step {
-        name: node.name().to_string(),
+    Ok(Some(Step::new(
+        node.name(),
         op,
-        inputs: vec![node.input.first().ok_or(())?.clone()],
-        output: single_output()?,
-    }))
+        vec![node.input.first().ok_or_else(unfit)?.clone()],
+        single_output()?,
+    )))
 }
 
 /// The `AscendQuant` that writes `node`'s first input: its arithmetic and
@@ -90,9 +91,13 @@ fn quantization_before(
     index: &GraphIndex,
     node: &NodeProto,
 ) -> Result<(Quantizer, String), Decline> {
-    let quant = &graph.node[index.producer_node(&node.input[0]).ok_or(())?];
-    let QuantAttrs { scale, offset } = QuantAttrs::read(quant).map_err(|_| ())?;
-    let x = quant.input.first().filter(|s| !s.is_empty()).ok_or(())?;
+    let quant = &graph.node[index.producer_node(&node.input[0]).ok_or_else(unfit)?];
+    let QuantAttrs { scale, offset } = QuantAttrs::read(quant).map_err(|_| unfit())?;
+    let x = quant
+        .input
+        .first()
+        .filter(|s| !s.is_empty())
+        .ok_or_else(unfit)?;
     Ok((Quantizer { scale, offset }, x.clone()))
 }
 
@@ -109,11 +114,11 @@ fn dequant_after(
     let sole_reader = |value: &String| -> Result<usize, Decline> {
         match index.consumers(value) {
             &[c] if !exposed.contains(value.as_str()) => Ok(c),
-            _ => Err(()),
+            _ => Err(unfit()),
         }
     };
     let [acc] = node.output.as_slice() else {
-        return Err(());
+        return Err(unfit());
     };
     let mut value = acc;
     let mut d = sole_reader(value)?;
@@ -123,10 +128,10 @@ fn dequant_after(
         let other = match add.input.as_slice() {
             [a, b] if a == acc => b,
             [b, a] if a == acc => b,
-            _ => return Err(()),
+            _ => return Err(unfit()),
         };
         let [sum] = add.output.as_slice() else {
-            return Err(());
+            return Err(unfit());
         };
         absorbed.insert(d);
         bias_input = Some(other);
@@ -135,10 +140,10 @@ fn dequant_after(
     }
     let dq = &graph.node[d];
     if dq.op_type() != ASCEND_DEQUANT || dq.input.first() != Some(value) || dq.output.len() != 1 {
-        return Err(());
+        return Err(unfit());
     }
     let Tensor::U64(packed) = constant(graph, dq.input.get(1))? else {
-        return Err(());
+        return Err(unfit());
     };
     let deq = packed
         .iter()
@@ -147,24 +152,30 @@ fn dequant_after(
             // A shift or weight offset is left to the lowering, which explains the refusal.
             (u.shift == 0 && u.offset_w == 0)
                 .then_some(u.scale)
-                .ok_or(())
+                .ok_or_else(unfit)
         })
         .collect::<Result<Vec<f32>, Decline>>()?;
     let bias = match bias_input {
         None => Vec::new(),
         Some(b) => match constant(graph, Some(b))? {
             Tensor::I32(a) if a.ndim() <= 1 => a.iter().copied().collect(),
-            _ => return Err(()),
+            _ => return Err(unfit()),
         },
     };
     absorbed.insert(d);
     Ok((d, Requant { bias, deq }))
 }
 
+/// Why a deploy model's node does not run natively (the whole model then
+/// runs on the rten lowering, which names any real defect).
+fn unfit() -> Decline {
+    "a quantized layer or value in a form the native engine does not run".into()
+}
+
 /// An initializer, decoded.
 fn constant(graph: &GraphProto, name: Option<&String>) -> Result<Tensor, Decline> {
-    let t = initializer(graph, name.ok_or(())?).ok_or(())?;
-    to_tensor(t).map_err(|_| ())
+    let t = initializer(graph, name.ok_or_else(unfit)?).ok_or_else(unfit)?;
+    to_tensor(t).map_err(|_| unfit())
 }
 
 /// The integer step for a quantized Conv, Gemm or MatMul.
@@ -175,7 +186,7 @@ fn layer(
     requant: Requant,
 ) -> Result<Op, Decline> {
     let Tensor::I8(w) = constant(graph, node.input.get(1))? else {
-        return Err(());
+        return Err(unfit());
     };
     let weight: Vec<i8> = w.iter().copied().collect();
     match node.op_type() {
@@ -183,7 +194,7 @@ fn layer(
             let geometry = conv_geometry(node, w.shape())?;
             let (c_out, cg) = (w.shape()[0], w.shape()[1]);
             if !requant.fits(c_out) {
-                return Err(());
+                return Err(unfit());
             }
             let c_in = cg * geometry.group;
             Ok(Op::IntConv(Box::new(IntConv::new(
@@ -198,16 +209,16 @@ fn layer(
                     && float_attr(node, "alpha").unwrap_or(1.0) == 1.0
                     && float_attr(node, "beta").unwrap_or(1.0) == 1.0;
             let &[k, n] = w.shape() else {
-                return Err(());
+                return Err(unfit());
             };
             if !plain || !requant.fits(n) || !gemm && node.input.len() > 2 {
-                return Err(());
+                return Err(unfit());
             }
             Ok(Op::IntDense(
                 Box::new(IntDense::new(&weight, k, n, quantizer, requant)),
                 gemm,
             ))
         }
-        _ => Err(()),
+        _ => Err(unfit()),
     }
 }

@@ -553,54 +553,6 @@ fn axis_index(axis: i64, rank: usize) -> Result<usize, String> {
     Ok(a as usize)
 }
 
-/// Flatten to 2-D at `axis`.
-pub fn flatten(x: &ArrayD<f32>, axis: i64) -> OpResult {
-    let a = axis_index(axis, x.ndim())?;
-    let outer: usize = x.shape()[..a].iter().product();
-    let inner: usize = x.shape()[a..].iter().product();
-    x.to_shape(IxDyn(&[outer, inner]))
-        .map(|v| v.into_owned())
-        .map_err(|e| e.to_string())
-}
-
-/// Reshape with ONNX's 0 (copy the dimension, unless `allow_zero`) and −1.
-pub fn reshape(x: &ArrayD<f32>, shape: &[i64], allow_zero: bool) -> OpResult {
-    let mut dims: Vec<usize> = Vec::with_capacity(shape.len());
-    let mut infer = None;
-    for (i, &d) in shape.iter().enumerate() {
-        match d {
-            -1 if infer.is_none() => {
-                infer = Some(i);
-                dims.push(1);
-            }
-            0 if !allow_zero => dims.push(*x.shape().get(i).ok_or_else(|| {
-                format!("shape {shape:?} copies axis {i} the input does not have")
-            })?),
-            d if d >= 0 => dims.push(d as usize),
-            _ => return Err(format!("shape {shape:?} is not valid")),
-        }
-    }
-    let known: usize = dims.iter().product();
-    if let Some(i) = infer {
-        if known == 0 || !x.len().is_multiple_of(known) {
-            return Err(format!(
-                "cannot reshape {} to {shape:?}",
-                shape_text(x.shape())
-            ));
-        }
-        dims[i] = x.len() / known;
-    }
-    if dims.iter().product::<usize>() != x.len() {
-        return Err(format!(
-            "cannot reshape {} to {shape:?}",
-            shape_text(x.shape())
-        ));
-    }
-    x.to_shape(IxDyn(&dims))
-        .map(|v| v.into_owned())
-        .map_err(|e| e.to_string())
-}
-
 /// Concat along `axis`.
 pub fn concat(args: &[&ArrayD<f32>], axis: i64) -> OpResult {
     let a = axis_index(axis, args[0].ndim())?;
