@@ -31,6 +31,7 @@ pub(super) enum Op {
     Clamp(f32, f32),
     Sigmoid,
     Round,
+    Unary(ops::Unary),
     FakeQuant(ops::FakeQuant),
     QuantDequant(ops::QuantDequant),
     Binary(Elementwise),
@@ -492,6 +493,12 @@ fn step(node: &NodeProto, opset: i64, consts: &Consts) -> Result<Vec<Step>, Decl
         "Sub" => Op::Binary(Elementwise::Sub),
         "Mul" => Op::Binary(Elementwise::Mul),
         "Div" => Op::Binary(Elementwise::Div),
+        "Pow" => Op::Binary(Elementwise::Pow),
+        "Max" | "Min" if inputs.len() == 2 => Op::Binary(if node.op_type() == "Max" {
+            Elementwise::Max
+        } else {
+            Elementwise::Min
+        }),
         "GlobalAveragePool" => Op::GlobalAveragePool,
         "MaxPool" | "AveragePool" => {
             let pool = ops::Pool::from_node(node)
@@ -544,7 +551,10 @@ fn step(node: &NodeProto, opset: i64, consts: &Consts) -> Result<Vec<Step>, Decl
             inputs.truncate(1);
             Op::ResizeNearest(scales)
         }
-        other => return Err(format!("{other} is not an operator the native engine runs")),
+        other => match ops::Unary::of(node) {
+            Some(u) => Op::Unary(u),
+            None => return Err(format!("{other} is not an operator the native engine runs")),
+        },
     };
     Ok(vec![Step::new(
         node.name(),
@@ -1123,6 +1133,7 @@ fn eval(op: &Op, args: &[&Tensor]) -> Result<Vec<Tensor>, String> {
         Op::Clamp(lo, hi) => Ok(ops::clamp(x, *lo, *hi)),
         Op::Sigmoid => Ok(ops::sigmoid(x)),
         Op::Round => Ok(x.mapv(f32::round_ties_even)),
+        Op::Unary(u) => Ok(ops::unary(*u, x)),
         Op::FakeQuant(q) => Ok(q.apply(x)),
         Op::QuantDequant(q) => Ok(q.apply(x)),
         Op::Binary(e) => ops::binary(*e, x, float_arg(args, 1)?),

@@ -9,6 +9,7 @@ use super::kernels::int_conv::{IntConv, IntDense, Quantizer};
 use super::kernels::written_by;
 use crate::onnx::NodeProto;
 use crate::onnx::attr::{int_attr, ints_attr, string_attr};
+use crate::ops::layout::{axis_index, broadcast_shape};
 use ndarray::{ArrayD, Axis, IxDyn, Zip};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -217,7 +218,7 @@ pub fn int_dense(d: &IntDense, q: &ArrayD<f32>, two_d: bool) -> OpResult {
     ArrayD::from_shape_vec(IxDyn(&shape), out).map_err(|e| e.to_string())
 }
 
-/// The four arithmetic operators.
+/// The binary arithmetic operators.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Elementwise {
     /// a + b
@@ -228,6 +229,12 @@ pub enum Elementwise {
     Mul,
     /// a / b
     Div,
+    /// the larger (NaN if either is)
+    Max,
+    /// the smaller (NaN if either is)
+    Min,
+    /// a to the power b
+    Pow,
 }
 
 impl Elementwise {
@@ -237,33 +244,109 @@ impl Elementwise {
             Elementwise::Sub => a - b,
             Elementwise::Mul => a * b,
             Elementwise::Div => a / b,
+            Elementwise::Max if a.is_nan() || b.is_nan() => f32::NAN,
+            Elementwise::Max => a.max(b),
+            Elementwise::Min if a.is_nan() || b.is_nan() => f32::NAN,
+            Elementwise::Min => a.min(b),
+            Elementwise::Pow => a.powf(b),
         }
     }
 }
 
-/// The NumPy broadcast of two shapes, or `None` when they do not broadcast.
-pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
-    let n = a.len().max(b.len());
-    (0..n)
-        .map(|i| {
-            let da = if i + a.len() >= n {
-                a[i + a.len() - n]
-            } else {
-                1
-            };
-            let db = if i + b.len() >= n {
-                b[i + b.len() - n]
-            } else {
-                1
-            };
-            match (da, db) {
-                (x, y) if x == y => Some(x),
-                (1, y) => Some(y),
-                (x, 1) => Some(x),
-                _ => None,
+/// Float operators of one input, value by value.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Unary {
+    /// tanh
+    Tanh,
+    /// e^x
+    Exp,
+    /// ln x
+    Log,
+    /// √x
+    Sqrt,
+    /// −x
+    Neg,
+    /// |x|
+    Abs,
+    /// 1 / x
+    Reciprocal,
+    /// ⌊x⌋
+    Floor,
+    /// ⌈x⌉
+    Ceil,
+    /// x, or alpha·x below 0
+    LeakyRelu(f32),
+    /// max(0, min(1, alpha·x + beta))
+    HardSigmoid(f32, f32),
+    /// x · max(0, min(1, x/6 + 1/2))
+    HardSwish,
+    /// x, or alpha·(e^x − 1) below 0
+    Elu(f32),
+    /// ln(1 + e^x)
+    Softplus,
+}
+
+impl Unary {
+    fn apply(self, x: f32) -> f32 {
+        match self {
+            Unary::Tanh => x.tanh(),
+            Unary::Exp => x.exp(),
+            Unary::Log => x.ln(),
+            Unary::Sqrt => x.sqrt(),
+            Unary::Neg => -x,
+            Unary::Abs => x.abs(),
+            Unary::Reciprocal => 1.0 / x,
+            Unary::Floor => x.floor(),
+            Unary::Ceil => x.ceil(),
+            Unary::LeakyRelu(a) => {
+                if x < 0.0 {
+                    a * x
+                } else {
+                    x
+                }
             }
+            Unary::HardSigmoid(a, b) => (a * x + b).clamp(0.0, 1.0),
+            Unary::HardSwish => x * (x / 6.0 + 0.5).clamp(0.0, 1.0),
+            Unary::Elu(a) => {
+                if x < 0.0 {
+                    a * (x.exp() - 1.0)
+                } else {
+                    x
+                }
+            }
+            Unary::Softplus => x.exp().ln_1p(),
+        }
+    }
+
+    /// The operator of an ONNX node, with its attributes.
+    pub fn of(node: &NodeProto) -> Option<Unary> {
+        let alpha = |default: f32| crate::onnx::attr::float_attr(node, "alpha").unwrap_or(default);
+        Some(match node.op_type() {
+            "Tanh" => Unary::Tanh,
+            "Exp" => Unary::Exp,
+            "Log" => Unary::Log,
+            "Sqrt" => Unary::Sqrt,
+            "Neg" => Unary::Neg,
+            "Abs" => Unary::Abs,
+            "Reciprocal" => Unary::Reciprocal,
+            "Floor" => Unary::Floor,
+            "Ceil" => Unary::Ceil,
+            "LeakyRelu" => Unary::LeakyRelu(alpha(0.01)),
+            "HardSigmoid" => Unary::HardSigmoid(
+                alpha(0.2),
+                crate::onnx::attr::float_attr(node, "beta").unwrap_or(0.5),
+            ),
+            "HardSwish" => Unary::HardSwish,
+            "Elu" => Unary::Elu(alpha(1.0)),
+            "Softplus" => Unary::Softplus,
+            _ => return None,
         })
-        .collect()
+    }
+}
+
+/// `op` applied to every value of `x`.
+pub fn unary(op: Unary, x: &ArrayD<f32>) -> ArrayD<f32> {
+    map_values(x, move |v| op.apply(v))
 }
 
 /// `a op b` with NumPy broadcasting.
@@ -545,14 +628,6 @@ impl Pool {
     }
 }
 
-fn axis_index(axis: i64, rank: usize) -> Result<usize, String> {
-    let a = if axis < 0 { axis + rank as i64 } else { axis };
-    if a < 0 || a as usize > rank {
-        return Err(format!("axis {axis} is out of range for rank {rank}"));
-    }
-    Ok(a as usize)
-}
-
 /// Concat along `axis`.
 pub fn concat(args: &[&ArrayD<f32>], axis: i64) -> OpResult {
     let a = axis_index(axis, args[0].ndim())?;
@@ -633,18 +708,44 @@ pub fn softmax(x: &ArrayD<f32>, axis: i64, flat: bool) -> OpResult {
         }
     };
     let mut out = x.as_standard_layout().into_owned();
-    if flat {
-        let inner: usize = x.shape()[a..].iter().product();
-        if let Some(s) = out.as_slice_mut() {
-            s.chunks_mut(inner.max(1)).for_each(rows);
-        }
+    let inner: usize = if flat {
+        1
     } else {
-        for mut lane in out.lanes_mut(Axis(a)) {
-            let mut v: Vec<f32> = lane.iter().copied().collect();
-            rows(&mut v);
-            lane.iter_mut().zip(v).for_each(|(o, n)| *o = n);
-        }
+        x.shape()[a + 1..].iter().product()
+    };
+    let n: usize = if flat {
+        x.shape()[a..].iter().product()
+    } else {
+        x.shape()[a]
+    };
+    let Some(s) = out.as_slice_mut() else {
+        unreachable!("standard layout")
+    };
+    if n == 0 || inner == 0 {
+        return Ok(out);
     }
+    if inner == 1 {
+        s.chunks_mut(n).for_each(rows);
+        return Ok(out);
+    }
+    // Along an inner axis: each block of `n` rows of `inner` values is
+    // reduced row by row, so every pass reads contiguous memory.
+    s.par_chunks_mut(n * inner).for_each(|block| {
+        let mut m = vec![f32::NEG_INFINITY; inner];
+        for row in block.chunks(inner) {
+            m.iter_mut().zip(row).for_each(|(m, &v)| *m = m.max(v));
+        }
+        let mut sum = vec![0.0f32; inner];
+        for row in block.chunks_mut(inner) {
+            for ((e, m), s) in row.iter_mut().zip(&m).zip(&mut sum) {
+                *e = (*e - m).exp();
+                *s += *e;
+            }
+        }
+        for row in block.chunks_mut(inner) {
+            row.iter_mut().zip(&sum).for_each(|(e, s)| *e /= s);
+        }
+    });
     Ok(out)
 }
 

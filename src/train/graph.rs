@@ -16,11 +16,12 @@ use super::ops_conv::{
     contiguous, conv_backward, conv_forward, conv_geometry, conv_input_grad, from_nchw, im2col,
     transposed_geometry,
 };
-use super::ops_layout::{axis_index, matmul_shape, perm_of, reduce_to, reshape_target, softmax};
+use super::ops_layout::{matmul_shape, perm_of, reduce_to, reshape_target, softmax};
 use super::ops_pool::{avg_pool_backward, pool, resize_maps};
 use crate::onnx::attr::{float_attr, int_attr, ints_attr};
 use crate::onnx::graph::GraphIndex;
 use crate::onnx::{GraphProto, ModelProto, NodeProto, to_tensor};
+use crate::ops::layout::axis_index;
 use crate::tensor::Tensor;
 use ndarray::{ArrayD, Axis, Ix2, IxDyn};
 use std::collections::HashMap;

@@ -3,15 +3,6 @@
 
 use ndarray::{ArrayD, Axis};
 
-/// A possibly negative ONNX axis as an index.
-pub(in crate::train) fn axis_index(axis: i64, rank: usize) -> Result<usize, String> {
-    let a = if axis < 0 { axis + rank as i64 } else { axis };
-    usize::try_from(a)
-        .ok()
-        .filter(|&a| a < rank)
-        .ok_or_else(|| format!("axis {axis} is outside rank {rank}"))
-}
-
 /// Transpose's permutation (default: reversed axes), checked.
 pub(in crate::train) fn perm_of(
     perm: &Option<Vec<usize>>,
