@@ -719,3 +719,40 @@ fn a_diverging_run_stops_naming_the_step() {
     assert!(e.to_string().contains("at step 1"), "{e}");
     assert_eq!(saved.get(), 0, "no checkpoint of a diverged state");
 }
+
+/// A pointwise (1×1, stride 1, unpadded) convolution takes the columns-free
+/// path in the backward pass: its gradients against finite differences,
+/// batch of 3, with a Relu so the loss is not linear in the input.
+#[test]
+fn pointwise_convolution_gradients_match_finite_differences() {
+    let f32s = |name: &str, shape: &[usize], seed: u64, scale: f32| {
+        let n = shape.iter().product();
+        to_proto(
+            name,
+            &Tensor::F32(ArrayD::from_shape_vec(IxDyn(shape), values(seed, n, scale)).unwrap()),
+            Storage::Raw,
+        )
+    };
+    let model = common::model_of(GraphProto {
+        name: Some("pointwise".into()),
+        node: vec![
+            node("Conv", "pw1", &["x", "w1", "b1"], &["c1"], vec![]),
+            node("Relu", "relu", &["c1"], &["r1"], vec![]),
+            node("Conv", "pw2", &["r1", "w2"], &["y"], vec![]),
+        ],
+        initializer: vec![
+            f32s("w1", &[6, 4, 1, 1], 11, 1.0),
+            f32s("b1", &[6], 12, 0.5),
+            f32s("w2", &[3, 6, 1, 1], 13, 1.0),
+        ],
+        input: vec![common::value_info("x", &[3, 4, 5, 5])],
+        output: vec![common::value_info("y", &[3, 3, 5, 5])],
+        ..Default::default()
+    });
+    let g = TrainGraph::new(&model).unwrap();
+    let x = ArrayD::from_shape_vec(IxDyn(&[3, 4, 5, 5]), values(14, 300, 2.0)).unwrap();
+    let feeds = [("x", x)];
+    for name in ["w1", "b1", "w2", "x"] {
+        check_directional(&g, &feeds, "y", name);
+    }
+}

@@ -15,6 +15,19 @@
 //! See `docs/algorithms.md` (quantization-aware training).
 
 use crate::quant::params::int_range;
+use crate::sim::kernels::activation::round_before_clamp;
+use rayon::prelude::*;
+
+/// Values per parallel task; the clip gradients are summed per chunk, then
+/// chunk by chunk in order, so a run is reproducible on any thread count.
+const CHUNK: usize = 1 << 14;
+
+/// Round half to even in f64, exactly for |x| < 2^51 (the grid's steps here).
+#[inline(always)]
+fn round_f64(x: f64) -> f64 {
+    const SHIFTER: f64 = 6_755_399_441_055_744.0;
+    (x + SHIFTER) - SHIFTER
+}
 
 /// The grid a ULQ clip range gives: step, offset and the float range it covers.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -52,10 +65,14 @@ pub fn ulq_grid(clip_min: f32, clip_max: f32, bits: u32) -> Option<UlqGrid> {
 pub fn ulq_forward(x: &[f32], grid: &UlqGrid, bits: u32, out: &mut [f32]) {
     let (lo, hi) = int_range(bits);
     let (lo, hi, off, s) = (lo as f32, hi as f32, grid.offset as f32, grid.scale);
-    for (y, &v) in out.iter_mut().zip(x) {
-        let q = ((v / s).round_ties_even() + off).clamp(lo, hi);
-        *y = (q - off) * s;
-    }
+    out.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(out, x)| {
+            for (y, &v) in out.iter_mut().zip(x) {
+                let q = (round_before_clamp(v / s) + off).clamp(lo, hi);
+                *y = (q - off) * s;
+            }
+        });
 }
 
 /// Gradients of a ULQ layer given the gradient of its output.
@@ -73,24 +90,32 @@ pub struct UlqGradients {
 pub fn ulq_backward(x: &[f32], grad_out: &[f32], grid: &UlqGrid, bits: u32) -> UlqGradients {
     let levels = ((1u64 << bits) - 1) as f64;
     let s = f64::from(grid.scale);
-    let mut input = Vec::with_capacity(x.len());
-    let (mut g_min, mut g_max) = (0f64, 0f64);
-    for (&v, &g) in x.iter().zip(grad_out) {
-        let g64 = f64::from(g);
-        if v < grid.lower {
-            input.push(0.0);
-            g_min += g64;
-        } else if v > grid.upper {
-            input.push(0.0);
-            g_max += g64;
-        } else {
-            input.push(g);
-            let r = f64::from(v) / s;
-            let e = (r.round_ties_even() - r) / levels;
-            g_max += e * g64;
-            g_min -= e * g64;
-        }
-    }
+    let mut input = vec![0f32; x.len()];
+    let sums: Vec<(f64, f64)> = input
+        .par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK).zip(grad_out.par_chunks(CHUNK)))
+        .map(|(input, (x, grad_out))| {
+            let (mut g_min, mut g_max) = (0f64, 0f64);
+            for ((gi, &v), &g) in input.iter_mut().zip(x).zip(grad_out) {
+                let g64 = f64::from(g);
+                if v < grid.lower {
+                    g_min += g64;
+                } else if v > grid.upper {
+                    g_max += g64;
+                } else {
+                    *gi = g;
+                    let r = f64::from(v) / s;
+                    let e = (round_f64(r) - r) / levels;
+                    g_max += e * g64;
+                    g_min -= e * g64;
+                }
+            }
+            (g_min, g_max)
+        })
+        .collect();
+    let (g_min, g_max) = sums
+        .iter()
+        .fold((0f64, 0f64), |(a, b), (c, d)| (a + c, b + d));
     UlqGradients {
         input,
         clip_min: g_min,
@@ -112,7 +137,7 @@ pub fn arq_retrain_forward(w: &[f32], bits: u32, out: &mut [f32]) -> f32 {
         return 1.0;
     }
     for (y, &v) in out.iter_mut().zip(w) {
-        *y = (v / scale).round_ties_even().clamp(lo as f32, hi as f32) * scale;
+        *y = round_before_clamp(v / scale).clamp(lo as f32, hi as f32) * scale;
     }
     scale
 }

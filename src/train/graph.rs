@@ -871,9 +871,7 @@ impl TrainGraph {
                     if let Some(Some(gxq)) = g.first() {
                         let grid = ulq_grid(q.clip_min, q.clip_max, 8)
                             .ok_or_else(|| self.bad(s, "empty clip range".into()))?;
-                        let xs: Vec<f32> = x[0].iter().copied().collect();
-                        let gs: Vec<f32> = gxq.iter().copied().collect();
-                        let u = ulq_backward(&xs, &gs, &grid, 8);
+                        let u = ulq_backward(&contiguous(x[0]), &contiguous(gxq), &grid, 8);
                         clips.insert(s.node.clone(), (u.clip_min, u.clip_max));
                         g[0] = Some(
                             ArrayD::from_shape_vec(x[0].raw_dim(), u.input)
@@ -1156,10 +1154,10 @@ fn fake_quantize(
     w: &ArrayD<f32>,
 ) -> Result<(ArrayD<f32>, ArrayD<f32>), String> {
     let grid = ulq_grid(q.clip_min, q.clip_max, 8).ok_or("empty clip range")?;
-    let xs: Vec<f32> = x.iter().copied().collect();
+    let xs = contiguous(x);
     let mut xq = vec![0f32; xs.len()];
     ulq_forward(&xs, &grid, 8, &mut xq);
-    let ws: Vec<f32> = w.iter().copied().collect();
+    let ws = contiguous(w);
     let mut wq = vec![0f32; ws.len()];
     match op {
         // One scale per output channel: axis 0 of a Conv weight.

@@ -5,6 +5,7 @@
 
 use super::depthwise::{self, Depthwise};
 use super::graph::Op;
+use crate::sim::kernels::conv::{Conv, ConvGeometry};
 use ndarray::{Array2, ArrayD, Axis, IxDyn};
 
 /// The geometry of one convolution call.
@@ -140,20 +141,7 @@ pub(in crate::train) fn col2im(g: &ConvGeom, cols: &Array2<f32>) -> Vec<f32> {
     x
 }
 
-/// `[m, n·oh·ow]` ↔ NCHW `[n, m, oh, ow]`.
-pub(in crate::train) fn to_nchw(g: &ConvGeom, y: &Array2<f32>) -> ArrayD<f32> {
-    let plane = g.oh * g.ow;
-    let mut out = vec![0f32; g.n * g.m * plane];
-    for (mi, line) in y.outer_iter().enumerate() {
-        for b in 0..g.n {
-            for p in 0..plane {
-                out[(b * g.m + mi) * plane + p] = line[b * plane + p];
-            }
-        }
-    }
-    ArrayD::from_shape_vec(IxDyn(&[g.n, g.m, g.oh, g.ow]), out).unwrap_or_default()
-}
-
+/// NCHW `[n, m, oh, ow]` as `[m, n·oh·ow]`.
 pub(in crate::train) fn from_nchw(g: &ConvGeom, y: &ArrayD<f32>) -> Array2<f32> {
     let plane = g.oh * g.ow;
     let ys: Vec<f32> = y.iter().copied().collect();
@@ -163,36 +151,41 @@ pub(in crate::train) fn from_nchw(g: &ConvGeom, y: &ArrayD<f32>) -> Array2<f32> 
     })
 }
 
-pub(in crate::train) fn contiguous(a: &ArrayD<f32>) -> Vec<f32> {
-    a.iter().copied().collect()
+/// The values of `a` in row-major order, borrowed when already so laid out.
+pub(in crate::train) fn contiguous(a: &ArrayD<f32>) -> std::borrow::Cow<'_, [f32]> {
+    match a.as_slice() {
+        Some(s) => std::borrow::Cow::Borrowed(s),
+        None => std::borrow::Cow::Owned(a.iter().copied().collect()),
+    }
 }
 
+/// The forward pass on the inference engine's convolution kernels
+/// (`sim::kernels::conv`), packed from the current weights.
 pub(in crate::train) fn conv_forward(
     g: &ConvGeom,
     x: &ArrayD<f32>,
     w: &ArrayD<f32>,
     bias: Option<&[f32]>,
 ) -> ArrayD<f32> {
-    if g.group > 1 {
-        let mut y = vec![0f32; g.n * g.m * g.oh * g.ow];
-        depthwise::forward(
-            &g.depthwise(),
-            &contiguous(x),
-            &contiguous(w),
-            bias.unwrap_or(&[]),
-            &mut y,
-        );
-        return ArrayD::from_shape_vec(IxDyn(&[g.n, g.m, g.oh, g.ow]), y).unwrap_or_default();
-    }
-    let cols = im2col(g, &contiguous(x));
-    let wm = Array2::from_shape_vec((g.m, g.c * g.kh * g.kw), contiguous(w)).unwrap_or_default();
-    let mut y = wm.dot(&cols);
-    if let Some(b) = bias {
-        for (mi, mut line) in y.outer_iter_mut().enumerate() {
-            line += b.get(mi).copied().unwrap_or(0.0);
-        }
-    }
-    to_nchw(g, &y)
+    let geometry = ConvGeometry {
+        kernel: (g.kh, g.kw),
+        stride: g.strides,
+        dilation: g.dilations,
+        pads: [g.pads.0, g.pads.1, g.pads.2, g.pads.3],
+        group: g.group,
+    };
+    let conv = Conv::new(
+        geometry,
+        g.c,
+        g.m,
+        contiguous(w).into_owned(),
+        bias.map(|b| (0..g.m).map(|i| b.get(i).copied().unwrap_or(0.0)).collect()),
+    );
+    let y = conv
+        .run_adding(&contiguous(x), g.n, g.h, g.w, None)
+        .map(|(y, _)| y)
+        .unwrap_or_default();
+    ArrayD::from_shape_vec(IxDyn(&[g.n, g.m, g.oh, g.ow]), y).unwrap_or_default()
 }
 
 pub(in crate::train) fn conv_backward(
@@ -215,14 +208,42 @@ pub(in crate::train) fn conv_backward(
             ArrayD::from_shape_vec(IxDyn(&[g.c]), gb).unwrap_or_default(),
         );
     }
-    let cols = im2col(g, &contiguous(x));
-    let gym = from_nchw(g, gy);
-    let wm = Array2::from_shape_vec((g.m, g.c * g.kh * g.kw), contiguous(w)).unwrap_or_default();
-    let gw = gym.dot(&cols.t());
-    let gcols = wm.t().dot(&gym);
-    let gb = gym.sum_axis(Axis(1));
+    // Sample by sample, each output gradient [m, plane] is already a matrix
+    // (NCHW); a pointwise layer's columns are its input itself.
+    let (xs, gys, ws) = (contiguous(x), contiguous(gy), contiguous(w));
+    let wm = ndarray::ArrayView2::from_shape((g.m, g.c * g.kh * g.kw), &ws[..])
+        .expect("weight of its shape");
+    let plane_in = g.c * g.h * g.w;
+    let plane_out = g.oh * g.ow;
+    let pointwise = g.kh == 1 && g.kw == 1 && g.strides == (1, 1) && g.pads == (0, 0, 0, 0);
+    let mut gw = Array2::<f32>::zeros((g.m, g.c * g.kh * g.kw));
+    let mut gx = vec![0f32; g.n * plane_in];
+    let mut gb = ndarray::Array1::<f32>::zeros(g.m);
+    let one = ConvGeom { n: 1, ..*g };
+    for (b, gx_b) in gx.chunks_mut(plane_in).enumerate() {
+        let x_b = &xs[b * plane_in..(b + 1) * plane_in];
+        let gy_b = ndarray::ArrayView2::from_shape(
+            (g.m, plane_out),
+            &gys[b * g.m * plane_out..(b + 1) * g.m * plane_out],
+        )
+        .expect("output gradient of the output's shape");
+        gb += &gy_b.sum_axis(Axis(1));
+        if pointwise {
+            let x_m =
+                ndarray::ArrayView2::from_shape((g.c, plane_out), x_b).expect("input of its shape");
+            ndarray::linalg::general_mat_mul(1.0, &gy_b, &x_m.t(), 1.0, &mut gw);
+            let mut gx_m = ndarray::ArrayViewMut2::from_shape((g.c, plane_out), gx_b)
+                .expect("input of its shape");
+            ndarray::linalg::general_mat_mul(1.0, &wm.t(), &gy_b, 0.0, &mut gx_m);
+        } else {
+            let cols = im2col(&one, x_b);
+            ndarray::linalg::general_mat_mul(1.0, &gy_b, &cols.t(), 1.0, &mut gw);
+            let gcols = wm.t().dot(&gy_b);
+            gx_b.copy_from_slice(&col2im(&one, &gcols));
+        }
+    }
     (
-        ArrayD::from_shape_vec(shape_x, col2im(g, &gcols)).unwrap_or_default(),
+        ArrayD::from_shape_vec(shape_x, gx).unwrap_or_default(),
         gw.into_shape_with_order(w.raw_dim()).unwrap_or_default(),
         gb.into_dyn(),
     )
@@ -300,7 +321,8 @@ pub(in crate::train) fn conv_input_grad(
     gy: &ArrayD<f32>,
 ) -> ArrayD<f32> {
     let gym = from_nchw(g, gy);
-    let wm = Array2::from_shape_vec((g.m, g.c * g.kh * g.kw), contiguous(w)).unwrap_or_default();
+    let wm = Array2::from_shape_vec((g.m, g.c * g.kh * g.kw), contiguous(w).into_owned())
+        .unwrap_or_default();
     let gcols = wm.t().dot(&gym);
     ArrayD::from_shape_vec(IxDyn(&[g.n, g.c, g.h, g.w]), col2im(g, &gcols)).unwrap_or_default()
 }
