@@ -227,10 +227,41 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
             fixed_min,
         });
     }
-    let teacher = match loss {
+    // The float teacher runs on the inference engine (no activations kept).
+    let teacher_session = match loss {
         LossKind::CrossEntropy => None,
-        _ => Some(TrainGraph::new(&prepared)?),
+        _ => Some(crate::sim::Executor::prepare(
+            &crate::sim::CpuExecutor,
+            &prepared,
+            &crate::sim::SessionOptions {
+                dynamic_batch: true,
+                ..Default::default()
+            },
+        )?),
     };
+    let teacher_fn =
+        |feeds: &[(&str, &ndarray::ArrayD<f32>)]| -> Result<ndarray::ArrayD<f32>, TrainError> {
+            let session = teacher_session.as_ref().expect("built for distillation");
+            let tensors: Vec<(&str, crate::tensor::Tensor)> = feeds
+                .iter()
+                .map(|(n, a)| (*n, crate::tensor::Tensor::F32((*a).clone())))
+                .collect();
+            let refs: Vec<(&str, &crate::tensor::Tensor)> =
+                tensors.iter().map(|(n, t)| (*n, t)).collect();
+            let output = session.outputs()[0].name.clone();
+            let mut out = session
+                .run(&refs, &[output.as_str()])
+                .map_err(|e| TrainError::Invalid(format!("the float teacher: {e}")))?;
+            match out.pop() {
+                Some(crate::tensor::Tensor::F32(a)) => Ok(a),
+                _ => Err(TrainError::Invalid(
+                    "the float teacher's output is not float32".into(),
+                )),
+            }
+        };
+    let teacher: Option<&crate::train::qat::Teacher<'_>> = teacher_session
+        .as_ref()
+        .map(|_| &teacher_fn as &crate::train::qat::Teacher<'_>);
     let trainable: Vec<String> = calibrated
         .factors
         .iter()
@@ -304,7 +335,7 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
     let training_started = Instant::now();
     let losses = train(
         &mut student,
-        teacher.as_ref(),
+        teacher,
         &trained_layers,
         &trainable,
         &data,

@@ -663,6 +663,7 @@ impl TrainGraph {
                         })
                 })
                 .collect::<Result<_, _>>()?;
+            let started = profiling().then(std::time::Instant::now);
             let y = match self.quant.get(&k) {
                 Some(q) => {
                     let (xq, wq) =
@@ -675,6 +676,14 @@ impl TrainGraph {
                 }
                 None => self.run_step(k, s, &x)?,
             };
+            if let Some(t) = started {
+                eprintln!(
+                    "{:>9.3} ms forward {} {:?}",
+                    t.elapsed().as_secs_f64() * 1e3,
+                    s.node,
+                    op_name(&s.op)
+                );
+            }
             values[s.output] = Some(y);
         }
         Ok(Activations { values, quantized })
@@ -712,8 +721,8 @@ impl TrainGraph {
                     None => y,
                 }
             }
-            Op::Relu => x[0].mapv(|v| v.max(0.0)),
-            Op::Clip { lo, hi } => x[0].mapv(|v| v.clamp(*lo, *hi)),
+            Op::Relu => ndarray::Zip::from(x[0]).par_map_collect(|&v| v.max(0.0)),
+            Op::Clip { lo, hi } => ndarray::Zip::from(x[0]).par_map_collect(|&v| v.clamp(*lo, *hi)),
             Op::MaxPool {
                 kernel,
                 strides,
@@ -862,6 +871,7 @@ impl TrainGraph {
                 .map(|&i| value(i))
                 .collect::<Result<_, _>>()?;
             let y = value(s.output)?;
+            let started = profiling().then(std::time::Instant::now);
             let gx = match (self.quant.get(&step), acts.quantized.get(&step)) {
                 (Some(q), Some((xq, wq))) => {
                     let mut qx = vec![xq, wq];
@@ -882,11 +892,25 @@ impl TrainGraph {
                 }
                 _ => self.step_backward(s, &x, y, &gy)?,
             };
+            if let Some(t) = started {
+                eprintln!(
+                    "{:>9.3} ms backward {} {:?}",
+                    t.elapsed().as_secs_f64() * 1e3,
+                    s.node,
+                    op_name(&s.op)
+                );
+            }
             grads[s.output] = Some(gy);
             for (k, g) in gx.into_iter().enumerate() {
                 if let Some(g) = g {
                     let id = s.inputs[k];
                     grads[id] = Some(match grads[id].take() {
+                        Some(mut prev) if prev.shape() == g.shape() => {
+                            ndarray::Zip::from(&mut prev)
+                                .and(&g)
+                                .par_for_each(|a, &b| *a += b);
+                            prev
+                        }
                         Some(prev) => prev + &g,
                         None => g,
                     });
@@ -947,11 +971,11 @@ impl TrainGraph {
             Op::Relu => vec![Some(
                 ndarray::Zip::from(gy)
                     .and(x[0])
-                    .map_collect(|&g, &v| if v > 0.0 { g } else { 0.0 }),
+                    .par_map_collect(|&g, &v| if v > 0.0 { g } else { 0.0 }),
             )],
             Op::Clip { lo, hi } => {
                 let mut out =
-                    vec![Some(ndarray::Zip::from(gy).and(x[0]).map_collect(
+                    vec![Some(ndarray::Zip::from(gy).and(x[0]).par_map_collect(
                         |&g, &v| if v > *lo && v < *hi { g } else { 0.0 },
                     ))];
                 out.resize(x.len(), None);
@@ -1191,4 +1215,21 @@ fn fake_quantize(
         ArrayD::from_shape_vec(x.raw_dim(), xq).map_err(|e| e.to_string())?,
         ArrayD::from_shape_vec(w.raw_dim(), wq).map_err(|e| e.to_string())?,
     ))
+}
+
+/// Developer aid (`docs/engine.md`): with `ASCEND_QUANT_PROFILE` set, each
+/// step's forward and backward wall time on stderr.
+fn profiling() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("ASCEND_QUANT_PROFILE").is_some())
+}
+
+/// The operator's name for the profile.
+fn op_name(op: &Op) -> String {
+    let debug = format!("{op:?}");
+    debug
+        .split(|c: char| !c.is_alphanumeric())
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }

@@ -1,7 +1,8 @@
-//! Convolution kernels of the training graph: im2col + GEMM for dense
-//! convolutions (forward, input and weight gradients), the depthwise kernels
-//! for depthwise ones, and ConvTranspose as the input gradient of its dual
-//! convolution.
+//! Convolutions of the training graph: the forward pass on the inference
+//! engine's kernels (`sim::kernels::conv`, every group count), the
+//! gradients by GEMM for dense convolutions (sample by sample; im2col only
+//! for non-pointwise layers) and by the depthwise kernels for depthwise
+//! ones, and ConvTranspose as the input gradient of its dual convolution.
 
 use super::depthwise::{self, Depthwise};
 use super::graph::Op;

@@ -277,6 +277,10 @@ fn restore(student: &mut TrainGraph, c: &Checkpoint) -> Result<(), TrainError> {
     Ok(())
 }
 
+/// The float model's outputs for a batch (distillation's teacher): the
+/// caller runs it on the inference engine, which keeps no activations.
+pub type Teacher<'a> = dyn Fn(&[(&str, &ArrayD<f32>)]) -> Result<ArrayD<f32>, TrainError> + 'a;
+
 /// Trains `student` (already fake-quantized on `layers`) up to
 /// `settings.steps` batches, starting from `start` when given; `teacher` is
 /// the float model for distillation. `checkpoint` receives the state (and
@@ -285,7 +289,7 @@ fn restore(student: &mut TrainGraph, c: &Checkpoint) -> Result<(), TrainError> {
 #[allow(clippy::too_many_arguments)]
 pub fn train(
     student: &mut TrainGraph,
-    teacher: Option<&TrainGraph>,
+    teacher: Option<&Teacher<'_>>,
     layers: &[TrainedLayer],
     trainable: &[String],
     data: &Dataset,
@@ -321,13 +325,7 @@ pub fn train(
         let y = acts
             .get(student, &output)
             .ok_or_else(|| TrainError::Invalid(format!("output '{output}' was not computed")))?;
-        let teacher_y = match teacher {
-            Some(t) => {
-                let ta = t.forward(&refs)?;
-                ta.get(t, &output).cloned()
-            }
-            None => None,
-        };
+        let teacher_y = teacher.map(|t| t(&refs)).transpose()?;
         let batch_labels = labels.map(|l| {
             let start = b * settings.batch_size;
             &l[start.min(l.len())..(start + y.len_of(Axis(0))).min(l.len())]
