@@ -1,12 +1,12 @@
-//! Forward + both gradients of a depthwise 3×3 convolution on a MobileNetV2
-//! sized activation (16×96×56×56, stride 1, pad 1), the layer that decides
-//! the training engine (see `docs/training.md`).
+//! Both gradients of a depthwise 3×3 convolution on a MobileNetV2 sized
+//! activation (16×96×56×56, stride 1, pad 1), the layer that decides the
+//! training engine's backward pass (see `docs/training.md`; its forward pass
+//! is the inference engine's kernel, benchmarked by `--bench engine`).
 //!
 //! `cargo bench --bench depthwise [-- RUNS]` prints one JSON line with the
-//! median and minimum milliseconds of forward, input gradient and weight
-//! gradient together.
+//! median and minimum milliseconds of the input and weight gradients together.
 
-use ascend_quant::train::depthwise::{Depthwise, forward, grad_input, grad_weight};
+use ascend_quant::train::depthwise::{Depthwise, grad_input, grad_weight};
 use std::time::Instant;
 
 fn main() {
@@ -30,14 +30,14 @@ fn main() {
         .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
         .collect();
     let w: Vec<f32> = (0..g.c * 9).map(|i| (i % 13) as f32 / 13.0 - 0.5).collect();
-    let b = vec![0.1f32; g.c];
-    let mut y = vec![0f32; g.n * g.c * g.out_h() * g.out_w()];
+    let y: Vec<f32> = (0..g.n * g.c * g.out_h() * g.out_w())
+        .map(|i| ((i * 104729) % 1000) as f32 / 1000.0 - 0.5)
+        .collect();
     let mut dx = vec![0f32; x.len()];
     let (mut dw, mut db) = (vec![0f32; w.len()], vec![0f32; g.c]);
     let mut times = Vec::new();
     for _ in 0..runs + 1 {
         let t = Instant::now();
-        forward(&g, &x, &w, &b, &mut y);
         grad_input(&g, &y, &w, &mut dx);
         grad_weight(&g, &x, &y, &mut dw, &mut db);
         times.push(t.elapsed().as_secs_f64() * 1000.0);
@@ -45,7 +45,7 @@ fn main() {
     times.remove(0);
     times.sort_by(f64::total_cmp);
     println!(
-        "{{\"layer\": \"depthwise 16x96x56x56 3x3\", \"median_ms\": {:.2}, \"min_ms\": {:.2}, \"runs\": {runs}}}",
+        "{{\"layer\": \"depthwise gradients 16x96x56x56 3x3\", \"median_ms\": {:.2}, \"min_ms\": {:.2}, \"runs\": {runs}}}",
         times[times.len() / 2],
         times[0]
     );
