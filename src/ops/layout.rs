@@ -36,6 +36,22 @@ pub fn axis_index(axis: i64, rank: usize) -> Result<usize, String> {
     Ok(a as usize)
 }
 
+/// The most values one layout operator may produce: 2^28 (1 GiB of
+/// float32), past the tensors these operators make in real models (a
+/// ViT-H attention map is 2^28 and comes from a MatMul, not from here); a
+/// corrupted shape constant must be an error, not an allocation failure.
+pub const MAX_VALUES: usize = 1 << 28;
+
+/// `shape`, refused when it holds more than [`MAX_VALUES`] values.
+fn checked(shape: Vec<usize>) -> Result<Vec<usize>, String> {
+    shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .filter(|&n| n <= MAX_VALUES)
+        .map(|_| shape.clone())
+        .ok_or_else(|| format!("an output of shape {shape:?} is too large"))
+}
+
 /// Transpose by `perm` (empty: reverse the axes).
 pub fn transpose(x: &Tensor, perm: &[i64]) -> Result<Tensor, String> {
     let rank = x.shape().len();
@@ -157,6 +173,7 @@ pub fn gather(x: &Tensor, indices: &Tensor, axis: i64) -> Result<Tensor, String>
     let mut out_shape = shape[..axis].to_vec();
     out_shape.extend_from_slice(indices.shape());
     out_shape.extend_from_slice(&shape[axis + 1..]);
+    let out_shape = checked(out_shape)?;
     Ok(map_any!(x, a => a
         .select(Axis(axis), &idx)
         .to_shape(IxDyn(&out_shape))
@@ -212,8 +229,10 @@ pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
 /// Expand: broadcast `x` with the shape `to` (NumPy's rule, both ways).
 pub fn expand(x: &Tensor, to: &[i64]) -> Result<Tensor, String> {
     let to = dims(to)?;
-    let shape = broadcast_shape(x.shape(), &to)
-        .ok_or_else(|| format!("cannot expand {:?} to {to:?}", x.shape()))?;
+    let shape = checked(
+        broadcast_shape(x.shape(), &to)
+            .ok_or_else(|| format!("cannot expand {:?} to {to:?}", x.shape()))?,
+    )?;
     Ok(map_any!(x, a => a.broadcast(IxDyn(&shape)).expect("checked").to_owned()))
 }
 
@@ -325,10 +344,13 @@ pub fn pad(x: &Tensor, pads: &[i64], value: Option<&Tensor>) -> Result<Tensor, S
     }
     let mut out_shape = Vec::with_capacity(rank);
     for (i, &n) in shape.iter().enumerate() {
-        let m = n as i64 + pads[i] + pads[i + rank];
+        let m = (n as i64)
+            .saturating_add(pads[i])
+            .saturating_add(pads[i + rank]);
         out_shape
             .push(usize::try_from(m).map_err(|_| format!("pads {pads:?} crop axis {i} below 0"))?);
     }
+    let out_shape = checked(out_shape)?;
     // The source window and where it lands (crops shrink the window).
     let src = |i: usize| {
         let lo = (-pads[i]).max(0);
@@ -423,7 +445,7 @@ pub fn shape_of(x: &[usize], start: i64, end: Option<i64>) -> Tensor {
 
 /// ConstantOfShape: `shape` filled with the one value of `value` (float32 0 when absent).
 pub fn constant_of_shape(shape: &[i64], value: Option<&Tensor>) -> Result<Tensor, String> {
-    let shape = dims(shape)?;
+    let shape = checked(dims(shape)?)?;
     let zero = Tensor::F32(ArrayD::zeros(IxDyn(&[1])));
     let value = value.unwrap_or(&zero);
     if value.len() != 1 {
@@ -446,7 +468,7 @@ pub fn range(start: &Tensor, limit: &Tensor, delta: &Tensor) -> Result<Tensor, S
         return Err("Range's delta is 0".into());
     }
     let n = ((l - s) / d).ceil().max(0.0);
-    if n > 1e9 {
+    if n > MAX_VALUES as f64 {
         return Err(format!("Range of {n} values"));
     }
     let n = n as usize;

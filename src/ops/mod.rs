@@ -164,6 +164,62 @@ pub fn ints_of(t: &Tensor) -> Result<Vec<i64>, String> {
     }
 }
 
+/// Whether [`eval_constant`] evaluates `node` (a default-domain node of
+/// the layout, shape and arithmetic operators, Pad in constant mode without
+/// axes).
+pub fn evaluates(node: &NodeProto) -> bool {
+    let default_domain = node.domain().is_empty() || node.domain() == "ai.onnx";
+    let pad_ok = node.op_type() != "Pad"
+        || crate::onnx::attr::string_attr(node, "mode").is_none_or(|m| m == b"constant")
+            && node.input.get(3).is_none_or(|a| a.is_empty());
+    default_domain && pad_ok && evaluated_op(node.op_type())
+}
+
+fn evaluated_op(op: &str) -> bool {
+    matches!(
+        op,
+        "Identity"
+            | "Cast"
+            | "Shape"
+            | "Size"
+            | "Gather"
+            | "Concat"
+            | "Transpose"
+            | "Reshape"
+            | "Flatten"
+            | "Unsqueeze"
+            | "Squeeze"
+            | "Slice"
+            | "ConstantOfShape"
+            | "Range"
+            | "Expand"
+            | "Where"
+            | "Pad"
+            | "Split"
+            | "Add"
+            | "Sub"
+            | "Mul"
+            | "Div"
+            | "Max"
+            | "Min"
+            | "Pow"
+            | "Mod"
+            | "Equal"
+            | "Less"
+            | "Greater"
+            | "LessOrEqual"
+            | "GreaterOrEqual"
+            | "Neg"
+            | "Abs"
+            | "Ceil"
+            | "Floor"
+            | "Round"
+            | "Sqrt"
+            | "Reciprocal"
+            | "Not"
+    )
+}
+
 /// Evaluates a default-domain node whose inputs are all known (`inputs[k]`
 /// is `None` only for an absent optional input), for the layout, shape and
 /// arithmetic operators of this module; `None` for any other operator.

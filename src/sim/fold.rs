@@ -14,8 +14,8 @@
 //! model on the rten engine with zero inputs (only the nodes those values
 //! need run); everything else is evaluated by [`ops::eval_constant`].
 
+use super::Session;
 use super::SessionOptions;
-use super::rten_engine::RtenExecutor;
 use crate::onnx::proto::type_proto;
 use crate::onnx::{Dim, GraphIndex, ModelProto, NodeProto, Storage, ValueInfoProto, ValueSpec};
 use crate::ops;
@@ -53,52 +53,6 @@ fn opset(model: &ModelProto) -> i64 {
         .find(|o| o.domain().is_empty() || o.domain() == "ai.onnx")
         .and_then(|o| o.version)
         .unwrap_or(1)
-}
-
-/// Whether `ops::eval_constant` evaluates `op`.
-fn evaluated(op: &str) -> bool {
-    matches!(
-        op,
-        "Identity"
-            | "Cast"
-            | "Shape"
-            | "Size"
-            | "Gather"
-            | "Concat"
-            | "Transpose"
-            | "Reshape"
-            | "Flatten"
-            | "Unsqueeze"
-            | "Squeeze"
-            | "Slice"
-            | "ConstantOfShape"
-            | "Range"
-            | "Expand"
-            | "Where"
-            | "Pad"
-            | "Split"
-            | "Add"
-            | "Sub"
-            | "Mul"
-            | "Div"
-            | "Max"
-            | "Min"
-            | "Pow"
-            | "Mod"
-            | "Equal"
-            | "Less"
-            | "Greater"
-            | "LessOrEqual"
-            | "GreaterOrEqual"
-            | "Neg"
-            | "Abs"
-            | "Ceil"
-            | "Floor"
-            | "Round"
-            | "Sqrt"
-            | "Reciprocal"
-            | "Not"
-    )
 }
 
 fn fold_static_values(
@@ -156,9 +110,12 @@ fn fold_static_values(
             && ins
                 .first()
                 .is_some_and(|(_, v)| shaped.contains(v.as_str()));
-        if n.op_type() == "Constant" || (evaluated(n.op_type()) && (all_valued || shape_read)) {
+        if n.op_type() == "Constant" || (ops::evaluates(n) && (all_valued || shape_read)) {
             if !all_valued && n.op_type() != "Constant" {
-                probe.push(n.output[0].clone());
+                let Some(out) = n.output.first() else {
+                    continue;
+                };
+                probe.push(out.clone());
             }
             if n.op_type() != "Constant" {
                 static_nodes.push(i);
@@ -240,6 +197,9 @@ fn fold_static_values(
             .iter()
             .map(|v| (!v.is_empty()).then(|| values.get(v)).flatten())
             .collect();
+        if !small_result(n, &args) {
+            continue;
+        }
         if let Some(Ok(outs)) = ops::eval_constant(n, opset, &args)
             && outs.len() == n.output.len()
         {
@@ -281,6 +241,52 @@ fn fold_static_values(
     Some(m)
 }
 
+/// Whether a node that makes values from a shape (ConstantOfShape, Expand,
+/// Range, Pad) makes at most [`MAX_READ`] of them: what folding computes is
+/// shape arithmetic and small tables; anything bigger runs with the model.
+fn small_result(n: &NodeProto, args: &[Option<&Tensor>]) -> bool {
+    let ints = |k: usize| {
+        args.get(k)
+            .copied()
+            .flatten()
+            .and_then(|t| ops::ints_of(t).ok())
+    };
+    let count = |dims: &[i64]| {
+        dims.iter().try_fold(1u64, |acc, &d| {
+            acc.checked_mul(u64::try_from(d.max(1)).ok()?)
+        })
+    };
+    let within = |n: Option<u64>| n.is_some_and(|n| n <= MAX_READ as u64);
+    let input_len = args
+        .first()
+        .copied()
+        .flatten()
+        .map_or(0, |t| t.len() as u64);
+    match n.op_type() {
+        "ConstantOfShape" => within(ints(0).and_then(|d| count(&d))),
+        "Expand" => within(ints(1).and_then(|d| count(&d)).map(|n| n.max(input_len))),
+        "Pad" => within(ints(1).map(|p| {
+            let grow: i64 = p.iter().map(|v| v.max(&0)).sum();
+            input_len.saturating_mul(1 + grow.max(0) as u64)
+        })),
+        "Range" => {
+            let one = |k: usize| {
+                args.get(k)
+                    .copied()
+                    .flatten()
+                    .and_then(|t| t.to_f64_vec().first().copied())
+            };
+            match (one(0), one(1), one(2)) {
+                (Some(s), Some(l), Some(d)) if d != 0.0 => {
+                    ((l - s) / d).ceil().max(0.0) <= MAX_READ as f64
+                }
+                _ => false,
+            }
+        }
+        _ => true,
+    }
+}
+
 /// The value of a `Constant` node's output, filed in `values`.
 fn constant_node_value(
     g: &crate::onnx::GraphProto,
@@ -308,9 +314,9 @@ fn constant_node_value(
     }
 }
 
-/// The outputs of `Shape` / `Size` nodes (`probe`), from one rten run of the
-/// model on zero inputs (free dimensions as 1). `None` when rten cannot
-/// run the model.
+/// The outputs of `Shape` / `Size` nodes (`probe`), from one run of the
+/// model, unfolded, on the native engine with zero inputs (free dimensions
+/// as 1). `None` when it cannot run the model.
 fn probe_shapes(
     model: &ModelProto,
     inputs: &[ValueSpec],
@@ -340,7 +346,8 @@ fn probe_shapes(
         dynamic_batch: false,
         optimize: false,
     };
-    let session = super::Executor::prepare(&RtenExecutor, &m, &opts).ok()?;
+    let native = super::native::NativeModel::unfolded(&m, &opts).ok()??;
+    let session = super::native::NativeSession::new(native);
     let feeds: Vec<(String, Tensor)> = inputs
         .iter()
         .map(|spec| {
@@ -417,7 +424,12 @@ fn fold_pads(model: &ModelProto, exposed: &HashSet<String>) -> Option<ModelProto
             None => opset >= 11 || crate::onnx::attr::float_attr(n, "value").unwrap_or(0.0) == 0.0,
             Some(v) => constant(v).is_some_and(|t| t.len() == 1 && t.to_f64_vec()[0] == 0.0),
         };
-        let out = n.output.first()?;
+        let (Some(out), Some(src)) = (n.output.first(), n.input.first()) else {
+            continue;
+        };
+        if src.is_empty() {
+            continue;
+        }
         let readers = index.consumers(out);
         let convs_only = !readers.is_empty()
             && readers.iter().all(|&c| {

@@ -53,6 +53,10 @@ pub(super) enum Op {
     IntDense(Box<IntDense>, bool),
     /// A layout operator, on values of any element type (`ops::layout`).
     Layout(Box<ops_layout::Layout>),
+    /// A shape or integer operator evaluated on values of any type
+    /// (`ops::eval_constant`), with the node's inputs in order (`None`:
+    /// absent) as indices into the step's inputs.
+    Evaluated(Box<NodeProto>, i64, Vec<Option<usize>>),
     /// A node the native engine does not run, run alone on rten (`foreign`).
     Foreign(Box<super::foreign::Foreign>),
 }
@@ -132,20 +136,30 @@ impl NativeModel {
         model: &ModelProto,
         opts: &SessionOptions,
     ) -> Result<(Option<NativeModel>, Plan), SimError> {
-        let (model_or_none, mut plan) = Self::plan_inner(model, opts)?;
+        let (model_or_none, mut plan) = Self::plan_inner(model, opts, true)?;
         plan.whole_on_rten = model_or_none.is_none();
         Ok((model_or_none, plan))
+    }
+
+    /// The model prepared without shape folding (what folding itself runs
+    /// to read the shapes of values), or `None` as [`NativeModel::build`].
+    pub(super) fn unfolded(
+        model: &ModelProto,
+        opts: &SessionOptions,
+    ) -> Result<Option<NativeModel>, SimError> {
+        Ok(Self::plan_inner(model, opts, false)?.0)
     }
 
     fn plan_inner(
         model: &ModelProto,
         opts: &SessionOptions,
+        fold: bool,
     ) -> Result<(Option<NativeModel>, Plan), SimError> {
         let mut prepared = rewrite_for_execution(model, opts)?;
         let mut batch = BatchMode::of(model, opts).sample_by_sample();
         let deploy = super::ascend::has_ascend_ops(&prepared);
         let mut plan = Plan::default();
-        if !deploy {
+        if !deploy && fold {
             let free_batch = feedable_inputs(&prepared)
                 .first()
                 .and_then(|s| s.shape.as_ref()?.first().cloned())
@@ -159,6 +173,12 @@ impl NativeModel {
             let one_sample = batch == BatchMode::PerSample || free_batch;
             let before = prepared.graph.as_ref().map_or(0, |g| g.node.len());
             if let Some(folded) = super::fold::fold_constants(&prepared, one_sample, &exposed) {
+                // Folded shapes and paddings are constants now: the work they
+                // imply is checked again (a corrupted size in a shape
+                // subgraph shows only here).
+                crate::onnx::work::check_work(&folded).map_err(|e| SimError::Load {
+                    reason: e.to_string(),
+                })?;
                 prepared = folded;
                 plan.folded = before - prepared.graph.as_ref().map_or(0, |g| g.node.len());
                 // Folded shapes hold a batch of 1: the model runs sample by sample.
@@ -320,6 +340,31 @@ impl NativeModel {
                     steps.extend(new);
                 }
                 Err(reason) if deploy => return Err(reason),
+                Err(_) if crate::ops::evaluates(node) => {
+                    let mut inputs: Vec<String> = Vec::new();
+                    let positions = node
+                        .input
+                        .iter()
+                        .map(|v| {
+                            (!v.is_empty()).then(|| {
+                                inputs.push(v.clone());
+                                inputs.len() - 1
+                            })
+                        })
+                        .collect();
+                    let outputs: Vec<String> = node.output.clone();
+                    let floats = super::foreign::float_outputs(node, &is_float, &declared);
+                    float.extend(floats);
+                    let (first, more) = outputs.split_first().ok_or("a node without outputs")?;
+                    let mut st = Step::new(
+                        node.name(),
+                        Op::Evaluated(Box::new(node.clone()), opset, positions),
+                        inputs,
+                        first.clone(),
+                    );
+                    st.more_outputs = more.to_vec();
+                    steps.push(st);
+                }
                 Err(reason) => {
                     let why = Unsupported::of(node, reason);
                     let step = super::foreign::step(model, node, &consts, &declared, &why)
@@ -1121,6 +1166,14 @@ fn eval(op: &Op, args: &[&Tensor]) -> Result<Vec<Tensor>, String> {
     if let Op::Foreign(f) = op {
         return f.run(args);
     }
+    if let Op::Evaluated(node, opset, positions) = op {
+        let inputs: Vec<Option<&Tensor>> = positions
+            .iter()
+            .map(|p| p.and_then(|k| args.get(k).copied()))
+            .collect();
+        return crate::ops::eval_constant(node, *opset, &inputs)
+            .unwrap_or_else(|| Err(format!("{} is not evaluated here", node.op_type())));
+    }
     if let Op::Layout(l) = op {
         let x = args.first().ok_or("the node has no input to read")?;
         return Ok(vec![l.run(x)?]);
@@ -1154,7 +1207,7 @@ fn eval(op: &Op, args: &[&Tensor]) -> Result<Vec<Tensor>, String> {
         Op::AntiQuant(q) => Ok(q.apply(x)),
         Op::IntConv(c) => ops::int_conv(c, x),
         Op::IntDense(d, two_d) => ops::int_dense(d, x, *two_d),
-        Op::Layout(_) | Op::Foreign(_) => unreachable!("handled above"),
+        Op::Layout(_) | Op::Foreign(_) | Op::Evaluated(..) => unreachable!("handled above"),
     };
     out.map(|a| vec![Tensor::F32(a)])
 }

@@ -151,12 +151,29 @@ impl RtenSession {
             .iter()
             .map(|n| self.node(n, ValueRole::Output))
             .collect::<Result<Vec<_>, _>>()?;
-        let values = self
-            .engine
-            .run(inputs, &ids, None)
-            .map_err(|e| SimError::Run {
+        // rten asserts on some malformed operator inputs (a Slice whose
+        // bounds overflow, found by fuzzing): a panic inside it is this
+        // run's error, not the process's end.
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.engine.run(inputs, &ids, None)
+        }));
+        let values = match run {
+            Ok(result) => result.map_err(|e| SimError::Run {
                 reason: e.to_string(),
-            })?;
+            })?,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                return Err(SimError::Run {
+                    reason: format!(
+                        "the rten engine failed inside an operator ({what}); an operator's inputs are outside what it handles — check the model with onnx.checker or onnxruntime"
+                    ),
+                });
+            }
+        };
         values
             .into_iter()
             .zip(fetch)
