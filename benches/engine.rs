@@ -3,6 +3,8 @@
 //!
 //! `cargo bench --bench engine -- MODEL INPUT.npy [RUNS]` prints one JSON line:
 //! the median and minimum latency in milliseconds of `RUNS` runs after warm-up.
+//! An input with more samples than the model declares runs as `run` runs
+//! it (free batch axis); the line then also gives the median per sample.
 //! Set `RAYON_NUM_THREADS=1 RTEN_NUM_THREADS=1` for a single-threaded
 //! measurement, and `ENGINE=rten` to time the rten engine instead of the
 //! CPU executor users get (native kernels, rten for what they do not run).
@@ -25,9 +27,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let runs: usize = rest.first().map(|r| r.parse()).transpose()?.unwrap_or(50);
     let model = load_model(Path::new(model_path))?;
     let input = read_npy(Path::new(input_path))?;
+    let samples = input.shape().first().copied().unwrap_or(1).max(1);
+    let opts = SessionOptions {
+        dynamic_batch: samples > 1,
+        ..SessionOptions::default()
+    };
     let session = match std::env::var("ENGINE").as_deref() {
-        Ok("rten") => RtenExecutor.prepare(&model, &SessionOptions::default())?,
-        _ => CpuExecutor.prepare(&model, &SessionOptions::default())?,
+        Ok("rten") => RtenExecutor.prepare(&model, &opts)?,
+        _ => CpuExecutor.prepare(&model, &opts)?,
     };
     let input_name = session.inputs()[0].name.clone();
     let output_name = session.outputs()[0].name.clone();
@@ -43,9 +50,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     times.sort_by(f64::total_cmp);
     println!(
-        "{{\"median_ms\": {:.4}, \"min_ms\": {:.4}, \"runs\": {runs}}}",
+        "{{\"median_ms\": {:.4}, \"min_ms\": {:.4}, \"runs\": {runs}, \"samples\": {samples}, \"median_ms_per_sample\": {:.4}}}",
         times[times.len() / 2],
-        times[0]
+        times[0],
+        times[times.len() / 2] / samples as f64
     );
     Ok(())
 }

@@ -214,3 +214,54 @@ fn nodes_the_native_engine_does_not_run_run_alone_on_rten() {
     assert_eq!(ours[1].to_f64_vec(), reference[1].to_f64_vec(), "indices");
     assert_eq!(ours[1].shape(), [2, 5]);
 }
+
+/// `run` on more samples than the model declares (19: two full chunks of
+/// eight and a partial one) streams them and writes every row where it
+/// belongs: each row matches onnxruntime's output for that sample.
+#[test]
+fn run_streams_many_samples_in_order() {
+    let (_, input, reference) = load("efficientnet_lite");
+    let dir = tempfile::tempdir().unwrap();
+    let order: Vec<usize> = (0..19).map(|k| (k * 7) % 3).collect();
+    let rows: Vec<ndarray::ArrayViewD<f32>> = order
+        .iter()
+        .map(|&k| input.index_axis(Axis(0), k).index_axis_move(Axis(0), 0))
+        .collect();
+    let batch = ndarray::stack(Axis(0), &rows).unwrap();
+    let data = dir.path().join("x.npy");
+    ascend_quant::data::write_npy(&data, &Tensor::F32(batch.into_dyn())).unwrap();
+    let out = dir.path().join("out");
+    let status = common::bin()
+        .args(["run", "--json", "--output-dir"])
+        .arg(&out)
+        .arg(fixture("efficientnet_lite.onnx"))
+        .arg("--input")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let files: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        files.len(),
+        1,
+        "one output file and no staging folder: {files:?}"
+    );
+    let y = floats(&out.join(&files[0]));
+    assert_eq!(y.shape(), [19, 10]);
+    for (row, &k) in order.iter().enumerate() {
+        let want = reference.index_axis(Axis(0), k).to_owned();
+        let got = y
+            .index_axis(Axis(0), row)
+            .insert_axis(Axis(0))
+            .to_owned()
+            .into_dyn();
+        assert_close(&got, &want, &format!("row {row} (sample {k})"));
+    }
+}

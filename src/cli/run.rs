@@ -2,13 +2,10 @@
 
 use super::Failure;
 use super::exit::usage;
-use crate::data::{read_npy, write_npy};
-use crate::onnx::{Dim, ValueSpec, load_model};
-use crate::sim::{CpuExecutor, Executor, SessionOptions};
-use crate::tensor::{Tensor, format_shape};
+use crate::onnx::load_model;
+use crate::tensor::format_shape;
 use anyhow::Context;
-use serde::Serialize;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Arguments of `run`.
 #[derive(Debug, clap::Args)]
@@ -31,29 +28,6 @@ pub struct RunArgs {
     pub fp16_quant: bool,
 }
 
-#[derive(Serialize)]
-struct Written {
-    name: String,
-    dtype: String,
-    shape: Vec<usize>,
-    file: String,
-}
-
-/// File name for an output value: characters other than letters, digits, `.`, `_`, `-` become `_`.
-pub fn output_file_name(value: &str) -> String {
-    let clean: String = value
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "._-".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    format!("{}.npy", clean.trim_start_matches('.'))
-}
-
 /// Runs `run`.
 pub fn execute(args: &RunArgs) -> Result<(), Failure> {
     let mut model = load_model(&args.model)?;
@@ -61,7 +35,7 @@ pub fn execute(args: &RunArgs) -> Result<(), Failure> {
         crate::deploy_format::fp16_quant::mark(&mut model);
     }
     let input_names: Vec<String> = crate::sim::feedable_input_names(&model);
-    let mut feeds: Vec<(String, Tensor)> = Vec::new();
+    let mut inputs: Vec<(String, PathBuf)> = Vec::new();
     for spec in &args.inputs {
         let (name, file) = match spec.split_once('=') {
             Some((n, f)) => (n.to_string(), f),
@@ -74,59 +48,18 @@ pub fn execute(args: &RunArgs) -> Result<(), Failure> {
                 )));
             }
         };
-        let value = read_npy(Path::new(file))?;
-        feeds.push((name, value));
+        inputs.push((name, PathBuf::from(file)));
     }
     if let Some(missing) = input_names
         .iter()
-        .find(|n| !feeds.iter().any(|(f, _)| f == *n))
+        .find(|n| !inputs.iter().any(|(f, _)| f == *n))
     {
         return Err(usage(format!(
             "input '{missing}' was not given; add --input {missing}=FILE.npy"
         )));
     }
-    // A batch other than the declared one runs with a free batch axis.
-    let declared: Vec<ValueSpec> = model
-        .graph
-        .iter()
-        .flat_map(|g| &g.input)
-        .map(ValueSpec::from_proto)
-        .collect();
-    let batch_differs = feeds.iter().any(|(name, v)| {
-        declared.iter().any(|s| {
-            &s.name == name && matches!(s.shape.as_deref(), Some([Dim::Fixed(b), ..]) if v.shape().first() != Some(b))
-        })
-    });
-    let session = CpuExecutor.prepare(
-        &model,
-        &SessionOptions {
-            dynamic_batch: batch_differs,
-            ..Default::default()
-        },
-    )?;
-    let output_names: Vec<String> = session.outputs().iter().map(|o| o.name.clone()).collect();
-    let fetch: Vec<&str> = output_names.iter().map(String::as_str).collect();
-    let feed_refs: Vec<(&str, &Tensor)> = feeds.iter().map(|(n, v)| (n.as_str(), v)).collect();
-    let values = session
-        .run(&feed_refs, &fetch)
+    let written = crate::pipeline::run::run(&model, &inputs, &args.output_dir)
         .with_context(|| format!("running {}", args.model.display()))?;
-    std::fs::create_dir_all(&args.output_dir).map_err(|e| {
-        usage(format!(
-            "cannot create output folder {}: {e}",
-            args.output_dir.display()
-        ))
-    })?;
-    let mut written = Vec::new();
-    for (name, value) in output_names.iter().zip(&values) {
-        let path = args.output_dir.join(output_file_name(name));
-        write_npy(&path, value)?;
-        written.push(Written {
-            name: name.clone(),
-            dtype: value.dtype().to_string(),
-            shape: value.shape().to_vec(),
-            file: path.display().to_string(),
-        });
-    }
     if args.json {
         println!(
             "{}",

@@ -11,6 +11,7 @@ pub mod error;
 pub mod inputs;
 pub mod outputs;
 pub mod qat;
+pub mod run;
 
 pub use backend::{Backend, select_backend};
 pub use calibrate::{CalibrateResult, calibrate, default_config};
