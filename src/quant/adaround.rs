@@ -9,9 +9,9 @@
 //! crops: logit cosine 0.814 and top-1 agreement 0.539 against 0.976 and
 //! 0.789 with float inputs; plain rounding 0.961 / 0.707).
 
-use super::calibrate::RunSettings;
 use super::emit::LayerFactors;
 use super::error::QuantError;
+use super::run_settings::RunSettings;
 use super::weights::adaround::{Activation, AdaSettings, Problem};
 use crate::data::Dataset;
 use crate::onnx::attr::{find, int_attr, ints_attr};

@@ -13,9 +13,9 @@
 //! biases are inputs, so a pass feeds the current corrections instead of
 //! rebuilding the model.
 
-use super::calibrate::RunSettings;
 use super::emit::{LayerFactors, simulation_model};
 use super::error::QuantError;
+use super::run_settings::RunSettings;
 use crate::data::Dataset;
 use crate::deploy_format::names;
 use crate::onnx::ModelProto;

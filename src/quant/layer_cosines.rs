@@ -2,9 +2,9 @@
 //! float and the fake-quant model run side by side on the same samples and
 //! each layer's two outputs are compared as soon as both exist.
 
-use super::calibrate::RunSettings;
 use super::emit::LayerFactors;
 use super::error::QuantError;
+use super::run_settings::RunSettings;
 use crate::data::Dataset;
 use crate::onnx::ModelProto;
 use crate::sim::{Executor, Session, SessionOptions};

@@ -20,6 +20,7 @@ pub mod params;
 pub mod prepare;
 pub mod record;
 pub mod retrain_config;
+pub mod run_settings;
 pub mod simple_config;
 pub mod tensor_quant;
 pub mod text_format;

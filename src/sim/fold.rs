@@ -14,8 +14,6 @@
 //! model on the rten engine with zero inputs (only the nodes those values
 //! need run); everything else is evaluated by [`ops::eval_constant`].
 
-use super::Session;
-use super::SessionOptions;
 use crate::onnx::proto::type_proto;
 use crate::onnx::{Dim, GraphIndex, ModelProto, NodeProto, Storage, ValueInfoProto, ValueSpec};
 use crate::ops;
@@ -37,8 +35,9 @@ pub(super) fn fold_constants(
     model: &ModelProto,
     one_sample: bool,
     exposed: &HashSet<String>,
+    probe: &Probe<'_>,
 ) -> Option<ModelProto> {
-    let mut folded = fold_static_values(model, one_sample, exposed);
+    let mut folded = fold_static_values(model, one_sample, exposed, probe);
     let padded = fold_pads(folded.as_ref().unwrap_or(model), exposed);
     if padded.is_some() {
         folded = padded;
@@ -55,10 +54,16 @@ fn opset(model: &ModelProto) -> i64 {
         .unwrap_or(1)
 }
 
+/// Runs a model (given with the values to fetch as its outputs) on some
+/// feeds without folding it: what reads the shapes `Shape` nodes see.
+pub(super) type Probe<'a> =
+    dyn Fn(&ModelProto, &[(&str, &Tensor)], &[&str]) -> Option<Vec<Tensor>> + 'a;
+
 fn fold_static_values(
     model: &ModelProto,
     one_sample: bool,
     exposed: &HashSet<String>,
+    probe_run: &Probe<'_>,
 ) -> Option<ModelProto> {
     let g = model.graph.as_ref()?;
     let index = GraphIndex::new(g).ok()?;
@@ -155,7 +160,7 @@ fn fold_static_values(
     let mut values: HashMap<String, Tensor> = if probe.is_empty() {
         HashMap::new()
     } else {
-        probe_shapes(model, &inputs, &probe)?
+        probe_shapes(model, &inputs, &probe, probe_run)?
     };
     // Evaluate in graph order; a node that fails (or reads an initializer
     // too big to copy) stays in the graph, and so does what reads it.
@@ -321,6 +326,7 @@ fn probe_shapes(
     model: &ModelProto,
     inputs: &[ValueSpec],
     probe: &[String],
+    run: &Probe<'_>,
 ) -> Option<HashMap<String, Tensor>> {
     let mut m = model.clone();
     let g = m.graph.as_mut()?;
@@ -341,13 +347,6 @@ fn probe_shapes(
             ..Default::default()
         });
     }
-    let opts = SessionOptions {
-        keep: Vec::new(),
-        dynamic_batch: false,
-        optimize: false,
-    };
-    let native = super::native::NativeModel::unfolded(&m, &opts).ok()??;
-    let session = super::native::NativeSession::new(native);
     let feeds: Vec<(String, Tensor)> = inputs
         .iter()
         .map(|spec| {
@@ -371,7 +370,7 @@ fn probe_shapes(
         .ok()?;
     let feed_refs: Vec<(&str, &Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let fetch: Vec<&str> = probe.iter().map(String::as_str).collect();
-    let got = session.run(&feed_refs, &fetch).ok()?;
+    let got = run(&m, &feed_refs, &fetch)?;
     Some(probe.iter().cloned().zip(got).collect())
 }
 

@@ -6,7 +6,6 @@
 //! fallback) says what it costs.
 
 use super::error::SimError;
-use super::native::{Consts, Op, Step};
 use super::rten_engine::RtenExecutor;
 use super::{Executor, Session, SessionOptions};
 use crate::onnx::proto::{TypeProto, type_proto};
@@ -53,82 +52,80 @@ fn value(name: &str, elem_type: Option<i32>) -> ValueInfoProto {
     }
 }
 
-/// The step running `node` of `model` alone on rten (`why` is the native
-/// engine's reason, kept for errors). Fails when rten cannot load it.
-pub(super) fn step(
-    model: &ModelProto,
-    node: &NodeProto,
-    consts: &Consts,
-    declared: &HashMap<String, i32>,
-    why: &Unsupported,
-) -> Result<Step, SimError> {
-    let mut runtime = Vec::new();
-    let mut initializer = Vec::new();
-    for name in node.input.iter().filter(|v| !v.is_empty()) {
-        match consts.get(name) {
-            Some(c)
-                if !initializer
-                    .iter()
-                    .any(|t: &crate::onnx::TensorProto| t.name() == name) =>
-            {
-                initializer.push(to_proto(name, c, Storage::Raw));
+impl Foreign {
+    /// `node` of `model` as a one-node model on rten (`why` is the native
+    /// engine's reason, kept for errors). Fails when rten cannot load it.
+    pub(super) fn new(
+        model: &ModelProto,
+        node: &NodeProto,
+        consts: &HashMap<String, Tensor>,
+        declared: &HashMap<String, i32>,
+        why: &Unsupported,
+    ) -> Result<Foreign, SimError> {
+        let mut runtime = Vec::new();
+        let mut initializer: Vec<crate::onnx::TensorProto> = Vec::new();
+        for name in node.input.iter().filter(|v| !v.is_empty()) {
+            match consts.get(name) {
+                Some(c) if !initializer.iter().any(|t| t.name() == name) => {
+                    initializer.push(to_proto(name, c, Storage::Raw));
+                }
+                Some(_) => {}
+                None if !runtime.contains(name) => runtime.push(name.clone()),
+                None => {}
             }
-            Some(_) => {}
-            None if !runtime.contains(name) => runtime.push(name.clone()),
-            None => {}
         }
-    }
-    let outputs: Vec<String> = node
-        .output
-        .iter()
-        .filter(|o| !o.is_empty())
-        .cloned()
-        .collect();
-    let graph = GraphProto {
-        name: Some(format!("node {}", node.name())),
-        node: vec![node.clone()],
-        input: runtime
+        let outputs: Vec<String> = node
+            .output
             .iter()
-            .map(|n| value(n, declared.get(n).copied()))
-            .collect(),
-        output: outputs
-            .iter()
-            .map(|n| value(n, declared.get(n).copied()))
-            .collect(),
-        initializer,
-        ..Default::default()
-    };
-    let single = ModelProto {
-        ir_version: model.ir_version,
-        opset_import: model.opset_import.clone(),
-        graph: Some(graph),
-        ..Default::default()
-    };
-    let opts = SessionOptions {
-        keep: Vec::new(),
-        dynamic_batch: false,
-        optimize: true,
-    };
-    let session = RtenExecutor
-        .prepare(&single, &opts)
-        .map_err(|e| SimError::Load {
-            reason: format!("{why}, and rten cannot run it alone either: {e}"),
-        })?;
-    let (first, more) = outputs.split_first().ok_or_else(|| SimError::Load {
-        reason: format!("{why}, and it has no output"),
-    })?;
-    let mut s = Step::new(
-        node.name(),
-        Op::Foreign(Box::new(Foreign {
+            .filter(|o| !o.is_empty())
+            .cloned()
+            .collect();
+        let graph = GraphProto {
+            name: Some(format!("node {}", node.name())),
+            node: vec![node.clone()],
+            input: runtime
+                .iter()
+                .map(|n| value(n, declared.get(n).copied()))
+                .collect(),
+            output: outputs
+                .iter()
+                .map(|n| value(n, declared.get(n).copied()))
+                .collect(),
+            initializer,
+            ..Default::default()
+        };
+        let single = ModelProto {
+            ir_version: model.ir_version,
+            opset_import: model.opset_import.clone(),
+            graph: Some(graph),
+            ..Default::default()
+        };
+        let opts = SessionOptions {
+            keep: Vec::new(),
+            dynamic_batch: false,
+            optimize: true,
+        };
+        let session = RtenExecutor
+            .prepare(&single, &opts)
+            .map_err(|e| SimError::Load {
+                reason: format!("{why}, and rten cannot run it alone either: {e}"),
+            })?;
+        Ok(Foreign {
             session,
-            inputs: runtime.clone(),
-            outputs: outputs.clone(),
-        })),
-        runtime,
-        first.clone(),
-    );
-    s.more_outputs = more.to_vec();
-    Ok(s)
+            inputs: runtime,
+            outputs,
+        })
+    }
+
+    /// The runtime inputs it reads, in order.
+    pub(super) fn inputs(&self) -> &[String] {
+        &self.inputs
+    }
+
+    /// The values it writes.
+    pub(super) fn outputs(&self) -> &[String] {
+        &self.outputs
+    }
 }
 
 /// Which of a foreign node's outputs are float32: those the graph declares

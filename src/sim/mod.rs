@@ -22,6 +22,7 @@ mod per_sample;
 mod prepare;
 mod rten_adapt;
 mod rten_engine;
+mod steps;
 
 pub use cpu::{CpuExecutor, NativeExecutor, engine_plan};
 pub use error::{SimError, ValueRole};

@@ -10,84 +10,19 @@
 
 use super::error::{SimError, ValueRole};
 use super::kernels::activation::Activation;
-use super::kernels::conv::{Conv, ConvGeometry, Dense};
-use super::kernels::int_conv::{IntConv, IntDense};
+use super::kernels::conv::{Conv, Dense};
 use super::native_ops::{self as ops, Elementwise};
 use super::per_sample::BatchMode;
 use super::prepare::{check_feed, feedable_inputs, rewrite_for_execution};
+use super::steps::{Consts, Decline, Op, Step, conv_geometry, float_const, zero_point};
 use super::{Session, SessionOptions};
-use crate::onnx::attr::{float_attr, int_attr, ints_attr, string_attr};
+use crate::onnx::attr::{float_attr, int_attr, string_attr};
 use crate::onnx::{GraphProto, ModelProto, NodeProto, ValueSpec, to_tensor};
 use crate::ops::Unsupported;
 use crate::ops::layout as ops_layout;
 use crate::tensor::Tensor;
 use ndarray::ArrayD;
 use std::collections::{HashMap, HashSet};
-
-/// What one step computes.
-pub(super) enum Op {
-    Conv(Box<Conv>),
-    Dense(Box<Dense>),
-    Clamp(f32, f32),
-    Sigmoid,
-    Round,
-    Unary(ops::Unary),
-    FakeQuant(ops::FakeQuant),
-    QuantDequant(ops::QuantDequant),
-    Binary(Elementwise),
-    GlobalAveragePool,
-    MaxPool(ops::Pool),
-    AveragePool(ops::Pool),
-    Concat(i64),
-    Identity,
-    Softmax(i64),
-    SoftmaxFlat(i64),
-    ResizeNearest(Vec<f32>),
-    /// Deploy models (`native_deploy`): int8 levels from floats,
-    Quantize(ops::AscendQuantize),
-    /// floats from int8 levels,
-    AntiQuant(ops::AscendAntiQuantize),
-    /// a quantized Conv with its dequantization,
-    IntConv(Box<IntConv>),
-    /// a quantized Gemm (true: 2-D input only) or MatMul with its dequantization.
-    IntDense(Box<IntDense>, bool),
-    /// A layout operator, on values of any element type (`ops::layout`).
-    Layout(Box<ops_layout::Layout>),
-    /// A shape or integer operator evaluated on values of any type
-    /// (`ops::eval_constant`), with the node's inputs in order (`None`:
-    /// absent) as indices into the step's inputs.
-    Evaluated(Box<NodeProto>, i64, Vec<Option<usize>>),
-    /// A node the native engine does not run, run alone on rten (`foreign`).
-    Foreign(Box<super::foreign::Foreign>),
-}
-
-/// One node, ready to run.
-pub(super) struct Step {
-    pub(super) name: String,
-    pub(super) op: Op,
-    pub(super) inputs: Vec<String>,
-    pub(super) output: String,
-    /// Further outputs (a foreign node's).
-    pub(super) more_outputs: Vec<String>,
-}
-
-impl Step {
-    /// A step with one output.
-    pub(super) fn new(name: &str, op: Op, inputs: Vec<String>, output: String) -> Step {
-        Step {
-            name: name.to_string(),
-            op,
-            inputs,
-            output,
-            more_outputs: Vec::new(),
-        }
-    }
-
-    /// Every value the step writes.
-    fn outputs(&self) -> impl Iterator<Item = &String> {
-        std::iter::once(&self.output).chain(&self.more_outputs)
-    }
-}
 
 /// A model the native engine runs.
 pub struct NativeModel {
@@ -97,26 +32,6 @@ pub struct NativeModel {
     outputs: Vec<ValueSpec>,
     keep: Vec<String>,
     batch: BatchMode,
-}
-
-/// Why the native engine does not run a node.
-pub(super) type Decline = String;
-
-/// The constants a model holds (initializers and `Constant` outputs).
-pub(super) type Consts = HashMap<String, Tensor>;
-
-/// A float32 constant.
-fn float_const<'a>(consts: &'a Consts, name: &str) -> Option<&'a ArrayD<f32>> {
-    consts.get(name).and_then(Tensor::as_f32)
-}
-
-/// A scalar int8/uint8 zero point as (zero point, lowest, highest level).
-fn zero_point(consts: &Consts, name: &str) -> Option<(f32, f32, f32)> {
-    match consts.get(name)? {
-        Tensor::I8(a) if a.len() == 1 => Some((f32::from(*a.iter().next()?), -128.0, 127.0)),
-        Tensor::U8(a) if a.len() == 1 => Some((f32::from(*a.iter().next()?), 0.0, 255.0)),
-        _ => None,
-    }
 }
 
 impl NativeModel {
@@ -172,7 +87,21 @@ impl NativeModel {
                 .collect();
             let one_sample = batch == BatchMode::PerSample || free_batch;
             let before = prepared.graph.as_ref().map_or(0, |g| g.node.len());
-            if let Some(folded) = super::fold::fold_constants(&prepared, one_sample, &exposed) {
+            let probe = |m: &ModelProto, feeds: &[(&str, &Tensor)], fetch: &[&str]| {
+                let unfolded = NativeModel::unfolded(
+                    m,
+                    &SessionOptions {
+                        keep: Vec::new(),
+                        dynamic_batch: false,
+                        optimize: false,
+                    },
+                )
+                .ok()??;
+                NativeSession::new(unfolded).run(feeds, fetch).ok()
+            };
+            if let Some(folded) =
+                super::fold::fold_constants(&prepared, one_sample, &exposed, &probe)
+            {
                 // Folded shapes and paddings are constants now: the work they
                 // imply is checked again (a corrupted size in a shape
                 // subgraph shows only here).
@@ -367,7 +296,7 @@ impl NativeModel {
                 }
                 Err(reason) => {
                     let why = Unsupported::of(node, reason);
-                    let step = super::foreign::step(model, node, &consts, &declared, &why)
+                    let step = foreign_step(model, node, &consts, &declared, &why)
                         .map_err(|e| e.to_string())?;
                     let floats = super::foreign::float_outputs(node, &is_float, &declared);
                     float.extend(floats);
@@ -410,6 +339,28 @@ fn outputs_are_float(g: &GraphProto) -> bool {
         .iter()
         .map(ValueSpec::from_proto)
         .all(|s| s.elem_type.is_none_or(|t| t == 1))
+}
+
+/// The step running `node` alone on rten (`foreign`).
+fn foreign_step(
+    model: &ModelProto,
+    node: &NodeProto,
+    consts: &Consts,
+    declared: &HashMap<String, i32>,
+    why: &Unsupported,
+) -> Result<Step, SimError> {
+    let foreign = super::foreign::Foreign::new(model, node, consts, declared, why)?;
+    let inputs = foreign.inputs().to_vec();
+    let (first, more) = foreign
+        .outputs()
+        .split_first()
+        .ok_or_else(|| SimError::Load {
+            reason: format!("{why}, and it has no output"),
+        })?;
+    let (first, more) = (first.clone(), more.to_vec());
+    let mut s = Step::new(node.name(), Op::Foreign(Box::new(foreign)), inputs, first);
+    s.more_outputs = more;
+    Ok(s)
 }
 
 /// The types the graph declares for its values.
@@ -694,51 +645,6 @@ fn conv(node: &NodeProto, consts: &Consts) -> Result<(Conv, usize), Decline> {
         ),
         1,
     ))
-}
-
-/// A 2-D Conv's attributes for a weight of shape `[C_out, C_in/group, kh, kw]`.
-pub(super) fn conv_geometry(node: &NodeProto, weight: &[usize]) -> Result<ConvGeometry, Decline> {
-    let &[c_out, _, kh, kw] = weight else {
-        return Err(format!(
-            "a {}-D convolution (only 2-D runs natively)",
-            weight.len().saturating_sub(2)
-        ));
-    };
-    let auto_pad = string_attr(node, "auto_pad").unwrap_or(b"NOTSET");
-    let group = int_attr(node, "group").unwrap_or(1).max(1) as usize;
-    let two = |name: &str, default: usize| -> Result<(usize, usize), Decline> {
-        match ints_attr(node, name) {
-            None => Ok((default, default)),
-            Some(v) if v.len() == 2 && v.iter().all(|&x| x >= 0) => {
-                Ok((v[0] as usize, v[1] as usize))
-            }
-            _ => Err(format!("its {name} are not two non-negative values")),
-        }
-    };
-    if let Some(k) = ints_attr(node, "kernel_shape")
-        && k != [kh as i64, kw as i64]
-    {
-        return Err("kernel_shape differs from the weight's".into());
-    }
-    let stride = two("strides", 1)?;
-    let dilation = two("dilations", 1)?;
-    if stride.0 == 0 || stride.1 == 0 || dilation.0 == 0 || dilation.1 == 0 || c_out % group != 0 {
-        return Err("a geometry the native engine does not run (zero stride or dilation, channels not divisible by group, or SAME padding)".into());
-    }
-    let pads = match (auto_pad, ints_attr(node, "pads")) {
-        (b"NOTSET", None) | (b"VALID", _) => [0; 4],
-        (b"NOTSET", Some(p)) if p.len() == 4 && p.iter().all(|&x| x >= 0) => {
-            [p[0] as usize, p[1] as usize, p[2] as usize, p[3] as usize]
-        }
-        _ => return Err("SAME auto-padding or pads that are not four non-negative values".into()),
-    };
-    Ok(ConvGeometry {
-        kernel: (kh, kw),
-        stride,
-        dilation,
-        pads,
-        group,
-    })
 }
 
 /// How many nodes read each value, and which values the caller sees (graph

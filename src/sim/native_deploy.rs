@@ -9,8 +9,8 @@
 //! (`sim::ascend`) runs it instead.
 
 use super::kernels::int_conv::{IntConv, IntDense, Quantizer, Requant};
-use super::native::{Decline, Op, Step, conv_geometry};
 use super::native_ops::{AscendAntiQuantize, AscendQuantize};
+use super::steps::{Decline, Op, Step, conv_geometry};
 use crate::deploy_format::{
     ASCEND_ANTI_QUANT, ASCEND_DEQUANT, ASCEND_QUANT, AntiQuantAttrs, QuantAttrs, unpack_deq_scale,
 };

@@ -12,6 +12,7 @@
 //! Any other operator is an error naming the node and the operator.
 
 use super::fake_quant::{arq_retrain_forward, ulq_backward, ulq_forward, ulq_grid};
+pub(in crate::train) use super::op::Op;
 use super::ops_conv::{
     contiguous, conv_backward, conv_forward, conv_geometry, conv_input_grad, from_nchw, im2col,
     transposed_geometry,
@@ -50,69 +51,6 @@ pub enum TrainError {
         "interrupted after step {0}; the checkpoint of that step was written: continue with --resume"
     )]
     Interrupted(usize),
-}
-
-#[derive(Clone, Debug)]
-pub(in crate::train) enum Op {
-    Conv {
-        group: usize,
-        strides: (usize, usize),
-        dilations: (usize, usize),
-        pads: (usize, usize, usize, usize),
-    },
-    Gemm {
-        trans_b: bool,
-    },
-    Relu,
-    Clip {
-        lo: f32,
-        hi: f32,
-    },
-    MaxPool {
-        kernel: (usize, usize),
-        strides: (usize, usize),
-        pads: (usize, usize, usize, usize),
-    },
-    AveragePool {
-        kernel: (usize, usize),
-        strides: (usize, usize),
-    },
-    GlobalAveragePool,
-    Flatten {
-        axis: usize,
-    },
-    Reshape,
-    Add,
-    Mul,
-    Sigmoid,
-    HardSigmoid {
-        alpha: f32,
-        beta: f32,
-    },
-    HardSwish,
-    Concat {
-        axis: i64,
-    },
-    Softmax {
-        axis: i64,
-    },
-    Transpose {
-        perm: Option<Vec<usize>>,
-    },
-    MatMul,
-    ConvTranspose {
-        strides: (usize, usize),
-        dilations: (usize, usize),
-        pads: (usize, usize, usize, usize),
-        output_padding: (usize, usize),
-    },
-    Resize {
-        /// Output height and width, or scales when `None`.
-        sizes: Option<(usize, usize)>,
-        scales: (f32, f32),
-        coordinates: String,
-        nearest: String,
-    },
 }
 
 #[derive(Clone, Debug)]

@@ -1,14 +1,15 @@
-//! Training pieces for quantization-aware training: the fake-quant
-//! operators with the gradients QAT needs ([`fake_quant`]) and the depthwise
-//! convolution kernels with both gradients ([`depthwise`]), and the
-//! optimizers ([`optim`]). The differentiable
-//! execution of a whole graph comes next; `docs/training.md` records the
-//! engine measurements behind its design.
+//! Quantization-aware training: the differentiable execution of a graph
+//! ([`graph`], its operators in `op.rs`, their kernels in `ops_*.rs`, the
+//! forward convolutions on the inference engine's kernels), the fake-quant
+//! operators with the gradients QAT needs ([`fake_quant`]), the depthwise
+//! gradients ([`depthwise`]), the optimizers ([`optim`]) and the training
+//! loop ([`qat`]); `docs/training.md` records the measurements behind it.
 
 pub mod checkpoint;
 pub mod depthwise;
 pub mod fake_quant;
 pub mod graph;
+mod op;
 mod ops_conv;
 mod ops_layout;
 mod ops_pool;

@@ -5,7 +5,7 @@
 //! ones, and ConvTranspose as the input gradient of its dual convolution.
 
 use super::depthwise::{self, Depthwise};
-use super::graph::Op;
+use super::op::Op;
 use crate::sim::kernels::conv::{Conv, ConvGeometry};
 use ndarray::{Array2, ArrayD, Axis, IxDyn};
 

@@ -1,6 +1,6 @@
 //! Pooling and nearest-Resize index maps of the training graph.
 
-use super::graph::Op;
+use super::op::Op;
 use super::ops_conv::contiguous;
 use ndarray::{ArrayD, IxDyn};
 
