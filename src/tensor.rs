@@ -223,6 +223,13 @@ impl Tensor {
     /// The tensors joined along axis 0 (the samples of per-sample runs), or
     /// `None` when they differ in type or in the other axes.
     pub fn concat_axis0(parts: &[Tensor]) -> Option<Tensor> {
+        let refs: Vec<&Tensor> = parts.iter().collect();
+        Tensor::concat(&refs, 0)
+    }
+
+    /// The tensors joined along `axis`, or `None` when they differ in type
+    /// or in the other axes (or there are none).
+    pub fn concat(parts: &[&Tensor], axis: usize) -> Option<Tensor> {
         macro_rules! join {
             ($variant:ident) => {{
                 let views = parts
@@ -232,7 +239,7 @@ impl Tensor {
                         _ => None,
                     })
                     .collect::<Option<Vec<_>>>()?;
-                ndarray::concatenate(ndarray::Axis(0), &views)
+                ndarray::concatenate(ndarray::Axis(axis), &views)
                     .ok()
                     .map(Tensor::$variant)
             }};

@@ -185,31 +185,11 @@ pub fn gather(x: &Tensor, indices: &Tensor, axis: i64) -> Result<Tensor, String>
 pub fn concat(parts: &[&Tensor], axis: i64) -> Result<Tensor, String> {
     let first = parts.first().ok_or("Concat has no input")?;
     let axis = axis_index(axis, first.shape().len())?;
-    macro_rules! join {
-        ($variant:ident) => {{
-            let views = parts
-                .iter()
-                .map(|t| match t {
-                    Tensor::$variant(a) => Ok(a.view()),
-                    other => Err(format!("Concat of {} and {}", first.dtype(), other.dtype())),
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            ndarray::concatenate(Axis(axis), &views)
-                .map(Tensor::$variant)
-                .map_err(|_| "Concat's inputs differ in shape off the axis".to_string())
-        }};
+    if let Some(other) = parts.iter().find(|t| t.dtype() != first.dtype()) {
+        return Err(format!("Concat of {} and {}", first.dtype(), other.dtype()));
     }
-    match first {
-        Tensor::F32(_) => join!(F32),
-        Tensor::F16(_) => join!(F16),
-        Tensor::F64(_) => join!(F64),
-        Tensor::I8(_) => join!(I8),
-        Tensor::U8(_) => join!(U8),
-        Tensor::I32(_) => join!(I32),
-        Tensor::I64(_) => join!(I64),
-        Tensor::U64(_) => join!(U64),
-        Tensor::Bool(_) => join!(Bool),
-    }
+    Tensor::concat(parts, axis)
+        .ok_or_else(|| "Concat's inputs differ in shape off the axis".to_string())
 }
 
 /// The shape both `a` and `b` broadcast to (NumPy's rule), if any.

@@ -17,7 +17,7 @@ use super::ops_conv::{
     contiguous, conv_backward, conv_forward, conv_geometry, conv_input_grad, from_nchw, im2col,
     transposed_geometry,
 };
-use super::ops_layout::{matmul_shape, perm_of, reduce_to, reshape_target, softmax};
+use super::ops_layout::{matmul_shape, perm_of, reduce_to, softmax};
 use super::ops_pool::{avg_pool_backward, pool, resize_maps};
 use crate::onnx::attr::{float_attr, int_attr, ints_attr};
 use crate::onnx::graph::GraphIndex;
@@ -695,7 +695,8 @@ impl TrainGraph {
                     .reshape_targets
                     .get(&k)
                     .ok_or_else(|| self.bad(s, "the shape must be a constant".into()))?;
-                let shape = reshape_target(x[0].shape(), target).map_err(|e| self.bad(s, e))?;
+                let shape = crate::ops::layout::reshape_dims(x[0].shape(), target, false)
+                    .map_err(|e| self.bad(s, e))?;
                 x[0].to_shape(IxDyn(&shape))
                     .map_err(|e| self.bad(s, e.to_string()))?
                     .to_owned()

@@ -62,31 +62,3 @@ pub(in crate::train) fn reduce_to(g: &ArrayD<f32>, shape: &[usize]) -> ArrayD<f3
     }
     r
 }
-
-pub(in crate::train) fn reshape_target(
-    input: &[usize],
-    target: &[i64],
-) -> Result<Vec<usize>, String> {
-    let total: usize = input.iter().product();
-    let mut shape: Vec<usize> = Vec::with_capacity(target.len());
-    let mut infer = None;
-    for (k, &d) in target.iter().enumerate() {
-        match d {
-            -1 if infer.is_none() => {
-                infer = Some(k);
-                shape.push(1);
-            }
-            0 => shape.push(*input.get(k).ok_or("0 past the input's rank")?),
-            d if d > 0 => shape.push(d as usize),
-            _ => return Err(format!("shape {target:?} is not valid")),
-        }
-    }
-    if let Some(k) = infer {
-        let known: usize = shape.iter().product();
-        if known == 0 || !total.is_multiple_of(known) {
-            return Err(format!("cannot reshape {input:?} to {target:?}"));
-        }
-        shape[k] = total / known;
-    }
-    Ok(shape)
-}
