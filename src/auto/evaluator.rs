@@ -1,10 +1,10 @@
 //! Scoring a candidate configuration: on the evaluation data with the CPU
 //! simulator, or by the user's own command.
 
-use super::metric::Metric;
 use crate::data::Dataset;
 use crate::onnx::ModelProto;
 use crate::quant::error::QuantError;
+use crate::report::metric::Metric;
 use crate::sim::{Executor, SessionOptions};
 use crate::tensor::Tensor;
 use ndarray::{ArrayD, Axis};

@@ -2,7 +2,6 @@
 //! to keep in float that holds the metric, and write the models, record,
 //! report, reproducible config, ranking and history (all or none).
 
-use super::metric::MetricName;
 use super::{Evaluator, ExternalEvaluator, InternalEvaluator, Metric, layer_sensitivities, search};
 use crate::data::read_labels;
 use crate::pipeline::outputs::{OutputFiles, output_folder, with_suffix, write_outputs};
@@ -16,6 +15,7 @@ use crate::quant::emit::{
     simulation_model,
 };
 use crate::quant::record::write_record_with_tensors;
+use crate::report::metric::MetricName;
 use crate::sim::CpuExecutor;
 use serde_json::json;
 use std::path::{Path, PathBuf};

@@ -5,6 +5,7 @@ pub mod analyze;
 pub mod calibration_page;
 pub mod compare;
 pub mod html;
+pub mod metric;
 
 use crate::quant::layers::LayerCandidate;
 use crate::quant::weights::NuqSummary;
