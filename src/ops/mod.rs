@@ -8,6 +8,7 @@
 
 pub mod arith;
 pub mod layout;
+pub mod window;
 
 use crate::onnx::NodeProto;
 use crate::onnx::attr::{find, int_attr};

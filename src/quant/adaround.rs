@@ -14,7 +14,6 @@ use super::error::QuantError;
 use super::run_settings::RunSettings;
 use super::weights::adaround::{Activation, AdaSettings, Problem};
 use crate::data::Dataset;
-use crate::onnx::attr::{find, int_attr, ints_attr};
 use crate::onnx::graph::{GraphIndex, initializer_f32};
 use crate::onnx::{GraphProto, ModelProto};
 use crate::sim::{Executor, SessionOptions};
@@ -85,22 +84,19 @@ struct ConvShape {
 
 fn conv_shape(graph: &GraphProto, f: &LayerFactors, dims: &[usize]) -> Option<ConvShape> {
     let n = &graph.node[f.layer.node];
-    if dims.len() != 4 || find(n, "auto_pad").is_some_and(|a| a.s() != b"NOTSET") {
+    let w = crate::ops::window::Window2d::parse(n).ok()?;
+    // Asymmetric padding would change the output plane: not fitted here.
+    if dims.len() != 4 || w.pads[0] != w.pads[2] || w.pads[1] != w.pads[3] {
         return None;
     }
-    let group = int_attr(n, "group").unwrap_or(1).max(1) as usize;
-    let two = |name: &str, d: i64| -> Option<[usize; 2]> {
-        let v = ints_attr(n, name).unwrap_or_else(|| vec![d, d]);
-        (v.len() >= 2 && v.iter().all(|&x| x >= 0)).then(|| [v[0] as usize, v[1] as usize])
-    };
     Some(ConvShape {
-        cin: dims[1] * group,
-        group,
+        cin: dims[1] * w.group,
+        group: w.group,
         kh: dims[2],
         kw: dims[3],
-        stride: two("strides", 1)?,
-        pad: two("pads", 0)?,
-        dil: two("dilations", 1)?,
+        stride: [w.strides.0, w.strides.1],
+        pad: [w.pads[0], w.pads[1]],
+        dil: [w.dilations.0, w.dilations.1],
     })
 }
 

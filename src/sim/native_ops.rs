@@ -8,7 +8,7 @@ use super::kernels::conv::{Conv, Dense};
 use super::kernels::int_conv::{IntConv, IntDense, Quantizer};
 use super::kernels::written_by;
 use crate::onnx::NodeProto;
-use crate::onnx::attr::{int_attr, ints_attr, string_attr};
+use crate::onnx::attr::int_attr;
 use crate::ops::layout::{axis_index, broadcast_shape};
 use ndarray::{ArrayD, Axis, IxDyn, Zip};
 use rayon::prelude::*;
@@ -434,34 +434,13 @@ impl Pool {
         if node.output.len() != 1 {
             return None;
         }
-        let k = ints_attr(node, "kernel_shape")?;
-        let pair = |name: &str| -> Option<(usize, usize)> {
-            match ints_attr(node, name) {
-                None => Some((1, 1)),
-                Some(v) if v.len() == 2 && v.iter().all(|&x| x > 0) => {
-                    Some((v[0] as usize, v[1] as usize))
-                }
-                _ => None,
-            }
-        };
-        if k.len() != 2 || k.iter().any(|&x| x <= 0) {
-            return None;
-        }
-        let pads = match (
-            string_attr(node, "auto_pad").unwrap_or(b"NOTSET"),
-            ints_attr(node, "pads"),
-        ) {
-            (b"NOTSET", None) | (b"VALID", _) => [0; 4],
-            (b"NOTSET", Some(p)) if p.len() == 4 && p.iter().all(|&x| x >= 0) => {
-                [p[0] as usize, p[1] as usize, p[2] as usize, p[3] as usize]
-            }
-            _ => return None,
-        };
+        let w = crate::ops::window::Window2d::parse(node).ok()?;
+        let k = w.kernel.filter(|&(h, w)| h > 0 && w > 0)?;
         Some(Pool {
-            kernel: (k[0] as usize, k[1] as usize),
-            stride: pair("strides")?,
-            dilation: pair("dilations")?,
-            pads,
+            kernel: k,
+            stride: w.strides,
+            dilation: w.dilations,
+            pads: w.pads,
             ceil: int_attr(node, "ceil_mode").unwrap_or(0) != 0,
             count_include_pad: int_attr(node, "count_include_pad").unwrap_or(0) != 0,
         })

@@ -7,7 +7,6 @@ use super::kernels::conv::{Conv, ConvGeometry, Dense};
 use super::kernels::int_conv::{IntConv, IntDense};
 use super::native_ops::{self as ops, Elementwise};
 use crate::onnx::NodeProto;
-use crate::onnx::attr::{int_attr, ints_attr, string_attr};
 use crate::ops::layout as ops_layout;
 use crate::tensor::Tensor;
 use ndarray::ArrayD;
@@ -106,39 +105,21 @@ pub(super) fn conv_geometry(node: &NodeProto, weight: &[usize]) -> Result<ConvGe
             weight.len().saturating_sub(2)
         ));
     };
-    let auto_pad = string_attr(node, "auto_pad").unwrap_or(b"NOTSET");
-    let group = int_attr(node, "group").unwrap_or(1).max(1) as usize;
-    let two = |name: &str, default: usize| -> Result<(usize, usize), Decline> {
-        match ints_attr(node, name) {
-            None => Ok((default, default)),
-            Some(v) if v.len() == 2 && v.iter().all(|&x| x >= 0) => {
-                Ok((v[0] as usize, v[1] as usize))
-            }
-            _ => Err(format!("its {name} are not two non-negative values")),
-        }
-    };
-    if let Some(k) = ints_attr(node, "kernel_shape")
-        && k != [kh as i64, kw as i64]
-    {
+    let w = crate::ops::window::Window2d::parse(node)?;
+    if w.kernel.is_some_and(|k| k != (kh, kw)) {
         return Err("kernel_shape differs from the weight's".into());
     }
-    let stride = two("strides", 1)?;
-    let dilation = two("dilations", 1)?;
-    if stride.0 == 0 || stride.1 == 0 || dilation.0 == 0 || dilation.1 == 0 || c_out % group != 0 {
-        return Err("a geometry the native engine does not run (zero stride or dilation, channels not divisible by group, or SAME padding)".into());
+    if c_out % w.group != 0 {
+        return Err(format!(
+            "{c_out} output channels do not divide into {} groups",
+            w.group
+        ));
     }
-    let pads = match (auto_pad, ints_attr(node, "pads")) {
-        (b"NOTSET", None) | (b"VALID", _) => [0; 4],
-        (b"NOTSET", Some(p)) if p.len() == 4 && p.iter().all(|&x| x >= 0) => {
-            [p[0] as usize, p[1] as usize, p[2] as usize, p[3] as usize]
-        }
-        _ => return Err("SAME auto-padding or pads that are not four non-negative values".into()),
-    };
     Ok(ConvGeometry {
         kernel: (kh, kw),
-        stride,
-        dilation,
-        pads,
-        group,
+        stride: w.strides,
+        dilation: w.dilations,
+        pads: w.pads,
+        group: w.group,
     })
 }

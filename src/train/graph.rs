@@ -154,30 +154,20 @@ fn pair(v: &[i64], n: &NodeProto, what: &str) -> Result<(usize, usize), TrainErr
 /// Height and width of a 2-D window attribute.
 type Hw = (usize, usize);
 
-/// A pool's 2-D kernel and strides.
-fn window(n: &NodeProto) -> Result<(Hw, Hw), TrainError> {
-    let kernel = pair(
-        &ints_attr(n, "kernel_shape").unwrap_or_default(),
-        n,
-        "kernel_shape",
-    )?;
-    let strides = pair(&ints_attr(n, "strides").unwrap_or(vec![1, 1]), n, "strides")?;
-    Ok((kernel, strides))
+/// The node's 2-D window (`ops::window`), its refusal as this graph's.
+fn window2d(n: &NodeProto) -> Result<crate::ops::window::Window2d, TrainError> {
+    crate::ops::window::Window2d::parse(n).map_err(|why| unsupported(n, why))
 }
 
-fn pads4(n: &NodeProto) -> Result<(usize, usize, usize, usize), TrainError> {
-    if int_attr(n, "auto_pad").is_some()
-        || crate::onnx::attr::string_attr(n, "auto_pad").is_some_and(|p| p != b"NOTSET")
-    {
-        return Err(unsupported(n, "auto_pad: give explicit pads"));
-    }
-    match ints_attr(n, "pads").as_deref() {
-        None => Ok((0, 0, 0, 0)),
-        Some([t, l, b, r]) if [*t, *l, *b, *r].iter().all(|&v| v >= 0) => {
-            Ok((*t as usize, *l as usize, *b as usize, *r as usize))
-        }
-        Some(p) => Err(unsupported(n, format!("pads {p:?}"))),
-    }
+/// A pool's kernel, which ONNX requires.
+fn pool_kernel(n: &NodeProto, w: &crate::ops::window::Window2d) -> Result<Hw, TrainError> {
+    w.kernel
+        .ok_or_else(|| unsupported(n, "kernel_shape is missing: only 2-D windows train"))
+}
+
+/// Pads as the kernels take them.
+fn quad(p: [usize; 4]) -> (usize, usize, usize, usize) {
+    (p[0], p[1], p[2], p[3])
 }
 
 impl TrainGraph {
@@ -248,16 +238,15 @@ impl TrainGraph {
                 continue;
             }
             let op = match n.op_type() {
-                "Conv" => Op::Conv {
-                    group: int_attr(n, "group").unwrap_or(1).max(1) as usize,
-                    strides: pair(&ints_attr(n, "strides").unwrap_or(vec![1, 1]), n, "strides")?,
-                    dilations: pair(
-                        &ints_attr(n, "dilations").unwrap_or(vec![1, 1]),
-                        n,
-                        "dilations",
-                    )?,
-                    pads: pads4(n)?,
-                },
+                "Conv" => {
+                    let w = window2d(n)?;
+                    Op::Conv {
+                        group: w.group,
+                        strides: w.strides,
+                        dilations: w.dilations,
+                        pads: quad(w.pads),
+                    }
+                }
                 "ConvTranspose" => {
                     if int_attr(n, "group").unwrap_or(1) != 1
                         || crate::onnx::attr::find(n, "output_shape").is_some()
@@ -267,18 +256,11 @@ impl TrainGraph {
                             "groups or output_shape: only group 1 with explicit pads trains",
                         ));
                     }
+                    let w = window2d(n)?;
                     Op::ConvTranspose {
-                        strides: pair(
-                            &ints_attr(n, "strides").unwrap_or(vec![1, 1]),
-                            n,
-                            "strides",
-                        )?,
-                        dilations: pair(
-                            &ints_attr(n, "dilations").unwrap_or(vec![1, 1]),
-                            n,
-                            "dilations",
-                        )?,
-                        pads: pads4(n)?,
+                        strides: w.strides,
+                        dilations: w.dilations,
+                        pads: quad(w.pads),
                         output_padding: pair(
                             &ints_attr(n, "output_padding").unwrap_or(vec![0, 0]),
                             n,
@@ -325,19 +307,22 @@ impl TrainGraph {
                     {
                         return Err(unsupported(n, "dilations, ceil_mode or indices output"));
                     }
-                    let (kernel, strides) = window(n)?;
+                    let w = window2d(n)?;
                     Op::MaxPool {
-                        kernel,
-                        strides,
-                        pads: pads4(n)?,
+                        kernel: pool_kernel(n, &w)?,
+                        strides: w.strides,
+                        pads: quad(w.pads),
                     }
                 }
                 "AveragePool" => {
-                    if pads4(n)? != (0, 0, 0, 0) || int_attr(n, "ceil_mode").unwrap_or(0) != 0 {
+                    let w = window2d(n)?;
+                    if w.pads != [0; 4] || int_attr(n, "ceil_mode").unwrap_or(0) != 0 {
                         return Err(unsupported(n, "padding or ceil_mode"));
                     }
-                    let (kernel, strides) = window(n)?;
-                    Op::AveragePool { kernel, strides }
+                    Op::AveragePool {
+                        kernel: pool_kernel(n, &w)?,
+                        strides: w.strides,
+                    }
                 }
                 "GlobalAveragePool" => Op::GlobalAveragePool,
                 "Flatten" => {
