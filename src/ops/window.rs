@@ -1,9 +1,75 @@
-//! The window attributes of 2-D convolutions and pools (`kernel_shape`,
+//! The window attributes of convolutions and pools (`kernel_shape`,
 //! `strides`, `dilations`, `pads`, `auto_pad`, `group`), read and checked
-//! once for every engine and pass that needs them.
+//! once for every engine and pass that needs them: [`Window`] for any
+//! number of spatial axes, [`Window2d`] for the 2-D kernels.
 
 use crate::onnx::NodeProto;
 use crate::onnx::attr::{int_attr, ints_attr, string_attr};
+
+/// A window over `spatial` axes as ONNX gives it, defaults filled in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Window {
+    /// `kernel_shape`, when given.
+    pub kernel: Option<Vec<usize>>,
+    /// Strides per axis (at least 1).
+    pub strides: Vec<usize>,
+    /// Dilations per axis (at least 1).
+    pub dilations: Vec<usize>,
+    /// Padding: all begins, then all ends (zeros for VALID).
+    pub pads: Vec<usize>,
+    /// `group` (at least 1).
+    pub group: usize,
+}
+
+impl Window {
+    /// The window of `node` over `spatial` axes; an error for SAME
+    /// auto-padding (whose pads depend on the input's size), attributes of
+    /// another rank, negative values, or zero strides and dilations.
+    pub fn parse(node: &NodeProto, spatial: usize) -> Result<Window, String> {
+        let list = |name: &str, len: usize, default: usize| -> Result<Vec<usize>, String> {
+            match ints_attr(node, name) {
+                None => Ok(vec![default; len]),
+                Some(v) if v.len() == len && v.iter().all(|&x| x >= 0) => {
+                    Ok(v.iter().map(|&x| x as usize).collect())
+                }
+                Some(v) => Err(format!("{name} {v:?} are not {len} non-negative values")),
+            }
+        };
+        let kernel = match ints_attr(node, "kernel_shape") {
+            None => None,
+            Some(_) => Some(list("kernel_shape", spatial, 1)?),
+        };
+        let strides = list("strides", spatial, 1)?;
+        let dilations = list("dilations", spatial, 1)?;
+        if strides.contains(&0) || dilations.contains(&0) {
+            return Err(format!(
+                "strides {strides:?} and dilations {dilations:?} must be at least 1"
+            ));
+        }
+        let pads = match string_attr(node, "auto_pad").unwrap_or(b"NOTSET") {
+            b"NOTSET" | b"" => list("pads", 2 * spatial, 0)?,
+            b"VALID" => vec![0; 2 * spatial],
+            other => {
+                return Err(format!(
+                    "auto_pad {}: give explicit pads",
+                    String::from_utf8_lossy(other)
+                ));
+            }
+        };
+        Ok(Window {
+            kernel,
+            strides,
+            dilations,
+            pads,
+            group: int_attr(node, "group").unwrap_or(1).max(1) as usize,
+        })
+    }
+
+    /// Whether any dilation is above 1.
+    pub fn dilated(&self) -> bool {
+        self.dilations.iter().any(|&d| d != 1)
+    }
+}
 
 /// A 2-D window as ONNX gives it, defaults filled in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,48 +91,13 @@ impl Window2d {
     /// depend on the input's size), attributes that are not 2-D, negative
     /// values, or zero strides and dilations.
     pub fn parse(node: &NodeProto) -> Result<Window2d, String> {
-        let two = |name: &str, default: usize| -> Result<(usize, usize), String> {
-            match ints_attr(node, name).as_deref() {
-                None => Ok((default, default)),
-                Some([a, b]) if *a >= 0 && *b >= 0 => Ok((*a as usize, *b as usize)),
-                Some(v) => Err(format!("{name} {v:?} are not two non-negative values")),
-            }
-        };
-        let kernel = match ints_attr(node, "kernel_shape") {
-            None => None,
-            Some(_) => Some(two("kernel_shape", 1)?),
-        };
-        let strides = two("strides", 1)?;
-        let dilations = two("dilations", 1)?;
-        if strides.0 == 0 || strides.1 == 0 || dilations.0 == 0 || dilations.1 == 0 {
-            return Err(format!(
-                "strides {strides:?} and dilations {dilations:?} must be at least 1"
-            ));
-        }
-        let pads = match (
-            string_attr(node, "auto_pad").unwrap_or(b"NOTSET"),
-            ints_attr(node, "pads").as_deref(),
-        ) {
-            (b"NOTSET", None) | (b"VALID", _) | (b"", None) => [0; 4],
-            (b"NOTSET" | b"", Some(p)) if p.len() == 4 && p.iter().all(|&x| x >= 0) => {
-                [p[0] as usize, p[1] as usize, p[2] as usize, p[3] as usize]
-            }
-            (b"NOTSET" | b"", Some(p)) => {
-                return Err(format!("pads {p:?} are not four non-negative values"));
-            }
-            (other, _) => {
-                return Err(format!(
-                    "auto_pad {}: give explicit pads",
-                    String::from_utf8_lossy(other)
-                ));
-            }
-        };
+        let w = Window::parse(node, 2)?;
         Ok(Window2d {
-            kernel,
-            strides,
-            dilations,
-            pads,
-            group: int_attr(node, "group").unwrap_or(1).max(1) as usize,
+            kernel: w.kernel.map(|k| (k[0], k[1])),
+            strides: (w.strides[0], w.strides[1]),
+            dilations: (w.dilations[0], w.dilations[1]),
+            pads: [w.pads[0], w.pads[1], w.pads[2], w.pads[3]],
+            group: w.group,
         })
     }
 }
@@ -129,5 +160,36 @@ mod tests {
         ] {
             assert!(Window2d::parse(&node("Conv", "c", &["x"], &["y"], vec![bad])).is_err());
         }
+    }
+
+    #[test]
+    fn windows_of_other_ranks() {
+        let conv3d = node(
+            "Conv",
+            "c",
+            &["x", "w"],
+            &["y"],
+            vec![
+                attr_ints("strides", &[1, 2, 2]),
+                attr_ints("dilations", &[2, 1, 1]),
+            ],
+        );
+        let w = Window::parse(&conv3d, 3).unwrap();
+        assert_eq!(
+            (w.strides, w.pads, w.dilated()),
+            (vec![1, 2, 2], vec![0; 6], true)
+        );
+        assert!(
+            Window::parse(&conv3d, 2).is_err(),
+            "3 strides on a 2-D window"
+        );
+        let conv1d = node(
+            "Conv",
+            "c",
+            &["x", "w"],
+            &["y"],
+            vec![attr_ints("pads", &[1, 2])],
+        );
+        assert_eq!(Window::parse(&conv1d, 1).unwrap().pads, [1, 2]);
     }
 }
