@@ -176,7 +176,7 @@ mod tests {
         );
         let w = Window::parse(&conv3d, 3).unwrap();
         assert_eq!(
-            (w.strides, w.pads, w.dilated()),
+            (w.strides.clone(), w.pads.clone(), w.dilated()),
             (vec![1, 2, 2], vec![0; 6], true)
         );
         assert!(
