@@ -455,7 +455,9 @@ pub fn range(start: &Tensor, limit: &Tensor, delta: &Tensor) -> Result<Tensor, S
     Ok(match start {
         Tensor::I64(_) | Tensor::I32(_) => {
             let (s, d) = (s as i64, d as i64);
-            let v: Vec<i64> = (0..n as i64).map(|k| s + k * d).collect();
+            let v: Vec<i64> = (0..n as i64)
+                .map(|k| s.wrapping_add(k.wrapping_mul(d)))
+                .collect();
             cast(
                 &Tensor::I64(ArrayD::from_shape_vec(IxDyn(&[n]), v).expect("1-D")),
                 start.dtype().onnx_code(),
