@@ -27,6 +27,16 @@ fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
         .collect()
 }
 
+/// A float initializer of `shape` with `values(seed, …, scale)`.
+fn f32s(name: &str, shape: &[usize], seed: u64, scale: f32) -> ascend_quant::onnx::TensorProto {
+    let n = shape.iter().product();
+    to_proto(
+        name,
+        &Tensor::F32(ArrayD::from_shape_vec(IxDyn(shape), values(seed, n, scale)).unwrap()),
+        Storage::Raw,
+    )
+}
+
 fn digits_input(n: usize) -> ArrayD<f32> {
     let Tensor::F32(x) = read_npy(&common::digits().join("test_x.npy")).unwrap() else {
         panic!("float images")
@@ -207,14 +217,6 @@ fn small_model() -> ModelProto {
     let vi = |n: &str| ValueInfoProto {
         name: Some(n.into()),
         ..Default::default()
-    };
-    let f32s = |name: &str, shape: &[usize], seed: u64, scale: f32| {
-        let n = shape.iter().product();
-        to_proto(
-            name,
-            &Tensor::F32(ArrayD::from_shape_vec(IxDyn(shape), values(seed, n, scale)).unwrap()),
-            Storage::Raw,
-        )
     };
     let mut conv = node("Conv", "conv", &["x", "w1", "b1"], &["c1"], vec![]);
     conv.attribute = vec![
@@ -725,14 +727,6 @@ fn a_diverging_run_stops_naming_the_step() {
 /// batch of 3, with a Relu so the loss is not linear in the input.
 #[test]
 fn pointwise_convolution_gradients_match_finite_differences() {
-    let f32s = |name: &str, shape: &[usize], seed: u64, scale: f32| {
-        let n = shape.iter().product();
-        to_proto(
-            name,
-            &Tensor::F32(ArrayD::from_shape_vec(IxDyn(shape), values(seed, n, scale)).unwrap()),
-            Storage::Raw,
-        )
-    };
     let model = common::model_of(GraphProto {
         name: Some("pointwise".into()),
         node: vec![
