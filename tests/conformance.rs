@@ -242,6 +242,7 @@ fn node_cases_the_native_engine_runs_match_onnxruntime() {
         "sub",
         "div",
         "constant_pad",
+        "matmul",
     ] {
         assert!(
             ran.iter().any(|c| c.starts_with(op)),

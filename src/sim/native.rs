@@ -471,7 +471,19 @@ fn step(node: &NodeProto, opset: i64, consts: &Consts) -> Result<Vec<Step>, Decl
             };
             let weight: Vec<f32> = w.iter().copied().collect();
             inputs.truncate(1);
-            Op::Dense(Box::new(Dense::new(&weight, k, m, trans_b, bias)))
+            Op::Dense(Box::new(Dense::new(&weight, k, m, trans_b, bias)), true)
+        }
+        "MatMul" => {
+            // By a constant 2-D weight: the same kernel as Gemm, rows = every
+            // leading axis of the input.
+            let w = float_input(1, "second operand")?;
+            if w.ndim() != 2 {
+                return Err("a second operand that is not a 2-D constant".into());
+            }
+            let (k, m) = (w.shape()[0], w.shape()[1]);
+            let weight: Vec<f32> = w.iter().copied().collect();
+            inputs.truncate(1);
+            Op::Dense(Box::new(Dense::new(&weight, k, m, false, None)), false)
         }
         "Relu" => Op::Clamp(0.0, f32::INFINITY),
         "Clip" => {
@@ -1088,7 +1100,7 @@ fn eval(op: &Op, args: &[&Tensor]) -> Result<Vec<Tensor>, String> {
     let out = match op {
         // A second input is a residual the engine fused (`fuse_residual_adds`).
         Op::Conv(c) => ops::conv(c, x, args.get(1).map(|_| float_arg(args, 1)).transpose()?),
-        Op::Dense(d) => ops::dense(d, x),
+        Op::Dense(d, two_d) => ops::dense(d, x, *two_d),
         Op::Clamp(lo, hi) => Ok(ops::clamp(x, *lo, *hi)),
         Op::Sigmoid => Ok(ops::sigmoid(x)),
         Op::Round => Ok(x.mapv(f32::round_ties_even)),

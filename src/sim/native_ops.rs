@@ -58,18 +58,24 @@ pub fn conv(c: &Conv, x: &ArrayD<f32>, residual: Option<&ArrayD<f32>>) -> OpResu
     }
 }
 
-/// A Gemm on an `[N, K]` input.
-pub fn dense(d: &Dense, x: &ArrayD<f32>) -> OpResult {
+/// A Gemm on an `[N, K]` input (`two_d`), or a MatMul by a constant `[K, M]`
+/// weight on an input `[.., K]` (rank 1 and above, NumPy's rule: a 1-D input
+/// gives a 1-D output).
+pub fn dense(d: &Dense, x: &ArrayD<f32>, two_d: bool) -> OpResult {
     let (k, m) = d.sizes();
     let s = x.shape();
-    if s.len() != 2 || s[1] != k {
+    if s.last() != Some(&k) || two_d && s.len() != 2 {
         return Err(format!(
-            "the input is {} but the weight needs [N, {k}]",
-            shape_text(s)
+            "the input is {} but the weight needs [{}{k}]",
+            shape_text(s),
+            if two_d { "N, " } else { "…, " }
         ));
     }
-    let out = d.run(&contiguous(x), s[0]);
-    ArrayD::from_shape_vec(IxDyn(&[s[0], m]), out).map_err(|e| e.to_string())
+    let rows = x.len() / k.max(1);
+    let out = d.run(&contiguous(x), rows);
+    let mut shape = s.to_vec();
+    *shape.last_mut().expect("rank ≥ 1") = m;
+    ArrayD::from_shape_vec(IxDyn(&shape), out).map_err(|e| e.to_string())
 }
 
 /// Values per parallel task of an elementwise pass.
@@ -779,6 +785,26 @@ pub fn resize_nearest(x: &ArrayD<f32>, scales: &[f32]) -> OpResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn matmul_by_a_constant_keeps_the_leading_axes() {
+        // W = [[1, 2, 3], [4, 5, 6]] (K = 2, M = 3); each row [a, b] -> [a + 4b, 2a + 5b, 3a + 6b].
+        let d = Dense::new(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 2, 3, false, None);
+        let x = ArrayD::from_shape_vec(IxDyn(&[2, 1, 2]), vec![1.0, 0.0, 2.0, -1.0]).unwrap();
+        let y = dense(&d, &x, false).unwrap();
+        assert_eq!(y.shape(), [2, 1, 3]);
+        assert_eq!(
+            y.iter().copied().collect::<Vec<_>>(),
+            [1.0, 2.0, 3.0, -2.0, -1.0, 0.0]
+        );
+        let v = ArrayD::from_shape_vec(IxDyn(&[2]), vec![0.5, 1.0]).unwrap();
+        let y = dense(&d, &v, false).unwrap();
+        assert_eq!(
+            (y.shape(), y.iter().copied().collect::<Vec<_>>()),
+            (&[3][..], vec![4.5, 6.0, 7.5])
+        );
+        assert!(dense(&d, &x, true).is_err(), "a Gemm takes 2-D inputs only");
+    }
 
     /// `[n, c, h, w]` holding a different value everywhere.
     fn numbered(shape: [usize; 4], from: f32) -> ArrayD<f32> {

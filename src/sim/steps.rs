@@ -15,7 +15,8 @@ use std::collections::HashMap;
 /// What one step computes.
 pub(super) enum Op {
     Conv(Box<Conv>),
-    Dense(Box<Dense>),
+    /// A Gemm (true: its input must be 2-D) or a MatMul by a constant weight.
+    Dense(Box<Dense>, bool),
     Clamp(f32, f32),
     Sigmoid,
     Round,
