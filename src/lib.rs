@@ -11,6 +11,7 @@
 
 pub mod acl;
 pub mod auto;
+pub mod choice;
 pub mod cli;
 pub mod convert;
 pub mod data;

@@ -3,6 +3,7 @@
 
 mod auto;
 mod calibrate;
+mod choices;
 mod compare;
 mod compile;
 mod completions;

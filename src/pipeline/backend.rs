@@ -6,7 +6,7 @@ use crate::sim::{CpuExecutor, Executor};
 use std::path::Path;
 
 /// Where calibration runs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Backend {
     /// The NPU when one is usable, else the CPU simulator.
     #[default]
@@ -15,6 +15,26 @@ pub enum Backend {
     Cpu,
     /// An Ascend NPU through AscendCL (atc compiles the model).
     Npu,
+}
+
+impl crate::choice::Choice for Backend {
+    const ALL: &'static [Self] = &[Backend::Auto, Backend::Cpu, Backend::Npu];
+
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Auto => "auto",
+            Backend::Cpu => "cpu",
+            Backend::Npu => "npu",
+        }
+    }
+
+    fn help(self) -> &'static str {
+        match self {
+            Backend::Auto => "The NPU when one is usable, else the CPU simulator",
+            Backend::Cpu => "The CPU simulator",
+            Backend::Npu => "An Ascend NPU through AscendCL (atc compiles the model)",
+        }
+    }
 }
 
 /// The executor for `backend` and a one-line description of the choice.

@@ -60,7 +60,7 @@ fn evaluate(
 }
 
 /// The loss choices of `qat --loss`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum LossChoice {
     /// Cross-entropy with labels, else KL distillation.
     #[default]
@@ -71,6 +71,33 @@ pub enum LossChoice {
     Kl,
     /// Mean squared error to the float model's outputs.
     Mse,
+}
+
+impl crate::choice::Choice for LossChoice {
+    const ALL: &'static [Self] = &[
+        LossChoice::Auto,
+        LossChoice::Ce,
+        LossChoice::Kl,
+        LossChoice::Mse,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            LossChoice::Auto => "auto",
+            LossChoice::Ce => "ce",
+            LossChoice::Kl => "kl",
+            LossChoice::Mse => "mse",
+        }
+    }
+
+    fn help(self) -> &'static str {
+        match self {
+            LossChoice::Auto => "Cross-entropy with labels, else KL distillation",
+            LossChoice::Ce => "Cross-entropy against --labels",
+            LossChoice::Kl => "KL divergence from the float model's softmax",
+            LossChoice::Mse => "Mean squared error to the float model's outputs",
+        }
+    }
 }
 
 /// What `qat` takes.

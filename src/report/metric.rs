@@ -5,7 +5,7 @@ use crate::similarity::Similarity;
 use ndarray::{ArrayD, Axis};
 
 /// The metric choices of `auto --metric`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MetricName {
     /// Top-1 accuracy against --labels.
     Top1,
@@ -15,6 +15,37 @@ pub enum MetricName {
     Cosine,
     /// Mean squared error relative to the float outputs' power (x100, negated).
     Mse,
+}
+
+impl crate::choice::Choice for MetricName {
+    const ALL: &'static [Self] = &[
+        MetricName::Top1,
+        MetricName::Top1Agreement,
+        MetricName::Cosine,
+        MetricName::Mse,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            MetricName::Top1 => "top1",
+            MetricName::Top1Agreement => "top1-agreement",
+            MetricName::Cosine => "cosine",
+            MetricName::Mse => "mse",
+        }
+    }
+
+    fn help(self) -> &'static str {
+        match self {
+            MetricName::Top1 => "Top-1 accuracy against --labels",
+            MetricName::Top1Agreement => "Agreement of the top-1 class with the float model",
+            MetricName::Cosine => {
+                "Mean cosine similarity of the outputs with the float model's (x100)"
+            }
+            MetricName::Mse => {
+                "Mean squared error relative to the float outputs' power (x100, negated)"
+            }
+        }
+    }
 }
 
 /// How a quantized model's outputs are scored against the float model's (or labels).
