@@ -1,6 +1,7 @@
 //! The quantization configuration: AMCT's JSON layer config, read with a
 //! check of every key and range, and written in graph order.
 
+pub(super) use super::config_levels::layer_op;
 use super::observe::{ActAlgo, IfmrSettings};
 use super::weights::NuqSettings;
 use super::weights::adaround::AdaSettings;
@@ -335,21 +336,6 @@ pub fn ada_settings(
 }
 
 pub(super) type Parse<T> = Result<T, String>;
-
-/// The operator type of the quantizable layer `name`, or an error listing them.
-pub(super) fn layer_op<'a>(layers: &'a [(String, String)], name: &str) -> Parse<&'a str> {
-    layers
-        .iter()
-        .find(|(n, _)| n == name)
-        .map(|(_, op)| op.as_str())
-        .ok_or_else(|| {
-            let names: Vec<&str> = layers.iter().map(|(n, _)| n.as_str()).collect();
-            format!(
-                "layer '{name}' does not exist or cannot be quantized; quantizable layers: {}",
-                names.join(", ")
-            )
-        })
-}
 
 /// A `channel_wise` value, refused for layers without output channels.
 pub(super) fn get_channel_wise(v: &Value, name: &str, op: &str, ctx: &str) -> Parse<bool> {

@@ -7,6 +7,7 @@ pub mod amct;
 pub mod bias_correction;
 pub mod calibrate;
 pub mod config;
+pub mod config_levels;
 pub mod dmq;
 pub mod emit;
 pub mod error;

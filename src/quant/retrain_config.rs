@@ -18,6 +18,7 @@ use super::amct::proto;
 use super::config::{
     ConfigError, Parse, check_keys, get_bool, get_channel_wise, get_num, layer_op,
 };
+use super::config_levels::{Level, Levels, check_skip_lists, is_skipped};
 use super::layers::has_weight_channels;
 use serde_json::{Map, Value, json};
 use std::path::Path;
@@ -237,57 +238,58 @@ fn build_simple(
     if cfg.batch_num() == 0 {
         return Err("'batch_num' must be at least 1".into());
     }
-    for name in cfg
-        .skip_layers
-        .iter()
-        .chain(&cfg.quant_skip_layers)
-        .chain(cfg.override_layer_configs.iter().map(|o| &o.layer_name))
-    {
-        layer_op(layers, name)?;
-    }
+    let skip_names: [&[String]; 2] = [&cfg.skip_layers, &cfg.quant_skip_layers];
+    let skip_types: [&[String]; 2] = [&cfg.skip_layer_types, &cfg.quant_skip_types];
+    check_skip_lists(&skip_names, layers)?;
+    let levels = Levels {
+        common: vec![(
+            cfg.retrain_data_quant_config.as_ref(),
+            cfg.retrain_weight_quant_config.as_ref(),
+        )],
+        by_type: cfg
+            .override_layer_types
+            .iter()
+            .map(|o| {
+                let settings = (
+                    o.retrain_data_quant_config.as_ref(),
+                    o.retrain_weight_quant_config.as_ref(),
+                );
+                (o.layer_type.clone(), settings)
+            })
+            .collect(),
+        by_layer: cfg
+            .override_layer_configs
+            .iter()
+            .map(|o| {
+                let settings = (
+                    o.retrain_data_quant_config.as_ref(),
+                    o.retrain_weight_quant_config.as_ref(),
+                );
+                (o.layer_name.clone(), settings)
+            })
+            .collect(),
+    };
+    levels.check_layer_names(layers)?;
     let mut out = RetrainConfig::default_for(layers);
     out.batch_num = cfg.batch_num() as usize;
     out.fp16_quant =
         cfg.fakequant_precision_mode() == proto::FakequantPrecisionMode::ForceFp16Quant;
     for (name, l) in &mut out.layers {
         let op = layer_op(layers, name)?;
-        let skipped = [&cfg.skip_layers, &cfg.quant_skip_layers]
-            .iter()
-            .any(|list| list.iter().any(|n| n == name))
-            || [&cfg.skip_layer_types, &cfg.quant_skip_types]
-                .iter()
-                .any(|list| list.iter().any(|t| t == op));
-        l.retrain_enable = !skipped;
-        if let Some(d) = &cfg.retrain_data_quant_config {
-            apply_data(l, d, "retrain_data_quant_config")?;
-        }
-        if let Some(w) = &cfg.retrain_weight_quant_config {
-            apply_weights(l, w, op, "retrain_weight_quant_config")?;
-        }
-        for o in cfg
-            .override_layer_types
-            .iter()
-            .filter(|o| o.layer_type == op)
-        {
-            let ctx = format!("override_layer_types '{op}'");
-            if let Some(d) = &o.retrain_data_quant_config {
-                apply_data(l, d, &ctx)?;
+        l.retrain_enable = !is_skipped(name, op, &skip_names, &skip_types);
+        for (level, (data, weights)) in levels.for_layer(name, op) {
+            let ctx = match level {
+                Level::Common => None,
+                Level::Type => Some(format!("override_layer_types '{op}'")),
+                Level::Layer => Some(format!("override_layer_configs '{name}'")),
+            };
+            if let Some(d) = data {
+                let ctx = ctx.as_deref().unwrap_or("retrain_data_quant_config");
+                apply_data(l, d, ctx)?;
             }
-            if let Some(w) = &o.retrain_weight_quant_config {
-                apply_weights(l, w, op, &ctx)?;
-            }
-        }
-        for o in cfg
-            .override_layer_configs
-            .iter()
-            .filter(|o| &o.layer_name == name)
-        {
-            let ctx = format!("override_layer_configs '{name}'");
-            if let Some(d) = &o.retrain_data_quant_config {
-                apply_data(l, d, &ctx)?;
-            }
-            if let Some(w) = &o.retrain_weight_quant_config {
-                apply_weights(l, w, op, &ctx)?;
+            if let Some(w) = weights {
+                let ctx = ctx.as_deref().unwrap_or("retrain_weight_quant_config");
+                apply_weights(l, w, op, ctx)?;
             }
         }
         if l.fixed_min == Some(true) && l.clips.is_some_and(|(lo, _)| lo != 0.0) {

@@ -8,6 +8,7 @@ use super::amct::{descriptors, proto};
 use super::config::{
     ConfigError, LayerConfig, QuantConfig, TensorQuantConfig, WtsAlgo, ada_settings, nuq_settings,
 };
+use super::config_levels::{Level, Levels, check_skip_lists, is_skipped};
 use super::observe::{ActAlgo, IfmrSettings};
 use super::weights::NuqSettings;
 use prost_reflect::DynamicMessage;
@@ -53,26 +54,21 @@ fn build(cfg: &proto::AmctConfig, layers: &[(String, String)]) -> Result<QuantCo
         )?)),
         None => None,
     };
-    let known = |name: &str| layers.iter().any(|(n, _)| n == name);
-    let all_names = || {
-        layers
+    let levels = Levels {
+        common: cfg.common_config.iter().collect(),
+        by_type: cfg
+            .override_layer_types
             .iter()
-            .map(|(n, _)| n.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
+            .map(|o| (o.layer_type.clone(), &o.calibration_config))
+            .collect(),
+        by_layer: cfg
+            .override_layer_configs
+            .iter()
+            .map(|o| (o.layer_name.clone(), &o.calibration_config))
+            .collect(),
     };
-    for name in cfg
-        .skip_layers
-        .iter()
-        .chain(cfg.override_layer_configs.iter().map(|o| &o.layer_name))
-    {
-        if !known(name) {
-            return Err(format!(
-                "layer '{name}' does not exist or cannot be quantized; quantizable layers: {}",
-                all_names()
-            ));
-        }
-    }
+    check_skip_lists(&[&cfg.skip_layers], layers)?;
+    levels.check_layer_names(layers)?;
     let mut out = QuantConfig {
         batch_num: cfg.batch_num.map(|n| n as usize),
         batch_size: None,
@@ -119,25 +115,10 @@ fn build(cfg: &proto::AmctConfig, layers: &[(String, String)]) -> Result<QuantCo
         if let Some(algo) = nuq_default {
             layer.wts_algo = algo;
         }
-        // (settings, named for this very layer)
-        let mut sources: Vec<(&proto::CalibrationConfig, bool)> =
-            cfg.common_config.iter().map(|c| (c, false)).collect();
-        sources.extend(
-            cfg.override_layer_types
-                .iter()
-                .filter(|o| &o.layer_type == op)
-                .map(|o| (&o.calibration_config, false)),
-        );
-        sources.extend(
-            cfg.override_layer_configs
-                .iter()
-                .filter(|o| &o.layer_name == name)
-                .map(|o| (&o.calibration_config, true)),
-        );
-        for (c, named) in sources {
-            apply(&mut layer, c, name, op, named)?;
+        for (level, c) in levels.for_layer(name, op) {
+            apply(&mut layer, c, name, op, level == Level::Layer)?;
         }
-        layer.quant_enable = !cfg.skip_layers.contains(name) && !cfg.skip_layer_types.contains(op);
+        layer.quant_enable = !is_skipped(name, op, &[&cfg.skip_layers], &[&cfg.skip_layer_types]);
         out.layers.push((name.clone(), layer));
     }
     Ok(out)
