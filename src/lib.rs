@@ -5,7 +5,7 @@
 //! Ascend NPU ([`npu`], over the safe AscendCL wrapper [`acl`]), calibrates
 //! them ([`quant`]) and writes Ascend deploy and fake-quant models in the
 //! format of [`deploy_format`]. The jobs the commands run are library calls:
-//! [`calibrate`], [`auto::run`], [`pipeline::compare_models`]; see
+//! [`calibrate`], [`pipeline::auto::run`], [`pipeline::compare_models`]; see
 //! `examples/calibrate.rs`.
 #![warn(missing_docs)]
 

@@ -144,7 +144,7 @@ fn the_extended_search_finds_the_brute_force_clip_below_the_range() {
     let held_out = piled_near_zero(2);
     let float = output(&m, &held_out);
     let err = |o: &Outcome| {
-        let q = output(&o.fake_quant, &held_out);
+        let q = output(&o.models().unwrap().1, &held_out);
         q.iter()
             .zip(&float)
             .map(|(a, b)| f64::from(a - b).powi(2))

@@ -66,7 +66,8 @@ fn a_wide_input_channel_is_balanced_into_the_weights() {
         );
     }
     // The deploy model divides the input by s: a Mul by 1/s in front of the AscendQuant.
-    let g = balanced.deploy.graph.as_ref().unwrap();
+    let (deploy, _) = balanced.models().unwrap();
+    let g = deploy.graph.as_ref().unwrap();
     let mul = g.node.iter().find(|n| n.name() == "fc.mul").unwrap();
     let quant = g
         .node
@@ -80,14 +81,16 @@ fn a_wide_input_channel_is_balanced_into_the_weights() {
         .to_owned();
     let float = output(&m, &test);
     let (e_plain, e_bal) = (
-        mse(&output(&plain.fake_quant, &test), &float),
-        mse(&output(&balanced.fake_quant, &test), &float),
+        mse(&output(&plain.models().unwrap().1, &test), &float),
+        mse(&output(&balanced.models().unwrap().1, &test), &float),
     );
     eprintln!("output MSE plain {e_plain:.3e}, balanced {e_bal:.3e}");
     assert!(e_bal < 0.5 * e_plain, "{e_plain} -> {e_bal}");
     // And the deploy model, on the simulator, agrees with the fake-quant model.
-    let dep = output(&balanced.deploy, &test);
-    assert!(mse(&dep, &output(&balanced.fake_quant, &test)) < 0.01 * e_bal.max(1e-9) + 1e-6);
+    let dep = output(&balanced.models().unwrap().0, &test);
+    assert!(
+        mse(&dep, &output(&balanced.models().unwrap().1, &test)) < 0.01 * e_bal.max(1e-9) + 1e-6
+    );
 }
 
 #[test]
@@ -129,7 +132,8 @@ fn a_depthwise_convolution_keeps_its_int8_weights() {
     let plain = run(&m, calib.clone(), None);
     let balanced = run(&m, calib, Some(0.5));
     let weight = |o: &Outcome| -> Vec<i8> {
-        let g = o.deploy.graph.as_ref().unwrap();
+        let (deploy, _) = o.models().unwrap();
+        let g = deploy.graph.as_ref().unwrap();
         let conv = g.node.iter().find(|n| n.name() == "dw").unwrap();
         let t = g
             .initializer

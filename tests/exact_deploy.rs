@@ -58,7 +58,9 @@ impl Deployed {
         };
         let deploy = calibrate(m.clone(), &config, &data, &CpuExecutor, &settings)
             .unwrap()
-            .deploy;
+            .models()
+            .unwrap()
+            .0;
         let g = deploy.graph.as_ref().unwrap();
         let find = |op: &str| g.node.iter().find(|n| n.op_type() == op).unwrap();
         let node = g.node.iter().find(|n| n.name() == layer).unwrap();

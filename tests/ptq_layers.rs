@@ -221,7 +221,9 @@ fn every_layer_kind_is_quantized_and_deploy_agrees_with_fake_quant() {
     let out = calibrate(m.clone(), &config, &dataset, &CpuExecutor, &run_settings).unwrap();
     assert_eq!(out.factors.len(), 6);
 
-    let g = out.deploy.graph.as_ref().unwrap();
+    let (deploy, _) = out.models().unwrap();
+
+    let g = deploy.graph.as_ref().unwrap();
     let quants: Vec<_> = g
         .node
         .iter()
@@ -276,8 +278,8 @@ fn every_layer_kind_is_quantized_and_deploy_agrees_with_fake_quant() {
 
     let x = data(16);
     let float = run(&m, &x);
-    let fake = run(&out.fake_quant, &x);
-    let deploy = run(&out.deploy, &x);
+    let fake = run(&out.models().unwrap().1, &x);
+    let deploy = run(&out.models().unwrap().0, &x);
     // The internal QDQ simulation (used for the report's similarity) computes what the fake-quant model computes.
     let simulated = run(
         &ascend_quant::quant::emit::simulation_model(&out.prepared, &out.factors).unwrap(),
@@ -364,8 +366,8 @@ fn a_3d_convolution_is_calibrated_and_its_deploy_model_runs() {
         "one weight scale per output channel"
     );
     let float = run_model(&m, &x, "z");
-    let deploy = run_model(&out.deploy, &x, "z");
-    let fake = run_model(&out.fake_quant, &x, "z");
+    let deploy = run_model(&out.models().unwrap().0, &x, "z");
+    let fake = run_model(&out.models().unwrap().1, &x, "z");
     assert!(cosine(&float, &fake) > 0.999, "{}", cosine(&float, &fake));
     assert!(
         cosine(&deploy, &fake) > 0.99999,
@@ -569,7 +571,7 @@ fn per_layer_cosines_are_those_of_the_layer_outputs() {
     let float = outputs_of(&out.prepared);
     // The reference is the fake-quant model the user gets (AMCT's chain of
     // standard operators), not the QDQ model the report is computed on.
-    let fake = outputs_of(&out.fake_quant);
+    let fake = outputs_of(&out.models().unwrap().1);
     assert_eq!(out.cosine.len(), out.factors.len());
     for ((f, a), b) in out.factors.iter().zip(&float).zip(&fake) {
         let (a, b) = (a.as_f32().unwrap(), b.as_f32().unwrap());

@@ -139,8 +139,8 @@ fn add_and_maxpool_inputs_round_trip_through_int8_as_computed_by_hand() {
             }
         }
     }
-    let fake = run(&out.fake_quant, &a, &b);
-    let deploy = run(&out.deploy, &a, &b);
+    let fake = run(&out.models().unwrap().1, &a, &b);
+    let deploy = run(&out.models().unwrap().0, &a, &b);
     let float = run(&m, &a, &b);
     let worst = |x: &ArrayD<f32>| {
         x.iter()
@@ -157,7 +157,8 @@ fn add_and_maxpool_inputs_round_trip_through_int8_as_computed_by_hand() {
     );
     assert!(worst(&float) > 1e-4, "the quantization is visible");
     // Deploy nodes and attributes.
-    let g = out.deploy.graph.as_ref().unwrap();
+    let (deploy, _) = out.models().unwrap();
+    let g = deploy.graph.as_ref().unwrap();
     let anti = g
         .node
         .iter()

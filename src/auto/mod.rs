@@ -6,12 +6,10 @@
 //! just the set of layers kept in float.
 
 pub mod evaluator;
-pub mod run;
 pub mod search;
 pub mod sensitivity;
 
 pub use crate::report::metric::{Metric, MetricName};
 pub use evaluator::{Evaluator, ExternalEvaluator, InternalEvaluator};
-pub use run::{AutoOptions, AutoResult, run};
 pub use search::{SearchOutcome, Trial, search};
 pub use sensitivity::{LayerSensitivity, layer_sensitivities};

@@ -1,10 +1,11 @@
 //! `ascend-quant auto`: accuracy-based automatic quantization. Parses the
-//! arguments, calls [`crate::auto::run`] and prints the outcome.
+//! arguments, calls [`crate::pipeline::auto::run`] and prints the outcome.
 
 use super::Failure;
 use super::calibrate::{CalibrateArgs, with_progress};
 use super::exit::ExitCode;
-use crate::auto::{AutoOptions, MetricName, run};
+use crate::auto::MetricName;
+use crate::pipeline::auto::{AutoOptions, run};
 use std::path::PathBuf;
 use std::time::Duration;
 

@@ -2,12 +2,11 @@
 //! and report out.
 
 use super::Progress;
+use super::artifacts::{Quantized, write_artifacts};
 use super::backend::select_backend;
 use super::error::PipelineError;
 use super::inputs::{CalibrateOptions, DataSource, RunInputs, gather, layer_names, read_config};
-use super::outputs::{
-    OutputFiles, check_writable, declared_batch, output_folder, with_suffix, write_outputs,
-};
+use super::outputs::{OutputFiles, check_writable, declared_batch, output_folder, with_suffix};
 use crate::onnx::load_model;
 use crate::quant::calibrate::{
     Outcome, RunSettings, calibrate as run_calibration, finish as finish_models,
@@ -159,8 +158,6 @@ fn finish(
 ) -> Result<CalibrateResult, PipelineError> {
     let from_record = opts.record.is_some();
     let files = OutputFiles::new(&opts.output);
-    let record_text =
-        crate::quant::record::write_record_with_tensors(&outcome.factors, &outcome.tensors);
     let layers = outcome
         .factors
         .iter()
@@ -207,13 +204,13 @@ fn finish(
         )
     });
     let mut outputs = vec![
-        &files.deploy,
-        &files.fake_quant,
-        &files.record,
-        &files.report,
+        files.deploy.clone(),
+        files.fake_quant.clone(),
+        files.record.clone(),
+        files.report.clone(),
     ];
     if let Some((path, _)) = &nuq_list {
-        outputs.push(path);
+        outputs.push(path.clone());
     }
     let tensor_quantize = outcome
         .tensors
@@ -234,65 +231,66 @@ fn finish(
             }
         })
         .collect();
-    let report = QuantReport {
-        model: opts.model.display().to_string(),
-        outputs: outputs.iter().map(|p| p.display().to_string()).collect(),
-        batches: outcome.batches_used,
-        batch_size,
-        backend: backend_line,
-        similarity_samples,
-        fused_batch_norms: outcome.preparation.fused.clone(),
-        layers,
-        tensor_quantize,
-        bias_correction: outcome.bias_correction.clone(),
-        adaround: outcome.adaround.clone(),
-        skipped: outcome
-            .candidates
-            .iter()
-            .filter(|c| !c.quantizable)
-            .cloned()
-            .collect(),
-        seconds: started.elapsed().as_secs_f64(),
-        phase_seconds: outcome.timings,
-    };
-    let report_json = serde_json::to_string_pretty(&report)
-        .map_err(|e| PipelineError::Usage(format!("serializing the report: {e}")))?;
-    let mut texts: Vec<(&Path, &[u8])> = vec![
-        (&files.record, record_text.as_bytes()),
-        (&files.report, report_json.as_bytes()),
-    ];
-    if let Some((path, text)) = &nuq_list {
-        texts.push((path, text.as_bytes()));
-    }
-    // The page goes with the other files when it sits beside them (all or
-    // none), else it is written on its own once they are in place.
-    let page = opts.html.as_ref().map(|path| {
-        let text =
-            crate::report::calibration_page::render(&report, histograms.as_deref().unwrap_or(&[]));
-        (path, text)
-    });
-    let beside = page
-        .as_ref()
-        .filter(|(path, _)| output_folder(path) == output_folder(&opts.output));
-    if let Some((path, text)) = beside {
-        texts.push((path, text.as_bytes()));
-    }
-    let mut written = write_outputs(
-        &[
-            (&files.deploy, &outcome.deploy),
-            (&files.fake_quant, &outcome.fake_quant),
-        ],
-        &texts,
-        &opts.output,
-    )?;
-    if let Some((path, text)) = page.as_ref().filter(|_| beside.is_none()) {
-        crate::fsutil::write_atomic(path, text.as_bytes()).map_err(|e| {
+    let report_path = files.report.clone();
+    let html = opts.html.clone();
+    let mut built = None;
+    let mut written = write_artifacts(&opts.output, Quantized::of(&outcome), |building| {
+        let report = QuantReport {
+            model: opts.model.display().to_string(),
+            outputs: outputs.iter().map(|p| p.display().to_string()).collect(),
+            batches: outcome.batches_used,
+            batch_size,
+            backend: backend_line,
+            similarity_samples,
+            fused_batch_norms: outcome.preparation.fused.clone(),
+            layers,
+            tensor_quantize,
+            bias_correction: outcome.bias_correction.clone(),
+            adaround: outcome.adaround.clone(),
+            skipped: outcome
+                .candidates
+                .iter()
+                .filter(|c| !c.quantizable)
+                .cloned()
+                .collect(),
+            seconds: started.elapsed().as_secs_f64(),
+            phase_seconds: [outcome.timings[0], building, outcome.timings[1]],
+        };
+        let report_json = serde_json::to_string_pretty(&report)
+            .map_err(|e| PipelineError::Usage(format!("serializing the report: {e}")))?;
+        let mut texts = vec![(report_path, report_json.clone().into_bytes())];
+        if let Some((path, text)) = nuq_list {
+            texts.push((path, text.into_bytes()));
+        }
+        // The page goes with the other files when it sits beside them (all
+        // or none), else it is written on its own once they are in place.
+        let page = html.map(|path| {
+            let text = crate::report::calibration_page::render(
+                &report,
+                histograms.as_deref().unwrap_or(&[]),
+            );
+            (path, text)
+        });
+        let mut apart = None;
+        if let Some((path, text)) = page {
+            if output_folder(&path) == output_folder(&opts.output) {
+                texts.push((path, text.into_bytes()));
+            } else {
+                apart = Some((path, text));
+            }
+        }
+        built = Some((report, report_json, apart));
+        Ok(texts)
+    })?;
+    let (report, report_json, apart) = built.expect("the texts were built before writing");
+    if let Some((path, text)) = apart {
+        crate::fsutil::write_atomic(&path, text.as_bytes()).map_err(|e| {
             PipelineError::Usage(format!(
                 "{}: writing the page failed: {e} (the models and record were written)",
                 path.display()
             ))
         })?;
-        written.push(path.to_path_buf());
+        written.push(path);
     }
     Ok(CalibrateResult {
         report,

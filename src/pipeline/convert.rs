@@ -1,12 +1,12 @@
 //! One `convert-qat` job: a QDQ model in; deploy model, fake-quant model,
 //! record and report out (all or none).
 
+use super::artifacts::{Quantized, write_artifacts};
 use super::error::PipelineError;
-use super::outputs::{OutputFiles, check_writable, write_outputs};
+use super::outputs::{OutputFiles, check_writable};
 use crate::convert::{FloatOp, convert};
 use crate::onnx::load_model;
 use crate::quant::calibrate::{RunSettings, finish};
-use crate::quant::record::write_record_with_tensors;
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -99,7 +99,6 @@ pub fn convert_qat(opts: &ConvertOptions) -> Result<ConvertReport, PipelineError
         similarity_samples: 0,
     };
     let outcome = finish(converted.calibrated, None, &run)?;
-    let record = write_record_with_tensors(&outcome.factors, &outcome.tensors);
     let files = OutputFiles::new(&opts.output);
     let report = ConvertReport {
         model: file,
@@ -119,16 +118,8 @@ pub fn convert_qat(opts: &ConvertOptions) -> Result<ConvertReport, PipelineError
     };
     let json = serde_json::to_string_pretty(&report)
         .map_err(|e| PipelineError::Usage(format!("serializing the report: {e}")))?;
-    write_outputs(
-        &[
-            (&files.deploy, &outcome.deploy),
-            (&files.fake_quant, &outcome.fake_quant),
-        ],
-        &[
-            (&files.record, record.as_bytes()),
-            (&files.report, json.as_bytes()),
-        ],
-        &opts.output,
-    )?;
+    write_artifacts(&opts.output, Quantized::of(&outcome), |_| {
+        Ok(vec![(files.report.clone(), json.into_bytes())])
+    })?;
     Ok(report)
 }

@@ -1,8 +1,10 @@
 //! The library API behind the commands: one call per job, from options to
 //! files on disk and a report. `cli/` parses arguments into these options
 //! and prints what comes back; programs use the same calls
-//! (`ascend_quant::calibrate`, `ascend_quant::auto::run`, ...).
+//! (`ascend_quant::calibrate`, `ascend_quant::pipeline::auto::run`, ...).
 
+pub mod artifacts;
+pub mod auto;
 pub mod backend;
 pub mod calibrate;
 pub mod compare;

@@ -3,16 +3,16 @@
 //! report from the trained weights and learned clips (all or none).
 
 use super::Progress;
+use super::artifacts::{Quantized, write_artifacts};
 use super::error::PipelineError;
 use super::inputs::{DataSource, layer_names};
-use super::outputs::{OutputFiles, check_writable, declared_batch, with_suffix, write_outputs};
+use super::outputs::{check_writable, declared_batch, with_suffix};
 use crate::data::Dataset;
 use crate::onnx::{ModelProto, Storage, load_model, to_proto};
 use crate::quant::calibrate::{RunSettings, observe_layers};
 use crate::quant::config::QuantConfig;
-use crate::quant::emit::{LayerFactors, deploy_and_fake_quant};
+use crate::quant::emit::LayerFactors;
 use crate::quant::params::ActParams;
-use crate::quant::record::write_record;
 use crate::quant::retrain_config::RetrainConfig;
 use crate::quant::weights::{ChannelLayout, arq_scales, quantize_bias, quantize_weight};
 use crate::report::metric::Metric;
@@ -449,7 +449,6 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
             balance: None,
         });
     }
-    let files = OutputFiles::new(&opts.output);
     let report_path = with_suffix(&opts.output, "_qat_report.json");
     let report = json!({
         "model": opts.model.display().to_string(),
@@ -474,16 +473,16 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
     });
     let report_json = serde_json::to_string_pretty(&report)
         .map_err(|e| PipelineError::Usage(format!("serializing the report: {e}")))?;
-    let (deploy, fake) = deploy_and_fake_quant(&trained, &factors, &[], retrain.fp16_quant)?;
-    let record = write_record(&factors);
-    let written = write_outputs(
-        &[(&files.deploy, &deploy), (&files.fake_quant, &fake)],
-        &[
-            (&files.record, record.as_bytes()),
-            (&report_path, report_json.as_bytes()),
-        ],
-        &opts.output,
-    )?;
+    let quantized = Quantized {
+        prepared: &trained,
+        factors: &factors,
+        tensors: &[],
+        fp16_quant: retrain.fp16_quant,
+    };
+    let report_bytes = report_json.clone().into_bytes();
+    let written = write_artifacts(&opts.output, quantized, |_| {
+        Ok(vec![(report_path, report_bytes)])
+    })?;
     Ok(QatResult {
         first_loss: losses.first().copied().unwrap_or(f64::NAN),
         last_loss: losses.last().copied().unwrap_or(f64::NAN),

@@ -1,7 +1,7 @@
 //! One post-training quantization run: prepare the float model, stream the
 //! calibration batches through the simulator while every layer's observer
-//! watches its input, quantize the weights, and build the deploy and
-//! fake-quant models; then measure each layer's output similarity.
+//! watches its input, quantize the weights; then measure each layer's output
+//! similarity. [`Outcome::models`] builds the deploy and fake-quant models.
 
 use super::adaround::{AdaReport, adaround_layers};
 use super::bias_correction::{BiasCorrection, correct_biases};
@@ -46,16 +46,28 @@ pub struct Outcome {
     pub adaround: Vec<AdaReport>,
     /// Every candidate layer and why it was or was not quantized.
     pub candidates: Vec<LayerCandidate>,
-    /// The deploy model.
-    pub deploy: ModelProto,
-    /// The fake-quant model.
-    pub fake_quant: ModelProto,
+    /// Emit the models with FORCE_FP16_QUANT (`fp16_quant`).
+    pub fp16_quant: bool,
     /// Cosine similarity of each quantized layer's output, float vs fake-quant, over the calibration data.
     pub cosine: HashMap<String, f64>,
     /// Batches used for calibration.
     pub batches_used: usize,
-    /// Seconds spent observing activations, quantizing weights and writing the models, and measuring similarity.
-    pub timings: [f64; 3],
+    /// Seconds spent observing activations (and quantizing weights), and
+    /// measuring similarity.
+    pub timings: [f64; 2],
+}
+
+impl Outcome {
+    /// The deploy and fake-quant models of this run (built on each call:
+    /// the run holds only the prepared model and the factors).
+    pub fn models(&self) -> Result<(ModelProto, ModelProto), crate::onnx::OnnxError> {
+        deploy_and_fake_quant(
+            &self.prepared,
+            &self.factors,
+            &self.tensors,
+            self.fp16_quant,
+        )
+    }
 }
 
 /// The statistics half of a run: the prepared model and the factors of
@@ -113,8 +125,8 @@ pub fn calibrate(
     Ok(outcome)
 }
 
-/// Builds the deploy and fake-quant models of calibrated factors and, when
-/// there is data, measures each layer's similarity on it.
+/// Turns calibrated factors into a run's outcome, measuring each layer's
+/// similarity when there is data.
 pub fn finish(
     c: Calibrated,
     data: Option<&Dataset>,
@@ -145,14 +157,7 @@ pub fn finish(
         }
         None => HashMap::new(),
     };
-    let measured = started.elapsed().as_secs_f64();
-    let (deploy, fake_quant) =
-        deploy_and_fake_quant(&c.prepared, &c.factors, &c.tensors, c.fp16_quant)?;
-    let timings = [
-        c.seconds,
-        started.elapsed().as_secs_f64() - measured,
-        measured,
-    ];
+    let timings = [c.seconds, started.elapsed().as_secs_f64()];
     Ok(Outcome {
         prepared: c.prepared,
         preparation: c.preparation,
@@ -161,8 +166,7 @@ pub fn finish(
         bias_correction: Vec::new(),
         adaround: c.adaround,
         candidates: c.candidates,
-        deploy,
-        fake_quant,
+        fp16_quant: c.fp16_quant,
         cosine,
         batches_used: c.batches_used,
         timings,

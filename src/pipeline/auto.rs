@@ -2,23 +2,22 @@
 //! to keep in float that holds the metric, and write the models, record,
 //! report, reproducible config, ranking and history (all or none).
 
-use super::{Evaluator, ExternalEvaluator, InternalEvaluator, Metric, layer_sensitivities, search};
-use crate::data::read_labels;
-use crate::pipeline::outputs::{OutputFiles, output_folder, with_suffix, write_outputs};
-use crate::pipeline::{
-    CalibrateOptions, PipelineError, Progress, RunInputs, gather, select_backend,
+use super::artifacts::{Quantized, write_artifacts};
+use super::outputs::{OutputFiles, output_folder, with_suffix};
+use super::{CalibrateOptions, PipelineError, Progress, RunInputs, gather, select_backend};
+use crate::auto::{
+    Evaluator, ExternalEvaluator, InternalEvaluator, Metric, layer_sensitivities, search,
 };
+use crate::data::read_labels;
 use crate::quant::bias_correction::correct_biases;
 use crate::quant::calibrate::{RunSettings, observe_layers};
 use crate::quant::emit::{
-    LayerFactors, ModelKind, add_tensor_quantization, deploy_and_fake_quant, fake_quant_model,
-    simulation_model,
+    LayerFactors, ModelKind, add_tensor_quantization, fake_quant_model, simulation_model,
 };
-use crate::quant::record::write_record_with_tensors;
 use crate::report::metric::MetricName;
 use crate::sim::CpuExecutor;
 use serde_json::json;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// What `auto` takes: the calibration options plus the accuracy target.
@@ -101,8 +100,7 @@ pub fn run(opts: &AutoOptions, progress: Progress<'_>) -> Result<AutoResult, Pip
         (Some(MetricName::Mse), _) => Metric::Mse,
         (Some(MetricName::Top1Agreement) | None, _) => Metric::Top1Agreement,
     };
-    let eval =
-        crate::pipeline::inputs::open_eval(&opts.eval_data, opts.eval_images.as_ref(), &model)?;
+    let eval = super::inputs::open_eval(&opts.eval_data, opts.eval_images.as_ref(), &model)?;
     if eval.is_none() && opts.evaluator.is_none() {
         return Err(PipelineError::Usage(
             "give --eval-data or --eval-images (or --evaluator)".into(),
@@ -248,35 +246,23 @@ pub fn run(opts: &AutoOptions, progress: Progress<'_>) -> Result<AutoResult, Pip
         ),
     });
     let report_json = pretty(&report);
-    let (deploy, fake) = deploy_and_fake_quant(
-        prepared,
-        &chosen,
-        &calibrated.tensors,
-        calibrated.fp16_quant,
-    )?;
     let ranking_json = serde_json::to_value(&ranking)
         .map_err(|e| PipelineError::Usage(format!("serializing the ranking: {e}")))?;
     let history_json = serde_json::to_value(&outcome.history)
         .map_err(|e| PipelineError::Usage(format!("serializing the history: {e}")))?;
-    let texts: Vec<(PathBuf, Vec<u8>)> = vec![
-        (
-            files.record.clone(),
-            write_record_with_tensors(&chosen, &calibrated.tensors).into_bytes(),
-        ),
+    let texts = vec![
         (files.report.clone(), report_json.clone().into_bytes()),
         (config_path, pretty(&config.to_json()).into_bytes()),
         (ranking_path, pretty(&ranking_json).into_bytes()),
         (history_path, pretty(&history_json).into_bytes()),
     ];
-    let text_refs: Vec<(&Path, &[u8])> = texts
-        .iter()
-        .map(|(p, b)| (p.as_path(), b.as_slice()))
-        .collect();
-    let written = write_outputs(
-        &[(&files.deploy, &deploy), (&files.fake_quant, &fake)],
-        &text_refs,
-        prefix,
-    )?;
+    let quantized = Quantized {
+        prepared,
+        factors: &chosen,
+        tensors: &calibrated.tensors,
+        fp16_quant: calibrated.fp16_quant,
+    };
+    let written = write_artifacts(prefix, quantized, |_| Ok(texts))?;
     Ok(AutoResult {
         metric: metric.name(),
         float_score,
