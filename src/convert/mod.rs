@@ -130,7 +130,7 @@ fn weight_scales(
     }
     let rank = w.float.ndim() as i64;
     let axis = if p.axis < 0 { p.axis + rank } else { p.axis };
-    let group = crate::onnx::attr::int_attr(node, "group").unwrap_or(1);
+    let group = crate::ops::window::Window::group_of(node);
     Ok(match op {
         "Conv" if axis == 0 => Ok(p.scale.clone()),
         "ConvTranspose" if axis == 1 && group == 1 => Ok(p.scale.clone()),

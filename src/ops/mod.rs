@@ -7,6 +7,7 @@
 //! Per-node fallback) says how the engines use them.
 
 pub mod arith;
+pub mod gemm;
 pub mod layout;
 pub mod window;
 

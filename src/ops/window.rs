@@ -69,6 +69,23 @@ impl Window {
     pub fn dilated(&self) -> bool {
         self.dilations.iter().any(|&d| d != 1)
     }
+
+    /// `group` of `node` (at least 1) alone, for passes that need only it
+    /// and take any padding (SAME included).
+    pub fn group_of(node: &NodeProto) -> usize {
+        int_attr(node, "group").unwrap_or(1).max(1) as usize
+    }
+
+    /// Whether `node` dilates some axis (no `dilations` means 1 on each),
+    /// for passes that need only that.
+    pub fn dilates(node: &NodeProto) -> bool {
+        ints_attr(node, "dilations").is_some_and(|d| d.iter().any(|&v| v != 1))
+    }
+
+    /// The number of spatial axes `kernel_shape` names (0 without it).
+    pub fn kernel_rank(node: &NodeProto) -> usize {
+        ints_attr(node, "kernel_shape").map_or(0, |k| k.len())
+    }
 }
 
 /// A 2-D window as ONNX gives it, defaults filled in.

@@ -11,7 +11,7 @@
 use super::layers::QuantLayer;
 use super::params::FLT_EPSILON;
 use crate::onnx::GraphProto;
-use crate::onnx::attr::int_attr;
+use crate::ops::window::Window;
 use ndarray::ArrayD;
 
 /// Where a layer's input channels sit in its input and in its weight.
@@ -54,7 +54,7 @@ impl ChannelAxes {
         let node = &graph.node[layer.node];
         match layer.op_type.as_str() {
             "Conv" if dims.len() >= 3 => {
-                let group = int_attr(node, "group").unwrap_or(1).max(1) as usize;
+                let group = Window::group_of(node);
                 Some(ChannelAxes::Conv {
                     cin: dims[1] * group,
                     group,

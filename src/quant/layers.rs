@@ -3,9 +3,10 @@
 //! to know about each: its activation input, weight, bias and channel layout.
 
 use super::weights::ChannelLayout;
-use crate::onnx::attr::{find, float_attr, int_attr};
 use crate::onnx::graph::{GraphIndex, Source, node_label};
-use crate::onnx::{GraphProto, NodeProto, OnnxError};
+use crate::onnx::{GraphProto, OnnxError};
+use crate::ops::gemm::Gemm;
+use crate::ops::window::Window;
 use serde::Serialize;
 
 /// Operators that Ascend quantizes: the one list every pass consults.
@@ -60,14 +61,6 @@ pub struct LayerCandidate {
     pub quantizable: bool,
     /// Why not, when it cannot.
     pub note: Option<String>,
-}
-
-fn attr_i(n: &NodeProto, name: &str, default: i64) -> i64 {
-    int_attr(n, name).unwrap_or(default)
-}
-
-fn attr_f(n: &NodeProto, name: &str, default: f32) -> f32 {
-    float_attr(n, name).unwrap_or(default)
 }
 
 /// Examines every node of a quantizable type; returns the usable layers and,
@@ -134,7 +127,7 @@ fn examine(
         ));
     }
     if op == "AveragePool" {
-        let k = find(n, "kernel_shape").map(|a| a.ints.len()).unwrap_or(0);
+        let k = Window::kernel_rank(n);
         if k != 2 {
             return Err(format!(
                 "AveragePool over {k} spatial axes; only 2-D (4-D input) pooling is quantized"
@@ -186,10 +179,10 @@ fn examine(
             if dims.len() != 4 {
                 return Err("ConvTranspose with a non 4-D weight; only 2-D transposed convolutions are quantized".into());
             }
-            if find(n, "dilations").is_some_and(|a| a.ints.iter().any(|&d| d != 1)) {
+            if Window::dilates(n) {
                 return Err("ConvTranspose with dilations other than 1 cannot be quantized".into());
             }
-            let group = attr_i(n, "group", 1).max(1) as usize;
+            let group = Window::group_of(n);
             let layout = ChannelLayout::Transposed {
                 cin: dims[0] as usize,
                 cout_per_group: dims[1] as usize,
@@ -198,10 +191,8 @@ fn examine(
             Ok((bias, None, out, layout, 4))
         }
         "Gemm" => {
-            if attr_i(n, "transA", 0) != 0
-                || attr_f(n, "alpha", 1.0) != 1.0
-                || attr_f(n, "beta", 1.0) != 1.0
-            {
+            let gemm = Gemm::parse(n)?;
+            if !gemm.is_plain_product() {
                 return Err(
                     "Gemm with transA=1 or alpha/beta other than 1 cannot be quantized".into(),
                 );
@@ -210,11 +201,7 @@ fn examine(
                 return Err("Gemm weight is not 2-D".into());
             }
             if let Some(b) = &bias {
-                let n_out = if attr_i(n, "transB", 0) == 1 {
-                    dims[0]
-                } else {
-                    dims[1]
-                };
+                let n_out = if gemm.trans_b { dims[0] } else { dims[1] };
                 let values = |d: Vec<i64>| d.iter().try_fold(1i64, |acc, &x| acc.checked_mul(x));
                 if init_dims(b).is_some_and(|d| values(d) != Some(n_out)) {
                     return Err(format!(

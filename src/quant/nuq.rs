@@ -9,8 +9,9 @@ use super::error::QuantError;
 use super::layers::QuantLayer;
 use super::weights::{ChannelLayout, InputMap, NuqSettings, NuqSummary, nuq_quantize};
 use crate::onnx::GraphProto;
-use crate::onnx::attr::{find, int_attr};
 use crate::onnx::graph::initializer_f32;
+use crate::ops::gemm::Gemm;
+use crate::ops::window::Window;
 
 /// How `layer`'s weight meets its input channels, or why NUQ cannot take it.
 pub fn nuq_map(graph: &GraphProto, layer: &QuantLayer) -> Result<InputMap, String> {
@@ -23,8 +24,8 @@ pub fn nuq_map(graph: &GraphProto, layer: &QuantLayer) -> Result<InputMap, Strin
         .unwrap_or_default();
     match layer.op_type.as_str() {
         "Conv" => {
-            let group = int_attr(node, "group").unwrap_or(1);
-            let dilated = find(node, "dilations").is_some_and(|a| a.ints.iter().any(|&d| d != 1));
+            let group = Window::group_of(node);
+            let dilated = Window::dilates(node);
             if dims.len() != 4 || group != 1 || dilated {
                 return Err(format!(
                     "NUQ takes 2-D convolutions with group 1 and dilation 1; this one has a {}-D weight, group {group}{}; it stays uniform",
@@ -37,7 +38,7 @@ pub fn nuq_map(graph: &GraphProto, layer: &QuantLayer) -> Result<InputMap, Strin
                 taps: dims[2] * dims[3],
             })
         }
-        "Gemm" if dims.len() == 2 && int_attr(node, "transB").unwrap_or(0) == 0 => {
+        "Gemm" if dims.len() == 2 && Gemm::parse(node).is_ok_and(|g| !g.trans_b) => {
             Ok(InputMap::KByN {
                 k: dims[0],
                 n: dims[1],

@@ -5,7 +5,7 @@
 //!
 //! `y[n, m, o] = b[m] + Σ_k conv2d(x_pad[n, :, o*sd + k*dd], w[:, :, k])`.
 
-use crate::onnx::attr::{attr_int, attr_ints, int_attr, ints_attr, string_attr};
+use crate::onnx::attr::{attr_int, attr_ints};
 use crate::onnx::builder::node;
 use crate::onnx::graph::initializer;
 use crate::onnx::proto::{AttributeProto, TensorProto};
@@ -32,8 +32,9 @@ pub fn lower_conv3d(g: &mut GraphProto) -> usize {
             .flatten()
             .filter(|t| t.dims.len() == 5)
             .and_then(|t| to_tensor(t).ok());
-        let explicit = string_attr(&n, "auto_pad").is_none_or(|p| p.is_empty() || p == b"NOTSET");
-        let Some(Tensor::F32(w)) = weight.filter(|_| explicit) else {
+        // SAME padding or malformed attributes: left for the engine to refuse by name.
+        let window = crate::ops::window::Window::parse(&n, 3);
+        let (Some(Tensor::F32(w)), Ok(window)) = (weight, window) else {
             out.push(n);
             continue;
         };
@@ -41,17 +42,12 @@ pub fn lower_conv3d(g: &mut GraphProto) -> usize {
         let name = n.name().to_string();
         let p = |s: &str| format!("{name}.conv3d.{s}");
         let kd = w.shape()[2];
-        let strides = ints_attr(&n, "strides").unwrap_or_else(|| vec![1; 3]);
-        let dilations = ints_attr(&n, "dilations").unwrap_or_else(|| vec![1; 3]);
-        let pads = ints_attr(&n, "pads").unwrap_or_else(|| vec![0; 6]);
-        let group = int_attr(&n, "group").unwrap_or(1);
-        if strides.len() != 3
-            || dilations.len() != 3
-            || pads.len() != 6
-            || group < 1
-            || n.input.first().is_none_or(|x| x.is_empty())
-            || n.output.is_empty()
-        {
+        let as_i64 = |v: &[usize]| v.iter().map(|&x| x as i64).collect::<Vec<i64>>();
+        let strides = as_i64(&window.strides);
+        let dilations = as_i64(&window.dilations);
+        let pads = as_i64(&window.pads);
+        let group = window.group as i64;
+        if n.input.first().is_none_or(|x| x.is_empty()) || n.output.is_empty() {
             // Malformed for a 3-D convolution: left for the engine to refuse by name.
             count -= 1;
             out.push(n);

@@ -10,7 +10,7 @@
 //! group would need its own chunks; depthwise and the usual grouped layers
 //! stay far below the bound): they keep one float convolution per layer.
 
-use crate::onnx::attr::{attr_int, int_attr};
+use crate::onnx::attr::attr_int;
 use crate::onnx::builder::node;
 use crate::onnx::proto::TensorProto;
 use crate::onnx::{NodeProto, Storage, to_proto};
@@ -36,7 +36,7 @@ pub fn lower(
     let name = conv.name().to_string();
     let p = |s: &str| format!("{name}.exact.{s}");
     let transpose = conv.op_type() == "ConvTranspose";
-    let group = int_attr(conv, "group").unwrap_or(1).max(1) as usize;
+    let group = crate::ops::window::Window::group_of(conv);
     // The input-channel axis of the weight, and the terms per output per channel.
     let axis = if transpose { 0 } else { 1 };
     let cin = w.shape()[axis];

@@ -443,22 +443,16 @@ fn step(node: &NodeProto, opset: i64, consts: &Consts) -> Result<Vec<Step>, Decl
             Op::Conv(Box::new(conv))
         }
         "Gemm" => {
-            if int_attr(node, "transA").unwrap_or(0) != 0
-                || float_attr(node, "alpha").unwrap_or(1.0) != 1.0
-                || float_attr(node, "beta").unwrap_or(1.0) != 1.0
-            {
+            let gemm = crate::ops::gemm::Gemm::parse(node)?;
+            if !gemm.is_plain_product() {
                 return Err("transA, alpha or beta other than the defaults".into());
             }
             let w = float_input(1, "weight")?;
             if w.ndim() != 2 {
                 return Err("a weight that is not 2-D".into());
             }
-            let trans_b = int_attr(node, "transB").unwrap_or(0) != 0;
-            let (k, m) = if trans_b {
-                (w.shape()[1], w.shape()[0])
-            } else {
-                (w.shape()[0], w.shape()[1])
-            };
+            let trans_b = gemm.trans_b;
+            let (k, m) = gemm.weight_k_n(w.shape()[0], w.shape()[1]);
             let bias = match input(2) {
                 None => None,
                 Some(_) => {

@@ -14,7 +14,6 @@ use super::steps::{Decline, Op, Step, conv_geometry};
 use crate::deploy_format::{
     ASCEND_ANTI_QUANT, ASCEND_DEQUANT, ASCEND_QUANT, AntiQuantAttrs, QuantAttrs, unpack_deq_scale,
 };
-use crate::onnx::attr::{float_attr, int_attr};
 use crate::onnx::graph::initializer;
 use crate::onnx::{GraphIndex, GraphProto, NodeProto, to_tensor};
 use crate::tensor::Tensor;
@@ -204,10 +203,8 @@ fn layer(
         "Gemm" | "MatMul" => {
             let gemm = node.op_type() == "Gemm";
             let plain = !gemm
-                || int_attr(node, "transA").unwrap_or(0) == 0
-                    && int_attr(node, "transB").unwrap_or(0) == 0
-                    && float_attr(node, "alpha").unwrap_or(1.0) == 1.0
-                    && float_attr(node, "beta").unwrap_or(1.0) == 1.0;
+                || crate::ops::gemm::Gemm::parse(node)
+                    .is_ok_and(|g| g.is_plain_product() && !g.trans_b);
             let &[k, n] = w.shape() else {
                 return Err(unfit());
             };

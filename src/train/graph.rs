@@ -22,7 +22,9 @@ use super::ops_pool::{avg_pool_backward, pool, resize_maps};
 use crate::onnx::attr::{float_attr, int_attr, ints_attr};
 use crate::onnx::graph::GraphIndex;
 use crate::onnx::{GraphProto, ModelProto, NodeProto, to_tensor};
+use crate::ops::gemm::Gemm;
 use crate::ops::layout::axis_index;
+use crate::ops::window::Window;
 use crate::tensor::Tensor;
 use ndarray::{ArrayD, Axis, Ix2, IxDyn};
 use std::collections::HashMap;
@@ -248,7 +250,7 @@ impl TrainGraph {
                     }
                 }
                 "ConvTranspose" => {
-                    if int_attr(n, "group").unwrap_or(1) != 1
+                    if Window::group_of(n) != 1
                         || crate::onnx::attr::find(n, "output_shape").is_some()
                     {
                         return Err(unsupported(
@@ -269,17 +271,15 @@ impl TrainGraph {
                     }
                 }
                 "Gemm" => {
-                    if int_attr(n, "transA").unwrap_or(0) != 0
-                        || float_attr(n, "alpha").unwrap_or(1.0) != 1.0
-                        || float_attr(n, "beta").unwrap_or(1.0) != 1.0
-                    {
+                    let gemm = Gemm::parse(n).map_err(|e| unsupported(n, &e))?;
+                    if !gemm.is_plain_product() {
                         return Err(unsupported(
                             n,
                             "transA, alpha or beta other than the defaults",
                         ));
                     }
                     Op::Gemm {
-                        trans_b: int_attr(n, "transB").unwrap_or(0) == 1,
+                        trans_b: gemm.trans_b,
                     }
                 }
                 "Relu" => Op::Relu,
@@ -301,7 +301,7 @@ impl TrainGraph {
                     }
                 }
                 "MaxPool" => {
-                    if ints_attr(n, "dilations").is_some_and(|d| d.iter().any(|&v| v != 1))
+                    if Window::dilates(n)
                         || int_attr(n, "ceil_mode").unwrap_or(0) != 0
                         || n.output.len() > 1
                     {
