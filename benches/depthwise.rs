@@ -6,7 +6,7 @@
 //! `cargo bench --bench depthwise [-- RUNS]` prints one JSON line with the
 //! median and minimum milliseconds of the input and weight gradients together.
 
-use ascend_quant::train::depthwise::{Depthwise, grad_input, grad_weight};
+use ascend_quant::sim::kernels::depthwise::grad::{Depthwise, grad_input, grad_weight};
 use std::time::Instant;
 
 fn main() {

@@ -10,7 +10,6 @@ pub mod io;
 pub mod limits;
 pub mod tensor_proto;
 pub mod value_info;
-pub mod work;
 
 /// Protobuf types generated from `proto/onnx.proto` (the complete ONNX IR).
 #[allow(missing_docs, clippy::all)]
@@ -24,6 +23,15 @@ pub use io::{SaveOptions, load_model, load_model_bytes, save_model, save_model_w
 pub use proto::{GraphProto, ModelProto, NodeProto, TensorProto, ValueInfoProto};
 pub use tensor_proto::{Storage, to_proto, to_tensor};
 pub use value_info::{Dim, ValueSpec};
+
+/// The opset `model` imports for the default (ONNX) domain, when it says.
+pub fn default_opset(model: &ModelProto) -> Option<i64> {
+    model
+        .opset_import
+        .iter()
+        .find(|o| o.domain().is_empty() || o.domain() == "ai.onnx")
+        .and_then(|o| o.version)
+}
 
 /// The graph of `model`, or [`OnnxError::NoGraph`] naming `origin`.
 pub fn graph_of<'a>(model: &'a ModelProto, origin: &str) -> Result<&'a GraphProto, OnnxError> {

@@ -6,10 +6,12 @@
 //! native engine runs on float32 values. `docs/engine.md` (Shape folding,
 //! Per-node fallback) says how the engines use them.
 
+pub mod activation;
 pub mod arith;
 pub mod gemm;
 pub mod layout;
 pub mod window;
+pub mod work;
 
 use crate::onnx::NodeProto;
 use crate::onnx::attr::{find, int_attr};

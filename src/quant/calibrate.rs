@@ -509,12 +509,7 @@ pub fn prepare_layers(
     config: &QuantConfig,
 ) -> Result<(ModelProto, Prepared, Vec<QuantLayer>, Vec<LayerCandidate>), QuantError> {
     // The fake-quant model needs Round and Clip with bound inputs (opset 11), as AMCT does.
-    let opset = model
-        .opset_import
-        .iter()
-        .find(|o| o.domain().is_empty() || o.domain() == "ai.onnx")
-        .map(|o| o.version())
-        .unwrap_or(0);
+    let opset = crate::onnx::default_opset(&model).unwrap_or(0);
     if opset < 11 {
         return Err(QuantError::Input(format!(
             "the model imports the default ONNX opset {opset}; quantization needs opset 11 or later (re-export the model with opset >= 11)"

@@ -26,7 +26,7 @@ pub fn prepare(
     do_fusion: bool,
     skip_fusion: &[String],
 ) -> Result<Prepared, OnnxError> {
-    crate::onnx::limits::check_sizes(model)?;
+    crate::ops::work::check_model(model)?;
     let graph = model.graph.as_mut().ok_or_else(|| OnnxError::NoGraph {
         path: "the model".into(),
     })?;

@@ -46,12 +46,7 @@ pub(super) fn fold_constants(
 }
 
 fn opset(model: &ModelProto) -> i64 {
-    model
-        .opset_import
-        .iter()
-        .find(|o| o.domain().is_empty() || o.domain() == "ai.onnx")
-        .and_then(|o| o.version)
-        .unwrap_or(1)
+    crate::onnx::default_opset(model).unwrap_or(1)
 }
 
 /// Runs a model (given with the values to fetch as its outputs) on some

@@ -105,7 +105,7 @@ impl NativeModel {
                 // Folded shapes and paddings are constants now: the work they
                 // imply is checked again (a corrupted size in a shape
                 // subgraph shows only here).
-                crate::onnx::work::check_work(&folded).map_err(|e| SimError::Load {
+                crate::ops::work::check_work(&folded).map_err(|e| SimError::Load {
                     reason: e.to_string(),
                 })?;
                 prepared = folded;
@@ -139,12 +139,7 @@ impl NativeModel {
             .flat_map(|g| &g.output)
             .map(ValueSpec::from_proto)
             .collect();
-        let opset = prepared
-            .opset_import
-            .iter()
-            .find(|o| o.domain().is_empty() || o.domain() == "ai.onnx")
-            .and_then(|o| o.version)
-            .unwrap_or(1);
+        let opset = crate::onnx::default_opset(&prepared).unwrap_or(1);
         let built = Self::steps(&prepared, &index, opset, opts, deploy, &mut plan);
         let Ok((steps, mut consts)) = built else {
             return Ok((None, plan));
@@ -513,11 +508,11 @@ fn step(node: &NodeProto, opset: i64, consts: &Consts) -> Result<Vec<Step>, Decl
         }
         "Concat" => Op::Concat(int_attr(node, "axis").ok_or("Concat without an axis")?),
         "Softmax" => {
-            // Before opset 13 the input is flattened to 2-D at `axis` (default 1).
-            if opset < 13 {
-                Op::SoftmaxFlat(int_attr(node, "axis").unwrap_or(1))
+            let s = crate::ops::activation::Softmax::parse(node, opset);
+            if s.flattened {
+                Op::SoftmaxFlat(s.axis)
             } else {
-                Op::Softmax(int_attr(node, "axis").unwrap_or(-1))
+                Op::Softmax(s.axis)
             }
         }
         "Resize" => {

@@ -9,6 +9,7 @@ use super::kernels::int_conv::{IntConv, IntDense, Quantizer};
 use super::kernels::written_by;
 use crate::onnx::NodeProto;
 use crate::onnx::attr::int_attr;
+pub use crate::ops::activation::Unary;
 use crate::ops::layout::{axis_index, broadcast_shape};
 use ndarray::{ArrayD, Axis, IxDyn, Zip};
 use rayon::prelude::*;
@@ -256,97 +257,6 @@ impl Elementwise {
             Elementwise::Min => a.min(b),
             Elementwise::Pow => a.powf(b),
         }
-    }
-}
-
-/// Float operators of one input, value by value.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Unary {
-    /// tanh
-    Tanh,
-    /// e^x
-    Exp,
-    /// ln x
-    Log,
-    /// √x
-    Sqrt,
-    /// −x
-    Neg,
-    /// |x|
-    Abs,
-    /// 1 / x
-    Reciprocal,
-    /// ⌊x⌋
-    Floor,
-    /// ⌈x⌉
-    Ceil,
-    /// x, or alpha·x below 0
-    LeakyRelu(f32),
-    /// max(0, min(1, alpha·x + beta))
-    HardSigmoid(f32, f32),
-    /// x · max(0, min(1, x/6 + 1/2))
-    HardSwish,
-    /// x, or alpha·(e^x − 1) below 0
-    Elu(f32),
-    /// ln(1 + e^x)
-    Softplus,
-}
-
-impl Unary {
-    fn apply(self, x: f32) -> f32 {
-        match self {
-            Unary::Tanh => x.tanh(),
-            Unary::Exp => x.exp(),
-            Unary::Log => x.ln(),
-            Unary::Sqrt => x.sqrt(),
-            Unary::Neg => -x,
-            Unary::Abs => x.abs(),
-            Unary::Reciprocal => 1.0 / x,
-            Unary::Floor => x.floor(),
-            Unary::Ceil => x.ceil(),
-            Unary::LeakyRelu(a) => {
-                if x < 0.0 {
-                    a * x
-                } else {
-                    x
-                }
-            }
-            Unary::HardSigmoid(a, b) => (a * x + b).clamp(0.0, 1.0),
-            Unary::HardSwish => x * (x / 6.0 + 0.5).clamp(0.0, 1.0),
-            Unary::Elu(a) => {
-                if x < 0.0 {
-                    a * (x.exp() - 1.0)
-                } else {
-                    x
-                }
-            }
-            Unary::Softplus => x.exp().ln_1p(),
-        }
-    }
-
-    /// The operator of an ONNX node, with its attributes.
-    pub fn of(node: &NodeProto) -> Option<Unary> {
-        let alpha = |default: f32| crate::onnx::attr::float_attr(node, "alpha").unwrap_or(default);
-        Some(match node.op_type() {
-            "Tanh" => Unary::Tanh,
-            "Exp" => Unary::Exp,
-            "Log" => Unary::Log,
-            "Sqrt" => Unary::Sqrt,
-            "Neg" => Unary::Neg,
-            "Abs" => Unary::Abs,
-            "Reciprocal" => Unary::Reciprocal,
-            "Floor" => Unary::Floor,
-            "Ceil" => Unary::Ceil,
-            "LeakyRelu" => Unary::LeakyRelu(alpha(0.01)),
-            "HardSigmoid" => Unary::HardSigmoid(
-                alpha(0.2),
-                crate::onnx::attr::float_attr(node, "beta").unwrap_or(0.5),
-            ),
-            "HardSwish" => Unary::HardSwish,
-            "Elu" => Unary::Elu(alpha(1.0)),
-            "Softplus" => Unary::Softplus,
-            _ => return None,
-        })
     }
 }
 

@@ -18,7 +18,7 @@ pub fn rewrite_for_execution(
     model: &ModelProto,
     opts: &SessionOptions,
 ) -> Result<ModelProto, SimError> {
-    crate::onnx::limits::check_sizes(model).map_err(|e| SimError::Load {
+    crate::ops::work::check_model(model).map_err(|e| SimError::Load {
         reason: e.to_string(),
     })?;
     let mut m = model.clone();

@@ -5,7 +5,7 @@
 //! trainer updates the ones it trains (weights, biases, clips).
 //!
 //! Supported today: Conv (dense, and depthwise through
-//! [`super::depthwise`]), ConvTranspose (group 1), Gemm, MatMul (by a 2-D weight), Relu, Clip,
+//! `sim::kernels::depthwise::grad`), ConvTranspose (group 1), Gemm, MatMul (by a 2-D weight), Relu, Clip,
 //! Sigmoid, HardSigmoid, HardSwish, MaxPool, AveragePool (no padding),
 //! GlobalAveragePool, Flatten, Reshape, Transpose, Concat, Softmax, Add, Mul,
 //! nearest Resize.
@@ -13,18 +13,19 @@
 
 use super::fake_quant::{arq_retrain_forward, ulq_backward, ulq_forward, ulq_grid};
 pub(in crate::train) use super::op::Op;
-use super::ops_conv::{
-    contiguous, conv_backward, conv_forward, conv_geometry, conv_input_grad, from_nchw, im2col,
-    transposed_geometry,
-};
 use super::ops_layout::{matmul_shape, perm_of, reduce_to, softmax};
 use super::ops_pool::{avg_pool_backward, pool, resize_maps};
-use crate::onnx::attr::{float_attr, int_attr, ints_attr};
+use crate::onnx::attr::{int_attr, ints_attr};
 use crate::onnx::graph::GraphIndex;
 use crate::onnx::{GraphProto, ModelProto, NodeProto, to_tensor};
+use crate::ops::activation::{Softmax, Unary};
 use crate::ops::gemm::Gemm;
-use crate::ops::layout::axis_index;
+use crate::ops::layout::{Layout, axis_index};
 use crate::ops::window::Window;
+use crate::sim::kernels::conv_grad::{
+    ConvGeom, TransposedWindow, contiguous, conv_backward, conv_forward, conv_geometry,
+    conv_input_grad, from_nchw, im2col, transposed_geometry,
+};
 use crate::tensor::Tensor;
 use ndarray::{ArrayD, Axis, Ix2, IxDyn};
 use std::collections::HashMap;
@@ -326,7 +327,15 @@ impl TrainGraph {
                 }
                 "GlobalAveragePool" => Op::GlobalAveragePool,
                 "Flatten" => {
-                    let axis = int_attr(n, "axis").unwrap_or(1);
+                    let axis = match Layout::parse(
+                        n,
+                        crate::onnx::default_opset(model).unwrap_or(13),
+                        0,
+                        &|_| None,
+                    ) {
+                        Ok(Some(Layout::Flatten(axis))) => axis,
+                        _ => return Err(unsupported(n, "a malformed Flatten")),
+                    };
                     if axis < 0 {
                         return Err(unsupported(n, "negative axis"));
                     }
@@ -338,23 +347,18 @@ impl TrainGraph {
                 "Add" => Op::Add,
                 "Mul" => Op::Mul,
                 "Sigmoid" => Op::Sigmoid,
-                "HardSigmoid" => Op::HardSigmoid {
-                    alpha: float_attr(n, "alpha").unwrap_or(0.2),
-                    beta: float_attr(n, "beta").unwrap_or(0.5),
+                "HardSigmoid" => match Unary::of(n) {
+                    Some(Unary::HardSigmoid(alpha, beta)) => Op::HardSigmoid { alpha, beta },
+                    _ => return Err(unsupported(n, "not a HardSigmoid")),
                 },
                 "HardSwish" => Op::HardSwish,
                 "Concat" => Op::Concat {
                     axis: int_attr(n, "axis").unwrap_or(0),
                 },
                 "Softmax" => {
-                    let opset = model
-                        .opset_import
-                        .iter()
-                        .find(|o| o.domain().is_empty() || o.domain() == "ai.onnx")
-                        .and_then(|o| o.version)
-                        .unwrap_or(13);
-                    let axis = int_attr(n, "axis").unwrap_or(if opset >= 13 { -1 } else { 1 });
-                    if opset < 13 && axis != -1 {
+                    let opset = crate::onnx::default_opset(model).unwrap_or(13);
+                    let Softmax { axis, flattened } = Softmax::parse(n, opset);
+                    if flattened && axis != -1 {
                         return Err(unsupported(
                             n,
                             "Softmax before opset 13 flattens; re-export with opset >= 13",
@@ -362,9 +366,17 @@ impl TrainGraph {
                     }
                     Op::Softmax { axis }
                 }
-                "Transpose" => Op::Transpose {
-                    perm: ints_attr(n, "perm")
-                        .map(|p| p.iter().map(|&v| v.max(0) as usize).collect()),
+                "Transpose" => match Layout::parse(
+                    n,
+                    crate::onnx::default_opset(model).unwrap_or(13),
+                    0,
+                    &|_| None,
+                ) {
+                    Ok(Some(Layout::Transpose(perm))) => Op::Transpose {
+                        perm: (!perm.is_empty())
+                            .then(|| perm.iter().map(|&v| v.max(0) as usize).collect()),
+                    },
+                    _ => return Err(unsupported(n, "a malformed perm")),
                 },
                 "MatMul" => Op::MatMul,
                 "Resize" => {
@@ -714,7 +726,7 @@ impl TrainGraph {
                     .to_owned()
             }
             Op::ConvTranspose { .. } => {
-                let g = transposed_geometry(&s.op, x[0], x[1]).map_err(|e| self.bad(s, e))?;
+                let g = transposed(&s.op, x[0], x[1]).map_err(|e| self.bad(s, e))?;
                 let mut y = conv_input_grad(&g, x[1], x[0]);
                 if let Some(b) = x.get(2) {
                     let plane = g.h * g.w;
@@ -1016,7 +1028,7 @@ impl TrainGraph {
                 )]
             }
             Op::ConvTranspose { .. } => {
-                let g = transposed_geometry(&s.op, x[0], x[1]).map_err(|e| self.bad(s, e))?;
+                let g = transposed(&s.op, x[0], x[1]).map_err(|e| self.bad(s, e))?;
                 // The dual convolution reads gy (Cout channels) and writes x's shape.
                 let gx = conv_forward(&g, gy, x[1], None);
                 let cols = im2col(&g, &contiguous(gy));
@@ -1156,4 +1168,24 @@ fn op_name(op: &Op) -> String {
         .next()
         .unwrap_or_default()
         .to_string()
+}
+
+/// The dual convolution of a ConvTranspose step.
+fn transposed(op: &Op, x: &ArrayD<f32>, w: &ArrayD<f32>) -> Result<ConvGeom, String> {
+    let Op::ConvTranspose {
+        strides,
+        dilations,
+        pads,
+        output_padding,
+    } = op
+    else {
+        return Err("not a ConvTranspose".into());
+    };
+    let window = TransposedWindow {
+        strides: *strides,
+        dilations: *dilations,
+        pads: *pads,
+        output_padding: *output_padding,
+    };
+    transposed_geometry(&window, x, w)
 }

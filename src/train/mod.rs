@@ -6,11 +6,9 @@
 //! loop ([`qat`]); `docs/training.md` records the measurements behind it.
 
 pub mod checkpoint;
-pub mod depthwise;
 pub mod fake_quant;
 pub mod graph;
 mod op;
-mod ops_conv;
 mod ops_layout;
 mod ops_pool;
 pub mod optim;

@@ -1,6 +1,6 @@
 //! The operators the training graph runs, with their attributes read once
 //! when the graph is built (`graph.rs`), for the forward and backward
-//! kernels of `ops_conv.rs`, `ops_pool.rs` and `graph.rs`.
+//! kernels of `sim::kernels::conv_grad`, `ops_pool.rs` and `graph.rs`.
 
 /// One operator of the training graph.
 #[derive(Clone, Debug)]

@@ -1,7 +1,7 @@
 //! Pooling and nearest-Resize index maps of the training graph.
 
 use super::op::Op;
-use super::ops_conv::contiguous;
+use crate::sim::kernels::conv_grad::contiguous;
 use ndarray::{ArrayD, IxDyn};
 
 /// Max (with the flat index of each maximum) or average pooling, 4-D input.

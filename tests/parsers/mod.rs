@@ -67,7 +67,7 @@ pub fn model_run(bytes: &[u8]) -> Result<(), String> {
     use ascend_quant::sim::{CpuExecutor, Executor, feedable_inputs};
     use ascend_quant::tensor::Tensor;
     let m = load_model_bytes(bytes, Path::new("fuzzed.onnx"), None).map_err(|e| e.to_string())?;
-    let work = ascend_quant::onnx::work::check_work(&m).map_err(|e| e.to_string())?;
+    let work = ascend_quant::ops::work::check_work(&m).map_err(|e| e.to_string())?;
     let session = CpuExecutor
         .prepare(&m, &SessionOptions::default())
         .map_err(|e| e.to_string())?;

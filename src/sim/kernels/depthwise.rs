@@ -13,6 +13,7 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+pub mod grad;
 
 use super::activation::clamp_value;
 use super::written_by;

@@ -8,6 +8,7 @@
 pub mod activation;
 pub mod channel_tiles;
 pub mod conv;
+pub mod conv_grad;
 pub mod depthwise;
 pub mod int_conv;
 pub mod int_gemm;

@@ -1,32 +1,48 @@
-//! Convolutions of the training graph: the forward pass on the inference
-//! engine's kernels (`sim::kernels::conv`, every group count), the
-//! gradients by GEMM for dense convolutions (sample by sample; im2col only
-//! for non-pointwise layers) and by the depthwise kernels for depthwise
-//! ones, and ConvTranspose as the input gradient of its dual convolution.
+//! Convolutions for training, beside the inference kernels they share: the
+//! forward pass on `conv` (every group count), the gradients by GEMM for
+//! dense convolutions (sample by sample; im2col only for non-pointwise
+//! layers) and by `depthwise::grad` for depthwise ones, and ConvTranspose as
+//! the input gradient of its dual convolution.
 
-use super::depthwise::{self, Depthwise};
-use super::op::Op;
-use crate::sim::kernels::conv::{Conv, ConvGeometry};
+use super::conv::{Conv, ConvGeometry};
+use super::depthwise::grad::{self as depthwise, Depthwise};
 use ndarray::{Array2, ArrayD, Axis, IxDyn};
 
-/// The geometry of one convolution call.
-pub(in crate::train) struct ConvGeom {
-    pub(in crate::train) n: usize,
-    pub(in crate::train) c: usize,
-    pub(in crate::train) h: usize,
-    pub(in crate::train) w: usize,
-    pub(in crate::train) m: usize,
-    pub(in crate::train) kh: usize,
-    pub(in crate::train) kw: usize,
-    pub(in crate::train) group: usize,
-    pub(in crate::train) strides: (usize, usize),
-    pub(in crate::train) dilations: (usize, usize),
-    pub(in crate::train) pads: (usize, usize, usize, usize),
-    pub(in crate::train) oh: usize,
-    pub(in crate::train) ow: usize,
+/// The geometry of one convolution call over a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeom {
+    /// Batch.
+    pub n: usize,
+    /// Input channels.
+    pub c: usize,
+    /// Input height.
+    pub h: usize,
+    /// Input width.
+    pub w: usize,
+    /// Output channels.
+    pub m: usize,
+    /// Kernel height.
+    pub kh: usize,
+    /// Kernel width.
+    pub kw: usize,
+    /// Groups (1, or the channel count for depthwise).
+    pub group: usize,
+    /// Strides (height, width).
+    pub strides: (usize, usize),
+    /// Dilations (height, width).
+    pub dilations: (usize, usize),
+    /// Padding: top, left, bottom, right.
+    pub pads: (usize, usize, usize, usize),
+    /// Output height.
+    pub oh: usize,
+    /// Output width.
+    pub ow: usize,
 }
 
-pub(in crate::train) fn conv_geometry(
+/// The geometry of convolving `x` `[n, c, h, w]` with `w` `[m, c/group,
+/// kh, kw]`; an error for shapes that do not fit or groups other than 1
+/// and depthwise.
+pub fn conv_geometry(
     x: &ArrayD<f32>,
     w: &ArrayD<f32>,
     group: usize,
@@ -76,7 +92,8 @@ pub(in crate::train) fn conv_geometry(
 }
 
 impl ConvGeom {
-    pub(in crate::train) fn depthwise(&self) -> Depthwise {
+    /// The depthwise kernels' geometry of this (depthwise) convolution.
+    pub fn depthwise(&self) -> Depthwise {
         Depthwise {
             n: self.n,
             c: self.c,
@@ -91,13 +108,7 @@ impl ConvGeom {
     }
 
     /// For output position (r, col) and tap (i, j), the input position if inside.
-    pub(in crate::train) fn source(
-        &self,
-        r: usize,
-        col: usize,
-        i: usize,
-        j: usize,
-    ) -> Option<(usize, usize)> {
+    pub fn source(&self, r: usize, col: usize, i: usize, j: usize) -> Option<(usize, usize)> {
         let ih = (r * self.strides.0 + i * self.dilations.0).checked_sub(self.pads.0)?;
         let iw = (col * self.strides.1 + j * self.dilations.1).checked_sub(self.pads.1)?;
         (ih < self.h && iw < self.w).then_some((ih, iw))
@@ -105,7 +116,8 @@ impl ConvGeom {
 }
 
 /// `[c·kh·kw, n·oh·ow]` columns of a dense convolution.
-pub(in crate::train) fn im2col(g: &ConvGeom, x: &[f32]) -> Array2<f32> {
+/// `[c·kh·kw, n·oh·ow]` columns of a dense convolution's input.
+pub fn im2col(g: &ConvGeom, x: &[f32]) -> Array2<f32> {
     let cols = g.n * g.oh * g.ow;
     let mut out = Array2::<f32>::zeros((g.c * g.kh * g.kw, cols));
     for (row, mut line) in out.outer_iter_mut().enumerate() {
@@ -124,7 +136,8 @@ pub(in crate::train) fn im2col(g: &ConvGeom, x: &[f32]) -> Array2<f32> {
     out
 }
 
-pub(in crate::train) fn col2im(g: &ConvGeom, cols: &Array2<f32>) -> Vec<f32> {
+/// The input-shaped sum of columns (the adjoint of [`im2col`]).
+pub fn col2im(g: &ConvGeom, cols: &Array2<f32>) -> Vec<f32> {
     let mut x = vec![0f32; g.n * g.c * g.h * g.w];
     for (row, line) in cols.outer_iter().enumerate() {
         let (ci, i, j) = (row / (g.kh * g.kw), (row / g.kw) % g.kh, row % g.kw);
@@ -143,7 +156,7 @@ pub(in crate::train) fn col2im(g: &ConvGeom, cols: &Array2<f32>) -> Vec<f32> {
 }
 
 /// NCHW `[n, m, oh, ow]` as `[m, n·oh·ow]`.
-pub(in crate::train) fn from_nchw(g: &ConvGeom, y: &ArrayD<f32>) -> Array2<f32> {
+pub fn from_nchw(g: &ConvGeom, y: &ArrayD<f32>) -> Array2<f32> {
     let plane = g.oh * g.ow;
     let ys: Vec<f32> = y.iter().copied().collect();
     Array2::from_shape_fn((g.m, g.n * plane), |(mi, k)| {
@@ -153,7 +166,7 @@ pub(in crate::train) fn from_nchw(g: &ConvGeom, y: &ArrayD<f32>) -> Array2<f32> 
 }
 
 /// The values of `a` in row-major order, borrowed when already so laid out.
-pub(in crate::train) fn contiguous(a: &ArrayD<f32>) -> std::borrow::Cow<'_, [f32]> {
+pub fn contiguous(a: &ArrayD<f32>) -> std::borrow::Cow<'_, [f32]> {
     match a.as_slice() {
         Some(s) => std::borrow::Cow::Borrowed(s),
         None => std::borrow::Cow::Owned(a.iter().copied().collect()),
@@ -162,7 +175,7 @@ pub(in crate::train) fn contiguous(a: &ArrayD<f32>) -> std::borrow::Cow<'_, [f32
 
 /// The forward pass on the inference engine's convolution kernels
 /// (`sim::kernels::conv`), packed from the current weights.
-pub(in crate::train) fn conv_forward(
+pub fn conv_forward(
     g: &ConvGeom,
     x: &ArrayD<f32>,
     w: &ArrayD<f32>,
@@ -189,7 +202,8 @@ pub(in crate::train) fn conv_forward(
     ArrayD::from_shape_vec(IxDyn(&[g.n, g.m, g.oh, g.ow]), y).unwrap_or_default()
 }
 
-pub(in crate::train) fn conv_backward(
+/// The gradients of the input, the weight and the bias for output gradient `gy`.
+pub fn conv_backward(
     g: &ConvGeom,
     x: &ArrayD<f32>,
     w: &ArrayD<f32>,
@@ -250,24 +264,34 @@ pub(in crate::train) fn conv_backward(
     )
 }
 
+/// A 2-D ConvTranspose's window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TransposedWindow {
+    /// Strides (height, width).
+    pub strides: (usize, usize),
+    /// Dilations (height, width).
+    pub dilations: (usize, usize),
+    /// Padding: top, left, bottom, right.
+    pub pads: (usize, usize, usize, usize),
+    /// Extra rows and columns at the output's end.
+    pub output_padding: (usize, usize),
+}
+
 /// The convolution whose input gradient a ConvTranspose computes: input
 /// channels = the ConvTranspose's outputs (its weight `[Cin, Cout, kh, kw]`
 /// read as a convolution weight `[m = Cin, c = Cout, kh, kw]`), input plane =
 /// the ConvTranspose's output plane, output plane = its input plane.
-pub(in crate::train) fn transposed_geometry(
-    op: &Op,
+pub fn transposed_geometry(
+    window: &TransposedWindow,
     x: &ArrayD<f32>,
     w: &ArrayD<f32>,
 ) -> Result<ConvGeom, String> {
-    let Op::ConvTranspose {
+    let TransposedWindow {
         strides,
         dilations,
         pads,
         output_padding,
-    } = op
-    else {
-        return Err("not a ConvTranspose".into());
-    };
+    } = window;
     let (xs, ws) = (x.shape(), w.shape());
     if xs.len() != 4 || ws.len() != 4 || ws[0] != xs[1] || xs[2] == 0 || xs[3] == 0 {
         return Err(format!("input {xs:?} and weight {ws:?}: only 2-D, group 1"));
@@ -316,11 +340,7 @@ pub(in crate::train) fn transposed_geometry(
 }
 
 /// The input gradient of the dense convolution `g` for output gradient `gy`.
-pub(in crate::train) fn conv_input_grad(
-    g: &ConvGeom,
-    w: &ArrayD<f32>,
-    gy: &ArrayD<f32>,
-) -> ArrayD<f32> {
+pub fn conv_input_grad(g: &ConvGeom, w: &ArrayD<f32>, gy: &ArrayD<f32>) -> ArrayD<f32> {
     let gym = from_nchw(g, gy);
     let wm = Array2::from_shape_vec((g.m, g.c * g.kh * g.kw), contiguous(w).into_owned())
         .unwrap_or_default();

@@ -1,7 +1,7 @@
 //! The two gradients of a depthwise 2-D convolution (one filter per
 //! channel, `group = C`), as direct kernels over contiguous `f32` buffers in
-//! NCHW order, parallel over channels; its forward pass is the inference
-//! engine's (`sim::kernels::depthwise`). General engines run a depthwise
+//! NCHW order, parallel over channels, beside the forward kernel of the
+//! parent module (which training runs too). General engines run a depthwise
 //! layer as one convolution per group, tens of times slower (see
 //! `docs/training.md`).
 //!
@@ -9,9 +9,11 @@
 //! contiguous run of output columns whose input columns are inside the
 //! image, so the innermost loop is a plain multiply-add over a row.
 
+use super::DepthwiseShape;
 use rayon::prelude::*;
 
-/// The geometry of a depthwise convolution.
+/// A depthwise convolution over a batch: its geometry with the batch and
+/// channel counts the gradients walk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Depthwise {
     /// Batch.
@@ -35,16 +37,27 @@ pub struct Depthwise {
 }
 
 impl Depthwise {
-    /// Output height.
-    pub fn out_h(&self) -> usize {
-        let span = self.dilation.0 * (self.kh - 1) + 1;
-        (self.h + self.pads.0 + self.pads.2).saturating_sub(span) / self.stride.0 + 1
+    /// The plane geometry the forward kernel takes.
+    pub fn shape(&self) -> DepthwiseShape {
+        DepthwiseShape {
+            h: self.h,
+            w: self.w,
+            kh: self.kh,
+            kw: self.kw,
+            stride: self.stride,
+            dilation: self.dilation,
+            pads: [self.pads.0, self.pads.1, self.pads.2, self.pads.3],
+        }
     }
 
-    /// Output width.
+    /// Output height (the forward kernel's).
+    pub fn out_h(&self) -> usize {
+        self.shape().out_h()
+    }
+
+    /// Output width (the forward kernel's).
     pub fn out_w(&self) -> usize {
-        let span = self.dilation.1 * (self.kw - 1) + 1;
-        (self.w + self.pads.1 + self.pads.3).saturating_sub(span) / self.stride.1 + 1
+        self.shape().out_w()
     }
 
     /// The output columns `ow` whose input column `ow·s − pad + j·d` lies in

@@ -7,11 +7,11 @@
 //! lower bound). `docs/engine.md` (Work limits) gives the limits and how to
 //! lift them.
 
-use super::attr::{find, int_attr, ints_attr};
-use super::error::OnnxError;
-use super::graph::{GraphIndex, constant_ints};
-use super::proto::{GraphProto, ModelProto, NodeProto};
-use super::{Dim, ValueSpec};
+use super::gemm::Gemm;
+use super::window::Window;
+use crate::onnx::attr::{int_attr, ints_attr};
+use crate::onnx::graph::{GraphIndex, constant_ints};
+use crate::onnx::{Dim, GraphProto, ModelProto, NodeProto, OnnxError, ValueSpec};
 use std::collections::HashMap;
 
 /// The most multiply-adds one sample may cost: 2^42 (4.4 · 10^12), beyond the
@@ -44,6 +44,13 @@ pub struct Work {
     /// Nodes whose output shape the estimate could not follow (their work,
     /// and that of what reads them, is not counted).
     pub unfollowed: usize,
+}
+
+/// Refuses a model whose sizes are absurd (`onnx::limits::check_sizes`)
+/// or whose one sample costs too much ([`check_work`]).
+pub fn check_model(model: &ModelProto) -> Result<(), OnnxError> {
+    crate::onnx::limits::check_sizes(model)?;
+    check_work(model).map(drop)
 }
 
 /// Estimates the work of one sample of `model` and refuses it, naming the
@@ -178,12 +185,12 @@ fn node_work(
     let mut pad_growth = None;
     let out: Vec<u64> = match n.op_type() {
         "Conv" | "MaxPool" | "AveragePool" | "LpPool" => {
-            if x.len() < 3
-                || find(n, "auto_pad").is_some_and(|a| !a.s().is_empty() && a.s() != b"NOTSET")
-            {
+            if x.len() < 3 {
                 return None;
             }
             let spatial = x.len() - 2;
+            // SAME padding or malformed attributes: the shape is not followed.
+            let window = Window::parse(n, spatial).ok()?;
             let weight = if n.op_type() == "Conv" {
                 Some(input(1)?)
             } else {
@@ -192,19 +199,13 @@ fn node_work(
             let kernel: Vec<u64> = match &weight {
                 Some(w) if w.len() == x.len() => w[2..].to_vec(),
                 Some(_) => return None,
-                None => ints_attr(n, "kernel_shape")?
-                    .iter()
-                    .map(|&k| k.max(1) as u64)
-                    .collect(),
+                None => window.kernel?.iter().map(|&k| k.max(1) as u64).collect(),
             };
-            let pads = ints_attr(n, "pads").unwrap_or_else(|| vec![0; 2 * spatial]);
-            let strides = ints_attr(n, "strides").unwrap_or_else(|| vec![1; spatial]);
-            let dilations = ints_attr(n, "dilations").unwrap_or_else(|| vec![1; spatial]);
-            if kernel.len() != spatial
-                || pads.len() != 2 * spatial
-                || strides.len() != spatial
-                || dilations.len() != spatial
-            {
+            let as_i64 = |v: &[usize]| v.iter().map(|&x| x as i64).collect::<Vec<i64>>();
+            let pads = as_i64(&window.pads);
+            let strides = as_i64(&window.strides);
+            let dilations = as_i64(&window.dilations);
+            if kernel.len() != spatial {
                 return None;
             }
             let plane: Vec<u64> = x[2..].to_vec();
@@ -245,10 +246,13 @@ fn node_work(
             if x.len() != 2 || w.len() != 2 {
                 return None;
             }
-            let trans_a = int_attr(n, "transA").unwrap_or(0) != 0;
-            let trans_b = int_attr(n, "transB").unwrap_or(0) != 0;
-            let (m, k) = if trans_a { (x[1], x[0]) } else { (x[0], x[1]) };
-            let cols = if trans_b { w[0] } else { w[1] };
+            let gemm = Gemm::parse(n).ok()?;
+            let (m, k) = if gemm.trans_a {
+                (x[1], x[0])
+            } else {
+                (x[0], x[1])
+            };
+            let cols = if gemm.trans_b { w[0] } else { w[1] };
             multiply_adds = m.saturating_mul(k).saturating_mul(cols);
             vec![m, cols]
         }

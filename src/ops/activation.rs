@@ -1,0 +1,156 @@
+//! Activations and other float operators of one input, value by value,
+//! with their attributes read once (`alpha`, `beta`): the native engine
+//! applies them, the trainer reads their parameters from them.
+
+use crate::onnx::NodeProto;
+use crate::onnx::attr::{float_attr, int_attr};
+
+/// Float operators of one input, value by value.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Unary {
+    /// tanh
+    Tanh,
+    /// e^x
+    Exp,
+    /// ln x
+    Log,
+    /// √x
+    Sqrt,
+    /// −x
+    Neg,
+    /// |x|
+    Abs,
+    /// 1 / x
+    Reciprocal,
+    /// ⌊x⌋
+    Floor,
+    /// ⌈x⌉
+    Ceil,
+    /// x, or alpha·x below 0
+    LeakyRelu(f32),
+    /// max(0, min(1, alpha·x + beta))
+    HardSigmoid(f32, f32),
+    /// x · max(0, min(1, x/6 + 1/2))
+    HardSwish,
+    /// x, or alpha·(e^x − 1) below 0
+    Elu(f32),
+    /// ln(1 + e^x)
+    Softplus,
+}
+
+impl Unary {
+    /// The operator applied to one value.
+    pub fn apply(self, x: f32) -> f32 {
+        match self {
+            Unary::Tanh => x.tanh(),
+            Unary::Exp => x.exp(),
+            Unary::Log => x.ln(),
+            Unary::Sqrt => x.sqrt(),
+            Unary::Neg => -x,
+            Unary::Abs => x.abs(),
+            Unary::Reciprocal => 1.0 / x,
+            Unary::Floor => x.floor(),
+            Unary::Ceil => x.ceil(),
+            Unary::LeakyRelu(a) => {
+                if x < 0.0 {
+                    a * x
+                } else {
+                    x
+                }
+            }
+            Unary::HardSigmoid(a, b) => (a * x + b).clamp(0.0, 1.0),
+            Unary::HardSwish => x * (x / 6.0 + 0.5).clamp(0.0, 1.0),
+            Unary::Elu(a) => {
+                if x < 0.0 {
+                    a * (x.exp() - 1.0)
+                } else {
+                    x
+                }
+            }
+            Unary::Softplus => x.exp().ln_1p(),
+        }
+    }
+
+    /// The operator of an ONNX node, with its attributes.
+    pub fn of(node: &NodeProto) -> Option<Unary> {
+        let alpha = |default: f32| float_attr(node, "alpha").unwrap_or(default);
+        Some(match node.op_type() {
+            "Tanh" => Unary::Tanh,
+            "Exp" => Unary::Exp,
+            "Log" => Unary::Log,
+            "Sqrt" => Unary::Sqrt,
+            "Neg" => Unary::Neg,
+            "Abs" => Unary::Abs,
+            "Reciprocal" => Unary::Reciprocal,
+            "Floor" => Unary::Floor,
+            "Ceil" => Unary::Ceil,
+            "LeakyRelu" => Unary::LeakyRelu(alpha(0.01)),
+            "HardSigmoid" => {
+                Unary::HardSigmoid(alpha(0.2), float_attr(node, "beta").unwrap_or(0.5))
+            }
+            "HardSwish" => Unary::HardSwish,
+            "Elu" => Unary::Elu(alpha(1.0)),
+            "Softplus" => Unary::Softplus,
+            _ => return None,
+        })
+    }
+}
+
+/// Softmax's axis in the opset's semantics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Softmax {
+    /// The axis (negative counts from the end).
+    pub axis: i64,
+    /// Before opset 13: the input is flattened to 2-D at `axis` and the
+    /// softmax runs over everything from `axis` on.
+    pub flattened: bool,
+}
+
+impl Softmax {
+    /// The softmax of `node` under `opset` (default axis 1 before 13, −1 from 13).
+    pub fn parse(node: &NodeProto, opset: i64) -> Softmax {
+        let flattened = opset < 13;
+        let default = if flattened { 1 } else { -1 };
+        Softmax {
+            axis: int_attr(node, "axis").unwrap_or(default),
+            flattened,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Unary;
+    use crate::onnx::attr::attr_float;
+    use crate::onnx::builder::node;
+
+    #[test]
+    fn attributes_and_defaults_follow_onnx() {
+        let hs = node("HardSigmoid", "h", &["x"], &["y"], vec![]);
+        assert_eq!(Unary::of(&hs), Some(Unary::HardSigmoid(0.2, 0.5)));
+        // By hand: max(0, min(1, 0.2·1 + 0.5)) = 0.7.
+        assert!((Unary::of(&hs).unwrap().apply(1.0) - 0.7).abs() < 1e-7);
+        let lr = node(
+            "LeakyRelu",
+            "l",
+            &["x"],
+            &["y"],
+            vec![attr_float("alpha", 0.1)],
+        );
+        assert_eq!(Unary::of(&lr).unwrap().apply(-2.0), -0.2);
+        assert_eq!(
+            Unary::of(&node("Elu", "e", &["x"], &["y"], vec![])),
+            Some(Unary::Elu(1.0))
+        );
+        assert_eq!(Unary::of(&node("Relu6", "r", &["x"], &["y"], vec![])), None);
+    }
+
+    #[test]
+    fn softmax_axis_follows_the_opset() {
+        let plain = node("Softmax", "s", &["x"], &["y"], vec![]);
+        let s = super::Softmax::parse(&plain, 13);
+        assert_eq!((s.axis, s.flattened), (-1, false));
+        let s = super::Softmax::parse(&plain, 11);
+        assert_eq!((s.axis, s.flattened), (1, true));
+    }
+}
