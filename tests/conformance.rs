@@ -243,6 +243,10 @@ fn node_cases_the_native_engine_runs_match_onnxruntime() {
         "div",
         "constant_pad",
         "matmul",
+        "resize_upsample_scales_cubic",
+        "resize_tf_crop_and_resize",
+        "resize_downsample_scales_linear",
+        "resize_upsample_sizes_nearest",
     ] {
         assert!(
             ran.iter().any(|c| c.starts_with(op)),

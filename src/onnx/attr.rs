@@ -24,6 +24,11 @@ pub fn ints_attr(node: &NodeProto, name: &str) -> Option<Vec<i64>> {
     find(node, name).map(|a| a.ints.clone())
 }
 
+/// A FLOATS attribute's values.
+pub fn floats_attr(node: &NodeProto, name: &str) -> Option<Vec<f32>> {
+    find(node, name).map(|a| a.floats.clone())
+}
+
 /// A STRING attribute's bytes.
 pub fn string_attr<'a>(node: &'a NodeProto, name: &str) -> Option<&'a [u8]> {
     find(node, name).and_then(|a| a.s.as_deref())

@@ -10,6 +10,7 @@ pub mod activation;
 pub mod arith;
 pub mod gemm;
 pub mod layout;
+pub mod resize;
 pub mod window;
 pub mod work;
 
@@ -170,13 +171,14 @@ pub fn ints_of(t: &Tensor) -> Result<Vec<i64>, String> {
 
 /// Whether [`eval_constant`] evaluates `node` (a default-domain node of
 /// the layout, shape and arithmetic operators, Pad in constant mode without
-/// axes).
+/// axes, Resize without antialiasing).
 pub fn evaluates(node: &NodeProto) -> bool {
     let default_domain = node.domain().is_empty() || node.domain() == "ai.onnx";
     let pad_ok = node.op_type() != "Pad"
         || crate::onnx::attr::string_attr(node, "mode").is_none_or(|m| m == b"constant")
             && node.input.get(3).is_none_or(|a| a.is_empty());
-    default_domain && pad_ok && evaluated_op(node.op_type())
+    let resize_ok = node.op_type() != "Resize" || int_attr(node, "antialias").unwrap_or(0) == 0;
+    default_domain && pad_ok && resize_ok && evaluated_op(node.op_type())
 }
 
 fn evaluated_op(op: &str) -> bool {
@@ -221,6 +223,8 @@ fn evaluated_op(op: &str) -> bool {
             | "Sqrt"
             | "Reciprocal"
             | "Not"
+            | "Resize"
+            | "Upsample"
     )
 }
 
@@ -309,6 +313,13 @@ pub fn eval_constant(
         })),
         "Range" => one(input(0).and_then(|s| layout::range(s, input(1)?, input(2)?))),
         "Where" => one(input(0).and_then(|c| arith::where_(c, input(1)?, input(2)?))),
+        "Resize" | "Upsample" => one(input(0).and_then(|x| {
+            let x = x
+                .as_f32()
+                .ok_or_else(|| format!("{op} of {} values is not evaluated here", x.dtype()))?;
+            let r = resize::Resize::parse(node, opset, &|k| inputs.get(k).copied().flatten())?;
+            r.run(x).map(Tensor::F32)
+        })),
         _ => None,
     }
 }

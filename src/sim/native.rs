@@ -515,10 +515,15 @@ fn step(node: &NodeProto, opset: i64, consts: &Consts) -> Result<Vec<Step>, Decl
                 Op::Softmax(s.axis)
             }
         }
-        "Resize" => {
+        "Resize" | "Upsample" => {
             // Nearest resizing by whole factors, in the two spellings that
             // pick input index floor(out / scale): PyTorch's export
-            // (asymmetric + floor) and ONNX's default (half_pixel + round).
+            // (asymmetric + floor) and ONNX's default (half_pixel + round),
+            // has its own fast step; every other Resize the general one.
+            let general = || -> Result<Op, Decline> {
+                let r = crate::ops::resize::Resize::parse(node, opset, &operand)?;
+                Ok(Op::Resize(Box::new(r)))
+            };
             let mode = string_attr(node, "mode").unwrap_or(b"nearest");
             let ctm = string_attr(node, "coordinate_transformation_mode").unwrap_or(b"half_pixel");
             let nearest = string_attr(node, "nearest_mode").unwrap_or(b"round_prefer_floor");
@@ -530,23 +535,22 @@ fn step(node: &NodeProto, opset: i64, consts: &Consts) -> Result<Vec<Step>, Decl
                 _ => false,
             };
             let axes = crate::onnx::attr::find(node, "axes").is_some();
-            if mode != b"nearest"
-                || !floor_index
-                || axes
-                || node.input.len() < 3
-                || input(3).is_some()
-            {
-                return Err(format!(
-                    "{} Resize with these coordinates, sizes or axes (only nearest by whole scales)",
-                    String::from_utf8_lossy(mode)
-                ));
-            }
-            let scales: Vec<f32> = float_input(2, "scales")?.iter().copied().collect();
-            if scales.iter().any(|s| *s < 1.0 || s.fract() != 0.0) {
-                return Err(format!("scales {scales:?} are not whole factors"));
-            }
+            let whole_scales = match float_input(2, "scales") {
+                Ok(s) if node.op_type() == "Resize" && opset >= 11 => {
+                    Some(s.iter().copied().collect::<Vec<f32>>())
+                        .filter(|s| s.iter().all(|v| *v >= 1.0 && v.fract() == 0.0))
+                }
+                _ => None,
+            };
             inputs.truncate(1);
-            Op::ResizeNearest(scales)
+            match whole_scales {
+                Some(scales)
+                    if mode == b"nearest" && floor_index && !axes && input(3).is_none() =>
+                {
+                    Op::ResizeNearest(scales)
+                }
+                _ => general()?,
+            }
         }
         other => match ops::Unary::of(node) {
             Some(u) => Op::Unary(u),
@@ -1110,6 +1114,7 @@ fn eval(op: &Op, args: &[&Tensor]) -> Result<Vec<Tensor>, String> {
         Op::Softmax(axis) => ops::softmax(x, *axis, false),
         Op::SoftmaxFlat(axis) => ops::softmax(x, *axis, true),
         Op::ResizeNearest(scales) => ops::resize_nearest(x, scales),
+        Op::Resize(r) => r.run(x),
         Op::Quantize(q) => Ok(q.apply(x)),
         Op::AntiQuant(q) => Ok(q.apply(x)),
         Op::IntConv(c) => ops::int_conv(c, x),

@@ -32,6 +32,8 @@ pub(super) enum Op {
     Softmax(i64),
     SoftmaxFlat(i64),
     ResizeNearest(Vec<f32>),
+    /// Any other Resize or Upsample (`ops::resize`).
+    Resize(Box<crate::ops::resize::Resize>),
     /// Deploy models (`native_deploy`): int8 levels from floats,
     Quantize(ops::AscendQuantize),
     /// floats from int8 levels,
