@@ -10,6 +10,7 @@ pub mod activation;
 pub mod arith;
 pub mod gemm;
 pub mod layout;
+pub mod norm;
 pub mod resize;
 pub mod window;
 pub mod work;

@@ -507,6 +507,16 @@ fn step(node: &NodeProto, opset: i64, consts: &Consts) -> Result<Vec<Step>, Decl
             }
         }
         "Concat" => Op::Concat(int_attr(node, "axis").ok_or("Concat without an axis")?),
+        "LayerNormalization" => {
+            let scale: Vec<f32> = float_input(1, "scale")?.iter().copied().collect();
+            let bias: Option<Vec<f32>> = match input(2) {
+                Some(_) => Some(float_input(2, "bias")?.iter().copied().collect()),
+                None => None,
+            };
+            let ln = crate::ops::norm::LayerNorm::parse(node, &scale, bias.as_deref())?;
+            inputs.truncate(1);
+            Op::LayerNorm(Box::new(ln))
+        }
         "Softmax" => {
             let s = crate::ops::activation::Softmax::parse(node, opset);
             if s.flattened {
@@ -1115,6 +1125,7 @@ fn eval(op: &Op, args: &[&Tensor]) -> Result<Vec<Tensor>, String> {
         Op::SoftmaxFlat(axis) => ops::softmax(x, *axis, true),
         Op::ResizeNearest(scales) => ops::resize_nearest(x, scales),
         Op::Resize(r) => r.run(x),
+        Op::LayerNorm(ln) => ln.run(x),
         Op::Quantize(q) => Ok(q.apply(x)),
         Op::AntiQuant(q) => Ok(q.apply(x)),
         Op::IntConv(c) => ops::int_conv(c, x),

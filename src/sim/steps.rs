@@ -34,6 +34,8 @@ pub(super) enum Op {
     ResizeNearest(Vec<f32>),
     /// Any other Resize or Upsample (`ops::resize`).
     Resize(Box<crate::ops::resize::Resize>),
+    /// LayerNormalization with constant scale and bias (`ops::norm`).
+    LayerNorm(Box<crate::ops::norm::LayerNorm>),
     /// Deploy models (`native_deploy`): int8 levels from floats,
     Quantize(ops::AscendQuantize),
     /// floats from int8 levels,
