@@ -10,7 +10,9 @@ slope, onnxruntime's latency and their ratio.
 
 Models: MobileNetV2 (../shared/data/imagenet-mobilenetv2, fixed batch 1) and the
 two exports of scripts/make_export_like.py (YOLOv8 320 with its Detect head,
-EfficientNet-Lite0 224 with TF-style computed padding), written to a temporary folder.
+EfficientNet-Lite0 224 with TF-style computed padding) and a ViT-S/16 224 of
+scripts/make_vit_like.py (12 blocks, width 384, bicubic position embeddings),
+written to a temporary folder.
 
 Usage: python3 scripts/bench_run_vs_onnxruntime.py [--shared ../shared] [--reps 3] [--runs 50]
        [--only NAME]
@@ -68,6 +70,10 @@ def main():
         subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_export_like.py"),
                         kind, path], check=True)
         models[kind] = (path, size)
+    path = os.path.join(tmp, "vit_s.onnx")
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_vit_like.py"), path],
+                   check=True)
+    models["vit_s"] = (path, 224)
     rng = np.random.default_rng(0)
     for name, (path, size) in models.items():
         if a.only and name != a.only:

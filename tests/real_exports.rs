@@ -5,7 +5,8 @@
 //! Detect head (shapes computed by Shape/Gather/Concat, anchors by
 //! Range/Expand, DFL by Reshape/Transpose/Softmax/Conv, Split, box decoding).
 //! Both are written by `scripts/make_export_like.py` (small sizes) with
-//! onnxruntime's outputs for three random inputs.
+//! onnxruntime's outputs for three random inputs; a ViT in timm/HF's style
+//! by `scripts/make_vit_like.py`.
 //!
 //! Tolerance: |ours − ref| ≤ 1e-4 · (1 + |ref|): float32 sums in another
 //! order over ≤ 1280 terms; a wrong pad or a misplaced value moves outputs
@@ -100,6 +101,22 @@ fn yolov8_with_its_detect_head_runs_natively() {
     assert!(!plan.whole_on_rten && plan.folded > 30, "{plan:?}");
     matches_onnxruntime(&NativeExecutor, "yolov8");
     matches_onnxruntime(&CpuExecutor, "yolov8");
+}
+
+/// A ViT as timm/HF export it (`scripts/make_vit_like.py`, 2 blocks of
+/// width 32): patch Conv, position embeddings resized bicubically from a
+/// 3×3 to a 4×4 grid (pytorch_half_pixel), decomposed LayerNorms
+/// (ReduceMean/Pow/Sqrt), attention's two-input MatMuls, Softmax, Erf GELU
+/// and a final LayerNormalization — all native, and onnxruntime's logits.
+#[test]
+fn vit_with_bicubic_position_embeddings_runs_natively() {
+    let plan = engine_plan(&load("vit").0, &SessionOptions::default()).unwrap();
+    assert!(plan.declined.is_empty(), "{:?}", plan.declined);
+    // The embeddings' Slice/Reshape/Transpose/Resize/Transpose/Reshape/Concat
+    // chain reads only constants: it is computed when the model is prepared.
+    assert!(!plan.whole_on_rten && plan.folded >= 7, "{plan:?}");
+    matches_onnxruntime(&NativeExecutor, "vit");
+    matches_onnxruntime(&CpuExecutor, "vit");
 }
 
 /// Conv → Sin → Conv → Flatten → TopK (values and int64 indices, both

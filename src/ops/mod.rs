@@ -11,6 +11,7 @@ pub mod arith;
 pub mod gemm;
 pub mod layout;
 pub mod norm;
+pub mod reduce;
 pub mod resize;
 pub mod window;
 pub mod work;

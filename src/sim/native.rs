@@ -462,18 +462,19 @@ fn step(node: &NodeProto, opset: i64, consts: &Consts) -> Result<Vec<Step>, Decl
             inputs.truncate(1);
             Op::Dense(Box::new(Dense::new(&weight, k, m, trans_b, bias)), true)
         }
-        "MatMul" => {
+        "MatMul" => match float_input(1, "second operand") {
             // By a constant 2-D weight: the same kernel as Gemm, rows = every
             // leading axis of the input.
-            let w = float_input(1, "second operand")?;
-            if w.ndim() != 2 {
-                return Err("a second operand that is not a 2-D constant".into());
+            Ok(w) if w.ndim() == 2 => {
+                let (k, m) = (w.shape()[0], w.shape()[1]);
+                let weight: Vec<f32> = w.iter().copied().collect();
+                inputs.truncate(1);
+                Op::Dense(Box::new(Dense::new(&weight, k, m, false, None)), false)
             }
-            let (k, m) = (w.shape()[0], w.shape()[1]);
-            let weight: Vec<f32> = w.iter().copied().collect();
-            inputs.truncate(1);
-            Op::Dense(Box::new(Dense::new(&weight, k, m, false, None)), false)
-        }
+            // Of two values (attention's q·kᵀ and p·v), batched.
+            _ if inputs.len() == 2 => Op::MatMul,
+            _ => return Err("a MatMul without two operands".into()),
+        },
         "Relu" => Op::Clamp(0.0, f32::INFINITY),
         "Clip" => {
             let (lo, hi) = if node.input.len() > 1 {
@@ -507,6 +508,12 @@ fn step(node: &NodeProto, opset: i64, consts: &Consts) -> Result<Vec<Step>, Decl
             }
         }
         "Concat" => Op::Concat(int_attr(node, "axis").ok_or("Concat without an axis")?),
+        "ReduceMean" | "ReduceSum" | "ReduceMax" | "ReduceMin" => {
+            let r = crate::ops::reduce::Reduce::parse(node, opset, &operand)?
+                .ok_or("not a reduction")?;
+            inputs.truncate(1);
+            Op::Reduce(Box::new(r))
+        }
         "LayerNormalization" => {
             let scale: Vec<f32> = float_input(1, "scale")?.iter().copied().collect();
             let bias: Option<Vec<f32>> = match input(2) {
@@ -1126,6 +1133,8 @@ fn eval(op: &Op, args: &[&Tensor]) -> Result<Vec<Tensor>, String> {
         Op::ResizeNearest(scales) => ops::resize_nearest(x, scales),
         Op::Resize(r) => r.run(x),
         Op::LayerNorm(ln) => ln.run(x),
+        Op::Reduce(r) => r.run(x),
+        Op::MatMul => ops::matmul(x, float_arg(args, 1)?),
         Op::Quantize(q) => Ok(q.apply(x)),
         Op::AntiQuant(q) => Ok(q.apply(x)),
         Op::IntConv(c) => ops::int_conv(c, x),

@@ -260,6 +260,85 @@ impl Elementwise {
     }
 }
 
+/// `a @ b` by NumPy's matmul rules: a 1-D operand is a row (first) or a
+/// column (second) whose axis the result drops, leading axes broadcast.
+/// Each matrix product runs on the GEMM, the batch in parallel.
+pub fn matmul(a: &ArrayD<f32>, b: &ArrayD<f32>) -> OpResult {
+    if a.ndim() == 0 || b.ndim() == 0 {
+        return Err("MatMul of a scalar".into());
+    }
+    let a2 = if a.ndim() == 1 {
+        a.view().insert_axis(Axis(0))
+    } else {
+        a.view()
+    };
+    let b2 = if b.ndim() == 1 {
+        b.view().insert_axis(Axis(1))
+    } else {
+        b.view()
+    };
+    let (ra, rb) = (a2.ndim(), b2.ndim());
+    let (m, k) = (a2.shape()[ra - 2], a2.shape()[ra - 1]);
+    let (k2, n) = (b2.shape()[rb - 2], b2.shape()[rb - 1]);
+    if k != k2 {
+        return Err(format!(
+            "operands {} and {} do not multiply",
+            shape_text(a.shape()),
+            shape_text(b.shape())
+        ));
+    }
+    let batch = broadcast_shape(&a2.shape()[..ra - 2], &b2.shape()[..rb - 2]).ok_or_else(|| {
+        format!(
+            "the leading axes of {} and {} do not broadcast",
+            shape_text(a.shape()),
+            shape_text(b.shape())
+        )
+    })?;
+    let count: usize = batch.iter().product();
+    let total = [count, m, n]
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .filter(|&t| t <= crate::ops::layout::MAX_VALUES)
+        .ok_or("the product would be too large")?;
+    let full = |mut lead: Vec<usize>, r: usize, c: usize| {
+        lead.extend([r, c]);
+        lead
+    };
+    let a3 = a2
+        .broadcast(full(batch.clone(), m, k))
+        .ok_or("the first operand does not broadcast")?
+        .as_standard_layout()
+        .into_owned();
+    let b3 = b2
+        .broadcast(full(batch.clone(), k, n))
+        .ok_or("the second operand does not broadcast")?
+        .as_standard_layout()
+        .into_owned();
+    let (sa, sb) = (
+        a3.as_slice().expect("standard"),
+        b3.as_slice().expect("standard"),
+    );
+    let mut out = vec![0f32; total];
+    if m * n > 0 {
+        out.par_chunks_mut(m * n).enumerate().for_each(|(i, c)| {
+            let av = ndarray::ArrayView2::from_shape((m, k), &sa[i * m * k..(i + 1) * m * k])
+                .expect("a matrix of its shape");
+            let bv = ndarray::ArrayView2::from_shape((k, n), &sb[i * k * n..(i + 1) * k * n])
+                .expect("a matrix of its shape");
+            let mut cv = ndarray::ArrayViewMut2::from_shape((m, n), c).expect("an output matrix");
+            ndarray::linalg::general_mat_mul(1.0, &av, &bv, 0.0, &mut cv);
+        });
+    }
+    let mut shape = full(batch, m, n);
+    if b.ndim() == 1 {
+        shape.remove(shape.len() - 1);
+    }
+    if a.ndim() == 1 {
+        shape.remove(shape.len() - if b.ndim() == 1 { 1 } else { 2 });
+    }
+    ArrayD::from_shape_vec(IxDyn(&shape), out).map_err(|e| e.to_string())
+}
+
 /// `op` applied to every value of `x`.
 pub fn unary(op: Unary, x: &ArrayD<f32>) -> ArrayD<f32> {
     map_values(x, move |v| op.apply(v))
@@ -695,6 +774,27 @@ pub fn resize_nearest(x: &ArrayD<f32>, scales: &[f32]) -> OpResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn matmul_of_two_values_broadcasts_and_drops_vector_axes() {
+        // Batch of two 2×2 matrices times one 2×1 shared by both (broadcast).
+        let a = ArrayD::from_shape_vec(IxDyn(&[2, 2, 2]), vec![1., 2., 3., 4., 0., 1., 1., 0.])
+            .unwrap();
+        let b = ArrayD::from_shape_vec(IxDyn(&[2, 1]), vec![10., 1.]).unwrap();
+        let y = matmul(&a, &b).unwrap();
+        assert_eq!(y.shape(), &[2, 2, 1]);
+        // [1 2; 3 4]·[10; 1] = [12; 34], [0 1; 1 0]·[10; 1] = [1; 10].
+        assert_eq!(y.as_slice().unwrap(), &[12., 34., 1., 10.]);
+        // A 1-D second operand: its axis is dropped.
+        let v = ArrayD::from_shape_vec(IxDyn(&[2]), vec![10., 1.]).unwrap();
+        let y = matmul(&a, &v).unwrap();
+        assert_eq!(y.shape(), &[2, 2]);
+        assert_eq!(y.as_slice().unwrap(), &[12., 34., 1., 10.]);
+        // Both 1-D: a scalar (10·10 + 1·1).
+        assert_eq!(matmul(&v, &v).unwrap().shape(), &[] as &[usize]);
+        assert_eq!(matmul(&v, &v).unwrap().iter().next(), Some(&101.));
+        assert!(matmul(&a, &ArrayD::zeros(IxDyn(&[3, 1]))).is_err());
+    }
 
     #[test]
     fn matmul_by_a_constant_keeps_the_leading_axes() {

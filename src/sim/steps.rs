@@ -36,6 +36,10 @@ pub(super) enum Op {
     Resize(Box<crate::ops::resize::Resize>),
     /// LayerNormalization with constant scale and bias (`ops::norm`).
     LayerNorm(Box<crate::ops::norm::LayerNorm>),
+    /// ReduceMean/Sum/Max/Min with constant axes (`ops::reduce`).
+    Reduce(Box<crate::ops::reduce::Reduce>),
+    /// MatMul of two values, batched (NumPy's rules).
+    MatMul,
     /// Deploy models (`native_deploy`): int8 levels from floats,
     Quantize(ops::AscendQuantize),
     /// floats from int8 levels,
