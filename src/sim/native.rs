@@ -304,6 +304,7 @@ impl NativeModel {
             fuse_activations(&mut steps, graph, &opts.keep);
             fuse_residual_adds(&mut steps, graph, &opts.keep);
             fuse_fake_quant(&mut steps, graph, &opts.keep, &consts);
+            fuse_dense_bias(&mut steps, graph, &opts.keep, &consts);
         }
         Ok((steps, consts))
     }
@@ -781,6 +782,42 @@ fn fuse_residual_adds(steps: &mut Vec<Step>, graph: &GraphProto, keep: &[String]
             steps[i].output.clone(),
         );
         removed[p] = true;
+    }
+    remove_marked(steps, &removed);
+}
+
+/// Folds `Add(MatMul(x, W), b)` (either order), with `b` a constant of one
+/// value per output, into the MatMul's kernel as its bias when nothing else
+/// reads the product and it is neither kept nor a graph output: the same one
+/// addition per value, without a pass over the output (transformer exports
+/// write every linear layer this way).
+fn fuse_dense_bias(steps: &mut Vec<Step>, graph: &GraphProto, keep: &[String], consts: &Consts) {
+    let readers = Readers::new(graph, keep);
+    let producer = producers(steps);
+    let mut removed = vec![false; steps.len()];
+    for i in 0..steps.len() {
+        if !matches!(steps[i].op, Op::Binary(Elementwise::Add)) || steps[i].inputs.len() != 2 {
+            continue;
+        }
+        let found = (0..2).find_map(|j| {
+            let (a, b) = (&steps[i].inputs[j], &steps[i].inputs[1 - j]);
+            let &p = producer.get(a)?;
+            let Op::Dense(d, false) = &steps[p].op else {
+                return None;
+            };
+            let bias = float_const(consts, b)?;
+            let fits = bias.ndim() == 1 && bias.len() == d.sizes().1;
+            (fits && !d.has_bias() && !removed[p] && readers.private(a, 1))
+                .then(|| (p, bias.iter().copied().collect::<Vec<f32>>()))
+        });
+        let Some((p, bias)) = found else {
+            continue;
+        };
+        if let Op::Dense(d, _) = &mut steps[p].op {
+            d.set_bias(bias);
+        }
+        steps[p].output = steps[i].output.clone();
+        removed[i] = true;
     }
     remove_marked(steps, &removed);
 }

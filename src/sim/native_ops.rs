@@ -255,6 +255,8 @@ impl Elementwise {
             Elementwise::Max => a.max(b),
             Elementwise::Min if a.is_nan() || b.is_nan() => f32::NAN,
             Elementwise::Min => a.min(b),
+            // Squares (LayerNorm's variance) without the general power.
+            Elementwise::Pow if b == 2.0 => a * a,
             Elementwise::Pow => a.powf(b),
         }
     }
@@ -341,7 +343,11 @@ pub fn matmul(a: &ArrayD<f32>, b: &ArrayD<f32>) -> OpResult {
 
 /// `op` applied to every value of `x`.
 pub fn unary(op: Unary, x: &ArrayD<f32>) -> ArrayD<f32> {
-    map_values(x, move |v| op.apply(v))
+    match op {
+        // The vectorised kernel (`ops::activation::erf` is the definition).
+        Unary::Erf => map_chunks(x, activation::erf),
+        _ => map_values(x, move |v| op.apply(v)),
+    }
 }
 
 /// `a op b` with NumPy broadcasting.

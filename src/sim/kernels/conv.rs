@@ -616,6 +616,16 @@ impl Dense {
         }
     }
 
+    /// Whether a bias is added.
+    pub fn has_bias(&self) -> bool {
+        self.bias.is_some()
+    }
+
+    /// Adds `bias` (one value per output) to every row from now on.
+    pub fn set_bias(&mut self, bias: Vec<f32>) {
+        self.bias = Some(bias);
+    }
+
     /// Inner and output sizes.
     pub fn sizes(&self) -> (usize, usize) {
         (self.k, self.m)
