@@ -323,12 +323,9 @@ pub fn matmul(a: &ArrayD<f32>, b: &ArrayD<f32>) -> OpResult {
     let mut out = vec![0f32; total];
     if m * n > 0 {
         out.par_chunks_mut(m * n).enumerate().for_each(|(i, c)| {
-            let av = ndarray::ArrayView2::from_shape((m, k), &sa[i * m * k..(i + 1) * m * k])
-                .expect("a matrix of its shape");
-            let bv = ndarray::ArrayView2::from_shape((k, n), &sb[i * k * n..(i + 1) * k * n])
-                .expect("a matrix of its shape");
-            let mut cv = ndarray::ArrayViewMut2::from_shape((m, n), c).expect("an output matrix");
-            ndarray::linalg::general_mat_mul(1.0, &av, &bv, 0.0, &mut cv);
+            let a = &sa[i * m * k..(i + 1) * m * k];
+            let b = &sb[i * k * n..(i + 1) * k * n];
+            c.copy_from_slice(&super::kernels::conv::matrix_product(a, b, m, k, n));
         });
     }
     let mut shape = full(batch, m, n);
@@ -678,11 +675,11 @@ pub fn softmax(x: &ArrayD<f32>, axis: i64, flat: bool) -> OpResult {
     }
     let rows = |v: &mut [f32]| {
         let m = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0;
+        // The exponentials first (a loop that vectorises), then their sum.
         for e in v.iter_mut() {
-            *e = (*e - m).exp();
-            sum += *e;
+            *e = activation::exp_approx(*e - m);
         }
+        let sum: f32 = v.iter().sum();
         for e in v.iter_mut() {
             *e /= sum;
         }
@@ -705,7 +702,10 @@ pub fn softmax(x: &ArrayD<f32>, axis: i64, flat: bool) -> OpResult {
         return Ok(out);
     }
     if inner == 1 {
-        s.chunks_mut(n).for_each(rows);
+        // Rows in parallel, a few thousand values per task.
+        let per_task = (4096 / n).max(1) * n;
+        s.par_chunks_mut(per_task)
+            .for_each(|chunk| chunk.chunks_mut(n).for_each(rows));
         return Ok(out);
     }
     // Along an inner axis: each block of `n` rows of `inner` values is
@@ -718,7 +718,7 @@ pub fn softmax(x: &ArrayD<f32>, axis: i64, flat: bool) -> OpResult {
         let mut sum = vec![0.0f32; inner];
         for row in block.chunks_mut(inner) {
             for ((e, m), s) in row.iter_mut().zip(&m).zip(&mut sum) {
-                *e = (*e - m).exp();
+                *e = activation::exp_approx(*e - m);
                 *s += *e;
             }
         }

@@ -114,6 +114,26 @@ fn with_gemm<R>(f: impl FnOnce(&GemmExecutor<f32>) -> R) -> R {
     GEMM.with(f)
 }
 
+/// The product of a row-major `[m, k]` matrix `a` and a row-major `[k, n]`
+/// matrix `b` (neither packed ahead: both are values of this run), on the
+/// GEMM the dense layers use.
+pub fn matrix_product(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    let fill = |out: &mut [MaybeUninit<f32>]| {
+        with_gemm(|e| {
+            e.gemm_uninit(
+                out,
+                GemmInputA::Unpacked(NdTensorView::from_data([m, k], a)),
+                GemmInputB::Unpacked(NdTensorView::from_data([k, n], b)),
+                GemmUninitOptions::default(),
+            )
+            .map(|_| ())
+            .expect("shapes agree by construction")
+        })
+    };
+    // SAFETY: the GEMM writes all of its `m × n` output.
+    unsafe { written_by(m * n, fill) }
+}
+
 impl Conv {
     /// A convolution with weight `[C_out, C_in/group, kh, kw]` (flattened).
     pub fn new(
