@@ -38,6 +38,10 @@ pub enum Unary {
     Softplus,
     /// The error function (GELU's exact form uses it)
     Erf,
+    /// x · (1 + erf(x / √2)) / 2 (ONNX's Gelu, opset 20, `approximate` none)
+    Gelu,
+    /// GELU's tanh form: x · (1 + tanh(√(2/π) · (x + 0.044715 x³))) / 2
+    GeluTanh,
 }
 
 impl Unary {
@@ -71,6 +75,11 @@ impl Unary {
             }
             Unary::Softplus => x.exp().ln_1p(),
             Unary::Erf => erf(x),
+            Unary::Gelu => 0.5 * x * (1.0 + erf(x / std::f32::consts::SQRT_2)),
+            Unary::GeluTanh => {
+                let c = (2.0 / std::f32::consts::PI).sqrt();
+                0.5 * x * (1.0 + (c * (x + 0.044_715 * x * x * x)).tanh())
+            }
         }
     }
 
@@ -95,6 +104,11 @@ impl Unary {
             "Elu" => Unary::Elu(alpha(1.0)),
             "Softplus" => Unary::Softplus,
             "Erf" => Unary::Erf,
+            "Gelu" => match crate::onnx::attr::string_attr(node, "approximate") {
+                None | Some(b"none") => Unary::Gelu,
+                Some(b"tanh") => Unary::GeluTanh,
+                Some(_) => return None,
+            },
             _ => return None,
         })
     }
@@ -193,6 +207,24 @@ mod tests {
             Unary::of(&node("Erf", "e", &["x"], &["y"], vec![])),
             Some(Unary::Erf)
         );
+    }
+
+    #[test]
+    fn gelu_forms_by_hand() {
+        let exact = node("Gelu", "g", &["x"], &["y"], vec![]);
+        assert_eq!(Unary::of(&exact), Some(Unary::Gelu));
+        // GELU(1) = (1 + erf(1/√2)) / 2 = 0.841344746.
+        assert!((Unary::Gelu.apply(1.0) - 0.841_344_7).abs() < 1e-6);
+        let tanh = node(
+            "Gelu",
+            "g",
+            &["x"],
+            &["y"],
+            vec![crate::onnx::attr::attr_string("approximate", "tanh")],
+        );
+        assert_eq!(Unary::of(&tanh), Some(Unary::GeluTanh));
+        // tanh form at 1: (1 + tanh(0.7978846 · 1.044715)) / 2 = 0.841191990.
+        assert!((Unary::GeluTanh.apply(1.0) - 0.841_192).abs() < 1e-6);
     }
 
     #[test]

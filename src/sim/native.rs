@@ -305,6 +305,8 @@ impl NativeModel {
             fuse_residual_adds(&mut steps, graph, &opts.keep);
             fuse_fake_quant(&mut steps, graph, &opts.keep, &consts);
             fuse_dense_bias(&mut steps, graph, &opts.keep, &consts);
+            fuse_decomposed_layer_norms(&mut steps, graph, &opts.keep, &consts);
+            fuse_erf_gelu(&mut steps, graph, &opts.keep, &consts);
         }
         Ok((steps, consts))
     }
@@ -818,6 +820,260 @@ fn fuse_dense_bias(steps: &mut Vec<Step>, graph: &GraphProto, keep: &[String], c
         }
         steps[p].output = steps[i].output.clone();
         removed[i] = true;
+    }
+    remove_marked(steps, &removed);
+}
+
+/// Folds a LayerNorm written out as older exports write it —
+/// `m = ReduceMean(x)`, `d = x − m`, `v = ReduceMean(d^2)`,
+/// `y = d / Sqrt(v + eps)`, then optionally `· gamma` and `+ beta` (constants)
+/// — into one LayerNorm step over the last axis, when every intermediate is
+/// read only inside the pattern and neither kept nor a graph output. One
+/// pass instead of up to nine; the same mean and variance, the division
+/// taken as a product by the reciprocal (within an ulp).
+fn fuse_decomposed_layer_norms(
+    steps: &mut Vec<Step>,
+    graph: &GraphProto,
+    keep: &[String],
+    consts: &Consts,
+) {
+    use crate::ops::reduce::{Reduce, ReduceKind};
+    let readers = Readers::new(graph, keep);
+    let producer = producers(steps);
+    let consumer: HashMap<&str, usize> = steps
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| s.inputs.iter().map(move |v| (v.as_str(), i)))
+        .collect();
+    let scalar = |name: &str| {
+        float_const(consts, name)
+            .filter(|a| a.len() == 1)
+            .and_then(|a| a.iter().next().copied())
+    };
+    let last_axis_mean = |op: &Op| {
+        matches!(op, Op::Reduce(r) if **r == Reduce {
+            kind: ReduceKind::Mean,
+            axes: Some(vec![-1]),
+            keep_dims: true,
+        })
+    };
+    let mut fused: Vec<(usize, Step, Vec<usize>)> = Vec::new();
+    for i in 0..steps.len() {
+        let found = (|| -> Option<(Step, Vec<usize>)> {
+            let div = &steps[i];
+            if !matches!(div.op, Op::Binary(Elementwise::Div)) || div.inputs.len() != 2 {
+                return None;
+            }
+            let (d, s) = (&div.inputs[0], &div.inputs[1]);
+            let p_sqrt = producer.get(s).copied()?;
+            if !matches!(steps[p_sqrt].op, Op::Unary(ops::Unary::Sqrt)) {
+                return None;
+            }
+            let e = steps[p_sqrt].inputs.first()?;
+            let p_add = producer.get(e).copied()?;
+            let add = &steps[p_add];
+            if !matches!(add.op, Op::Binary(Elementwise::Add)) || add.inputs.len() != 2 {
+                return None;
+            }
+            let (v, eps) = if let Some(eps) = scalar(&add.inputs[1]) {
+                (&add.inputs[0], eps)
+            } else {
+                (&add.inputs[1], scalar(&add.inputs[0])?)
+            };
+            let p_var = producer.get(v).copied()?;
+            if !last_axis_mean(&steps[p_var].op) {
+                return None;
+            }
+            let sq = steps[p_var].inputs.first()?;
+            let p_pow = producer.get(sq).copied()?;
+            let pow = &steps[p_pow];
+            let squares = matches!(pow.op, Op::Binary(Elementwise::Pow))
+                && pow.inputs.len() == 2
+                && &pow.inputs[0] == d
+                && scalar(&pow.inputs[1]) == Some(2.0);
+            let p_sub = producer.get(d).copied()?;
+            let sub = &steps[p_sub];
+            if !squares || !matches!(sub.op, Op::Binary(Elementwise::Sub)) || sub.inputs.len() != 2
+            {
+                return None;
+            }
+            let (x, m) = (&sub.inputs[0], &sub.inputs[1]);
+            let p_mean = producer.get(m).copied()?;
+            if !last_axis_mean(&steps[p_mean].op) || steps[p_mean].inputs.first() != Some(x) {
+                return None;
+            }
+            let private = readers.private(m, 1)
+                && readers.private(d, 2)
+                && readers.private(sq, 1)
+                && readers.private(v, 1)
+                && readers.private(e, 1)
+                && readers.private(s, 1);
+            if !private {
+                return None;
+            }
+            let mut parts = vec![p_mean, p_sub, p_pow, p_var, p_add, p_sqrt, i];
+            let mut out = div.output.clone();
+            // `· gamma` then `+ beta`, one value per position of the last axis.
+            let vector = |name: &str| {
+                float_const(consts, name)
+                    .filter(|a| a.ndim() == 1)
+                    .map(|a| a.iter().copied().collect::<Vec<f32>>())
+            };
+            let affine = |out: &str, kind: Elementwise| -> Option<(usize, Vec<f32>)> {
+                let &c = consumer.get(out)?;
+                let st = &steps[c];
+                if !matches!(st.op, Op::Binary(k) if k == kind)
+                    || st.inputs.len() != 2
+                    || !readers.private(out, 1)
+                {
+                    return None;
+                }
+                let other = if st.inputs[0] == out {
+                    &st.inputs[1]
+                } else {
+                    &st.inputs[0]
+                };
+                Some((c, vector(other)?))
+            };
+            let mut scale = vec![1.0];
+            let mut bias = None;
+            if let Some((c, g)) = affine(&out, Elementwise::Mul) {
+                scale = g;
+                parts.push(c);
+                out = steps[c].output.clone();
+                if let Some((c, b)) = affine(&out, Elementwise::Add) {
+                    bias = Some(b);
+                    parts.push(c);
+                    out = steps[c].output.clone();
+                }
+            }
+            let ln = crate::ops::norm::LayerNorm {
+                axis: -1,
+                epsilon: eps,
+                scale,
+                bias,
+            };
+            let last = *parts.iter().max()?;
+            let step = Step::new(
+                &steps[last].name.clone(),
+                Op::LayerNorm(Box::new(ln)),
+                vec![x.clone()],
+                out,
+            );
+            Some((step, parts))
+        })();
+        if let Some((step, parts)) = found {
+            fused.push((i, step, parts));
+        }
+    }
+    let mut removed = vec![false; steps.len()];
+    for (_, step, parts) in fused {
+        if parts.iter().any(|&p| removed[p]) {
+            continue;
+        }
+        let last = *parts.iter().max().expect("parts");
+        for &p in &parts {
+            removed[p] = p != last;
+        }
+        steps[last] = step;
+    }
+    remove_marked(steps, &removed);
+}
+
+/// Folds the exact GELU as PyTorch exports it — `Mul(Mul(x, Add(Erf(Div(x,
+/// √2)), 1)), 0.5)`, or Hugging Face's `Mul(Mul(x, 0.5), Add(...))`, operands
+/// in either order — into one GELU pass over `x`, when every intermediate
+/// is read only inside the pattern and neither kept nor a graph output.
+fn fuse_erf_gelu(steps: &mut Vec<Step>, graph: &GraphProto, keep: &[String], consts: &Consts) {
+    let readers = Readers::new(graph, keep);
+    let producer = producers(steps);
+    let scalar = |name: &str| {
+        float_const(consts, name)
+            .filter(|a| a.len() == 1)
+            .and_then(|a| a.iter().next().copied())
+    };
+    // The operands of a two-input `kind` step, the constant scalar one last.
+    let split = |i: usize, kind: Elementwise| -> Option<(String, String)> {
+        let st = &steps[i];
+        if !matches!(st.op, Op::Binary(k) if k == kind) || st.inputs.len() != 2 {
+            return None;
+        }
+        let (a, b) = (st.inputs[0].clone(), st.inputs[1].clone());
+        Some(if scalar(&a).is_some() { (b, a) } else { (a, b) })
+    };
+    let private = |v: &str| readers.private(v, 1);
+    let mut fused: Vec<(usize, String, Vec<usize>)> = Vec::new();
+    for i in 0..steps.len() {
+        let found = (|| -> Option<(String, Vec<usize>)> {
+            let (u, w) = split(i, Elementwise::Mul)?;
+            // `w` is 0.5 and `u = x · (1 + erf)`, or `w`/`u` are `x · 0.5` and `1 + erf`.
+            let (x_side, plus) = if scalar(&w) == Some(0.5) {
+                let p = *producer.get(&u)?;
+                let (a, b) = split(p, Elementwise::Mul)?;
+                if !private(&u) {
+                    return None;
+                }
+                (vec![p], [a, b])
+            } else {
+                let half = [&u, &w]
+                    .into_iter()
+                    .find(|v| {
+                        producer.get(v.as_str()).is_some_and(|&p| {
+                            split(p, Elementwise::Mul).is_some_and(|(_, c)| scalar(&c) == Some(0.5))
+                        })
+                    })?
+                    .clone();
+                let other = if half == u { w.clone() } else { u.clone() };
+                let p = producer[&half];
+                let (x, _) = split(p, Elementwise::Mul)?;
+                if !private(&half) {
+                    return None;
+                }
+                (vec![p], [x, other])
+            };
+            // Which of the two is `1 + erf(x / √2)`, and `x` the other.
+            for (x, one_plus) in [(&plus[0], &plus[1]), (&plus[1], &plus[0])] {
+                let Some(&p_add) = producer.get(one_plus.as_str()) else {
+                    continue;
+                };
+                let Some((e, one)) = split(p_add, Elementwise::Add) else {
+                    continue;
+                };
+                let Some(&p_erf) = producer.get(&e) else {
+                    continue;
+                };
+                if scalar(&one) != Some(1.0)
+                    || !matches!(steps[p_erf].op, Op::Unary(ops::Unary::Erf))
+                {
+                    continue;
+                }
+                let d = steps[p_erf].inputs.first()?;
+                let &p_div = producer.get(d)?;
+                let (dx, c) = split(p_div, Elementwise::Div)?;
+                let sqrt2 = scalar(&c).is_some_and(|c| (c - std::f32::consts::SQRT_2).abs() < 1e-6);
+                if &dx != x || !sqrt2 || !(private(one_plus) && private(&e) && private(d)) {
+                    continue;
+                }
+                let mut parts = x_side.clone();
+                parts.extend([p_add, p_erf, p_div]);
+                return Some((x.clone(), parts));
+            }
+            None
+        })();
+        if let Some((x, parts)) = found {
+            fused.push((i, x, parts));
+        }
+    }
+    let mut removed = vec![false; steps.len()];
+    for (i, x, parts) in fused {
+        if removed[i] || parts.iter().any(|&p| removed[p]) {
+            continue;
+        }
+        for p in parts {
+            removed[p] = true;
+        }
+        steps[i].op = Op::Unary(ops::Unary::Gelu);
+        steps[i].inputs = vec![x];
     }
     remove_marked(steps, &removed);
 }

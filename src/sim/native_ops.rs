@@ -343,6 +343,7 @@ pub fn unary(op: Unary, x: &ArrayD<f32>) -> ArrayD<f32> {
     match op {
         // The vectorised kernel (`ops::activation::erf` is the definition).
         Unary::Erf => map_chunks(x, activation::erf),
+        Unary::Gelu => map_chunks(x, activation::gelu),
         _ => map_values(x, move |v| op.apply(v)),
     }
 }

@@ -102,6 +102,25 @@ pub fn erf_value(x: f32) -> f32 {
     (1.0 - poly * exp_approx(-z * z)).copysign(x)
 }
 
+/// GELU's exact form, `x · (1 + erf(x / √2)) / 2`, on [`erf_value`].
+#[inline(always)]
+pub fn gelu_value(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf_value(x / std::f32::consts::SQRT_2))
+}
+
+/// GELU of every value in place.
+pub fn gelu(v: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        unsafe { simd::gelu(v) };
+        return;
+    }
+    for x in v {
+        *x = gelu_value(*x);
+    }
+}
+
 /// The error function of every value in place (GELU's exact form).
 pub fn erf(v: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -145,6 +164,17 @@ mod simd {
     pub unsafe fn sigmoid(v: &mut [f32]) {
         for x in v {
             *x = super::sigmoid_value(*x);
+        }
+    }
+
+    /// See [`sigmoid`].
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn gelu(v: &mut [f32]) {
+        for x in v {
+            *x = super::gelu_value(*x);
         }
     }
 
@@ -278,6 +308,16 @@ mod tests {
                 "erf({x}) = {got}, want {want}"
             );
             assert_eq!(*got, erf_value(*x), "the loop and the value agree at {x}");
+        }
+        let mut g = xs.clone();
+        gelu(&mut g);
+        for (x, got) in xs.iter().zip(&g) {
+            let x64 = f64::from(*x);
+            let want = 0.5 * x64 * (1.0 + series(x64 / std::f64::consts::SQRT_2));
+            assert!(
+                (f64::from(*got) - want).abs() < 2e-6,
+                "gelu({x}) = {got}, want {want}"
+            );
         }
     }
 
