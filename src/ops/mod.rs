@@ -227,6 +227,7 @@ fn evaluated_op(op: &str) -> bool {
             | "Not"
             | "Resize"
             | "Upsample"
+            | "Trilu"
     )
 }
 
@@ -315,6 +316,13 @@ pub fn eval_constant(
         })),
         "Range" => one(input(0).and_then(|s| layout::range(s, input(1)?, input(2)?))),
         "Where" => one(input(0).and_then(|c| arith::where_(c, input(1)?, input(2)?))),
+        "Trilu" => one(input(0).and_then(|x| {
+            let k = match inputs.get(1).copied().flatten() {
+                Some(t) => *ints_of(t)?.first().ok_or("Trilu's k is empty")?,
+                None => 0,
+            };
+            layout::trilu(x, k, int_attr(node, "upper").unwrap_or(1) != 0)
+        })),
         "Resize" | "Upsample" => one(input(0).and_then(|x| {
             let x = x
                 .as_f32()
