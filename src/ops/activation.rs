@@ -139,6 +139,11 @@ pub fn erf(x: f32) -> f32 {
     (1.0 - poly * (-z * z).exp()).copysign(x)
 }
 
+/// Clip's `min` and `max` attributes (before opset 11; later they are inputs).
+pub fn clip_attributes(node: &NodeProto) -> (Option<f32>, Option<f32>) {
+    (float_attr(node, "min"), float_attr(node, "max"))
+}
+
 /// Softmax's axis in the opset's semantics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Softmax {

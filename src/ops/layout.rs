@@ -374,6 +374,30 @@ pub fn pad(x: &Tensor, pads: &[i64], value: Option<&Tensor>) -> Result<Tensor, S
     })
 }
 
+/// A Pad node's attributes: whether it pads with a constant, and the pads
+/// and value it carries as attributes (before opset 11; later they are inputs).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PadAttributes {
+    /// `mode` is constant (the default).
+    pub constant: bool,
+    /// The `pads` attribute.
+    pub pads: Option<Vec<i64>>,
+    /// The `value` attribute (0 when absent).
+    pub value: f32,
+}
+
+impl PadAttributes {
+    /// The attributes of the Pad `node`.
+    pub fn of(node: &crate::onnx::NodeProto) -> PadAttributes {
+        use crate::onnx::attr::{float_attr, ints_attr, string_attr};
+        PadAttributes {
+            constant: string_attr(node, "mode").is_none_or(|m| m == b"constant"),
+            pads: ints_attr(node, "pads"),
+            value: float_attr(node, "value").unwrap_or(0.0),
+        }
+    }
+}
+
 /// Trilu: the values on and above diagonal `k` of the last two axes
 /// (`upper`), or on and below it, zeros elsewhere (causal attention masks).
 pub fn trilu(x: &Tensor, k: i64, upper: bool) -> Result<Tensor, String> {

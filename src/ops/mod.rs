@@ -162,6 +162,13 @@ pub fn is_random(op: &str) -> bool {
     op.starts_with("Random") || op == "Multinomial" || op == "Bernoulli"
 }
 
+/// The tensor a Constant node holds in its `value` attribute.
+pub fn constant_value(node: &NodeProto) -> Option<&crate::onnx::TensorProto> {
+    (node.op_type() == "Constant")
+        .then(|| find(node, "value").and_then(|a| a.t.as_ref()))
+        .flatten()
+}
+
 /// The integers of an int64 or int32 tensor.
 pub fn ints_of(t: &Tensor) -> Result<Vec<i64>, String> {
     match t {

@@ -100,6 +100,11 @@ pub struct Resize {
     pub policy: AspectPolicy,
 }
 
+/// Whether `node` resizes by cubic interpolation (read without its operands).
+pub fn is_cubic(node: &NodeProto) -> bool {
+    string_attr(node, "mode") == Some(b"cubic")
+}
+
 /// One output index's source taps along an axis: input indices and weights,
 /// or `None` for the extrapolation value.
 type Taps = Option<Vec<(usize, f32)>>;

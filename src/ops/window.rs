@@ -82,10 +82,57 @@ impl Window {
         ints_attr(node, "dilations").is_some_and(|d| d.iter().any(|&v| v != 1))
     }
 
+    /// `auto_pad` of `node` (NOTSET when absent or empty).
+    pub fn auto_pad(node: &NodeProto) -> AutoPad {
+        match string_attr(node, "auto_pad").unwrap_or(b"NOTSET") {
+            b"NOTSET" | b"" => AutoPad::NotSet,
+            b"VALID" => AutoPad::Valid,
+            b"SAME_UPPER" => AutoPad::SameUpper,
+            b"SAME_LOWER" => AutoPad::SameLower,
+            _ => AutoPad::Other,
+        }
+    }
+
+    /// The `pads` attribute as written (no defaults, no checks).
+    pub fn pads_as_written(node: &NodeProto) -> Option<Vec<i64>> {
+        ints_attr(node, "pads")
+    }
+
+    /// The window attributes ONNX defaults that `node` leaves out, with
+    /// their default values over `spatial` axes (pools have no dilations;
+    /// no pads under auto_pad).
+    pub fn absent_defaults(node: &NodeProto, spatial: usize) -> Vec<(&'static str, Vec<i64>)> {
+        let pool = matches!(node.op_type(), "MaxPool" | "AveragePool");
+        let mut defaults = vec![("strides", vec![1; spatial])];
+        if !pool {
+            defaults.push(("dilations", vec![1; spatial]));
+        }
+        if Window::auto_pad(node) == AutoPad::NotSet {
+            defaults.push(("pads", vec![0; 2 * spatial]));
+        }
+        defaults.retain(|(name, _)| ints_attr(node, name).is_none());
+        defaults
+    }
+
     /// The number of spatial axes `kernel_shape` names (0 without it).
     pub fn kernel_rank(node: &NodeProto) -> usize {
         ints_attr(node, "kernel_shape").map_or(0, |k| k.len())
     }
+}
+
+/// A node's `auto_pad`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AutoPad {
+    /// Explicit pads (the default).
+    NotSet,
+    /// No padding.
+    Valid,
+    /// Padding from the input's size, the extra one at the end.
+    SameUpper,
+    /// Padding from the input's size, the extra one at the start.
+    SameLower,
+    /// A value ONNX does not define.
+    Other,
 }
 
 /// A 2-D window as ONNX gives it, defaults filled in.

@@ -4,7 +4,6 @@
 //! occur (docs/algorithms.md, "Activation ranges that respect the model").
 
 use super::params::{ActParams, ParamsError, act_params};
-use crate::onnx::attr::float_attr;
 use crate::onnx::{GraphProto, NodeProto};
 use std::collections::HashMap;
 
@@ -105,10 +104,8 @@ pub fn known_bounds(graph: &GraphProto) -> HashMap<String, Bounds> {
             | "Gather" | "DepthToSpace" | "SpaceToDepth" | "ReduceMax" | "ReduceMin"
             | "ReduceMean" | "Dropout" => input(0),
             // Nearest and linear resizing stay inside the input's range (cubic does not).
-            "Resize" | "Upsample" => match crate::onnx::attr::string_attr(node, "mode") {
-                Some(b"cubic") => Bounds::ANY,
-                _ => input(0),
-            },
+            "Resize" | "Upsample" if crate::ops::resize::is_cubic(node) => Bounds::ANY,
+            "Resize" | "Upsample" => input(0),
             "Concat" | "Max" | "Min" => {
                 let mut b = input(0);
                 for i in 1..node.input.len() {
@@ -129,25 +126,23 @@ pub fn known_bounds(graph: &GraphProto) -> HashMap<String, Bounds> {
 /// Clip's limits: attributes before opset 11, constant inputs 1 and 2 after;
 /// an input that is not a constant scalar leaves that side unknown.
 fn clip_bounds(graph: &GraphProto, node: &NodeProto) -> Bounds {
-    let side = |index: usize, attr: &str, default: f32| match node
+    let (min, max) = crate::ops::activation::clip_attributes(node);
+    let side = |index: usize, attr: Option<f32>, default: f32| match node
         .input
         .get(index)
         .filter(|n| !n.is_empty())
     {
         Some(name) => constant_scalar(graph, name).unwrap_or(default),
-        None => float_attr(node, attr).unwrap_or(default),
+        None => attr.unwrap_or(default),
     };
-    Bounds::new(
-        side(1, "min", f32::NEG_INFINITY),
-        side(2, "max", f32::INFINITY),
-    )
+    Bounds::new(side(1, min, f32::NEG_INFINITY), side(2, max, f32::INFINITY))
 }
 
 /// A constant-mode Pad adds its constant value to the input's bounds; other
 /// modes repeat input values.
 fn pad_bounds(graph: &GraphProto, node: &NodeProto, input: Bounds) -> Bounds {
-    let mode = crate::onnx::attr::string_attr(node, "mode").unwrap_or(b"constant");
-    if mode != b"constant" {
+    let attrs = crate::ops::layout::PadAttributes::of(node);
+    if !attrs.constant {
         return input;
     }
     let value = match node.input.get(2).filter(|n| !n.is_empty()) {
@@ -155,7 +150,7 @@ fn pad_bounds(graph: &GraphProto, node: &NodeProto, input: Bounds) -> Bounds {
             Some(v) => v,
             None => return Bounds::ANY,
         },
-        None => float_attr(node, "value").unwrap_or(0.0),
+        None => attrs.value,
     };
     input.union(Bounds::new(value, value))
 }
@@ -167,8 +162,7 @@ fn constant_scalar(graph: &GraphProto, name: &str) -> Option<f32> {
             .node
             .iter()
             .find(|n| n.op_type() == "Constant" && n.output.first().is_some_and(|o| o == name))
-            .and_then(|n| crate::onnx::attr::find(n, "value"))
-            .and_then(|a| a.t.as_ref())
+            .and_then(crate::ops::constant_value)
     })?;
     match crate::onnx::to_tensor(tensor).ok()? {
         crate::tensor::Tensor::F32(a) if a.len() == 1 => a.iter().next().copied(),

@@ -17,6 +17,7 @@
 use crate::onnx::proto::type_proto;
 use crate::onnx::{Dim, GraphIndex, ModelProto, NodeProto, Storage, ValueInfoProto, ValueSpec};
 use crate::ops;
+use crate::ops::window::{AutoPad, Window};
 use crate::tensor::{DType, Tensor};
 use std::collections::{HashMap, HashSet};
 
@@ -301,10 +302,7 @@ fn constant_node_value(
         return false;
     };
     let n = &g.node[p];
-    let value = (n.op_type() == "Constant")
-        .then(|| crate::onnx::attr::find(n, "value").and_then(|a| a.t.as_ref()))
-        .flatten()
-        .and_then(|t| crate::onnx::to_tensor(t).ok());
+    let value = ops::constant_value(n).and_then(|t| crate::onnx::to_tensor(t).ok());
     match value {
         Some(v) => {
             values.insert(name.to_string(), v);
@@ -405,9 +403,10 @@ fn fold_pads(model: &ModelProto, exposed: &HashSet<String>) -> Option<ModelProto
         if n.op_type() != "Pad" || !(n.domain().is_empty() || n.domain() == "ai.onnx") {
             continue;
         }
-        let mode_ok = crate::onnx::attr::string_attr(n, "mode").is_none_or(|m| m == b"constant");
+        let attrs = ops::layout::PadAttributes::of(n);
+        let mode_ok = attrs.constant;
         let pads = if opset < 11 {
-            crate::onnx::attr::ints_attr(n, "pads")
+            attrs.pads.clone()
         } else {
             n.input
                 .get(1)
@@ -415,7 +414,7 @@ fn fold_pads(model: &ModelProto, exposed: &HashSet<String>) -> Option<ModelProto
                 .and_then(|t| ops::ints_of(&t).ok())
         };
         let zero_value = match n.input.get(2).filter(|v| !v.is_empty()) {
-            None => opset >= 11 || crate::onnx::attr::float_attr(n, "value").unwrap_or(0.0) == 0.0,
+            None => opset >= 11 || attrs.value == 0.0,
             Some(v) => constant(v).is_some_and(|t| t.len() == 1 && t.to_f64_vec()[0] == 0.0),
         };
         let (Some(out), Some(src)) = (n.output.first(), n.input.first()) else {
@@ -430,8 +429,8 @@ fn fold_pads(model: &ModelProto, exposed: &HashSet<String>) -> Option<ModelProto
                 let r = &g.node[c];
                 r.op_type() == "Conv"
                     && r.input.first() == Some(out)
-                    && crate::onnx::attr::string_attr(r, "auto_pad").is_none_or(|p| p == b"NOTSET")
-                    && crate::onnx::attr::ints_attr(r, "pads")
+                    && Window::auto_pad(r) == AutoPad::NotSet
+                    && Window::pads_as_written(r)
                         .is_none_or(|p| p.len() == 4 && p.iter().all(|&v| v >= 0))
             });
         match pads {
@@ -466,7 +465,7 @@ fn fold_pads(model: &ModelProto, exposed: &HashSet<String>) -> Option<ModelProto
         );
         for &c in index.consumers(&out) {
             let conv = &mut graph.node[c];
-            let mut pads = crate::onnx::attr::ints_attr(conv, "pads").unwrap_or(vec![0; 4]);
+            let mut pads = Window::pads_as_written(conv).unwrap_or(vec![0; 4]);
             for (p, e) in pads.iter_mut().zip(extra) {
                 *p += e;
             }

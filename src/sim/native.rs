@@ -16,7 +16,7 @@ use super::per_sample::BatchMode;
 use super::prepare::{check_feed, feedable_inputs, rewrite_for_execution};
 use super::steps::{Consts, Decline, Op, Step, conv_geometry, float_const, zero_point};
 use super::{Session, SessionOptions};
-use crate::onnx::attr::{float_attr, int_attr, string_attr};
+use crate::onnx::attr::{int_attr, string_attr};
 use crate::onnx::{GraphProto, ModelProto, NodeProto, ValueSpec, to_tensor};
 use crate::ops::Unsupported;
 use crate::ops::layout as ops_layout;
@@ -483,7 +483,7 @@ fn step(node: &NodeProto, opset: i64, consts: &Consts) -> Result<Vec<Step>, Decl
             let (lo, hi) = if node.input.len() > 1 {
                 (scalar(1)?, scalar(2)?)
             } else {
-                (float_attr(node, "min"), float_attr(node, "max"))
+                crate::ops::activation::clip_attributes(node)
             };
             inputs.truncate(1);
             Op::Clamp(lo.unwrap_or(f32::NEG_INFINITY), hi.unwrap_or(f32::INFINITY))

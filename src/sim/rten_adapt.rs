@@ -4,8 +4,9 @@
 //! are rewritten into 2-D ones. None of this applies to other backends.
 
 use super::error::SimError;
-use crate::onnx::attr::{attr_ints, find, string_attr};
+use crate::onnx::attr::attr_ints;
 use crate::onnx::{GraphProto, ModelProto, ValueSpec};
+use crate::ops::window::{AutoPad, Window};
 use std::collections::HashMap;
 
 /// Applies the rten-only rewrites to a model already prepared for execution.
@@ -26,12 +27,11 @@ fn refuse_known_wrong(model: &ModelProto) -> Result<(), SimError> {
         return Ok(());
     };
     for (i, n) in g.node.iter().enumerate() {
-        let attr_s = |name: &str| string_attr(n, name);
         let why = match n.op_type() {
-            "MaxPool" | "AveragePool" if attr_s("auto_pad") == Some(b"SAME_LOWER") => Some(
+            "MaxPool" | "AveragePool" if Window::auto_pad(n) == AutoPad::SameLower => Some(
                 "auto_pad SAME_LOWER is computed as SAME_UPPER by the CPU engine; give explicit pads instead",
             ),
-            "Resize" if attr_s("mode") == Some(b"cubic") => Some(
+            "Resize" if crate::ops::resize::is_cubic(n) => Some(
                 "cubic Resize is computed wrongly by the CPU engine in most coordinate modes; use linear, or run the model elsewhere",
             ),
             _ => None,
@@ -74,7 +74,7 @@ fn fill_default_window_attributes(g: &mut GraphProto) {
         {
             continue;
         }
-        let kernel = find(n, "kernel_shape").map(|a| a.ints.len());
+        let kernel = Some(Window::kernel_rank(n)).filter(|&r| r > 0);
         let weight = n
             .input
             .get(1)
@@ -83,18 +83,8 @@ fn fill_default_window_attributes(g: &mut GraphProto) {
         let Some(spatial) = kernel.or(weight).filter(|&r| r > 0) else {
             continue;
         };
-        let explicit_pads = string_attr(n, "auto_pad").is_none_or(|p| p == b"NOTSET");
-        let mut defaults = vec![("strides", vec![1; spatial])];
-        if op != "AveragePool" && op != "MaxPool" {
-            defaults.push(("dilations", vec![1; spatial]));
-        }
-        if explicit_pads {
-            defaults.push(("pads", vec![0; 2 * spatial]));
-        }
-        for (name, value) in defaults {
-            if find(n, name).is_none() {
-                n.attribute.push(attr_ints(name, &value));
-            }
+        for (name, value) in Window::absent_defaults(n, spatial) {
+            n.attribute.push(attr_ints(name, &value));
         }
     }
 }
