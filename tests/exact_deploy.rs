@@ -41,9 +41,20 @@ struct Deployed {
 
 impl Deployed {
     fn new(m: &ModelProto, x: &ArrayD<f32>, layer: &str) -> Deployed {
+        Deployed::configured(m, x, layer, |_| {})
+    }
+
+    /// As `new`, with the default configuration changed by `edit` first.
+    fn configured(
+        m: &ModelProto,
+        x: &ArrayD<f32>,
+        layer: &str,
+        edit: impl Fn(&mut QuantConfig),
+    ) -> Deployed {
         let layers = ascend_quant::pipeline::inputs::layer_names(m).unwrap();
         let mut config = QuantConfig::default_for(&layers);
         config.batch_num = Some(1);
+        edit(&mut config);
         let data = Dataset::from_arrays(
             vec![("x".into(), Tensor::F32(x.clone()))],
             &["x".into()],
@@ -284,6 +295,68 @@ fn a_bias_add_written_bias_first_is_folded_too() {
         ["AscendQuant", "MatMul", "Add", "AscendDequant"],
         "the Add sits between the int8 MatMul and the dequantization"
     );
+}
+
+/// `channel_wise` on a MatMul: one weight scale per output column (ARQ
+/// computed here by hand from each column's extremes), the deploy model's
+/// dequantization a vector of them, its bias quantized with each column's
+/// scale, and both engines exact against the integer reference.
+#[test]
+fn a_matmul_quantized_per_column_dequantizes_each_column_exactly() {
+    let (b, s, k, n) = (2usize, 3usize, 64usize, 5usize);
+    // Columns of very different widths, so one scale would waste most of the grid.
+    let widths = [0.01f32, 0.1, 1.0, 4.0, 0.5];
+    let w = ArrayD::from_shape_fn(IxDyn(&[k, n]), |ix| {
+        (values(31 + ix[1] as u64, k)[ix[0]] - 0.5) * widths[ix[1]]
+    });
+    let bias = ArrayD::from_shape_vec(IxDyn(&[n]), vec![0.5f32, -1.0, 0.25, 0.0, 2.0]).unwrap();
+    let m = model_x_to_y(
+        vec![
+            node("MatMul", "mm", &["x", "w"], &["mm.y"], vec![]),
+            node("Add", "mm.bias", &["b", "mm.y"], &["y"], vec![]),
+        ],
+        vec![("w", w.clone()), ("b", bias.clone())],
+        &[b as i64, s as i64, k as i64],
+        &[b as i64, s as i64, n as i64],
+    );
+    let x = ArrayD::from_shape_vec(IxDyn(&[b, s, k]), values(32, b * s * k)).unwrap();
+    let d = Deployed::configured(&m, &x, "mm", |c| {
+        c.layers.iter_mut().for_each(|(_, l)| l.channel_wise = true)
+    });
+    assert_eq!(d.deq.len(), n, "one dequantization factor per column");
+    let scale_d = 1.0 / d.quant.scale;
+    for j in 0..n {
+        let col: Vec<f32> = (0..k).map(|i| w[[i, j]]).collect();
+        let (lo, hi) = col
+            .iter()
+            .fold((0f32, 0f32), |(a, z), &v| (a.min(v), z.max(v)));
+        let scale_w = if -lo > hi { -lo / 128.0 } else { hi / 127.0 };
+        let deq = d.deq_scale(j);
+        assert!(
+            (deq - scale_w * scale_d).abs() <= 1e-6 * deq,
+            "column {j}: deq {deq} vs scale_w {scale_w} x scale_d {scale_d}"
+        );
+        for i in 0..k {
+            let want = (w[[i, j]] / scale_w).round_ties_even().clamp(-128.0, 127.0) as i8;
+            assert_eq!(d.weight[[i, j]], want, "weight [{i}, {j}]");
+        }
+        let want_bias = (bias[j] / (scale_w * scale_d)).round_ties_even();
+        assert!((d.bias[j] as f32 - want_bias).abs() <= 1.0, "bias {j}");
+    }
+    let q = d.levels(&x);
+    let mut want = ArrayD::<f32>::zeros(IxDyn(&[b, s, n]));
+    for i in 0..b {
+        for t in 0..s {
+            for j in 0..n {
+                let mut acc = i64::from(d.bias[j]);
+                for c in 0..k {
+                    acc += q[[i, t, c]] * i64::from(d.weight[[c, j]]);
+                }
+                want[[i, t, j]] = acc as i32 as f32 * d.deq_scale(j);
+            }
+        }
+    }
+    d.assert_exact(x, &want);
 }
 
 fn matmul_past_two_to_the_24(add_inputs: &[&str]) {

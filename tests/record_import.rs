@@ -143,7 +143,11 @@ fn records_that_do_not_fit_the_model_are_refused_naming_both() {
         ),
         (
             "record { key: \"/10/Gemm\" value { scale_d: 0.1 scale_w: [0.1, 0.2] } }",
-            vec!["'/10/Gemm'", "2 scale_w", "no per-channel"],
+            vec![
+                "'/10/Gemm'",
+                "2 scale_w",
+                "allowed: 1 or 10 (one per output channel)",
+            ],
         ),
         (
             "record { key: \"/0/Conv\" value { offset_d: 3 scale_w: 0.1 } }",

@@ -323,11 +323,19 @@ pub fn apply_optimize(config: &mut QuantConfig, layers: &[(String, String)]) {
         }
     }
     for (name, l) in &mut config.layers {
-        let weighted = layers
+        let op = layers
             .iter()
-            .any(|(n, op)| n == name && crate::quant::layers::has_weight(op));
+            .find(|(n, _)| n == name)
+            .map(|(_, op)| op.as_str());
+        let weighted = op.is_some_and(crate::quant::layers::has_weight);
         if weighted && l.dmq.is_none() && l.wts_algo == crate::quant::config::WtsAlgo::Arq {
             l.dmq = Some(OPTIMIZE_DMQ);
+            // Gemm / MatMul: the strength chosen per layer from its data.
+            l.dmq_search = matches!(op, Some("Gemm" | "MatMul"));
+        }
+        // Gemm / MatMul weights one scale per output column (AMCT: per tensor).
+        if op.is_some_and(crate::quant::layers::has_weight_channels) {
+            l.channel_wise = true;
         }
     }
 }

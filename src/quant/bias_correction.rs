@@ -43,14 +43,20 @@ pub struct BiasCorrection {
     pub mean_error_after: f64,
 }
 
-/// Per-channel sums of `x` (axis 1 of `[N, C, ...]`, or the last axis of a 2-D `[N, C]`).
-fn channel_sums(x: &ndarray::ArrayD<f32>, sums: &mut [f64], counts: &mut [u64]) {
+/// Per-channel sums of `x`: over axis 1 of `[N, C, ...]` (a convolution's
+/// output), or over the last axis when `last` (a Gemm / MatMul result).
+fn channel_sums(x: &ndarray::ArrayD<f32>, last: bool, sums: &mut [f64], counts: &mut [u64]) {
     let shape = x.shape();
-    if shape.len() < 2 || shape[1] != sums.len() {
+    let axis = if last {
+        shape.len().saturating_sub(1)
+    } else {
+        1
+    };
+    if shape.len() < 2 || shape[axis] != sums.len() {
         return;
     }
-    let c = shape[1];
-    let inner: usize = shape[2..].iter().product();
+    let c = shape[axis];
+    let inner: usize = shape[axis + 1..].iter().product();
     let Some(data) = x.as_slice() else {
         return;
     };
@@ -134,9 +140,14 @@ pub fn correct_biases(
         dynamic_batch,
         optimize: true,
     };
-    let channels: Vec<usize> = targets
+    // Each target's bias length and whether its channels are the output's last axis.
+    let channels: Vec<(usize, bool)> = targets
         .iter()
-        .map(|&i| factors[i].bias_q.as_ref().map_or(0, Vec::len))
+        .map(|&i| {
+            let f = &factors[i];
+            let last = f.layer.channel_layout.channels_last();
+            (f.bias_q.as_ref().map_or(0, Vec::len), last)
+        })
         .collect();
     // The quantized model of the passes, and what its biases are called
     // (emitting keeps a bias initializer's name unless another node shares it).
@@ -163,11 +174,11 @@ pub fn correct_biases(
     let float = executor.prepare(prepared, &opts)?;
     let means_of = |session: &dyn crate::sim::Session,
                     fetch: &[&str],
-                    channels: &[usize],
+                    channels: &[(usize, bool)],
                     extra: &[Tensor]|
      -> Result<Vec<Vec<f64>>, QuantError> {
-        let mut sums: Vec<Vec<f64>> = channels.iter().map(|&c| vec![0.0; c]).collect();
-        let mut counts: Vec<Vec<u64>> = channels.iter().map(|&c| vec![0; c]).collect();
+        let mut sums: Vec<Vec<f64>> = channels.iter().map(|&(c, _)| vec![0.0; c]).collect();
+        let mut counts: Vec<Vec<u64>> = channels.iter().map(|&(c, _)| vec![0; c]).collect();
         for b in 0..batches {
             let batch = data.batch(batch_size, b)?;
             let mut feeds: Vec<(&str, &Tensor)> =
@@ -175,7 +186,7 @@ pub fn correct_biases(
             feeds.extend(bias_inputs.iter().map(String::as_str).zip(extra));
             for (k, v) in session.run(&feeds, fetch)?.iter().enumerate() {
                 if let Some(a) = v.as_f32() {
-                    channel_sums(a, &mut sums[k], &mut counts[k]);
+                    channel_sums(a, channels[k].1, &mut sums[k], &mut counts[k]);
                 }
             }
         }

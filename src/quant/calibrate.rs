@@ -7,6 +7,7 @@ use super::adaround::{AdaReport, adaround_layers};
 use super::bias_correction::{BiasCorrection, correct_biases};
 use super::config::{QuantConfig, WtsAlgo};
 use super::dmq::{ChannelAxes, ChannelMax, balance_factors, balance_input, balance_weight};
+use super::dmq_search::{self, RowSample, SAMPLE_ROWS, SearchSettings};
 use super::emit::{
     LayerFactors, ModelKind, add_tensor_quantization, deploy_and_fake_quant, simulation_model,
 };
@@ -467,22 +468,42 @@ fn dmq_factors(
     if maxima.iter().all(Option::is_none) {
         return Ok(vec![None; enabled.len()]);
     }
-    for b in 0..config.batches(data.batch_count(run.batch_size)) {
+    // Layers whose strength is searched keep a sample of their input rows.
+    let mut samples: Vec<Option<RowSample>> = enabled
+        .iter()
+        .zip(&maxima)
+        .map(|(l, m)| {
+            let (m, _) = m.as_ref()?;
+            let searched = config.layer(&l.name)?.dmq_search;
+            match ChannelAxes::of(graph, l)? {
+                ChannelAxes::LastAxis { k } if searched && m.max.len() == k => {
+                    Some(RowSample::new(k, SAMPLE_ROWS))
+                }
+                _ => None,
+            }
+        })
+        .collect();
+    let batches = config.batches(data.batch_count(run.batch_size));
+    for b in 0..batches {
         let batch = data.batch(run.batch_size, b)?;
         let values = run_batch(session, &batch, taps)?;
-        for (k, m) in maxima.iter_mut().enumerate() {
+        for (k, (m, sample)) in maxima.iter_mut().zip(&mut samples).enumerate() {
             if let Some((m, _)) = m
                 && let Some(x) = values[tap_of_layer[k]].as_f32()
                 && let Some(slice) = x.as_slice()
             {
                 m.observe(slice, x.shape());
+                if let Some(sample) = sample {
+                    sample.observe(slice, batches);
+                }
             }
         }
     }
     enabled
-        .iter()
+        .par_iter()
         .zip(maxima)
-        .map(|(l, m)| {
+        .zip(samples)
+        .map(|((l, m), sample)| {
             let Some((m, alpha)) = m else {
                 return Ok(None);
             };
@@ -496,6 +517,26 @@ fn dmq_factors(
                 return Ok(None);
             };
             let axes = ChannelAxes::of(graph, l).expect("checked when collecting");
+            let lc = config.layer(&l.name).expect("checked when collecting");
+            let settings = SearchSettings {
+                algo: &lc.act_algo,
+                asymmetric: config.asymmetric(lc),
+                act_bits: lc.act_bits,
+                wts_bits: lc.wts_bits,
+                layout: if lc.channel_wise {
+                    l.channel_layout
+                } else {
+                    ChannelLayout::PerTensor
+                },
+            };
+            let alpha =
+                match sample.and_then(|s| dmq_search::choose(&l.name, &s, &m.max, &w, &settings)) {
+                    Some(choice) => match choice.alpha {
+                        Some(a) => a,
+                        None => return Ok(None),
+                    },
+                    None => alpha,
+                };
             Ok(Some((balance_factors(&m.max, &w, axes, alpha), axes)))
         })
         .collect()

@@ -21,12 +21,17 @@ pub struct LayerConfig {
     pub asymmetric: Option<bool>,
     /// Weight bits (8).
     pub wts_bits: u32,
-    /// One weight scale per output channel (Conv, ConvTranspose only).
+    /// One weight scale per output channel (Conv, ConvTranspose; Gemm and
+    /// MatMul per output column, an ascend-quant extension).
     pub channel_wise: bool,
     /// How the weight's int8 values are chosen.
     pub wts_algo: WtsAlgo,
     /// DMQ balancing strength α in [0.2, 0.8] (`dmq_balancer_param`), if on.
     pub dmq: Option<f32>,
+    /// Choose the DMQ strength of a Gemm / MatMul layer from its data
+    /// (`dmq_search`, an ascend-quant key; `quant::dmq_search`), `dmq` being
+    /// the strength for layers the search does not take.
+    pub dmq_search: bool,
 }
 
 /// The weight algorithm of a layer.
@@ -50,9 +55,10 @@ impl LayerConfig {
             act_algo: ActAlgo::default(),
             asymmetric: None,
             wts_bits: 8,
-            channel_wise: super::layers::has_weight_channels(op_type),
+            channel_wise: super::layers::channel_wise_by_default(op_type),
             wts_algo: WtsAlgo::Arq,
             dmq: None,
+            dmq_search: false,
         }
     }
 }
@@ -215,6 +221,9 @@ impl QuantConfig {
             if let Some(d) = l.dmq {
                 layer["dmq_balancer_param"] = json!(d);
             }
+            if l.dmq_search {
+                layer["dmq_search"] = json!(true);
+            }
             top.insert(name.clone(), layer);
         }
         Value::Object(top)
@@ -342,7 +351,7 @@ pub(super) fn get_channel_wise(v: &Value, name: &str, op: &str, ctx: &str) -> Pa
     let on = get_bool(v, "channel_wise")?;
     if on && !super::layers::has_weight_channels(op) {
         return Err(format!(
-            "{ctx}: 'channel_wise' true is only allowed for Conv and ConvTranspose, and '{name}' is {op}"
+            "{ctx}: 'channel_wise' true is only allowed for Conv, ConvTranspose, Gemm and MatMul, and '{name}' is {op}"
         ));
     }
     Ok(on)
@@ -595,6 +604,7 @@ fn parse_layer(v: &Value, name: &str, op: &str) -> Parse<LayerConfig> {
             "activation_quant_params",
             "weight_quant_params",
             "dmq_balancer_param",
+            "dmq_search",
         ],
         &format!("layer '{name}'"),
     )?;
@@ -609,6 +619,14 @@ fn parse_layer(v: &Value, name: &str, op: &str) -> Parse<LayerConfig> {
             ));
         }
         l.dmq = Some(get_num(d, "dmq_balancer_param", 0.2, 0.8, "0.2 to 0.8")? as f32);
+    }
+    if let Some(v) = obj.get("dmq_search") {
+        l.dmq_search = get_bool(v, "dmq_search")?;
+        if l.dmq_search && l.dmq.is_none() {
+            return Err(format!(
+                "layer '{name}': 'dmq_search' true needs 'dmq_balancer_param' (the strength where the search does not apply)"
+            ));
+        }
     }
     if let Some(a) = obj.get("activation_quant_params") {
         let (algo, asymmetric) = parse_act(a, &format!("layer '{name}'"))?;
@@ -760,6 +778,8 @@ mod tests {
         });
         cfg.layers[1].1.wts_algo = WtsAlgo::Ada(ada_settings(500, 0.05, [16.0, 3.0], 0.3));
         cfg.layers[1].1.dmq = Some(0.4);
+        cfg.layers[1].1.dmq_search = true;
+        cfg.layers[1].1.channel_wise = true;
         cfg.bias_correction = true;
         cfg.layers[0].1.act_algo = ActAlgo::Ifmr(IfmrSettings {
             extend_below: true,
@@ -805,9 +825,20 @@ mod tests {
         );
         let e = parse_str(r#"{"nope": {}}"#).unwrap_err();
         assert!(e.contains("'nope'") && e.contains("conv1, fc"), "{e}");
-        let e =
-            parse_str(r#"{"fc": {"weight_quant_params": {"channel_wise": true}}}"#).unwrap_err();
-        assert!(e.contains("channel_wise") && e.contains("Gemm"), "{e}");
+        // Gemm per output column: an ascend-quant extension, off by default.
+        let c = parse_str(r#"{"fc": {"weight_quant_params": {"channel_wise": true}}}"#).unwrap();
+        let e = parse_str(r#"{"fc": {"dmq_search": true}}"#).unwrap_err();
+        assert!(
+            e.contains("dmq_search") && e.contains("dmq_balancer_param"),
+            "{e}"
+        );
+        assert!(c.layer("fc").unwrap().channel_wise);
+        assert!(
+            !QuantConfig::default_for(&layers())
+                .layer("fc")
+                .unwrap()
+                .channel_wise
+        );
         let e = parse_str(
             r#"{"conv1": {"weight_quant_params": {"wts_algo": "nuq_quantize", "num_steps": 8}}}"#,
         )

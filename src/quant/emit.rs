@@ -514,13 +514,7 @@ fn dequant_nodes(
         }
         Flavor::FakeQuant => {
             let p = names::fake_dequant_prefix(&l.name);
-            let shape: Vec<usize> = if deq.len() == 1 {
-                vec![]
-            } else {
-                let mut s = vec![1; l.output_rank.max(2)];
-                s[1] = deq.len();
-                s
-            };
+            let shape = l.channel_shape(deq.len());
             added.push(constant_f32(
                 &format!("{p}.scale"),
                 &format!("{p}.scale.value"),

@@ -18,8 +18,17 @@ pub fn has_weight(op_type: &str) -> bool {
 }
 
 /// Whether a quantizable operator's weight has output channels that can be
-/// quantized one scale each (`channel_wise`).
+/// quantized one scale each (`channel_wise`). Gemm and MatMul are per tensor
+/// in AMCT's classic path; ascend-quant also quantizes them per output
+/// column, the dequantization then a vector over the result's last axis
+/// (`docs/deploy-format.md`, per-channel Gemm / MatMul).
 pub fn has_weight_channels(op_type: &str) -> bool {
+    matches!(op_type, "Conv" | "ConvTranspose" | "Gemm" | "MatMul")
+}
+
+/// Whether a layer of this operator quantizes its weight per channel unless
+/// told otherwise: AMCT's defaults (Conv and ConvTranspose).
+pub fn channel_wise_by_default(op_type: &str) -> bool {
     matches!(op_type, "Conv" | "ConvTranspose")
 }
 
@@ -46,6 +55,23 @@ pub struct QuantLayer {
     pub channel_layout: ChannelLayout,
     /// Rank of the layer's output (for the per-channel dequant shape).
     pub output_rank: usize,
+}
+
+impl QuantLayer {
+    /// The shape of a constant of `channels` per-output-channel values that
+    /// broadcasts onto the layer's output: a scalar for one, `[1, C, 1, ..]`
+    /// for a convolution, `[C]` (the last axis) for Gemm / MatMul.
+    pub fn channel_shape(&self, channels: usize) -> Vec<usize> {
+        if channels == 1 {
+            vec![]
+        } else if self.channel_layout.channels_last() {
+            vec![channels]
+        } else {
+            let mut s = vec![1; self.output_rank.max(2)];
+            s[1] = channels;
+            s
+        }
+    }
 }
 
 /// Whether and why a node can be quantized (for `inspect` and reports).
@@ -209,7 +235,16 @@ fn examine(
                     ));
                 }
             }
-            Ok((bias, None, out, ChannelLayout::PerTensor, 2))
+            let layout = if gemm.trans_b {
+                ChannelLayout::Axis0 {
+                    channels: dims[0] as usize,
+                }
+            } else {
+                ChannelLayout::LastAxis {
+                    channels: dims[1] as usize,
+                }
+            };
+            Ok((bias, None, out, layout, 2))
         }
         "MatMul" => {
             if !(dims.len() == 2 || dims.len() == 3) {
@@ -239,6 +274,9 @@ fn examine(
                     && init_dims(bias).is_some_and(|d| d.len() == 1 && d[0] == n_out))
                 .then(|| bias.clone())
             };
+            let layout = ChannelLayout::LastAxis {
+                channels: n_out as usize,
+            };
             let add = (consumers.len() == 1 && !graph_outputs.contains(&out.as_str()))
                 .then(|| consumers[0])
                 .and_then(|c| bias_of(c).map(|b| (c, b)));
@@ -247,10 +285,10 @@ fn examine(
                     Some(bias),
                     Some(a),
                     graph.node[a].output[0].clone(),
-                    ChannelLayout::PerTensor,
+                    layout,
                     2,
                 )),
-                None => Ok((None, None, out, ChannelLayout::PerTensor, 2)),
+                None => Ok((None, None, out, layout, 2)),
             }
         }
         _ => unreachable!("only quantizable ops reach here"),

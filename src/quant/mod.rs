@@ -9,6 +9,7 @@ pub mod calibrate;
 pub mod config;
 pub mod config_levels;
 pub mod dmq;
+pub mod dmq_search;
 pub mod emit;
 pub mod error;
 pub mod fp16_quant;

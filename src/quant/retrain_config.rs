@@ -19,7 +19,6 @@ use super::config::{
     ConfigError, Parse, check_keys, get_bool, get_channel_wise, get_num, layer_op,
 };
 use super::config_levels::{Level, Levels, check_skip_lists, is_skipped};
-use super::layers::has_weight_channels;
 use serde_json::{Map, Value, json};
 use std::path::Path;
 
@@ -43,7 +42,7 @@ impl RetrainLayer {
             retrain_enable: true,
             clips: None,
             fixed_min: None,
-            channel_wise: has_weight_channels(op_type),
+            channel_wise: super::layers::channel_wise_by_default(op_type),
         }
     }
 }
@@ -217,7 +216,7 @@ fn apply_weights(
                     a.dst_type().as_str_name()
                 ));
             }
-            l.channel_wise = a.channel_wise() && has_weight_channels(op);
+            l.channel_wise = a.channel_wise() && super::layers::channel_wise_by_default(op);
             Ok(())
         }
     }
@@ -515,10 +514,6 @@ mod tests {
             (
                 r#"{"conv1": {"retrain_data_config": {"clip_max": 2.0, "clip_min": -1.0, "fixed_min": true}}}"#,
                 "fixed_min true pins clip_min to 0",
-            ),
-            (
-                r#"{"fc": {"retrain_weight_config": {"channel_wise": true}}}"#,
-                "only allowed for Conv and ConvTranspose",
             ),
             (
                 r#"{"conv1": {"retrain_weight_config": {"dst_type": "INT4"}}}"#,

@@ -139,6 +139,19 @@ fn check_percentile(key: &str, v: f32) -> Result<f64, String> {
     Ok(f64::from(v))
 }
 
+/// Whether `channel_wise` applies to a layer of `op`: a layer named in an
+/// override may ask for it on Gemm / MatMul too (an ascend-quant
+/// extension); a type-wide or common setting applies where AMCT applies it
+/// (Conv, ConvTranspose), so AMCT's usual configuration keeps Gemm and
+/// MatMul per tensor.
+fn channels_for(op: &str, named: bool) -> bool {
+    if named {
+        super::layers::has_weight_channels(op)
+    } else {
+        super::layers::channel_wise_by_default(op)
+    }
+}
+
 /// Applies one level of settings. `channel_wise: true` from the common or a
 /// type-wide config means "where the layer has output channels"; named for a
 /// Gemm/MatMul/AveragePool layer itself, it is an error.
@@ -174,10 +187,10 @@ fn apply(
                     a.quant_bits()
                 )));
             }
-            let has_channels = super::layers::has_weight_channels(op);
+            let has_channels = channels_for(op, named);
             if a.channel_wise() && !has_channels && named {
                 return Err(ctx(format!(
-                    "channel_wise true is only allowed for Conv and ConvTranspose, and this layer is {op}"
+                    "channel_wise true is only allowed for Conv, ConvTranspose, Gemm and MatMul, and this layer is {op}"
                 )));
             }
             layer.channel_wise = a.channel_wise() && has_channels;
@@ -213,7 +226,7 @@ fn apply(
                 [start, end],
                 a.warm_start(),
             ));
-            let has_channels = super::layers::has_weight_channels(op);
+            let has_channels = channels_for(op, named);
             if a.channel_wise.is_some() {
                 layer.channel_wise = a.channel_wise() && has_channels;
             }
@@ -388,8 +401,9 @@ mod tests {
             e.contains("'nope'") && e.contains("conv1, conv2, fc"),
             "{e}"
         );
-        let e = parse(r#"override_layer_configs { layer_name: "fc" calibration_config { arq_quantize { channel_wise: true } } }"#).unwrap_err();
-        assert!(e.contains("'fc'") && e.contains("channel_wise"), "{e}");
+        // Named, a Gemm may ask for one scale per output column.
+        let cfg = parse(r#"override_layer_configs { layer_name: "fc" calibration_config { arq_quantize { channel_wise: true } } }"#).unwrap();
+        assert!(cfg.layer("fc").unwrap().channel_wise);
         // From the common config it applies where it can.
         let cfg = parse("common_config { arq_quantize { channel_wise: true } }").unwrap();
         assert!(cfg.layer("conv1").unwrap().channel_wise && !cfg.layer("fc").unwrap().channel_wise);

@@ -182,13 +182,7 @@ pub fn lower(model: &ModelProto) -> Result<ModelProto, SimError> {
                         Ok(u.scale)
                     })
                     .collect::<Result<Vec<f32>, SimError>>()?;
-                let shape: Vec<usize> = if deq.len() == 1 {
-                    vec![]
-                } else {
-                    let mut s = vec![1; channel_rank(g, &out, &new_inits, &n.input[0])];
-                    s[1] = deq.len();
-                    s
-                };
+                let shape = channel_shape(g, &out, &new_inits, &n.input[0], deq.len());
                 let p = |s: &str| format!("{name}.lowered.{s}");
                 out.push(node(
                     "Cast",
@@ -250,8 +244,31 @@ pub fn lower(model: &ModelProto) -> Result<ModelProto, SimError> {
     Ok(m)
 }
 
+/// The shape of `channels` dequantization factors for the int32 `value`: a
+/// scalar for one; else per output channel of the layer behind `value`
+/// (through a bias Add): the last axis of a Gemm / MatMul result, axis 1 of
+/// a convolution's (whose weight gives the rank).
+fn channel_shape(
+    g: &GraphProto,
+    lowered: &[NodeProto],
+    new_inits: &[TensorProto],
+    value: &str,
+    channels: usize,
+) -> Vec<usize> {
+    if channels == 1 {
+        return vec![];
+    }
+    let mut s = vec![1; channel_rank(g, lowered, new_inits, value)];
+    if s.is_empty() {
+        return vec![channels];
+    }
+    s[1] = channels;
+    s
+}
+
 /// Rank of the tensor a per-channel dequantization applies to: that of the
-/// convolution weight behind `value` (through a bias Add).
+/// convolution weight behind `value` (through a bias Add); 0 for a Gemm /
+/// MatMul, whose channels are the result's last axis.
 fn channel_rank(
     g: &GraphProto,
     lowered: &[NodeProto],
@@ -269,6 +286,9 @@ fn channel_rank(
             .get(1)
             .and_then(|w| initializer(g, w).or_else(|| new_inits.iter().find(|t| t.name() == w)))
             .map(|t| t.dims.len());
+        if matches!(p.op_type(), "MatMulInteger" | "MatMul" | "Gemm") {
+            return 0;
+        }
         if let Some(rank) = weight_rank
             && p.op_type() != "Add"
         {

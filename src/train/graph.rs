@@ -22,6 +22,7 @@ use crate::ops::activation::{Softmax, Unary};
 use crate::ops::gemm::Gemm;
 use crate::ops::layout::{Layout, axis_index};
 use crate::ops::window::Window;
+use crate::quant::weights::ChannelLayout;
 use crate::sim::kernels::conv_grad::{
     ConvGeom, TransposedWindow, contiguous, conv_backward, conv_forward, conv_geometry,
     conv_input_grad, from_nchw, im2col, transposed_geometry,
@@ -92,7 +93,8 @@ pub struct LayerQuant {
     pub clip_max: f32,
     /// clip_min stays 0 (inputs produced by ReLU-like operators).
     pub fixed_min: bool,
-    /// One weight scale per output channel (Conv only).
+    /// One weight scale per output channel (Conv, ConvTranspose; the
+    /// columns of a Gemm / MatMul weight).
     pub channel_wise: bool,
 }
 
@@ -1119,22 +1121,14 @@ fn fake_quantize(
     ulq_forward(&xs, &grid, 8, &mut xq);
     let ws = contiguous(w);
     let mut wq = vec![0f32; ws.len()];
-    match op {
-        // One scale per output channel: axis 0 of a Conv weight.
-        Op::Conv { .. } if q.channel_wise => {
-            let per = ws.len() / w.shape()[0].max(1);
-            for (src, dst) in ws.chunks(per.max(1)).zip(wq.chunks_mut(per.max(1))) {
-                arq_retrain_forward(src, 8, dst);
+    match weight_channels(op, w.shape()).filter(|_| q.channel_wise) {
+        Some(layout) => {
+            // Gather each output channel's weights, quantize them with one scale, scatter back.
+            let mut members: Vec<Vec<usize>> = vec![Vec::new(); layout.channels()];
+            for flat in 0..ws.len() {
+                members[layout.channel_of(flat, ws.len())].push(flat);
             }
-        }
-        // Axis 1 of a ConvTranspose weight [Cin, Cout, kh, kw].
-        Op::ConvTranspose { .. } if q.channel_wise => {
-            let sh = w.shape();
-            let (cout, plane) = (sh[1], sh[2] * sh[3]);
-            for c in 0..cout {
-                let idx: Vec<usize> = (0..sh[0])
-                    .flat_map(|i| (0..plane).map(move |k| (i * cout + c) * plane + k))
-                    .collect();
+            for idx in members {
                 let src: Vec<f32> = idx.iter().map(|&k| ws[k]).collect();
                 let mut dst = vec![0f32; src.len()];
                 arq_retrain_forward(&src, 8, &mut dst);
@@ -1143,7 +1137,7 @@ fn fake_quantize(
                 }
             }
         }
-        _ => {
+        None => {
             arq_retrain_forward(&ws, 8, &mut wq);
         }
     }
@@ -1151,6 +1145,24 @@ fn fake_quantize(
         ArrayD::from_shape_vec(x.raw_dim(), xq).map_err(|e| e.to_string())?,
         ArrayD::from_shape_vec(w.raw_dim(), wq).map_err(|e| e.to_string())?,
     ))
+}
+
+/// Where a trainable layer's output channels sit in its weight: axis 0 of a
+/// Conv weight, axis 1 of a ConvTranspose weight `[Cin, Cout, kh, kw]`, the
+/// columns of a Gemm / MatMul weight (its rows under `transB`).
+fn weight_channels(op: &Op, shape: &[usize]) -> Option<ChannelLayout> {
+    let last = *shape.last()?;
+    Some(match op {
+        Op::Conv { .. } => ChannelLayout::Axis0 { channels: shape[0] },
+        Op::ConvTranspose { .. } if shape.len() == 4 => ChannelLayout::Transposed {
+            cin: shape[0],
+            cout_per_group: shape[1],
+            group: 1,
+        },
+        Op::Gemm { trans_b: true } => ChannelLayout::Axis0 { channels: shape[0] },
+        Op::Gemm { trans_b: false } | Op::MatMul => ChannelLayout::LastAxis { channels: last },
+        _ => return None,
+    })
 }
 
 /// Developer aid (`docs/engine.md`): with `ASCEND_QUANT_PROFILE` set, each
@@ -1188,4 +1200,39 @@ fn transposed(op: &Op, x: &ArrayD<f32>, w: &ArrayD<f32>) -> Result<ConvGeom, Str
         output_padding: *output_padding,
     };
     transposed_geometry(&window, x, w)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Per output column, a Gemm / MatMul weight is quantized column by
+    /// column: each column equals the column quantized alone.
+    #[test]
+    fn a_matmul_weight_is_fake_quantized_per_column() {
+        let w = ndarray::array![[0.5f32, -1.27, 0.01], [1.0, -2.56, 0.02]].into_dyn();
+        let x = ndarray::array![[0.5f32, 1.0]].into_dyn();
+        let q = LayerQuant {
+            clip_min: -1.0,
+            clip_max: 1.0,
+            fixed_min: false,
+            channel_wise: true,
+        };
+        for op in [Op::MatMul, Op::Gemm { trans_b: false }] {
+            let (_, wq) = fake_quantize(&q, &op, &x, &w).unwrap();
+            for j in 0..3 {
+                let col = [w[[0, j]], w[[1, j]]];
+                let mut alone = [0f32; 2];
+                arq_retrain_forward(&col, 8, &mut alone);
+                assert_eq!([wq[[0, j]], wq[[1, j]]], alone, "column {j}");
+            }
+            // The smallest column keeps its resolution: 0.01 is not flushed to 0.
+            assert!(wq[[0, 2]] != 0.0);
+        }
+        // Under transB the weight is [N, K]: rows are the outputs.
+        let (_, wq) = fake_quantize(&q, &Op::Gemm { trans_b: true }, &x, &w).unwrap();
+        let mut alone = [0f32; 3];
+        arq_retrain_forward(&[0.5, -1.27, 0.01], 8, &mut alone);
+        assert_eq!([wq[[0, 0]], wq[[0, 1]], wq[[0, 2]]], alone);
+    }
 }

@@ -24,6 +24,12 @@ pub enum ChannelLayout {
         /// Number of groups.
         group: usize,
     },
+    /// Output channels on the last axis (Gemm / MatMul `[.., K, N]`: one scale
+    /// per column `N`, which the int32 result carries on its last axis).
+    LastAxis {
+        /// Number of output channels (the weight's last dimension).
+        channels: usize,
+    },
 }
 
 impl ChannelLayout {
@@ -31,7 +37,7 @@ impl ChannelLayout {
     pub fn channels(&self) -> usize {
         match *self {
             ChannelLayout::PerTensor => 1,
-            ChannelLayout::Axis0 { channels } => channels,
+            ChannelLayout::Axis0 { channels } | ChannelLayout::LastAxis { channels } => channels,
             ChannelLayout::Transposed {
                 cout_per_group,
                 group,
@@ -40,11 +46,18 @@ impl ChannelLayout {
         }
     }
 
+    /// Whether the output channels sit on the last axis of the layer's
+    /// output (Gemm / MatMul) rather than on axis 1 (Conv / ConvTranspose).
+    pub fn channels_last(&self) -> bool {
+        matches!(self, ChannelLayout::LastAxis { .. })
+    }
+
     /// The channel of the element at flat (row-major) index `flat` of a tensor of `len` elements.
     pub(crate) fn channel_of(&self, flat: usize, len: usize) -> usize {
         match *self {
             ChannelLayout::PerTensor => 0,
             ChannelLayout::Axis0 { channels } => flat / (len / channels),
+            ChannelLayout::LastAxis { channels } => flat % channels,
             ChannelLayout::Transposed {
                 cin,
                 cout_per_group,
@@ -204,6 +217,14 @@ mod tests {
             arq_scales("c", &w, ChannelLayout::PerTensor, 8).unwrap(),
             vec![1.27 / 127.0]
         );
+        // A MatMul weight [K=2, N=2]: one scale per column.
+        let w = array![[0.5f32, -1.27], [1.0, -2.56]].into_dyn();
+        let s = arq_scales("m", &w, ChannelLayout::LastAxis { channels: 2 }, 8).unwrap();
+        assert_eq!(s, vec![1.0 / 127.0, 2.56 / 128.0]);
+        // Batched [B=2, K=1, N=2]: columns gather across the batch too.
+        let w = array![[[0.5f32, -0.2]], [[-0.75, 0.1]]].into_dyn();
+        let s = arq_scales("m", &w, ChannelLayout::LastAxis { channels: 2 }, 8).unwrap();
+        assert_eq!(s, vec![0.75 / 128.0, 0.2 / 128.0]);
     }
 
     #[test]
