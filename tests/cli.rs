@@ -447,3 +447,64 @@ fn bash_completion_completes_subcommands_and_flags() {
         );
     }
 }
+
+/// An `.npz` holding `entries` (name, tensor), written as numpy does: a zip of `.npy` files.
+fn write_npz(path: &Path, entries: &[(&str, &Tensor)]) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
+    for (name, t) in entries {
+        let npy = dir.path().join(format!("{name}.npy"));
+        write_npy(&npy, t).unwrap();
+        zip.start_file(
+            format!("{name}.npy"),
+            zip::write::SimpleFileOptions::default()
+                .compression_method(zip::CompressionMethod::Stored),
+        )
+        .unwrap();
+        std::io::Write::write_all(&mut zip, &std::fs::read(&npy).unwrap()).unwrap();
+    }
+    zip.finish().unwrap();
+}
+
+/// `run --input FILE.npz` feeds the archive's arrays by name (as
+/// `calibrate --data` does); an array named after no input is refused.
+#[test]
+fn run_takes_an_npz_of_the_inputs_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let x = read_npy(&digits_dir().join("ort_x16.npy")).unwrap();
+    let npz = dir.path().join("inputs.npz");
+    write_npz(&npz, &[("x", &x)]);
+    let out = dir.path().join("out");
+    let o = bin()
+        .arg("run")
+        .arg(digits_dir().join("digits_cnn.onnx"))
+        .arg("--input")
+        .arg(&npz)
+        .arg("--output-dir")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o).1);
+    let got = read_npy(&out.join("logits.npy")).unwrap().to_f64_vec();
+    let reference = read_npy(&digits_dir().join("ort_logits16.npy")).unwrap();
+    let worst = got
+        .iter()
+        .zip(reference.to_f64_vec())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(worst < 1e-4, "max abs difference to onnxruntime {worst}");
+    write_npz(&npz, &[("x", &x), ("mask", &x)]);
+    let o = bin()
+        .arg("run")
+        .arg(digits_dir().join("digits_cnn.onnx"))
+        .arg("--input")
+        .arg(&npz)
+        .arg("--output-dir")
+        .arg(dir.path().join("out2"))
+        .output()
+        .unwrap();
+    let err = text(&o).1;
+    assert_eq!(o.status.code(), Some(1), "a usage error: {err}");
+    assert!(err.contains("'mask' is not an input"), "{err}");
+    assert!(!dir.path().join("out2").exists(), "nothing is written");
+}

@@ -1,7 +1,6 @@
 //! `ascend-quant run`: runs a model on the CPU simulator and saves its outputs.
 
 use super::Failure;
-use super::exit::usage;
 use crate::onnx::load_model;
 use crate::tensor::format_shape;
 use anyhow::Context;
@@ -12,7 +11,8 @@ use std::path::PathBuf;
 pub struct RunArgs {
     /// The ONNX model to run.
     pub model: PathBuf,
-    /// An input as NAME=FILE.npy (or just FILE.npy for a single-input model); repeatable.
+    /// An input as NAME=FILE.npy (or just FILE.npy for a single-input model), or
+    /// FILE.npz holding every input by name; repeatable.
     #[arg(long = "input", short = 'i', required = true)]
     pub inputs: Vec<String>,
     /// Where to write one OUTPUT_NAME.npy per model output.
@@ -34,31 +34,7 @@ pub fn execute(args: &RunArgs) -> Result<(), Failure> {
     if args.fp16_quant {
         crate::deploy_format::fp16_quant::mark(&mut model);
     }
-    let input_names: Vec<String> = crate::sim::feedable_input_names(&model);
-    let mut inputs: Vec<(String, PathBuf)> = Vec::new();
-    for spec in &args.inputs {
-        let (name, file) = match spec.split_once('=') {
-            Some((n, f)) => (n.to_string(), f),
-            None if input_names.len() == 1 => (input_names[0].clone(), spec.as_str()),
-            None => {
-                return Err(usage(format!(
-                    "--input '{spec}': the model has {} inputs ({}), so write NAME=FILE.npy",
-                    input_names.len(),
-                    input_names.join(", ")
-                )));
-            }
-        };
-        inputs.push((name, PathBuf::from(file)));
-    }
-    if let Some(missing) = input_names
-        .iter()
-        .find(|n| !inputs.iter().any(|(f, _)| f == *n))
-    {
-        return Err(usage(format!(
-            "input '{missing}' was not given; add --input {missing}=FILE.npy"
-        )));
-    }
-    let written = crate::pipeline::run::run(&model, &inputs, &args.output_dir)
+    let written = crate::pipeline::run::run(&model, &args.inputs, &args.output_dir)
         .with_context(|| format!("running {}", args.model.display()))?;
     if args.json {
         println!(

@@ -363,7 +363,8 @@ fn decode_bin(path: &Path, bytes: &[u8], ty: &str, shape: &[usize]) -> Result<Te
 /// whole, unlike `.npy` files, which are read batch by batch.
 const MAX_NPZ_ENTRY: u64 = 4 << 30;
 
-fn read_npz(path: &Path) -> Result<Vec<(String, Tensor)>, DataError> {
+/// The arrays of an `.npz` archive, each by its name, held in memory.
+pub fn read_npz(path: &Path) -> Result<Vec<(String, Tensor)>, DataError> {
     let file = std::fs::File::open(path).map_err(|source| DataError::Io {
         path: path.into(),
         action: "read",

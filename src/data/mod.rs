@@ -6,7 +6,7 @@ pub mod images;
 pub mod npy;
 pub mod npy_rows;
 
-pub use dataset::{Batch, Dataset};
+pub use dataset::{Batch, Dataset, read_npz};
 pub use images::{ImageFolder, ImageSource, Preprocess};
 
 pub use npy::{DataError, read_labels, read_npy, read_npy_bytes, write_npy};

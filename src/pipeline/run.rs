@@ -8,7 +8,7 @@
 
 use super::PipelineError;
 use crate::data::npy_rows::NpyRows;
-use crate::data::{DataError, read_npy};
+use crate::data::{DataError, read_npy, read_npz};
 use crate::fsutil::Staging;
 use crate::onnx::{Dim, ModelProto, ValueSpec};
 use crate::sim::{CpuExecutor, Executor, SessionOptions};
@@ -16,7 +16,7 @@ use crate::tensor::Tensor;
 use ndarray_npy::WritableElement;
 use ndarray_npy::npy::header::{Header, Layout};
 use std::io::BufWriter;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Samples read and run at a time when streaming.
 const CHUNK: usize = 8;
@@ -81,17 +81,61 @@ impl Source {
     }
 }
 
-/// Runs `model` on the inputs `(name, file)` and writes one
-/// [`output_file_name`] per output into `output_dir`.
+/// The inputs `specs` name: `NAME=FILE.npy`, `FILE.npy` for a one-input
+/// model, or `FILE.npz` whose arrays are named like the inputs; every
+/// feedable input must be given, and nothing else.
+fn open_sources(
+    model: &ModelProto,
+    specs: &[String],
+) -> Result<Vec<(String, Source)>, PipelineError> {
+    let input_names: Vec<String> = crate::sim::feedable_input_names(model);
+    let mut sources: Vec<(String, Source)> = Vec::new();
+    for spec in specs {
+        match spec.split_once('=') {
+            Some((name, file)) => sources.push((name.to_string(), Source::open(Path::new(file))?)),
+            None if spec.ends_with(".npz") => sources.extend(
+                read_npz(Path::new(spec))?
+                    .into_iter()
+                    .map(|(name, t)| (name, Source::Whole(t))),
+            ),
+            None if input_names.len() == 1 => {
+                sources.push((input_names[0].clone(), Source::open(Path::new(spec))?))
+            }
+            None => {
+                return Err(PipelineError::Usage(format!(
+                    "--input '{spec}': the model has {} inputs ({}), so write NAME=FILE.npy for each or give one .npz",
+                    input_names.len(),
+                    input_names.join(", ")
+                )));
+            }
+        }
+    }
+    if let Some((name, _)) = sources.iter().find(|(n, _)| !input_names.contains(n)) {
+        return Err(PipelineError::Usage(format!(
+            "--input: '{name}' is not an input of the model; its inputs are {}",
+            input_names.join(", ")
+        )));
+    }
+    if let Some(missing) = input_names
+        .iter()
+        .find(|n| !sources.iter().any(|(f, _)| f == *n))
+    {
+        return Err(PipelineError::Usage(format!(
+            "input '{missing}' was not given; add --input {missing}=FILE.npy"
+        )));
+    }
+    Ok(sources)
+}
+
+/// Runs `model` on the inputs `specs` (`NAME=FILE.npy`, `FILE.npy`,
+/// `FILE.npz`) and writes one [`output_file_name`] per output into
+/// `output_dir`.
 pub fn run(
     model: &ModelProto,
-    inputs: &[(String, PathBuf)],
+    specs: &[String],
     output_dir: &Path,
 ) -> Result<Vec<Written>, PipelineError> {
-    let sources: Vec<(String, Source)> = inputs
-        .iter()
-        .map(|(name, path)| Ok((name.clone(), Source::open(path)?)))
-        .collect::<Result<_, DataError>>()?;
+    let sources = open_sources(model, specs)?;
     let declared: Vec<ValueSpec> = model
         .graph
         .iter()
