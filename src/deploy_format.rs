@@ -234,6 +234,12 @@ pub mod names {
         format!("{node}.input{index}")
     }
 
+    /// The name the quantization of a two-input MatMul's second operand
+    /// uses in place of a layer name (`<layer>.input1.quant`, ...).
+    pub fn second_operand(layer: &str) -> String {
+        tensor_base(layer, 1)
+    }
+
     /// The `AscendAntiQuant` node of a tensor quantization.
     pub fn anti_quant_node(base: &str) -> String {
         format!("{base}.anti_quant")

@@ -236,6 +236,11 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
         ) {
             continue; // AveragePool keeps its calibrated factors
         }
+        if l.second_input.is_some() {
+            // A two-input MatMul keeps its calibrated factors too: the
+            // trainer does not learn the second operand's range yet.
+            continue;
+        }
         let cfg = retrain.layer(&l.name);
         let (lo, hi) = f.act.range(8);
         let (clip_min, clip_max) = cfg.and_then(|c| c.clips).unwrap_or((lo, hi));

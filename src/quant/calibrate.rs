@@ -214,6 +214,7 @@ pub fn observe_layers(
         .iter()
         .map(|l| l.act_input.clone())
         .chain(tensor_targets.iter().map(|(_, _, input)| input.clone()))
+        .chain(enabled.iter().filter_map(|l| l.second_input.clone()))
         .collect();
     taps.sort();
     taps.dedup();
@@ -226,11 +227,18 @@ pub fn observe_layers(
         },
     )?;
     let tap_refs: Vec<&str> = taps.iter().map(String::as_str).collect();
-    // Layers first, then tensor quantizations: one observer each.
+    // Layers first, then tensor quantizations, then the second inputs of
+    // two-input MatMuls: one observer each.
+    let second_inputs: Vec<(usize, &str)> = enabled
+        .iter()
+        .enumerate()
+        .filter_map(|(k, l)| Some((k, l.second_input.as_deref()?)))
+        .collect();
     let tap_of_layer: Vec<usize> = enabled
         .iter()
         .map(|l| l.act_input.as_str())
         .chain(tensor_targets.iter().map(|(_, _, input)| input.as_str()))
+        .chain(second_inputs.iter().map(|&(_, input)| input))
         .map(|input| {
             taps.iter()
                 .position(|t| t == input)
@@ -273,16 +281,19 @@ pub fn observe_layers(
             None => bound_of(&l.act_input),
         })
         .chain(tensor_targets.iter().map(|(_, _, input)| bound_of(input)))
+        .chain(second_inputs.iter().map(|&(_, input)| bound_of(input)))
         .collect();
+    let algo_of = |l: &QuantLayer| {
+        &config
+            .layer(&l.name)
+            .expect("enabled layers are configured")
+            .act_algo
+    };
     let mut observers: Vec<Box<dyn Observer>> = enabled
         .iter()
-        .map(|l| {
-            &config
-                .layer(&l.name)
-                .expect("enabled layers are configured")
-                .act_algo
-        })
+        .map(algo_of)
         .chain(config.tensor_quantize.iter().map(|t| &t.act_algo))
+        .chain(second_inputs.iter().map(|&(k, _)| algo_of(&enabled[k])))
         .zip(&bounds)
         .map(|(algo, b)| algo.observer_within(*b))
         .collect();
@@ -344,6 +355,28 @@ pub fn observe_layers(
         (run.progress)(b + 1, batch_num);
     }
     let observed = started.elapsed().as_secs_f64();
+    let second_observers = observers.split_off(enabled.len() + tensor_targets.len());
+    let second_bounds = bounds.split_off(enabled.len() + tensor_targets.len());
+    // A two-input MatMul's second operand: symmetric, its scale the layer's scale_w.
+    let mut second_scale: Vec<Option<f32>> = vec![None; enabled.len()];
+    for ((&(k, _), o), bound) in second_inputs
+        .iter()
+        .zip(&second_observers)
+        .zip(&second_bounds)
+    {
+        let l = &enabled[k];
+        let bits = config.layer(&l.name).map_or(8, |c| c.act_bits);
+        let act = o
+            .params(false, bits)
+            .and_then(|a| bound.fit(a, false, bits))
+            .map_err(|e| {
+                QuantError::Input(format!(
+                    "layer '{}', second input: {e}; skip this layer in the config",
+                    l.name
+                ))
+            })?;
+        second_scale[k] = Some(act.scale);
+    }
     let tensor_observers = observers.split_off(enabled.len());
     let tensor_bounds = bounds.split_off(enabled.len());
     let tensors = tensor_targets
@@ -379,13 +412,14 @@ pub fn observe_layers(
     let factors = enabled
         .into_par_iter()
         .zip(observers.par_iter())
-        .zip(means.par_iter())
+        .zip(means.par_iter().zip(&second_scale))
         .zip(balances.into_par_iter().zip(bounds.par_iter()))
-        .map(|(((l, o), mean), (balance, bound))| {
+        .map(|(((l, o), (mean, second)), (balance, bound))| {
             let lc = config.layer(&l.name).ok_or_else(|| {
                 QuantError::Input(format!("layer '{}' has no configuration", l.name))
             })?;
-            let asymmetric = config.asymmetric(lc);
+            // Ascend quantizes both inputs of a two-input MatMul symmetrically.
+            let asymmetric = config.asymmetric(lc) && l.second_input.is_none();
             let act = o
                 .params(asymmetric, lc.act_bits)
                 .and_then(|a| bound.fit(a, asymmetric, lc.act_bits))
@@ -395,16 +429,14 @@ pub fn observe_layers(
                         l.name
                     ))
                 })?;
-            let mut f = weigh(
-                graph,
-                l,
-                act,
-                WeightScales::Arq {
+            let scales = match second {
+                Some(s) => WeightScales::Given(vec![*s]),
+                None => WeightScales::Arq {
                     channel_wise: lc.channel_wise,
                     bits: lc.wts_bits,
                 },
-                balance.map(|(s, _)| s),
-            )?;
+            };
+            let mut f = weigh(graph, l, act, scales, balance.map(|(s, _)| s))?;
             if let WtsAlgo::Nuq(settings) = lc.wts_algo {
                 apply_nuq(graph, &mut f, settings, mean.as_deref())?;
             }
@@ -630,10 +662,15 @@ pub fn weigh(
         }
     };
     let Some(w_name) = layer.weight.clone() else {
+        // A two-input MatMul's second operand scale plays the weight's part.
+        let scale_w = match scales {
+            WeightScales::Given(s) if layer.second_input.is_some() => s,
+            _ => vec![1.0],
+        };
         return Ok(LayerFactors {
             layer,
             act,
-            scale_w: vec![1.0],
+            scale_w,
             weight_q: None,
             bias_q: None,
             nuq: None,

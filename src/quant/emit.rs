@@ -186,6 +186,24 @@ fn emit(
             };
             graph.node[l.node].input[0] = q_out;
         }
+        if let Some(second) = &l.second_input {
+            // The second operand of a two-input MatMul: symmetric, scale_w.
+            let act = ActParams {
+                scale: f.scale_w[0],
+                offset: 0,
+            };
+            let key = (second.clone(), act.scale.to_bits(), 0);
+            let q_out = match quantized.get(&key) {
+                Some(q) => q.clone(),
+                None => {
+                    let base = names::second_operand(&l.name);
+                    let q = quant_nodes(&mut added, &base, second, &act, flavor);
+                    quantized.insert(key, q.clone());
+                    q
+                }
+            };
+            graph.node[l.node].input[1] = q_out;
+        }
         if let Some(wq) = &f.weight_q {
             let value = match flavor {
                 Flavor::Deploy => Tensor::I8(wq.clone()),

@@ -121,6 +121,17 @@ fn layer_factors(
             scale_w.len()
         ));
     }
+    if layer.second_input.is_some() {
+        // docs/deploy-format.md, two-input MatMul: both operands symmetric.
+        if act.offset != 0 || scale_w.len() != 1 {
+            return Err(format!(
+                "layer '{name}' is a MatMul of two computed values: Ascend quantizes both symmetrically, so it needs offset_d 0 and one scale_w (the second input's scale), not offset_d {} and {} scale_w values",
+                act.offset,
+                scale_w.len()
+            ));
+        }
+        return Ok((act, WeightScales::Given(scale_w.clone())));
+    }
     if !has_weight(&layer.op_type) {
         if !(scale_w.is_empty() || scale_w == &[1.0]) {
             return Err(format!(

@@ -43,6 +43,11 @@ pub struct QuantLayer {
     pub node: usize,
     /// The activation input (input 0).
     pub act_input: String,
+    /// A MatMul's second activation (attention's `QKᵀ` and `softmax·V`):
+    /// quantized int8 symmetric like the first, its scale in the record's
+    /// `scale_w` (`docs/deploy-format.md`, two-input MatMul). The layer then
+    /// has no weight.
+    pub second_input: Option<String>,
     /// The weight initializer.
     pub weight: Option<String>,
     /// The bias initializer (Conv/Gemm input 2, or MatMul's following Add).
@@ -118,12 +123,14 @@ pub fn discover(graph: &GraphProto) -> Result<(Vec<QuantLayer>, Vec<LayerCandida
             note: result.as_ref().err().cloned(),
         });
         if let Ok((bias, bias_add, output, channel_layout, output_rank)) = result {
+            let second_input = two_inputs(graph, &index, i).then(|| n.input[1].clone());
             layers.push(QuantLayer {
                 name: label,
                 op_type: op.to_string(),
                 node: i,
                 act_input: n.input[0].clone(),
-                weight,
+                weight: weight.filter(|_| second_input.is_none()),
+                second_input,
                 bias,
                 bias_add,
                 output,
@@ -136,6 +143,20 @@ pub fn discover(graph: &GraphProto) -> Result<(Vec<QuantLayer>, Vec<LayerCandida
 }
 
 type Examined = (Option<String>, Option<usize>, String, ChannelLayout, usize);
+
+/// Whether node `i` is a MatMul of two computed values (no constant
+/// operand): attention's products, which Ascend quantizes on both inputs.
+fn two_inputs(graph: &GraphProto, index: &GraphIndex, i: usize) -> bool {
+    let n = &graph.node[i];
+    let computed = |k: usize| {
+        n.input.get(k).is_some_and(|v| {
+            !v.is_empty()
+                && index.initializer(v).is_none()
+                && !matches!(index.producer(v), Some(Source::Node(p)) if graph.node[p].op_type() == "Constant")
+        })
+    };
+    n.op_type() == "MatMul" && n.input.len() == 2 && computed(0) && computed(1)
+}
 
 fn examine(
     graph: &GraphProto,
@@ -160,6 +181,9 @@ fn examine(
             ));
         }
         return Ok((None, None, out, ChannelLayout::PerTensor, 4));
+    }
+    if two_inputs(graph, index, i) {
+        return Ok((None, None, out, ChannelLayout::PerTensor, 2));
     }
     let w = n.input.get(1).map(String::as_str).unwrap_or("");
     let dims = init_dims(w);

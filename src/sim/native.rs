@@ -74,7 +74,7 @@ impl NativeModel {
         let mut batch = BatchMode::of(model, opts).sample_by_sample();
         let deploy = super::ascend::has_ascend_ops(&prepared);
         let mut plan = Plan::default();
-        if !deploy && fold {
+        if fold {
             let free_batch = feedable_inputs(&prepared)
                 .first()
                 .and_then(|s| s.shape.as_ref()?.first().cloned())
@@ -124,12 +124,15 @@ impl NativeModel {
         })?;
         let inputs = feedable_inputs(&prepared);
         // A deploy model's int8 / int32 values stay inside its quantized
-        // steps (`native_deploy`); only what the caller sees must be float.
-        if deploy && (inputs.iter().any(|s| s.elem_type != Some(1)) || !outputs_are_float(graph)) {
+        // steps (`native_deploy`): the caller may feed and see any other
+        // type (a sentence encoder's int64 token ids), never those.
+        let levels = |t: Option<i32>| matches!(t, Some(2 | 3 | 6));
+        if deploy && (inputs.iter().any(|s| levels(s.elem_type)) || !outputs_are_not_levels(graph))
+        {
             plan.declined.push(Unsupported {
                 node: String::new(),
                 op: String::new(),
-                reason: "a deploy model whose inputs or outputs are not all float32".into(),
+                reason: "a deploy model with an int8, uint8 or int32 input or output".into(),
             });
             return Ok((None, plan));
         }
@@ -263,7 +266,12 @@ impl NativeModel {
                     float.extend(floats);
                     steps.extend(new);
                 }
-                Err(reason) if deploy => return Err(reason),
+                // Quantized values exist only inside the quantized steps: a
+                // node that makes or reads them runs natively or not at all.
+                Err(reason) if deploy && touches_levels(graph, index, node) => {
+                    plan.declined.push(Unsupported::of(node, reason.clone()));
+                    return Err(reason);
+                }
                 Err(_) if crate::ops::evaluates(node) => {
                     let mut inputs: Vec<String> = Vec::new();
                     let positions = node
@@ -332,11 +340,28 @@ impl NativeModel {
 }
 
 /// Whether every graph output is float32 (or undeclared).
-fn outputs_are_float(g: &GraphProto) -> bool {
+/// Whether `node` is an Ascend quantization operator or reads the int8 /
+/// int32 value of one (everything but AscendDequant and AscendAntiQuant,
+/// whose outputs are float).
+fn touches_levels(graph: &GraphProto, index: &crate::onnx::GraphIndex, node: &NodeProto) -> bool {
+    use crate::deploy_format::{ASCEND_ANTI_QUANT, ASCEND_DEQUANT, is_ascend_op};
+    let makes_levels =
+        |op: &str| is_ascend_op(op) && op != ASCEND_DEQUANT && op != ASCEND_ANTI_QUANT;
+    is_ascend_op(node.op_type())
+        || node.input.iter().any(|v| {
+            index
+                .producer_node(v)
+                .is_some_and(|p| makes_levels(graph.node[p].op_type()))
+        })
+}
+
+/// Whether no graph output is of a type quantized values travel in
+/// (uint8, int8, int32).
+fn outputs_are_not_levels(g: &GraphProto) -> bool {
     g.output
         .iter()
         .map(ValueSpec::from_proto)
-        .all(|s| s.elem_type.is_none_or(|t| t == 1))
+        .all(|s| !matches!(s.elem_type, Some(2 | 3 | 6)))
 }
 
 /// The step running `node` alone on rten (`foreign`).
@@ -1432,6 +1457,7 @@ fn eval(op: &Op, args: &[&Tensor]) -> Result<Vec<Tensor>, String> {
         Op::AntiQuant(q) => Ok(q.apply(x)),
         Op::IntConv(c) => ops::int_conv(c, x),
         Op::IntDense(d, two_d) => ops::int_dense(d, x, *two_d),
+        Op::IntMatMul(m) => m.run(x, float_arg(args, 1)?),
         Op::Layout(_) | Op::Foreign(_) | Op::Evaluated(..) => unreachable!("handled above"),
     };
     out.map(|a| vec![Tensor::F32(a)])

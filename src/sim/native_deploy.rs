@@ -9,7 +9,7 @@
 //! (`sim::ascend`) runs it instead.
 
 use super::kernels::int_conv::{IntConv, IntDense, Quantizer, Requant};
-use super::native_ops::{AscendAntiQuantize, AscendQuantize};
+use super::native_ops::{AscendAntiQuantize, AscendQuantize, IntMatMul};
 use super::steps::{Decline, Op, Step, conv_geometry};
 use crate::deploy_format::{
     ASCEND_ANTI_QUANT, ASCEND_DEQUANT, ASCEND_QUANT, AntiQuantAttrs, QuantAttrs, unpack_deq_scale,
@@ -61,8 +61,23 @@ pub(super) fn step(
             Op::AntiQuant(AscendAntiQuantize { scale, offset })
         }
         ASCEND_ANTI_QUANT | ASCEND_DEQUANT => return Err(unfit()),
+        "MatMul" if reads_levels && second_reads_levels(graph, index, node) => {
+            // Two quantized operands (attention's MatMuls): no weight, no bias.
+            let (a, xa) = quantization_before(graph, index, node, 0)?;
+            let (b, xb) = quantization_before(graph, index, node, 1)?;
+            let (dequant, requant) = dequant_after(graph, index, node, exposed, absorbed)?;
+            let (&[deq], true) = (requant.deq.as_slice(), requant.bias.is_empty()) else {
+                return Err(unfit());
+            };
+            return Ok(Some(Step::new(
+                node.name(),
+                Op::IntMatMul(Box::new(IntMatMul { a, b, deq })),
+                vec![xa, xb],
+                graph.node[dequant].output[0].clone(),
+            )));
+        }
         _ if reads_levels => {
-            let (quantizer, x) = quantization_before(graph, index, node)?;
+            let (quantizer, x) = quantization_before(graph, index, node, 0)?;
             let (dequant, requant) = dequant_after(graph, index, node, exposed, absorbed)?;
             let layer = layer(graph, node, quantizer, requant)?;
             return Ok(Some(Step::new(
@@ -82,15 +97,28 @@ pub(super) fn step(
     )))
 }
 
-/// The `AscendQuant` that writes `node`'s first input: its arithmetic and
+/// Whether `node`'s second input is written by an `AscendQuant`.
+fn second_reads_levels(graph: &GraphProto, index: &GraphIndex, node: &NodeProto) -> bool {
+    node.input
+        .get(1)
+        .and_then(|x| index.producer_node(x))
+        .is_some_and(|p| graph.node[p].op_type() == ASCEND_QUANT)
+}
+
+/// The `AscendQuant` that writes `node`'s input `k`: its arithmetic and
 /// the float value it reads (which the layer's step reads instead; the
 /// quantization step itself then only runs if something else needs it).
 fn quantization_before(
     graph: &GraphProto,
     index: &GraphIndex,
     node: &NodeProto,
+    k: usize,
 ) -> Result<(Quantizer, String), Decline> {
-    let quant = &graph.node[index.producer_node(&node.input[0]).ok_or_else(unfit)?];
+    let input = node.input.get(k).ok_or_else(unfit)?;
+    let quant = &graph.node[index.producer_node(input).ok_or_else(unfit)?];
+    if quant.op_type() != ASCEND_QUANT {
+        return Err(unfit());
+    }
     let QuantAttrs { scale, offset } = QuantAttrs::read(quant).map_err(|_| unfit())?;
     let x = quant
         .input

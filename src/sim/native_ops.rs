@@ -225,6 +225,53 @@ pub fn int_dense(d: &IntDense, q: &ArrayD<f32>, two_d: bool) -> OpResult {
     ArrayD::from_shape_vec(IxDyn(&shape), out).map_err(|e| e.to_string())
 }
 
+/// A deploy model's MatMul of two quantized values (attention's `QKᵀ`,
+/// `softmax·V`): both operands quantized as their `AscendQuant`s do, the
+/// int8 × int8 products summed exactly in int32, then dequantized.
+#[derive(Clone, Debug)]
+pub struct IntMatMul {
+    /// The first operand's quantization.
+    pub a: Quantizer,
+    /// The second operand's quantization.
+    pub b: Quantizer,
+    /// The dequantization factor (`scale_a · scale_b`).
+    pub deq: f32,
+}
+
+impl IntMatMul {
+    /// Products per exact float32 partial sum: centred levels lie within
+    /// ±255, so 256 products stay below 2^24.
+    const EXACT_PRODUCTS: usize = 256;
+
+    /// Runs on the two float operands (NumPy's MatMul broadcasting).
+    pub fn run(&self, a: &ArrayD<f32>, b: &ArrayD<f32>) -> OpResult {
+        let centred = |x: &ArrayD<f32>, q: &Quantizer| x.mapv(|v| q.level(v) - q.offset);
+        let (qa, qb) = (centred(a, &self.a), centred(b, &self.b));
+        if qa.ndim() < 2 || qb.ndim() < 2 {
+            return Err("a quantized MatMul needs operands of rank 2 or more".into());
+        }
+        let k = qa.shape()[qa.ndim() - 1];
+        let (axis_a, axis_b) = (Axis(qa.ndim() - 1), Axis(qb.ndim() - 2));
+        // Float GEMMs over chunks of K, each exact, summed in int32.
+        let mut acc: Option<ndarray::ArrayD<i32>> = None;
+        for k0 in (0..k.max(1)).step_by(Self::EXACT_PRODUCTS) {
+            let k1 = (k0 + Self::EXACT_PRODUCTS).min(k);
+            let part = matmul(
+                &qa.slice_axis(axis_a, (k0..k1).into()).to_owned(),
+                &qb.slice_axis(axis_b, (k0..k1).into()).to_owned(),
+            )?;
+            // Every partial sum is an integer below 2^24: exact in float32.
+            let part = part.mapv(|v| v as i32);
+            acc = Some(match acc {
+                None => part,
+                Some(sum) => sum + part,
+            });
+        }
+        let acc = acc.ok_or("an empty MatMul")?;
+        Ok(acc.mapv(|s| s as f32 * self.deq))
+    }
+}
+
 /// The binary arithmetic operators.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Elementwise {

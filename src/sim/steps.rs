@@ -46,8 +46,10 @@ pub(super) enum Op {
     AntiQuant(ops::AscendAntiQuantize),
     /// a quantized Conv with its dequantization,
     IntConv(Box<IntConv>),
-    /// a quantized Gemm (true: 2-D input only) or MatMul with its dequantization.
+    /// a quantized Gemm (true: 2-D input only) or MatMul with its dequantization,
     IntDense(Box<IntDense>, bool),
+    /// a MatMul of two quantized values (attention's) with its dequantization.
+    IntMatMul(Box<ops::IntMatMul>),
     /// A layout operator, on values of any element type (`ops::layout`).
     Layout(Box<ops_layout::Layout>),
     /// A shape or integer operator evaluated on values of any type
