@@ -18,6 +18,9 @@ pub struct AutoArgs {
     /// Evaluation data (same forms as --data); repeatable.
     #[arg(long = "eval-data")]
     pub eval_data: Vec<String>,
+    /// Evaluation sentences, one per line (tokenized as --texts), instead of --eval-data.
+    #[arg(long, value_name = "FILE")]
+    pub eval_texts: Option<PathBuf>,
     /// A folder of evaluation images (preprocessed as --images), instead of --eval-data.
     #[arg(long, value_name = "DIR")]
     pub eval_images: Option<PathBuf>,
@@ -43,6 +46,7 @@ pub struct AutoArgs {
 
 /// Runs `auto`.
 pub fn execute(args: &AutoArgs) -> Result<(), Failure> {
+    args.calib.texts.check_used(args.eval_texts.as_ref())?;
     if args.calib.html.is_some() {
         return Err(super::exit::usage(
             "--html is a page about one calibration: run calibrate --html on auto's chosen configuration".into(),
@@ -55,6 +59,11 @@ pub fn execute(args: &AutoArgs) -> Result<(), Failure> {
             .eval_images
             .as_deref()
             .map(|d| args.calib.images.source(d))
+            .transpose()?,
+        eval_texts: args
+            .eval_texts
+            .as_deref()
+            .map(|f| args.calib.texts.source(f))
             .transpose()?,
         labels: args.labels.clone(),
         metric: args.metric,

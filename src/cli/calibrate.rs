@@ -31,6 +31,9 @@ pub struct CalibrateArgs {
     /// Image folders and their preprocessing.
     #[command(flatten)]
     pub images: super::images::ImageArgs,
+    /// Sentences and their tokenizer.
+    #[command(flatten)]
+    pub texts: super::texts::TextArgs,
     /// AMCT JSON configuration (see `ascend-quant config`).
     #[arg(long, conflicts_with = "simple_config")]
     pub config: Option<PathBuf>,
@@ -137,21 +140,29 @@ pub(super) fn parse_shapes(text: &str) -> Result<Vec<(String, Vec<usize>)>, Fail
         .collect()
 }
 
-/// The data the `--data`, `--data-dir`, `--data-types`, `--input-shape`
-/// and `--images` arguments name.
+/// The data the `--data`, `--data-dir`, `--data-types`, `--input-shape`,
+/// `--images` and `--texts` arguments name.
 pub(super) fn data_source(
     files: &[String],
     data_dir: Option<&str>,
     data_types: &str,
     input_shape: Option<&str>,
     images: &super::images::ImageArgs,
+    texts: &super::texts::TextArgs,
 ) -> Result<DataSource, Failure> {
+    let given = usize::from(!files.is_empty())
+        + usize::from(data_dir.is_some())
+        + usize::from(images.images.is_some())
+        + usize::from(texts.texts.is_some());
+    if given > 1 {
+        return Err(usage(
+            "give one of --data, --data-dir, --images or --texts, not several".into(),
+        ));
+    }
+    if let Some(file) = &texts.texts {
+        return Ok(DataSource::Texts(texts.source(file)?));
+    }
     if let Some(dir) = &images.images {
-        if !files.is_empty() || data_dir.is_some() {
-            return Err(usage(
-                "give one of --data, --data-dir or --images, not several".into(),
-            ));
-        }
         return Ok(DataSource::Images(images.source(dir)?));
     }
     match (data_dir, files.is_empty()) {
@@ -176,6 +187,7 @@ impl CalibrateArgs {
             &self.data_types,
             self.input_shape.as_deref(),
             &self.images,
+            &self.texts,
         )?;
         let config = match (&self.config, &self.simple_config) {
             (Some(p), _) => ConfigSource::Json(p.clone()),
@@ -243,6 +255,7 @@ pub(super) fn with_progress<T>(quiet: bool, what: &str, job: impl FnOnce(Progres
 
 /// Runs `calibrate`.
 pub fn execute(args: &CalibrateArgs) -> Result<(), Failure> {
+    args.texts.check_used(None)?;
     let opts = args.to_options()?;
     let result = with_progress(args.quiet, "calibrating", |p| calibrate(&opts, p))?;
     if args.json {

@@ -19,11 +19,14 @@ pub struct CompareArgs {
     #[arg(long)]
     pub quant: PathBuf,
     /// Data to run (FILE.npy, NAME=FILE.npy or FILE.npz); repeatable.
-    #[arg(long = "data", required_unless_present = "images")]
+    #[arg(long = "data", required_unless_present_any = ["images", "texts"])]
     pub data: Vec<String>,
     /// Image folders and their preprocessing.
     #[command(flatten)]
     pub images: super::images::ImageArgs,
+    /// Sentences and their tokenizer.
+    #[command(flatten)]
+    pub texts: super::texts::TextArgs,
     /// Samples per batch (default: the model's batch size, else 1).
     #[arg(long, value_parser = super::at_least_one())]
     pub batch_size: Option<usize>,
@@ -51,6 +54,7 @@ pub struct CompareArgs {
 
 /// Runs `compare`.
 pub fn execute(args: &CompareArgs) -> Result<(), Failure> {
+    args.texts.check_used(None)?;
     let record = match (&args.record, args.analyze) {
         (Some(r), _) => Some(r.clone()),
         (None, true) => Some(sibling_record(&args.quant).ok_or_else(|| {
@@ -64,7 +68,7 @@ pub fn execute(args: &CompareArgs) -> Result<(), Failure> {
     let opts = CompareOptions {
         float: args.float.clone(),
         quant: args.quant.clone(),
-        data: super::calibrate::data_source(&args.data, None, "", None, &args.images)?,
+        data: super::calibrate::data_source(&args.data, None, "", None, &args.images, &args.texts)?,
         batch_size: args.batch_size,
         layer: args.layer.clone(),
         html: args.html.clone(),

@@ -14,6 +14,7 @@ mod images;
 mod inspect;
 mod qat;
 mod run;
+mod texts;
 
 pub use exit::{ExitCode, Failure};
 

@@ -27,6 +27,9 @@ pub struct QatArgs {
     /// Image folders and their preprocessing.
     #[command(flatten)]
     pub images: super::images::ImageArgs,
+    /// Sentences and their tokenizer.
+    #[command(flatten)]
+    pub texts: super::texts::TextArgs,
     /// Integer labels (.npy), one per sample: cross-entropy instead of distillation.
     #[arg(long)]
     pub labels: Option<PathBuf>,
@@ -60,6 +63,9 @@ pub struct QatArgs {
     /// Evaluation data, scored after every epoch (same forms as --data); repeatable.
     #[arg(long = "eval-data")]
     pub eval_data: Vec<String>,
+    /// Evaluation sentences, one per line (tokenized as --texts), instead of --eval-data.
+    #[arg(long, value_name = "FILE")]
+    pub eval_texts: Option<PathBuf>,
     /// A folder of evaluation images (preprocessed as --images), instead of --eval-data.
     #[arg(long, value_name = "DIR")]
     pub eval_images: Option<PathBuf>,
@@ -83,6 +89,7 @@ pub struct QatArgs {
 
 /// Runs `qat`.
 pub fn execute(args: &QatArgs) -> Result<(), Failure> {
+    args.texts.check_used(args.eval_texts.as_ref())?;
     let opts = QatOptions {
         model: args.model.clone(),
         data: data_source(
@@ -91,6 +98,7 @@ pub fn execute(args: &QatArgs) -> Result<(), Failure> {
             &args.data_types,
             args.input_shape.as_deref(),
             &args.images,
+            &args.texts,
         )?,
         labels: args.labels.clone(),
         config: args.config.clone(),
@@ -108,6 +116,11 @@ pub fn execute(args: &QatArgs) -> Result<(), Failure> {
             .eval_images
             .as_deref()
             .map(|d| args.images.source(d))
+            .transpose()?,
+        eval_texts: args
+            .eval_texts
+            .as_deref()
+            .map(|f| args.texts.source(f))
             .transpose()?,
         eval_labels: args.eval_labels.clone(),
         output: args.output.clone(),

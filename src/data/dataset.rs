@@ -5,6 +5,7 @@
 use super::images::{ImageFolder, Preprocess};
 use super::npy::{DataError, read_npy, read_npy_bytes};
 use super::npy_rows::NpyRows;
+use super::texts::{Corpus, TextColumn, TextField, TextSource};
 use crate::tensor::{DType, Tensor};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -21,6 +22,8 @@ enum Column {
     File(NpyRows),
     /// Decoded from a folder of images batch by batch.
     Images(ImageFolder),
+    /// Tokenized from a text file batch by batch.
+    Text(TextColumn),
 }
 
 impl Column {
@@ -29,6 +32,7 @@ impl Column {
             Column::Memory(t) => t.shape().to_vec(),
             Column::File(f) => f.shape().to_vec(),
             Column::Images(f) => f.shape(),
+            Column::Text(t) => t.shape(),
         }
     }
 
@@ -37,6 +41,7 @@ impl Column {
             Column::Memory(t) => Ok(t.slice_axis0(range)),
             Column::File(f) => f.read(range),
             Column::Images(f) => f.read(range),
+            Column::Text(t) => t.read(range),
         }
     }
 }
@@ -131,6 +136,54 @@ impl Dataset {
             input_names,
             dir.to_path_buf(),
         )
+    }
+
+    /// Reads a text file of sentences for a model whose inputs (name and
+    /// ONNX element type) take token ids, an attention mask or token types
+    /// ([`TextField::of_input`]), `max_length` tokens each.
+    pub fn from_texts(
+        source: &TextSource,
+        max_length: usize,
+        inputs: &[(String, Option<i32>)],
+    ) -> Result<Dataset, DataError> {
+        let corpus = std::sync::Arc::new(Corpus::open(source, max_length)?);
+        let mut columns = Vec::new();
+        for (name, elem_type) in inputs {
+            let dtype = match elem_type {
+                None | Some(7) => DType::I64,
+                Some(6) => DType::I32,
+                Some(t) => {
+                    return Err(format_err(
+                        &source.file,
+                        format!(
+                            "model input '{name}' is of ONNX type {t}, not int64 or int32: --texts feeds token ids, attention masks and token types; give this model --data"
+                        ),
+                    ));
+                }
+            };
+            let field = TextField::of_input(name);
+            if let Some((other, _)) = columns
+                .iter()
+                .find(|(_, c): &&(String, Column)| matches!(c, Column::Text(t) if t.field == field))
+            {
+                return Err(format_err(
+                    &source.file,
+                    format!(
+                        "model inputs '{other}' and '{name}' would both take the {field:?} of the sentences; give this model --data"
+                    ),
+                ));
+            }
+            columns.push((
+                name.clone(),
+                Column::Text(TextColumn {
+                    corpus: corpus.clone(),
+                    field,
+                    dtype,
+                }),
+            ));
+        }
+        let names: Vec<String> = inputs.iter().map(|(n, _)| n.clone()).collect();
+        Self::from_columns(columns, &names, source.file.clone())
     }
 
     /// Builds a dataset from named arrays in memory, checking names and sample counts.

@@ -29,6 +29,8 @@ pub struct AutoOptions {
     pub eval_data: Vec<String>,
     /// Evaluation images, instead of `eval_data`.
     pub eval_images: Option<crate::data::ImageSource>,
+    /// Evaluation sentences, tokenized as the calibration's (`--eval-texts`).
+    pub eval_texts: Option<crate::data::TextSource>,
     /// Labels (.npy of integers, one per evaluation sample) for the top1 metric.
     pub labels: Option<PathBuf>,
     /// The metric to hold (default: top1 with labels, else top1-agreement).
@@ -100,7 +102,12 @@ pub fn run(opts: &AutoOptions, progress: Progress<'_>) -> Result<AutoResult, Pip
         (Some(MetricName::Mse), _) => Metric::Mse,
         (Some(MetricName::Top1Agreement) | None, _) => Metric::Top1Agreement,
     };
-    let eval = super::inputs::open_eval(&opts.eval_data, opts.eval_images.as_ref(), &model)?;
+    let eval = super::inputs::open_eval(
+        &opts.eval_data,
+        opts.eval_images.as_ref(),
+        opts.eval_texts.as_ref(),
+        &model,
+    )?;
     if eval.is_none() && opts.evaluator.is_none() {
         return Err(PipelineError::Usage(
             "give --eval-data or --eval-images (or --evaluator)".into(),

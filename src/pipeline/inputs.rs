@@ -3,7 +3,7 @@
 
 use super::error::PipelineError;
 use super::outputs::{check_writable, declared_batch};
-use crate::data::{Dataset, ImageSource};
+use crate::data::{Dataset, ImageSource, TextSource};
 use crate::onnx::{ModelProto, load_model};
 use crate::quant::config::{QuantConfig, TensorQuantConfig};
 use crate::quant::layers::discover;
@@ -30,10 +30,12 @@ pub enum DataSource {
     },
     /// A folder of JPEG / PNG images for a model with one input.
     Images(ImageSource),
+    /// Sentences, tokenized for a text model's inputs.
+    Texts(TextSource),
 }
 
 /// The ways to give data, for messages.
-pub const DATA_OPTIONS: &str = "--data FILE.npy (or NAME=FILE.npy, FILE.npz), --data-dir DIR (AMCT .bin batches) or --images DIR";
+pub const DATA_OPTIONS: &str = "--data FILE.npy (or NAME=FILE.npy, FILE.npz), --data-dir DIR (AMCT .bin batches), --images DIR or --texts FILE";
 
 impl DataSource {
     /// Opens the data for `model`.
@@ -42,6 +44,7 @@ impl DataSource {
         let inputs = inputs.as_slice();
         Ok(match self {
             DataSource::Images(source) => open_images(source, model)?,
+            DataSource::Texts(source) => open_texts(source, model)?,
             DataSource::BinFolders {
                 dirs,
                 types,
@@ -81,17 +84,47 @@ pub fn open_images(source: &ImageSource, model: &ModelProto) -> Result<Dataset, 
     )?)
 }
 
-/// The evaluation data of `auto` and `qat`: data files or an image folder
-/// (not both); `None` when neither is given.
+/// Sentences as the data of `model`: each input takes the token ids, the
+/// attention mask or the token types by its name, `--max-length` tokens
+/// (default: the inputs' fixed sequence length, else 128).
+pub fn open_texts(source: &TextSource, model: &ModelProto) -> Result<Dataset, PipelineError> {
+    let inputs = crate::sim::feedable_inputs(model);
+    let fixed_length = inputs.iter().find_map(|s| match s.shape.as_deref() {
+        Some([_, crate::onnx::Dim::Fixed(n), ..]) => Some(*n),
+        _ => None,
+    });
+    let max_length = source
+        .max_length
+        .or(fixed_length)
+        .unwrap_or(crate::data::texts::DEFAULT_MAX_LENGTH);
+    let typed: Vec<(String, Option<i32>)> = inputs
+        .iter()
+        .map(|s| (s.name.clone(), s.elem_type))
+        .collect();
+    Ok(Dataset::from_texts(source, max_length, &typed)?)
+}
+
+/// The evaluation data of `auto` and `qat`: data files, an image folder or
+/// sentences (one of them); `None` when none is given.
 pub fn open_eval(
     files: &[String],
     images: Option<&ImageSource>,
+    texts: Option<&TextSource>,
     model: &ModelProto,
 ) -> Result<Option<Dataset>, PipelineError> {
+    let given = usize::from(!files.is_empty())
+        + usize::from(images.is_some())
+        + usize::from(texts.is_some());
+    if given > 1 {
+        return Err(PipelineError::Usage(
+            "give one of --eval-data, --eval-images or --eval-texts, not several".into(),
+        ));
+    }
+    if let Some(source) = texts {
+        return Ok(Some(open_texts(source, model)?));
+    }
     match (files.is_empty(), images) {
-        (false, Some(_)) => Err(PipelineError::Usage(
-            "give either --eval-data or --eval-images, not both".into(),
-        )),
+        (false, Some(_)) => unreachable!("refused above"),
         (_, Some(source)) => Ok(Some(open_images(source, model)?)),
         (false, None) => Ok(Some(Dataset::from_specs(
             files,

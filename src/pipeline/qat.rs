@@ -133,6 +133,8 @@ pub struct QatOptions {
     pub eval_data: Vec<String>,
     /// Evaluation images, instead of `eval_data`.
     pub eval_images: Option<crate::data::ImageSource>,
+    /// Evaluation sentences, tokenized as the calibration's (`--eval-texts`).
+    pub eval_texts: Option<crate::data::TextSource>,
     /// Labels of the evaluation data (top-1 accuracy); else agreement with float.
     pub eval_labels: Option<PathBuf>,
     /// Output prefix.
@@ -326,7 +328,12 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
         )));
     }
     let checkpoint_path = with_suffix(&opts.output, "_qat_checkpoint");
-    let eval = super::inputs::open_eval(&opts.eval_data, opts.eval_images.as_ref(), &model)?;
+    let eval = super::inputs::open_eval(
+        &opts.eval_data,
+        opts.eval_images.as_ref(),
+        opts.eval_texts.as_ref(),
+        &model,
+    )?;
     let eval_labels = match (&eval, &opts.eval_labels) {
         (Some(e), Some(p)) => Some(read_labels(p, e.samples())?),
         (None, Some(_)) => {
