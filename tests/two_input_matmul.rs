@@ -311,3 +311,84 @@ fn the_record_and_the_configuration_carry_the_layer() {
         .collect();
     assert_eq!(ops, ["MatMul"], "the layer stays float");
 }
+
+/// `auto` ranks and rolls back a two-input MatMul like any layer (its
+/// sensitivity replays it on both float inputs), scoring the output it is
+/// told to with the nearest-neighbour agreement.
+#[test]
+fn auto_ranks_the_layer_and_scores_nearest_neighbours() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_path = dir.path().join("m.onnx");
+    ascend_quant::onnx::save_model(&model(), &model_path).unwrap();
+    // 16 samples: 8 batches of the model's batch of 2.
+    let stack = |seed: u64| {
+        let parts: Vec<(ArrayD<f32>, ArrayD<f32>)> =
+            (0..8).map(|k| operands(seed + 2 * k)).collect();
+        let a: Vec<_> = parts.iter().map(|p| p.0.view()).collect();
+        let b: Vec<_> = parts.iter().map(|p| p.1.view()).collect();
+        (
+            ndarray::concatenate(ndarray::Axis(0), &a).unwrap(),
+            ndarray::concatenate(ndarray::Axis(0), &b).unwrap(),
+        )
+    };
+    let write = |name: &str, t: &ArrayD<f32>| {
+        let p = dir.path().join(name);
+        ascend_quant::data::write_npy(&p, &Tensor::F32(t.clone())).unwrap();
+        p
+    };
+    let (ca, cb) = stack(100);
+    let (ea, eb) = stack(200);
+    let arg = |input: &str, p: std::path::PathBuf| format!("{input}={}", p.display());
+    let o = common::bin()
+        .args(["auto", "--quiet", "--model"])
+        .arg(&model_path)
+        .args(["--data", &arg("a", write("ca.npy", &ca))])
+        .args(["--data", &arg("b", write("cb.npy", &cb))])
+        .args(["--eval-data", &arg("a", write("ea.npy", &ea))])
+        .args(["--eval-data", &arg("b", write("eb.npy", &eb))])
+        .args([
+            "--metric",
+            "nn-agreement",
+            "--metric-output",
+            "y",
+            "--max-drop",
+            "50",
+        ])
+        .arg("--output")
+        .arg(dir.path().join("auto"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let ranking: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("auto_auto_ranking.json")).unwrap(),
+    )
+    .unwrap();
+    let text = ranking.to_string();
+    assert!(text.contains("\"scores\""), "{text}");
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("auto_quant_report.json")).unwrap(),
+    )
+    .unwrap();
+    let r = report.to_string();
+    assert!(r.contains("nn-agreement"), "{r}");
+    // An output the model does not have is named in the error.
+    let o = common::bin()
+        .args(["auto", "--quiet", "--model"])
+        .arg(&model_path)
+        .args(["--data", &arg("a", dir.path().join("ca.npy"))])
+        .args(["--data", &arg("b", dir.path().join("cb.npy"))])
+        .args(["--eval-data", &arg("a", dir.path().join("ea.npy"))])
+        .args(["--eval-data", &arg("b", dir.path().join("eb.npy"))])
+        .args(["--metric-output", "nope"])
+        .arg("--output")
+        .arg(dir.path().join("auto2"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("'nope' is not an output") && err.contains("outputs are y"),
+        "{err}"
+    );
+}

@@ -37,13 +37,15 @@ pub trait Evaluator {
     fn float_score(&mut self, float: &ModelProto) -> Result<f64, QuantError>;
 }
 
-/// Runs models on evaluation data with the simulator and scores the first output.
+/// Runs models on evaluation data with the simulator and scores one output:
+/// the one named, else the first float32 output.
 pub struct InternalEvaluator<'a> {
     executor: &'a dyn Executor,
     data: &'a Dataset,
     batch_size: usize,
     dynamic_batch: bool,
     metric: Metric,
+    output: Option<String>,
     reference: Option<ArrayD<f32>>,
 }
 
@@ -62,8 +64,16 @@ impl<'a> InternalEvaluator<'a> {
             batch_size,
             dynamic_batch,
             metric,
+            output: None,
             reference: None,
         }
+    }
+
+    /// Scores the output `name` instead of the first float32 output (a
+    /// sentence encoder's pooled embedding among its token embeddings).
+    pub fn scoring(mut self, name: Option<String>) -> Self {
+        self.output = name;
+        self
     }
 
     /// The model's first output on the evaluation data. With `stop`, the
@@ -82,11 +92,27 @@ impl<'a> InternalEvaluator<'a> {
                 ..Default::default()
             },
         )?;
-        let output = session
-            .outputs()
-            .first()
-            .map(|o| o.name.clone())
-            .ok_or_else(|| QuantError::Input("the model has no output".into()))?;
+        let outputs = session.outputs();
+        let output = match &self.output {
+            Some(name) => outputs
+                .iter()
+                .find(|o| &o.name == name)
+                .map(|o| o.name.clone())
+                .ok_or_else(|| {
+                    let all: Vec<&str> = outputs.iter().map(|o| o.name.as_str()).collect();
+                    QuantError::Input(format!(
+                        "--metric-output '{name}' is not an output of the model; its outputs are {}",
+                        all.join(", ")
+                    ))
+                })?,
+            None => outputs
+                .iter()
+                .find(|o| o.elem_type.is_none_or(|t| t == 1))
+                .map(|o| o.name.clone())
+                .ok_or_else(|| {
+                    QuantError::Input("the model has no float32 output to score".into())
+                })?,
+        };
         // Batches run side by side: two batch-1 runs, each mostly on one
         // core, get through more samples per second than one run spread over
         // both (the kernels' own parallel loops share the same pool).

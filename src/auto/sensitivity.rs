@@ -37,7 +37,11 @@ pub fn layer_sensitivities(
 ) -> Result<Vec<LayerSensitivity>, QuantError> {
     let mut keep: Vec<String> = factors
         .iter()
-        .flat_map(|f| [f.layer.act_input.clone(), f.layer.output.clone()])
+        .flat_map(|f| {
+            [f.layer.act_input.clone(), f.layer.output.clone()]
+                .into_iter()
+                .chain(f.layer.second_input.clone())
+        })
         .collect();
     keep.sort();
     keep.dedup();
@@ -61,11 +65,12 @@ pub fn layer_sensitivities(
         let values = float.run(&feeds, &fetch)?;
         let value = |name: &str| &values[keep.iter().position(|k| k == name).expect("kept")];
         for (f, a) in factors.iter().zip(acc.iter_mut()) {
-            let input = value(&f.layer.act_input);
-            let replayed = quant.run(
-                &[(f.layer.act_input.as_str(), input)],
-                &[f.layer.output.as_str()],
-            )?;
+            // A two-input MatMul replays on both its float inputs.
+            let mut feeds = vec![(f.layer.act_input.as_str(), value(&f.layer.act_input))];
+            if let Some(second) = &f.layer.second_input {
+                feeds.push((second.as_str(), value(second)));
+            }
+            let replayed = quant.run(&feeds, &[f.layer.output.as_str()])?;
             if let (Some(x), Some(y)) = (value(&f.layer.output).as_f32(), replayed[0].as_f32()) {
                 a.add(x.iter(), y.iter());
             }

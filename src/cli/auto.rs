@@ -30,6 +30,10 @@ pub struct AutoArgs {
     /// The metric to hold (default: top1 with --labels, else top1-agreement).
     #[arg(long, value_enum)]
     pub metric: Option<MetricName>,
+    /// The output the metric scores (default: the first float32 output),
+    /// e.g. a sentence encoder's pooled embedding.
+    #[arg(long, value_name = "NAME")]
+    pub metric_output: Option<String>,
     /// Allowed drop of the metric, in points.
     #[arg(long, default_value_t = 0.5)]
     pub max_drop: f64,
@@ -67,6 +71,7 @@ pub fn execute(args: &AutoArgs) -> Result<(), Failure> {
             .transpose()?,
         labels: args.labels.clone(),
         metric: args.metric,
+        metric_output: args.metric_output.clone(),
         max_drop: args.max_drop,
         evaluator: args.evaluator.clone(),
         evaluator_timeout: Duration::from_secs(args.evaluator_timeout),

@@ -35,6 +35,8 @@ pub struct AutoOptions {
     pub labels: Option<PathBuf>,
     /// The metric to hold (default: top1 with labels, else top1-agreement).
     pub metric: Option<MetricName>,
+    /// The output the metric scores (default: the first float32 output).
+    pub metric_output: Option<String>,
     /// Allowed drop of the metric, in points.
     pub max_drop: f64,
     /// External evaluator command (`{model}` is the model path); its last output line is the metric.
@@ -100,6 +102,7 @@ pub fn run(opts: &AutoOptions, progress: Progress<'_>) -> Result<AutoResult, Pip
         }
         (Some(MetricName::Cosine), _) => Metric::Cosine,
         (Some(MetricName::Mse), _) => Metric::Mse,
+        (Some(MetricName::NnAgreement), _) => Metric::NnAgreement,
         (Some(MetricName::Top1Agreement) | None, _) => Metric::Top1Agreement,
     };
     let eval = super::inputs::open_eval(
@@ -146,13 +149,10 @@ pub fn run(opts: &AutoOptions, progress: Progress<'_>) -> Result<AutoResult, Pip
             opts.evaluator_timeout,
             output_folder(&opts.calib.output),
         )),
-        (None, Some(e)) => Box::new(InternalEvaluator::new(
-            &CpuExecutor,
-            e,
-            batch_size,
-            dynamic_batch,
-            metric.clone(),
-        )),
+        (None, Some(e)) => Box::new(
+            InternalEvaluator::new(&CpuExecutor, e, batch_size, dynamic_batch, metric.clone())
+                .scoring(opts.metric_output.clone()),
+        ),
         (None, None) => {
             return Err(PipelineError::Usage(
                 "give --eval-data (or --evaluator)".into(),

@@ -15,6 +15,8 @@ pub enum MetricName {
     Cosine,
     /// Mean squared error relative to the float outputs' power (x100, negated).
     Mse,
+    /// Nearest-neighbour agreement of the outputs as embeddings (x100).
+    NnAgreement,
 }
 
 impl crate::choice::Choice for MetricName {
@@ -23,6 +25,7 @@ impl crate::choice::Choice for MetricName {
         MetricName::Top1Agreement,
         MetricName::Cosine,
         MetricName::Mse,
+        MetricName::NnAgreement,
     ];
 
     fn name(self) -> &'static str {
@@ -31,6 +34,7 @@ impl crate::choice::Choice for MetricName {
             MetricName::Top1Agreement => "top1-agreement",
             MetricName::Cosine => "cosine",
             MetricName::Mse => "mse",
+            MetricName::NnAgreement => "nn-agreement",
         }
     }
 
@@ -43,6 +47,9 @@ impl crate::choice::Choice for MetricName {
             }
             MetricName::Mse => {
                 "Mean squared error relative to the float outputs' power (x100, negated)"
+            }
+            MetricName::NnAgreement => {
+                "Embeddings: share of samples whose most similar other sample (cosine) is the float model's (x100)"
             }
         }
     }
@@ -60,6 +67,9 @@ pub enum Metric {
     /// Negative mean squared error relative to the float outputs' mean square,
     /// times 100 (0 for the float model; a drop of 1 point = 1 % relative MSE).
     Mse,
+    /// Percentage of samples whose nearest other sample (cosine of the
+    /// outputs as embeddings) is the one the float outputs give.
+    NnAgreement,
 }
 
 impl Metric {
@@ -70,6 +80,7 @@ impl Metric {
             Metric::Top1Agreement => "top1-agreement",
             Metric::Cosine => "cosine",
             Metric::Mse => "mse",
+            Metric::NnAgreement => "nn-agreement",
         }
     }
 
@@ -97,6 +108,9 @@ impl Metric {
             best.0
         };
         match self {
+            // A neighbour may be among the unseen samples: no bound short of all.
+            Metric::NnAgreement if rows < total => 100.0,
+            Metric::NnAgreement => 100.0 * neighbour_agreement(outputs, reference),
             Metric::Top1(labels) => {
                 100.0
                     * ((0..rows)
@@ -145,6 +159,51 @@ impl Metric {
     }
 }
 
+/// Each row's nearest other row by cosine similarity (itself when alone).
+pub fn nearest_neighbours(a: &ArrayD<f32>) -> Vec<usize> {
+    let rows = a.shape().first().copied().unwrap_or(0);
+    let unit: Vec<Vec<f64>> = (0..rows)
+        .map(|i| {
+            let r: Vec<f64> = a
+                .index_axis(Axis(0), i)
+                .iter()
+                .map(|&v| f64::from(v))
+                .collect();
+            let norm = r
+                .iter()
+                .map(|v| v * v)
+                .sum::<f64>()
+                .sqrt()
+                .max(f64::MIN_POSITIVE);
+            r.into_iter().map(|v| v / norm).collect()
+        })
+        .collect();
+    (0..rows)
+        .map(|i| {
+            let mut best = (i, f64::NEG_INFINITY);
+            for (j, u) in unit.iter().enumerate() {
+                if j == i {
+                    continue;
+                }
+                let sim: f64 = unit[i].iter().zip(u).map(|(x, y)| x * y).sum();
+                if sim > best.1 {
+                    best = (j, sim);
+                }
+            }
+            best.0
+        })
+        .collect()
+}
+
+/// The share of rows (samples) of `outputs` whose nearest other row is the
+/// same as in `reference`: how far a retrieval over these embeddings keeps
+/// its answers.
+pub fn neighbour_agreement(outputs: &ArrayD<f32>, reference: &ArrayD<f32>) -> f64 {
+    let (a, b) = (nearest_neighbours(outputs), nearest_neighbours(reference));
+    let same = a.iter().zip(&b).filter(|(x, y)| x == y).count();
+    same as f64 / a.len().max(1) as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,6 +219,25 @@ mod tests {
         assert_eq!(Metric::Mse.score(&reference, &reference), 0.0);
         // err = 0.01+0.01+0.36+0.36 = 0.74, power = 2 -> -37
         assert!((Metric::Mse.score(&out, &reference) + 37.0).abs() < 1e-4);
+    }
+
+    #[test]
+    fn neighbour_agreement_by_hand() {
+        // Four embeddings: 0 and 1 close, 2 and 3 close.
+        let reference = array![[1.0f32, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]].into_dyn();
+        assert_eq!(nearest_neighbours(&reference), vec![1, 0, 3, 2]);
+        assert_eq!(Metric::NnAgreement.score(&reference, &reference), 100.0);
+        // Sample 3 moves towards 0 and 1: its neighbour becomes 1
+        // (cosine 0.957 against 0.919 for 0); 2 still has 3 as its nearest.
+        let moved = array![[1.0f32, 0.0], [0.9, 0.1], [0.0, 1.0], [0.7, 0.3]].into_dyn();
+        assert_eq!(nearest_neighbours(&moved), vec![1, 0, 3, 1]);
+        assert_eq!(Metric::NnAgreement.score(&moved, &reference), 75.0);
+        // A prefix cannot be bounded.
+        let first = array![[1.0f32, 0.0]].into_dyn();
+        assert_eq!(
+            Metric::NnAgreement.best_reachable(&first, &reference),
+            100.0
+        );
     }
 
     #[test]
