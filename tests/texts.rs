@@ -242,3 +242,79 @@ fn bad_text_files_are_errors_naming_the_line_and_write_nothing() {
         assert!(err.contains(needle), "{args:?}: {err}");
     }
 }
+
+/// `compare --texts` scores the model's float outputs sample by sample:
+/// the mean cosine and the nearest-neighbour agreement, recomputed here
+/// from both models' outputs on the reference token arrays.
+#[test]
+fn compare_scores_the_embeddings_of_sentences() {
+    use ascend_quant::onnx::load_model;
+    use ascend_quant::sim::{CpuExecutor, Executor, SessionOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let texts = fixtures().join("sentences.txt");
+    let tokenizer = fixtures().join("tokenizer.json");
+    let text_args = [
+        "--texts",
+        texts.to_str().unwrap(),
+        "--tokenizer",
+        tokenizer.to_str().unwrap(),
+    ];
+    let o = calibrate(dir.path(), "q", &text_args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let quant = dir.path().join("q_fake_quant_model.onnx");
+    let o = common::bin()
+        .args(["compare", "--json", "--float"])
+        .arg(dir.path().join("encoder.onnx"))
+        .arg("--quant")
+        .arg(&quant)
+        .args(text_args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let out = &v["outputs"][0];
+    assert_eq!(out["name"], "y");
+    // By hand: both models on the Hugging Face token arrays.
+    let ids = read_npy(&fixtures().join("input_ids.npy")).unwrap();
+    let mask = read_npy(&fixtures().join("attention_mask.npy")).unwrap();
+    let outputs = |m: &Path| -> ArrayD<f32> {
+        let s = CpuExecutor
+            .prepare(&load_model(m).unwrap(), &SessionOptions::default())
+            .unwrap();
+        let Tensor::F32(y) = s
+            .run(&[("input_ids", &ids), ("attention_mask", &mask)], &["y"])
+            .unwrap()
+            .remove(0)
+        else {
+            panic!("float output")
+        };
+        y
+    };
+    let (f, q) = (outputs(&dir.path().join("encoder.onnx")), outputs(&quant));
+    let rows = f.shape()[0];
+    let unit = |a: &ArrayD<f32>, i: usize| -> Vec<f64> {
+        let r: Vec<f64> = (0..3).map(|j| f64::from(a[[i, j]])).collect();
+        let n = r.iter().map(|x| x * x).sum::<f64>().sqrt();
+        r.iter().map(|x| x / n).collect()
+    };
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    let cosine: f64 = (0..rows)
+        .map(|i| dot(&unit(&f, i), &unit(&q, i)))
+        .sum::<f64>()
+        / rows as f64;
+    let nearest = |a: &ArrayD<f32>, i: usize| {
+        (0..rows)
+            .filter(|&j| j != i)
+            .max_by(|&x, &y| {
+                dot(&unit(a, i), &unit(a, x)).total_cmp(&dot(&unit(a, i), &unit(a, y)))
+            })
+            .unwrap()
+    };
+    let agree = (0..rows)
+        .filter(|&i| nearest(&f, i) == nearest(&q, i))
+        .count() as f64
+        / rows as f64;
+    let got = out["cosine_mean"].as_f64().unwrap();
+    assert!((got - cosine).abs() < 1e-6, "cosine {got} vs {cosine}");
+    assert_eq!(out["nn_agreement"].as_f64().unwrap(), agree);
+}

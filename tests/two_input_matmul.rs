@@ -267,6 +267,22 @@ fn the_record_and_the_configuration_carry_the_layer() {
     assert_eq!(value("offset_d"), 0.0);
     assert!((value("scale_d") - f.act.scale).abs() <= 1e-6 * f.act.scale);
     assert!((value("scale_w") - f.scale_w[0]).abs() <= 1e-6 * f.scale_w[0]);
+    // compare --analyze names the layer and both inputs it quantizes.
+    let o = common::bin()
+        .args(["compare", "--json", "--analyze", "--float"])
+        .arg(&model_path)
+        .arg("--quant")
+        .arg(dir.path().join("q_fake_quant_model.onnx"))
+        .arg("--data")
+        .arg(&calib)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let layer = &v["analysis"]["layers"][0];
+    assert_eq!(layer["name"], "scores");
+    assert_eq!(layer["op_type"], "MatMul");
+    assert_eq!(layer["inputs"], serde_json::json!(["a", "b"]));
     // Read back: the same deploy model.
     let record_path = dir.path().join("q_record.txt");
     let o = run(

@@ -83,6 +83,22 @@ pub fn execute(args: &CompareArgs) -> Result<(), Failure> {
             serde_json::to_string_pretty(&c).context("serializing the comparison")?
         );
     } else {
+        if !c.outputs.is_empty() {
+            println!(
+                "{:<44} {:>12} {:>12} {:>14}",
+                "output", "cosine mean", "cosine min", "NN agreement"
+            );
+            for o in &c.outputs {
+                let nn = o
+                    .nn_agreement
+                    .map_or("-".to_string(), |v| format!("{v:.4}"));
+                println!(
+                    "{:<44} {:>12.6} {:>12.6} {:>14}",
+                    o.name, o.cosine_mean, o.cosine_min, nn
+                );
+            }
+            println!();
+        }
         println!(
             "{:<44} {:<14} {:>5} {:>10} {:>12} {:>12}",
             "layer", "op", "quant", "cosine", "rel. L2", "max abs"
@@ -104,7 +120,7 @@ pub fn execute(args: &CompareArgs) -> Result<(), Failure> {
                 a.samples, a.all_layers.cosine, a.all_layers.mse
             );
             println!(
-                "{:<44} {:<14} {:>12} {:>12} {:>12} {:>12} {:>8}",
+                "{:<44} {:<14} {:>12} {:>12} {:>12} {:>12} {:>8}  inputs",
                 "layer", "op", "act cosine", "act MSE", "wts cosine", "wts MSE", "clipped"
             );
             for l in &a.layers {
@@ -117,14 +133,15 @@ pub fn execute(args: &CompareArgs) -> Result<(), Failure> {
                     (format!("{:.6}", w.cosine), format!("{:.4e}", w.mse))
                 });
                 println!(
-                    "{:<44} {:<14} {:>12.6} {:>12.4e} {:>12} {:>12} {:>7.3}%",
+                    "{:<44} {:<14} {:>12.6} {:>12.4e} {:>12} {:>12} {:>7.3}%  {}",
                     l.name,
                     l.op_type,
                     l.activation.cosine,
                     l.activation.mse,
                     wc,
                     wm,
-                    100.0 * clipped
+                    100.0 * clipped,
+                    l.inputs.join(", ")
                 );
             }
         }

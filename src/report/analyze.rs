@@ -40,6 +40,9 @@ pub struct LayerContribution {
     pub name: String,
     /// Its operator.
     pub op_type: String,
+    /// The values it quantizes: its input, and a two-input MatMul's second
+    /// input (whose error counts as the activation's).
+    pub inputs: Vec<String>,
     /// The outputs' error with only this layer's input activation quantized.
     pub activation: OutputError,
     /// The outputs' error with only this layer's weight (and bias) quantized;
@@ -174,6 +177,9 @@ pub fn analyze(
         layers.push(LayerContribution {
             name: f.layer.name.clone(),
             op_type: f.layer.op_type.clone(),
+            inputs: std::iter::once(f.layer.act_input.clone())
+                .chain(f.layer.second_input.clone())
+                .collect(),
             activation,
             weight,
         });

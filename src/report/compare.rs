@@ -31,6 +31,76 @@ pub struct LayerDiff {
     pub max_abs: f64,
 }
 
+/// How one model output differs between the two models, sample by sample.
+#[derive(Clone, Debug, Serialize)]
+pub struct OutputDiff {
+    /// The output's name.
+    pub name: String,
+    /// Mean over the samples of each sample's cosine similarity.
+    pub cosine_mean: f64,
+    /// The lowest sample's cosine similarity.
+    pub cosine_min: f64,
+    /// For a `[samples, features]` output (embeddings, logits): the share
+    /// of samples whose most similar other sample is the float model's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nn_agreement: Option<f64>,
+}
+
+/// Values of `[samples, features]` outputs kept for the nearest-neighbour
+/// agreement, at most (per model and output).
+const MAX_EMBEDDING_VALUES: usize = 1 << 24;
+
+/// Per-sample cosines of one output, and its rows while they fit.
+#[derive(Default)]
+struct OutputAccumulator {
+    cosines: Vec<f64>,
+    rows: Option<(Vec<f32>, Vec<f32>, usize)>,
+}
+
+impl OutputAccumulator {
+    fn add(&mut self, float: &ndarray::ArrayD<f32>, quant: &ndarray::ArrayD<f32>) {
+        if float.shape() != quant.shape() || float.ndim() == 0 {
+            return;
+        }
+        for (f, q) in float.outer_iter().zip(quant.outer_iter()) {
+            let mut s = Similarity::default();
+            s.add(f.iter(), q.iter());
+            self.cosines.push(s.cosine());
+        }
+        if float.ndim() == 2 {
+            let width = float.shape()[1];
+            let rows = self
+                .rows
+                .get_or_insert_with(|| (Vec::new(), Vec::new(), width));
+            if rows.2 == width && rows.0.len() + float.len() <= MAX_EMBEDDING_VALUES {
+                rows.0.extend(float.iter());
+                rows.1.extend(quant.iter());
+            } else {
+                rows.2 = 0; // too many, or widths differ: no agreement
+            }
+        }
+    }
+
+    fn finish(self, name: String) -> OutputDiff {
+        let n = self.cosines.len().max(1) as f64;
+        let nn_agreement =
+            self.rows
+                .filter(|r| r.2 > 0 && r.0.len() / r.2 >= 2)
+                .map(|(f, q, w)| {
+                    let shape = ndarray::IxDyn(&[f.len() / w, w]);
+                    let f = ndarray::ArrayD::from_shape_vec(shape.clone(), f).expect("whole rows");
+                    let q = ndarray::ArrayD::from_shape_vec(shape, q).expect("whole rows");
+                    super::metric::neighbour_agreement(&q, &f)
+                });
+        OutputDiff {
+            name,
+            cosine_mean: self.cosines.iter().sum::<f64>() / n,
+            cosine_min: self.cosines.iter().copied().fold(f64::INFINITY, f64::min),
+            nn_agreement,
+        }
+    }
+}
+
 /// The float input distribution of one layer and the range its quantization keeps.
 #[derive(Clone, Debug, Serialize)]
 pub struct ActivationHistogram {
@@ -49,6 +119,8 @@ pub struct ActivationHistogram {
 /// The whole comparison.
 #[derive(Clone, Debug, Serialize)]
 pub struct Comparison {
+    /// Per float32 model output both models have.
+    pub outputs: Vec<OutputDiff>,
     /// Per layer, worst cosine first.
     pub layers: Vec<LayerDiff>,
     /// The chosen layer's input histogram.
@@ -141,7 +213,22 @@ pub fn compare(
             "--layer '{h}' is not a layer both models share"
         )));
     }
-    let values: Vec<String> = layers.iter().map(|(_, v, _)| v.clone()).collect();
+    // The model outputs both have, float32 ones (a sentence encoder's
+    // embeddings, not its int64 token ids), fetched after the layers.
+    let model_outputs: Vec<String> = fg
+        .output
+        .iter()
+        .filter(|o| {
+            crate::onnx::ValueSpec::from_proto(o)
+                .elem_type
+                .is_none_or(|t| t == 1)
+                && qg.output.iter().any(|q| q.name() == o.name())
+        })
+        .map(|o| o.name().to_string())
+        .collect();
+    let mut values: Vec<String> = layers.iter().map(|(_, v, _)| v.clone()).collect();
+    let layer_count = values.len();
+    values.extend(model_outputs.iter().cloned());
     let inputs: Vec<String> = layers.iter().map(|(n, _, _)| n.input[0].clone()).collect();
     let mut float_keep = values.clone();
     float_keep.extend(inputs.iter().cloned());
@@ -166,6 +253,10 @@ pub fn compare(
     let float_fetch: Vec<&str> = float_keep.iter().map(String::as_str).collect();
     let quant_fetch: Vec<&str> = values.iter().map(String::as_str).collect();
     let mut acc = vec![Similarity::default(); layers.len()];
+    let mut out_acc: Vec<OutputAccumulator> = model_outputs
+        .iter()
+        .map(|_| OutputAccumulator::default())
+        .collect();
     let mut hist_input: Option<(String, Histogram)> = None;
     let mut samples = 0;
     for b in 0..data.batch_count(batch_size) {
@@ -180,6 +271,12 @@ pub fn compare(
                 continue;
             };
             a.add(x.iter(), y.iter());
+        }
+        for (k, a) in out_acc.iter_mut().enumerate() {
+            let name = &values[layer_count + k];
+            if let (Some(x), Some(y)) = (fval(name).as_f32(), qv[layer_count + k].as_f32()) {
+                a.add(x, y);
+            }
         }
         let wanted = histogram_layer
             .map(String::from)
@@ -251,7 +348,13 @@ pub fn compare(
         hi: h.hi(),
         counts: h.counts().to_vec(),
     });
+    let outputs = out_acc
+        .into_iter()
+        .zip(model_outputs)
+        .map(|(a, name)| a.finish(name))
+        .collect();
     Ok(Comparison {
+        outputs,
         layers: diffs,
         histogram,
         samples,
