@@ -201,9 +201,48 @@ pub fn where_(condition: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor, Stri
     })
 }
 
+/// Trilu: the values on and above diagonal `k` of the last two axes
+/// (`upper`), or on and below it, zeros elsewhere (causal attention masks).
+pub fn trilu(x: &Tensor, k: i64, upper: bool) -> Result<Tensor, String> {
+    let s = x.shape();
+    if s.len() < 2 {
+        return Err(format!(
+            "Trilu of a rank-{} value needs rank 2 or more",
+            s.len()
+        ));
+    }
+    let (n, m) = (s[s.len() - 2], s[s.len() - 1]);
+    let keep = ArrayD::from_shape_fn(IxDyn(&[n, m]), |ix| {
+        let above = ix[1] as i64 - ix[0] as i64;
+        if upper { above >= k } else { above <= k }
+    });
+    let zero = cast(
+        &Tensor::F32(ArrayD::zeros(IxDyn(&[]))),
+        x.dtype().onnx_code(),
+    )?;
+    where_(&Tensor::Bool(keep), x, &zero)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trilu_keeps_a_triangle_by_hand() {
+        let x = Tensor::I64(ArrayD::from_shape_vec(IxDyn(&[3, 3]), (1..=9).collect()).unwrap());
+        let upper = trilu(&x, 0, true).unwrap();
+        let ints = |t: &Tensor| super::super::ints_of(t).unwrap();
+        assert_eq!(ints(&upper), [1, 2, 3, 0, 5, 6, 0, 0, 9]);
+        // Lower from the first diagonal below the main one (causal mask minus the diagonal).
+        let lower = trilu(&x, -1, false).unwrap();
+        assert_eq!(ints(&lower), [0, 0, 0, 4, 0, 0, 7, 8, 0]);
+        let f = Tensor::F32(ArrayD::from_elem(IxDyn(&[2, 2, 3]), 1.0));
+        let up1 = trilu(&f, 1, true).unwrap();
+        assert_eq!(
+            up1.as_f32().unwrap().as_slice().unwrap(),
+            &[0., 1., 1., 0., 0., 1., 0., 1., 1., 0., 0., 1.]
+        );
+    }
 
     fn ints(v: &[i64]) -> Tensor {
         Tensor::I64(ArrayD::from_shape_vec(IxDyn(&[v.len()]), v.to_vec()).unwrap())

@@ -328,7 +328,7 @@ pub fn eval_constant(
                 Some(t) => *ints_of(t)?.first().ok_or("Trilu's k is empty")?,
                 None => 0,
             };
-            layout::trilu(x, k, int_attr(node, "upper").unwrap_or(1) != 0)
+            arith::trilu(x, k, int_attr(node, "upper").unwrap_or(1) != 0)
         })),
         "Resize" | "Upsample" => one(input(0).and_then(|x| {
             let x = x
