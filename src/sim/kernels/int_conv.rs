@@ -50,15 +50,6 @@ impl Quantizer {
         if t.is_nan() { 0.0 } else { t }
     }
 
-    /// `level(x) − offset`, the GEMM's operand (within ±255).
-    #[inline]
-    fn centred(&self, x: f32) -> i16 {
-        let v = self.level(x) - self.offset;
-        // SAFETY: `v` is a finite integer within ±255 (level and offset
-        // both lie in [−128, 127]), so the conversion is exact.
-        unsafe { v.to_int_unchecked::<i32>() as i16 }
-    }
-
     /// `level − offset` of every value, in parallel, as `T`.
     fn centre_all<T: Copy + Default + Send>(
         &self,
@@ -86,6 +77,18 @@ pub struct Requant {
 }
 
 impl Requant {
+    /// Output channel `c`'s float value for the int32 sum `s`.
+    #[inline]
+    fn value(&self, c: usize, s: i32) -> f32 {
+        let bias = self.bias.get(c).copied().unwrap_or(0);
+        let deq = if self.deq.len() == 1 {
+            self.deq[0]
+        } else {
+            self.deq[c]
+        };
+        s.wrapping_add(bias) as f32 * deq
+    }
+
     /// Channel `c`'s float outputs for its int32 sums.
     #[inline]
     fn apply(&self, c: usize, sums: &[i32], out: &mut [MaybeUninit<f32>]) {
@@ -303,10 +306,18 @@ impl IntConv {
 
 /// A quantized `x · W` (Gemm with `transB = 0`, or MatMul with a constant
 /// 2-D weight) over the last axis of `x`.
+///
+/// The sums run on the float GEMM, exactly: a centred level (within ±255)
+/// times an int8 weight stays below 2^15, so [`EXACT_TAPS`] of them sum to
+/// an integer below 2^24, which float32 holds exactly whatever the order
+/// of the additions; K is cut into such chunks and the chunks' sums added
+/// in int32. On MiniLM's FFN layers (512 rows, one thread) 15 → 5.5 ms
+/// against the int16-pair kernel the convolutions use.
 pub struct IntDense {
     k: usize,
-    /// `Wᵀ`, `[N, K]`, packed.
-    packed: PackedIntWeight,
+    n: usize,
+    /// The weight `[K, N]` as floats (integers in [−128, 127]).
+    weight: Vec<f32>,
     quantizer: Quantizer,
     requant: Requant,
 }
@@ -321,12 +332,10 @@ impl IntDense {
         quantizer: Quantizer,
         requant: Requant,
     ) -> IntDense {
-        let transposed: Vec<i8> = (0..n)
-            .flat_map(|j| (0..k).map(move |i| weight[i * n + j]))
-            .collect();
         IntDense {
             k,
-            packed: PackedIntWeight::new(&transposed, n, k),
+            n,
+            weight: weight.iter().map(|&w| f32::from(w)).collect(),
             quantizer,
             requant,
         }
@@ -334,39 +343,44 @@ impl IntDense {
 
     /// Inputs per output (`K`) and outputs (`N`).
     pub fn sizes(&self) -> (usize, usize) {
-        (self.k, self.packed.rows())
+        (self.k, self.n)
     }
 
     /// Runs on `rows` rows of `K` values; returns `rows × N` values.
     pub fn run(&self, x: &[f32], rows: usize) -> Vec<f32> {
         let (k, n) = self.sizes();
-        let mut b = PairedColumns::zeros(k, rows);
-        for (r, row) in x.chunks_exact(k.max(1)).take(rows).enumerate() {
-            for (i, &v) in row.iter().enumerate() {
-                b.set(i, r, self.quantizer.centred(v));
-            }
+        let mut acc = vec![0i32; rows * n];
+        for k0 in (0..k).step_by(EXACT_TAPS) {
+            let k1 = (k0 + EXACT_TAPS).min(k);
+            let width = k1 - k0;
+            let mut levels = vec![0f32; rows * width];
+            levels
+                .par_chunks_mut(width.max(1))
+                .zip(x.par_chunks(k.max(1)))
+                .for_each(|(dst, row)| {
+                    for (d, &v) in dst.iter_mut().zip(&row[k0..k1]) {
+                        *d = self.quantizer.level(v) - self.quantizer.offset;
+                    }
+                });
+            let sums =
+                super::conv::matrix_product(&levels, &self.weight[k0 * n..k1 * n], rows, width, n);
+            acc.par_chunks_mut(1 << 14)
+                .zip(sums.par_chunks(1 << 14))
+                .for_each(|(a, s)| {
+                    for (a, &s) in a.iter_mut().zip(s) {
+                        // An integer below 2^24 in magnitude: exact.
+                        *a = a.wrapping_add(s as i32);
+                    }
+                });
         }
-        let mut acc = vec![0; n * rows];
-        int_gemm(&self.packed, &b, &mut acc);
-        // Outputs come channel by channel: requantize, then transpose.
-        let requantize = |by_channel: &mut [MaybeUninit<f32>]| {
-            for (j, (sums, dst)) in acc
-                .chunks_exact(rows.max(1))
-                .zip(by_channel.chunks_exact_mut(rows.max(1)))
-                .enumerate()
-            {
-                self.requant.apply(j, sums, dst);
-            }
-        };
-        // SAFETY: `acc` holds `n` channels of `rows` sums, each requantized
-        // into its own run of `by_channel`.
-        let by_channel = unsafe { written_by(n * rows, requantize) };
         let mut out = vec![0.0f32; rows * n];
-        for (j, column) in by_channel.chunks_exact(rows.max(1)).enumerate() {
-            for (r, &v) in column.iter().enumerate() {
-                out[r * n + j] = v;
-            }
-        }
+        out.par_chunks_mut(n.max(1))
+            .zip(acc.par_chunks(n.max(1)))
+            .for_each(|(o, a)| {
+                for (j, (o, &s)) in o.iter_mut().zip(a).enumerate() {
+                    *o = self.requant.value(j, s);
+                }
+            });
         out
     }
 }
