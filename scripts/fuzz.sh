@@ -19,7 +19,7 @@ seconds="${1:-60}"
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(model model_run record json_config retrain_config retrain_simple_config simple_config npy bin_folder)
+  targets=(model model_run record json_config retrain_config retrain_simple_config simple_config npy bin_folder text_file)
 fi
 if ! cargo fuzz --version >/dev/null 2>&1; then
   echo "fuzz: cargo-fuzz is missing; install it with: cargo install cargo-fuzz" >&2

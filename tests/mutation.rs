@@ -241,3 +241,8 @@ fn running_models_with_missing_inputs_never_panics() {
     let e = parsers::model_run(&short.encode_to_vec()).unwrap_err();
     assert!(e.contains(&name), "{e}");
 }
+
+#[test]
+fn text_file_reading_never_panics() {
+    survive("text_file", 3000, parsers::text_file);
+}

@@ -233,3 +233,34 @@ pub fn image_folder(bytes: &[u8]) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// A text file of sentences (`--texts`), tokenized by the committed test
+/// tokenizer: the first byte picks the max length (1 to 16) and whether the
+/// inputs are int32, the rest is the file.
+pub fn text_file(bytes: &[u8]) -> Result<(), String> {
+    use ascend_quant::data::TextSource;
+    let (head, body) = bytes.split_at(bytes.len().min(1));
+    let pick = head.first().copied().unwrap_or(0);
+    let dir = scratch().join("texts");
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let tokenizer = dir.join("tokenizer.json");
+    if !tokenizer.exists() {
+        std::fs::write(&tokenizer, include_str!("../fixtures/texts/tokenizer.json"))
+            .map_err(|e| e.to_string())?;
+    }
+    let file = dir.join("sentences.txt");
+    std::fs::write(&file, body).map_err(|e| e.to_string())?;
+    let source = TextSource {
+        file,
+        tokenizer,
+        max_length: None,
+    };
+    let elem = if pick & 0x10 != 0 { Some(6) } else { Some(7) };
+    let inputs: Vec<(String, Option<i32>)> = ["input_ids", "attention_mask", "token_type_ids"]
+        .iter()
+        .map(|n| (n.to_string(), elem))
+        .collect();
+    let data = Dataset::from_texts(&source, 1 + usize::from(pick & 0x0f), &inputs)
+        .map_err(|e| e.to_string())?;
+    read_all(&data)
+}
