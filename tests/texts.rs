@@ -214,7 +214,18 @@ fn bad_text_files_are_errors_naming_the_line_and_write_nothing() {
     // No tokenizer; a tokenizer that is not one; a tokenizer and no sentences.
     let not_json = dir.path().join("tokenizer.json");
     std::fs::write(&not_json, "{}").unwrap();
-    let runs: [(Vec<&str>, &str); 3] = [
+    let runs: [(Vec<&str>, &str); 4] = [
+        (
+            vec![
+                "--texts",
+                texts.to_str().unwrap(),
+                "--tokenizer",
+                tokenizer.to_str().unwrap(),
+                "--max-length",
+                "2",
+            ],
+            "adds 2 special tokens to each sentence; give at least 3",
+        ),
         (vec!["--texts", texts.to_str().unwrap()], "--tokenizer"),
         (
             vec![

@@ -13,7 +13,7 @@ use ndarray::{ArrayD, IxDyn};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+use tokenizers::{PaddingParams, PaddingStrategy, PostProcessor, Tokenizer, TruncationParams};
 
 /// Where sentences come from and how they become tokens.
 #[derive(Clone, Debug, PartialEq)]
@@ -108,6 +108,19 @@ impl Corpus {
                 "the tokenizer has no padding token ([PAD], <pad> or one set in its padding section); sentences cannot be padded to --max-length".into(),
             )
         })?;
+        // Truncation keeps max_length minus the special tokens: at least one must fit.
+        let specials = tokenizer
+            .get_post_processor()
+            .map_or(0, |p| p.added_tokens(false));
+        if max_length <= specials {
+            return Err(format_err(
+                &source.file,
+                format!(
+                    "--max-length {max_length} leaves no room for a word: the tokenizer adds {specials} special tokens to each sentence; give at least {}",
+                    specials + 1
+                ),
+            ));
+        }
         tokenizer
             .with_truncation(Some(TruncationParams {
                 max_length,
