@@ -1,5 +1,7 @@
 //! The `ascend-quant` command end to end: output, machine-readable output and exit codes.
 
+mod common;
+
 use ascend_quant::data::{read_npy, write_npy};
 use ascend_quant::onnx::proto::{ModelProto, NodeProto};
 use ascend_quant::onnx::{load_model, save_model};
@@ -448,24 +450,6 @@ fn bash_completion_completes_subcommands_and_flags() {
     }
 }
 
-/// An `.npz` holding `entries` (name, tensor), written as numpy does: a zip of `.npy` files.
-fn write_npz(path: &Path, entries: &[(&str, &Tensor)]) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut zip = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
-    for (name, t) in entries {
-        let npy = dir.path().join(format!("{name}.npy"));
-        write_npy(&npy, t).unwrap();
-        zip.start_file(
-            format!("{name}.npy"),
-            zip::write::SimpleFileOptions::default()
-                .compression_method(zip::CompressionMethod::Stored),
-        )
-        .unwrap();
-        std::io::Write::write_all(&mut zip, &std::fs::read(&npy).unwrap()).unwrap();
-    }
-    zip.finish().unwrap();
-}
-
 /// `run --input FILE.npz` feeds the archive's arrays by name (as
 /// `calibrate --data` does); an array named after no input is refused.
 #[test]
@@ -473,7 +457,7 @@ fn run_takes_an_npz_of_the_inputs_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let x = read_npy(&digits_dir().join("ort_x16.npy")).unwrap();
     let npz = dir.path().join("inputs.npz");
-    write_npz(&npz, &[("x", &x)]);
+    common::write_npz(&npz, &[("x", &x)]);
     let out = dir.path().join("out");
     let o = bin()
         .arg("run")
@@ -493,7 +477,7 @@ fn run_takes_an_npz_of_the_inputs_by_name() {
         .map(|(a, b)| (a - b).abs())
         .fold(0.0, f64::max);
     assert!(worst < 1e-4, "max abs difference to onnxruntime {worst}");
-    write_npz(&npz, &[("x", &x), ("mask", &x)]);
+    common::write_npz(&npz, &[("x", &x), ("mask", &x)]);
     let o = bin()
         .arg("run")
         .arg(digits_dir().join("digits_cnn.onnx"))

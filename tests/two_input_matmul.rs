@@ -218,22 +218,8 @@ fn the_record_and_the_configuration_carry_the_layer() {
     ascend_quant::onnx::save_model(&m, &model_path).unwrap();
     let prefix = dir.path().join("q");
     let calib = dir.path().join("calib.npz");
-    {
-        // numpy's .npz: a zip of .npy files named after the inputs.
-        let mut zip = zip::ZipWriter::new(std::fs::File::create(&calib).unwrap());
-        for (name, t) in [("a", &a), ("b", &b)] {
-            let npy = dir.path().join(format!("{name}.npy"));
-            ascend_quant::data::write_npy(&npy, &Tensor::F32(t.clone())).unwrap();
-            zip.start_file(
-                format!("{name}.npy"),
-                zip::write::SimpleFileOptions::default()
-                    .compression_method(zip::CompressionMethod::Stored),
-            )
-            .unwrap();
-            std::io::Write::write_all(&mut zip, &std::fs::read(&npy).unwrap()).unwrap();
-        }
-        zip.finish().unwrap();
-    }
+    let (ta, tb) = (Tensor::F32(a.clone()), Tensor::F32(b.clone()));
+    common::write_npz(&calib, &[("a", &ta), ("b", &tb)]);
     let config_path = dir.path().join("c.json");
     std::fs::write(
         &config_path,

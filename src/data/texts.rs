@@ -68,7 +68,13 @@ pub struct Corpus {
     lines: Vec<(u64, usize)>,
     tokenizer: Tokenizer,
     max_length: usize,
+    /// The last rows tokenized: every input of a batch reads the same
+    /// sentences, so they are read and tokenized once, not once per input.
+    last: std::sync::Mutex<Option<Tokenized>>,
 }
+
+/// Rows of the file and their encodings.
+type Tokenized = (std::ops::Range<usize>, Arc<Vec<tokenizers::Encoding>>);
 
 fn format_err(path: &Path, reason: String) -> DataError {
     DataError::Format {
@@ -140,6 +146,7 @@ impl Corpus {
             lines,
             tokenizer,
             max_length,
+            last: std::sync::Mutex::new(None),
         })
     }
 
@@ -156,6 +163,37 @@ impl Corpus {
     /// Tokens per sentence.
     pub fn max_length(&self) -> usize {
         self.max_length
+    }
+
+    /// The sentences `range` tokenized, from the last call when it asked
+    /// for the same rows.
+    fn encodings(
+        &self,
+        range: std::ops::Range<usize>,
+    ) -> Result<Arc<Vec<tokenizers::Encoding>>, DataError> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((r, e)) = last.as_ref()
+            && *r == range
+        {
+            return Ok(e.clone());
+        }
+        let first = range.start;
+        let encodings = self
+            .sentences(range.clone())?
+            .into_iter()
+            .enumerate()
+            .map(|(k, s)| {
+                self.tokenizer.encode(s, true).map_err(|e| {
+                    format_err(
+                        &self.file,
+                        format!("line {}: the tokenizer failed: {e}", first + k + 1),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let encodings = Arc::new(encodings);
+        *last = Some((range, encodings.clone()));
+        Ok(encodings)
     }
 
     /// The sentences `range`, as read from the file.
@@ -188,16 +226,10 @@ impl Corpus {
         dtype: DType,
     ) -> Result<Tensor, DataError> {
         let first = range.start;
-        let sentences = self.sentences(range)?;
-        let n = sentences.len();
+        let encodings = self.encodings(range)?;
+        let n = encodings.len();
         let mut values: Vec<i64> = Vec::with_capacity(n * self.max_length);
-        for (k, s) in sentences.into_iter().enumerate() {
-            let e = self.tokenizer.encode(s, true).map_err(|e| {
-                format_err(
-                    &self.file,
-                    format!("line {}: the tokenizer failed: {e}", first + k + 1),
-                )
-            })?;
+        for (k, e) in encodings.iter().enumerate() {
             let row: Vec<i64> = match field {
                 TextField::Ids => e.get_ids().iter().map(|&v| i64::from(v)).collect(),
                 TextField::Mask => e

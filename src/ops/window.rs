@@ -6,6 +6,52 @@
 use crate::onnx::NodeProto;
 use crate::onnx::attr::{int_attr, ints_attr, string_attr};
 
+/// The size-giving window attributes of any node exactly as written (no
+/// defaults, no checks): what the size limits look at before any operator
+/// is understood (`ops::work::check_node_sizes`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WrittenWindow {
+    /// `pads`.
+    pub pads: Option<Vec<i64>>,
+    /// `kernel_shape`.
+    pub kernel_shape: Option<Vec<i64>>,
+    /// `strides`.
+    pub strides: Option<Vec<i64>>,
+    /// `dilations`.
+    pub dilations: Option<Vec<i64>>,
+    /// `output_padding` (ConvTranspose).
+    pub output_padding: Option<Vec<i64>>,
+    /// `output_shape` (ConvTranspose).
+    pub output_shape: Option<Vec<i64>>,
+}
+
+impl WrittenWindow {
+    /// The attributes of `node`.
+    pub fn of(node: &NodeProto) -> WrittenWindow {
+        WrittenWindow {
+            pads: ints_attr(node, "pads"),
+            kernel_shape: ints_attr(node, "kernel_shape"),
+            strides: ints_attr(node, "strides"),
+            dilations: ints_attr(node, "dilations"),
+            output_padding: ints_attr(node, "output_padding"),
+            output_shape: ints_attr(node, "output_shape"),
+        }
+    }
+
+    /// The per-axis lists with their attribute names (present ones).
+    pub fn per_axis(&self) -> impl Iterator<Item = (&'static str, &[i64])> {
+        [
+            ("pads", &self.pads),
+            ("kernel_shape", &self.kernel_shape),
+            ("strides", &self.strides),
+            ("dilations", &self.dilations),
+            ("output_padding", &self.output_padding),
+        ]
+        .into_iter()
+        .filter_map(|(name, v)| Some((name, v.as_deref()?)))
+    }
+}
+
 /// A window over `spatial` axes as ONNX gives it, defaults filled in.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Window {

@@ -49,8 +49,74 @@ pub struct Work {
 /// Refuses a model whose sizes are absurd (`onnx::limits::check_sizes`)
 /// or whose one sample costs too much ([`check_work`]).
 pub fn check_model(model: &ModelProto) -> Result<(), OnnxError> {
-    crate::onnx::limits::check_sizes(model)?;
+    crate::onnx::limits::check_sizes(model, &check_node_sizes)?;
     check_work(model).map(drop)
+}
+
+/// Refuses a node whose window attributes or size-giving constant input
+/// (a shape, repeats, sizes or pads) would be absurd, naming the node.
+pub fn check_node_sizes(g: &GraphProto, n: &NodeProto) -> Result<(), OnnxError> {
+    use crate::onnx::limits::{MAX_ELEMENTS, MAX_WINDOW, product, too_large};
+    let label = |what: &str| format!("node '{}' ({}): {what}", n.name(), n.op_type());
+    let window = super::window::WrittenWindow::of(n);
+    for (key, v) in window.per_axis() {
+        if let Some(&big) = v.iter().find(|x| x.unsigned_abs() > MAX_WINDOW as u64) {
+            return Err(OnnxError::TooLarge {
+                what: label(&format!("attribute {key} = {big}")),
+                size: format!("{big} on one axis"),
+                limit: format!("{MAX_WINDOW}"),
+                hint: "check the model's attributes (a corrupted or mistyped value?)".into(),
+            });
+        }
+    }
+    // A padded window covers at least Π(pad_begin + pad_end + 1) positions.
+    let padded = |pads: &[i64]| {
+        let half = pads.len() / 2;
+        product((0..half).map(|i| pads[i].max(0) + pads[i + half].max(0) + 1))
+    };
+    let sizes = [
+        (window.pads.as_deref().map(padded), "the padded plane"),
+        (
+            window
+                .kernel_shape
+                .as_deref()
+                .map(|k| product(k.iter().copied())),
+            "the kernel window",
+        ),
+        (
+            window
+                .output_shape
+                .as_deref()
+                .map(|k| product(k.iter().copied())),
+            "attribute output_shape",
+        ),
+    ];
+    for (size, what) in sizes {
+        if let Some(size) = size.filter(|&s| s > MAX_ELEMENTS) {
+            return Err(too_large(label(what), size));
+        }
+    }
+    let size_input = match n.op_type() {
+        "ConstantOfShape" => Some((0, "the shape input")),
+        "Expand" | "Reshape" => Some((1, "the shape input")),
+        "Tile" => Some((1, "the repeats input")),
+        "Resize" => Some((3, "the sizes input")),
+        "Pad" => Some((1, "the pads input")),
+        _ => None,
+    };
+    if let Some((input, what)) = size_input
+        && let Some(v) = constant_ints(g, n, input)
+    {
+        let size = if n.op_type() == "Pad" {
+            padded(&v)
+        } else {
+            product(v.iter().copied())
+        };
+        if size > MAX_ELEMENTS {
+            return Err(too_large(label(what), size));
+        }
+    }
+    Ok(())
 }
 
 /// Estimates the work of one sample of `model` and refuses it, naming the
@@ -356,6 +422,56 @@ mod tests {
     use crate::onnx::builder::node;
     use crate::onnx::proto::tensor_shape_proto::{Dimension, dimension};
     use crate::onnx::proto::{TensorShapeProto, TypeProto, ValueInfoProto, type_proto};
+
+    fn one_node(n: NodeProto) -> Result<(), OnnxError> {
+        check_node_sizes(&GraphProto::default(), &n)
+    }
+
+    #[test]
+    fn a_million_pixel_pad_is_refused_naming_the_node_and_size() {
+        let mut conv = node("Conv", "big_pad", &["x", "w"], &["y"], vec![]);
+        conv.attribute.push(attr_ints(
+            "pads",
+            &[1_000_000, 1_000_000, 1_000_000, 1_000_000],
+        ));
+        let e = one_node(conv.clone()).unwrap_err().to_string();
+        // (2,000,001)^2 positions, worked out by hand.
+        assert!(
+            e.contains("'big_pad' (Conv)") && e.contains("4000004000001 elements"),
+            "{e}"
+        );
+        // Through the whole-model check, inside a subgraph too.
+        let model = |n: NodeProto| ModelProto {
+            graph: Some(GraphProto {
+                node: vec![n],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(check_model(&model(conv.clone())).is_err());
+        let mut outer = node("If", "branch", &["c"], &["z"], vec![]);
+        outer.attribute.push(crate::onnx::proto::AttributeProto {
+            name: Some("then_branch".into()),
+            r#type: Some(5),
+            g: model(conv).graph,
+            ..Default::default()
+        });
+        let e = check_model(&model(outer)).unwrap_err().to_string();
+        assert!(e.contains("'big_pad'"), "{e}");
+        // A stride of 2^21 on one axis.
+        let mut pool = node("MaxPool", "p", &["x"], &["y"], vec![]);
+        pool.attribute.push(attr_ints("strides", &[1, 1 << 21]));
+        let e = one_node(pool).unwrap_err().to_string();
+        assert!(e.contains("attribute strides = 2097152"), "{e}");
+    }
+
+    #[test]
+    fn ordinary_windows_pass() {
+        let mut conv = node("Conv", "c", &["x", "w"], &["y"], vec![]);
+        conv.attribute.push(attr_ints("pads", &[1, 1, 1, 1]));
+        conv.attribute.push(attr_ints("kernel_shape", &[3, 3]));
+        one_node(conv).unwrap();
+    }
 
     fn model(nodes: Vec<NodeProto>, x: &[i64], weights: &[(&str, &[usize])]) -> ModelProto {
         let dim = |v: i64| Dimension {

@@ -212,3 +212,22 @@ pub fn model_of(graph: proto::GraphProto) -> ascend_quant::onnx::ModelProto {
         ..Default::default()
     }
 }
+
+/// An `.npz` holding `entries` (name, tensor), written as numpy does: a zip
+/// of `.npy` files.
+pub fn write_npz(path: &Path, entries: &[(&str, &ascend_quant::tensor::Tensor)]) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
+    for (name, t) in entries {
+        let npy = dir.path().join(format!("{name}.npy"));
+        ascend_quant::data::write_npy(&npy, t).unwrap();
+        zip.start_file(
+            format!("{name}.npy"),
+            zip::write::SimpleFileOptions::default()
+                .compression_method(zip::CompressionMethod::Stored),
+        )
+        .unwrap();
+        std::io::Write::write_all(&mut zip, &std::fs::read(&npy).unwrap()).unwrap();
+    }
+    zip.finish().unwrap();
+}
