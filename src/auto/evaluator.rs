@@ -2,7 +2,7 @@
 //! simulator, or by the user's own command.
 
 use crate::data::Dataset;
-use crate::onnx::ModelProto;
+use crate::onnx::{ModelProto, ValueSpec};
 use crate::quant::error::QuantError;
 use crate::report::metric::Metric;
 use crate::sim::{Executor, SessionOptions};
@@ -93,26 +93,8 @@ impl<'a> InternalEvaluator<'a> {
             },
         )?;
         let outputs = session.outputs();
-        let output = match &self.output {
-            Some(name) => outputs
-                .iter()
-                .find(|o| &o.name == name)
-                .map(|o| o.name.clone())
-                .ok_or_else(|| {
-                    let all: Vec<&str> = outputs.iter().map(|o| o.name.as_str()).collect();
-                    QuantError::Input(format!(
-                        "--metric-output '{name}' is not an output of the model; its outputs are {}",
-                        all.join(", ")
-                    ))
-                })?,
-            None => outputs
-                .iter()
-                .find(|o| o.elem_type.is_none_or(|t| t == 1))
-                .map(|o| o.name.clone())
-                .ok_or_else(|| {
-                    QuantError::Input("the model has no float32 output to score".into())
-                })?,
-        };
+        let output = ValueSpec::scored_output(outputs, self.output.as_deref(), "--metric-output")
+            .map_err(QuantError::Input)?;
         // Batches run side by side: two batch-1 runs, each mostly on one
         // core, get through more samples per second than one run spread over
         // both (the kernels' own parallel loops share the same pool).

@@ -57,6 +57,12 @@ pub struct QatArgs {
     /// The loss.
     #[arg(long, value_enum, default_value = "auto")]
     pub loss: LossChoice,
+    /// The output the loss and the evaluation read (default: the first float32 output), e.g. a sentence encoder's pooled embedding.
+    #[arg(long, value_name = "NAME")]
+    pub distill_output: Option<String>,
+    /// Also train the embedding tables (the float tables of the model's Gathers), frozen by default.
+    #[arg(long)]
+    pub train_embeddings: bool,
     /// Seed of the batch order (each epoch visits the batches in a new order).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -109,6 +115,8 @@ pub fn execute(args: &QatArgs) -> Result<(), Failure> {
         lr: args.lr,
         clip_lr: args.clip_lr,
         loss: args.loss,
+        distill_output: args.distill_output.clone(),
+        train_embeddings: args.train_embeddings,
         seed: args.seed,
         resume: args.resume.clone(),
         eval_data: args.eval_data.clone(),

@@ -44,6 +44,33 @@ pub struct ValueSpec {
 }
 
 impl ValueSpec {
+    /// The output a job scores or trains on: the one called `name` (asked
+    /// for by the option `flag`), else the first float32 one.
+    pub fn scored_output(
+        outputs: &[ValueSpec],
+        name: Option<&str>,
+        flag: &str,
+    ) -> Result<String, String> {
+        match name {
+            Some(name) => outputs
+                .iter()
+                .find(|o| o.name == name)
+                .map(|o| o.name.clone())
+                .ok_or_else(|| {
+                    let all: Vec<&str> = outputs.iter().map(|o| o.name.as_str()).collect();
+                    format!(
+                        "{flag} '{name}' is not an output of the model; its outputs are {}",
+                        all.join(", ")
+                    )
+                }),
+            None => outputs
+                .iter()
+                .find(|o| o.elem_type.is_none_or(|t| t == 1))
+                .map(|o| o.name.clone())
+                .ok_or_else(|| "the model has no float32 output".into()),
+        }
+    }
+
     /// Reads the spec of a `ValueInfoProto`.
     pub fn from_proto(v: &ValueInfoProto) -> ValueSpec {
         let tensor = v.r#type.as_ref().and_then(|t| match &t.value {

@@ -83,6 +83,67 @@ impl Unary {
         }
     }
 
+    /// The derivative d apply(x) / dx at `x`, as training back-propagates it
+    /// (0 for the piecewise-constant Floor and Ceil; at a kink, the right
+    /// side's slope except where ONNX's clamps make the value constant).
+    pub fn derivative(self, x: f32) -> f32 {
+        let gauss = |z: f32| (-z * z).exp() * std::f32::consts::FRAC_2_SQRT_PI;
+        match self {
+            Unary::Tanh => 1.0 - x.tanh().powi(2),
+            Unary::Exp => x.exp(),
+            Unary::Log => 1.0 / x,
+            Unary::Sqrt => 0.5 / x.sqrt(),
+            Unary::Neg => -1.0,
+            Unary::Abs => {
+                if x < 0.0 {
+                    -1.0
+                } else {
+                    1.0
+                }
+            }
+            Unary::Reciprocal => -1.0 / (x * x),
+            Unary::Floor | Unary::Ceil => 0.0,
+            Unary::LeakyRelu(a) => {
+                if x < 0.0 {
+                    a
+                } else {
+                    1.0
+                }
+            }
+            Unary::HardSigmoid(a, b) => {
+                let t = a * x + b;
+                if t > 0.0 && t < 1.0 { a } else { 0.0 }
+            }
+            Unary::HardSwish => {
+                if x <= -3.0 {
+                    0.0
+                } else if x >= 3.0 {
+                    1.0
+                } else {
+                    x / 3.0 + 0.5
+                }
+            }
+            Unary::Elu(a) => {
+                if x < 0.0 {
+                    a * x.exp()
+                } else {
+                    1.0
+                }
+            }
+            Unary::Softplus => 1.0 / (1.0 + (-x).exp()),
+            Unary::Erf => gauss(x),
+            Unary::Gelu => {
+                let r = x / std::f32::consts::SQRT_2;
+                0.5 * (1.0 + erf(r)) + 0.5 * x * gauss(r) / std::f32::consts::SQRT_2
+            }
+            Unary::GeluTanh => {
+                let c = (2.0 / std::f32::consts::PI).sqrt();
+                let t = (c * (x + 0.044_715 * x * x * x)).tanh();
+                0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044_715 * x * x)
+            }
+        }
+    }
+
     /// The operator of an ONNX node, with its attributes.
     pub fn of(node: &NodeProto) -> Option<Unary> {
         let alpha = |default: f32| float_attr(node, "alpha").unwrap_or(default);
@@ -239,5 +300,44 @@ mod tests {
         assert_eq!((s.axis, s.flattened), (-1, false));
         let s = super::Softmax::parse(&plain, 11);
         assert_eq!((s.axis, s.flattened), (1, true));
+    }
+
+    /// Every derivative against a central finite difference in f64 of the
+    /// operator's own value, away from kinks.
+    #[test]
+    fn derivatives_match_finite_differences() {
+        let ops = [
+            Unary::Tanh,
+            Unary::Exp,
+            Unary::Log,
+            Unary::Sqrt,
+            Unary::Neg,
+            Unary::Abs,
+            Unary::Reciprocal,
+            Unary::LeakyRelu(0.1),
+            Unary::HardSigmoid(0.2, 0.5),
+            Unary::HardSwish,
+            Unary::Elu(1.0),
+            Unary::Softplus,
+            Unary::Erf,
+            Unary::Gelu,
+            Unary::GeluTanh,
+        ];
+        for op in ops {
+            for x in [-2.3f32, -0.7, 0.31, 1.2, 2.6] {
+                if matches!(op, Unary::Log | Unary::Sqrt) && x <= 0.0 {
+                    continue;
+                }
+                let h = 1e-3f32;
+                let numeric = (f64::from(op.apply(x + h)) - f64::from(op.apply(x - h)))
+                    / (2.0 * f64::from(h));
+                let exact = f64::from(op.derivative(x));
+                assert!(
+                    (numeric - exact).abs() < 2e-3 * (1.0 + exact.abs()),
+                    "{op:?} at {x}: {exact} vs {numeric}"
+                );
+            }
+        }
+        assert_eq!(Unary::Floor.derivative(1.5), 0.0);
     }
 }

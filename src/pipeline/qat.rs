@@ -46,13 +46,18 @@ fn evaluate(
     batch_size: usize,
     labels: Option<&[i64]>,
     reference: &ArrayD<f32>,
+    output: &str,
 ) -> Result<serde_json::Value, TrainError> {
-    let y = outputs_over(graph, eval, batch_size)?;
+    let y = outputs_over(graph, eval, batch_size, Some(output))?;
     let mut v = json!({
         "top1_agreement": Metric::Top1Agreement.score(&y, reference) / 100.0,
         "output_cosine": Metric::Cosine.score(&y, reference) / 100.0,
         "samples": y.shape().first().copied().unwrap_or(0),
     });
+    if y.ndim() == 2 {
+        // Embeddings: does each sample keep its nearest neighbour?
+        v["nn_agreement"] = json!(Metric::NnAgreement.score(&y, reference) / 100.0);
+    }
     if let Some(l) = labels {
         v["top1"] = json!(Metric::Top1(l.to_vec()).score(&y, reference) / 100.0);
     }
@@ -71,6 +76,8 @@ pub enum LossChoice {
     Kl,
     /// Mean squared error to the float model's outputs.
     Mse,
+    /// One minus the cosine of each sample's output with the float model's.
+    Cosine,
 }
 
 impl crate::choice::Choice for LossChoice {
@@ -79,6 +86,7 @@ impl crate::choice::Choice for LossChoice {
         LossChoice::Ce,
         LossChoice::Kl,
         LossChoice::Mse,
+        LossChoice::Cosine,
     ];
 
     fn name(self) -> &'static str {
@@ -87,6 +95,7 @@ impl crate::choice::Choice for LossChoice {
             LossChoice::Ce => "ce",
             LossChoice::Kl => "kl",
             LossChoice::Mse => "mse",
+            LossChoice::Cosine => "cosine",
         }
     }
 
@@ -96,6 +105,9 @@ impl crate::choice::Choice for LossChoice {
             LossChoice::Ce => "Cross-entropy against --labels",
             LossChoice::Kl => "KL divergence from the float model's softmax",
             LossChoice::Mse => "Mean squared error to the float model's outputs",
+            LossChoice::Cosine => {
+                "One minus the cosine of each sample's output with the float model's (embeddings)"
+            }
         }
     }
 }
@@ -125,6 +137,12 @@ pub struct QatOptions {
     pub clip_lr: f32,
     /// The loss.
     pub loss: LossChoice,
+    /// The output the loss and the evaluation read (default: the first
+    /// float32 output).
+    pub distill_output: Option<String>,
+    /// Also train the tables of the model's Gathers (embeddings), which are
+    /// frozen otherwise.
+    pub train_embeddings: bool,
     /// Seed of the batch order.
     pub seed: u64,
     /// A checkpoint to continue from (`PREFIX_qat_checkpoint` of an earlier run).
@@ -201,7 +219,24 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
         (LossChoice::Auto | LossChoice::Ce, true) => LossKind::CrossEntropy,
         (LossChoice::Auto | LossChoice::Kl, _) => LossKind::Distillation,
         (LossChoice::Mse, _) => LossKind::Mse,
+        (LossChoice::Cosine, _) => LossKind::Cosine,
     };
+    let model_outputs: Vec<crate::onnx::ValueSpec> = model
+        .graph
+        .as_ref()
+        .map(|g| {
+            g.output
+                .iter()
+                .map(crate::onnx::ValueSpec::from_proto)
+                .collect()
+        })
+        .unwrap_or_default();
+    let output = crate::onnx::ValueSpec::scored_output(
+        &model_outputs,
+        opts.distill_output.as_deref(),
+        "--distill-output",
+    )
+    .map_err(PipelineError::Usage)?;
     // Initial clips: IFMR over the first batch_num batches (a PTQ observation).
     let mut ptq = QuantConfig::default_for(&names);
     ptq.batch_num = Some(
@@ -239,8 +274,21 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
             continue; // AveragePool keeps its calibrated factors
         }
         if l.second_input.is_some() {
-            // A two-input MatMul keeps its calibrated factors too: the
-            // trainer does not learn the second operand's range yet.
+            // A two-input MatMul trains fake-quantized at its calibrated
+            // ranges (both symmetric), which it keeps: the trainer does not
+            // learn them.
+            let s2 = f.scale_w.first().copied().unwrap_or(0.0);
+            let (lo, hi) = f.act.range(8);
+            student.set_quant(
+                &l.name,
+                LayerQuant {
+                    clip_min: lo,
+                    clip_max: hi,
+                    fixed_min: false,
+                    channel_wise: false,
+                    second: Some((-128.0 * s2, 127.0 * s2)),
+                },
+            )?;
             continue;
         }
         let cfg = retrain.layer(&l.name);
@@ -254,6 +302,7 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
                 clip_max,
                 fixed_min,
                 channel_wise: cfg.is_some_and(|c| c.channel_wise),
+                second: None,
             },
         )?;
         trained_layers.push(TrainedLayer {
@@ -273,35 +322,31 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
             },
         )?),
     };
-    let teacher_fn =
-        |feeds: &[(&str, &ndarray::ArrayD<f32>)]| -> Result<ndarray::ArrayD<f32>, TrainError> {
-            let session = teacher_session.as_ref().expect("built for distillation");
-            let tensors: Vec<(&str, crate::tensor::Tensor)> = feeds
-                .iter()
-                .map(|(n, a)| (*n, crate::tensor::Tensor::F32((*a).clone())))
-                .collect();
-            let refs: Vec<(&str, &crate::tensor::Tensor)> =
-                tensors.iter().map(|(n, t)| (*n, t)).collect();
-            let output = session.outputs()[0].name.clone();
-            let mut out = session
-                .run(&refs, &[output.as_str()])
-                .map_err(|e| TrainError::Invalid(format!("the float teacher: {e}")))?;
-            match out.pop() {
-                Some(crate::tensor::Tensor::F32(a)) => Ok(a),
-                _ => Err(TrainError::Invalid(
-                    "the float teacher's output is not float32".into(),
-                )),
-            }
-        };
+    let teacher_fn = |feeds: &[(&str, &Tensor)]| -> Result<ndarray::ArrayD<f32>, TrainError> {
+        let session = teacher_session.as_ref().expect("built for distillation");
+        let mut out = session
+            .run(feeds, &[output.as_str()])
+            .map_err(|e| TrainError::Invalid(format!("the float teacher: {e}")))?;
+        match out.pop() {
+            Some(crate::tensor::Tensor::F32(a)) => Ok(a),
+            _ => Err(TrainError::Invalid(
+                "the float teacher's output is not float32".into(),
+            )),
+        }
+    };
     let teacher: Option<&crate::train::qat::Teacher<'_>> = teacher_session
         .as_ref()
         .map(|_| &teacher_fn as &crate::train::qat::Teacher<'_>);
-    let trainable: Vec<String> = calibrated
+    let mut trainable: Vec<String> = calibrated
         .factors
         .iter()
         .flat_map(|f| [f.layer.weight.clone(), f.layer.bias.clone()])
         .flatten()
         .collect();
+    if opts.train_embeddings {
+        trainable.extend(embedding_tables(&prepared));
+    }
+    student.train_only(&trainable);
     let steps = opts
         .steps
         .unwrap_or(opts.epochs.max(1) * data.batch_count(opts.batch_size));
@@ -312,6 +357,7 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
         clip_lr: opts.clip_lr,
         loss,
         seed: opts.seed,
+        output: Some(output.clone()),
     };
     let start = opts
         .resume
@@ -345,7 +391,12 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
     };
     // The float model's outputs on the evaluation set, once.
     let reference = match &eval {
-        Some(e) => outputs_over(&TrainGraph::new(&prepared)?, e, opts.batch_size)?,
+        Some(e) => outputs_over(
+            &TrainGraph::new(&prepared)?,
+            e,
+            opts.batch_size,
+            Some(&output),
+        )?,
         None => ArrayD::zeros(ndarray::IxDyn(&[0])),
     };
     let epochs_report = std::cell::RefCell::new(Vec::<serde_json::Value>::new());
@@ -363,6 +414,7 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
                 opts.batch_size,
                 eval_labels.as_deref(),
                 &reference,
+                &output,
             )?;
             m["step"] = json!(c.step);
             (progress.message)(&format!("after step {}: {m}", c.step));
@@ -401,7 +453,10 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
     let mut clips_report = Vec::new();
     for f in &calibrated.factors {
         let l = &f.layer;
-        let act = match student.quant_mut(&l.name) {
+        let act = match student
+            .quant_mut(&l.name)
+            .filter(|_| l.second_input.is_none())
+        {
             Some(q) => {
                 clips_report
                     .push(json!({"layer": l.name, "clip_min": q.clip_min, "clip_max": q.clip_max}));
@@ -502,6 +557,27 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
         report_json,
         written,
     })
+}
+
+/// The float tables the model's Gathers read by computed indices: its
+/// embeddings (word, position, token type), trained only on request.
+fn embedding_tables(model: &ModelProto) -> Vec<String> {
+    let Some(g) = model.graph.as_ref() else {
+        return Vec::new();
+    };
+    let floats: std::collections::HashSet<&str> = g
+        .initializer
+        .iter()
+        .filter(|t| t.data_type() == 1)
+        .map(|t| t.name())
+        .collect();
+    g.node
+        .iter()
+        .filter(|n| n.op_type() == "Gather")
+        .filter_map(|n| n.input.first())
+        .filter(|t| floats.contains(t.as_str()))
+        .cloned()
+        .collect()
 }
 
 /// Replaces the trained initializers of `model` by the graph's values.

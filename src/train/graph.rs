@@ -5,22 +5,40 @@
 //! trainer updates the ones it trains (weights, biases, clips).
 //!
 //! Supported today: Conv (dense, and depthwise through
-//! `sim::kernels::depthwise::grad`), ConvTranspose (group 1), Gemm, MatMul (by a 2-D weight), Relu, Clip,
-//! Sigmoid, HardSigmoid, HardSwish, MaxPool, AveragePool (no padding),
-//! GlobalAveragePool, Flatten, Reshape, Transpose, Concat, Softmax, Add, Mul,
-//! nearest Resize.
+//! `sim::kernels::depthwise::grad`), ConvTranspose (group 1), Gemm, MatMul
+//! (by a 2-D weight, or of two values with broadcast batch axes), Relu,
+//! Clip, Sigmoid, the float functions of `ops::activation::Unary` (Erf,
+//! Gelu, Tanh, Sqrt, HardSwish, …), MaxPool, AveragePool (no padding),
+//! GlobalAveragePool, Flatten, Reshape, Transpose, Concat, Softmax, Add,
+//! Sub, Mul, Div, Pow, LayerNormalization, ReduceMean / ReduceSum, Gather
+//! of a float table by integer ids, Where, nearest Resize; and every node
+//! `ops::eval_constant` evaluates (shape arithmetic, masks, Slice, Expand,
+//! Unsqueeze, Cast, … on values of any type), which gradients pass only
+//! where the node merely moves its first input's values.
 //! Any other operator is an error naming the node and the operator.
+//!
+//! Values are float32 (`ArrayD<f32>`) or, for integer and boolean values
+//! (token ids, masks, shapes), `Tensor`s; only float values carry gradients,
+//! and only those that depend on a trained constant (all float constants
+//! unless [`TrainGraph::train_only`] names them), a fed float input or a
+//! quantized layer.
 
 use super::fake_quant::{arq_retrain_forward, ulq_backward, ulq_forward, ulq_grid};
 pub(in crate::train) use super::op::Op;
-use super::ops_layout::{matmul_shape, perm_of, reduce_to, softmax};
+use super::ops_layout::{perm_of, reduce_backward, reduce_to, softmax};
+use super::ops_matmul::{matmul, matmul_backward};
+use super::ops_norm::{NormAttrs, layer_norm, layer_norm_backward};
 use super::ops_pool::{avg_pool_backward, pool, resize_maps};
+use super::ops_select::{
+    gather, gather_backward, index_map_backward, moves_values, where_, where_backward,
+};
 use crate::onnx::attr::{int_attr, ints_attr};
 use crate::onnx::graph::GraphIndex;
 use crate::onnx::{GraphProto, ModelProto, NodeProto, to_tensor};
 use crate::ops::activation::{Softmax, Unary};
 use crate::ops::gemm::Gemm;
 use crate::ops::layout::{Layout, axis_index};
+use crate::ops::reduce::Reduce;
 use crate::ops::window::Window;
 use crate::quant::weights::ChannelLayout;
 use crate::sim::kernels::conv_grad::{
@@ -29,7 +47,7 @@ use crate::sim::kernels::conv_grad::{
 };
 use crate::tensor::Tensor;
 use ndarray::{ArrayD, Axis, Ix2, IxDyn};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// Why a graph cannot be trained or run.
 #[derive(Debug, thiserror::Error)]
@@ -61,9 +79,38 @@ pub enum TrainError {
 struct Step {
     node: String,
     op: Op,
+    /// The values the operator's kernel reads, in order (absent optional
+    /// inputs and the constants read at build time left out).
     inputs: Vec<usize>,
+    /// Every input of the node by position (`None`: absent), for
+    /// [`Op::Evaluate`].
+    args: Vec<Option<usize>>,
+    /// The node itself, when the engine's `ops::eval_constant` evaluates
+    /// it: run that way when its inputs are not all float (shape
+    /// arithmetic on integers, say).
+    generic: Option<Box<NodeProto>>,
     output: usize,
 }
+
+/// One input of a step: a float value or a typed one.
+#[derive(Clone, Copy)]
+enum Val<'a> {
+    F(&'a ArrayD<f32>),
+    T(&'a Tensor),
+}
+
+impl Val<'_> {
+    fn shape(&self) -> &[usize] {
+        match self {
+            Val::F(a) => a.shape(),
+            Val::T(t) => t.shape(),
+        }
+    }
+}
+
+/// Placeholder in a step's float inputs where the input is typed.
+static NOT_FLOAT: std::sync::LazyLock<ArrayD<f32>> =
+    std::sync::LazyLock::new(|| ArrayD::zeros(IxDyn(&[0])));
 
 /// A graph ready for forward and backward passes.
 #[derive(Clone, Debug)]
@@ -72,8 +119,14 @@ pub struct TrainGraph {
     index: HashMap<String, usize>,
     /// Initializer values (float32), by value id.
     constants: HashMap<usize, ArrayD<f32>>,
-    /// Int64 constants (Reshape shapes), by value id.
-    shapes: HashMap<usize, Vec<i64>>,
+    /// Constants of other types (int64 shapes and positions, bool masks), by value id.
+    typed_constants: HashMap<usize, Tensor>,
+    /// The model's default-domain opset.
+    opset: i64,
+    /// The float constants that carry gradients; `None`: all of them.
+    trainable: Option<HashSet<usize>>,
+    /// Whether fed float inputs carry gradients.
+    inputs_need_grad: bool,
     /// The shape constant of each Reshape step, by step index.
     reshape_targets: HashMap<usize, Vec<i64>>,
     steps: Vec<Step>,
@@ -96,11 +149,19 @@ pub struct LayerQuant {
     /// One weight scale per output channel (Conv, ConvTranspose; the
     /// columns of a Gemm / MatMul weight).
     pub channel_wise: bool,
+    /// For a MatMul of two computed values (attention's): the fixed clip
+    /// range of its second input, quantized like the first (ULQ) instead of
+    /// as a weight.
+    pub second: Option<(f32, f32)>,
 }
 
 /// The values of one forward pass, kept for the backward pass.
 pub struct Activations {
     values: Vec<Option<ArrayD<f32>>>,
+    /// Values of other types (ids, masks, shapes).
+    typed: Vec<Option<Tensor>>,
+    /// Whether each value carries a gradient.
+    needs: Vec<bool>,
     /// Fake-quantized (input, weight) of quantized steps.
     quantized: HashMap<usize, (ArrayD<f32>, ArrayD<f32>)>,
 }
@@ -112,6 +173,15 @@ impl Activations {
             .index
             .get(name)
             .and_then(|&i| self.values[i].as_ref().or_else(|| graph.constants.get(&i)))
+    }
+
+    /// The integer or boolean value called `name`, if the pass computed it.
+    pub fn get_typed<'a>(&'a self, graph: &'a TrainGraph, name: &str) -> Option<&'a Tensor> {
+        graph.index.get(name).and_then(|&i| {
+            self.typed[i]
+                .as_ref()
+                .or_else(|| graph.typed_constants.get(&i))
+        })
     }
 }
 
@@ -192,7 +262,10 @@ impl TrainGraph {
             names: Vec::new(),
             index: HashMap::new(),
             constants: HashMap::new(),
-            shapes: HashMap::new(),
+            typed_constants: HashMap::new(),
+            opset: crate::onnx::default_opset(model).unwrap_or(13),
+            trainable: None,
+            inputs_need_grad: true,
             reshape_targets: HashMap::new(),
             steps: Vec::new(),
             inputs: Vec::new(),
@@ -205,10 +278,9 @@ impl TrainGraph {
                 Tensor::F32(a) => {
                     t.constants.insert(id, a);
                 }
-                Tensor::I64(a) => {
-                    t.shapes.insert(id, a.iter().copied().collect());
+                other => {
+                    t.typed_constants.insert(id, other);
                 }
-                _ => {}
             }
         }
         for v in &g.input {
@@ -233,16 +305,15 @@ impl TrainGraph {
                     Tensor::F32(a) => {
                         t.constants.insert(id, a);
                     }
-                    Tensor::I64(a) => {
-                        t.shapes.insert(id, a.iter().copied().collect());
-                    }
                     other => {
-                        return Err(unsupported(n, format!("{} constants", other.dtype())));
+                        t.typed_constants.insert(id, other);
                     }
                 }
                 continue;
             }
+            let opset = t.opset;
             let op = match n.op_type() {
+                _ if Unary::of(n).is_some() => Op::Unary(Unary::of(n).expect("checked")),
                 "Conv" => {
                     let w = window2d(n)?;
                     Op::Conv {
@@ -347,13 +418,36 @@ impl TrainGraph {
                 }
                 "Reshape" => Op::Reshape,
                 "Add" => Op::Add,
+                "Sub" => Op::Sub,
                 "Mul" => Op::Mul,
+                "Div" => Op::Div,
+                "Pow" => Op::Pow,
                 "Sigmoid" => Op::Sigmoid,
-                "HardSigmoid" => match Unary::of(n) {
-                    Some(Unary::HardSigmoid(alpha, beta)) => Op::HardSigmoid { alpha, beta },
-                    _ => return Err(unsupported(n, "not a HardSigmoid")),
+                "LayerNormalization" => {
+                    let parsed = crate::ops::norm::LayerNorm::parse(n, &[1.0], None)
+                        .map_err(|e| unsupported(n, e))?;
+                    Op::LayerNorm(NormAttrs {
+                        axis: parsed.axis,
+                        epsilon: parsed.epsilon,
+                    })
+                }
+                "ReduceMean" | "ReduceSum" => {
+                    let operand = |k: usize| {
+                        n.input
+                            .get(k)
+                            .and_then(|name| t.index.get(name))
+                            .and_then(|id| t.typed_constants.get(id))
+                    };
+                    match Reduce::parse(n, opset, &operand) {
+                        Ok(Some(r)) => Op::Reduce(r),
+                        Ok(None) => return Err(unsupported(n, "not a reduction")),
+                        Err(e) => return Err(unsupported(n, e)),
+                    }
+                }
+                "Gather" => Op::Gather {
+                    axis: int_attr(n, "axis").unwrap_or(0),
                 },
-                "HardSwish" => Op::HardSwish,
+                "Where" => Op::Where,
                 "Concat" => Op::Concat {
                     axis: int_attr(n, "axis").unwrap_or(0),
                 },
@@ -401,7 +495,7 @@ impl TrainGraph {
                     let scales = lookup(2)
                         .and_then(|id| t.constants.get(&id))
                         .map(|a| a.iter().copied().collect::<Vec<f32>>());
-                    let sizes = lookup(3).and_then(|id| t.shapes.get(&id)).cloned();
+                    let sizes = lookup(3).and_then(|id| t.int_constant(id));
                     let (sizes, scales) = match (sizes, scales) {
                         (Some(s), _) if s.len() == 4 && s.iter().all(|&v| v > 0) => {
                             (Some((s[2] as usize, s[3] as usize)), (0.0, 0.0))
@@ -448,6 +542,7 @@ impl TrainGraph {
                         nearest,
                     }
                 }
+                _ if crate::ops::evaluates(n) => Op::Evaluate,
                 other => {
                     return Err(unsupported(
                         n,
@@ -457,16 +552,25 @@ impl TrainGraph {
                     ));
                 }
             };
-            if n.output.len() != 1 || n.input.is_empty() {
-                return Err(unsupported(n, "needs one output and at least one input"));
+            if n.output.is_empty() || n.output.iter().skip(1).any(|o| !o.is_empty()) {
+                return Err(unsupported(n, "needs exactly one output"));
             }
-            // Reshape's shape and Resize's scales/sizes are constants read at
-            // build time, not values.
-            let data_inputs = if matches!(op, Op::Reshape | Op::Resize { .. }) {
+            if n.input.is_empty() && !matches!(op, Op::Evaluate) {
+                return Err(unsupported(n, "needs at least one input"));
+            }
+            // Resize's scales/sizes and a reduction's axes are constants read
+            // at build time, not values.
+            let data_inputs = if matches!(op, Op::Resize { .. } | Op::Reduce(_)) {
                 1
             } else {
                 n.input.len()
             };
+            let args = n
+                .input
+                .iter()
+                .map(|s| (!s.is_empty()).then(|| t.id(s)))
+                .collect();
+            let generic = crate::ops::evaluates(n).then(|| Box::new(n.clone()));
             let inputs = n
                 .input
                 .iter()
@@ -476,21 +580,23 @@ impl TrainGraph {
                 .collect();
             if let Op::Reshape = op {
                 let shape = n.input.get(1).map(|s| t.id(s));
-                let Some(mut target) = shape.and_then(|id| t.shapes.get(&id)).cloned() else {
-                    return Err(unsupported(n, "the shape must be an int64 constant"));
-                };
-                // A model exported for batch b reshapes to [b, ...]: training
-                // batches keep their own batch axis instead (0 copies it).
-                if baked_batch.is_some_and(|b| target.first() == Some(&b)) {
-                    target[0] = 0;
+                // A constant shape is read once; a computed one at every pass.
+                if let Some(mut target) = shape.and_then(|id| t.int_constant(id)) {
+                    // A model exported for batch b reshapes to [b, ...]: training
+                    // batches keep their own batch axis instead (0 copies it).
+                    if baked_batch.is_some_and(|b| target.first() == Some(&b)) {
+                        target[0] = 0;
+                    }
+                    t.reshape_targets.insert(t.steps.len(), target);
                 }
-                t.reshape_targets.insert(t.steps.len(), target);
             }
             let output = t.id(&n.output[0]);
             t.steps.push(Step {
                 node: n.name().to_string(),
                 op,
                 inputs,
+                args,
+                generic,
                 output,
             });
         }
@@ -499,6 +605,26 @@ impl TrainGraph {
             t.outputs.push(id);
         }
         Ok(t)
+    }
+
+    /// The integers of a typed constant.
+    fn int_constant(&self, id: usize) -> Option<Vec<i64>> {
+        self.typed_constants
+            .get(&id)
+            .and_then(|t| crate::ops::ints_of(t).ok())
+    }
+
+    /// Only the float constants `names` carry gradients from now on (the
+    /// trained weights; other constants, the fed inputs and whatever depends
+    /// on them alone skip their backward pass).
+    pub fn train_only(&mut self, names: &[String]) {
+        self.trainable = Some(
+            names
+                .iter()
+                .filter_map(|n| self.index.get(n).copied())
+                .collect(),
+        );
+        self.inputs_need_grad = false;
     }
 
     fn id(&mut self, name: &str) -> usize {
@@ -573,45 +699,103 @@ impl TrainGraph {
             .collect()
     }
 
-    /// Runs the graph on `feeds` (graph inputs by name).
+    /// Runs the graph on `feeds` (float graph inputs by name).
     pub fn forward(&self, feeds: &[(&str, &ArrayD<f32>)]) -> Result<Activations, TrainError> {
-        // Constants are read from the graph, not copied into every pass.
-        let mut values: Vec<Option<ArrayD<f32>>> = vec![None; self.names.len()];
+        let mut pass = self.new_pass();
         for (name, a) in feeds {
-            let id = *self.index.get(*name).ok_or_else(|| {
-                TrainError::Invalid(format!("'{name}' is not an input of the model"))
-            })?;
-            values[id] = Some((*a).clone());
+            let id = self.input_id(name)?;
+            pass.values[id] = Some((*a).clone());
+            pass.needs[id] = self.inputs_need_grad;
         }
-        let mut quantized = HashMap::new();
+        self.run_pass(pass)
+    }
+
+    /// Runs the graph on `feeds` of any type (token ids, masks, images).
+    pub fn forward_tensors(&self, feeds: &[(&str, &Tensor)]) -> Result<Activations, TrainError> {
+        let mut pass = self.new_pass();
+        for (name, t) in feeds {
+            let id = self.input_id(name)?;
+            match t {
+                Tensor::F32(a) => {
+                    pass.values[id] = Some(a.clone());
+                    pass.needs[id] = self.inputs_need_grad;
+                }
+                other => pass.typed[id] = Some((*other).clone()),
+            }
+        }
+        self.run_pass(pass)
+    }
+
+    fn input_id(&self, name: &str) -> Result<usize, TrainError> {
+        self.index
+            .get(name)
+            .copied()
+            .ok_or_else(|| TrainError::Invalid(format!("'{name}' is not an input of the model")))
+    }
+
+    fn new_pass(&self) -> Activations {
+        let n = self.names.len();
+        Activations {
+            values: vec![None; n],
+            typed: vec![None; n],
+            needs: (0..n)
+                .map(|i| match &self.trainable {
+                    None => self.constants.contains_key(&i),
+                    Some(set) => set.contains(&i),
+                })
+                .collect(),
+            quantized: HashMap::new(),
+        }
+    }
+
+    fn run_pass(&self, mut pass: Activations) -> Result<Activations, TrainError> {
+        // Constants are read from the graph, not copied into every pass.
         for (k, s) in self.steps.iter().enumerate() {
-            let x: Vec<&ArrayD<f32>> = s
+            let lookup = |i: usize| -> Option<Val<'_>> {
+                pass.values[i]
+                    .as_ref()
+                    .or_else(|| self.constants.get(&i))
+                    .map(Val::F)
+                    .or_else(|| {
+                        pass.typed[i]
+                            .as_ref()
+                            .or_else(|| self.typed_constants.get(&i))
+                            .map(Val::T)
+                    })
+            };
+            let missing = |i: usize| {
+                TrainError::Invalid(format!(
+                    "node '{}': input '{}' has no value (not fed?)",
+                    s.node, self.names[i]
+                ))
+            };
+            let started = profiling().then(std::time::Instant::now);
+            let x: Vec<Val<'_>> = s
                 .inputs
                 .iter()
-                .map(|&i| {
-                    values[i]
-                        .as_ref()
-                        .or_else(|| self.constants.get(&i))
-                        .ok_or_else(|| {
-                            TrainError::Invalid(format!(
-                                "node '{}': input '{}' has no value (not fed?)",
-                                s.node, self.names[i]
-                            ))
-                        })
-                })
+                .map(|&i| lookup(i).ok_or_else(|| missing(i)))
                 .collect::<Result<_, _>>()?;
-            let started = profiling().then(std::time::Instant::now);
-            let y = match self.quant.get(&k) {
-                Some(q) => {
-                    let (xq, wq) =
-                        fake_quantize(q, &s.op, x[0], x[1]).map_err(|e| self.bad(s, e))?;
-                    let mut qx = vec![&xq, &wq];
-                    qx.extend(x.iter().skip(2).copied());
-                    let y = self.run_step(k, s, &qx)?;
-                    quantized.insert(k, (xq, wq));
-                    y
+            let y = if matches!(s.op, Op::Evaluate) || !self.kernel_takes(s, &x) {
+                let args: Vec<Option<Val<'_>>> = s
+                    .args
+                    .iter()
+                    .map(|a| a.map(|i| lookup(i).ok_or_else(|| missing(i))).transpose())
+                    .collect::<Result<_, _>>()?;
+                self.evaluate(s, &args)?
+            } else {
+                let (xf, xt) = split(&x);
+                match self.quant.get(&k) {
+                    Some(q) => {
+                        let (xq, wq) =
+                            fake_quantize(q, &s.op, xf[0], xf[1]).map_err(|e| self.bad(s, e))?;
+                        let mut qx = vec![&xq, &wq];
+                        qx.extend(xf.iter().skip(2).copied());
+                        let y = self.run_step(k, s, &qx, &xt)?;
+                        pass.quantized.insert(k, (xq, wq));
+                        Tensor::F32(y)
+                    }
+                    None => Tensor::F32(self.run_step(k, s, &xf, &xt)?),
                 }
-                None => self.run_step(k, s, &x)?,
             };
             if let Some(t) = started {
                 eprintln!(
@@ -621,16 +805,88 @@ impl TrainGraph {
                     op_name(&s.op)
                 );
             }
-            values[s.output] = Some(y);
+            match y {
+                Tensor::F32(a) => {
+                    pass.needs[s.output] = self.quant.contains_key(&k)
+                        || s.args.iter().flatten().any(|&i| pass.needs[i]);
+                    pass.values[s.output] = Some(a);
+                }
+                other => pass.typed[s.output] = Some(other),
+            }
         }
-        Ok(Activations { values, quantized })
+        Ok(pass)
+    }
+
+    /// Whether the step's own kernel takes these inputs: float values
+    /// where it reads values, integers or booleans where it reads indices,
+    /// a condition or a computed shape.
+    fn kernel_takes(&self, s: &Step, x: &[Val<'_>]) -> bool {
+        let float = |k: usize| matches!(x.get(k), Some(Val::F(_)));
+        let typed = |k: usize| matches!(x.get(k), Some(Val::T(_)));
+        match s.op {
+            Op::Gather { .. } => float(0) && typed(1),
+            Op::Where => typed(0) && float(1) && float(2),
+            Op::Reshape => float(0),
+            _ => (0..x.len()).all(float),
+        }
+    }
+
+    /// A node run by the engine's evaluator on inputs of any type.
+    fn evaluate(&self, s: &Step, args: &[Option<Val<'_>>]) -> Result<Tensor, TrainError> {
+        let node = s.generic.as_deref().ok_or_else(|| {
+            self.bad(
+                s,
+                "its inputs are not float values, which is all it trains on".into(),
+            )
+        })?;
+        if node.op_type() == "Shape" {
+            // Only the shape is read: a float input is not copied.
+            let x = args
+                .first()
+                .copied()
+                .flatten()
+                .ok_or_else(|| self.bad(s, "no input".into()))?;
+            return Ok(crate::ops::layout::shape_of(
+                x.shape(),
+                int_attr(node, "start").unwrap_or(0),
+                int_attr(node, "end"),
+            ));
+        }
+        let owned: Vec<Option<std::borrow::Cow<'_, Tensor>>> = args
+            .iter()
+            .map(|a| {
+                a.map(|v| match v {
+                    Val::F(f) => std::borrow::Cow::Owned(Tensor::F32(f.clone())),
+                    Val::T(t) => std::borrow::Cow::Borrowed(t),
+                })
+            })
+            .collect();
+        let refs: Vec<Option<&Tensor>> = owned.iter().map(|o| o.as_deref()).collect();
+        match crate::ops::eval_constant(node, self.opset, &refs) {
+            Some(Ok(mut out)) if !out.is_empty() => Ok(out.swap_remove(0)),
+            Some(Ok(_)) => Err(self.bad(s, "no output".into())),
+            Some(Err(e)) => Err(self.bad(s, e)),
+            None => Err(self.bad(s, "the engine does not evaluate it".into())),
+        }
     }
 
     fn bad(&self, s: &Step, why: String) -> TrainError {
         TrainError::Invalid(format!("node '{}': {why}", s.node))
     }
 
-    fn run_step(&self, k: usize, s: &Step, x: &[&ArrayD<f32>]) -> Result<ArrayD<f32>, TrainError> {
+    fn run_step(
+        &self,
+        k: usize,
+        s: &Step,
+        x: &[&ArrayD<f32>],
+        xt: &[Option<&Tensor>],
+    ) -> Result<ArrayD<f32>, TrainError> {
+        let typed = |k: usize| {
+            xt.get(k)
+                .copied()
+                .flatten()
+                .ok_or_else(|| self.bad(s, format!("input {k} is not an integer or boolean value")))
+        };
         Ok(match &s.op {
             Op::Conv {
                 group,
@@ -690,10 +946,14 @@ impl TrainGraph {
                     .into_dyn()
             }
             Op::Reshape => {
-                let target = self
-                    .reshape_targets
-                    .get(&k)
-                    .ok_or_else(|| self.bad(s, "the shape must be a constant".into()))?;
+                let computed;
+                let target = match self.reshape_targets.get(&k) {
+                    Some(t) => t,
+                    None => {
+                        computed = crate::ops::ints_of(typed(1)?).map_err(|e| self.bad(s, e))?;
+                        &computed
+                    }
+                };
                 let shape = crate::ops::layout::reshape_dims(x[0].shape(), target, false)
                     .map_err(|e| self.bad(s, e))?;
                 x[0].to_shape(IxDyn(&shape))
@@ -708,9 +968,18 @@ impl TrainGraph {
                 }
             }
             Op::Mul => (&x[0].view() * &x[1].view()).to_owned(),
+            Op::Sub => (&x[0].view() - &x[1].view()).to_owned(),
+            Op::Div => (&x[0].view() / &x[1].view()).to_owned(),
+            Op::Pow => broadcast2(x[0], x[1], f32::powf).map_err(|e| self.bad(s, e))?,
             Op::Sigmoid => x[0].mapv(|v| 1.0 / (1.0 + (-v).exp())),
-            Op::HardSigmoid { alpha, beta } => x[0].mapv(|v| (alpha * v + beta).clamp(0.0, 1.0)),
-            Op::HardSwish => x[0].mapv(|v| v * (v / 6.0 + 0.5).clamp(0.0, 1.0)),
+            Op::Unary(u) => ndarray::Zip::from(x[0]).par_map_collect(|&v| u.apply(v)),
+            Op::LayerNorm(attrs) => {
+                layer_norm(*attrs, x[0], x[1], x.get(2).copied()).map_err(|e| self.bad(s, e))?
+            }
+            Op::Reduce(r) => r.run(x[0]).map_err(|e| self.bad(s, e))?,
+            Op::Gather { axis } => gather(x[0], typed(1)?, *axis).map_err(|e| self.bad(s, e))?,
+            Op::Where => where_(typed(0)?, x[1], x[2]).map_err(|e| self.bad(s, e))?,
+            Op::Evaluate => return Err(self.bad(s, "evaluated, not run".into())),
             Op::Concat { axis } => {
                 let ax = axis_index(*axis, x[0].ndim()).map_err(|e| self.bad(s, e))?;
                 let views: Vec<_> = x.iter().map(|a| a.view()).collect();
@@ -758,23 +1027,7 @@ impl TrainGraph {
                 ArrayD::from_shape_vec(IxDyn(&[n, c, oh, ow]), out)
                     .map_err(|e| self.bad(s, e.to_string()))?
             }
-            Op::MatMul => {
-                let (a, b) = (x[0], x[1]);
-                let (rows, k) = matmul_shape(a, b).map_err(|e| self.bad(s, e))?;
-                let a2 = a
-                    .to_shape((rows, k))
-                    .map_err(|e| self.bad(s, e.to_string()))?;
-                let b2 = b
-                    .view()
-                    .into_dimensionality::<Ix2>()
-                    .map_err(|e| self.bad(s, e.to_string()))?;
-                let y = a2.dot(&b2);
-                let mut shape = a.shape().to_vec();
-                let last = shape.len() - 1;
-                shape[last] = b2.ncols();
-                y.into_shape_with_order(IxDyn(&shape))
-                    .map_err(|e| self.bad(s, e.to_string()))?
-            }
+            Op::MatMul => matmul(x[0], x[1]).map_err(|e| self.bad(s, e))?,
         })
     }
 
@@ -793,43 +1046,69 @@ impl TrainGraph {
             })?;
             grads[id] = Some(g.clone());
         }
-        let value = |i: usize| {
+        let value = |i: usize| -> Result<Val<'_>, TrainError> {
             acts.values[i]
                 .as_ref()
                 .or_else(|| self.constants.get(&i))
+                .map(Val::F)
+                .or_else(|| {
+                    acts.typed[i]
+                        .as_ref()
+                        .or_else(|| self.typed_constants.get(&i))
+                        .map(Val::T)
+                })
                 .ok_or_else(|| TrainError::Invalid(format!("'{}' was not computed", self.names[i])))
         };
+        let wants = |i: usize, v: &Val<'_>| matches!(v, Val::F(_)) && acts.needs[i];
         for (step, s) in self.steps.iter().enumerate().rev() {
+            if !acts.needs[s.output] {
+                continue;
+            }
             let Some(gy) = grads[s.output].take() else {
                 continue;
             };
-            let x: Vec<&ArrayD<f32>> = s
+            let x: Vec<Val<'_>> = s
                 .inputs
                 .iter()
                 .map(|&i| value(i))
                 .collect::<Result<_, _>>()?;
-            let y = value(s.output)?;
-            let started = profiling().then(std::time::Instant::now);
-            let gx = match (self.quant.get(&step), acts.quantized.get(&step)) {
-                (Some(q), Some((xq, wq))) => {
-                    let mut qx = vec![xq, wq];
-                    qx.extend(x.iter().skip(2).copied());
-                    let mut g = self.step_backward(s, &qx, y, &gy)?;
-                    // ULQ on the input; the weight gradient passes straight through.
-                    if let Some(Some(gxq)) = g.first() {
-                        let grid = ulq_grid(q.clip_min, q.clip_max, 8)
-                            .ok_or_else(|| self.bad(s, "empty clip range".into()))?;
-                        let u = ulq_backward(&contiguous(x[0]), &contiguous(gxq), &grid, 8);
-                        clips.insert(s.node.clone(), (u.clip_min, u.clip_max));
-                        g[0] = Some(
-                            ArrayD::from_shape_vec(x[0].raw_dim(), u.input)
-                                .map_err(|e| self.bad(s, e.to_string()))?,
-                        );
-                    }
-                    g
-                }
-                _ => self.step_backward(s, &x, y, &gy)?,
+            let Val::F(y) = value(s.output)? else {
+                continue;
             };
+            let started = profiling().then(std::time::Instant::now);
+            let (targets, gx): (Vec<Option<usize>>, Vec<Option<ArrayD<f32>>>) =
+                if matches!(s.op, Op::Evaluate) || !self.kernel_takes(s, &x) {
+                    let args: Vec<Option<Val<'_>>> = s
+                        .args
+                        .iter()
+                        .map(|a| a.map(value).transpose())
+                        .collect::<Result<_, _>>()?;
+                    let wanted: Vec<bool> = s
+                        .args
+                        .iter()
+                        .zip(&args)
+                        .map(|(a, v)| matches!((a, v), (Some(i), Some(v)) if wants(*i, v)))
+                        .collect();
+                    let g = self.evaluate_backward(s, &args, &wanted, &gy)?;
+                    (s.args.clone(), g)
+                } else {
+                    let (xf, xt) = split(&x);
+                    let mut wanted: Vec<bool> =
+                        s.inputs.iter().zip(&x).map(|(&i, v)| wants(i, v)).collect();
+                    let g = match (self.quant.get(&step), acts.quantized.get(&step)) {
+                        (Some(q), Some((xq, wq))) => {
+                            let mut qx = vec![xq, wq];
+                            qx.extend(xf.iter().skip(2).copied());
+                            // The clips learn from the input's gradient.
+                            wanted[0] = true;
+                            let mut g = self.step_backward(s, &qx, &xt, y, &gy, &wanted)?;
+                            self.through_fake_quant(s, q, &xf, &mut g, &mut clips)?;
+                            g
+                        }
+                        _ => self.step_backward(s, &xf, &xt, y, &gy, &wanted)?,
+                    };
+                    (s.inputs.iter().map(|&i| Some(i)).collect(), g)
+                };
             if let Some(t) = started {
                 eprintln!(
                     "{:>9.3} ms backward {} {:?}",
@@ -839,32 +1118,128 @@ impl TrainGraph {
                 );
             }
             grads[s.output] = Some(gy);
-            for (k, g) in gx.into_iter().enumerate() {
-                if let Some(g) = g {
-                    let id = s.inputs[k];
-                    grads[id] = Some(match grads[id].take() {
-                        Some(mut prev) if prev.shape() == g.shape() => {
-                            ndarray::Zip::from(&mut prev)
-                                .and(&g)
-                                .par_for_each(|a, &b| *a += b);
-                            prev
-                        }
-                        Some(prev) => prev + &g,
-                        None => g,
-                    });
+            for (target, g) in targets.into_iter().zip(gx) {
+                let (Some(id), Some(g)) = (target, g) else {
+                    continue;
+                };
+                if !acts.needs[id] {
+                    continue;
                 }
+                grads[id] = Some(match grads[id].take() {
+                    Some(mut prev) if prev.shape() == g.shape() => {
+                        ndarray::Zip::from(&mut prev)
+                            .and(&g)
+                            .par_for_each(|a, &b| *a += b);
+                        prev
+                    }
+                    Some(prev) => prev + &g,
+                    None => g,
+                });
             }
         }
         Ok(Gradients { grads, clips })
+    }
+
+    /// A quantized step's input gradients through its fake quantization:
+    /// ULQ on input 0 (its clips' gradients recorded); the weight's passes
+    /// straight through.
+    fn through_fake_quant(
+        &self,
+        s: &Step,
+        q: &LayerQuant,
+        x: &[&ArrayD<f32>],
+        g: &mut [Option<ArrayD<f32>>],
+        clips: &mut HashMap<String, (f64, f64)>,
+    ) -> Result<(), TrainError> {
+        if let Some(Some(gxq)) = g.first() {
+            let grid = ulq_grid(q.clip_min, q.clip_max, 8)
+                .ok_or_else(|| self.bad(s, "empty clip range".into()))?;
+            let u = ulq_backward(&contiguous(x[0]), &contiguous(gxq), &grid, 8);
+            clips.insert(s.node.clone(), (u.clip_min, u.clip_max));
+            g[0] = Some(
+                ArrayD::from_shape_vec(x[0].raw_dim(), u.input)
+                    .map_err(|e| self.bad(s, e.to_string()))?,
+            );
+        }
+        // A second computed input: straight through inside its fixed range.
+        if let (Some((lo, hi)), Some(Some(gxq))) = (q.second, g.get(1)) {
+            let grid = ulq_grid(lo, hi, 8).ok_or_else(|| self.bad(s, "empty clip range".into()))?;
+            let u = ulq_backward(&contiguous(x[1]), &contiguous(gxq), &grid, 8);
+            g[1] = Some(
+                ArrayD::from_shape_vec(x[1].raw_dim(), u.input)
+                    .map_err(|e| self.bad(s, e.to_string()))?,
+            );
+        }
+        Ok(())
+    }
+
+    /// The input gradients of a node run by the engine's evaluator: only
+    /// through the first input of a value-moving operator, or of a float
+    /// Cast or Identity; a gradient wanted anywhere else is an error.
+    fn evaluate_backward(
+        &self,
+        s: &Step,
+        args: &[Option<Val<'_>>],
+        wanted: &[bool],
+        gy: &ArrayD<f32>,
+    ) -> Result<Vec<Option<ArrayD<f32>>>, TrainError> {
+        let node = s
+            .generic
+            .as_deref()
+            .ok_or_else(|| self.bad(s, "no backward pass".into()))?;
+        let op = node.op_type();
+        let mut out = vec![None; args.len()];
+        for (k, &want) in wanted.iter().enumerate() {
+            if !want {
+                continue;
+            }
+            let x_shape = args[k].map(|v| v.shape().to_vec()).unwrap_or_default();
+            out[k] = Some(if k == 0 && matches!(op, "Identity" | "Cast") {
+                gy.clone()
+            } else if k == 0 && moves_values(op) {
+                let owned: Vec<Option<std::borrow::Cow<'_, Tensor>>> = args
+                    .iter()
+                    .enumerate()
+                    .map(|(j, a)| {
+                        a.filter(|_| j > 0).map(|v| match v {
+                            Val::F(f) => std::borrow::Cow::Owned(Tensor::F32(f.clone())),
+                            Val::T(t) => std::borrow::Cow::Borrowed(t),
+                        })
+                    })
+                    .collect();
+                let refs: Vec<Option<&Tensor>> = owned.iter().map(|o| o.as_deref()).collect();
+                index_map_backward(node, self.opset, &refs, &x_shape, gy)
+                    .map_err(|e| self.bad(s, e))?
+            } else {
+                return Err(TrainError::Unsupported {
+                    node: s.node.clone(),
+                    op: op.to_string(),
+                    reason: format!(
+                        "gradients do not pass through its input {k} ('{}'); keep trained weights out of its inputs",
+                        node.input.get(k).map_or("", String::as_str)
+                    ),
+                });
+            });
+        }
+        Ok(out)
     }
 
     fn step_backward(
         &self,
         s: &Step,
         x: &[&ArrayD<f32>],
+        xt: &[Option<&Tensor>],
         y: &ArrayD<f32>,
         gy: &ArrayD<f32>,
+        wanted: &[bool],
     ) -> Result<Vec<Option<ArrayD<f32>>>, TrainError> {
+        let typed = |k: usize| {
+            xt.get(k)
+                .copied()
+                .flatten()
+                .ok_or_else(|| self.bad(s, format!("input {k} is not an integer or boolean value")))
+        };
+        let want = |k: usize| wanted.get(k).copied().unwrap_or(false);
         Ok(match &s.op {
             Op::Conv {
                 group,
@@ -979,23 +1354,72 @@ impl TrainGraph {
                     .and(y)
                     .map_collect(|&g, &v| g * v * (1.0 - v)),
             )],
-            Op::HardSigmoid { alpha, beta } => vec![Some(
-                ndarray::Zip::from(gy).and(x[0]).map_collect(|&g, &v| {
-                    let t = alpha * v + beta;
-                    if t > 0.0 && t < 1.0 { g * alpha } else { 0.0 }
-                }),
+            Op::Unary(u) => vec![Some(
+                ndarray::Zip::from(gy)
+                    .and(x[0])
+                    .par_map_collect(|&g, &v| g * u.derivative(v)),
             )],
-            Op::HardSwish => vec![Some(ndarray::Zip::from(gy).and(x[0]).map_collect(
-                |&g, &v| {
-                    if v <= -3.0 {
-                        0.0
-                    } else if v >= 3.0 {
-                        g
-                    } else {
-                        g * (v / 3.0 + 0.5)
-                    }
-                },
-            ))],
+            Op::Sub => vec![
+                want(0).then(|| reduce_to(gy, x[0].shape())),
+                want(1).then(|| reduce_to(&gy.mapv(|g| -g), x[1].shape())),
+            ],
+            Op::Div => vec![
+                want(0).then(|| reduce_to(&(&gy.view() / &x[1].view()).to_owned(), x[0].shape())),
+                want(1).then(|| {
+                    let q = (&x[0].view() / &x[1].view()).to_owned();
+                    let g = (&gy.view() * &(&q.view() / &x[1].view())).mapv(|v| -v);
+                    reduce_to(&g, x[1].shape())
+                }),
+            ],
+            Op::Pow => {
+                let (a, b) = (x[0].broadcast(gy.raw_dim()), x[1].broadcast(gy.raw_dim()));
+                let (Some(a), Some(b)) = (a, b) else {
+                    return Err(self.bad(s, "Pow's operands do not broadcast".into()));
+                };
+                let base = ndarray::Zip::from(gy)
+                    .and(&a)
+                    .and(&b)
+                    .map_collect(|&g, &a, &b| g * b * a.powf(b - 1.0));
+                let exponent = ndarray::Zip::from(gy)
+                    .and(&a)
+                    .and(&b)
+                    .map_collect(|&g, &a, &b| if a > 0.0 { g * a.powf(b) * a.ln() } else { 0.0 });
+                vec![
+                    want(0).then(|| reduce_to(&base, x[0].shape())),
+                    want(1).then(|| reduce_to(&exponent, x[1].shape())),
+                ]
+            }
+            Op::LayerNorm(attrs) => {
+                let g = layer_norm_backward(*attrs, x[0], x[1], gy).map_err(|e| self.bad(s, e))?;
+                let mut out = vec![Some(g.x), Some(g.scale)];
+                if let Some(b) = x.get(2) {
+                    out.push(Some(
+                        g.bias
+                            .into_shape_with_order(b.raw_dim())
+                            .map_err(|e| self.bad(s, format!("its bias: {e}")))?,
+                    ));
+                }
+                out
+            }
+            Op::Reduce(r) => vec![Some(
+                reduce_backward(r, x[0].shape(), gy).map_err(|e| self.bad(s, e))?,
+            )],
+            Op::Gather { axis } => {
+                let ids = typed(1)?;
+                vec![
+                    want(0)
+                        .then(|| gather_backward(x[0].shape(), ids, *axis, gy))
+                        .transpose()
+                        .map_err(|e| self.bad(s, e))?,
+                    None,
+                ]
+            }
+            Op::Where => {
+                let (gx, gyy) = where_backward(typed(0)?, x[1].shape(), x[2].shape(), gy)
+                    .map_err(|e| self.bad(s, e))?;
+                vec![None, Some(gx), Some(gyy)]
+            }
+            Op::Evaluate => return Err(self.bad(s, "evaluated, not run".into())),
             Op::Concat { axis } => {
                 let ax = axis_index(*axis, gy.ndim()).map_err(|e| self.bad(s, e))?;
                 let mut start = 0;
@@ -1080,32 +1504,49 @@ impl TrainGraph {
                 out.resize(x.len(), None);
                 out
             }
-            Op::MatMul => {
-                let (a, b) = (x[0], x[1]);
-                let (rows, k) = matmul_shape(a, b).map_err(|e| self.bad(s, e))?;
-                let a2 = a
-                    .to_shape((rows, k))
-                    .map_err(|e| self.bad(s, e.to_string()))?;
-                let b2 = b
-                    .view()
-                    .into_dimensionality::<Ix2>()
-                    .map_err(|e| self.bad(s, e.to_string()))?;
-                let g2 = gy
-                    .to_shape((rows, b2.ncols()))
-                    .map_err(|e| self.bad(s, e.to_string()))?;
-                let ga = g2
-                    .dot(&b2.t())
-                    .into_shape_with_order(a.raw_dim())
-                    .map_err(|e| self.bad(s, e.to_string()))?;
-                let gb = a2.t().dot(&g2).into_dyn();
-                vec![Some(ga), Some(gb)]
-            }
+            Op::MatMul => matmul_backward(x[0], x[1], gy, [want(0), want(1)])
+                .map_err(|e| self.bad(s, e))?
+                .into(),
         })
         .map(|mut v: Vec<Option<ArrayD<f32>>>| {
             v.truncate(x.len());
             v
         })
     }
+}
+
+/// A step's inputs as its kernels take them: the float values (a
+/// placeholder where an input is typed) and the typed ones by position.
+fn split<'a>(x: &[Val<'a>]) -> (Vec<&'a ArrayD<f32>>, Vec<Option<&'a Tensor>>) {
+    x.iter()
+        .map(|v| match *v {
+            Val::F(a) => (a, None),
+            Val::T(t) => (&*NOT_FLOAT, Some(t)),
+        })
+        .unzip()
+}
+
+/// `f(a, b)` element by element with NumPy broadcasting.
+fn broadcast2(
+    a: &ArrayD<f32>,
+    b: &ArrayD<f32>,
+    f: impl Fn(f32, f32) -> f32 + Sync + Send,
+) -> Result<ArrayD<f32>, String> {
+    let rank = a.ndim().max(b.ndim());
+    let dim = |s: &[usize], i: usize| (i + s.len()).checked_sub(rank).map_or(1, |j| s[j]);
+    let shape: Vec<usize> = (0..rank)
+        .map(|i| dim(a.shape(), i).max(dim(b.shape(), i)))
+        .collect();
+    let (Some(av), Some(bv)) = (a.broadcast(IxDyn(&shape)), b.broadcast(IxDyn(&shape))) else {
+        return Err(format!(
+            "{:?} and {:?} do not broadcast",
+            a.shape(),
+            b.shape()
+        ));
+    };
+    Ok(ndarray::Zip::from(&av)
+        .and(&bv)
+        .par_map_collect(|&x, &y| f(x, y)))
 }
 
 /// The fake-quantized input (ULQ) and weight (ARQ-retrain) of a layer.
@@ -1121,6 +1562,14 @@ fn fake_quantize(
     ulq_forward(&xs, &grid, 8, &mut xq);
     let ws = contiguous(w);
     let mut wq = vec![0f32; ws.len()];
+    if let Some((lo, hi)) = q.second {
+        let grid = ulq_grid(lo, hi, 8).ok_or("empty clip range of the second input")?;
+        ulq_forward(&ws, &grid, 8, &mut wq);
+        return Ok((
+            ArrayD::from_shape_vec(x.raw_dim(), xq).map_err(|e| e.to_string())?,
+            ArrayD::from_shape_vec(w.raw_dim(), wq).map_err(|e| e.to_string())?,
+        ));
+    }
     match weight_channels(op, w.shape()).filter(|_| q.channel_wise) {
         Some(layout) => {
             // Gather each output channel's weights, quantize them with one scale, scatter back.
@@ -1217,6 +1666,7 @@ mod tests {
             clip_max: 1.0,
             fixed_min: false,
             channel_wise: true,
+            second: None,
         };
         for op in [Op::MatMul, Op::Gemm { trans_b: false }] {
             let (_, wq) = fake_quantize(&q, &op, &x, &w).unwrap();

@@ -1,5 +1,5 @@
-//! Shape and layout helpers of the training graph: axes, permutations,
-//! MatMul shapes, Reshape targets, softmax, and summing broadcast gradients.
+//! Shape and layout helpers of the training graph: permutations, softmax,
+//! summing broadcast gradients, and the reductions' backward pass.
 
 use ndarray::{ArrayD, Axis};
 
@@ -17,25 +17,6 @@ pub(in crate::train) fn perm_of(
         return Err(format!("perm {p:?} is not a permutation of {rank} axes"));
     }
     Ok(p)
-}
-
-/// (rows, k) of `a @ b` with `a` of any rank ≥ 1 and `b` 2-D.
-pub(in crate::train) fn matmul_shape(
-    a: &ArrayD<f32>,
-    b: &ArrayD<f32>,
-) -> Result<(usize, usize), String> {
-    if b.ndim() != 2 || a.ndim() < 2 {
-        return Err(format!(
-            "MatMul of {:?} by {:?}: only an N-D input times a 2-D weight trains",
-            a.shape(),
-            b.shape()
-        ));
-    }
-    let k = a.shape()[a.ndim() - 1];
-    if k != b.shape()[0] {
-        return Err(format!("MatMul of {:?} by {:?}", a.shape(), b.shape()));
-    }
-    Ok((a.len() / k.max(1), k))
 }
 
 pub(in crate::train) fn softmax(x: &ArrayD<f32>, axis: usize) -> ArrayD<f32> {
@@ -61,4 +42,43 @@ pub(in crate::train) fn reduce_to(g: &ArrayD<f32>, shape: &[usize]) -> ArrayD<f3
         }
     }
     r
+}
+
+/// ∂L/∂x of a ReduceMean or ReduceSum of an input of `x_shape`: the output
+/// gradient spread back over the reduced axes (divided by their size for a
+/// mean).
+pub(in crate::train) fn reduce_backward(
+    r: &crate::ops::reduce::Reduce,
+    x_shape: &[usize],
+    gy: &ArrayD<f32>,
+) -> Result<ArrayD<f32>, String> {
+    use crate::ops::reduce::ReduceKind;
+    let rank = x_shape.len();
+    let mut axes: Vec<usize> = match &r.axes {
+        None => (0..rank).collect(),
+        Some(a) => a
+            .iter()
+            .map(|&v| crate::ops::layout::axis_index(v, rank))
+            .collect::<Result<_, _>>()?,
+    };
+    axes.sort_unstable();
+    axes.dedup();
+    let count: usize = axes.iter().map(|&a| x_shape[a]).product();
+    let factor = match r.kind {
+        ReduceKind::Sum => 1.0,
+        ReduceKind::Mean => 1.0 / count.max(1) as f32,
+        ReduceKind::Max | ReduceKind::Min => {
+            return Err("ReduceMax and ReduceMin do not train".into());
+        }
+    };
+    let mut kept = gy.clone();
+    if !r.keep_dims {
+        for &a in &axes {
+            kept = kept.insert_axis(Axis(a));
+        }
+    }
+    let spread = kept
+        .broadcast(ndarray::IxDyn(x_shape))
+        .ok_or_else(|| format!("a gradient of {:?} for {x_shape:?}", gy.shape()))?;
+    Ok(spread.mapv(|g| g * factor))
 }

@@ -5,7 +5,7 @@
 use super::checkpoint::{AdamState, Checkpoint};
 use super::graph::{TrainError, TrainGraph};
 use super::optim::Adam;
-use crate::data::{Batch, Dataset};
+use crate::data::Dataset;
 use crate::tensor::Tensor;
 use ndarray::{ArrayD, Axis};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,6 +28,9 @@ pub enum LossKind {
     Distillation,
     /// Mean squared error to the float teacher's outputs.
     Mse,
+    /// One minus the cosine of each sample's output with the teacher's
+    /// (embeddings), averaged over the samples.
+    Cosine,
 }
 
 impl LossKind {
@@ -37,6 +40,7 @@ impl LossKind {
             LossKind::CrossEntropy => "ce",
             LossKind::Distillation => "kl",
             LossKind::Mse => "mse",
+            LossKind::Cosine => "cosine",
         }
     }
 }
@@ -56,6 +60,8 @@ pub struct QatSettings {
     pub loss: LossKind,
     /// Seed of the batch order (a new permutation of the batches every epoch).
     pub seed: u64,
+    /// The output the loss reads (default: the graph's first output).
+    pub output: Option<String>,
 }
 
 /// The batch that step `step` trains on: the batches of each epoch in an
@@ -91,39 +97,22 @@ pub struct TrainedLayer {
     pub fixed_min: bool,
 }
 
-/// A batch as the float32 feeds the training graph takes.
-pub fn float_feeds(batch: Batch) -> Result<Vec<(String, ArrayD<f32>)>, TrainError> {
-    batch
-        .into_iter()
-        .map(|(n, t)| match t {
-            Tensor::F32(a) => Ok((n, a)),
-            other => Err(TrainError::Invalid(format!(
-                "input '{n}' is {}; training takes float32 data",
-                other.dtype()
-            ))),
-        })
-        .collect()
-}
-
-/// `graph`'s first output over every batch of `data`, samples on axis 0.
+/// The output `name` of `graph` (default: its first) over every batch of
+/// `data`, samples on axis 0.
 pub fn outputs_over(
     graph: &TrainGraph,
     data: &Dataset,
     batch_size: usize,
+    name: Option<&str>,
 ) -> Result<ArrayD<f32>, TrainError> {
-    let output = graph
-        .output_names()
-        .first()
-        .map(|s| s.to_string())
-        .ok_or_else(|| TrainError::Invalid("the model has no output".into()))?;
+    let output = output_of(graph, name)?;
     let mut parts = Vec::new();
     for b in 0..data.batch_count(batch_size) {
         let batch = data
             .batch(batch_size, b)
             .map_err(|e| TrainError::Invalid(e.to_string()))?;
-        let feeds = float_feeds(batch)?;
-        let refs: Vec<(&str, &ArrayD<f32>)> = feeds.iter().map(|(n, a)| (n.as_str(), a)).collect();
-        let acts = graph.forward(&refs)?;
+        let refs: Vec<(&str, &Tensor)> = batch.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let acts = graph.forward_tensors(&refs)?;
         let y = acts
             .get(graph, &output)
             .ok_or_else(|| TrainError::Invalid(format!("output '{output}' was not computed")))?;
@@ -131,6 +120,18 @@ pub fn outputs_over(
     }
     let views: Vec<_> = parts.iter().map(|a| a.view()).collect();
     ndarray::concatenate(Axis(0), &views).map_err(|e| TrainError::Invalid(e.to_string()))
+}
+
+/// The output called `name`, else the graph's first.
+fn output_of(graph: &TrainGraph, name: Option<&str>) -> Result<String, TrainError> {
+    match name {
+        Some(n) => Ok(n.to_string()),
+        None => graph
+            .output_names()
+            .first()
+            .map(|s| s.to_string())
+            .ok_or_else(|| TrainError::Invalid("the model has no output".into())),
+    }
 }
 
 /// The loss of one step and the gradient of the output that produces it.
@@ -202,6 +203,51 @@ pub fn loss_and_seed(
                 .sum::<f64>()
                 / count;
             Ok((loss, diff.mapv(|d| (2.0 * f64::from(d) / count) as f32)))
+        }
+        LossKind::Cosine => {
+            let t =
+                teacher.ok_or_else(|| TrainError::Invalid("cosine needs the teacher".into()))?;
+            if t.shape() != output.shape() {
+                return Err(TrainError::Invalid(format!(
+                    "the teacher's output is {:?}, the student's {:?}",
+                    t.shape(),
+                    output.shape()
+                )));
+            }
+            let per = output.len() / n;
+            let (ys, ts) = (output.as_standard_layout(), t.as_standard_layout());
+            let (ys, ts) = (
+                ys.as_slice().expect("standard"),
+                ts.as_slice().expect("standard"),
+            );
+            let mut seed = vec![0f32; output.len()];
+            let mut loss = 0f64;
+            for ((y, t), g) in ys
+                .chunks(per.max(1))
+                .zip(ts.chunks(per.max(1)))
+                .zip(seed.chunks_mut(per.max(1)))
+            {
+                let dot: f64 = y
+                    .iter()
+                    .zip(t)
+                    .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                    .sum();
+                let yy: f64 = y.iter().map(|&a| f64::from(a).powi(2)).sum();
+                let tt: f64 = t.iter().map(|&b| f64::from(b).powi(2)).sum();
+                let (ny, nt) = (yy.sqrt().max(1e-12), tt.sqrt().max(1e-12));
+                let cos = dot / (ny * nt);
+                loss += 1.0 - cos;
+                // d(1 − cos)/dy = −(t / (|y||t|) − cos · y / |y|²).
+                for ((gi, &a), &b) in g.iter_mut().zip(y).zip(t) {
+                    let d = f64::from(b) / (ny * nt) - cos * f64::from(a) / (ny * ny);
+                    *gi = (-d / n as f64) as f32;
+                }
+            }
+            Ok((
+                loss / n as f64,
+                ArrayD::from_shape_vec(output.raw_dim(), seed)
+                    .map_err(|e| TrainError::Invalid(e.to_string()))?,
+            ))
         }
     }
 }
@@ -279,7 +325,7 @@ fn restore(student: &mut TrainGraph, c: &Checkpoint) -> Result<(), TrainError> {
 
 /// The float model's outputs for a batch (distillation's teacher): the
 /// caller runs it on the inference engine, which keeps no activations.
-pub type Teacher<'a> = dyn Fn(&[(&str, &ArrayD<f32>)]) -> Result<ArrayD<f32>, TrainError> + 'a;
+pub type Teacher<'a> = dyn Fn(&[(&str, &Tensor)]) -> Result<ArrayD<f32>, TrainError> + 'a;
 
 /// Trains `student` (already fake-quantized on `layers`) up to
 /// `settings.steps` batches, starting from `start` when given; `teacher` is
@@ -299,11 +345,7 @@ pub fn train(
     checkpoint: &mut dyn FnMut(&Checkpoint, &TrainGraph) -> Result<(), TrainError>,
     progress: &dyn Fn(usize, f64),
 ) -> Result<Vec<f64>, TrainError> {
-    let output = student
-        .output_names()
-        .first()
-        .map(|s| s.to_string())
-        .ok_or_else(|| TrainError::Invalid("the model has no output".into()))?;
+    let output = output_of(student, settings.output.as_deref())?;
     let batches = data.batch_count(settings.batch_size).max(1);
     let mut weights_opt = Adam::new(settings.lr);
     let mut clips_opt = Adam::new(settings.clip_lr);
@@ -319,9 +361,8 @@ pub fn train(
         let batch = data
             .batch(settings.batch_size, b)
             .map_err(|e| TrainError::Invalid(e.to_string()))?;
-        let feeds = float_feeds(batch)?;
-        let refs: Vec<(&str, &ArrayD<f32>)> = feeds.iter().map(|(n, a)| (n.as_str(), a)).collect();
-        let acts = student.forward(&refs)?;
+        let refs: Vec<(&str, &Tensor)> = batch.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let acts = student.forward_tensors(&refs)?;
         let y = acts
             .get(student, &output)
             .ok_or_else(|| TrainError::Invalid(format!("output '{output}' was not computed")))?;
@@ -447,5 +488,29 @@ mod tests {
         assert!(loss.abs() < 1e-9 && seed.iter().all(|v| v.abs() < 1e-7));
         let (mse, _) = loss_and_seed(LossKind::Mse, &y, None, Some(&y.mapv(|v| v + 1.0))).unwrap();
         assert!((mse - 1.0).abs() < 1e-9);
+    }
+
+    /// The cosine loss by hand, and its gradient against central finite
+    /// differences of the loss.
+    #[test]
+    fn cosine_loss_and_its_gradient() {
+        // [3, 4] against [4, 3]: cos = 24/25, loss 1/25; [1, 0] vs [0, 1]: loss 1.
+        let y = ArrayD::from_shape_vec(IxDyn(&[2, 2]), vec![3.0, 4.0, 1.0, 0.0]).unwrap();
+        let t = ArrayD::from_shape_vec(IxDyn(&[2, 2]), vec![4.0, 3.0, 0.0, 1.0]).unwrap();
+        let (loss, seed) = loss_and_seed(LossKind::Cosine, &y, None, Some(&t)).unwrap();
+        assert!((loss - (1.0 / 25.0 + 1.0) / 2.0).abs() < 1e-9, "{loss}");
+        for k in 0..4 {
+            let h = 1e-3f32;
+            let at = |d: f32| {
+                let mut y2 = y.clone();
+                y2.as_slice_mut().unwrap()[k] += d;
+                loss_and_seed(LossKind::Cosine, &y2, None, Some(&t))
+                    .unwrap()
+                    .0
+            };
+            let fd = (at(h) - at(-h)) / (2.0 * f64::from(h));
+            let g = f64::from(seed.as_slice().unwrap()[k]);
+            assert!((fd - g).abs() < 1e-4, "element {k}: {g} vs {fd}");
+        }
     }
 }

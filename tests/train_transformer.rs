@@ -1,0 +1,294 @@
+//! The trainer on a transformer laid out as PyTorch exports Hugging Face
+//! models (`scripts/make_transformer_fixture.py`: int64 ids and mask,
+//! embeddings by Gather, computed Reshape shapes, LayerNormalization and its
+//! decomposed form, attention's two-input MatMuls, masks by Add and Where,
+//! Erf GELU, mean pooling): forward against onnxruntime's committed outputs,
+//! gradients against finite differences, attention's fake quantization
+//! against a hand computation, and `qat` end to end.
+
+mod common;
+
+use ascend_quant::onnx::{ModelProto, load_model};
+use ascend_quant::sim::{Executor, SessionOptions};
+use ascend_quant::tensor::Tensor;
+use ascend_quant::train::graph::{LayerQuant, TrainGraph};
+use ndarray::{ArrayD, Axis};
+use std::path::PathBuf;
+
+fn fixtures() -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/transformer")
+}
+
+fn model() -> ModelProto {
+    load_model(&fixtures().join("tiny_bert.onnx")).unwrap()
+}
+
+fn sentences() -> Vec<(String, Tensor)> {
+    let mut npz =
+        ndarray_npy::NpzReader::new(std::fs::File::open(fixtures().join("sentences.npz")).unwrap())
+            .unwrap();
+    ["input_ids", "attention_mask"]
+        .iter()
+        .map(|n| {
+            let a: ArrayD<i64> = npz.by_name(&format!("{n}.npy")).unwrap();
+            (n.to_string(), Tensor::I64(a))
+        })
+        .collect()
+}
+
+fn ort(name: &str) -> ArrayD<f32> {
+    ndarray_npy::read_npy(fixtures().join(name)).unwrap()
+}
+
+fn feeds(s: &[(String, Tensor)]) -> Vec<(&str, &Tensor)> {
+    s.iter().map(|(n, t)| (n.as_str(), t)).collect()
+}
+
+fn max_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
+    assert_eq!(a.shape(), b.shape());
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+}
+
+#[test]
+fn the_forward_pass_matches_onnxruntime() {
+    let g = TrainGraph::new(&model()).unwrap();
+    let s = sentences();
+    let acts = g.forward_tensors(&feeds(&s)).unwrap();
+    for (name, file) in [("pooled", "ort_pooled.npy"), ("tokens", "ort_tokens.npy")] {
+        let d = max_diff(acts.get(&g, name).unwrap(), &ort(file));
+        assert!(d < 2e-5, "{name}: {d}");
+    }
+}
+
+/// ⟨∂L/∂`name`, d⟩ against the central difference of L = Σ c·pooled along
+/// random directions d of the whole tensor.
+fn check_directional(g: &TrainGraph, name: &str) {
+    let s = sentences();
+    let acts = g.forward_tensors(&feeds(&s)).unwrap();
+    let y = acts.get(g, "pooled").unwrap();
+    let c = ArrayD::from_shape_vec(y.raw_dim(), common::signed_values(5, y.len())).unwrap();
+    let grads = g.backward(&acts, &[("pooled", c.clone())]).unwrap();
+    let analytic = grads
+        .get(g, name)
+        .unwrap_or_else(|| panic!("no gradient for {name}"));
+    for seed in [11, 12] {
+        let d = common::signed_values(seed, analytic.len());
+        let along: f64 = analytic
+            .iter()
+            .zip(&d)
+            .map(|(a, b)| f64::from(*a) * f64::from(*b))
+            .sum();
+        let loss_at = |t: f32| -> f64 {
+            let mut g2 = g.clone();
+            for (v, dv) in g2.constant_mut(name).unwrap().iter_mut().zip(&d) {
+                *v += t * dv;
+            }
+            let a = g2.forward_tensors(&feeds(&s)).unwrap();
+            a.get(&g2, "pooled")
+                .unwrap()
+                .iter()
+                .zip(c.iter())
+                .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                .sum()
+        };
+        let h = 1e-3f32;
+        let fd = (loss_at(h) - loss_at(-h)) / (2.0 * f64::from(h));
+        assert!(
+            (along - fd).abs() <= 2e-3 + 1e-2 * fd.abs(),
+            "{name} (direction {seed}): backward {along}, finite difference {fd}"
+        );
+    }
+}
+
+#[test]
+fn gradients_match_finite_differences_through_every_transformer_operator() {
+    let g = TrainGraph::new(&model()).unwrap();
+    for name in [
+        "attn.query.weight",   // two-input MatMul, mask, Where, Softmax, computed Reshape
+        "attn.value.weight",   // softmax·V, Transpose, Reshape by Slice'd shape
+        "attn.output.bias",    // decomposed LayerNorm (ReduceMean, Pow, Sqrt, Div)
+        "ffn.in.weight",       // Erf GELU
+        "ln0.g",               // LayerNormalization's scale
+        "ln2.b",               // its bias, mean pooling
+        "word_embeddings",     // Gather by token ids
+        "position_embeddings", // Gather by ids Sliced from a buffer
+    ] {
+        check_directional(&g, name);
+    }
+}
+
+#[test]
+fn frozen_constants_get_no_gradient() {
+    let mut g = TrainGraph::new(&model()).unwrap();
+    g.train_only(&["ffn.in.weight".to_string()]);
+    let s = sentences();
+    let acts = g.forward_tensors(&feeds(&s)).unwrap();
+    let y = acts.get(&g, "pooled").unwrap().clone();
+    let grads = g.backward(&acts, &[("pooled", y)]).unwrap();
+    assert!(grads.get(&g, "ffn.in.weight").is_some());
+    assert!(grads.get(&g, "word_embeddings").is_none());
+    assert!(grads.get(&g, "attn.query.weight").is_none());
+}
+
+/// Round half to even onto the symmetric int8 grid of step `s`.
+fn fake_int8(x: f32, s: f32) -> f32 {
+    (x / s).round_ties_even().clamp(-128.0, 127.0) * s
+}
+
+#[test]
+fn attention_matmul_is_fake_quantized_on_both_inputs() {
+    let mut g = TrainGraph::new(&model()).unwrap();
+    let (s0, s1) = (0.02f32, 0.015f32);
+    g.set_quant(
+        "attn/MatMul_qk",
+        LayerQuant {
+            clip_min: -128.0 * s0,
+            clip_max: 127.0 * s0,
+            fixed_min: false,
+            channel_wise: false,
+            second: Some((-128.0 * s1, 127.0 * s1)),
+        },
+    )
+    .unwrap();
+    let s = sentences();
+    let acts = g.forward_tensors(&feeds(&s)).unwrap();
+    let q = acts.get(&g, "q/Transpose").unwrap(); // [b, heads, s, d]
+    let k = acts.get(&g, "k/Transpose").unwrap(); // [b, heads, d, s]
+    let ours = acts.get(&g, "attn/MatMul_qk").unwrap();
+    let sh = q.shape().to_vec();
+    let mut expected = ArrayD::<f32>::zeros(ours.raw_dim());
+    for b in 0..sh[0] {
+        for h in 0..sh[1] {
+            for i in 0..sh[2] {
+                for j in 0..sh[2] {
+                    let mut sum = 0f64;
+                    for d in 0..sh[3] {
+                        let a = fake_int8(q[[b, h, i, d]], s0);
+                        let c = fake_int8(k[[b, h, d, j]], s1);
+                        sum += f64::from(a) * f64::from(c);
+                    }
+                    expected[[b, h, i, j]] = sum as f32;
+                }
+            }
+        }
+    }
+    assert!(max_diff(ours, &expected) < 1e-4);
+    // Gradients pass straight through inside the ranges to the weights.
+    let y = acts.get(&g, "pooled").unwrap().clone();
+    let grads = g.backward(&acts, &[("pooled", y)]).unwrap();
+    assert!(
+        grads
+            .get(&g, "attn.key.weight")
+            .is_some_and(|w| w.iter().any(|v| *v != 0.0))
+    );
+}
+
+/// The mean cosine of each row of `a` with the same row of `b`.
+fn mean_cosine(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f64 {
+    let rows: Vec<f64> = a
+        .axis_iter(Axis(0))
+        .zip(b.axis_iter(Axis(0)))
+        .map(|(x, y)| {
+            let dot: f64 = x
+                .iter()
+                .zip(&y)
+                .map(|(p, q)| f64::from(*p) * f64::from(*q))
+                .sum();
+            let n = |v: &ndarray::ArrayViewD<f32>| {
+                v.iter().map(|p| f64::from(*p).powi(2)).sum::<f64>().sqrt()
+            };
+            dot / (n(&x) * n(&y))
+        })
+        .collect();
+    rows.iter().sum::<f64>() / rows.len() as f64
+}
+
+/// The pooled output of a written model on the sentences, by the simulator.
+fn pooled_of(path: &std::path::Path) -> ArrayD<f32> {
+    let m = load_model(path).unwrap();
+    let session = Executor::prepare(
+        &ascend_quant::sim::CpuExecutor,
+        &m,
+        &SessionOptions {
+            dynamic_batch: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let s = sentences();
+    match session.run(&feeds(&s), &["pooled"]).unwrap().remove(0) {
+        Tensor::F32(a) => a,
+        other => panic!("pooled is {}", other.dtype()),
+    }
+}
+
+#[test]
+fn qat_by_distillation_brings_the_embeddings_closer_to_float() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = fixtures().join("sentences.npz");
+    let run = |steps: &str, prefix: &str| {
+        let out = common::bin()
+            .args(["qat", "--model"])
+            .arg(fixtures().join("tiny_bert.onnx"))
+            .arg("--data")
+            .arg(&data)
+            .args(["--steps", steps, "--batch-size", "4", "--lr", "3e-3"])
+            .args(["--loss", "cosine", "--distill-output", "pooled", "--quiet"])
+            .arg("--output")
+            .arg(dir.path().join(prefix))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(dir.path().join(format!("{prefix}_qat_report.json"))).unwrap(),
+        )
+        .unwrap();
+        let cos = mean_cosine(
+            &pooled_of(&dir.path().join(format!("{prefix}_fake_quant_model.onnx"))),
+            &ort("ort_pooled.npy"),
+        );
+        (report, cos)
+    };
+    let (_, before) = run("0", "start");
+    let (report, after) = run("40", "trained");
+    let losses: Vec<f64> = report["loss_per_step"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let first: f64 = losses[..4].iter().sum::<f64>() / 4.0;
+    let last: f64 = losses[losses.len() - 4..].iter().sum::<f64>() / 4.0;
+    assert!(last < 0.7 * first, "loss {first} -> {last}");
+    assert!(
+        1.0 - after < 0.8 * (1.0 - before),
+        "cosine to float {before} -> {after}"
+    );
+    assert_eq!(report["loss"], "cosine");
+}
+
+#[test]
+fn qat_names_an_output_that_does_not_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = common::bin()
+        .args(["qat", "--model"])
+        .arg(fixtures().join("tiny_bert.onnx"))
+        .arg("--data")
+        .arg(fixtures().join("sentences.npz"))
+        .args(["--steps", "1", "--distill-output", "nope", "--quiet"])
+        .arg("--output")
+        .arg(dir.path().join("q"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("--distill-output 'nope'") && err.contains("pooled, tokens"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
