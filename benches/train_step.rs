@@ -57,7 +57,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                             clip_max: 6.0,
                             fixed_min: false,
                             channel_wise: l.op_type == "Conv",
-                            second: None,
+                            ..Default::default()
                         },
                     )?;
                 }

@@ -335,7 +335,7 @@ fn every_operator_trains_on_a_small_model() {
             clip_max: 0.6,
             fixed_min: true,
             channel_wise: true,
-            second: None,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -455,7 +455,7 @@ fn the_quantized_forward_pass_matches_the_exported_fake_quant_model() {
                 clip_max,
                 fixed_min: false,
                 channel_wise,
-                second: None,
+                ..Default::default()
             },
         )
         .unwrap();

@@ -147,6 +147,7 @@ fn attention_matmul_is_fake_quantized_on_both_inputs() {
             fixed_min: false,
             channel_wise: false,
             second: Some((-128.0 * s1, 127.0 * s1)),
+            ..Default::default()
         },
     )
     .unwrap();
@@ -291,4 +292,130 @@ fn qat_names_an_output_that_does_not_exist() {
         "{err}"
     );
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+/// A DMQ-balanced layer trains on ULQ(x / s) · ARQ(W · s), by hand; its
+/// weight's gradient is the balanced weight's, times s row by row.
+#[test]
+fn a_balanced_layer_quantizes_the_balanced_operands() {
+    use ascend_quant::quant::dmq::ChannelAxes;
+    use ascend_quant::train::fake_quant::{arq_retrain_forward, ulq_forward, ulq_grid};
+    use ascend_quant::train::graph::Balance;
+    let layer = "ffn.in/MatMul";
+    let plain = TrainGraph::new(&model()).unwrap();
+    let s = sentences();
+    let x = plain
+        .forward_tensors(&feeds(&s))
+        .unwrap()
+        .get(&plain, "ln1/Add")
+        .unwrap()
+        .clone(); // [b, seq, 16]
+    let factors: Vec<f32> = (0..16).map(|j| 0.5 + 0.1 * j as f32).collect();
+    let (lo, hi) = (-3.0f32, 3.5f32);
+    let mut g = plain.clone();
+    g.train_only(&["ffn.in.weight".to_string()]);
+    g.set_quant(
+        layer,
+        LayerQuant {
+            clip_min: lo,
+            clip_max: hi,
+            balance: Some(Balance {
+                factors: factors.clone(),
+                axes: ChannelAxes::LastAxis { k: 16 },
+            }),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let acts = g.forward_tensors(&feeds(&s)).unwrap();
+    // By hand: x / s on the ULQ grid, W · s with one ARQ scale.
+    let w = g.constant_mut("ffn.in.weight").unwrap().clone(); // [16, 32]
+    let xb: Vec<f32> = x
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v / factors[i % 16])
+        .collect();
+    let mut xq = vec![0f32; xb.len()];
+    ulq_forward(&xb, &ulq_grid(lo, hi, 8).unwrap(), 8, &mut xq);
+    let wb: Vec<f32> = w
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v * factors[i / 32])
+        .collect();
+    let mut wq = vec![0f32; wb.len()];
+    arq_retrain_forward(&wb, 8, &mut wq);
+    let ours = acts.get(&g, layer).unwrap();
+    let rows = xq.len() / 16;
+    let mut worst = 0f32;
+    for r in 0..rows {
+        for c in 0..32 {
+            let v: f32 = (0..16).map(|k| xq[r * 16 + k] * wq[k * 32 + c]).sum();
+            worst = worst.max((v - ours.as_slice().unwrap()[r * 32 + c]).abs());
+        }
+    }
+    assert!(worst < 1e-4, "{worst}");
+    // ∂L/∂W = s ⊙ (x_qᵀ · ∂L/∂y) with ∂L/∂y = 1 everywhere.
+    let gy = ArrayD::from_elem(ours.raw_dim(), 1.0f32);
+    let grads = g.backward(&acts, &[(layer, gy)]).unwrap();
+    let gw = grads.get(&g, "ffn.in.weight").unwrap();
+    for k in 0..16 {
+        let col_sum: f32 = (0..rows).map(|r| xq[r * 16 + k]).sum();
+        let expected = factors[k] * col_sum;
+        let got = gw.as_slice().unwrap()[k * 32];
+        assert!(
+            (got - expected).abs() < 1e-3 * (1.0 + expected.abs()),
+            "row {k}: {got} vs {expected}"
+        );
+    }
+}
+
+/// `qat --optimize` trains DMQ-balanced layers: its deploy model (exact
+/// int32 simulation) agrees with its fake-quant model, which needs the
+/// balanced int8 weights to match the Mul the export puts in front.
+#[test]
+fn qat_from_the_optimized_start_writes_a_consistent_deploy_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = common::bin()
+        .args(["qat", "--model"])
+        .arg(fixtures().join("tiny_bert.onnx"))
+        .arg("--data")
+        .arg(fixtures().join("sentences.npz"))
+        .args([
+            "--steps",
+            "8",
+            "--batch-size",
+            "4",
+            "--lr",
+            "1e-3",
+            "--optimize",
+        ])
+        .args(["--loss", "cosine", "--distill-output", "pooled", "--quiet"])
+        .arg("--output")
+        .arg(dir.path().join("q"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fake = pooled_of(&dir.path().join("q_fake_quant_model.onnx"));
+    let deploy = pooled_of(&dir.path().join("q_deploy_model.onnx"));
+    let agreement = mean_cosine(&fake, &deploy);
+    assert!(
+        agreement > 0.9995,
+        "deploy vs fake-quant cosine {agreement}"
+    );
+    let fq = load_model(&dir.path().join("q_fake_quant_model.onnx")).unwrap();
+    let muls = fq
+        .graph
+        .as_ref()
+        .unwrap()
+        .node
+        .iter()
+        .filter(|n| n.op_type() == "Mul" && n.name().ends_with("/MatMul.mul"))
+        .count();
+    assert!(muls > 0, "no balancing Mul in the fake-quant model");
+    let cos = mean_cosine(&fake, &ort("ort_pooled.npy"));
+    assert!(cos > 0.99, "fake-quant vs float {cos}");
 }

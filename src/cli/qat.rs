@@ -60,6 +60,9 @@ pub struct QatArgs {
     /// The output the loss and the evaluation read (default: the first float32 output), e.g. a sentence encoder's pooled embedding.
     #[arg(long, value_name = "NAME")]
     pub distill_output: Option<String>,
+    /// Start from `calibrate --optimize`'s quantization: DMQ balancing chosen per layer, IFMR ranges searched lower, one weight scale per output column of Gemm/MatMul.
+    #[arg(long)]
+    pub optimize: bool,
     /// Also train the embedding tables (the float tables of the model's Gathers), frozen by default.
     #[arg(long)]
     pub train_embeddings: bool,
@@ -117,6 +120,7 @@ pub fn execute(args: &QatArgs) -> Result<(), Failure> {
         loss: args.loss,
         distill_output: args.distill_output.clone(),
         train_embeddings: args.train_embeddings,
+        optimize: args.optimize,
         seed: args.seed,
         resume: args.resume.clone(),
         eval_data: args.eval_data.clone(),

@@ -11,6 +11,7 @@ use crate::data::Dataset;
 use crate::onnx::{ModelProto, Storage, load_model, to_proto};
 use crate::quant::calibrate::{RunSettings, observe_layers};
 use crate::quant::config::QuantConfig;
+use crate::quant::dmq::{ChannelAxes, balance_weight};
 use crate::quant::emit::LayerFactors;
 use crate::quant::params::ActParams;
 use crate::quant::retrain_config::RetrainConfig;
@@ -20,7 +21,7 @@ use crate::sim::CpuExecutor;
 use crate::tensor::Tensor;
 use crate::train::checkpoint::Checkpoint;
 use crate::train::fake_quant::ulq_grid;
-use crate::train::graph::{LayerQuant, TrainError, TrainGraph};
+use crate::train::graph::{Balance, LayerQuant, TrainError, TrainGraph};
 use crate::train::qat::{LossKind, QatSettings, TrainedLayer, outputs_over, train};
 use ndarray::ArrayD;
 use serde_json::json;
@@ -143,6 +144,9 @@ pub struct QatOptions {
     /// Also train the tables of the model's Gathers (embeddings), which are
     /// frozen otherwise.
     pub train_embeddings: bool,
+    /// Start from `calibrate --optimize`'s quantization (DMQ balancing,
+    /// IFMR ranges searched lower, per-column Gemm/MatMul weights).
+    pub optimize: bool,
     /// Seed of the batch order.
     pub seed: u64,
     /// A checkpoint to continue from (`PREFIX_qat_checkpoint` of an earlier run).
@@ -249,6 +253,12 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
         l.quant_enable = retrain.layer(name).is_none_or(|r| r.retrain_enable);
         l.channel_wise = retrain.layer(name).is_some_and(|r| r.channel_wise);
     }
+    if opts.optimize {
+        // Start from `calibrate --optimize`'s quantization; training takes
+        // the place of its bias correction.
+        super::inputs::apply_optimize(&mut ptq, &names);
+        ptq.bias_correction = false;
+    }
     let declared = declared_batch(&model);
     let calibrated = observe_layers(
         model.clone(),
@@ -287,6 +297,7 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
                     fixed_min: false,
                     channel_wise: false,
                     second: Some((-128.0 * s2, 127.0 * s2)),
+                    ..Default::default()
                 },
             )?;
             continue;
@@ -295,14 +306,22 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
         let (lo, hi) = f.act.range(8);
         let (clip_min, clip_max) = cfg.and_then(|c| c.clips).unwrap_or((lo, hi));
         let fixed_min = cfg.and_then(|c| c.fixed_min).unwrap_or(clip_min >= 0.0);
+        let balance = match &f.balance {
+            Some(factors) => Some(Balance {
+                factors: factors.clone(),
+                axes: balance_axes(&prepared, l)?,
+            }),
+            None => None,
+        };
         student.set_quant(
             &l.name,
             LayerQuant {
                 clip_min: if fixed_min { 0.0 } else { clip_min },
                 clip_max,
                 fixed_min,
-                channel_wise: cfg.is_some_and(|c| c.channel_wise),
-                second: None,
+                channel_wise: f.scale_w.len() > 1,
+                balance,
+                ..Default::default()
             },
         )?;
         trained_layers.push(TrainedLayer {
@@ -478,6 +497,11 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
                 let w = student.constant_mut(w).cloned().ok_or_else(|| {
                     PipelineError::Usage(format!("layer '{}': weight not found", l.name))
                 })?;
+                // A balanced layer's int8 weight holds its factors.
+                let w = match &f.balance {
+                    Some(s) => balance_weight(&w, s, balance_axes(&trained, l)?),
+                    None => w,
+                };
                 let layout = if f.scale_w.len() > 1 {
                     l.channel_layout
                 } else {
@@ -513,7 +537,7 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
             weight_q,
             bias_q,
             nuq: None,
-            balance: None,
+            balance: f.balance.clone(),
         });
     }
     let report_path = with_suffix(&opts.output, "_qat_report.json");
@@ -557,6 +581,23 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
         report_json,
         written,
     })
+}
+
+/// Where a balanced layer's input channels sit.
+fn balance_axes(
+    model: &ModelProto,
+    l: &crate::quant::layers::QuantLayer,
+) -> Result<ChannelAxes, PipelineError> {
+    model
+        .graph
+        .as_ref()
+        .and_then(|g| ChannelAxes::of(g, l))
+        .ok_or_else(|| {
+            PipelineError::Usage(format!(
+                "layer '{}': DMQ balancing needs its weight's input channels",
+                l.name
+            ))
+        })
 }
 
 /// The float tables the model's Gathers read by computed indices: its

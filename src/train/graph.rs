@@ -40,6 +40,7 @@ use crate::ops::gemm::Gemm;
 use crate::ops::layout::{Layout, axis_index};
 use crate::ops::reduce::Reduce;
 use crate::ops::window::Window;
+use crate::quant::dmq::{ChannelAxes, balance_input, balance_weight};
 use crate::quant::weights::ChannelLayout;
 use crate::sim::kernels::conv_grad::{
     ConvGeom, TransposedWindow, contiguous, conv_backward, conv_forward, conv_geometry,
@@ -138,7 +139,7 @@ pub struct TrainGraph {
 
 /// How one Conv or Gemm layer is fake-quantized while training: ULQ on its
 /// input (learnable clips), ARQ-retrain on its weight.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct LayerQuant {
     /// Lower clip of the input.
     pub clip_min: f32,
@@ -153,6 +154,35 @@ pub struct LayerQuant {
     /// range of its second input, quantized like the first (ULQ) instead of
     /// as a weight.
     pub second: Option<(f32, f32)>,
+    /// DMQ balancing (`quant::dmq`): the input is divided and the weight
+    /// multiplied by these factors, channel by channel, before both are
+    /// fake-quantized; the trained weight stays unbalanced.
+    pub balance: Option<Balance>,
+}
+
+/// A layer's DMQ balance factors and where its input channels sit.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Balance {
+    /// One factor per input channel.
+    pub factors: Vec<f32>,
+    /// The layer's input channels in its input and weight.
+    pub axes: ChannelAxes,
+}
+
+impl Balance {
+    /// `x` (or its gradient) divided by the factors, channel by channel.
+    fn divide(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>, String> {
+        let v = balance_input(&contiguous(x), x.shape(), &self.factors, self.axes).ok_or_else(
+            || {
+                format!(
+                    "{} balance factors do not fit an input of {:?}",
+                    self.factors.len(),
+                    x.shape()
+                )
+            },
+        )?;
+        ArrayD::from_shape_vec(x.raw_dim(), v).map_err(|e| e.to_string())
+    }
 }
 
 /// The values of one forward pass, kept for the backward pass.
@@ -1154,12 +1184,25 @@ impl TrainGraph {
         if let Some(Some(gxq)) = g.first() {
             let grid = ulq_grid(q.clip_min, q.clip_max, 8)
                 .ok_or_else(|| self.bad(s, "empty clip range".into()))?;
-            let u = ulq_backward(&contiguous(x[0]), &contiguous(gxq), &grid, 8);
+            let balanced = q
+                .balance
+                .as_ref()
+                .map(|b| b.divide(x[0]))
+                .transpose()
+                .map_err(|e| self.bad(s, e))?;
+            let seen = balanced.as_ref().unwrap_or(x[0]);
+            let u = ulq_backward(&contiguous(seen), &contiguous(gxq), &grid, 8);
             clips.insert(s.node.clone(), (u.clip_min, u.clip_max));
-            g[0] = Some(
-                ArrayD::from_shape_vec(x[0].raw_dim(), u.input)
-                    .map_err(|e| self.bad(s, e.to_string()))?,
-            );
+            let gx = ArrayD::from_shape_vec(x[0].raw_dim(), u.input)
+                .map_err(|e| self.bad(s, e.to_string()))?;
+            // x' = x / s: ∂L/∂x = ∂L/∂x' / s; w' = w·s: ∂L/∂w = ∂L/∂w' · s.
+            g[0] = Some(match &q.balance {
+                Some(b) => b.divide(&gx).map_err(|e| self.bad(s, e))?,
+                None => gx,
+            });
+            if let (Some(b), Some(Some(gw))) = (&q.balance, g.get(1)) {
+                g[1] = Some(balance_weight(gw, &b.factors, b.axes));
+            }
         }
         // A second computed input: straight through inside its fixed range.
         if let (Some((lo, hi)), Some(Some(gxq))) = (q.second, g.get(1)) {
@@ -1557,6 +1600,11 @@ fn fake_quantize(
     w: &ArrayD<f32>,
 ) -> Result<(ArrayD<f32>, ArrayD<f32>), String> {
     let grid = ulq_grid(q.clip_min, q.clip_max, 8).ok_or("empty clip range")?;
+    let balanced = match &q.balance {
+        Some(b) => Some((b.divide(x)?, balance_weight(w, &b.factors, b.axes))),
+        None => None,
+    };
+    let (x, w) = balanced.as_ref().map_or((x, w), |(x, w)| (x, w));
     let xs = contiguous(x);
     let mut xq = vec![0f32; xs.len()];
     ulq_forward(&xs, &grid, 8, &mut xq);
@@ -1666,7 +1714,7 @@ mod tests {
             clip_max: 1.0,
             fixed_min: false,
             channel_wise: true,
-            second: None,
+            ..Default::default()
         };
         for op in [Op::MatMul, Op::Gemm { trans_b: false }] {
             let (_, wq) = fake_quantize(&q, &op, &x, &w).unwrap();
