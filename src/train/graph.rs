@@ -90,6 +90,8 @@ struct Step {
     /// it: run that way when its inputs are not all float (shape
     /// arithmetic on integers, say).
     generic: Option<Box<NodeProto>>,
+    /// Which output of the node the step computes (a Split's part).
+    part: usize,
     output: usize,
 }
 
@@ -505,6 +507,15 @@ impl TrainGraph {
                     _ => return Err(unsupported(n, "a malformed perm")),
                 },
                 "MatMul" => Op::MatMul,
+                "Resize"
+                    if crate::onnx::attr::string_attr(n, "mode")
+                        .is_some_and(|m| m != b"nearest")
+                        && crate::ops::evaluates(n) =>
+                {
+                    // Linear and cubic Resize (a ViT's position embeddings
+                    // adapted to the image size): run, gradients not traced.
+                    Op::Evaluate
+                }
                 "Resize" => {
                     let mode = crate::onnx::attr::string_attr(n, "mode").unwrap_or(b"nearest");
                     if mode != b"nearest" {
@@ -582,7 +593,8 @@ impl TrainGraph {
                     ));
                 }
             };
-            if n.output.is_empty() || n.output.iter().skip(1).any(|o| !o.is_empty()) {
+            let several = n.output.iter().skip(1).any(|o| !o.is_empty());
+            if n.output.is_empty() || several && !matches!(op, Op::Evaluate) {
                 return Err(unsupported(n, "needs exactly one output"));
             }
             if n.input.is_empty() && !matches!(op, Op::Evaluate) {
@@ -599,9 +611,9 @@ impl TrainGraph {
                 .input
                 .iter()
                 .map(|s| (!s.is_empty()).then(|| t.id(s)))
-                .collect();
+                .collect::<Vec<_>>();
             let generic = crate::ops::evaluates(n).then(|| Box::new(n.clone()));
-            let inputs = n
+            let inputs: Vec<usize> = n
                 .input
                 .iter()
                 .take(data_inputs)
@@ -620,15 +632,22 @@ impl TrainGraph {
                     t.reshape_targets.insert(t.steps.len(), target);
                 }
             }
-            let output = t.id(&n.output[0]);
-            t.steps.push(Step {
-                node: n.name().to_string(),
-                op,
-                inputs,
-                args,
-                generic,
-                output,
-            });
+            // One step per output (a Split's parts), each evaluating the node.
+            for (part, name) in n.output.iter().enumerate() {
+                if name.is_empty() {
+                    continue;
+                }
+                let output = t.id(name);
+                t.steps.push(Step {
+                    node: n.name().to_string(),
+                    op: op.clone(),
+                    inputs: Vec::clone(&inputs),
+                    args: Vec::clone(&args),
+                    generic: generic.clone(),
+                    part,
+                    output,
+                });
+            }
         }
         for o in &g.output {
             let id = t.id(o.name());
@@ -893,8 +912,8 @@ impl TrainGraph {
             .collect();
         let refs: Vec<Option<&Tensor>> = owned.iter().map(|o| o.as_deref()).collect();
         match crate::ops::eval_constant(node, self.opset, &refs) {
-            Some(Ok(mut out)) if !out.is_empty() => Ok(out.swap_remove(0)),
-            Some(Ok(_)) => Err(self.bad(s, "no output".into())),
+            Some(Ok(mut out)) if s.part < out.len() => Ok(out.swap_remove(s.part)),
+            Some(Ok(_)) => Err(self.bad(s, format!("no output {}", s.part))),
             Some(Err(e)) => Err(self.bad(s, e)),
             None => Err(self.bad(s, "the engine does not evaluate it".into())),
         }
@@ -1113,11 +1132,19 @@ impl TrainGraph {
                         .iter()
                         .map(|a| a.map(value).transpose())
                         .collect::<Result<_, _>>()?;
+                    // A constant operand of an evaluated node (a Pad's
+                    // value) is not trained; its first input may be.
                     let wanted: Vec<bool> = s
                         .args
                         .iter()
                         .zip(&args)
-                        .map(|(a, v)| matches!((a, v), (Some(i), Some(v)) if wants(*i, v)))
+                        .enumerate()
+                        .map(|(k, (a, v))| match (a, v) {
+                            (Some(i), Some(v)) => {
+                                wants(*i, v) && (k == 0 || !self.constants.contains_key(i))
+                            }
+                            _ => false,
+                        })
                         .collect();
                     let g = self.evaluate_backward(s, &args, &wanted, &gy)?;
                     (s.args.clone(), g)
@@ -1251,7 +1278,7 @@ impl TrainGraph {
                     })
                     .collect();
                 let refs: Vec<Option<&Tensor>> = owned.iter().map(|o| o.as_deref()).collect();
-                index_map_backward(node, self.opset, &refs, &x_shape, gy)
+                index_map_backward(node, self.opset, &refs, s.part, &x_shape, gy)
                     .map_err(|e| self.bad(s, e))?
             } else {
                 return Err(TrainError::Unsupported {

@@ -142,16 +142,20 @@ pub(in crate::train) fn moves_values(op: &str) -> bool {
             | "Expand"
             | "Tile"
             | "Trilu"
+            | "Split"
+            | "Pad"
     )
 }
 
 /// ∂L/∂(input 0) of a value-moving layout operator: the node evaluated on
 /// the positions 1…n of its first input (0 where it writes a constant, as
-/// Trilu's zeros) tells which input value each output value is.
+/// Trilu's zeros and Pad's border) tells which input value each value of
+/// its output `part` is.
 pub(in crate::train) fn index_map_backward(
     node: &NodeProto,
     opset: i64,
     inputs: &[Option<&Tensor>],
+    part: usize,
     x_shape: &[usize],
     gy: &ArrayD<f32>,
 ) -> Result<ArrayD<f32>, String> {
@@ -160,13 +164,17 @@ pub(in crate::train) fn index_map_backward(
         ArrayD::from_shape_vec(IxDyn(x_shape), (1..=n as i64).collect())
             .map_err(|e| e.to_string())?,
     );
+    let no_position = Tensor::I64(ArrayD::from_elem(IxDyn(&[]), 0));
     let mut args: Vec<Option<&Tensor>> = inputs.to_vec();
     args[0] = Some(&positions);
+    if node.op_type() == "Pad" && args.get(2).is_some_and(Option::is_some) {
+        args[2] = Some(&no_position); // the border holds no input value
+    }
     let moved = match eval_constant(node, opset, &args) {
         Some(r) => r?,
         None => return Err("its positions cannot be traced".into()),
     };
-    let Some(Tensor::I64(src)) = moved.into_iter().next() else {
+    let Some(Tensor::I64(src)) = moved.into_iter().nth(part) else {
         return Err("its positions came back as another type".into());
     };
     if src.len() != gy.len() {
