@@ -419,3 +419,53 @@ fn qat_from_the_optimized_start_writes_a_consistent_deploy_model() {
     let cos = mean_cosine(&fake, &ort("ort_pooled.npy"));
     assert!(cos > 0.99, "fake-quant vs float {cos}");
 }
+
+/// A model exported for batch 1 (a ViT whose class token is a [1, 1, D]
+/// constant) trained at batch 2: the error names the node and the fix, and
+/// nothing is written.
+#[test]
+fn qat_at_another_batch_than_the_export_says_how_to_fix_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let exports = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/exports");
+    let x: ArrayD<f32> = ndarray_npy::read_npy(exports.join("vit_input.npy")).unwrap();
+    let three = x
+        .into_shape_with_order(ndarray::IxDyn(&[3, 3, 32, 32]))
+        .unwrap();
+    // Two full batches of 2: whichever the step draws, it holds 2 images.
+    let images = three
+        .slice_axis(Axis(0), ndarray::Slice::from(0..2))
+        .to_owned();
+    let images = ndarray::concatenate(Axis(0), &[images.view(), images.view()]).unwrap();
+    let data = dir.path().join("x.npy");
+    ndarray_npy::write_npy(&data, &images).unwrap();
+    let out = common::bin()
+        .args(["qat", "--model"])
+        .arg(exports.join("vit.onnx"))
+        .arg("--data")
+        .arg(&data)
+        .args([
+            "--steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--loss",
+            "mse",
+            "--quiet",
+        ])
+        .arg("--output")
+        .arg(dir.path().join("q"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("/concat_8")
+            && err.contains("exported for batch 1: train with --batch-size 1"),
+        "{err}"
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("x.npy")]);
+}

@@ -463,7 +463,14 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
                 "step {step}/{steps}: loss {loss:.5}, {rate:.1} images/s, ETA {eta:.0} s"
             ));
         },
-    )?;
+    )
+    .map_err(|e| match (e, declared) {
+        // A graph exported for one batch size may hold constants of it.
+        (TrainError::Invalid(m), Some(d)) if d != opts.batch_size => TrainError::Invalid(format!(
+            "{m} (the model is exported for batch {d}: train with --batch-size {d}, or export it with a dynamic batch axis)"
+        )),
+        (e, _) => e,
+    })?;
     let training_seconds = training_started.elapsed().as_secs_f64();
     // The trained model and its factors.
     let mut trained = prepared.clone();
