@@ -55,6 +55,46 @@ fn the_sentences_tokenize_as_hugging_face_does() {
     }
 }
 
+/// Padded to the batch's longest sentence only: Hugging Face's rows cut to
+/// the most tokens any of them holds (its attention mask's largest sum).
+#[test]
+fn unpadded_batches_stop_at_their_longest_sentence() {
+    let inputs: Vec<(String, Option<i32>)> = ["input_ids", "attention_mask"]
+        .iter()
+        .map(|n| (n.to_string(), None))
+        .collect();
+    let data = Dataset::from_texts(&source(fixtures().join("sentences.txt")), 8, &inputs).unwrap();
+    let Tensor::I64(mask) = read_npy(&fixtures().join("attention_mask.npy")).unwrap() else {
+        panic!()
+    };
+    for batch_size in [1, 3] {
+        for b in 0..data.batch_count(batch_size) {
+            let rows = b * batch_size..((b + 1) * batch_size).min(4);
+            let longest = rows
+                .clone()
+                .map(|r| {
+                    mask.index_axis(ndarray::Axis(0), r)
+                        .iter()
+                        .filter(|&&m| m != 0)
+                        .count()
+                })
+                .max()
+                .unwrap();
+            for (name, got) in data.batch_unpadded(batch_size, b).unwrap() {
+                let Tensor::I64(want) = read_npy(&fixtures().join(format!("{name}.npy"))).unwrap()
+                else {
+                    panic!()
+                };
+                let want = want
+                    .slice(ndarray::s![rows.clone(), ..longest])
+                    .to_owned()
+                    .into_dyn();
+                assert_eq!(got, Tensor::I64(want), "{name}, batch {b} of {batch_size}");
+            }
+        }
+    }
+}
+
 fn value_info(name: &str, elem_type: i32, dims: &[i64]) -> ValueInfoProto {
     let mut v = common::value_info(name, dims);
     if let Some(ascend_quant::onnx::proto::type_proto::Value::TensorType(t)) =

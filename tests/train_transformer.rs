@@ -469,3 +469,38 @@ fn qat_at_another_batch_than_the_export_says_how_to_fix_it() {
         .collect();
     assert_eq!(left, vec![std::ffi::OsString::from("x.npy")]);
 }
+
+/// `auto`'s evaluator runs sentences padded only to their batch's longest
+/// when that leaves the float model's scored output unchanged: a pooled
+/// embedding, not token embeddings (whose shape follows the padding).
+#[test]
+fn the_evaluator_trims_padding_only_where_it_is_inert() {
+    use ascend_quant::auto::evaluator::{Evaluator, InternalEvaluator};
+    use ascend_quant::data::{Dataset, TextSource};
+    use ascend_quant::report::metric::Metric;
+    let texts = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/texts");
+    let source = TextSource {
+        file: texts.join("sentences.txt"),
+        tokenizer: texts.join("tokenizer.json"),
+        max_length: Some(8),
+    };
+    let inputs: Vec<(String, Option<i32>)> = ["input_ids", "attention_mask"]
+        .iter()
+        .map(|n| (n.to_string(), Some(7)))
+        .collect();
+    let data = Dataset::from_texts(&source, 8, &inputs).unwrap();
+    let m = model();
+    for (output, trims) in [("pooled", true), ("tokens", false)] {
+        let mut e = InternalEvaluator::new(
+            &ascend_quant::sim::CpuExecutor,
+            &data,
+            1,
+            true,
+            Metric::Cosine,
+        )
+        .scoring(Some(output.to_string()));
+        let score = e.float_score(&m).unwrap();
+        assert!((score - 100.0).abs() < 1e-6, "{output}: {score}");
+        assert_eq!(e.unpadded(), trims, "{output}");
+    }
+}

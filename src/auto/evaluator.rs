@@ -1,7 +1,7 @@
 //! Scoring a candidate configuration: on the evaluation data with the CPU
 //! simulator, or by the user's own command.
 
-use crate::data::Dataset;
+use crate::data::{Batch, Dataset};
 use crate::onnx::{ModelProto, ValueSpec};
 use crate::quant::error::QuantError;
 use crate::report::metric::Metric;
@@ -47,6 +47,10 @@ pub struct InternalEvaluator<'a> {
     metric: Metric,
     output: Option<String>,
     reference: Option<ArrayD<f32>>,
+    /// Sentences run padded only to their batch's longest (set by
+    /// [`Evaluator::float_score`] when that leaves the float model's output
+    /// unchanged).
+    unpadded: bool,
 }
 
 impl<'a> InternalEvaluator<'a> {
@@ -66,7 +70,14 @@ impl<'a> InternalEvaluator<'a> {
             metric,
             output: None,
             reference: None,
+            unpadded: false,
         }
+    }
+
+    /// Whether sentences run padded only to their batch's longest (known
+    /// once the float model is scored).
+    pub fn unpadded(&self) -> bool {
+        self.unpadded
     }
 
     /// Scores the output `name` instead of the first float32 output (a
@@ -98,9 +109,14 @@ impl<'a> InternalEvaluator<'a> {
         // Batches run side by side: two batch-1 runs, each mostly on one
         // core, get through more samples per second than one run spread over
         // both (the kernels' own parallel loops share the same pool).
-        let (data, batch_size, session) = (self.data, self.batch_size, session.as_ref());
+        let (data, batch_size, session, unpadded) =
+            (self.data, self.batch_size, session.as_ref(), self.unpadded);
         let run_batch = |b: usize| -> Result<ArrayD<f32>, QuantError> {
-            let batch = data.batch(batch_size, b)?;
+            let batch = if unpadded {
+                data.batch_unpadded(batch_size, b)?
+            } else {
+                data.batch(batch_size, b)?
+            };
             let feeds: Vec<(&str, &Tensor)> = batch.iter().map(|(n, t)| (n.as_str(), t)).collect();
             match session.run(&feeds, &[output.as_str()])?.remove(0) {
                 Tensor::F32(a) => Ok(a),
@@ -142,6 +158,63 @@ impl<'a> InternalEvaluator<'a> {
     }
 }
 
+impl InternalEvaluator<'_> {
+    /// Whether sentences may run padded only to their batch's longest: the
+    /// float model's scored output on the first batch keeps its shape and
+    /// its values (within 1e-5 of its largest magnitude) — a pooled
+    /// embedding or a classifier's logits do, token embeddings do not.
+    fn padding_is_inert(&self, float: &ModelProto) -> Result<bool, QuantError> {
+        if !self.data.is_text() || self.data.samples() == 0 {
+            return Ok(false);
+        }
+        let session = self.executor.prepare(
+            float,
+            &SessionOptions {
+                dynamic_batch: self.dynamic_batch,
+                ..Default::default()
+            },
+        )?;
+        let output =
+            ValueSpec::scored_output(session.outputs(), self.output.as_deref(), "--metric-output")
+                .map_err(QuantError::Input)?;
+        let run = |batch: Batch| -> Result<Option<ArrayD<f32>>, QuantError> {
+            let feeds: Vec<(&str, &Tensor)> = batch.iter().map(|(n, t)| (n.as_str(), t)).collect();
+            Ok(match session.run(&feeds, &[output.as_str()]) {
+                Ok(mut out) => match out.remove(0) {
+                    Tensor::F32(a) => Some(a),
+                    _ => None,
+                },
+                // A model that cannot take a shorter sequence keeps its padding.
+                Err(_) => None,
+            })
+        };
+        // The first batch that is shorter unpadded (one padded to the full
+        // length would prove nothing).
+        let mut probe = None;
+        for b in 0..self.data.batch_count(self.batch_size).min(16) {
+            let (full, short) = (
+                self.data.batch(self.batch_size, b)?,
+                self.data.batch_unpadded(self.batch_size, b)?,
+            );
+            if full.first().map(|(_, t)| t.shape()) != short.first().map(|(_, t)| t.shape()) {
+                probe = Some((full, short));
+                break;
+            }
+        }
+        let Some((full, short)) = probe else {
+            return Ok(false);
+        };
+        let (padded, short) = (run(full)?, run(short)?);
+        Ok(match (padded, short) {
+            (Some(a), Some(b)) if a.shape() == b.shape() => {
+                let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+                a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= 1e-5 * scale)
+            }
+            _ => false,
+        })
+    }
+}
+
 /// Says, from the outputs of the first samples, whether to stop a run.
 type StopRule<'a> = dyn Fn(&ArrayD<f32>) -> bool + 'a;
 
@@ -151,6 +224,7 @@ const GROUP: usize = 8;
 
 impl Evaluator for InternalEvaluator<'_> {
     fn float_score(&mut self, float: &ModelProto) -> Result<f64, QuantError> {
+        self.unpadded = self.padding_is_inert(float)?;
         let out = self.outputs(float, None)?;
         if let Metric::Top1(labels) = &self.metric
             && labels.len() != out.shape()[0]

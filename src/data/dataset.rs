@@ -41,7 +41,7 @@ impl Column {
             Column::Memory(t) => Ok(t.slice_axis0(range)),
             Column::File(f) => f.read(range),
             Column::Images(f) => f.read(range),
-            Column::Text(t) => t.read(range),
+            Column::Text(t) => t.read(range, t.corpus.max_length()),
         }
     }
 }
@@ -369,6 +369,42 @@ impl Dataset {
         self.inputs
             .iter()
             .map(|(n, c)| Ok((n.clone(), c.rows(r.clone())?)))
+            .collect()
+    }
+}
+
+impl Dataset {
+    /// Whether the samples are sentences (`--texts`).
+    pub fn is_text(&self) -> bool {
+        self.inputs
+            .iter()
+            .any(|(_, c)| matches!(c, Column::Text(_)))
+    }
+
+    /// [`Dataset::batch`], with sentences padded only to the longest of the
+    /// batch instead of to `--max-length` (what Hugging Face's
+    /// `padding=True` feeds): for a model whose outputs do not keep the
+    /// sequence axis, the same outputs for less work.
+    pub fn batch_unpadded(&self, batch_size: usize, index: usize) -> Result<Batch, DataError> {
+        let text = self.inputs.iter().find_map(|(_, c)| match c {
+            Column::Text(t) => Some(t.corpus.clone()),
+            _ => None,
+        });
+        let (Some(corpus), None) = (text, &self.fixed_batches) else {
+            return self.batch(batch_size, index);
+        };
+        let bs = batch_size.max(1);
+        let r = index * bs..((index + 1) * bs).min(self.samples);
+        let width = corpus.longest(r.clone())?;
+        self.inputs
+            .iter()
+            .map(|(n, c)| {
+                let t = match c {
+                    Column::Text(t) => t.read(r.clone(), width)?,
+                    other => other.rows(r.clone())?,
+                };
+                Ok((n.clone(), t))
+            })
             .collect()
     }
 }

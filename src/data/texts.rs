@@ -217,14 +217,29 @@ impl Corpus {
         Ok(out)
     }
 
-    /// `field` of the sentences `range` as `[n, max_length]` of `dtype`
-    /// (int64 or int32).
+    /// The most tokens any of the sentences `range` holds, its special
+    /// tokens included and the padding not.
+    pub fn longest(&self, range: std::ops::Range<usize>) -> Result<usize, DataError> {
+        Ok(self
+            .encodings(range)?
+            .iter()
+            .map(|e| e.get_attention_mask().iter().filter(|&&m| m != 0).count())
+            .max()
+            .unwrap_or(0)
+            .max(1))
+    }
+
+    /// `field` of the sentences `range` as `[n, width]` of `dtype` (int64
+    /// or int32): padded to `max_length`, then the first `width` tokens of
+    /// each (all of them when `width` is `max_length`).
     pub fn read(
         &self,
         range: std::ops::Range<usize>,
         field: TextField,
         dtype: DType,
+        width: usize,
     ) -> Result<Tensor, DataError> {
+        let width = width.min(self.max_length);
         let first = range.start;
         let encodings = self.encodings(range)?;
         let n = encodings.len();
@@ -250,9 +265,9 @@ impl Corpus {
                     ),
                 ));
             }
-            values.extend(row);
+            values.extend_from_slice(&row[..width]);
         }
-        let dims = IxDyn(&[n, self.max_length]);
+        let dims = IxDyn(&[n, width]);
         Ok(match dtype {
             DType::I32 => Tensor::I32(
                 ArrayD::from_shape_vec(dims, values.into_iter().map(|v| v as i32).collect())
@@ -346,8 +361,8 @@ impl TextColumn {
         vec![self.corpus.len(), self.corpus.max_length()]
     }
 
-    /// The rows `range`.
-    pub fn read(&self, range: std::ops::Range<usize>) -> Result<Tensor, DataError> {
-        self.corpus.read(range, self.field, self.dtype)
+    /// The rows `range`, `width` tokens each (see [`Corpus::read`]).
+    pub fn read(&self, range: std::ops::Range<usize>, width: usize) -> Result<Tensor, DataError> {
+        self.corpus.read(range, self.field, self.dtype, width)
     }
 }
