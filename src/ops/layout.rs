@@ -66,7 +66,52 @@ pub fn transpose(x: &Tensor, perm: &[i64]) -> Result<Tensor, String> {
     if perm.len() != rank || perm.iter().any(|&p| std::mem::replace(&mut seen[p], true)) {
         return Err(format!("perm {perm:?} is not a permutation of {rank} axes"));
     }
-    Ok(map_any!(x, a => a.view().permuted_axes(IxDyn(&perm)).as_standard_layout().into_owned()))
+    Ok(map_any!(x, a => permute(a, &perm)))
+}
+
+/// `a` with its axes in the order `perm`. When the last axis stays last
+/// (attention's head split and merge), whole rows are copied at a time.
+fn permute<T: Clone>(a: &ArrayD<T>, perm: &[usize]) -> ArrayD<T> {
+    let rank = perm.len();
+    let Some(src) = a.as_slice().filter(|s| !s.is_empty()) else {
+        return a
+            .view()
+            .permuted_axes(IxDyn(perm))
+            .as_standard_layout()
+            .into_owned();
+    };
+    if rank < 2 || perm[rank - 1] != rank - 1 {
+        return a
+            .view()
+            .permuted_axes(IxDyn(perm))
+            .as_standard_layout()
+            .into_owned();
+    }
+    let shape = a.shape();
+    let run = shape[rank - 1];
+    let mut strides = vec![1usize; rank];
+    for k in (0..rank - 1).rev() {
+        strides[k] = strides[k + 1] * shape[k + 1];
+    }
+    let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+    // Walk the output's rows in order; each is one row of the input.
+    let step: Vec<usize> = perm[..rank - 1].iter().map(|&p| strides[p]).collect();
+    let mut index = vec![0usize; rank - 1];
+    let mut offset = 0usize;
+    let mut out = Vec::with_capacity(src.len());
+    for _ in 0..src.len() / run {
+        out.extend_from_slice(&src[offset..offset + run]);
+        for k in (0..rank - 1).rev() {
+            index[k] += 1;
+            offset += step[k];
+            if index[k] < out_shape[k] {
+                break;
+            }
+            offset -= step[k] * out_shape[k];
+            index[k] = 0;
+        }
+    }
+    ArrayD::from_shape_vec(IxDyn(&out_shape), out).expect("as many elements as the input")
 }
 
 /// One axis of a Slice, resolved: the ndarray slice that takes ONNX's

@@ -57,19 +57,42 @@ impl LayerNorm {
         }
         let mut out = x.as_standard_layout().into_owned();
         let data = out.as_slice_mut().expect("standard layout");
-        data.par_chunks_mut(row).for_each(|r| {
-            let n = r.len() as f32;
-            let mean = r.iter().sum::<f32>() / n;
-            let var = r.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
-            let inv = 1.0 / (var + self.epsilon).sqrt();
-            for (k, v) in r.iter_mut().enumerate() {
-                let g = self.scale[k % self.scale.len()];
-                let b = self.bias.as_ref().map_or(0.0, |b| b[k % b.len()]);
-                *v = (*v - mean) * inv * g + b;
+        // Scale and bias over the whole row (the usual case) or repeated.
+        let whole = |v: &[f32]| -> Vec<f32> { (0..row).map(|k| v[k % v.len()]).collect() };
+        let scale = whole(&self.scale);
+        let bias = self
+            .bias
+            .as_deref()
+            .map_or_else(|| vec![0.0; row], |b| whole(b));
+        // Rows of a few thousand values at least per task.
+        let rows_per_task = (4096 / row).max(1);
+        data.par_chunks_mut(row * rows_per_task).for_each(|rows| {
+            for r in rows.chunks_mut(row) {
+                let n = r.len() as f32;
+                let mean = lane_sum(r, |v| v) / n;
+                let var = lane_sum(r, |v| (v - mean) * (v - mean)) / n;
+                let inv = 1.0 / (var + self.epsilon).sqrt();
+                for ((v, g), b) in r.iter_mut().zip(&scale).zip(&bias) {
+                    *v = (*v - mean) * inv * g + b;
+                }
             }
         });
         Ok(out)
     }
+}
+
+/// The sum of `f(v)` over `values`, in eight interleaved partial sums the
+/// compiler keeps in one vector register.
+fn lane_sum(values: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = values.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += f(v);
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]
