@@ -60,10 +60,7 @@ impl LayerNorm {
         // Scale and bias over the whole row (the usual case) or repeated.
         let whole = |v: &[f32]| -> Vec<f32> { (0..row).map(|k| v[k % v.len()]).collect() };
         let scale = whole(&self.scale);
-        let bias = self
-            .bias
-            .as_deref()
-            .map_or_else(|| vec![0.0; row], |b| whole(b));
+        let bias = self.bias.as_deref().map_or_else(|| vec![0.0; row], whole);
         // Rows of a few thousand values at least per task.
         let rows_per_task = (4096 / row).max(1);
         data.par_chunks_mut(row * rows_per_task).for_each(|rows| {
