@@ -227,9 +227,14 @@ impl Tensor {
         Tensor::concat(&refs, 0)
     }
 
-    /// The tensors joined along `axis`, or `None` when they differ in type
-    /// or in the other axes (or there are none).
+    /// The tensors joined along `axis`, or `None` when they differ in type,
+    /// in rank or in the other axes (or there are none).
     pub fn concat(parts: &[&Tensor], axis: usize) -> Option<Tensor> {
+        let rank = parts.first()?.shape().len();
+        // ndarray asserts (panics) on a part without the axis.
+        if axis >= rank || parts.iter().any(|t| t.shape().len() != rank) {
+            return None;
+        }
         macro_rules! join {
             ($variant:ident) => {{
                 let views = parts
@@ -270,4 +275,22 @@ impl Tensor {
 pub fn format_shape(shape: &[usize]) -> String {
     let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
     format!("[{}]", dims.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tensor;
+    use ndarray::{ArrayD, IxDyn};
+
+    /// Parts of another rank, or without the axis, are refused rather than
+    /// handed to ndarray, which panics on them (found by the model_run fuzz target).
+    #[test]
+    fn concat_refuses_parts_of_another_rank() {
+        let v = Tensor::I64(ArrayD::from_shape_vec(IxDyn(&[2]), vec![1, 2]).unwrap());
+        let s = Tensor::I64(ArrayD::from_elem(IxDyn(&[]), 3));
+        assert!(Tensor::concat(&[&v, &s], 0).is_none());
+        assert!(Tensor::concat(&[&s, &s], 0).is_none());
+        let joined = Tensor::concat(&[&v, &v], 0).unwrap();
+        assert_eq!(joined.shape(), &[4]);
+    }
 }

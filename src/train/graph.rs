@@ -984,6 +984,9 @@ impl TrainGraph {
             Op::Evaluate => return Err(self.bad(s, "evaluated, not run".into())),
             Op::Concat { axis } => {
                 let ax = axis_index(*axis, x[0].ndim()).map_err(|e| self.bad(s, e))?;
+                if x.iter().any(|a| a.ndim() != x[0].ndim()) {
+                    return Err(self.bad(s, "Concat's inputs differ in rank".into()));
+                }
                 let views: Vec<_> = x.iter().map(|a| a.view()).collect();
                 ndarray::concatenate(Axis(ax), &views).map_err(|e| self.bad(s, e.to_string()))?
             }
