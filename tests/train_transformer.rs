@@ -270,6 +270,8 @@ fn qat_by_distillation_brings_the_embeddings_closer_to_float() {
         "cosine to float {before} -> {after}"
     );
     assert_eq!(report["loss"], "cosine");
+    assert_eq!(report["distill_output"], "pooled");
+    assert_eq!(report["optimize"], false);
 }
 
 #[test]

@@ -551,6 +551,9 @@ pub fn run(opts: &QatOptions, progress: Progress<'_>) -> Result<QatResult, Pipel
     let report = json!({
         "model": opts.model.display().to_string(),
         "loss": loss.name(),
+        "distill_output": output,
+        "optimize": opts.optimize,
+        "train_embeddings": opts.train_embeddings,
         "steps": steps,
         "batch_size": opts.batch_size,
         "lr": opts.lr,
