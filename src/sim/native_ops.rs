@@ -435,9 +435,73 @@ pub fn binary(op: Elementwise, a: &ArrayD<f32>, b: &ArrayD<f32>) -> OpResult {
             }
         }));
     }
+    if let Some(out) = broadcast_rows(op, a, b, &shape) {
+        return Ok(out);
+    }
     let av = a.broadcast(IxDyn(&shape)).ok_or("broadcast failed")?;
     let bv = b.broadcast(IxDyn(&shape)).ok_or("broadcast failed")?;
     Ok(Zip::from(&av).and(&bv).map_collect(|x, y| op.apply(*x, *y)))
+}
+
+/// `a op b` where one operand has the result's shape and the other
+/// broadcasts into it (attention's mask added to the scores): the result's
+/// rows in parallel, each against its row of the smaller operand. `None`
+/// when neither operand has the result's shape.
+fn broadcast_rows(
+    op: Elementwise,
+    a: &ArrayD<f32>,
+    b: &ArrayD<f32>,
+    shape: &[usize],
+) -> Option<ArrayD<f32>> {
+    let (full, small, swapped) = if a.shape() == shape {
+        (a, b, false)
+    } else if b.shape() == shape {
+        (b, a, true)
+    } else {
+        return None;
+    };
+    let rank = shape.len();
+    let row = *shape.last()?;
+    if row == 0 || small.ndim() > rank {
+        return None;
+    }
+    let x = full.as_slice()?;
+    let small = small.as_standard_layout();
+    let y = small.as_slice()?;
+    // The smaller operand's strides over the result's axes (0 where it broadcasts).
+    let mut strides = vec![0usize; rank];
+    let mut step = 1;
+    for k in (0..small.ndim()).rev() {
+        let d = small.shape()[k];
+        strides[k + rank - small.ndim()] = if d == 1 { 0 } else { step };
+        step *= d;
+    }
+    let along = strides[rank - 1];
+    let rows_per_task = (ELEMENTWISE_CHUNK / row).max(1);
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(row * rows_per_task)
+        .zip(x.par_chunks(row * rows_per_task))
+        .enumerate()
+        .for_each(|(task, (o, x))| {
+            for (k, (o, x)) in o.chunks_mut(row).zip(x.chunks(row)).enumerate() {
+                // The row's index over the leading axes, then its offset in `small`.
+                let mut r = task * rows_per_task + k;
+                let mut offset = 0;
+                for axis in (0..rank - 1).rev() {
+                    offset += (r % shape[axis]) * strides[axis];
+                    r /= shape[axis];
+                }
+                for (j, (o, &v)) in o.iter_mut().zip(x).enumerate() {
+                    let w = y[offset + j * along];
+                    *o = if swapped {
+                        op.apply(w, v)
+                    } else {
+                        op.apply(v, w)
+                    };
+                }
+            }
+        });
+    ArrayD::from_shape_vec(IxDyn(shape), out).ok()
 }
 
 /// Mean over H and W of an `[N, C, ...]` input, keeping the spatial axes as 1.
@@ -850,6 +914,50 @@ pub fn resize_nearest(x: &ArrayD<f32>, scales: &[f32]) -> OpResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One operand of the result's shape, the other broadcast into it on
+    /// either side: the row-by-row path equals element-by-element
+    /// arithmetic on ndarray's broadcast views, for non-commutative ops.
+    #[test]
+    fn broadcast_rows_equal_elementwise_arithmetic() {
+        let full = ArrayD::from_shape_fn(IxDyn(&[2, 3, 4, 5]), |i| {
+            (i[0] * 60 + i[1] * 20 + i[2] * 5 + i[3]) as f32 * 0.37 - 20.0
+        });
+        for small_shape in [
+            &[5][..],
+            &[1, 5],
+            &[3, 1, 5],
+            &[2, 1, 1, 5],
+            &[4, 1],
+            &[2, 3, 4, 1],
+            &[2, 1, 4, 1],
+        ] {
+            let small = ArrayD::from_shape_fn(IxDyn(small_shape), |i| {
+                1.5 + (0..small_shape.len())
+                    .map(|k| (k + 1) * i[k])
+                    .sum::<usize>() as f32
+            });
+            let sv = small.broadcast(full.raw_dim()).unwrap();
+            for op in [Elementwise::Sub, Elementwise::Div] {
+                let want = Zip::from(&full)
+                    .and(&sv)
+                    .map_collect(|x, y| op.apply(*x, *y));
+                assert_eq!(
+                    binary(op, &full, &small).unwrap(),
+                    want,
+                    "{small_shape:?} {op:?}"
+                );
+                let want = Zip::from(&sv)
+                    .and(&full)
+                    .map_collect(|x, y| op.apply(*x, *y));
+                assert_eq!(
+                    binary(op, &small, &full).unwrap(),
+                    want,
+                    "{small_shape:?} {op:?} swapped"
+                );
+            }
+        }
+    }
 
     /// A masked attention row (−3.4e38 added, as BERT exports do): the
     /// masked terms are exactly 0, never subnormal, and the others the
