@@ -111,6 +111,49 @@ impl Window {
         })
     }
 
+    /// The window without its first spatial axis (a 3-D convolution's
+    /// depth, which `sim::conv3d` lowers into 2-D convolutions); the kernel
+    /// is left out.
+    pub fn without_first_axis(&self) -> Window {
+        let spatial = self.strides.len();
+        let (begins, ends) = self.pads.split_at(spatial.min(self.pads.len()));
+        Window {
+            kernel: None,
+            strides: self.strides.iter().skip(1).copied().collect(),
+            dilations: self.dilations.iter().skip(1).copied().collect(),
+            pads: begins
+                .iter()
+                .skip(1)
+                .chain(ends.iter().skip(1))
+                .copied()
+                .collect(),
+            group: self.group,
+        }
+    }
+
+    /// The attributes that write this window on a convolution node
+    /// (strides, dilations, pads, group; the kernel shape when known).
+    pub fn attributes(&self) -> Vec<crate::onnx::proto::AttributeProto> {
+        use crate::onnx::attr::{attr_int, attr_ints};
+        let ints = |v: &[usize]| v.iter().map(|&x| x as i64).collect::<Vec<i64>>();
+        let mut a = vec![
+            attr_ints("strides", &ints(&self.strides)),
+            attr_ints("dilations", &ints(&self.dilations)),
+            attr_ints("pads", &ints(&self.pads)),
+            attr_int("group", self.group as i64),
+        ];
+        if let Some(k) = &self.kernel {
+            a.push(attr_ints("kernel_shape", &ints(k)));
+        }
+        a
+    }
+
+    /// Writes `pads` (all begins, then all ends) onto `node`, replacing
+    /// what it had.
+    pub fn set_pads(node: &mut NodeProto, pads: &[i64]) {
+        crate::onnx::attr::set(node, crate::onnx::attr::attr_ints("pads", pads));
+    }
+
     /// Whether any dilation is above 1.
     pub fn dilated(&self) -> bool {
         self.dilations.iter().any(|&d| d != 1)
@@ -217,6 +260,34 @@ mod tests {
     use super::*;
     use crate::onnx::attr::{attr_int, attr_ints, attr_string};
     use crate::onnx::builder::node;
+
+    /// A 3-D window less its depth, written as attributes and read back:
+    /// the height and width of strides, dilations and both pad ends.
+    #[test]
+    fn the_window_without_depth_reads_back_as_written() {
+        let conv = node(
+            "Conv",
+            "c",
+            &["x", "w"],
+            &["y"],
+            vec![
+                attr_ints("strides", &[2, 3, 4]),
+                attr_ints("dilations", &[1, 2, 1]),
+                attr_ints("pads", &[1, 2, 3, 4, 5, 6]),
+                attr_int("group", 2),
+            ],
+        );
+        let flat = Window::parse(&conv, 3).unwrap().without_first_axis();
+        let written = node("Conv", "d", &["x", "w"], &["y"], flat.attributes());
+        let back = Window::parse(&written, 2).unwrap();
+        assert_eq!(back.strides, vec![3, 4]);
+        assert_eq!(back.dilations, vec![2, 1]);
+        assert_eq!(back.pads, vec![2, 3, 5, 6]);
+        assert_eq!(back.group, 2);
+        let mut padded = written.clone();
+        Window::set_pads(&mut padded, &[0, 1, 0, 1]);
+        assert_eq!(Window::pads_as_written(&padded), Some(vec![0, 1, 0, 1]));
+    }
 
     #[test]
     fn defaults_explicit_values_and_refusals() {

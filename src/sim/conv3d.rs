@@ -131,12 +131,8 @@ pub fn lower_conv3d(g: &mut GraphProto) -> usize {
             &[&p("fold_shape_v")],
             vec![attr_int("axis", 0)],
         ));
-        let conv_attrs: Vec<AttributeProto> = vec![
-            attr_ints("strides", &strides[1..]),
-            attr_ints("dilations", &dilations[1..]),
-            attr_ints("pads", &[pads[1], pads[2], pads[4], pads[5]]),
-            attr_int("group", group),
-        ];
+        // Height and width stay on the 2-D convolutions.
+        let conv_attrs: Vec<AttributeProto> = window.without_first_axis().attributes();
         let mut partials = Vec::new();
         for k in 0..kd {
             let q = |s: &str| p(&format!("{s}{k}"));

@@ -469,7 +469,7 @@ fn fold_pads(model: &ModelProto, exposed: &HashSet<String>) -> Option<ModelProto
             for (p, e) in pads.iter_mut().zip(extra) {
                 *p += e;
             }
-            crate::onnx::attr::set(conv, crate::onnx::attr::attr_ints("pads", &pads));
+            Window::set_pads(conv, &pads);
             conv.input[0] = src.clone();
         }
         drop.insert(i);
