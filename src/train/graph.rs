@@ -103,11 +103,19 @@ enum Val<'a> {
     T(&'a Tensor),
 }
 
-impl Val<'_> {
+impl<'a> Val<'a> {
     fn shape(&self) -> &[usize] {
         match self {
             Val::F(a) => a.shape(),
             Val::T(t) => t.shape(),
+        }
+    }
+
+    /// As the engine's evaluator takes it (a float value copied).
+    fn tensor(self) -> std::borrow::Cow<'a, Tensor> {
+        match self {
+            Val::F(f) => std::borrow::Cow::Owned(Tensor::F32(f.clone())),
+            Val::T(t) => std::borrow::Cow::Borrowed(t),
         }
     }
 }
@@ -750,21 +758,24 @@ impl TrainGraph {
         }
     }
 
+    /// Value `i` of a pass: computed or fed, else a constant of the graph.
+    fn value_of<'a>(&'a self, pass: &'a Activations, i: usize) -> Option<Val<'a>> {
+        pass.values[i]
+            .as_ref()
+            .or_else(|| self.constants.get(&i))
+            .map(Val::F)
+            .or_else(|| {
+                pass.typed[i]
+                    .as_ref()
+                    .or_else(|| self.typed_constants.get(&i))
+                    .map(Val::T)
+            })
+    }
+
     fn run_pass(&self, mut pass: Activations) -> Result<Activations, TrainError> {
         // Constants are read from the graph, not copied into every pass.
         for (k, s) in self.steps.iter().enumerate() {
-            let lookup = |i: usize| -> Option<Val<'_>> {
-                pass.values[i]
-                    .as_ref()
-                    .or_else(|| self.constants.get(&i))
-                    .map(Val::F)
-                    .or_else(|| {
-                        pass.typed[i]
-                            .as_ref()
-                            .or_else(|| self.typed_constants.get(&i))
-                            .map(Val::T)
-                    })
-            };
+            let lookup = |i: usize| self.value_of(&pass, i);
             let missing = |i: usize| {
                 TrainError::Invalid(format!(
                     "node '{}': input '{}' has no value (not fed?)",
@@ -854,15 +865,8 @@ impl TrainGraph {
                 int_attr(node, "end"),
             ));
         }
-        let owned: Vec<Option<std::borrow::Cow<'_, Tensor>>> = args
-            .iter()
-            .map(|a| {
-                a.map(|v| match v {
-                    Val::F(f) => std::borrow::Cow::Owned(Tensor::F32(f.clone())),
-                    Val::T(t) => std::borrow::Cow::Borrowed(t),
-                })
-            })
-            .collect();
+        let owned: Vec<Option<std::borrow::Cow<'_, Tensor>>> =
+            args.iter().map(|a| a.map(Val::tensor)).collect();
         let refs: Vec<Option<&Tensor>> = owned.iter().map(|o| o.as_deref()).collect();
         match crate::ops::eval_constant(node, self.opset, &refs) {
             Some(Ok(mut out)) if s.part < out.len() => Ok(out.swap_remove(s.part)),
@@ -1052,16 +1056,7 @@ impl TrainGraph {
             grads[id] = Some(g.clone());
         }
         let value = |i: usize| -> Result<Val<'_>, TrainError> {
-            acts.values[i]
-                .as_ref()
-                .or_else(|| self.constants.get(&i))
-                .map(Val::F)
-                .or_else(|| {
-                    acts.typed[i]
-                        .as_ref()
-                        .or_else(|| self.typed_constants.get(&i))
-                        .map(Val::T)
-                })
+            self.value_of(acts, i)
                 .ok_or_else(|| TrainError::Invalid(format!("'{}' was not computed", self.names[i])))
         };
         let wants = |i: usize, v: &Val<'_>| matches!(v, Val::F(_)) && acts.needs[i];
@@ -1226,12 +1221,7 @@ impl TrainGraph {
                 let owned: Vec<Option<std::borrow::Cow<'_, Tensor>>> = args
                     .iter()
                     .enumerate()
-                    .map(|(j, a)| {
-                        a.filter(|_| j > 0).map(|v| match v {
-                            Val::F(f) => std::borrow::Cow::Owned(Tensor::F32(f.clone())),
-                            Val::T(t) => std::borrow::Cow::Borrowed(t),
-                        })
-                    })
+                    .map(|(j, a)| a.filter(|_| j > 0).map(Val::tensor))
                     .collect();
                 let refs: Vec<Option<&Tensor>> = owned.iter().map(|o| o.as_deref()).collect();
                 index_map_backward(node, self.opset, &refs, s.part, &x_shape, gy)
